@@ -1,0 +1,25 @@
+"""longtune: hand-written C++/CUDA kernels for long-context and parameter-efficient fine-tuning.
+
+Importing the package loads the compiled ops into ``torch.ops.longtune`` and registers their
+fake (meta) kernels, autograd formulas and FLOP counters.
+"""
+import torch  # noqa: F401  (must be imported before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.longtune.*)
+from . import ops, reference  # noqa: F401
+from .ops.hadamard import hadamard_matrix, hadamard_transform
+
+__version__ = "0.1.0"
+__all__ = ["hadamard_transform", "hadamard_matrix", "ops", "reference", "has_cuda_kernels",
+           "has_emulator"]
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build registered CUDA kernels (compiled with nvcc)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("longtune::hadamard_transform", "CUDA")
+
+
+def has_emulator() -> bool:
+    """True when this build carries the CPU emulator of the CUDA kernels (torch.ops.longtune_emu)."""
+    return hasattr(torch.ops, "longtune_emu") and hasattr(torch.ops.longtune_emu,
+                                                          "hadamard_transform")

@@ -1,0 +1,2 @@
+"""Typed wrappers over torch.ops.longtune.* plus their fake, autograd and FLOP registrations."""
+from . import hadamard  # noqa: F401

@@ -41,9 +41,10 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DLONGTUNE_OUTPUT_DIR={out_dir}",
         ]
-        for knob in ("LONGTUNE_CUDA", "LONGTUNE_CUDA_ARCHS", "LONGTUNE_EMU"):
-            if os.environ.get(knob):
-                args.append(f"-D{knob}={os.environ[knob]}")
+        # always pass every knob so a stale CMakeCache.txt cannot keep an old choice
+        defaults = {"LONGTUNE_CUDA": "AUTO", "LONGTUNE_CUDA_ARCHS": "80;90", "LONGTUNE_EMU": "ON"}
+        for knob, default in defaults.items():
+            args.append(f"-D{knob}={os.environ.get(knob) or default}")
         subprocess.run(args, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)

@@ -1,0 +1,9 @@
+// Schemas of the emulated CUDA kernels (torch.ops.longtune_emu.*): the same signatures as
+// torch.ops.longtune.*, implemented on CPU tensors by running the CUDA device code on the
+// emulator. Test-only; built when LONGTUNE_EMU=ON (the default).
+#include <torch/library.h>
+
+TORCH_LIBRARY(longtune_emu, m) {
+  m.def("hadamard_transform(Tensor x, float scale) -> Tensor");
+  m.def("hadamard_transform_backward(Tensor grad, float scale) -> Tensor");
+}

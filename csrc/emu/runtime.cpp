@@ -1,0 +1,439 @@
+// CPU emulator runtime: thread pool, block state, barriers, warp rendezvous, memory checks.
+#include "emu/runtime.h"
+
+#include <bit>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+namespace lt::emu {
+namespace {
+
+struct Abort {};  // unwinds a thread of a failed block
+
+enum class St : uint8_t { Running, Barrier, Warp, Exited };
+
+struct WarpState {
+  bool active = false;
+  uint64_t key = 0;
+  const char* op = "";
+  uint32_t mask = 0, arrived = 0;
+  uint64_t gen = 0;
+  LaneIO in[32], out[32];
+  std::condition_variable cv;
+};
+
+struct Copy {
+  uint8_t* dst;
+  const uint8_t* src;
+  size_t bytes;
+};
+
+struct Block {
+  std::mutex mu;
+  std::condition_variable cv_bar;
+  const char* kernel = "";
+  Dim3 bid, bdim, gdim;
+  int nthreads = 0, running = 0, bar_arrived = 0;
+  uint64_t bar_gen = 0;
+  std::unique_ptr<WarpState[]> warps;
+  std::vector<St> st;
+  std::vector<const char*> site;
+  bool failed = false;
+  std::string error;
+  std::vector<uint8_t> smem;
+  std::vector<int32_t> pending;  // per shared byte: thread whose cp.async has not been waited, or -1
+};
+
+struct Ctx {
+  Block* b = nullptr;
+  uint32_t linear = 0;
+  Dim3 tid;
+  std::vector<Copy> open_group;
+  std::deque<std::vector<Copy>> groups;
+};
+thread_local Ctx* t_ctx = nullptr;
+
+Ctx& ctx() {
+  if (!t_ctx) throw std::logic_error("longtune emulator: a device intrinsic was called outside an emulated kernel");
+  return *t_ctx;
+}
+
+std::string fmt_dim(Dim3 d) {
+  std::ostringstream s;
+  s << "(" << d.x << "," << d.y << "," << d.z << ")";
+  return s.str();
+}
+
+std::string where(const Block& b, const Ctx& c) {
+  return std::string("kernel ") + b.kernel + ", block " + fmt_dim(b.bid) + ", thread " + fmt_dim(c.tid) +
+         " (warp " + std::to_string(c.linear / 32) + ", lane " + std::to_string(c.linear % 32) + ")";
+}
+
+void notify_all_locked(Block& b) {
+  b.cv_bar.notify_all();
+  const int nw = (b.nthreads + 31) / 32;
+  for (int w = 0; w < nw; ++w) b.warps[w].cv.notify_all();
+}
+
+void record_failure_locked(Block& b, const std::string& msg) {
+  if (!b.failed) {
+    b.failed = true;
+    b.error = msg;
+  }
+  notify_all_locked(b);
+}
+
+std::string list_threads(const Block& b, St s, int limit = 12) {
+  std::ostringstream o;
+  int n = 0;
+  for (int t = 0; t < b.nthreads; ++t)
+    if (b.st[t] == s) {
+      if (n < limit) o << (n ? "," : "") << t;
+      ++n;
+    }
+  if (n > limit) o << ",... (" << n << " threads)";
+  return n ? o.str() : "none";
+}
+
+// Nobody can make progress any more: describe who waits where.
+void deadlock_locked(Block& b) {
+  std::ostringstream o;
+  o << "kernel " << b.kernel << ", block " << fmt_dim(b.bid)
+    << ": deadlock - no thread can make progress.";
+  if (b.bar_arrived > 0)
+    o << " sync_block() was reached by " << b.bar_arrived << " of " << b.nthreads
+      << " threads (waiting: " << list_threads(b, St::Barrier) << ").";
+  const int nw = (b.nthreads + 31) / 32;
+  for (int w = 0; w < nw; ++w) {
+    const WarpState& W = b.warps[w];
+    if (!W.active) continue;
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  " Warp %d: %s with mask 0x%08x was reached only by lanes 0x%08x (missing 0x%08x).", w,
+                  W.op, W.mask, W.arrived, W.mask & ~W.arrived);
+    o << buf;
+  }
+  o << " Threads that exited: " << list_threads(b, St::Exited) << ".";
+  record_failure_locked(b, o.str());
+}
+
+template <class Pred>
+void block_wait(std::unique_lock<std::mutex>& lk, Block& b, Ctx& c, std::condition_variable& cv, Pred done, St st,
+                const char* site) {
+  b.st[c.linear] = st;
+  b.site[c.linear] = site;
+  if (--b.running == 0) deadlock_locked(b);
+  cv.wait(lk, [&] { return done() || b.failed; });
+  if (!done()) throw Abort{};
+  b.st[c.linear] = St::Running;
+}
+
+// ------------------------------------------------------------------ thread pool
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+      ++gen_;
+    }
+    cv_start_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void run(int n, const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> lk(mu_);
+    while (static_cast<int>(threads_.size()) < n) {
+      const int i = static_cast<int>(threads_.size());
+      threads_.emplace_back([this, i] { worker(i); });
+    }
+    job_ = &job;
+    active_ = n;
+    done_ = 0;
+    ++gen_;
+    cv_start_.notify_all();
+    cv_done_.wait(lk, [&] { return done_ == active_; });
+    job_ = nullptr;
+  }
+
+ private:
+  void worker(int i) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      cv_start_.wait(lk, [&] { return gen_ != seen; });
+      seen = gen_;
+      if (stop_) return;
+      if (i >= active_) continue;
+      const auto* job = job_;
+      lk.unlock();
+      (*job)(i);
+      lk.lock();
+      if (++done_ == active_) cv_done_.notify_all();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_start_, cv_done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* job_ = nullptr;
+  uint64_t gen_ = 0;
+  int active_ = 0, done_ = 0;
+  bool stop_ = false;
+};
+
+Pool& pool() {
+  static Pool p;
+  return p;
+}
+std::mutex g_launch_mu;
+
+void complete_copies(Ctx& c, std::vector<Copy>& group) {
+  Block& b = *c.b;
+  for (const Copy& cp : group) {
+    std::memcpy(cp.dst, cp.src, cp.bytes);
+    const size_t off = cp.dst - b.smem.data();
+    for (size_t i = 0; i < cp.bytes; ++i) b.pending[off + i] = -1;
+  }
+  group.clear();
+}
+
+void thread_exit(Block& b, Ctx& c) {
+  std::unique_lock<std::mutex> lk(b.mu);
+  // outstanding cp.async groups complete on their own on hardware
+  c.groups.push_back(std::move(c.open_group));
+  for (auto& g : c.groups) complete_copies(c, g);
+  c.groups.clear();
+  b.st[c.linear] = St::Exited;
+  if (--b.running == 0 && !b.failed) {
+    bool waiting = false;
+    for (int t = 0; t < b.nthreads; ++t) waiting |= (b.st[t] == St::Barrier || b.st[t] == St::Warp);
+    if (waiting) deadlock_locked(b);
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ launch
+void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const Body& body) {
+  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
+  auto bad = [&](const std::string& m) {
+    throw std::invalid_argument(std::string("longtune emulator: launch of ") + kernel + ": " + m);
+  };
+  if (nthreads == 0 || nthreads > 1024 || block.z > 64)
+    bad("block " + fmt_dim(block) + " is not a valid CUDA block (1..1024 threads, z <= 64)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
+    bad("grid " + fmt_dim(grid) + " is not a valid CUDA grid");
+  if (smem_bytes > 227 * 1024) bad("dynamic shared memory of " + std::to_string(smem_bytes) + " bytes exceeds 227 KiB");
+
+  std::lock_guard<std::mutex> launch_guard(g_launch_mu);
+  Block b;
+  b.kernel = kernel;
+  b.bdim = block;
+  b.gdim = grid;
+  b.nthreads = static_cast<int>(nthreads);
+  b.warps.reset(new WarpState[(nthreads + 31) / 32]);
+  b.st.resize(nthreads);
+  b.site.resize(nthreads);
+  b.smem.resize(smem_bytes);
+  b.pending.resize(smem_bytes);
+
+  const std::function<void(int)> job = [&](int t) {
+    Ctx c;
+    c.b = &b;
+    c.linear = static_cast<uint32_t>(t);
+    c.tid = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+    t_ctx = &c;
+    try {
+      body();
+    } catch (const Abort&) {
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> g(b.mu);
+      record_failure_locked(b, where(b, c) + ": " + e.what());
+    }
+    thread_exit(b, c);
+    t_ctx = nullptr;
+  };
+  for (uint32_t z = 0; z < grid.z; ++z)
+    for (uint32_t y = 0; y < grid.y; ++y)
+      for (uint32_t x = 0; x < grid.x; ++x) {
+        b.bid = {x, y, z};
+        b.running = b.nthreads;
+        b.bar_arrived = 0;
+        for (auto& s : b.st) s = St::Running;
+        for (uint64_t w = 0; w < (nthreads + 31) / 32; ++w) b.warps[w].active = false;
+        // uninitialised shared memory reads as NaN (0xff bytes) rather than as convenient zeros
+        std::fill(b.smem.begin(), b.smem.end(), uint8_t(0xff));
+        std::fill(b.pending.begin(), b.pending.end(), -1);
+        pool().run(b.nthreads, job);
+        if (b.failed) throw std::runtime_error("longtune emulator: " + b.error);
+      }
+}
+
+// ------------------------------------------------------------------ in-kernel queries
+Dim3 thread_idx() { return ctx().tid; }
+Dim3 block_idx() { return ctx().b->bid; }
+Dim3 block_dim() { return ctx().b->bdim; }
+Dim3 grid_dim() { return ctx().b->gdim; }
+uint32_t thread_linear() { return ctx().linear; }
+
+void fail(const std::string& what) {
+  Ctx& c = ctx();
+  Block& b = *c.b;
+  {
+    std::lock_guard<std::mutex> g(b.mu);
+    record_failure_locked(b, where(b, c) + ": " + what);
+  }
+  throw Abort{};
+}
+
+void fail_in_collective(const std::string& what) {
+  Ctx& c = ctx();
+  record_failure_locked(*c.b, where(*c.b, c) + ": " + what);
+  throw Abort{};
+}
+
+void sync_block() {
+  Ctx& c = ctx();
+  Block& b = *c.b;
+  std::unique_lock<std::mutex> lk(b.mu);
+  if (b.failed) throw Abort{};
+  if (++b.bar_arrived == b.nthreads) {
+    b.bar_arrived = 0;
+    ++b.bar_gen;
+    b.running += b.nthreads - 1;
+    b.cv_bar.notify_all();
+    return;
+  }
+  const uint64_t g = b.bar_gen;
+  block_wait(lk, b, c, b.cv_bar, [&] { return b.bar_gen != g; }, St::Barrier, "sync_block");
+}
+
+void warp_collective(const char* op, uint64_t key, uint32_t mask, const LaneIO& in, LaneIO& out, WarpFn fn) {
+  Ctx& c = ctx();
+  Block& b = *c.b;
+  std::unique_lock<std::mutex> lk(b.mu);
+  if (b.failed) throw Abort{};
+  const uint32_t lane = c.linear & 31u, w = c.linear >> 5;
+  const uint32_t lanes = std::min<uint32_t>(32u, static_cast<uint32_t>(b.nthreads) - w * 32u);
+  char buf[320];
+  if (!((mask >> lane) & 1u)) {
+    std::snprintf(buf, sizeof buf, "%s called with mask 0x%08x that does not include the calling lane %u", op, mask, lane);
+    fail_in_collective(buf);
+  }
+  if (lanes < 32 && (mask >> lanes) != 0) {
+    std::snprintf(buf, sizeof buf, "%s mask 0x%08x names lanes that do not exist (warp %u has %u lanes)", op, mask, w, lanes);
+    fail_in_collective(buf);
+  }
+  WarpState& W = b.warps[w];
+  if (W.active) {
+    if (W.key != key || W.mask != mask) {
+      std::snprintf(buf, sizeof buf,
+                    "warp collective mismatch: this lane calls %s with mask 0x%08x while lanes 0x%08x wait in %s "
+                    "with mask 0x%08x",
+                    op, mask, W.arrived, W.op, W.mask);
+      fail_in_collective(buf);
+    }
+  } else {
+    W.active = true;
+    W.key = key;
+    W.op = op;
+    W.mask = mask;
+    W.arrived = 0;
+  }
+  W.in[lane] = in;
+  W.arrived |= 1u << lane;
+  if (W.arrived == mask) {
+    fn(W.in, W.out, mask, lanes);
+    W.active = false;
+    ++W.gen;
+    b.running += std::popcount(mask) - 1;
+    W.cv.notify_all();
+    out = W.out[lane];
+    return;
+  }
+  const uint64_t g = W.gen;
+  block_wait(lk, b, c, W.cv, [&] { return W.gen != g; }, St::Warp, op);
+  out = W.out[lane];
+}
+
+// ------------------------------------------------------------------ memory checks
+uint8_t* smem_base() { return ctx().b->smem.data(); }
+size_t smem_size() { return ctx().b->smem.size(); }
+
+void check_smem(const void* p, size_t bytes, bool write) {
+  Ctx& c = ctx();
+  Block& b = *c.b;
+  const uint8_t* q = static_cast<const uint8_t*>(p);
+  const uint8_t* lo = b.smem.data();
+  if (q < lo || q + bytes > lo + b.smem.size()) {
+    std::ostringstream o;
+    o << "shared memory " << (write ? "write" : "read") << " of " << bytes << " bytes at byte offset "
+      << (q - lo) << " is outside the " << b.smem.size() << " bytes of dynamic shared memory requested";
+    fail(o.str());
+  }
+  const size_t off = q - lo;
+  for (size_t i = 0; i < bytes; ++i) {
+    const int32_t owner = b.pending[off + i];
+    if (owner >= 0) {
+      std::ostringstream o;
+      o << "shared memory " << (write ? "write" : "read") << " at byte offset " << off + i
+        << " touches data of a cp.async issued by thread " << owner
+        << " that has not been waited for (cp_async_wait) yet";
+      fail(o.str());
+    }
+  }
+}
+
+void check_global(const void* p, size_t bytes, const void* lo, const void* hi, const char* name) {
+  const uint8_t* q = static_cast<const uint8_t*>(p);
+  const uint8_t* l = static_cast<const uint8_t*>(lo);
+  const uint8_t* h = static_cast<const uint8_t*>(hi);
+  if (q < l || q + bytes > h) {
+    std::ostringstream o;
+    o << "global memory access of " << bytes << " bytes at byte offset " << (q - l) << " is outside tensor '"
+      << name << "' (" << (h - l) << " bytes)";
+    fail(o.str());
+  }
+}
+
+void check_align(const void* p, size_t align, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % align) {
+    std::ostringstream o;
+    o << what << " at address " << p << " is not aligned to " << align << " bytes (misaligned address on a GPU)";
+    fail(o.str());
+  }
+}
+
+// ------------------------------------------------------------------ cp.async
+void cp_async(void* smem_dst, const void* gsrc, size_t bytes) {
+  Ctx& c = ctx();
+  check_smem(smem_dst, bytes, true);
+  Block& b = *c.b;
+  std::lock_guard<std::mutex> g(b.mu);
+  const size_t off = static_cast<uint8_t*>(smem_dst) - b.smem.data();
+  for (size_t i = 0; i < bytes; ++i) b.pending[off + i] = static_cast<int32_t>(c.linear);
+  c.open_group.push_back({static_cast<uint8_t*>(smem_dst), static_cast<const uint8_t*>(gsrc), bytes});
+}
+
+void cp_async_commit() {
+  Ctx& c = ctx();
+  c.groups.push_back(std::move(c.open_group));
+  c.open_group.clear();
+}
+
+void cp_async_wait(int n) {
+  Ctx& c = ctx();
+  std::lock_guard<std::mutex> g(c.b->mu);
+  while (static_cast<int>(c.groups.size()) > n) {
+    complete_copies(c, c.groups.front());
+    c.groups.pop_front();
+  }
+}
+
+}  // namespace lt::emu

@@ -1,0 +1,56 @@
+// The CPU emulator's runtime: what the host-compiled (emulated) side of csrc/common/simt calls.
+// A grid runs block by block; every block runs all its threads as truly concurrent OS threads
+// (a reusable pool), with real barriers and per-warp rendezvous for warp-collective operations.
+// Anything a real GPU would get wrong silently (out-of-bounds shared/global access, a barrier or
+// warp collective some threads never reach, a shuffle mask naming absent lanes, data read before
+// its cp.async wait) is reported as an error naming the kernel, block and thread.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "common/simt/types.h"
+
+namespace lt::emu {
+
+using simt::Dim3;
+
+// Per-lane payload of a warp collective (enough for an m16n8k16 mma's A, B and C fragments).
+struct LaneIO {
+  uint64_t w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+};
+// Computes every participating lane's output once all lanes named in `mask` have arrived.
+// `lanes` is the number of lanes the warp has (a block's last warp may be partial).
+using WarpFn = void (*)(const LaneIO* in, LaneIO* out, uint32_t mask, uint32_t lanes);
+
+// ---- launch
+using Body = std::function<void()>;
+// Runs `body` for every thread of every block. Throws std::runtime_error with the first report.
+void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const Body& body);
+
+// ---- inside a kernel
+Dim3 thread_idx();
+Dim3 block_idx();
+Dim3 block_dim();
+Dim3 grid_dim();
+uint32_t thread_linear();
+void sync_block();
+void warp_collective(const char* op, uint64_t key, uint32_t mask, const LaneIO& in, LaneIO& out, WarpFn fn);
+[[noreturn]] void fail(const std::string& what);
+// Same, but for WarpFn callbacks, which run with the block's lock held.
+[[noreturn]] void fail_in_collective(const std::string& what);
+
+// ---- memory checks
+uint8_t* smem_base();
+size_t smem_size();
+void check_smem(const void* p, size_t bytes, bool write);
+void check_global(const void* p, size_t bytes, const void* lo, const void* hi, const char* name);
+void check_align(const void* p, size_t align, const char* what);
+
+// ---- cp.async
+void cp_async(void* smem_dst, const void* gsrc, size_t bytes);
+void cp_async_commit();
+void cp_async_wait(int n);
+
+}  // namespace lt::emu

@@ -13,6 +13,15 @@ TORCH_LIBRARY(longtune, m) {
   m.def("hadamard_transform_backward(Tensor grad, float scale) -> Tensor");
 }
 
+// Self-test ops of the device-intrinsics layer (tests only): one warp's raw mma.sync / ldmatrix /
+// shuffle results. CPU tensors run the probe kernels on the emulator, CUDA tensors on the GPU,
+// so the two can be compared against the same PTX-documented tables.
+TORCH_LIBRARY(longtune_test, m) {
+  m.def("mma_probe(Tensor frags, int kind) -> Tensor");
+  m.def("ldmatrix_probe(Tensor tile, Tensor rows, int nmat, bool trans) -> Tensor");
+  m.def("shfl_probe(Tensor values, Tensor arg, int kind, int width) -> Tensor");
+}
+
 // A dummy module init so that `import longtune._C` loads the library (and runs the static
 // TORCH_LIBRARY registrations above). Pattern from pytorch/extension-cpp.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

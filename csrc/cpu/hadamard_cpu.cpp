@@ -65,20 +65,31 @@ LT_ALWAYS_INLINE void fwht_pow2(acc_t* __restrict v, int64_t P) {
 }
 
 // out[c*P + d] = sum_a H[a, c] * z[a*P + d]   (H^T when transpose)
+// The m-term sums use kParts interleaved partial sums combined pairwise: a sequential sum's
+// rounding error grows with m (172 terms), the partial sums cut it about 4x.
+constexpr int64_t kParts = 8;
 template <typename acc_t>
-LT_ALWAYS_INLINE void mix_factor(const acc_t* __restrict z, acc_t* __restrict out,
+LT_ALWAYS_INLINE void mix_factor(const acc_t* __restrict z, acc_t* __restrict out, acc_t* __restrict part,
                                  const int8_t* H, int64_t m, int64_t P, bool transpose) {
   for (int64_t c = 0; c < m; ++c) {
-    acc_t* __restrict o = out + c * P;
-    for (int64_t d = 0; d < P; ++d) o[d] = 0;
+    for (int64_t d = 0; d < kParts * P; ++d) part[d] = 0;
     for (int64_t a = 0; a < m; ++a) {
       const int8_t s = transpose ? H[c * m + a] : H[a * m + c];
       const acc_t* __restrict zr = z + a * P;
+      acc_t* __restrict o = part + (a % kParts) * P;
       if (s > 0)
         for (int64_t d = 0; d < P; ++d) o[d] += zr[d];
       else
         for (int64_t d = 0; d < P; ++d) o[d] -= zr[d];
     }
+    for (int64_t w = kParts / 2; w >= 1; w /= 2)
+      for (int64_t k = 0; k < w; ++k) {
+        acc_t* __restrict lo = part + k * P;
+        const acc_t* __restrict hi = part + (k + w) * P;
+        for (int64_t d = 0; d < P; ++d) lo[d] += hi[d];
+      }
+    acc_t* __restrict o = out + c * P;
+    for (int64_t d = 0; d < P; ++d) o[d] = part[d];
   }
 }
 
@@ -89,7 +100,7 @@ LT_ALWAYS_INLINE acc_t* transform_row(acc_t* buf, acc_t* tmp, const int8_t* H, c
   const int64_t P = int64_t(1) << p.log2p;
   for (int64_t a = 0; a < p.m; ++a) fwht_pow2(buf + a * P, P);
   if (p.m == 1) return buf;
-  mix_factor(buf, tmp, H, p.m, P, transpose);
+  mix_factor(buf, tmp, tmp + p.n, H, p.m, P, transpose);
   return tmp;
 }
 
@@ -119,7 +130,7 @@ void run_rows(const Call& c, double scale, bool transpose) {
   // ~64K elements of work per task keeps the scheduling overhead low for small n
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / n);
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> buf(n), tmp(p.m > 1 ? n : 0);
+    std::vector<acc_t> buf(n), tmp(p.m > 1 ? n + kParts * (n / p.m) : 0);  // out + partial sums
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* xr = in + r * in_stride;
       for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(xr[i]);

@@ -6,4 +6,6 @@
 TORCH_LIBRARY(longtune_emu, m) {
   m.def("hadamard_transform(Tensor x, float scale) -> Tensor");
   m.def("hadamard_transform_backward(Tensor grad, float scale) -> Tensor");
+  // Deliberately wrong kernels (csrc/cuda/selftest/probes.cuh): each must raise the emulator's report.
+  m.def("faulty_kernel(Tensor x, int which) -> Tensor");
 }

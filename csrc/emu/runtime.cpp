@@ -25,6 +25,7 @@ struct WarpState {
   const char* op = "";
   uint32_t mask = 0, arrived = 0;
   uint64_t gen = 0;
+  uint64_t syncwarp_gen = 0;  // completed sync_warp() collectives: memory ordering within the warp
   LaneIO in[32], out[32];
   std::condition_variable cv;
 };
@@ -49,6 +50,13 @@ struct Block {
   std::string error;
   std::vector<uint8_t> smem;
   std::vector<int32_t> pending;  // per shared byte: thread whose cp.async has not been waited, or -1
+  // Race shadow per shared byte: last writer / last reader, the barrier epoch (completed
+  // sync_block count) and that thread's warp sync_warp epoch at the time of the access.
+  struct Shadow {
+    int32_t writer = -1, reader = -1;
+    uint64_t w_epoch = 0, r_epoch = 0, w_wsync = 0, r_wsync = 0;
+  };
+  std::vector<Shadow> shadow;
 };
 
 struct Ctx {
@@ -242,6 +250,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const 
   b.site.resize(nthreads);
   b.smem.resize(smem_bytes);
   b.pending.resize(smem_bytes);
+  b.shadow.resize(smem_bytes);
 
   const std::function<void(int)> job = [&](int t) {
     Ctx c;
@@ -270,6 +279,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const 
         // uninitialised shared memory reads as NaN (0xff bytes) rather than as convenient zeros
         std::fill(b.smem.begin(), b.smem.end(), uint8_t(0xff));
         std::fill(b.pending.begin(), b.pending.end(), -1);
+        std::fill(b.shadow.begin(), b.shadow.end(), Block::Shadow{});
         pool().run(b.nthreads, job);
         if (b.failed) throw std::runtime_error("longtune emulator: " + b.error);
       }
@@ -350,6 +360,7 @@ void warp_collective(const char* op, uint64_t key, uint32_t mask, const LaneIO& 
   W.arrived |= 1u << lane;
   if (W.arrived == mask) {
     fn(W.in, W.out, mask, lanes);
+    if (key == 1) ++W.syncwarp_gen;  // simt::detail::kSyncWarp
     W.active = false;
     ++W.gen;
     b.running += std::popcount(mask) - 1;
@@ -387,6 +398,34 @@ void check_smem(const void* p, size_t bytes, bool write) {
         << " that has not been waited for (cp_async_wait) yet";
       fail(o.str());
     }
+  }
+  // Hazard between two threads inside one barrier epoch = a missing sync_block (or sync_warp for
+  // two lanes of one warp). Timing-independent: epochs are defined by the barriers themselves.
+  const int32_t me = static_cast<int32_t>(c.linear);
+  const uint64_t epoch = b.bar_gen, wsync = b.warps[c.linear / 32].syncwarp_gen;
+  auto ordered = [&](int32_t other, uint64_t other_epoch, uint64_t other_wsync) {
+    if (other < 0 || other == me || other_epoch != epoch) return true;
+    return (other / 32 == me / 32) && other_wsync != wsync;
+  };
+  for (size_t i = 0; i < bytes; ++i) {
+    Block::Shadow& sh = b.shadow[off + i];
+    const char* hazard = nullptr;
+    int32_t other = -1;
+    if (!ordered(sh.writer, sh.w_epoch, sh.w_wsync)) {
+      hazard = write ? "write-after-write" : "read-after-write";
+      other = sh.writer;
+    } else if (write && !ordered(sh.reader, sh.r_epoch, sh.r_wsync)) {
+      hazard = "write-after-read";
+      other = sh.reader;
+    }
+    if (hazard) {
+      std::ostringstream o;
+      o << "shared memory race (" << hazard << ") at byte offset " << off + i << " with thread " << other
+        << " in the same barrier interval: a sync_block() (or sync_warp()) is missing between the two accesses";
+      fail(o.str());
+    }
+    if (write) { sh.writer = me; sh.w_epoch = epoch; sh.w_wsync = wsync; }
+    else { sh.reader = me; sh.r_epoch = epoch; sh.r_wsync = wsync; }
   }
 }
 

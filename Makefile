@@ -1,0 +1,53 @@
+# longtune: the README's commands.
+#   make test       bootstrap .venv, build (CPU + CUDA when nvcc is found + emulator), run all tests
+#   make bench      bootstrap, build, run the benchmarks -> benchmarks/results/*.json|csv|png
+#   make gpu-check  on a lent GPU machine: build against its torch, CUDA tests, compute-sanitizer,
+#                   benchmarks vs GPU peers -> gpu-results/<stamp>/ (commit under benchmarks/results/gpu/)
+# Knobs: LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA_ARCHS="80;90", PYTHON=python3.11, VENV=.venv
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LONGTUNE_CUDA ?= AUTO
+LONGTUNE_CUDA_ARCHS ?= 80;90
+BUILD_DIR ?= build/dev
+TORCH_SPEC ?= torch==2.14.1
+export LONGTUNE_CUDA LONGTUNE_CUDA_ARCHS
+
+.PHONY: all setup build test bench gpu-check clean
+
+all: test
+
+# ---------------------------------------------------------------- environment
+$(VENV)/.deps-stamp: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pytest hypothesis scipy pybind11 ninja "cmake>=3.26" triton matplotlib tqdm
+	@touch $@
+
+setup: $(VENV)/.deps-stamp
+
+# ---------------------------------------------------------------- build (CMake is the build truth)
+# The extension lands in python/longtune/ (in-tree), and the package is installed editable once.
+build: setup
+	@PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -DLONGTUNE_OUTPUT_DIR=$(abspath python/longtune) \
+	  -DLONGTUNE_CUDA=$(LONGTUNE_CUDA) "-DLONGTUNE_CUDA_ARCHS=$(LONGTUNE_CUDA_ARCHS)" -DLONGTUNE_EMU=ON >/dev/null
+	@start=$$(date +%s); PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build $(BUILD_DIR) -j $${MAX_JOBS:-$$(nproc)}; \
+	  echo "longtune: build finished in $$(( $$(date +%s) - start )) s"
+	@# make the in-tree package importable from the venv (what `pip install -e .` does, minus a second build)
+	@$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/longtune-dev.pth', 'w').write('$(abspath python)\\n')"
+
+# ---------------------------------------------------------------- the two commands
+test: build
+	@set -o pipefail; $(PY) -m pytest tests -q -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
+
+bench: build
+	$(PY) benchmarks/run_all.py --out benchmarks/results
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build python/longtune/_C*.so

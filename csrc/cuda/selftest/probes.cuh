@@ -139,10 +139,13 @@ LT_DEV void faulty_body(const FaultyParams& p) {
       p.y[t] = p.x[t + 1];
       break;
     case Faulty::CpAsyncEarlyRead: {
-      if (t < nt / 4) simt::cp_async_16(s + 4 * t, p.x + 4 * t);
-      simt::cp_async_commit();
-      const float early = s[4 * (t / 4)];  // before cp_async_wait
-      simt::cp_async_wait<0>();
+      float early = 0.f;
+      if (t < nt / 4) {
+        simt::cp_async_16(s + 4 * t, p.x + 4 * t);
+        simt::cp_async_commit();
+        early = s[4 * t];  // the copy's own destination, read before cp_async_wait
+        simt::cp_async_wait<0>();
+      }
       simt::sync_block();
       p.y[t] = early + s[t];
       break;

@@ -1,0 +1,50 @@
+"""Every op has a schema, a CPU kernel, a CUDA kernel (when built with nvcc - CI forces that) and
+an emulated CUDA kernel; fake and autograd kernels are registered from Python."""
+import pytest
+import torch
+
+import longtune
+
+from .conftest import require_cuda_build
+
+OPS = ["hadamard_transform", "hadamard_transform_backward"]
+TEST_OPS = ["mma_probe", "ldmatrix_probe", "shfl_probe"]
+
+
+def _has(op, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kernel_registered(op):
+    assert _has(f"longtune::{op}", "CPU")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernel_registered(op):
+    if not longtune.has_cuda_kernels():
+        if require_cuda_build():
+            pytest.fail("LONGTUNE_REQUIRE_CUDA=1 but this build has no CUDA kernels (nvcc missing?)")
+        pytest.skip("built without CUDA (LONGTUNE_CUDA=OFF or no nvcc)")
+    assert _has(f"longtune::{op}", "CUDA")
+
+
+@pytest.mark.parametrize("op", TEST_OPS)
+def test_probe_kernels_registered(op):
+    assert _has(f"longtune_test::{op}", "CPU")
+    if longtune.has_cuda_kernels():
+        assert _has(f"longtune_test::{op}", "CUDA")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_emulated_kernel_registered(op):
+    assert longtune.has_emulator()
+    assert _has(f"longtune_emu::{op}", "CPU")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fake_and_autograd_registered(op):
+    x = torch.empty(2, 16, device="meta")
+    y = getattr(torch.ops.longtune, op)(x, 1.0)
+    assert y.shape == x.shape and y.device.type == "meta"
+    assert _has(f"longtune::{op}", "Autograd") or _has(f"longtune::{op}", "AutogradCPU")

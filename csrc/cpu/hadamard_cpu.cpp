@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/hadamard_host.h"
@@ -20,22 +22,48 @@ namespace {
 #endif
 #define LT_ALWAYS_INLINE inline __attribute__((always_inline))
 
+// Levels h = 1, 2, 4 of one 8-element group held in a vector register: each level is a lane
+// permutation, an add, a subtract and a select (GCC/Clang vector extensions, so the code is
+// portable and the compiler picks SSE / AVX2 / AVX-512 per clone).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define LT_SHUFFLE8(v, a, b, c, d, e, f, g, h) __builtin_shufflevector(v, v, a, b, c, d, e, f, g, h)
+#else
+#define LT_SHUFFLE8(v, a, b, c, d, e, f, g, h) __builtin_shuffle(v, v8i{a, b, c, d, e, f, g, h})
+#endif
+LT_ALWAYS_INLINE v8f radix8(v8f v) {
+  v8f t = LT_SHUFFLE8(v, 1, 0, 3, 2, 5, 4, 7, 6);
+  v = (v8i{0, -1, 0, -1, 0, -1, 0, -1} != 0) ? t - v : v + t;
+  t = LT_SHUFFLE8(v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v = (v8i{0, 0, -1, -1, 0, 0, -1, -1} != 0) ? t - v : v + t;
+  t = LT_SHUFFLE8(v, 4, 5, 6, 7, 0, 1, 2, 3);
+  return (v8i{0, 0, 0, 0, -1, -1, -1, -1} != 0) ? t - v : v + t;
+}
+
 template <typename acc_t>
 LT_ALWAYS_INLINE void fwht_pow2(acc_t* __restrict v, int64_t P) {
   int64_t h = 1;
   if (P >= 8) {
-    // levels h = 1, 2, 4 on 8-element chunks in registers
+    // levels h = 1, 2, 4 on 8-element groups in registers
     for (int64_t i = 0; i < P; i += 8) {
-      acc_t a[8];
-      for (int j = 0; j < 8; ++j) a[j] = v[i + j];
-      for (int s = 1; s < 8; s <<= 1)
-        for (int j = 0; j < 8; ++j)
-          if (!(j & s)) {
-            const acc_t u = a[j], w = a[j + s];
-            a[j] = u + w;
-            a[j + s] = u - w;
-          }
-      for (int j = 0; j < 8; ++j) v[i + j] = a[j];
+      if constexpr (std::is_same_v<acc_t, float>) {
+        v8f r;
+        std::memcpy(&r, v + i, sizeof r);
+        r = radix8(r);
+        std::memcpy(v + i, &r, sizeof r);
+      } else {
+        acc_t a[8];
+        for (int j = 0; j < 8; ++j) a[j] = v[i + j];
+        for (int s = 1; s < 8; s <<= 1)
+          for (int j = 0; j < 8; ++j)
+            if (!(j & s)) {
+              const acc_t u = a[j], w = a[j + s];
+              a[j] = u + w;
+              a[j + s] = u - w;
+            }
+        for (int j = 0; j < 8; ++j) v[i + j] = a[j];
+      }
     }
     h = 8;
   }
@@ -64,81 +92,57 @@ LT_ALWAYS_INLINE void fwht_pow2(acc_t* __restrict v, int64_t P) {
       }
 }
 
-// out[c*P + d] = sum_a H[a, c] * z[a*P + d]   (H^T when transpose)
-// The m-term sums use kParts interleaved partial sums combined pairwise: a sequential sum's
-// rounding error grows with m (172 terms), the partial sums cut it about 4x.
-constexpr int64_t kParts = 8;
-template <typename acc_t>
-LT_ALWAYS_INLINE void mix_factor(const acc_t* __restrict z, acc_t* __restrict out, acc_t* __restrict part,
-                                 const int8_t* H, int64_t m, int64_t P, bool transpose) {
-  for (int64_t c = 0; c < m; ++c) {
-    for (int64_t d = 0; d < kParts * P; ++d) part[d] = 0;
-    for (int64_t a = 0; a < m; ++a) {
-      const int8_t s = transpose ? H[c * m + a] : H[a * m + c];
-      const acc_t* __restrict zr = z + a * P;
-      acc_t* __restrict o = part + (a % kParts) * P;
-      if (s > 0)
-        for (int64_t d = 0; d < P; ++d) o[d] += zr[d];
-      else
-        for (int64_t d = 0; d < P; ++d) o[d] -= zr[d];
-    }
-    for (int64_t w = kParts / 2; w >= 1; w /= 2)
-      for (int64_t k = 0; k < w; ++k) {
-        acc_t* __restrict lo = part + k * P;
-        const acc_t* __restrict hi = part + (k + w) * P;
-        for (int64_t d = 0; d < P; ++d) lo[d] += hi[d];
-      }
-    acc_t* __restrict o = out + c * P;
-    for (int64_t d = 0; d < P; ++d) o[d] = part[d];
-  }
+LT_MULTIVERSION void fwht_segments_f32(float* v, int64_t segs, int64_t P) {
+  for (int64_t a = 0; a < segs; ++a) fwht_pow2(v + a * P, P);
 }
+LT_MULTIVERSION void fwht_segments_f64(double* v, int64_t segs, int64_t P) {
+  for (int64_t a = 0; a < segs; ++a) fwht_pow2(v + a * P, P);
+}
+inline void fwht_segments(float* v, int64_t segs, int64_t P) { fwht_segments_f32(v, segs, P); }
+inline void fwht_segments(double* v, int64_t segs, int64_t P) { fwht_segments_f64(v, segs, P); }
 
-// One row, buffers already filled: returns the pointer holding the result.
-template <typename acc_t>
-LT_ALWAYS_INLINE acc_t* transform_row(acc_t* buf, acc_t* tmp, const int8_t* H, const Plan& p,
-                                      bool transpose) {
-  const int64_t P = int64_t(1) << p.log2p;
-  for (int64_t a = 0; a < p.m; ++a) fwht_pow2(buf + a * P, P);
-  if (p.m == 1) return buf;
-  mix_factor(buf, tmp, tmp + p.n, H, p.m, P, transpose);
-  return tmp;
-}
-
-LT_MULTIVERSION float* transform_row_f32(float* buf, float* tmp, const int8_t* H, const Plan& p,
-                                         bool transpose) {
-  return transform_row(buf, tmp, H, p, transpose);
-}
-LT_MULTIVERSION double* transform_row_f64(double* buf, double* tmp, const int8_t* H,
-                                          const Plan& p, bool transpose) {
-  return transform_row(buf, tmp, H, p, transpose);
-}
-inline float* transform_row_any(float* b, float* t, const int8_t* H, const Plan& p, bool tr) {
-  return transform_row_f32(b, t, H, p, tr);
-}
-inline double* transform_row_any(double* b, double* t, const int8_t* H, const Plan& p, bool tr) {
-  return transform_row_f64(b, t, H, p, tr);
-}
-
+// Stage 1, rows in parallel: convert a row once into the accumulation type, run the 2^k-point
+// transform on each of its m segments in place (the buffer stays in L1/L2), and either write the
+// scaled result (m == 1) or park it in Z for stage 2.
+// Stage 2 (m > 1): Y_r = (scale * H_m^T) Z_r for every row r (Z_r is the m x 2^k matrix of the
+// row's segments): one batched GEMM through ATen's BLAS - the dense m x m part, m <= 172, is what
+// BLAS does best. It runs in float64 so that the m-term sums (up to 172 terms) add no rounding
+// error of their own: the result is rounded once, whatever summation order the BLAS picks.
 template <typename scalar_t, typename acc_t>
 void run_rows(const Call& c, double scale, bool transpose) {
   const Plan p = c.plan;
   const int64_t n = p.n, R = c.rows.size(0), in_stride = c.rows.stride(0);
+  const int64_t P = int64_t(1) << p.log2p;
   const scalar_t* in = c.rows.data_ptr<scalar_t>();
+  const auto acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  at::Tensor Z;
+  if (p.m > 1) Z = at::empty({R, p.m, P}, c.rows.options().dtype(acc_dtype));
+  acc_t* z = p.m > 1 ? Z.data_ptr<acc_t>() : nullptr;
   scalar_t* out = c.out.data_ptr<scalar_t>();
-  const int8_t* H = factor(p.m).data();
   const acc_t s = static_cast<acc_t>(scale);
   // ~64K elements of work per task keeps the scheduling overhead low for small n
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / n);
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> buf(n), tmp(p.m > 1 ? n + kParts * (n / p.m) : 0);  // out + partial sums
+    std::vector<acc_t> buf(p.m > 1 ? 0 : n);
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* xr = in + r * in_stride;
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(xr[i]);
-      const acc_t* y = transform_row_any(buf.data(), tmp.data(), H, p, transpose);
-      scalar_t* yr = out + r * n;
-      for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<scalar_t>(y[i] * s);
+      acc_t* b = p.m > 1 ? z + r * n : buf.data();
+      for (int64_t i = 0; i < n; ++i) b[i] = static_cast<acc_t>(xr[i]);
+      fwht_segments(b, p.m, P);
+      if (p.m == 1) {
+        scalar_t* yr = out + r * n;
+        for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<scalar_t>(b[i] * s);
+      }
     }
   });
+  if (p.m > 1) {
+    const auto& Hm = factor(p.m);
+    at::Tensor H = at::empty({p.m, p.m}, at::dtype(at::kDouble));
+    double* h = H.data_ptr<double>();
+    for (int64_t c2 = 0; c2 < p.m; ++c2)  // row c of the left factor: H[:, c] (H[c, :] when transposed)
+      for (int64_t a = 0; a < p.m; ++a) h[c2 * p.m + a] = scale * (transpose ? Hm[c2 * p.m + a] : Hm[a * p.m + c2]);
+    c.out.view({R, p.m, P}).copy_(at::matmul(H, Z.to(at::kDouble)));
+  }
 }
 
 at::Tensor hadamard_cpu(const char* op, const at::Tensor& x, double scale, bool transpose) {

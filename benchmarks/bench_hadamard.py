@@ -1,0 +1,104 @@
+"""Fast Walsh-Hadamard transform: longtune vs its peers, side by side in one run.
+
+CPU: dense `x @ H` (torch, the same dtype) and a `torch.clone` of the input (the bandwidth
+ceiling: one read + one write, like the transform).
+GPU: the `fast-hadamard-transform` package when importable, dense `x @ H` (cuBLAS) and `torch.clone`.
+Targets (issue 3): CPU >= 3x dense at n >= 1024 and >= 50% of clone bandwidth at n = 4096;
+GPU >= 1.2x fast-hadamard-transform and >= 85% of clone bandwidth in bf16, n = 128..32768.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import longtune  # noqa: E402
+from benchmarks import harness as H  # noqa: E402
+from longtune.ops.hadamard import hadamard_flops  # noqa: E402
+
+
+def _peer_fht():
+    try:
+        import fast_hadamard_transform as fht  # noqa: F401
+
+        return fht.hadamard_transform
+    except Exception:
+        return None
+
+
+def cases(device: str, quick: bool):
+    if device == "cuda":
+        dtype, total = torch.bfloat16, 1 << 26
+        sizes = [2**k for k in range(7, 16)] + [12 * 1024, 28 * 1024, 76 * 64, 148 * 128]
+    else:
+        dtype, total = torch.float32, (1 << 21) if quick else (1 << 23)
+        sizes = [256, 1024, 4096, 16384, 76 * 64, 148 * 128] if not quick else [1024, 4096, 76 * 64]
+    for n in sizes:
+        yield n, max(1, total // n), dtype
+
+
+def plot(report, path, device_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    impls = sorted({r.impl for r in report.results})
+    for impl in impls:
+        pts = [(r.params["n"], r.gbps) for r in report.results if r.impl == impl and r.params["pow2"]]
+        if pts:
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("n (power-of-two sizes)")
+    ax.set_ylabel("effective bandwidth, GB/s (read + write)")
+    ax.set_title(f"Hadamard transform - {device_name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
+    report = H.Report("hadamard")
+    peer = _peer_fht() if device == "cuda" else None
+    for n, rows, dtype in H.progress(list(cases(device, quick)), "hadamard"):
+        x = torch.randn(rows, n, device=device, dtype=dtype)
+        case = f"n={n} rows={rows}"
+        params = {"n": n, "rows": rows, "dtype": str(dtype).replace("torch.", ""), "pow2": n & (n - 1) == 0}
+        nbytes = 2 * x.numel() * x.element_size()
+        flops = hadamard_flops(x.shape)
+        scale = 1 / math.sqrt(n)
+        ours = H.measure(report, case, "longtune", lambda: longtune.hadamard_transform(x, scale), device, params,
+                         flops, nbytes)
+        clone = H.measure(report, case, "torch.clone", lambda: x.clone(), device, params, 0, nbytes)
+        H.add_ratio(report, case, "fraction of torch.clone bandwidth", clone.median_ms / ours.median_ms,
+                    (0.85 if device == "cuda" else (0.5 if n == 4096 else None)))
+        if n <= 16384:
+            Hm = longtune.hadamard_matrix(n, dtype=dtype, device=device)
+            dense = H.measure(report, case, "torch dense x @ H", lambda: (x @ Hm) * scale, device, params,
+                              2 * rows * n * n, nbytes)
+            H.add_ratio(report, case, "speedup vs dense x @ H", dense.median_ms / ours.median_ms,
+                        3.0 if (device == "cpu" and n >= 1024) else None)
+            del Hm
+        if peer is not None and params["pow2"]:
+            fht = H.measure(report, case, "fast-hadamard-transform", lambda: peer(x, scale), device, params,
+                            flops, nbytes)
+            H.add_ratio(report, case, "speedup vs fast-hadamard-transform", fht.median_ms / ours.median_ms, 1.2)
+    H.write(report, out_dir, device, plot)
+    return report
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    H.print_table(run(a.device, a.out, a.quick))

@@ -1,0 +1,165 @@
+"""Benchmark harness shared by every family: timing (CPU and GPU), FLOP/byte counters, a JSON
+schema with the run's provenance, CSV, PNG plots and a short printed table.
+
+JSON schema (benchmarks/results/<name>.json):
+  {"benchmark": str, "schema": 1, "device": str, "device_kind": "cpu"|"cuda", "torch": str,
+   "longtune_commit": str, "timestamp": str, "threads": int,
+   "results": [{"case": str, "impl": str, "params": {...}, "median_ms": float,
+                "p20_ms": float, "p80_ms": float, "flops": int, "bytes": int,
+                "tflops": float, "gbps": float}],
+   "ratios": [{"case": str, "metric": str, "value": float, "target": float|null, "met": bool|null}]}
+Every impl of a case is timed in the same run, one after the other, on the same inputs.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Result:
+    case: str
+    impl: str
+    params: dict
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    flops: int = 0
+    bytes: int = 0
+    tflops: float = 0.0
+    gbps: float = 0.0
+
+
+@dataclass
+class Report:
+    benchmark: str
+    results: list = field(default_factory=list)
+    ratios: list = field(default_factory=list)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _quantiles(times_ms):
+    times_ms = sorted(times_ms)
+    if len(times_ms) == 1:
+        return times_ms[0], times_ms[0], times_ms[0]
+    q = statistics.quantiles(times_ms, n=10, method="inclusive")  # deciles
+    return statistics.median(times_ms), q[1], q[7]  # median, 20th, 80th percentile
+
+
+def time_fn(fn: Callable[[], object], device: str, min_time_s: float = 0.25, max_reps: int = 200) -> tuple:
+    """(median, p20, p80) in milliseconds. GPU: CUDA events around each call after warm-up
+    (triton.testing.do_bench when available). CPU: wall clock per call, repeated until min_time_s."""
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+            return float(med), float(p20), float(p80)
+        except ImportError:
+            pass
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(50):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        return _quantiles(times)
+    import time
+
+    fn()  # warm-up
+    times, total = [], 0.0
+    while (total < min_time_s or len(times) < 5) and len(times) < max_reps:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        times.append(dt * 1e3)
+        total += dt
+    return _quantiles(times)
+
+
+def measure(report: Report, case: str, impl: str, fn, device: str, params: dict, flops: int = 0,
+            nbytes: int = 0) -> Result:
+    med, p20, p80 = time_fn(fn, device)
+    r = Result(case, impl, params, med, p20, p80, flops, nbytes,
+               tflops=flops / (med * 1e-3) / 1e12 if flops else 0.0,
+               gbps=nbytes / (med * 1e-3) / 1e9 if nbytes else 0.0)
+    report.results.append(r)
+    return r
+
+
+def add_ratio(report: Report, case: str, metric: str, value: float, target: float | None = None):
+    report.ratios.append({"case": case, "metric": metric, "value": value, "target": target,
+                          "met": None if target is None else bool(value >= target)})
+
+
+def write(report: Report, out_dir: str | os.PathLike, device: str, plot: Callable | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{report.benchmark}_{device}"
+    doc = {
+        "benchmark": report.benchmark, "schema": 1, "device": device_name(device), "device_kind": device,
+        "torch": torch.__version__, "longtune_commit": _commit(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "results": [asdict(r) for r in report.results], "ratios": report.ratios,
+    }
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "impl", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "params"])
+        for r in report.results:
+            w.writerow([r.case, r.impl, f"{r.median_ms:.5f}", f"{r.p20_ms:.5f}", f"{r.p80_ms:.5f}",
+                        f"{r.tflops:.4f}", f"{r.gbps:.3f}", json.dumps(r.params)])
+    if plot is not None:
+        plot(report, out / f"{stem}.png", doc["device"])
+    return out / f"{stem}.json"
+
+
+def print_table(report: Report):
+    print(f"\n== {report.benchmark} ==")
+    print(f"{'case':<28}{'impl':<26}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}")
+    for r in report.results:
+        print(f"{r.case:<28}{r.impl:<26}{r.median_ms:>11.4f}{r.p20_ms:>10.4f}{r.p80_ms:>10.4f}"
+              f"{r.gbps:>9.1f}{r.tflops:>9.3f}")
+    if report.ratios:
+        print("ratios:")
+        for q in report.ratios:
+            tgt = "" if q["target"] is None else f"  (target >= {q['target']}: {'met' if q['met'] else 'NOT met'})"
+            print(f"  {q['case']:<28}{q['metric']:<40}{q['value']:>8.2f}{tgt}")
+
+
+def progress(iterable, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, leave=False)
+    except ImportError:
+        return iterable

@@ -105,7 +105,7 @@ inline void fwht_segments(double* v, int64_t segs, int64_t P) { fwht_segments_f6
 // transform on each of its m segments in place (the buffer stays in L1/L2), and either write the
 // scaled result (m == 1) or park it in Z for stage 2.
 // Stage 2 (m > 1): Y_r = (scale * H_m^T) Z_r for every row r (Z_r is the m x 2^k matrix of the
-// row's segments): one batched GEMM through ATen's BLAS - the dense m x m part, m <= 172, is what
+// row's segments), done for all rows at once as one [m, m] x [m, rows * 2^k] GEMM through ATen's BLAS - the dense m x m part, m <= 172, is what
 // BLAS does best. It runs in float64 so that the m-term sums (up to 172 terms) add no rounding
 // error of their own: the result is rounded once, whatever summation order the BLAS picks.
 template <typename scalar_t, typename acc_t>
@@ -114,24 +114,30 @@ void run_rows(const Call& c, double scale, bool transpose) {
   const int64_t n = p.n, R = c.rows.size(0), in_stride = c.rows.stride(0);
   const int64_t P = int64_t(1) << p.log2p;
   const scalar_t* in = c.rows.data_ptr<scalar_t>();
-  const auto acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
-  at::Tensor Z;
-  if (p.m > 1) Z = at::empty({R, p.m, P}, c.rows.options().dtype(acc_dtype));
-  acc_t* z = p.m > 1 ? Z.data_ptr<acc_t>() : nullptr;
+  // m > 1: stage-1 results go to Zt[a, r, :] (float64), so stage 2 is ONE large GEMM
+  at::Tensor Zt;
+  if (p.m > 1) Zt = at::empty({p.m, R, P}, c.rows.options().dtype(at::kDouble));
+  double* zt = p.m > 1 ? Zt.data_ptr<double>() : nullptr;
   scalar_t* out = c.out.data_ptr<scalar_t>();
   const acc_t s = static_cast<acc_t>(scale);
   // ~64K elements of work per task keeps the scheduling overhead low for small n
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / n);
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> buf(p.m > 1 ? 0 : n);
+    std::vector<acc_t> buf(n);
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* xr = in + r * in_stride;
-      acc_t* b = p.m > 1 ? z + r * n : buf.data();
+      acc_t* b = buf.data();
       for (int64_t i = 0; i < n; ++i) b[i] = static_cast<acc_t>(xr[i]);
       fwht_segments(b, p.m, P);
       if (p.m == 1) {
         scalar_t* yr = out + r * n;
         for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<scalar_t>(b[i] * s);
+      } else {
+        for (int64_t a = 0; a < p.m; ++a) {
+          double* dst = zt + (a * R + r) * P;
+          const acc_t* src = b + a * P;
+          for (int64_t d = 0; d < P; ++d) dst[d] = static_cast<double>(src[d]);
+        }
       }
     }
   });
@@ -141,7 +147,8 @@ void run_rows(const Call& c, double scale, bool transpose) {
     double* h = H.data_ptr<double>();
     for (int64_t c2 = 0; c2 < p.m; ++c2)  // row c of the left factor: H[:, c] (H[c, :] when transposed)
       for (int64_t a = 0; a < p.m; ++a) h[c2 * p.m + a] = scale * (transpose ? Hm[c2 * p.m + a] : Hm[a * p.m + c2]);
-    c.out.view({R, p.m, P}).copy_(at::matmul(H, Z.to(at::kDouble)));
+    const at::Tensor Y = at::mm(H, Zt.view({p.m, R * P}));  // [m, R*P]
+    c.out.view({R, p.m, P}).copy_(Y.view({p.m, R, P}).permute({1, 0, 2}));
   }
 }
 

@@ -69,9 +69,9 @@ def _quantiles(times_ms):
     return statistics.median(times_ms), q[1], q[7]  # median, 20th, 80th percentile
 
 
-def time_fn(fn: Callable[[], object], device: str, min_time_s: float = 0.25, max_reps: int = 200) -> tuple:
+def time_fn(fn: Callable[[], object], device: str, min_time_s: float = 0.25) -> tuple:
     """(median, p20, p80) in milliseconds. GPU: CUDA events around each call after warm-up
-    (triton.testing.do_bench when available). CPU: wall clock per call, repeated until min_time_s."""
+    (triton.testing.do_bench when available). CPU: torch.utils.benchmark blocks for min_time_s."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
@@ -92,17 +92,12 @@ def time_fn(fn: Callable[[], object], device: str, min_time_s: float = 0.25, max
             torch.cuda.synchronize()
             times.append(s.elapsed_time(e))
         return _quantiles(times)
-    import time
+    import torch.utils.benchmark as tb
 
     fn()  # warm-up
-    times, total = [], 0.0
-    while (total < min_time_s or len(times) < 5) and len(times) < max_reps:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        total += dt
-    return _quantiles(times)
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_time_s)
+    return _quantiles([t * 1e3 for t in m.times])
 
 
 def measure(report: Report, case: str, impl: str, fn, device: str, params: dict, flops: int = 0,

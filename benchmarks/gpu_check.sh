@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# make gpu-check: everything only a GPU can tell, in one go, on a lent GPU machine
+# (Python 3.12 + torch 2.11 there, no network). Builds against that machine's own torch for its own
+# architecture, runs tests/cuda, compute-sanitizer (memcheck on every CUDA kernel family, racecheck
+# on the shared-memory kernels) over a small CUDA test subset, then the benchmarks against the GPU
+# peers. Everything lands in one folder (default gpu-results/<UTC stamp>/) plus a tarball of it;
+# commit it under benchmarks/results/gpu/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=${GPU_RESULTS:-gpu-results/$STAMP}
+mkdir -p "$OUT"
+status=0
+step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+step "machine"
+(nvidia-smi; $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())") \
+  > "$OUT/machine.txt" 2>&1
+ARCH=$($PY -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}{b}')")
+
+step "build (sm_$ARCH, against $($PY -c 'import torch; print(torch.__version__)'))"
+start=$(date +%s)
+cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
+  -DLONGTUNE_OUTPUT_DIR="$PWD/python/longtune" -DLONGTUNE_CUDA=ON "-DLONGTUNE_CUDA_ARCHS=$ARCH" \
+  -DLONGTUNE_EMU=ON > "$OUT/build.log" 2>&1 && cmake --build build/gpu -j "$(nproc)" >> "$OUT/build.log" 2>&1
+rc=$?; echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+[ $rc -eq 0 ] || { tail -50 "$OUT/build.log"; exit $rc; }
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+
+step "CUDA tests"
+$PY -m pytest tests/cuda -q -rs -p no:cacheprovider > "$OUT/cuda-tests.log" 2>&1; rc=$?
+tail -3 "$OUT/cuda-tests.log" | tee -a "$OUT/summary.txt"; [ $rc -eq 0 ] || status=1
+
+SUBSET="tests/cuda/test_hadamard_cuda.py::test_factor_sizes[0-76-dtype2] tests/cuda/test_hadamard_cuda.py::test_pow2[4096-dtype2] tests/cuda/test_hadamard_cuda.py::test_pow2[128-dtype0] tests/cuda/test_hadamard_cuda.py::test_misaligned_rows[2048] tests/cuda/test_probes_cuda.py"
+if command -v compute-sanitizer >/dev/null; then
+  step "compute-sanitizer memcheck"
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    $PY -m pytest $SUBSET -q -p no:cacheprovider > "$OUT/memcheck.log" 2>&1; rc=$?
+  grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.txt"; [ $rc -eq 0 ] || status=1
+  step "compute-sanitizer racecheck (shared-memory kernels)"
+  compute-sanitizer --tool racecheck --error-exitcode 3 --target-processes all \
+    $PY -m pytest $SUBSET -q -p no:cacheprovider > "$OUT/racecheck.log" 2>&1; rc=$?
+  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -3 | tee -a "$OUT/summary.txt"; [ $rc -eq 0 ] || status=1
+else
+  step "compute-sanitizer not found: skipped" 
+fi
+
+step "benchmarks vs GPU peers"
+$PY benchmarks/run_all.py --device cuda --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
+grep -A40 "ratios:" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+
+tar -czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
+echo "gpu-check: results in $OUT (and $OUT.tar.gz), status $status" | tee -a "$OUT/summary.txt"
+exit $status

@@ -58,26 +58,38 @@ LT_DEV void butterflies_across_lanes(float (&v)[E], uint32_t lane, int64_t limit
   }
 }
 
-template <class T, int E>
-LT_DEV void load_chunk(const KParams<T>& p, int64_t offset, float (&v)[E]) {
+// E contiguous elements from global memory into fp32 registers (one vector load when aligned).
+template <int E, class T>
+LT_DEV void load_elems(simt::gptr<const T> x, int64_t offset, bool vec_ok, float (&v)[E]) {
   T raw[E];
-  if (p.vec_ok) {
-    simt::ld_vec<E>(p.x, offset, raw);
+  if (vec_ok) {
+    simt::ld_vec<E>(x, offset, raw);
   } else {
-    LT_UNROLL for (int i = 0; i < E; ++i) raw[i] = p.x[offset + i];
+    LT_UNROLL for (int i = 0; i < E; ++i) raw[i] = x[offset + i];
   }
   LT_UNROLL for (int i = 0; i < E; ++i) v[i] = simt::to_float(raw[i]);
 }
 
+// E fp32 values (times `scale`) converted and stored (one vector store when aligned).
+template <int E, class T>
+LT_DEV void store_elems(simt::gptr<T> y, int64_t offset, bool vec_ok, const float (&v)[E], float scale) {
+  T raw[E];
+  LT_UNROLL for (int i = 0; i < E; ++i) raw[i] = simt::from_float<T>(v[i] * scale);
+  if (vec_ok) {
+    simt::st_vec<E>(y, offset, raw);
+  } else {
+    LT_UNROLL for (int i = 0; i < E; ++i) y[offset + i] = raw[i];
+  }
+}
+
+template <class T, int E>
+LT_DEV void load_chunk(const KParams<T>& p, int64_t offset, float (&v)[E]) {
+  load_elems<E>(p.x, offset, p.vec_ok, v);
+}
+
 template <class T, int E>
 LT_DEV void store_chunk(const KParams<T>& p, int64_t offset, const float (&v)[E]) {
-  T raw[E];
-  LT_UNROLL for (int i = 0; i < E; ++i) raw[i] = simt::from_float<T>(v[i] * p.scale);
-  if (p.vec_ok) {
-    simt::st_vec<E>(p.y, offset, raw);
-  } else {
-    LT_UNROLL for (int i = 0; i < E; ++i) p.y[offset + i] = raw[i];
-  }
+  store_elems<E>(p.y, offset, p.vec_ok, v, p.scale);
 }
 
 // m == 1, P <= 32 E: each warp transforms 32 E / P rows entirely in registers.
@@ -120,6 +132,23 @@ LT_DEV void smem_pass(simt::sptr<float> z, int64_t n, int64_t P, int64_t h) {
   }
 }
 
+// One output of the m x m factor mix: y[c, d] = sum_a +-z[base + a P + d], as 4 interleaved
+// partial sums combined pairwise (a sequential m-term fp32 sum loses about 4x more accuracy than
+// PyTorch's matmul at m = 148..172). m is a multiple of 4.
+LT_DEV float mix_one(simt::sptr<float> z, simt::gptr<const uint32_t> hbits, int32_t m, int32_t hwords, int64_t P,
+                     int64_t base, int64_t c, int64_t d) {
+  float part[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int32_t a0 = 0; a0 < m; a0 += 4) {
+    LT_UNROLL for (int k = 0; k < 4; ++k) {
+      const int32_t a = a0 + k;
+      const bool neg = (hbits[c * hwords + a / 32] >> (a % 32)) & 1u;
+      const float zv = z[base + a * P + d];
+      part[k] += neg ? -zv : zv;
+    }
+  }
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 template <class T, int E>
 LT_DEV void block_mode(const KParams<T>& p) {
   const int64_t n = p.n, P = int64_t(1) << p.log2p, cps = P / E, chunks = n / E;
@@ -158,24 +187,8 @@ LT_DEV void block_mode(const KParams<T>& p) {
       if (p.m == 1) {
         LT_UNROLL for (int i = 0; i < E; ++i) acc[i] = z[j * E + i];
       } else {
-        // kParts interleaved partial sums (combined pairwise): a sequential m-term fp32 sum
-        // loses about 4x more accuracy than PyTorch's matmul at m = 148..172
-        constexpr int kParts = 4;
         const int64_t c = (j * E) / P, d0 = (j * E) % P;
-        float part[kParts][E];
-        LT_UNROLL for (int k = 0; k < kParts; ++k) { LT_UNROLL for (int i = 0; i < E; ++i) part[k][i] = 0.f; }
-        for (int32_t a0 = 0; a0 < p.m; a0 += kParts) {  // m is a multiple of 4
-          LT_UNROLL for (int k = 0; k < kParts; ++k) {
-            const int32_t a = a0 + k;
-            const uint32_t word = p.hbits[c * p.hwords + a / 32];
-            const bool neg = (word >> (a % 32)) & 1u;
-            LT_UNROLL for (int i = 0; i < E; ++i) {
-              const float zv = z[a * P + d0 + i];
-              part[k][i] += neg ? -zv : zv;
-            }
-          }
-        }
-        LT_UNROLL for (int i = 0; i < E; ++i) acc[i] = (part[0][i] + part[1][i]) + (part[2][i] + part[3][i]);
+        LT_UNROLL for (int i = 0; i < E; ++i) acc[i] = mix_one(z, p.hbits, p.m, p.hwords, P, 0, c, d0 + i);
       }
       store_chunk<T, E>(p, row * n + j * E, acc);
     }

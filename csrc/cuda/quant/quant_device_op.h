@@ -1,0 +1,125 @@
+// Host glue shared by the CUDA and the emulator bindings of the rotated-quantization kernels:
+// the same checks (common/quant_host.h), the same params, the same backward composition; only
+// the launcher and the Hadamard op used to rotate gradients back differ.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+
+#include "common/quant_host.h"
+#include "cuda/hadamard/hadamard_device_op.h"
+#include "cuda/quant/quant_params.h"
+
+namespace lt::quant {
+
+inline int32_t chunk_for(const Args& a) {
+  if (a.rotate) return a.hplan.log2p >= 3 ? 8 : (1 << a.hplan.log2p);
+  for (int32_t e : {8, 4, 2}) if (a.n % e == 0) return e;
+  return 1;
+}
+
+struct DeviceOut {
+  at::Tensor y, codes, scales, zeros;
+};
+
+template <class Launch>
+void run_quant_device(const char* op, const Args& a, const at::Tensor& x, const at::Tensor& grad, KMode mode,
+                      DeviceOut& o, Launch&& launch) {
+  const size_t smem = static_cast<size_t>(a.n + 2 * a.ngroups) * sizeof(float);
+  LT_CHECK(op, smem <= 227 * 1024, "the GPU kernel keeps a row and its group scales in shared memory: n=", a.n,
+           " with ", a.ngroups, " groups needs ", smem, " bytes (> 227 KiB); use a larger group_size");
+  const at::Tensor rows = [&] { at::Tensor r = x.reshape({-1, a.n}); return r.stride(1) == 1 ? r : r.contiguous(); }();
+  at::Tensor grows;
+  if (grad.defined()) { grows = grad.reshape({-1, a.n}); if (grows.stride(1) != 1) grows = grows.contiguous(); }
+  QuantParams qp;
+  qp.x = rows.data_ptr();
+  qp.rows = rows.size(0);
+  qp.n = a.n;
+  qp.x_row_stride = rows.stride(0);
+  qp.x_span = (qp.rows - 1) * qp.x_row_stride + qp.n;
+  if (grows.defined()) {
+    qp.g = grows.data_ptr();
+    qp.g_row_stride = grows.stride(0);
+    qp.g_span = (qp.rows - 1) * qp.g_row_stride + qp.n;
+  }
+  at::Tensor hb;
+  if (a.rotate && a.hplan.m > 1) {
+    hb = hadamard::sign_table(a.hplan.m, /*transpose=*/false, x.device());
+    qp.hbits = reinterpret_cast<const uint32_t*>(hb.data_ptr<int32_t>());
+    qp.hbits_span = hb.numel();
+  }
+  qp.h = a.rotate ? a.h : 1;
+  qp.group = a.group;
+  qp.ngroups = a.ngroups;
+  qp.m = static_cast<int32_t>(a.hplan.m);
+  qp.log2p = a.hplan.log2p;
+  qp.hwords = static_cast<int32_t>((a.hplan.m + 31) / 32);
+  qp.rotate = a.rotate;
+  qp.rscale = static_cast<float>(a.rscale);
+  qp.cfg = a.cfg;
+  qp.mode = mode;
+  qp.dtype = x.scalar_type() == at::kFloat ? hadamard::DType::F32
+             : x.scalar_type() == at::kHalf ? hadamard::DType::F16 : hadamard::DType::BF16;
+  qp.chunk = chunk_for(a);
+  if (mode == KMode::Codes) {
+    qp.codes = o.codes.data_ptr();
+    qp.scales = o.scales.data_ptr<float>();
+    qp.zeros = o.zeros.data_ptr<float>();
+  } else {
+    qp.y = o.y.data_ptr();
+  }
+  const int64_t es = x.element_size(), align = std::min<int64_t>(16, qp.chunk * es);
+  auto aligned = [&](const void* p) { return reinterpret_cast<uintptr_t>(p) % align == 0; };
+  qp.vec_ok = aligned(qp.x) && (qp.x_row_stride * es) % align == 0 && (qp.n * es) % align == 0 &&
+              (qp.y == nullptr || aligned(qp.y));
+  launch(qp);
+}
+
+template <class Launch>
+at::Tensor fake_quant_device(const at::Tensor& x, int64_t bits, const std::string& gran, int64_t gsize, bool sym,
+                             double clip, bool rotate, int64_t hsize, const std::string& ste, Launch&& launch) {
+  const Args a = check_args("rotate_fake_quant", x, bits, gran, gsize, sym, clip, rotate, hsize, ste, false);
+  DeviceOut o;
+  o.y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.numel()) run_quant_device("rotate_fake_quant", a, x, at::Tensor(), KMode::Fake, o, launch);
+  return o.y;
+}
+
+template <class Launch>
+at::Tensor fake_quant_backward_device(const at::Tensor& grad, const at::Tensor& x, int64_t bits,
+                                      const std::string& gran, int64_t gsize, bool sym, double clip, bool rotate,
+                                      int64_t hsize, const std::string& ste, const char* hadamard_bwd_op,
+                                      Launch&& launch) {
+  const char* op = "rotate_fake_quant_backward";
+  const Args a = check_args(op, x, bits, gran, gsize, sym, clip, rotate, hsize, ste, false);
+  LT_CHECK(op, grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  LT_CHECK(op, grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
+           grad.scalar_type());
+  check_same_device(op, "grad", grad, "x", x);
+  if (x.numel() == 0) return at::empty_like(grad);
+  at::Tensor gm = grad.contiguous();
+  if (a.ste == Ste::Clip) {
+    DeviceOut o;
+    o.y = at::empty(x.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
+    run_quant_device(op, a, x, grad, KMode::Mask, o, launch);
+    gm = o.y;
+  }
+  return a.rotate ? rotate_back(gm, a, hadamard_bwd_op) : gm.clone();
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_device(const at::Tensor& x, int64_t bits,
+                                                               const std::string& gran, int64_t gsize, bool sym,
+                                                               double clip, bool rotate, int64_t hsize,
+                                                               Launch&& launch) {
+  const Args a = check_args("rotate_quantize", x, bits, gran, gsize, sym, clip, rotate, hsize, "identity", false);
+  DeviceOut o;
+  o.codes = at::empty(x.sizes(), x.options().dtype(sym ? at::kChar : at::kByte));
+  o.scales = group_shape_empty(x, a);
+  o.zeros = group_shape_empty(x, a);
+  if (x.numel()) run_quant_device("rotate_quantize", a, x, at::Tensor(), KMode::Codes, o, launch);
+  return {o.codes, o.scales, o.zeros};
+}
+
+}  // namespace lt::quant

@@ -1,0 +1,36 @@
+// Launch parameters of the rotated-quantization kernels (plain data; no torch, no CUDA types).
+#pragma once
+#include <cstdint>
+
+#include "common/quant.h"
+#include "cuda/hadamard/hadamard_params.h"
+
+namespace lt::quant {
+
+enum class KMode : int32_t { Fake = 0, Mask = 1, Codes = 2 };
+
+struct QuantParams {
+  const void* x = nullptr;   // [rows, n], row stride x_row_stride, unit inner stride
+  const void* g = nullptr;   // Mask: grad rows (g_row_stride)
+  void* y = nullptr;         // Fake / Mask: [rows, n] contiguous, x's dtype
+  void* codes = nullptr;     // Codes: [rows, n] int8 (symmetric) / uint8
+  float* scales = nullptr;   // Codes: [rows, groups]
+  float* zeros = nullptr;
+  const uint32_t* hbits = nullptr;  // sign table of the rotation's factor (m > 1), see HadamardParams
+  int64_t rows = 0, n = 0, x_row_stride = 0, g_row_stride = 0;
+  int64_t x_span = 0, g_span = 0, hbits_span = 0;
+  int64_t h = 1, group = 1, ngroups = 1;  // rotation block, quantization group
+  int32_t m = 1, log2p = 0, hwords = 0;
+  bool rotate = false;
+  float rscale = 1.f;
+  QuantCfg cfg;
+  KMode mode = KMode::Fake;
+  hadamard::DType dtype = hadamard::DType::F32;
+  int32_t chunk = 8;  // elements per thread chunk (power of two dividing n, and 2^log2p when rotating)
+  bool vec_ok = true;
+};
+
+const char* launch_quant_cuda(const QuantParams& p, void* stream);
+size_t quant_smem_bytes(const QuantParams& p);
+
+}  // namespace lt::quant

@@ -7,7 +7,8 @@ import longtune
 
 from .conftest import require_cuda_build
 
-OPS = ["hadamard_transform", "hadamard_transform_backward"]
+OPS = ["hadamard_transform", "hadamard_transform_backward", "rotate_fake_quant", "rotate_fake_quant_backward",
+       "rotate_quantize"]
 TEST_OPS = ["mma_probe", "ldmatrix_probe", "shfl_probe"]
 
 
@@ -42,9 +43,17 @@ def test_emulated_kernel_registered(op):
     assert _has(f"longtune_emu::{op}", "CPU")
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS[:2])
 def test_fake_and_autograd_registered(op):
     x = torch.empty(2, 16, device="meta")
     y = getattr(torch.ops.longtune, op)(x, 1.0)
     assert y.shape == x.shape and y.device.type == "meta"
     assert _has(f"longtune::{op}", "Autograd") or _has(f"longtune::{op}", "AutogradCPU")
+
+
+def test_quant_fake_kernels():
+    x = torch.empty(3, 64, device="meta")
+    y = torch.ops.longtune.rotate_fake_quant(x, 4, "per_token", 0, True, 1.0, True, 0, "identity")
+    assert y.shape == x.shape and y.device.type == "meta"
+    c, s, z = torch.ops.longtune.rotate_quantize(x, 4, "per_group", 16, False, 1.0, True, 0)
+    assert c.dtype == torch.uint8 and s.shape == (3, 4) and z.shape == (3, 4)

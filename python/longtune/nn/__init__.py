@@ -1,1 +1,4 @@
-"""(reserved for later kernel families)"""
+"""Drop-in nn.Modules."""
+from .quant import RotatedQuantLinear  # noqa: F401
+
+__all__ = ["RotatedQuantLinear"]

@@ -1,0 +1,83 @@
+"""``RotatedQuantLinear``: a linear layer trained quantization-aware with rotations (RoSTE-style).
+
+``y = Q_a(R x) @ Q_w(W R^T)^T + b``: the input is rotated by the orthonormal Hadamard R and
+fake-quantized per token (one fused kernel); the weight is rotated once (R is orthogonal, so
+without quantization the layer computes exactly ``x @ W^T + b``) and fake-quantized per output
+channel or per group. The rotated weight is cached and recomputed only when ``weight`` changes
+(in-place optimizer updates bump its version counter), so the frozen-weight rotation costs nothing
+per step; gradients reach ``weight`` through the straight-through estimators.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.hadamard import hadamard_transform
+from ..ops.quant import rotate_fake_quant
+
+
+class RotatedQuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, act_bits: int = 4,
+                 weight_bits: int = 4, weight_group_size: int | None = None, act_clip_ratio: float = 1.0,
+                 weight_clip_ratio: float = 1.0, act_symmetric: bool = True, weight_symmetric: bool = True,
+                 rotate: bool = True, hadamard_size: int | None = None, ste: str = "identity",
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.act_bits, self.weight_bits = act_bits, weight_bits
+        self.weight_group_size = weight_group_size
+        self.act_clip_ratio, self.weight_clip_ratio = act_clip_ratio, weight_clip_ratio
+        self.act_symmetric, self.weight_symmetric = act_symmetric, weight_symmetric
+        self.rotate, self.hadamard_size, self.ste = rotate, hadamard_size, ste
+        self._cache = None  # (weight version, data_ptr, rotated weight)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if rotate:
+            # fail early, with the Hadamard op's message, when in_features has no supported factor
+            hadamard_transform(torch.zeros(1, hadamard_size or in_features), 1.0)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "RotatedQuantLinear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        with torch.no_grad():
+            m.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def _rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        # W R^T: rows of W rotated like activations (block-diagonal when hadamard_size is set)
+        h = self.hadamard_size or self.in_features
+        return hadamard_transform(w.reshape(self.out_features, self.in_features // h, h)).reshape(w.shape)
+
+    def rotated_weight(self) -> torch.Tensor:
+        if not self.rotate:
+            return self.weight
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return self._rotate_weight(self.weight)  # differentiable path for training
+        key = (self.weight._version, self.weight.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._rotate_weight(self.weight))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = rotate_fake_quant(x, bits=self.act_bits, symmetric=self.act_symmetric, clip_ratio=self.act_clip_ratio,
+                               rotate=self.rotate, hadamard_size=self.hadamard_size, ste=self.ste)
+        w = self.rotated_weight()
+        wq = rotate_fake_quant(w, bits=self.weight_bits,
+                               granularity="per_group" if self.weight_group_size else "per_token",
+                               group_size=self.weight_group_size, symmetric=self.weight_symmetric,
+                               clip_ratio=self.weight_clip_ratio, rotate=False, ste=self.ste)
+        return nn.functional.linear(xq, wq, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"W{self.weight_bits}A{self.act_bits}, rotate={self.rotate}, ste={self.ste!r}")

@@ -140,15 +140,15 @@ def write(report: Report, out_dir: str | os.PathLike, device: str, plot: Callabl
 
 def print_table(report: Report):
     print(f"\n== {report.benchmark} ==")
-    print(f"{'case':<28}{'impl':<26}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}")
+    print(f"{'case':<34}{'impl':<26}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}")
     for r in report.results:
-        print(f"{r.case:<28}{r.impl:<26}{r.median_ms:>11.4f}{r.p20_ms:>10.4f}{r.p80_ms:>10.4f}"
+        print(f"{r.case:<34}{r.impl:<26}{r.median_ms:>11.4f}{r.p20_ms:>10.4f}{r.p80_ms:>10.4f}"
               f"{r.gbps:>9.1f}{r.tflops:>9.3f}")
     if report.ratios:
         print("ratios:")
         for q in report.ratios:
             tgt = "" if q["target"] is None else f"  (target >= {q['target']}: {'met' if q['met'] else 'NOT met'})"
-            print(f"  {q['case']:<28}{q['metric']:<40}{q['value']:>8.2f}{tgt}")
+            print(f"  {q['case']:<34}{q['metric']:<40}{q['value']:>8.2f}{tgt}")
 
 
 def progress(iterable, desc: str):

@@ -10,9 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import bench_hadamard  # noqa: E402
+from benchmarks import quant as bench_quant  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 
-FAMILIES = {"hadamard": bench_hadamard.run}
+FAMILIES = {"hadamard": bench_hadamard.run, "quant": bench_quant.run}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

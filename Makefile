@@ -22,7 +22,8 @@ all: test
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pytest hypothesis scipy pybind11 ninja "cmake>=3.26" triton matplotlib tqdm
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pytest hypothesis scipy pybind11 ninja "cmake>=3.26" triton matplotlib tqdm \
+	  "transformers>=4.56" safetensors
 	@touch $@
 
 setup: $(VENV)/.deps-stamp

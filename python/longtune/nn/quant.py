@@ -1,5 +1,10 @@
 """``RotatedQuantLinear``: a linear layer trained quantization-aware with rotations (RoSTE-style).
 
+``act_bits`` / ``weight_bits`` = None switch that quantizer off. ``prerotated_weight=True`` says the
+stored weight already is ``W R^T`` (rotation merged offline, as ``longtune.quant.prepare_roste``
+does for R4): only the input is rotated online. ``weight_is_quantized=True`` (set by the export
+loader) says the stored weight already is the dequantized integer weight.
+
 ``y = Q_a(R x) @ Q_w(W R^T)^T + b``: the input is rotated by the orthonormal Hadamard R and
 fake-quantized per token (one fused kernel); the weight is rotated once (R is orthogonal, so
 without quantization the layer computes exactly ``x @ W^T + b``) and fake-quantized per output
@@ -23,7 +28,7 @@ class RotatedQuantLinear(nn.Module):
                  weight_bits: int = 4, weight_group_size: int | None = None, act_clip_ratio: float = 1.0,
                  weight_clip_ratio: float = 1.0, act_symmetric: bool = True, weight_symmetric: bool = True,
                  rotate: bool = True, hadamard_size: int | None = None, ste: str = "identity",
-                 device=None, dtype=None):
+                 prerotated_weight: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
@@ -33,6 +38,8 @@ class RotatedQuantLinear(nn.Module):
         self.act_clip_ratio, self.weight_clip_ratio = act_clip_ratio, weight_clip_ratio
         self.act_symmetric, self.weight_symmetric = act_symmetric, weight_symmetric
         self.rotate, self.hadamard_size, self.ste = rotate, hadamard_size, ste
+        self.prerotated_weight = prerotated_weight
+        self.weight_is_quantized = False
         self._cache = None  # (weight version, data_ptr, rotated weight)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
@@ -58,7 +65,7 @@ class RotatedQuantLinear(nn.Module):
         return hadamard_transform(w.reshape(self.out_features, self.in_features // h, h)).reshape(w.shape)
 
     def rotated_weight(self) -> torch.Tensor:
-        if not self.rotate:
+        if not self.rotate or self.prerotated_weight:
             return self.weight
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return self._rotate_weight(self.weight)  # differentiable path for training
@@ -68,16 +75,26 @@ class RotatedQuantLinear(nn.Module):
                 self._cache = (key, self._rotate_weight(self.weight))
         return self._cache[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = rotate_fake_quant(x, bits=self.act_bits, symmetric=self.act_symmetric, clip_ratio=self.act_clip_ratio,
-                               rotate=self.rotate, hadamard_size=self.hadamard_size, ste=self.ste)
+    def quantized_weight(self) -> torch.Tensor:
         w = self.rotated_weight()
-        wq = rotate_fake_quant(w, bits=self.weight_bits,
-                               granularity="per_group" if self.weight_group_size else "per_token",
-                               group_size=self.weight_group_size, symmetric=self.weight_symmetric,
-                               clip_ratio=self.weight_clip_ratio, rotate=False, ste=self.ste)
-        return nn.functional.linear(xq, wq, self.bias)
+        if self.weight_bits is None or self.weight_is_quantized:
+            return w
+        return rotate_fake_quant(w, bits=self.weight_bits,
+                                 granularity="per_group" if self.weight_group_size else "per_token",
+                                 group_size=self.weight_group_size, symmetric=self.weight_symmetric,
+                                 clip_ratio=self.weight_clip_ratio, rotate=False, ste=self.ste)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is None:
+            xq = hadamard_transform(x.reshape(*x.shape[:-1], -1, self.hadamard_size or self.in_features)).reshape(
+                x.shape) if self.rotate else x
+        else:
+            xq = rotate_fake_quant(x, bits=self.act_bits, symmetric=self.act_symmetric,
+                                   clip_ratio=self.act_clip_ratio, rotate=self.rotate,
+                                   hadamard_size=self.hadamard_size, ste=self.ste)
+        return nn.functional.linear(xq, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"W{self.weight_bits}A{self.act_bits}, rotate={self.rotate}, ste={self.ste!r}")
+                f"W{self.weight_bits}A{self.act_bits}, rotate={self.rotate}, prerotated_weight={self.prerotated_weight}, "
+                f"ste={self.ste!r}")

@@ -89,8 +89,45 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     dense = H.measure(report, case, "dense float64 x @ H", lambda: (x.double() @ Hd).to(dtype), device, params)
     H.add_ratio(report, case, "speedup vs dense float64 matmul", dense.median_ms / ours.median_ms,
                 10.0 if device == "cpu" else None)
+    _qat_step(report, device, quick)
     H.write(report, out_dir, device, plot)
     return report
+
+
+def _qat_step(report, device, quick):
+    """A QAT training step (forward + backward + AdamW) of a tiny Llama with RoSTE (W4A4KV4, all
+    rotations) vs the same step without quantization. Target: <= 1.5x."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    import copy
+
+    from longtune.quant import prepare_roste
+
+    torch.manual_seed(0)
+    hidden, layers, seq, batch = (256, 4, 128, 4) if not quick else (128, 2, 64, 2)
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=3 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=seq, attn_implementation="sdpa")
+    base = transformers.LlamaForCausalLM(cfg).to(device).train()
+    roste = prepare_roste(copy.deepcopy(base)).train()
+    ids = torch.randint(0, 1024, (batch, seq), device=device)
+    case = f"QAT step tiny Llama h={hidden} L={layers} seq={seq} b={batch}"
+    params = {"hidden": hidden, "layers": layers, "seq": seq, "batch": batch}
+    times = {}
+    for name, model in [("no quantization", base), ("RoSTE W4A4KV4", roste)]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt):
+            loss = model(ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        times[name] = H.measure(report, case, name, step, device, params).median_ms
+    H.add_ratio(report, case, "RoSTE step time / plain step time (lower is better)",
+                times["RoSTE W4A4KV4"] / times["no quantization"], None)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pytest hypothesis scipy pybind11 ninja "cmake>=3.26" triton matplotlib tqdm \
-	  "transformers>=4.56" safetensors
+	  "transformers>=4.56" safetensors peft
 	@touch $@
 
 setup: $(VENV)/.deps-stamp

@@ -156,3 +156,27 @@ def test_bad_input():
         export(m, "/tmp/never.safetensors")
     with pytest.raises(ValueError, match="gave no samples"):
         search_rotation_config(copy.deepcopy(m), [])
+
+
+def test_peft_lora_on_prepared_model():
+    peft = pytest.importorskip("peft")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # quantized: LoRA trains on top of the fake-quantized projections
+    q = prepare_roste(tiny(dtype=torch.float32))
+    pm = peft.get_peft_model(q, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    opt = torch.optim.AdamW([t for t in pm.parameters() if t.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = pm(IDS, labels=IDS).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    # quantizers off: merging the LoRA deltas into the (online-rotated) weights keeps the function
+    f = prepare_roste(tiny(dtype=torch.float64), w_bits=None, a_bits=None, kv_bits=None)
+    pf = peft.get_peft_model(f, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        before = pf(IDS).logits
+        merged = pf.merge_and_unload()
+        torch.testing.assert_close(merged(IDS).logits, before, rtol=0, atol=1e-9)

@@ -11,7 +11,9 @@
 4. online R3: q and k rotated per head (after RoPE) before the K/V fake-quantization, through a
    registered attention function that wraps the model's own (sdpa / eager);
 5. online R4: the down_proj input rotated by the Hadamard of the intermediate size (fused with its
-   activation quantizer) and R4 merged once into down_proj's weight;
+   activation quantizer); down_proj keeps its weight in the original basis and rotates it on the
+   fly - once and cached while the weight is frozen (LoRA / peft), differentiably when it trains -
+   so peft's merge of a LoRA delta into that weight stays correct;
 6. every decoder projection becomes a ``RotatedQuantLinear`` (per-token activation fake-quant,
    per-channel / per-group weight fake-quant, straight-through gradients); lm_head and the
    embedding stay in floating point.
@@ -161,18 +163,12 @@ def _merge_r2(layer, head_dim: int):
     a.o_proj.weight.copy_(_had(wo.reshape(wo.shape[0], -1, head_dim)).reshape(wo.shape))
 
 
-@torch.no_grad()
-def _merge_r4(layer):
-    w = layer.mlp.down_proj.weight
-    w.copy_(_had(w))  # W H4 (H4 symmetric-orthogonal up to the construction: applied as x @ H4 on rows)
-
-
 def _quant_linear(lin: nn.Linear, cfg: RoSTEConfig, rotate: bool) -> RotatedQuantLinear:
     q = RotatedQuantLinear(lin.in_features, lin.out_features, lin.bias is not None, act_bits=cfg.a_bits,
                            weight_bits=cfg.w_bits, weight_group_size=cfg.w_group_size,
                            act_clip_ratio=cfg.a_clip_ratio, weight_clip_ratio=cfg.w_clip_ratio,
                            act_symmetric=cfg.a_symmetric, weight_symmetric=cfg.w_symmetric, rotate=rotate,
-                           ste=cfg.ste, prerotated_weight=rotate, device=lin.weight.device, dtype=lin.weight.dtype)
+                           ste=cfg.ste, device=lin.weight.device, dtype=lin.weight.dtype)
     with torch.no_grad():
         q.weight.copy_(lin.weight)
         if lin.bias is not None:
@@ -252,8 +248,6 @@ def prepare_roste(model, config: RoSTEConfig | dict | str | None = None, **overr
         rot = cfg.rotations(i)
         if rot["r2"]:
             _merge_r2(layer, head_dim)
-        if rot["r4"]:
-            _merge_r4(layer)
         a, m = layer.self_attn, layer.mlp
         for parent, name in [(a, "q_proj"), (a, "k_proj"), (a, "v_proj"), (a, "o_proj"), (m, "gate_proj"),
                              (m, "up_proj"), (m, "down_proj")]:

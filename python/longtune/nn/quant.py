@@ -8,13 +8,12 @@ loader) says the stored weight already is the dequantized integer weight.
 ``y = Q_a(R x) @ Q_w(W R^T)^T + b``: the input is rotated by the orthonormal Hadamard R and
 fake-quantized per token (one fused kernel); the weight is rotated once (R is orthogonal, so
 without quantization the layer computes exactly ``x @ W^T + b``) and fake-quantized per output
-channel or per group. The rotated weight is cached and recomputed only when ``weight`` changes
-(in-place optimizer updates bump its version counter), so the frozen-weight rotation costs nothing
-per step; gradients reach ``weight`` through the straight-through estimators.
+channel or per group. While the weight is frozen (LoRA / peft, evaluation) the rotated weight is computed once and
+cached; the cache is dropped when the weight changes (version counter, storage, or a 1024-entry
+fingerprint that catches `.data` edits such as peft's merge). A trainable weight is rotated
+differentiably on every forward. Gradients reach ``weight`` through the straight-through estimators.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -23,16 +22,14 @@ from ..ops.hadamard import hadamard_transform
 from ..ops.quant import rotate_fake_quant
 
 
-class RotatedQuantLinear(nn.Module):
+class RotatedQuantLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, act_bits: int = 4,
                  weight_bits: int = 4, weight_group_size: int | None = None, act_clip_ratio: float = 1.0,
                  weight_clip_ratio: float = 1.0, act_symmetric: bool = True, weight_symmetric: bool = True,
                  rotate: bool = True, hadamard_size: int | None = None, ste: str = "identity",
                  prerotated_weight: bool = False, device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        # an nn.Linear subclass: peft (LoRA & co.) and other Linear-aware tools accept it
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.act_bits, self.weight_bits = act_bits, weight_bits
         self.weight_group_size = weight_group_size
         self.act_clip_ratio, self.weight_clip_ratio = act_clip_ratio, weight_clip_ratio
@@ -40,11 +37,7 @@ class RotatedQuantLinear(nn.Module):
         self.rotate, self.hadamard_size, self.ste = rotate, hadamard_size, ste
         self.prerotated_weight = prerotated_weight
         self.weight_is_quantized = False
-        self._cache = None  # (weight version, data_ptr, rotated weight)
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        self._cache = None  # ((weight version, data_ptr), fingerprint, rotated weight)
         if rotate:
             # fail early, with the Hadamard op's message, when in_features has no supported factor
             hadamard_transform(torch.zeros(1, hadamard_size or in_features), 1.0)
@@ -69,11 +62,23 @@ class RotatedQuantLinear(nn.Module):
             return self.weight
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return self._rotate_weight(self.weight)  # differentiable path for training
-        key = (self.weight._version, self.weight.data_ptr())
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self._rotate_weight(self.weight))
-        return self._cache[1]
+        with torch.no_grad():
+            key = (self.weight._version, self.weight.data_ptr())
+            fp = self._fingerprint()
+            if self._cache is None or self._cache[0] != key or not torch.equal(self._cache[1], fp):
+                self._cache = (key, fp, self._rotate_weight(self.weight))
+        return self._cache[2]
+
+    def _fingerprint(self) -> torch.Tensor:
+        # autograd's version counter misses in-place edits through `.data` (peft's LoRA merge does
+        # that): up to 1024 evenly strided entries catch any dense update such as a merged delta
+        flat = self.weight.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        return flat[::step].clone()
+
+    def invalidate_rotation_cache(self) -> None:
+        """Forget the cached rotated weight (after sparse in-place edits the fingerprint may miss)."""
+        self._cache = None
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.rotated_weight()

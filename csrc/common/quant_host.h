@@ -72,6 +72,22 @@ inline at::Tensor rotate_back(const at::Tensor& g, const Args& a, const char* ha
   return op.call(g.reshape(sizes), a.rscale).reshape(g.sizes());
 }
 
+inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
+  LT_CHECK(op, grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  LT_CHECK(op, grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
+           grad.scalar_type());
+  check_same_device(op, "grad", grad, "x", x);
+}
+
+// grad_x = R^T (mask * grad). `masked()` returns mask * grad; it is called for ste 'clip' only.
+template <class Masked>
+at::Tensor ste_backward(const Args& a, const at::Tensor& grad, const at::Tensor& x, Masked&& masked,
+                        const char* hadamard_bwd_op) {
+  if (x.numel() == 0) return at::empty_like(grad);
+  const at::Tensor gm = a.ste == Ste::Clip ? masked() : grad.contiguous();
+  return a.rotate ? rotate_back(gm, a, hadamard_bwd_op) : gm.clone();
+}
+
 inline at::Tensor group_shape_empty(const at::Tensor& x, const Args& a) {
   auto sizes = x.sizes().vec();
   sizes.back() = a.ngroups;

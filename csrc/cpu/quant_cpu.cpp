@@ -154,19 +154,16 @@ at::Tensor fake_quant_backward_cpu(const at::Tensor& grad, const at::Tensor& x, 
   const char* op = "rotate_fake_quant_backward";
   const Args a = check_args(op, x, bits, std::string(granularity), group_size, symmetric, clip, rotate, hsize,
                             std::string(ste), false);
-  LT_CHECK(op, grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
-  LT_CHECK(op, grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
-           grad.scalar_type());
-  check_same_device(op, "grad", grad, "x", x);
-  if (x.numel() == 0) return at::empty_like(grad);
-  at::Tensor gm = grad.contiguous();
-  if (a.ste == Ste::Clip) {
-    Outputs o;
-    o.y = at::empty(x.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
-    dispatch(a, x, grad, Mode::Mask, o);
-    gm = o.y;
-  }
-  return a.rotate ? rotate_back(gm, a, "longtune::hadamard_transform_backward") : gm.clone();
+  check_grad(op, grad, x);
+  return ste_backward(
+      a, grad, x,
+      [&] {
+        Outputs o;
+        o.y = at::empty(x.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
+        dispatch(a, x, grad, Mode::Mask, o);
+        return o.y;
+      },
+      "longtune::hadamard_transform_backward");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t bits,

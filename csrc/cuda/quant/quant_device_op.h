@@ -93,19 +93,16 @@ at::Tensor fake_quant_backward_device(const at::Tensor& grad, const at::Tensor& 
                                       Launch&& launch) {
   const char* op = "rotate_fake_quant_backward";
   const Args a = check_args(op, x, bits, gran, gsize, sym, clip, rotate, hsize, ste, false);
-  LT_CHECK(op, grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
-  LT_CHECK(op, grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
-           grad.scalar_type());
-  check_same_device(op, "grad", grad, "x", x);
-  if (x.numel() == 0) return at::empty_like(grad);
-  at::Tensor gm = grad.contiguous();
-  if (a.ste == Ste::Clip) {
-    DeviceOut o;
-    o.y = at::empty(x.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
-    run_quant_device(op, a, x, grad, KMode::Mask, o, launch);
-    gm = o.y;
-  }
-  return a.rotate ? rotate_back(gm, a, hadamard_bwd_op) : gm.clone();
+  check_grad(op, grad, x);
+  return ste_backward(
+      a, grad, x,
+      [&] {
+        DeviceOut o;
+        o.y = at::empty(x.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
+        run_quant_device(op, a, x, grad, KMode::Mask, o, launch);
+        return o.y;
+      },
+      hadamard_bwd_op);
 }
 
 template <class Launch>

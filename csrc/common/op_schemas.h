@@ -1,0 +1,35 @@
+// Operator schemas, shared by the one TORCH_LIBRARY(longtune) block (csrc/ops.cpp) and the
+// emulator's mirror library (csrc/emu/ops_emu.cpp), so the two cannot drift apart.
+#pragma once
+
+// Fast Walsh-Hadamard transform over the last dimension: y = (x @ H_n) * scale, where
+// H_n = kron(H_m, H_{2^k}) (see csrc/common/hadamard_factors.h). Accumulates in fp32 (fp64 for
+// float64 input).
+#define LT_SCHEMA_HADAMARD "hadamard_transform(Tensor x, float scale) -> Tensor"
+// The transposed transform, y = (g @ H_n^T) * scale: the backward of hadamard_transform.
+#define LT_SCHEMA_HADAMARD_BWD "hadamard_transform_backward(Tensor grad, float scale) -> Tensor"
+
+// Rotated fake quantization (RoSTE): y = Q(R x) with R the orthonormal (block) Hadamard rotation
+// over the last dimension (blocks of hadamard_size; <= 0: the whole row) when `rotate`, and Q a
+// per-token / per-group, symmetric / asymmetric b-bit quantize-dequantize (csrc/common/quant.h).
+#define LT_SCHEMA_FAKE_QUANT                                                                  \
+  "rotate_fake_quant(Tensor x, int bits, str granularity, int group_size, bool symmetric, " \
+  "float clip_ratio, bool rotate, int hadamard_size, str ste_mode) -> Tensor"
+// Straight-through backward: grad_x = R^T (mask * grad), mask = 1 (ste 'identity') or
+// "x's code was inside the code range" (ste 'clip').
+#define LT_SCHEMA_FAKE_QUANT_BWD                                                                     \
+  "rotate_fake_quant_backward(Tensor grad, Tensor x, int bits, str granularity, int group_size, " \
+  "bool symmetric, float clip_ratio, bool rotate, int hadamard_size, str ste_mode) -> Tensor"
+// The integer side for export: (codes, scales, zeros); codes int8 (symmetric) or uint8
+// (asymmetric) with x's shape, scales / zeros float32 of shape x.shape[:-1] + [groups].
+#define LT_SCHEMA_QUANTIZE                                                                 \
+  "rotate_quantize(Tensor x, int bits, str granularity, int group_size, bool symmetric, " \
+  "float clip_ratio, bool rotate, int hadamard_size) -> (Tensor, Tensor, Tensor)"
+
+// Applies F to every op schema above (used by both libraries).
+#define LT_FOR_EACH_SCHEMA(F) \
+  F(LT_SCHEMA_HADAMARD);      \
+  F(LT_SCHEMA_HADAMARD_BWD);  \
+  F(LT_SCHEMA_FAKE_QUANT);    \
+  F(LT_SCHEMA_FAKE_QUANT_BWD); \
+  F(LT_SCHEMA_QUANTIZE)

@@ -34,7 +34,7 @@ build: setup
 	@PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DPython_EXECUTABLE=$(abspath $(PY)) -DLONGTUNE_OUTPUT_DIR=$(abspath python/longtune) \
 	  -DLONGTUNE_CUDA=$(LONGTUNE_CUDA) "-DLONGTUNE_CUDA_ARCHS=$(LONGTUNE_CUDA_ARCHS)" -DLONGTUNE_EMU=ON >/dev/null
-	@start=$$(date +%s); PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build $(BUILD_DIR) -j $${MAX_JOBS:-$$(nproc)}; \
+	@start=$$(date +%s); PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build $(BUILD_DIR) -j $${MAX_JOBS:-$$(nproc)} && \
 	  echo "longtune: build finished in $$(( $$(date +%s) - start )) s"
 	@# make the in-tree package importable from the venv (what `pip install -e .` does, minus a second build)
 	@$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/longtune-dev.pth', 'w').write('$(abspath python)\\n')"

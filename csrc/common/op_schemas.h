@@ -26,10 +26,17 @@
   "rotate_quantize(Tensor x, int bits, str granularity, int group_size, bool symmetric, " \
   "float clip_ratio, bool rotate, int hadamard_size) -> (Tensor, Tensor, Tensor)"
 
+// SpIEL gather-only gradient of sparse deltas: for every flat index i = r * in_features + c,
+// out[k] = sum_t grad_out[t, r] * x[t, c] (the dense dW = grad_out^T x is never formed).
+// indices: int64, 1-D, strictly increasing, in [0, out_features * in_features).
+#define LT_SCHEMA_SPARSE_DELTA_GRAD \
+  "sparse_delta_grad(Tensor grad_out, Tensor x, Tensor indices, int in_features) -> Tensor"
+
 // Applies F to every op schema above (used by both libraries).
 #define LT_FOR_EACH_SCHEMA(F) \
   F(LT_SCHEMA_HADAMARD);      \
   F(LT_SCHEMA_HADAMARD_BWD);  \
   F(LT_SCHEMA_FAKE_QUANT);    \
   F(LT_SCHEMA_FAKE_QUANT_BWD); \
-  F(LT_SCHEMA_QUANTIZE)
+  F(LT_SCHEMA_QUANTIZE);      \
+  F(LT_SCHEMA_SPARSE_DELTA_GRAD)

@@ -1,4 +1,5 @@
 """Drop-in nn.Modules."""
 from .quant import RotatedQuantLinear  # noqa: F401
+from .sparse_delta import SparseDeltaLinear  # noqa: F401
 
-__all__ = ["RotatedQuantLinear"]
+__all__ = ["RotatedQuantLinear", "SparseDeltaLinear"]

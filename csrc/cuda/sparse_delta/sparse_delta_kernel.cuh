@@ -1,0 +1,69 @@
+// Device code of the SpIEL gather-only delta gradient (intrinsics layer: GPU and CPU emulator).
+// One warp per index (grid-stride over indices): lanes stride over the T tokens of one row of
+// grad_out^T and one row of x^T (coalesced, fp32 accumulation), then an xor-shuffle reduction.
+#pragma once
+#include <algorithm>
+
+#include "common/simt/simt.h"
+#include "cuda/hadamard/hadamard_kernel.cuh"
+#include "cuda/sparse_delta/sparse_delta_params.h"
+
+namespace lt::sparse_delta {
+
+constexpr int kGradThreads = 256;
+
+template <class T>
+struct GradKParams {
+  simt::gptr<const T> gt, xt;
+  simt::gptr<const int64_t> idx;
+  simt::gptr<float> out;
+  int64_t tokens, in, K;
+};
+
+template <class T>
+LT_DEV void grad_body(const GradKParams<T>& p) {
+  const uint32_t lane = simt::lane_id();
+  const int64_t warps = int64_t(simt::grid_dim().x) * (simt::block_dim().x / 32);
+  for (int64_t k = int64_t(simt::block_idx().x) * (simt::block_dim().x / 32) + simt::warp_id(); k < p.K; k += warps) {
+    const int64_t flat = p.idx[k];
+    const int64_t r = flat / p.in, c = flat % p.in;
+    float acc = 0.f;
+    for (int64_t t = lane; t < p.tokens; t += 32)
+      acc += simt::to_float(p.gt[r * p.tokens + t]) * simt::to_float(p.xt[c * p.tokens + t]);
+    for (int off = 16; off >= 1; off /= 2) acc += simt::shfl_xor(simt::kFullMask, acc, off);
+    if (lane == 0) p.out[k] = acc;
+  }
+}
+
+inline hadamard::LaunchCfg grad_launch_config(const GradParams& gp, int64_t max_grid) {
+  hadamard::LaunchCfg c;
+  const int64_t warps_per_block = kGradThreads / 32;
+  c.block = {kGradThreads, 1, 1};
+  c.grid = {static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((gp.K + warps_per_block - 1) / warps_per_block,
+                                                                         max_grid))), 1, 1};
+  return c;
+}
+
+template <class T>
+GradKParams<T> make_grad_kparams(const GradParams& gp) {
+  GradKParams<T> k;
+  k.gt = simt::make_gptr(static_cast<const T*>(gp.gt), gp.out_features * gp.T, "grad_out");
+  k.xt = simt::make_gptr(static_cast<const T*>(gp.xt), gp.in_features * gp.T, "x");
+  k.idx = simt::make_gptr(gp.idx, gp.K, "indices");
+  k.out = simt::make_gptr(gp.out, gp.K, "out");
+  k.tokens = gp.T;
+  k.in = gp.in_features;
+  k.K = gp.K;
+  return k;
+}
+
+template <class F>
+void grad_dispatch(const GradParams& gp, F&& f) {
+  switch (gp.dtype) {
+    case hadamard::DType::F32: f.template operator()<float>(); break;
+    case hadamard::DType::F16: f.template operator()<simt::f16>(); break;
+    case hadamard::DType::BF16: f.template operator()<simt::bf16>(); break;
+  }
+}
+
+}  // namespace lt::sparse_delta

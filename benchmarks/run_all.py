@@ -11,9 +11,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import bench_hadamard  # noqa: E402
 from benchmarks import quant as bench_quant  # noqa: E402
+from benchmarks import sparse_delta as bench_sparse_delta  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 
-FAMILIES = {"hadamard": bench_hadamard.run, "quant": bench_quant.run}
+FAMILIES = {"hadamard": bench_hadamard.run, "quant": bench_quant.run, "sparse_delta": bench_sparse_delta.run}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -7,8 +7,6 @@
 namespace lt::sparse_delta {
 
 struct GradArgs {
-  at::Tensor gt;  // [out, T] contiguous (grad_out transposed), grad_out's dtype
-  at::Tensor xt;  // [in, T] contiguous (x transposed)
   at::Tensor idx; // [K] int64 contiguous
   int64_t T = 0, out = 0, in = 0, K = 0;
 };
@@ -44,8 +42,6 @@ inline GradArgs prepare_grad(const char* op, const at::Tensor& grad_out, const a
       LT_CHECK(op, (a.idx.slice(0, 1) > a.idx.slice(0, 0, a.K - 1)).all().item<bool>(),
                "indices must be strictly increasing (sorted, no duplicates)");
   }
-  a.gt = grad_out.reshape({a.T, a.out}).t().contiguous();
-  a.xt = x.reshape({a.T, a.in}).t().contiguous();
   return a;
 }
 

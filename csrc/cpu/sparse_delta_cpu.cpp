@@ -1,6 +1,5 @@
-// CPU kernel of the SpIEL gather-only delta gradient: one length-T dot product per index between
-// a row of grad_out^T and a row of x^T (both transposed once so the dots are contiguous),
-// accumulated over token tiles so the x^T tile stays in cache while all indices sweep over it.
+// CPU kernel of the SpIEL gather-only delta gradient: out[k] = sum_t grad_out[t, r_k] x[t, c_k],
+// K * T multiply-adds instead of the dense dW's out * in * T.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,50 +16,68 @@ namespace {
 #define LT_MULTIVERSION
 #endif
 
-template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) {
-    s0 += a[t] * b[t];
-    s1 += a[t + 1] * b[t + 1];
-    s2 += a[t + 2] * b[t + 2];
-    s3 += a[t + 3] * b[t + 3];
-  }
-  for (; t < n; ++t) s0 += a[t] * b[t];
-  return (s0 + s1) + (s2 + s3);
-}
+// Token blocks of kTB tokens: the block's grad_out and x rows are transposed into feature-major
+// tiles ([out][kTB] and [in][kTB], together (out + in) * kTB values, L2-resident), then every index
+// reads two contiguous kTB-vectors and does kTB multiply-adds. No dense dW is ever formed.
+constexpr int64_t kTB = 8;
 
-LT_MULTIVERSION void dots_f32(const float* g, const float* x, const int64_t* idx, float* out, int64_t k0, int64_t k1,
-                              int64_t in, int64_t T, int64_t t0, int64_t tn) {
+template <typename acc_t>
+inline void dots_block(const acc_t* __restrict gt, const acc_t* __restrict xt, const int32_t* __restrict rows,
+                       const int32_t* __restrict cols, acc_t* __restrict acc, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
-    const int64_t r = idx[k] / in, c = idx[k] % in;
-    out[k] += dot(g + r * T + t0, x + c * T + t0, tn);
+    const acc_t* a = gt + int64_t(rows[k]) * kTB;
+    const acc_t* b = xt + int64_t(cols[k]) * kTB;
+    acc_t s = 0;
+    for (int64_t j = 0; j < kTB; ++j) s += a[j] * b[j];
+    acc[k] += s;
   }
 }
-void dots(const float* g, const float* x, const int64_t* idx, float* out, int64_t k0, int64_t k1, int64_t in,
-          int64_t T, int64_t t0, int64_t tn) {
-  dots_f32(g, x, idx, out, k0, k1, in, T, t0, tn);
+
+LT_MULTIVERSION void dots_f32(const float* gt, const float* xt, const int32_t* rows, const int32_t* cols, float* acc,
+                              int64_t k0, int64_t k1) {
+  dots_block(gt, xt, rows, cols, acc, k0, k1);
 }
-void dots(const double* g, const double* x, const int64_t* idx, double* out, int64_t k0, int64_t k1, int64_t in,
-          int64_t T, int64_t t0, int64_t tn) {
-  for (int64_t k = k0; k < k1; ++k) out[k] += dot(g + idx[k] / in * T + t0, x + idx[k] % in * T + t0, tn);
+inline void dots(const float* gt, const float* xt, const int32_t* rows, const int32_t* cols, float* acc, int64_t k0,
+                 int64_t k1) {
+  dots_f32(gt, xt, rows, cols, acc, k0, k1);
+}
+inline void dots(const double* gt, const double* xt, const int32_t* rows, const int32_t* cols, double* acc, int64_t k0,
+                 int64_t k1) {
+  dots_block(gt, xt, rows, cols, acc, k0, k1);
+}
+
+// rows t0 .. t0+tb of src [T, f] -> dst [f][kTB] (zero-padded past tb)
+template <typename acc_t>
+void transpose_block(const acc_t* src, acc_t* dst, int64_t f, int64_t t0, int64_t tb) {
+  at::parallel_for(0, f, 1024, [&](int64_t f0, int64_t f1) {
+    for (int64_t i = f0; i < f1; ++i) {
+      acc_t* d = dst + i * kTB;
+      for (int64_t j = 0; j < kTB; ++j) d[j] = j < tb ? src[(t0 + j) * f + i] : acc_t(0);
+    }
+  });
 }
 
 template <typename acc_t>
-at::Tensor run(const GradArgs& a, at::ScalarType acc_type) {
-  const at::Tensor g = a.gt.to(acc_type), x = a.xt.to(acc_type);
-  at::Tensor out = at::zeros({a.K}, g.options());
+at::Tensor run(const at::Tensor& grad_out, const at::Tensor& x, const GradArgs& a, at::ScalarType acc_type) {
+  at::Tensor out = at::zeros({a.K}, grad_out.options().dtype(acc_type));
   if (a.K == 0 || a.T == 0) return out;
-  const acc_t* gp = g.data_ptr<acc_t>();
-  const acc_t* xp = x.data_ptr<acc_t>();
+  const at::Tensor g = grad_out.reshape({a.T, a.out}).to(acc_type).contiguous();
+  const at::Tensor xx = x.reshape({a.T, a.in}).to(acc_type).contiguous();
+  std::vector<int32_t> rows(a.K), cols(a.K);
   const int64_t* ip = a.idx.data_ptr<int64_t>();
+  for (int64_t k = 0; k < a.K; ++k) {
+    rows[k] = static_cast<int32_t>(ip[k] / a.in);
+    cols[k] = static_cast<int32_t>(ip[k] % a.in);
+  }
+  std::vector<acc_t> gt(a.out * kTB), xt(a.in * kTB);
   acc_t* op = out.data_ptr<acc_t>();
-  // a token tile of x^T (in x tile floats) should stay in L2 while the indices sweep over it
-  const int64_t tile = std::max<int64_t>(64, std::min<int64_t>(a.T, (int64_t(1) << 18) / std::max<int64_t>(a.in, 1)));
-  for (int64_t t0 = 0; t0 < a.T; t0 += tile) {
-    const int64_t tn = std::min(tile, a.T - t0);
-    at::parallel_for(0, a.K, 256, [&](int64_t k0, int64_t k1) { dots(gp, xp, ip, op, k0, k1, a.in, a.T, t0, tn); });
+  for (int64_t t0 = 0; t0 < a.T; t0 += kTB) {
+    const int64_t tb = std::min(kTB, a.T - t0);
+    transpose_block(g.data_ptr<acc_t>(), gt.data(), a.out, t0, tb);
+    transpose_block(xx.data_ptr<acc_t>(), xt.data(), a.in, t0, tb);
+    at::parallel_for(0, a.K, 4096, [&](int64_t k0, int64_t k1) {
+      dots(gt.data(), xt.data(), rows.data(), cols.data(), op, k0, k1);
+    });
   }
   return out;
 }
@@ -68,7 +85,8 @@ at::Tensor run(const GradArgs& a, at::ScalarType acc_type) {
 at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices,
                                  int64_t in_features) {
   const GradArgs a = prepare_grad("sparse_delta_grad", grad_out, x, indices, in_features, /*allow_f64=*/true);
-  const at::Tensor out = grad_out.scalar_type() == at::kDouble ? run<double>(a, at::kDouble) : run<float>(a, at::kFloat);
+  const at::Tensor out = grad_out.scalar_type() == at::kDouble ? run<double>(grad_out, x, a, at::kDouble)
+                                                                : run<float>(grad_out, x, a, at::kFloat);
   return out.to(grad_out.scalar_type());
 }
 

@@ -13,9 +13,12 @@ at::Tensor sparse_delta_grad_device(const at::Tensor& grad_out, const at::Tensor
   const GradArgs a = prepare_grad("sparse_delta_grad", grad_out, x, indices, in_features, /*allow_f64=*/false);
   at::Tensor out = at::zeros({a.K}, grad_out.options().dtype(at::kFloat));
   if (a.K > 0 && a.T > 0) {
+    // transposed once so that a warp's lanes read consecutive tokens of one feature (coalesced)
+    const at::Tensor gt = grad_out.reshape({a.T, a.out}).t().contiguous();
+    const at::Tensor xt = x.reshape({a.T, a.in}).t().contiguous();
     GradParams gp;
-    gp.gt = a.gt.data_ptr();
-    gp.xt = a.xt.data_ptr();
+    gp.gt = gt.data_ptr();
+    gp.xt = xt.data_ptr();
     gp.idx = a.idx.data_ptr<int64_t>();
     gp.out = out.data_ptr<float>();
     gp.T = a.T;

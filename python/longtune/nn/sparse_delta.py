@@ -46,7 +46,9 @@ class SparseDeltaLinear(nn.Module):
         if not (0 <= num_deltas <= numel):
             raise ValueError(f"SparseDeltaLinear: num_deltas must be in [0, {numel}], got {num_deltas}")
         self.base = base
-        base.weight.requires_grad_(False)
+        base.weight.requires_grad_(False)  # the base layer is frozen: only the deltas train
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         idx = torch.randperm(numel, generator=gen)[:num_deltas].sort().values
         self.register_buffer("indices", idx.to(base.weight.device))

@@ -1,0 +1,176 @@
+"""SpIEL core: the gather-only delta gradient (CPU kernel and the emulated CUDA kernel) against the
+dense-then-gather reference, and SparseDeltaLinear's forward / backward / merge / save-load."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import longtune
+from longtune.reference import sparse_delta as R
+from longtune.testing import assert_within_2x
+
+OPS = [pytest.param(torch.ops.longtune.sparse_delta_grad, id="cpu"),
+       pytest.param(torch.ops.longtune_emu.sparse_delta_grad, id="emulated-cuda")]
+
+
+def _case(T, out, inp, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(T, out, generator=g).to(dtype)
+    x = torch.randn(T, inp, generator=g).to(dtype)
+    idx = torch.randperm(out * inp, generator=g)[:k].sort().values
+    return gy, x, idx
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,out,inp,k", [(37, 24, 40, 50), (64, 16, 16, 256), (5, 7, 3, 1), (128, 33, 17, 0)])
+def test_grad_matches_dense_then_gather(op, dtype, T, out, inp, k):
+    gy, x, idx = _case(T, out, inp, k, dtype)
+    got = op(gy, x, idx, inp)
+    ref = R.sparse_delta_grad(gy, x, idx, inp, torch.float64)
+    same = (gy.T @ x).reshape(-1)[idx]  # PyTorch in the same dtype
+    assert got.dtype == dtype and got.shape == (k,)
+    assert_within_2x(got, ref.double(), same, f"T={T} k={k} {dtype}")
+
+
+def test_full_density_and_leading_dims():
+    gy, x, _ = _case(6, 5, 4, 0, torch.float64)
+    idx = torch.arange(20)
+    got = torch.ops.longtune.sparse_delta_grad(gy.reshape(2, 3, 5), x.reshape(2, 3, 4), idx, 4)
+    torch.testing.assert_close(got, (gy.T @ x).reshape(-1))
+
+
+def test_gradcheck_and_opcheck():
+    gy, x, idx = _case(6, 5, 4, 7, torch.float64)
+    f = lambda a, b: torch.ops.longtune.sparse_delta_grad(a, b, idx, 4)  # noqa: E731  (bilinear: exact)
+    torch.testing.assert_close(f(gy, x), R.sparse_delta_grad(gy, x, idx, 4))
+    torch.library.opcheck(torch.ops.longtune.sparse_delta_grad.default, (gy.float(), x.float(), idx, 4),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 40), out=st.integers(1, 20), inp=st.integers(1, 20), frac=st.floats(0, 1))
+def test_random_shapes(T, out, inp, frac):
+    k = int(frac * out * inp)
+    gy, x, idx = _case(T, out, inp, k, torch.float64, seed=T * 1000 + out * 10 + inp)
+    torch.testing.assert_close(torch.ops.longtune.sparse_delta_grad(gy, x, idx, inp),
+                               R.sparse_delta_grad(gy, x, idx, inp))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_indices(op):
+    gy, x, _ = _case(4, 3, 5, 0, torch.float32)
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        op(gy, x, torch.tensor([3, 1]), 5)
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        op(gy, x, torch.tensor([1, 1]), 5)
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, out_features \* in_features\) = \[0, 15\)"):
+        op(gy, x, torch.tensor([0, 15]), 5)
+    with pytest.raises(RuntimeError, match="indices must be a 1-D int64 tensor"):
+        op(gy, x, torch.tensor([0, 1], dtype=torch.int32), 5)
+    with pytest.raises(RuntimeError, match="x's last dimension must be in_features=4"):
+        op(gy, x, torch.tensor([0]), 4)
+    with pytest.raises(RuntimeError, match="same leading shape"):
+        op(gy[:3], x, torch.tensor([0]), 5)
+    with pytest.raises(RuntimeError, match="x must have grad_out's dtype"):
+        op(gy, x.double(), torch.tensor([0]), 5)
+
+
+# ------------------------------------------------------------------ SparseDeltaLinear
+def test_module_forward_backward_match_reference():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 8).double()
+    m = longtune.nn.SparseDeltaLinear(lin, density=0.25, seed=1)
+    with torch.no_grad():
+        m.values.normal_()
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    ref = R.sparse_delta_linear(x, lin.weight, lin.bias, m.indices, m.values)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = lin.weight.detach().reshape(-1).index_add(0, m.indices, m.values.detach()).reshape(8, 12)
+    torch.testing.assert_close(x.grad, g @ w)
+    dense_dw = (g.reshape(-1, 8).T @ x.detach().reshape(-1, 12)).reshape(-1)
+    torch.testing.assert_close(m.values.grad, dense_dw[m.indices])
+    assert lin.weight.grad is None and lin.bias.grad is None  # the base stays frozen
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4).double()
+    m = longtune.nn.SparseDeltaLinear(lin, num_deltas=7, seed=2)
+    fn = longtune.nn.sparse_delta._SparseDeltaFn
+
+    def f(xx, vv):  # the merged weight is rebuilt from the (perturbed) values, as the module does
+        merged = lin.weight.detach().reshape(-1).index_add(0, m.indices, vv.detach()).reshape(4, 6)
+        return fn.apply(xx, vv, merged, lin.bias, m.indices)
+
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, v))
+
+
+def test_merged_weight_is_patched_after_optimizer_steps():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 16)
+    m = longtune.nn.SparseDeltaLinear(lin, density=0.05, seed=0)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, target = torch.randn(64, 32), torch.randn(64, 16)
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.mse_loss(m(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        expect = lin.weight.detach().reshape(-1).index_add(0, m.indices, m.values.detach()).reshape(16, 32)
+        torch.testing.assert_close(m.merged_weight(), expect)
+    assert losses[-1] < losses[0]
+
+
+def test_merge_unmerge_and_delta_state():
+    lin = torch.nn.Linear(10, 6)
+    w0 = lin.weight.detach().clone()
+    m = longtune.nn.SparseDeltaLinear(lin, num_deltas=9, seed=3)
+    with torch.no_grad():
+        m.values.uniform_(-1, 1)
+    x = torch.randn(4, 10)
+    y = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), y)
+    assert (m.values == 0).all()
+    m.unmerge()
+    torch.testing.assert_close(lin.weight, w0)
+    torch.testing.assert_close(m(x), y)
+    state = m.delta_state_dict()
+    m2 = longtune.nn.SparseDeltaLinear(torch.nn.Linear(10, 6), num_deltas=1, seed=0)
+    m2.base.load_state_dict(lin.state_dict())
+    m2.load_delta_state_dict(state)
+    torch.testing.assert_close(m2(x), y)
+
+
+def test_density_edges_and_bad_input():
+    lin = torch.nn.Linear(4, 3)
+    assert longtune.nn.SparseDeltaLinear(lin, density=1.0).values.numel() == 12
+    assert longtune.nn.SparseDeltaLinear(torch.nn.Linear(4, 3), num_deltas=0).values.numel() == 0
+    for bad in [0.0, -0.1, 1.5]:
+        with pytest.raises(ValueError, match="density must be in"):
+            longtune.nn.SparseDeltaLinear(torch.nn.Linear(4, 3), density=bad)
+    with pytest.raises(ValueError, match="num_deltas must be in"):
+        longtune.nn.SparseDeltaLinear(torch.nn.Linear(4, 3), num_deltas=13)
+    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+        longtune.nn.SparseDeltaLinear(torch.nn.Conv1d(4, 3, 1))
+    m = longtune.nn.SparseDeltaLinear(torch.nn.Linear(4, 3), num_deltas=2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        m.load_delta_state_dict({"indices": torch.tensor([5, 5]), "values": torch.zeros(2)})
+    with pytest.raises(ValueError, match="out of range"):
+        m.load_delta_state_dict({"indices": torch.tensor([5, 12]), "values": torch.zeros(2)})
+    with pytest.raises(RuntimeError, match="nothing merged"):
+        m.unmerge()
+
+
+def test_randomized_indices_are_sorted_unique_and_seeded():
+    a = longtune.nn.SparseDeltaLinear(torch.nn.Linear(50, 40), density=0.1, seed=7).indices
+    b = longtune.nn.SparseDeltaLinear(torch.nn.Linear(50, 40), density=0.1, seed=7).indices
+    assert torch.equal(a, b) and bool((a[1:] > a[:-1]).all()) and a.numel() == 200

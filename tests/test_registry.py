@@ -8,7 +8,7 @@ import longtune
 from .conftest import require_cuda_build
 
 OPS = ["hadamard_transform", "hadamard_transform_backward", "rotate_fake_quant", "rotate_fake_quant_backward",
-       "rotate_quantize", "sparse_delta_grad"]
+       "rotate_quantize", "sparse_delta_grad", "sparse_adamw_"]
 TEST_OPS = ["mma_probe", "ldmatrix_probe", "shfl_probe"]
 
 

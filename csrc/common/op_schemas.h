@@ -32,6 +32,14 @@
 #define LT_SCHEMA_SPARSE_DELTA_GRAD \
   "sparse_delta_grad(Tensor grad_out, Tensor x, Tensor indices, int in_features) -> Tensor"
 
+// Fused AdamW over sparse deltas, in place: per element, with its own step count `age` (deltas
+// regrown later start their bias correction afresh): age += 1; m = b1 m + (1 - b1) g;
+// v = b2 v + (1 - b2) g^2; values -= lr (m / (1 - b1^age)) / (sqrt(v / (1 - b2^age)) + eps)
+// + lr wd values (decoupled decay on the deltas only). values/grad: float dtype; m, v float32; age int32.
+#define LT_SCHEMA_SPARSE_ADAMW                                                                        \
+  "sparse_adamw_(Tensor(a!) values, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) age, " \
+  "float lr, float beta1, float beta2, float eps, float weight_decay) -> ()"
+
 // Applies F to every op schema above (used by both libraries).
 #define LT_FOR_EACH_SCHEMA(F) \
   F(LT_SCHEMA_HADAMARD);      \
@@ -39,4 +47,5 @@
   F(LT_SCHEMA_FAKE_QUANT);    \
   F(LT_SCHEMA_FAKE_QUANT_BWD); \
   F(LT_SCHEMA_QUANTIZE);      \
-  F(LT_SCHEMA_SPARSE_DELTA_GRAD)
+  F(LT_SCHEMA_SPARSE_DELTA_GRAD); \
+  F(LT_SCHEMA_SPARSE_ADAMW)

@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "common/sparse_adamw_host.h"
 #include "common/sparse_delta_host.h"
 
 namespace lt::sparse_delta {
@@ -90,7 +91,32 @@ at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x
   return out.to(grad_out.scalar_type());
 }
 
+template <typename scalar_t>
+void adamw_rows(scalar_t* val, const scalar_t* g, float* m, float* v, int32_t* age, int64_t n, const AdamWCfg& c) {
+  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      val[i] = static_cast<scalar_t>(adamw_step(static_cast<float>(val[i]), static_cast<float>(g[i]), m[i], v[i],
+                                                age[i], c));
+  });
+}
+
+void sparse_adamw_cpu(const at::Tensor& values, const at::Tensor& grad, const at::Tensor& m, const at::Tensor& v,
+                      const at::Tensor& age, double lr, double b1, double b2, double eps, double wd) {
+  const AdamWCfg c = check_adamw(values, grad, m, v, age, lr, b1, b2, eps, wd, /*allow_f64=*/false);
+  const at::Tensor g = grad.contiguous();
+  const int64_t n = values.numel();
+  switch (values.scalar_type()) {
+    case at::kFloat: adamw_rows(values.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), age.data_ptr<int32_t>(), n, c); break;
+    case at::kHalf: adamw_rows(values.data_ptr<at::Half>(), g.data_ptr<at::Half>(), m.data_ptr<float>(), v.data_ptr<float>(), age.data_ptr<int32_t>(), n, c); break;
+    case at::kBFloat16: adamw_rows(values.data_ptr<at::BFloat16>(), g.data_ptr<at::BFloat16>(), m.data_ptr<float>(), v.data_ptr<float>(), age.data_ptr<int32_t>(), n, c); break;
+    default: TORCH_INTERNAL_ASSERT(false);
+  }
+}
+
 }  // namespace
 }  // namespace lt::sparse_delta
 
-TORCH_LIBRARY_IMPL(longtune, CPU, m) { m.impl("sparse_delta_grad", &lt::sparse_delta::sparse_delta_grad_cpu); }
+TORCH_LIBRARY_IMPL(longtune, CPU, m) {
+  m.impl("sparse_delta_grad", &lt::sparse_delta::sparse_delta_grad_cpu);
+  m.impl("sparse_adamw_", &lt::sparse_delta::sparse_adamw_cpu);
+}

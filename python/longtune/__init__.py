@@ -11,10 +11,12 @@ from .ops.hadamard import hadamard_matrix, hadamard_transform
 from .ops.quant import dequantize, quantize, quantize_weight, rotate_fake_quant
 from . import nn  # noqa: E402,F401
 from . import quant  # noqa: E402,F401
+from . import train  # noqa: E402,F401
+from .train.sparse import sparsify  # noqa: E402,F401
 
 __version__ = "0.1.0"
 __all__ = ["hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
-           "quantize_weight", "nn", "quant", "ops", "reference", "has_cuda_kernels", "has_emulator"]
+           "quantize_weight", "nn", "quant", "train", "sparsify", "ops", "reference", "has_cuda_kernels", "has_emulator"]
 
 
 def has_cuda_kernels() -> bool:

@@ -14,7 +14,18 @@ at::Tensor grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& idx,
     TORCH_CHECK(err == nullptr, "longtune.sparse_delta_grad: CUDA kernel launch failed: ", err ? err : "");
   });
 }
+void adamw(const at::Tensor& values, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, const at::Tensor& age,
+           double lr, double b1, double b2, double eps, double wd) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  sparse_adamw_device(values, g, m, v, age, lr, b1, b2, eps, wd, [](const AdamWParams& ap) {
+    const char* err = launch_sparse_adamw_cuda(ap, at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, "longtune.sparse_adamw_: CUDA kernel launch failed: ", err ? err : "");
+  });
+}
 }  // namespace
 }  // namespace lt::sparse_delta
 
-TORCH_LIBRARY_IMPL(longtune, CUDA, m) { m.impl("sparse_delta_grad", &lt::sparse_delta::grad); }
+TORCH_LIBRARY_IMPL(longtune, CUDA, m) {
+  m.impl("sparse_delta_grad", &lt::sparse_delta::grad);
+  m.impl("sparse_adamw_", &lt::sparse_delta::adamw);
+}

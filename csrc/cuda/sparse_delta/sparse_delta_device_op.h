@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "common/sparse_adamw_host.h"
 #include "common/sparse_delta_host.h"
 #include "cuda/sparse_delta/sparse_delta_params.h"
 
@@ -30,6 +31,26 @@ at::Tensor sparse_delta_grad_device(const at::Tensor& grad_out, const at::Tensor
     launch(gp);
   }
   return out.to(grad_out.scalar_type());
+}
+
+template <class Launch>
+void sparse_adamw_device(const at::Tensor& values, const at::Tensor& grad, const at::Tensor& m, const at::Tensor& v,
+                         const at::Tensor& age, double lr, double b1, double b2, double eps, double wd,
+                         Launch&& launch) {
+  const AdamWCfg c = check_adamw(values, grad, m, v, age, lr, b1, b2, eps, wd, /*allow_f64=*/false);
+  if (values.numel() == 0) return;
+  const at::Tensor g = grad.contiguous();
+  AdamWParams ap;
+  ap.values = values.data_ptr();
+  ap.grad = g.data_ptr();
+  ap.m = m.data_ptr<float>();
+  ap.v = v.data_ptr<float>();
+  ap.age = age.data_ptr<int32_t>();
+  ap.n = values.numel();
+  ap.lr = c.lr; ap.beta1 = c.beta1; ap.beta2 = c.beta2; ap.eps = c.eps; ap.weight_decay = c.weight_decay;
+  ap.dtype = values.scalar_type() == at::kFloat ? hadamard::DType::F32
+             : values.scalar_type() == at::kHalf ? hadamard::DType::F16 : hadamard::DType::BF16;
+  launch(ap);
 }
 
 }  // namespace lt::sparse_delta

@@ -20,7 +20,25 @@ at::Tensor grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& idx,
     });
   });
 }
+void adamw(const at::Tensor& values, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, const at::Tensor& age,
+           double lr, double b1, double b2, double eps, double wd) {
+  TORCH_CHECK(values.device().is_cpu(), "longtune_emu: the emulator runs on CPU tensors, got ", values.device());
+  sparse_adamw_device(values, g, m, v, age, lr, b1, b2, eps, wd, [](const AdamWParams& ap) {
+    const hadamard::LaunchCfg cfg = adamw_launch_config(ap.n, int64_t(1) << 20);
+    dtype_dispatch(ap.dtype, [&]<class T>() {
+      const AdamWKParams<T> k = make_adamw_kparams<T>(ap);
+      try {
+        emu::launch("sparse_adamw_kernel", cfg.grid, cfg.block, 0, [&k] { adamw_body<T>(k); });
+      } catch (const std::exception& e) {
+        TORCH_CHECK(false, "longtune_emu: ", e.what());
+      }
+    });
+  });
+}
 }  // namespace
 }  // namespace lt::sparse_delta
 
-TORCH_LIBRARY_IMPL(longtune_emu, CPU, m) { m.impl("sparse_delta_grad", &lt::sparse_delta::grad); }
+TORCH_LIBRARY_IMPL(longtune_emu, CPU, m) {
+  m.impl("sparse_delta_grad", &lt::sparse_delta::grad);
+  m.impl("sparse_adamw_", &lt::sparse_delta::adamw);
+}

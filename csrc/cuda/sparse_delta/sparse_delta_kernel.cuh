@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "common/simt/simt.h"
+#include "common/sparse_adamw.h"
 #include "cuda/hadamard/hadamard_kernel.cuh"
 #include "cuda/sparse_delta/sparse_delta_params.h"
 
@@ -35,6 +36,37 @@ LT_DEV void grad_body(const GradKParams<T>& p) {
   }
 }
 
+template <class T>
+struct AdamWKParams {
+  simt::gptr<T> values;
+  simt::gptr<const T> grad;
+  simt::gptr<float> m, v;
+  simt::gptr<int32_t> age;
+  int64_t n;
+  AdamWCfg cfg;
+};
+
+template <class T>
+LT_DEV void adamw_body(const AdamWKParams<T>& p) {
+  const int64_t stride = int64_t(simt::grid_dim().x) * simt::block_dim().x;
+  for (int64_t i = int64_t(simt::block_idx().x) * simt::block_dim().x + simt::thread_linear(); i < p.n; i += stride) {
+    float m = p.m[i], v = p.v[i];
+    int32_t age = p.age[i];
+    const float nv = adamw_step(simt::to_float(p.values[i]), simt::to_float(p.grad[i]), m, v, age, p.cfg);
+    p.values[i] = simt::from_float<T>(nv);
+    p.m[i] = m;
+    p.v[i] = v;
+    p.age[i] = age;
+  }
+}
+
+inline hadamard::LaunchCfg adamw_launch_config(int64_t n, int64_t max_grid) {
+  hadamard::LaunchCfg c;
+  c.block = {kGradThreads, 1, 1};
+  c.grid = {static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((n + kGradThreads - 1) / kGradThreads, max_grid))), 1, 1};
+  return c;
+}
+
 inline hadamard::LaunchCfg grad_launch_config(const GradParams& gp, int64_t max_grid) {
   hadamard::LaunchCfg c;
   const int64_t warps_per_block = kGradThreads / 32;
@@ -57,13 +89,31 @@ GradKParams<T> make_grad_kparams(const GradParams& gp) {
   return k;
 }
 
+template <class T>
+AdamWKParams<T> make_adamw_kparams(const AdamWParams& ap) {
+  AdamWKParams<T> k;
+  k.values = simt::make_gptr(static_cast<T*>(ap.values), ap.n, "values");
+  k.grad = simt::make_gptr(static_cast<const T*>(ap.grad), ap.n, "grad");
+  k.m = simt::make_gptr(ap.m, ap.n, "exp_avg");
+  k.v = simt::make_gptr(ap.v, ap.n, "exp_avg_sq");
+  k.age = simt::make_gptr(ap.age, ap.n, "age");
+  k.n = ap.n;
+  k.cfg = {ap.lr, ap.beta1, ap.beta2, ap.eps, ap.weight_decay};
+  return k;
+}
+
 template <class F>
-void grad_dispatch(const GradParams& gp, F&& f) {
-  switch (gp.dtype) {
+void dtype_dispatch(hadamard::DType dt, F&& f) {
+  switch (dt) {
     case hadamard::DType::F32: f.template operator()<float>(); break;
     case hadamard::DType::F16: f.template operator()<simt::f16>(); break;
     case hadamard::DType::BF16: f.template operator()<simt::bf16>(); break;
   }
+}
+
+template <class F>
+void grad_dispatch(const GradParams& gp, F&& f) {
+  dtype_dispatch(gp.dtype, f);
 }
 
 }  // namespace lt::sparse_delta

@@ -20,4 +20,19 @@ const char* launch_sparse_delta_grad_cuda(const GradParams& gp, void* stream) {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+template <class T>
+__global__ void __launch_bounds__(kGradThreads) adamw_kernel(AdamWKParams<T> p) {
+  adamw_body<T>(p);
+}
+
+const char* launch_sparse_adamw_cuda(const AdamWParams& ap, void* stream) {
+  const hadamard::LaunchCfg cfg = adamw_launch_config(ap.n, int64_t(1) << 20);
+  dtype_dispatch(ap.dtype, [&]<class T>() {
+    adamw_kernel<T><<<dim3(cfg.grid.x), dim3(cfg.block.x), 0, static_cast<cudaStream_t>(stream)>>>(
+        make_adamw_kparams<T>(ap));
+  });
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 }  // namespace lt::sparse_delta

@@ -17,4 +17,17 @@ struct GradParams {
 
 const char* launch_sparse_delta_grad_cuda(const GradParams& p, void* stream);
 
+struct AdamWParams {
+  void* values = nullptr;      // [n], dtype
+  const void* grad = nullptr;  // [n], dtype
+  float* m = nullptr;
+  float* v = nullptr;
+  int32_t* age = nullptr;
+  int64_t n = 0;
+  float lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+  hadamard::DType dtype = hadamard::DType::F32;
+};
+
+const char* launch_sparse_adamw_cuda(const AdamWParams& p, void* stream);
+
 }  // namespace lt::sparse_delta

@@ -2,7 +2,7 @@
 indices of its weight.
 
 Forward uses a merged weight buffer ``W + scatter(values)`` that is built once and then patched in
-O(k) after each optimizer step (no per-call clone of W); backward computes ``dX = dY (W + Δ)`` with
+O(k) whenever the values changed (no per-call clone of W); backward computes ``dX = dY (W + Δ)`` with
 one dense product and ``d(values)`` with the gather-only kernel ``sparse_delta_grad`` (one
 length-T dot per index; the dense dW is never formed). Not yet here (see the issue): prune /
 regrow schedules, the fused sparse AdamW, S²FT.
@@ -55,6 +55,7 @@ class SparseDeltaLinear(nn.Module):
         self.values = nn.Parameter(torch.zeros(num_deltas, dtype=base.weight.dtype, device=base.weight.device))
         self._merged = None
         self._key = None
+        self._snapshot = None
         self.register_buffer("_folded", None, persistent=False)
 
     @property
@@ -67,15 +68,20 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
+        """W + scatter(values): built once, then patched in O(k) whenever the values changed (compared
+        with a snapshot, so edits that bypass autograd's version counter - `.data`, fused optimizers -
+        are seen too). Rebuilt when the base weight or the indices change."""
         w = self.base.weight
-        key_static = (w._version, w.data_ptr(), self.indices._version, self.indices.data_ptr())
-        flat_idx = self.indices
-        if self._merged is None or self._key is None or self._key[0] != key_static:
+        key = (w._version, w.data_ptr(), self.indices._version, self.indices.data_ptr(), self.indices.numel())
+        v = self.values.detach()
+        if self._merged is None or self._key != key:
             self._merged = w.detach().clone()
-            self._merged.view(-1).index_add_(0, flat_idx, self.values.detach())
-        elif self._key[1] != self.values._version:  # values changed (optimizer step): patch k entries
-            self._merged.view(-1)[flat_idx] = w.view(-1)[flat_idx] + self.values.detach()
-        self._key = (key_static, self.values._version)
+            self._merged.view(-1).index_add_(0, self.indices, v)
+            self._snapshot = v.clone()
+        elif not torch.equal(self._snapshot, v):
+            self._merged.view(-1)[self.indices] = w.view(-1)[self.indices] + v
+            self._snapshot = v.clone()
+        self._key = key
         return self._merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -252,3 +252,100 @@ def test_sparsify_a_model_and_train():
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="no nn.Linear matched"):
         longtune.sparsify(torch.nn.Sequential(torch.nn.ReLU()), density=0.1)
+
+
+# ------------------------------------------------------------------ prune / regrow (SpIEL-AG)
+def _spiel_setup(seed=0, optimizer="sparse"):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    longtune.sparsify(model, density=0.1, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = longtune.train.SparseAdamW(params, lr=1e-2) if optimizer == "sparse" else torch.optim.AdamW(params, lr=1e-2)
+    sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, drop_fraction=0.3)
+    return model, opt, sched
+
+
+def _train(model, opt, sched, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 24, generator=g), torch.randn(64, 8, generator=g)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("optimizer", ["sparse", "torch"])
+def test_prune_regrow_keeps_k_sorted_unique_and_trains(optimizer):
+    model, opt, sched = _spiel_setup(optimizer=optimizer)
+    layers = sched.layers
+    k0 = [l.values.numel() for l in layers]
+    before = [l.indices.clone() for l in layers]
+    losses = _train(model, opt, sched, 12)
+    for l, k, b in zip(layers, k0, before):
+        assert l.values.numel() == k and l.indices.numel() == k
+        assert bool((l.indices[1:] > l.indices[:-1]).all())
+        assert not torch.equal(l.indices, b)  # something was regrown
+        assert any(p is l.values for g in opt.param_groups for p in g["params"])  # optimizer follows
+    assert losses[-1] < losses[0]
+
+
+def test_regrown_deltas_start_from_zero_state():
+    model, opt, sched = _spiel_setup()
+    _train(model, opt, sched, 3)
+    layer = sched.layers[0]
+    old_idx = layer.indices.clone()
+    _train(model, opt, sched, 1)  # step 4: update
+    new = ~torch.isin(layer.indices, old_idx)
+    assert new.any()
+    st = opt.state[layer.values]
+    # the regrow runs after the optimizer step, so grown entries have not been updated yet
+    assert (layer.values.detach()[new] == 0).all()
+    assert (st["exp_avg"][new] == 0).all() and (st["age"][new] == 0).all()
+    kept = ~new
+    assert (st["age"][kept] > 0).all()
+
+
+def test_reproducible_and_resumable():
+    runs = []
+    for _ in range(2):
+        model, opt, sched = _spiel_setup(seed=3)
+        _train(model, opt, sched, 9, seed=1)
+        runs.append([l.indices.clone() for l in sched.layers])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    model, opt, sched = _spiel_setup(seed=3)
+    _train(model, opt, sched, 5, seed=1)
+    state = sched.state_dict()
+    sched2 = longtune.train.SpIELScheduler(model, opt, update_every=99, window=1, drop_fraction=0.0)
+    sched2.load_state_dict(state)
+    assert sched2.step_count == 5 and sched2.update_every == 4
+
+
+def test_growth_candidates_never_hold_dense_dw_and_are_inactive():
+    torch.manual_seed(0)
+    layer = longtune.nn.SparseDeltaLinear(torch.nn.Linear(40, 30), density=0.2, seed=0)
+    stats = longtune.train.sparse._GrowthStats(layer, n_cand=25, tile_rows=7)  # 7-row tiles
+    gy, x = torch.randn(16, 30), torch.randn(16, 40)
+    stats(gy, x)
+    dense = (gy.T @ x).abs().reshape(-1)
+    dense[layer.indices] = -1
+    expect = torch.sort(dense.topk(25).indices).values
+    assert torch.equal(stats.cand, expect)
+    assert not torch.isin(stats.cand, layer.indices).any()
+
+
+def test_scheduler_bad_input():
+    model, opt, _ = _spiel_setup()
+    with pytest.raises(ValueError, match="window must be in"):
+        longtune.train.SpIELScheduler(model, opt, update_every=4, window=5)
+    with pytest.raises(ValueError, match="drop_fraction must be in"):
+        longtune.train.SpIELScheduler(model, opt, drop_fraction=1.5)
+    with pytest.raises(ValueError, match="no SparseDeltaLinear"):
+        longtune.train.SpIELScheduler(torch.nn.Linear(3, 3), opt)
+    layer = model[0]
+    with pytest.raises(ValueError, match="unique and inactive"):
+        layer.replace_deltas(torch.ones_like(layer.values, dtype=torch.bool), layer.indices[:1])

@@ -17,9 +17,10 @@ from ..ops.sparse_delta import sparse_delta_grad
 
 class _SparseDeltaFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, merged, bias, indices):
+    def forward(ctx, x, values, merged, bias, indices, owner=None):
         ctx.save_for_backward(x, merged, indices)
         ctx.bias_grad = bias is not None and bias.requires_grad
+        ctx.owner = owner
         return nn.functional.linear(x, merged, bias)
 
     @staticmethod
@@ -29,7 +30,10 @@ class _SparseDeltaFn(torch.autograd.Function):
         gv = sparse_delta_grad(gy.contiguous(), x.contiguous(), indices, x.shape[-1]) if ctx.needs_input_grad[1] \
             else None
         gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.bias_grad else None
-        return gx, gv, None, gb, None
+        collect = getattr(ctx.owner, "_collect", None)
+        if collect is not None:  # growth statistics for a prune / regrow schedule
+            collect(gy.detach(), x.detach())
+        return gx, gv, None, gb, None, None
 
 
 class SparseDeltaLinear(nn.Module):
@@ -56,6 +60,7 @@ class SparseDeltaLinear(nn.Module):
         self._merged = None
         self._key = None
         self._snapshot = None
+        self._collect = None  # set by longtune.train.sparse.SpIELScheduler during its window
         self.register_buffer("_folded", None, persistent=False)
 
     @property
@@ -85,7 +90,7 @@ class SparseDeltaLinear(nn.Module):
         return self._merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SparseDeltaFn.apply(x, self.values, self.merged_weight(), self.base.bias, self.indices)
+        return _SparseDeltaFn.apply(x, self.values, self.merged_weight(), self.base.bias, self.indices, self)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -102,6 +107,45 @@ class SparseDeltaLinear(nn.Module):
         self.base.weight.view(-1).index_add_(0, self.indices, -self._folded)
         self.values.add_(self._folded)
         self._folded = None
+
+    @torch.no_grad()
+    def replace_deltas(self, keep: torch.Tensor, grow: torch.Tensor, optimizer=None) -> None:
+        """Prune / regrow in place: keep the deltas where ``keep`` (bool [k]) is true, add zero deltas at
+        the flat indices ``grow`` (must be inactive, unique). The number of deltas stays whatever
+        keep.sum() + grow.numel() is. Optimizer state (any per-element tensor state of ``values``, e.g.
+        SparseAdamW's exp_avg / exp_avg_sq / age, or torch.optim.AdamW's) follows the kept deltas;
+        grown deltas start from zero state."""
+        if keep.dtype != torch.bool or keep.shape != self.values.shape:
+            raise ValueError("SparseDeltaLinear.replace_deltas: keep must be a bool mask over the deltas")
+        grow = grow.to(self.indices.device, torch.long)
+        if grow.numel():
+            if int(grow.min()) < 0 or int(grow.max()) >= self.base.weight.numel():
+                raise ValueError("SparseDeltaLinear.replace_deltas: grow indices out of range")
+            if torch.unique(grow).numel() != grow.numel() or torch.isin(grow, self.indices).any():
+                raise ValueError("SparseDeltaLinear.replace_deltas: grow indices must be unique and inactive")
+        new_idx = torch.cat([self.indices[keep], grow])
+        order = torch.argsort(new_idx)
+        n_keep = int(keep.sum())
+
+        def remap(t, fill=0):
+            z = torch.full((grow.numel(),) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            return torch.cat([t[keep], z])[order]
+
+        old = self.values
+        self.indices = new_idx[order]
+        new_values = nn.Parameter(remap(old.detach()), requires_grad=old.requires_grad)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                for i, p in enumerate(group["params"]):
+                    if p is old:
+                        group["params"][i] = new_values
+            st = optimizer.state.pop(old, None)
+            if st:
+                optimizer.state[new_values] = {k: (remap(v) if torch.is_tensor(v) and v.shape[:1] == old.shape
+                                                   else v) for k, v in st.items()}
+        self.values = new_values
+        self._merged = None
+        assert self.values.numel() == n_keep + grow.numel()
 
     def delta_state_dict(self) -> dict:
         """Only what the fine-tuning changed: {"indices", "values"}."""

@@ -1,2 +1,2 @@
 """Training-time helpers (SpIEL sparse deltas; more families to come)."""
-from .sparse import SparseAdamW, sparsify  # noqa: F401
+from .sparse import SparseAdamW, SpIELScheduler, sparsify  # noqa: F401

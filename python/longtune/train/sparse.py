@@ -1,15 +1,17 @@
-"""SpIEL training helpers: ``sparsify`` (swap a model's linear layers for SparseDeltaLinear) and
-``SparseAdamW`` (the fused sparse AdamW over the deltas, decoupled weight decay on deltas only).
-Not yet here: the prune / regrow schedule (SpIEL-AG / SpIEL-MA)."""
+"""SpIEL training helpers: ``sparsify`` (swap a model's linear layers for SparseDeltaLinear),
+``SparseAdamW`` (the fused sparse AdamW over the deltas, decoupled weight decay on deltas only) and
+``SpIELScheduler`` (SpIEL-AG prune / regrow with accumulated-gradient growth). Not yet here:
+SpIEL-MA (SM3 accumulators as growth scores)."""
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from torch import nn
 
 from ..nn.sparse_delta import SparseDeltaLinear
-from ..ops.sparse_delta import sparse_adamw_
+from ..ops.sparse_delta import sparse_adamw_, sparse_delta_grad
 
 
 def sparsify(model: nn.Module, *, density: float = 0.01, target_modules=None, seed: int | None = None) -> nn.Module:
@@ -59,3 +61,126 @@ class SparseAdamW(torch.optim.Optimizer):
                 sparse_adamw_(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["age"], lr=group["lr"],
                               betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
         return loss
+
+
+class _GrowthStats:
+    """Growth scores of one layer over a window: at the first collected step the top ``n_cand``
+    inactive entries by |dW| are found tile by tile (``tile_rows`` rows of dW at a time, running
+    top-k: the dense dW is never held whole); later steps add |dW| at those candidates with the
+    gather-only kernel."""
+
+    def __init__(self, layer: SparseDeltaLinear, n_cand: int, tile_rows: int):
+        self.layer, self.n_cand, self.tile_rows = layer, n_cand, tile_rows
+        self.cand = None
+        self.score = None
+
+    @torch.no_grad()
+    def __call__(self, gy, x):
+        out, inp = self.layer.out_features, self.layer.in_features
+        g = gy.reshape(-1, out).float()
+        xx = x.reshape(-1, inp).float()
+        if self.cand is None:
+            best_v = torch.empty(0, device=g.device)
+            best_i = torch.empty(0, dtype=torch.long, device=g.device)
+            active = self.layer.indices
+            for r0 in range(0, out, self.tile_rows):
+                r1 = min(out, r0 + self.tile_rows)
+                blk = (g[:, r0:r1].T @ xx).abs().reshape(-1)
+                lo, hi = r0 * inp, r1 * inp
+                act = active[(active >= lo) & (active < hi)] - lo
+                blk[act] = -1.0  # never grow an active entry
+                v, i = blk.topk(min(self.n_cand, blk.numel()))
+                best_v, best_i = torch.cat([best_v, v]), torch.cat([best_i, i + lo])
+                if best_v.numel() > self.n_cand:
+                    best_v, keep = best_v.topk(self.n_cand)
+                    best_i = best_i[keep]
+            ok = best_v >= 0
+            self.cand, order = torch.sort(best_i[ok])
+            self.score = best_v[ok][order].double()
+        elif self.cand.numel():
+            self.score += sparse_delta_grad(g, xx, self.cand, inp).abs().double()
+
+
+class SpIELScheduler:
+    """SpIEL-AG prune / regrow. Call ``step()`` after every ``optimizer.step()``.
+
+    Every ``update_every`` steps, the ``window`` backward passes before the update collect growth
+    scores (accumulated |grad| of inactive candidates); the update then drops the ``p * k`` deltas of
+    smallest magnitude and grows the same number of candidates with the largest scores (new deltas
+    start at 0 with fresh optimizer state), so every layer keeps exactly k deltas.
+    ``p = drop_fraction`` decays to 0 over ``total_steps`` (cosine or linear; constant without
+    ``total_steps``). ``state_dict()`` / ``load_state_dict()`` restore the step counter on resume.
+    """
+
+    def __init__(self, model_or_layers, optimizer=None, *, update_every: int = 20, window: int = 5,
+                 drop_fraction: float = 0.2, decay: str = "cosine", total_steps: int | None = None,
+                 candidates_factor: float = 2.0, tile_rows: int = 256):
+        if isinstance(model_or_layers, nn.Module):
+            self.layers = [m for m in model_or_layers.modules() if isinstance(m, SparseDeltaLinear)]
+        else:
+            self.layers = list(model_or_layers)
+        if not self.layers:
+            raise ValueError("SpIELScheduler: no SparseDeltaLinear layers to schedule")
+        if not (1 <= window <= update_every):
+            raise ValueError(f"SpIELScheduler: window must be in [1, update_every={update_every}], got {window}")
+        if not (0 <= drop_fraction <= 1):
+            raise ValueError(f"SpIELScheduler: drop_fraction must be in [0, 1], got {drop_fraction}")
+        if decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"SpIELScheduler: decay must be 'cosine', 'linear' or 'constant', got {decay!r}")
+        self.optimizer = optimizer
+        self.update_every, self.window, self.drop_fraction = update_every, window, drop_fraction
+        self.decay, self.total_steps = decay, total_steps
+        self.candidates_factor, self.tile_rows = candidates_factor, tile_rows
+        self.step_count = 0
+        self._arm_if_due()
+
+    def current_drop_fraction(self) -> float:
+        if self.total_steps is None or self.decay == "constant":
+            return self.drop_fraction
+        t = min(1.0, self.step_count / self.total_steps)
+        f = 0.5 * (1 + math.cos(math.pi * t)) if self.decay == "cosine" else 1 - t
+        return self.drop_fraction * f
+
+    def _arm_if_due(self):
+        # the next backward pass belongs to the window when (step_count + 1) is in the last
+        # `window` steps before an update
+        phase = (self.step_count + 1) % self.update_every
+        in_window = phase == 0 or phase > self.update_every - self.window
+        for layer in self.layers:
+            if in_window and layer._collect is None:
+                n_drop = round(self.current_drop_fraction() * layer.values.numel())
+                layer._collect = _GrowthStats(layer, max(1, int(self.candidates_factor * n_drop)), self.tile_rows)
+            elif not in_window:
+                layer._collect = None
+
+    @torch.no_grad()
+    def step(self):
+        self.step_count += 1
+        if self.step_count % self.update_every == 0:
+            for layer in self.layers:
+                self._update(layer)
+        self._arm_if_due()
+
+    @torch.no_grad()
+    def _update(self, layer: SparseDeltaLinear):
+        stats, layer._collect = layer._collect, None
+        k = layer.values.numel()
+        n_drop = round(self.current_drop_fraction() * k)
+        if stats is None or stats.cand is None or n_drop == 0 or k == 0:
+            return
+        n = min(n_drop, stats.cand.numel())
+        keep = torch.ones(k, dtype=torch.bool, device=layer.values.device)
+        keep[layer.values.detach().abs().topk(n, largest=False).indices] = False
+        grow = stats.cand[stats.score.topk(n).indices]
+        layer.replace_deltas(keep, grow, self.optimizer)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "update_every": self.update_every, "window": self.window,
+                "drop_fraction": self.drop_fraction, "decay": self.decay, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        for layer in self.layers:
+            layer._collect = None
+        self._arm_if_due()

@@ -101,8 +101,8 @@ def time_fn(fn: Callable[[], object], device: str, min_time_s: float = 0.25) -> 
 
 
 def measure(report: Report, case: str, impl: str, fn, device: str, params: dict, flops: int = 0,
-            nbytes: int = 0) -> Result:
-    med, p20, p80 = time_fn(fn, device)
+            nbytes: int = 0, min_time_s: float = 0.25) -> Result:
+    med, p20, p80 = time_fn(fn, device, min_time_s)
     r = Result(case, impl, params, med, p20, p80, flops, nbytes,
                tflops=flops / (med * 1e-3) / 1e12 if flops else 0.0,
                gbps=nbytes / (med * 1e-3) / 1e9 if nbytes else 0.0)

@@ -349,3 +349,24 @@ def test_scheduler_bad_input():
     layer = model[0]
     with pytest.raises(ValueError, match="unique and inactive"):
         layer.replace_deltas(torch.ones_like(layer.values, dtype=torch.bool), layer.indices[:1])
+
+
+def test_spiel_on_a_tiny_llama_lowers_the_loss():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    longtune.sparsify(model, density=0.05, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], seed=0)
+    opt = longtune.train.SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = longtune.train.SpIELScheduler(model, opt, update_every=5, window=2)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(10):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -1,2 +1,3 @@
-"""Training-time helpers (SpIEL sparse deltas; more families to come)."""
+"""Training-time helpers: SpIEL sparse deltas and S²FT structured selection."""
+from . import s2ft  # noqa: F401
 from .sparse import SparseAdamW, SpIELScheduler, sparsify  # noqa: F401

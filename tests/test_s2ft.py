@@ -92,3 +92,20 @@ def test_s2ft_training_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_fuse_unfuse_adapter():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    w0 = lin.weight.detach().clone()
+    m = S2FTLinear(lin, 1, 3, "out")
+    with torch.no_grad():
+        m.part.add_(torch.randn_like(m.part))
+    x = torch.randn(4, 6)
+    y_trained = m(x)
+    delta = m.unfuse()
+    torch.testing.assert_close(lin.weight, w0)
+    m.fuse(delta)
+    torch.testing.assert_close(m(x), y_trained)
+    with pytest.raises(ValueError, match="adapter shape"):
+        m.fuse(torch.zeros(3, 6))

@@ -370,3 +370,23 @@ def test_spiel_on_a_tiny_llama_lowers_the_loss():
         sched.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_lora_equivalent_budget_and_composition():
+    m = longtune.nn.SparseDeltaLinear(torch.nn.Linear(40, 30), lora_rank=2, seed=0)
+    assert m.values.numel() == 2 * (40 + 30)
+    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
+        longtune.nn.SparseDeltaLinear(torch.nn.Linear(4, 3), lora_rank=-1)
+    a = {"indices": torch.tensor([1, 5, 9]), "values": torch.tensor([1.0, 2.0, 3.0])}
+    b = {"indices": torch.tensor([0, 5]), "values": torch.tensor([10.0, 20.0])}
+    c = longtune.nn.sparse_delta.compose_deltas(a, b)
+    assert c["indices"].tolist() == [0, 1, 5, 9] and c["values"].tolist() == [10.0, 1.0, 22.0, 3.0]
+    # the composed delta equals applying both
+    base = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    layer = longtune.nn.SparseDeltaLinear(base, num_deltas=1)
+    layer.load_delta_state_dict(c)
+    w = base.weight.detach().reshape(-1).clone()
+    w[a["indices"]] += a["values"]
+    w[b["indices"]] += b["values"]
+    torch.testing.assert_close(layer(x), x @ w.reshape(3, 4).T + base.bias.detach())

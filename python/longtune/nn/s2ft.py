@@ -52,6 +52,7 @@ class S2FTLinear(nn.Module):
             base.bias.requires_grad_(False)
         view = base.weight.data[lo:hi] if dim == "out" else base.weight.data[:, lo:hi]
         self.part = nn.Parameter(view)  # shares storage with base.weight: updates land in place
+        self.register_buffer("original_part", view.detach().clone(), persistent=False)
 
     @property
     def in_features(self):
@@ -60,6 +61,25 @@ class S2FTLinear(nn.Module):
     @property
     def out_features(self):
         return self.base.out_features
+
+    @torch.no_grad()
+    def adapter(self) -> torch.Tensor:
+        """The learned update of the block (trained minus original), for serving as an adapter."""
+        return self.part.detach() - self.original_part
+
+    @torch.no_grad()
+    def unfuse(self) -> torch.Tensor:
+        """Restore the original block in the weight and return the update (an adapter)."""
+        delta = self.adapter()
+        self.part.copy_(self.original_part)
+        return delta
+
+    @torch.no_grad()
+    def fuse(self, delta: torch.Tensor) -> None:
+        """Apply an adapter (from ``unfuse`` / ``adapter``) to the block, in place."""
+        if delta.shape != self.part.shape:
+            raise ValueError(f"S2FTLinear.fuse: adapter shape {tuple(delta.shape)} != block {tuple(self.part.shape)}")
+        self.part.copy_(self.original_part + delta.to(self.part))
 
     def forward(self, x):
         return _S2FTFn.apply(x, self.part, self.base.weight, self.base.bias, self.lo, self.hi, self.dim)

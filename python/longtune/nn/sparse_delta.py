@@ -38,11 +38,17 @@ class _SparseDeltaFn(torch.autograd.Function):
 
 class SparseDeltaLinear(nn.Module):
     def __init__(self, base: nn.Linear, *, density: float = 0.01, num_deltas: int | None = None,
-                 seed: int | None = None):
+                 lora_rank: int | None = None, seed: int | None = None):
+        """Budget: ``num_deltas``, else ``lora_rank`` (as many deltas as a LoRA of that rank has
+        parameters: r * (in + out)), else ``density`` of the weight (default 1%)."""
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"SparseDeltaLinear: base must be an nn.Linear, got {type(base).__name__}")
         numel = base.weight.numel()
+        if num_deltas is None and lora_rank is not None:
+            if lora_rank < 0:
+                raise ValueError(f"SparseDeltaLinear: lora_rank must be >= 0, got {lora_rank}")
+            num_deltas = min(numel, lora_rank * (base.in_features + base.out_features))
         if num_deltas is None:
             if not (0 < density <= 1):
                 raise ValueError(f"SparseDeltaLinear: density must be in (0, 1], got {density}")
@@ -166,3 +172,18 @@ class SparseDeltaLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.values.numel()}"
+
+
+@torch.no_grad()
+def compose_deltas(*states: dict) -> dict:
+    """Composable sparse fine-tuning: the sum of several delta sets for the same layer
+    ({"indices", "values"} each, as from ``delta_state_dict``) as one delta set over the union of
+    their indices (shared indices add up)."""
+    if not states:
+        raise ValueError("compose_deltas: nothing to compose")
+    idx = torch.cat([s["indices"].long() for s in states])
+    val = torch.cat([s["values"].to(states[0]["values"].dtype) for s in states])
+    uniq, inv = torch.unique(idx, sorted=True, return_inverse=True)
+    out = torch.zeros(uniq.numel(), dtype=val.dtype)
+    out.index_add_(0, inv, val)
+    return {"indices": uniq, "values": out}

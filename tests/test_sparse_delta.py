@@ -390,3 +390,29 @@ def test_lora_equivalent_budget_and_composition():
     w[a["indices"]] += a["values"]
     w[b["indices"]] += b["values"]
     torch.testing.assert_close(layer(x), x @ w.reshape(3, 4).T + base.bias.detach())
+
+
+def test_spiel_ma_growth():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    longtune.sparsify(model, density=0.1, seed=0)
+    opt = longtune.train.SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, growth="ma", tile_rows=5)
+    layer = sched.layers[1]
+    k, before = layer.values.numel(), layer.indices.clone()
+    losses = _train(model, opt, sched, 8)
+    assert layer.values.numel() == k and bool((layer.indices[1:] > layer.indices[:-1]).all())
+    assert not torch.equal(layer.indices, before) and losses[-1] < losses[0]
+    st = sched._sm3[id(layer)]
+    assert st.row.shape == (8,) and st.col.shape == (32,) and (st.row > 0).all()
+    # tile-wise candidates == the top inactive entries of the dense min(row, col) score
+    cand, _ = st.candidates(10)
+    dense = torch.minimum(st.row[:, None], st.col[None, :]).reshape(-1).clone()
+    dense[layer.indices] = -1
+    assert set(cand.tolist()) == set(dense.topk(10).indices.tolist())
+    state = sched.state_dict()
+    sched2 = longtune.train.SpIELScheduler(model, opt, growth="ma")
+    sched2.load_state_dict(state)
+    assert torch.equal(sched2._sm3[id(layer)].row, st.row)
+    with pytest.raises(ValueError, match="growth must be 'ag'"):
+        longtune.train.SpIELScheduler(model, opt, growth="random")

@@ -1,7 +1,8 @@
 """SpIEL training helpers: ``sparsify`` (swap a model's linear layers for SparseDeltaLinear),
 ``SparseAdamW`` (the fused sparse AdamW over the deltas, decoupled weight decay on deltas only) and
-``SpIELScheduler`` (SpIEL-AG prune / regrow with accumulated-gradient growth). Not yet here:
-SpIEL-MA (SM3 accumulators as growth scores)."""
+``SpIELScheduler`` (prune / regrow: SpIEL-AG with accumulated-gradient growth, or SpIEL-MA with
+SM3 row / column accumulators as memory-lean growth scores). Quantized (8-/4-bit) base layers are
+not supported."""
 from __future__ import annotations
 
 import math
@@ -101,6 +102,51 @@ class _GrowthStats:
             self.score += sparse_delta_grad(g, xx, self.cand, inp).abs().double()
 
 
+class _SM3Stats:
+    """SpIEL-MA: SM3 accumulators (one per row, one per column of the weight) of squared gradients,
+    updated every step tile by tile (v = min(row[r], col[c]) + g^2; row = max_c v; col = max_r v); the
+    growth score of an inactive entry is min(row[r], col[c]). O(out + in) memory, dense dW never held."""
+
+    def __init__(self, layer: SparseDeltaLinear, tile_rows: int):
+        self.layer, self.tile_rows = layer, tile_rows
+        dev = layer.values.device
+        self.row = torch.zeros(layer.out_features, device=dev)
+        self.col = torch.zeros(layer.in_features, device=dev)
+
+    @torch.no_grad()
+    def __call__(self, gy, x):
+        out, inp = self.layer.out_features, self.layer.in_features
+        g = gy.reshape(-1, out).float()
+        xx = x.reshape(-1, inp).float()
+        new_row = torch.empty_like(self.row)
+        new_col = torch.zeros_like(self.col)
+        for r0 in range(0, out, self.tile_rows):
+            r1 = min(out, r0 + self.tile_rows)
+            v = torch.minimum(self.row[r0:r1, None], self.col[None, :]) + (g[:, r0:r1].T @ xx).square()
+            new_row[r0:r1] = v.amax(1)
+            new_col = torch.maximum(new_col, v.amax(0))
+        self.row, self.col = new_row, new_col
+
+    @torch.no_grad()
+    def candidates(self, n: int):
+        out, inp = self.layer.out_features, self.layer.in_features
+        best_v = torch.empty(0, device=self.row.device)
+        best_i = torch.empty(0, dtype=torch.long, device=self.row.device)
+        active = self.layer.indices
+        for r0 in range(0, out, self.tile_rows):
+            r1 = min(out, r0 + self.tile_rows)
+            blk = torch.minimum(self.row[r0:r1, None], self.col[None, :]).reshape(-1).clone()
+            lo = r0 * inp
+            blk[active[(active >= lo) & (active < r1 * inp)] - lo] = -1.0
+            v, i = blk.topk(min(n, blk.numel()))
+            best_v, best_i = torch.cat([best_v, v]), torch.cat([best_i, i + lo])
+            if best_v.numel() > n:
+                best_v, keep = best_v.topk(n)
+                best_i = best_i[keep]
+        ok = best_v >= 0
+        return best_i[ok], best_v[ok].double()
+
+
 class SpIELScheduler:
     """SpIEL-AG prune / regrow. Call ``step()`` after every ``optimizer.step()``.
 
@@ -110,11 +156,12 @@ class SpIELScheduler:
     start at 0 with fresh optimizer state), so every layer keeps exactly k deltas.
     ``p = drop_fraction`` decays to 0 over ``total_steps`` (cosine or linear; constant without
     ``total_steps``). ``state_dict()`` / ``load_state_dict()`` restore the step counter on resume.
+    ``growth="ma"`` (SpIEL-MA) scores growth with SM3 accumulators updated at every step instead.
     """
 
     def __init__(self, model_or_layers, optimizer=None, *, update_every: int = 20, window: int = 5,
                  drop_fraction: float = 0.2, decay: str = "cosine", total_steps: int | None = None,
-                 candidates_factor: float = 2.0, tile_rows: int = 256):
+                 candidates_factor: float = 2.0, tile_rows: int = 256, growth: str = "ag"):
         if isinstance(model_or_layers, nn.Module):
             self.layers = [m for m in model_or_layers.modules() if isinstance(m, SparseDeltaLinear)]
         else:
@@ -127,6 +174,10 @@ class SpIELScheduler:
             raise ValueError(f"SpIELScheduler: drop_fraction must be in [0, 1], got {drop_fraction}")
         if decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"SpIELScheduler: decay must be 'cosine', 'linear' or 'constant', got {decay!r}")
+        if growth not in ("ag", "ma"):
+            raise ValueError(f"SpIELScheduler: growth must be 'ag' (accumulated gradients) or 'ma' (SM3), got {growth!r}")
+        self.growth = growth
+        self._sm3 = {id(l): _SM3Stats(l, tile_rows) for l in self.layers} if growth == "ma" else {}
         self.optimizer = optimizer
         self.update_every, self.window, self.drop_fraction = update_every, window, drop_fraction
         self.decay, self.total_steps = decay, total_steps
@@ -142,6 +193,10 @@ class SpIELScheduler:
         return self.drop_fraction * f
 
     def _arm_if_due(self):
+        if self.growth == "ma":  # SM3 accumulators see every step
+            for layer in self.layers:
+                layer._collect = self._sm3[id(layer)]
+            return
         # the next backward pass belongs to the window when (step_count + 1) is in the last
         # `window` steps before an update
         phase = (self.step_count + 1) % self.update_every
@@ -163,24 +218,40 @@ class SpIELScheduler:
 
     @torch.no_grad()
     def _update(self, layer: SparseDeltaLinear):
-        stats, layer._collect = layer._collect, None
         k = layer.values.numel()
         n_drop = round(self.current_drop_fraction() * k)
-        if stats is None or stats.cand is None or n_drop == 0 or k == 0:
+        if self.growth == "ma":
+            cand, score = self._sm3[id(layer)].candidates(max(1, n_drop))
+        else:
+            stats, layer._collect = layer._collect, None
+            if stats is None or stats.cand is None:
+                return
+            cand, score = stats.cand, stats.score
+        if n_drop == 0 or k == 0 or cand.numel() == 0:
             return
-        n = min(n_drop, stats.cand.numel())
+        n = min(n_drop, cand.numel())
         keep = torch.ones(k, dtype=torch.bool, device=layer.values.device)
         keep[layer.values.detach().abs().topk(n, largest=False).indices] = False
-        grow = stats.cand[stats.score.topk(n).indices]
+        grow = cand[score.topk(n).indices]
         layer.replace_deltas(keep, grow, self.optimizer)
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "update_every": self.update_every, "window": self.window,
-                "drop_fraction": self.drop_fraction, "decay": self.decay, "total_steps": self.total_steps}
+        st = {"step_count": self.step_count, "update_every": self.update_every, "window": self.window,
+              "drop_fraction": self.drop_fraction, "decay": self.decay, "total_steps": self.total_steps,
+              "growth": self.growth}
+        if self.growth == "ma":
+            st["sm3"] = [(self._sm3[id(l)].row.clone(), self._sm3[id(l)].col.clone()) for l in self.layers]
+        return st
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        sm3 = state.pop("sm3", None)
         for k, v in state.items():
             setattr(self, k, v)
+        if self.growth == "ma":
+            self._sm3 = {id(l): _SM3Stats(l, self.tile_rows) for l in self.layers}
+            for l, (row, col) in zip(self.layers, sm3 or []):
+                self._sm3[id(l)].row, self._sm3[id(l)].col = row.clone(), col.clone()
         for layer in self.layers:
             layer._collect = None
         self._arm_if_due()

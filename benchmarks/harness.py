@@ -12,6 +12,7 @@ Every impl of a case is timed in the same run, one after the other, on the same 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -158,3 +159,13 @@ def progress(iterable, desc: str):
         return tqdm(iterable, desc=desc, leave=False)
     except ImportError:
         return iterable
+
+
+def cli(run: Callable) -> None:
+    """The command line every family's benchmark script shares: --device, --out, --quick."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    a = ap.parse_args()
+    print_table(run(a.device, a.out, a.quick))

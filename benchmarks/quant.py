@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -131,9 +130,4 @@ def _qat_step(report, device, quick):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    H.print_table(run(a.device, a.out, a.quick))
+    H.cli(run)

@@ -5,7 +5,6 @@ autograd's saved-tensor hooks, so it works on CPU too). Issue targets: step >= 2
 full fine-tuning, memory <= 1/3 of it, faster than LoRA r=32."""
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -96,9 +95,4 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    H.print_table(run(a.device, a.out, a.quick))
+    H.cli(run)

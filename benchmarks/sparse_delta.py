@@ -4,7 +4,6 @@ the deltas, dense dW = dY^T X, gather k entries - reproduced here), peft-style L
 fine-tuning of the same layer. Targets: >= 1.4x the official formulation; <= 1.0x LoRA's time."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -78,9 +77,4 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    H.print_table(run(a.device, a.out, a.quick))
+    H.cli(run)

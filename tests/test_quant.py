@@ -1,6 +1,5 @@
 """CPU kernels of the rotated-quantization ops (longtune.rotate_fake_quant, quantize) against the
 reference, plus registrations, STE gradients, edge cases, bad input and RotatedQuantLinear."""
-import math
 
 import pytest
 import torch

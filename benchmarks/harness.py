@@ -169,3 +169,38 @@ def cli(run: Callable) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     a = ap.parse_args()
     print_table(run(a.device, a.out, a.quick))
+
+
+def training_memory(model, x, loss_fn, trainable) -> int:
+    """Bytes a training step adds on top of the model and its input: activations saved for backward
+    (distinct storages that are not parameters / buffers / the input), gradients of the trainable
+    tensors, and AdamW's two moments per trainable element. Counted exactly through autograd's
+    saved-tensor hooks, so it works on CPU as well as GPU."""
+    persistent = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in persistent:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model(x))
+    loss.backward()
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    return sum(saved.values()) + 3 * grads
+
+
+class LoRALinear(torch.nn.Module):
+    """The LoRA peer (peft's formulation): frozen base + (x A^T) B^T, A random, B zero."""
+
+    def __init__(self, base: torch.nn.Linear, r: int):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.A = torch.nn.Parameter(torch.randn(r, base.in_features, device=dev, dtype=dt) / base.in_features**0.5)
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.T) @ self.B.T

@@ -27,31 +27,6 @@ class MLP(nn.Module):
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LoRA(nn.Module):
-    def __init__(self, base: nn.Linear, r: int):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.A = nn.Parameter(torch.randn(r, base.in_features) / base.in_features**0.5)
-        self.B = nn.Parameter(torch.zeros(base.out_features, r))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.A.T) @ self.B.T
-
-
-def _memory(model, opt_params, x, target):
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = nn.functional.mse_loss(model(x), target)
-    loss.backward()
-    grads = sum(p.numel() * p.element_size() for p in opt_params)
-    return sum(saved) + grads + 2 * grads  # + AdamW's two moments
-
-
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     report = H.Report("s2ft")
     d, inter, tokens = (2048, 5632, 1024) if not quick else (512, 1408, 256)
@@ -69,7 +44,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     variants["S2FT 3% channels"] = (s2, [s2.up_proj.part, s2.down_proj.part])
     lo = copy.deepcopy(base).requires_grad_(False)
     for name in ("gate_proj", "up_proj", "down_proj"):
-        setattr(lo, name, LoRA(getattr(lo, name), 32).to(device))
+        setattr(lo, name, H.LoRALinear(getattr(lo, name), 32))
     variants["LoRA r=32"] = (lo, [p for p in lo.parameters() if p.requires_grad])
     case = f"Llama MLP d={d} inter={inter} tokens={tokens}"
     params = {"d": d, "inter": inter, "tokens": tokens, "channels": n_ch}
@@ -85,7 +60,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
 
         t[name] = H.measure(report, case, name, step, device, params,
                             min_time_s=4.0 if device == "cpu" else 0.25).median_ms
-        mem[name] = _memory(model, ps, x, target)
+        mem[name] = H.training_memory(model, x, lambda y: nn.functional.mse_loss(y, target), ps)
         report.results[-1].params = dict(params, training_memory_bytes=mem[name])
     H.add_ratio(report, case, "step speedup of S2FT vs full fine-tuning", t["full fine-tuning"] / t["S2FT 3% channels"], 2.7)
     H.add_ratio(report, case, "full FT memory / S2FT memory", mem["full fine-tuning"] / mem["S2FT 3% channels"], 3.0)

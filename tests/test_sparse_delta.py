@@ -81,15 +81,17 @@ def test_module_forward_backward_match_reference():
     torch.manual_seed(0)
     lin = torch.nn.Linear(12, 8).double()
     m = longtune.nn.SparseDeltaLinear(lin, density=0.25, seed=1)
+    w0 = lin.weight.detach().clone()
     with torch.no_grad():
         m.values.normal_()
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
     y = m(x)
-    ref = R.sparse_delta_linear(x, lin.weight, lin.bias, m.indices, m.values)
+    ref = R.sparse_delta_linear(x, w0, lin.bias, m.indices, m.values)
+    torch.testing.assert_close(m.base_weight(), w0)
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(y)
     y.backward(g)
-    w = lin.weight.detach().reshape(-1).index_add(0, m.indices, m.values.detach()).reshape(8, 12)
+    w = w0.reshape(-1).index_add(0, m.indices, m.values.detach()).reshape(8, 12)
     torch.testing.assert_close(x.grad, g @ w)
     dense_dw = (g.reshape(-1, 8).T @ x.detach().reshape(-1, 12)).reshape(-1)
     torch.testing.assert_close(m.values.grad, dense_dw[m.indices])
@@ -115,6 +117,7 @@ def test_merged_weight_is_patched_after_optimizer_steps():
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 16)
     m = longtune.nn.SparseDeltaLinear(lin, density=0.05, seed=0)
+    w0 = lin.weight.detach().clone()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     x, target = torch.randn(64, 32), torch.randn(64, 16)
     losses = []
@@ -124,8 +127,9 @@ def test_merged_weight_is_patched_after_optimizer_steps():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        expect = lin.weight.detach().reshape(-1).index_add(0, m.indices, m.values.detach()).reshape(16, 32)
+        expect = w0.reshape(-1).index_add(0, m.indices, m.values.detach()).reshape(16, 32)
         torch.testing.assert_close(m.merged_weight(), expect)
+        assert m.merged_weight() is lin.weight  # the deltas live in the base weight: no second copy of W
     assert losses[-1] < losses[0]
 
 
@@ -140,12 +144,15 @@ def test_merge_unmerge_and_delta_state():
     m.merge()
     torch.testing.assert_close(m(x), y)
     assert (m.values == 0).all()
+    assert not torch.equal(m.base_weight(), w0)  # folded in
     m.unmerge()
-    torch.testing.assert_close(lin.weight, w0)
+    torch.testing.assert_close(m.base_weight(), w0)
     torch.testing.assert_close(m(x), y)
     state = m.delta_state_dict()
     m2 = longtune.nn.SparseDeltaLinear(torch.nn.Linear(10, 6), num_deltas=1, seed=0)
-    m2.base.load_state_dict(lin.state_dict())
+    with torch.no_grad():
+        m2.base.weight.copy_(w0)
+        m2.base.bias.copy_(lin.bias)
     m2.load_delta_state_dict(state)
     torch.testing.assert_close(m2(x), y)
 
@@ -168,6 +175,8 @@ def test_density_edges_and_bad_input():
         m.load_delta_state_dict({"indices": torch.tensor([5, 12]), "values": torch.zeros(2)})
     with pytest.raises(RuntimeError, match="nothing merged"):
         m.unmerge()
+    with pytest.raises(TypeError, match="values are torch.float64 but the base weight is torch.float32"):
+        m.load_delta_state_dict({"indices": torch.tensor([1, 2]), "values": torch.zeros(2, dtype=torch.float64)})
 
 
 def test_randomized_indices_are_sorted_unique_and_seeded():

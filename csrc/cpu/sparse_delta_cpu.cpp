@@ -50,12 +50,13 @@ inline void dots(const double* gt, const double* xt, const int32_t* rows, const 
 // rows t0 .. t0+tb of src [T, f] -> dst [f][kTB] (zero-padded past tb)
 template <typename acc_t>
 void transpose_block(const acc_t* src, acc_t* dst, int64_t f, int64_t t0, int64_t tb) {
-  at::parallel_for(0, f, 1024, [&](int64_t f0, int64_t f1) {
-    for (int64_t i = f0; i < f1; ++i) {
-      acc_t* d = dst + i * kTB;
-      for (int64_t j = 0; j < kTB; ++j) d[j] = j < tb ? src[(t0 + j) * f + i] : acc_t(0);
-    }
-  });
+  for (int64_t j = 0; j < kTB; ++j) {
+    const acc_t* s = src + (t0 + j) * f;
+    if (j < tb)
+      for (int64_t i = 0; i < f; ++i) dst[i * kTB + j] = s[i];
+    else
+      for (int64_t i = 0; i < f; ++i) dst[i * kTB + j] = acc_t(0);
+  }
 }
 
 template <typename acc_t>
@@ -70,16 +71,20 @@ at::Tensor run(const at::Tensor& grad_out, const at::Tensor& x, const GradArgs& 
     rows[k] = static_cast<int32_t>(ip[k] / a.in);
     cols[k] = static_cast<int32_t>(ip[k] % a.in);
   }
-  std::vector<acc_t> gt(a.out * kTB), xt(a.in * kTB);
   acc_t* op = out.data_ptr<acc_t>();
-  for (int64_t t0 = 0; t0 < a.T; t0 += kTB) {
-    const int64_t tb = std::min(kTB, a.T - t0);
-    transpose_block(g.data_ptr<acc_t>(), gt.data(), a.out, t0, tb);
-    transpose_block(xx.data_ptr<acc_t>(), xt.data(), a.in, t0, tb);
-    at::parallel_for(0, a.K, 4096, [&](int64_t k0, int64_t k1) {
+  // One parallel region: each thread owns a range of indices and transposes the token blocks for
+  // itself (a few % of the work), so there is no barrier per token block (which would stall every
+  // block on a busy machine).
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, a.K, std::max<int64_t>(1024, (a.K + nthreads - 1) / nthreads), [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> gt(a.out * kTB), xt(a.in * kTB);
+    for (int64_t t0 = 0; t0 < a.T; t0 += kTB) {
+      const int64_t tb = std::min(kTB, a.T - t0);
+      transpose_block(g.data_ptr<acc_t>(), gt.data(), a.out, t0, tb);
+      transpose_block(xx.data_ptr<acc_t>(), xt.data(), a.in, t0, tb);
       dots(gt.data(), xt.data(), rows.data(), cols.data(), op, k0, k1);
-    });
-  }
+    }
+  });
   return out;
 }
 

@@ -1,8 +1,9 @@
 """``SparseDeltaLinear`` (SpIEL): a frozen ``nn.Linear`` plus k trainable deltas at sorted flat
 indices of its weight.
 
-Forward uses a merged weight buffer ``W + scatter(values)`` that is built once and then patched in
-O(k) whenever the values changed (no per-call clone of W); backward computes ``dX = dY (W + Δ)`` with
+The deltas live inside the frozen base weight's own storage (``W + scatter(values)``, patched in O(k)
+whenever the values changed; only the k original entries are kept aside), so there is no second
+copy of W and no per-call clone; backward computes ``dX = dY (W + Δ)`` with
 one dense product and ``d(values)`` with the gather-only kernel ``sparse_delta_grad`` (one
 length-T dot per index; the dense dW is never formed). Not yet here (see the issue): prune /
 regrow schedules, the fused sparse AdamW, S²FT.
@@ -63,9 +64,8 @@ class SparseDeltaLinear(nn.Module):
         idx = torch.randperm(numel, generator=gen)[:num_deltas].sort().values
         self.register_buffer("indices", idx.to(base.weight.device))
         self.values = nn.Parameter(torch.zeros(num_deltas, dtype=base.weight.dtype, device=base.weight.device))
-        self._merged = None
-        self._key = None
-        self._snapshot = None
+        self._orig = None      # original base-weight entries at `indices` (k values)
+        self._snapshot = None  # the values last written into the base weight
         self._collect = None  # set by longtune.train.sparse.SpIELScheduler during its window
         self.register_buffer("_folded", None, persistent=False)
 
@@ -79,40 +79,55 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + scatter(values): built once, then patched in O(k) whenever the values changed (compared
-        with a snapshot, so edits that bypass autograd's version counter - `.data`, fused optimizers -
-        are seen too). Rebuilt when the base weight or the indices change."""
+        """The base weight itself, kept equal to W + scatter(values): the deltas live inside the frozen
+        weight's storage and only the k original entries are remembered (O(k) memory - no second
+        copy of W, no per-call clone). Patched in O(k) whenever the values changed (compared with a
+        snapshot, so `.data` edits and fused optimizers are seen too)."""
         w = self.base.weight
-        key = (w._version, w.data_ptr(), self.indices._version, self.indices.data_ptr(), self.indices.numel())
         v = self.values.detach()
-        if self._merged is None or self._key != key:
-            self._merged = w.detach().clone()
-            self._merged.view(-1).index_add_(0, self.indices, v)
+        if self._orig is None:
+            self._orig = w.view(-1)[self.indices].clone()
+            self._snapshot = None
+        if self._snapshot is None or not torch.equal(self._snapshot, v):
+            w.view(-1)[self.indices] = self._orig + v
             self._snapshot = v.clone()
-        elif not torch.equal(self._snapshot, v):
-            self._merged.view(-1)[self.indices] = w.view(-1)[self.indices] + v
-            self._snapshot = v.clone()
-        self._key = key
-        return self._merged
+        return w
+
+    @torch.no_grad()
+    def _restore_base(self) -> None:
+        """Put the original entries back into the base weight (before the indices change)."""
+        if self._orig is not None:
+            self.base.weight.view(-1)[self.indices] = self._orig
+        self._orig, self._snapshot = None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SparseDeltaFn.apply(x, self.values, self.merged_weight(), self.base.bias, self.indices, self)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the deltas into the base weight (values become 0; ``unmerge`` undoes it)."""
+        """Fold the deltas into the base weight permanently (values become 0; ``unmerge`` undoes it)."""
+        self.merged_weight()
         v = self.values.detach().clone()
-        self.base.weight.view(-1).index_add_(0, self.indices, v)
+        self._orig += v
         self._folded = v if self._folded is None else self._folded + v
         self.values.zero_()
+        self._snapshot = self.values.detach().clone()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self._folded is None:
             raise RuntimeError("SparseDeltaLinear.unmerge: nothing merged")
-        self.base.weight.view(-1).index_add_(0, self.indices, -self._folded)
+        self.merged_weight()
+        self._orig -= self._folded
         self.values.add_(self._folded)
         self._folded = None
+        self.merged_weight()
+
+    def base_weight(self) -> torch.Tensor:
+        """A copy of the base weight without the deltas."""
+        w = self.merged_weight().detach().clone()
+        w.view(-1)[self.indices] = self._orig
+        return w
 
     @torch.no_grad()
     def replace_deltas(self, keep: torch.Tensor, grow: torch.Tensor, optimizer=None) -> None:
@@ -129,6 +144,7 @@ class SparseDeltaLinear(nn.Module):
                 raise ValueError("SparseDeltaLinear.replace_deltas: grow indices out of range")
             if torch.unique(grow).numel() != grow.numel() or torch.isin(grow, self.indices).any():
                 raise ValueError("SparseDeltaLinear.replace_deltas: grow indices must be unique and inactive")
+        self._restore_base()
         new_idx = torch.cat([self.indices[keep], grow])
         order = torch.argsort(new_idx)
         n_keep = int(keep.sum())
@@ -150,7 +166,6 @@ class SparseDeltaLinear(nn.Module):
                 optimizer.state[new_values] = {k: (remap(v) if torch.is_tensor(v) and v.shape[:1] == old.shape
                                                    else v) for k, v in st.items()}
         self.values = new_values
-        self._merged = None
         assert self.values.numel() == n_keep + grow.numel()
 
     def delta_state_dict(self) -> dict:
@@ -166,9 +181,12 @@ class SparseDeltaLinear(nn.Module):
             raise ValueError("SparseDeltaLinear.load_delta_state_dict: indices must be strictly increasing")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.base.weight.numel()):
             raise ValueError("SparseDeltaLinear.load_delta_state_dict: indices out of range")
+        if val.dtype != self.base.weight.dtype:
+            raise TypeError(f"SparseDeltaLinear.load_delta_state_dict: values are {val.dtype} but the base weight is "
+                            f"{self.base.weight.dtype}; convert one of them explicitly")
+        self._restore_base()
         self.indices = idx
-        self.values = nn.Parameter(val.to(self.base.weight.dtype).to(self.base.weight.device))
-        self._merged = None
+        self.values = nn.Parameter(val.to(self.base.weight.device))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.values.numel()}"

@@ -96,12 +96,42 @@ at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x
   return out.to(grad_out.scalar_type());
 }
 
+// A run of deltas with the same age: branch-free, so the compiler vectorises it (per ISA clone).
+template <typename scalar_t>
+inline void adamw_run(scalar_t* __restrict val, const scalar_t* __restrict g, float* __restrict m,
+                      float* __restrict v, int64_t n, float bc1, float bc2, const AdamWCfg& c) {
+  for (int64_t i = 0; i < n; ++i)
+    val[i] = static_cast<scalar_t>(adamw_update(static_cast<float>(val[i]), static_cast<float>(g[i]), m[i], v[i],
+                                                bc1, bc2, c));
+}
+LT_MULTIVERSION void adamw_run_f32(float* val, const float* g, float* m, float* v, int64_t n, float bc1, float bc2,
+                                   const AdamWCfg& c) {
+  adamw_run(val, g, m, v, n, bc1, bc2, c);
+}
+inline void adamw_run_any(float* val, const float* g, float* m, float* v, int64_t n, float bc1, float bc2,
+                          const AdamWCfg& c) {
+  adamw_run_f32(val, g, m, v, n, bc1, bc2, c);
+}
+template <typename scalar_t>
+inline void adamw_run_any(scalar_t* val, const scalar_t* g, float* m, float* v, int64_t n, float bc1, float bc2,
+                          const AdamWCfg& c) {
+  adamw_run(val, g, m, v, n, bc1, bc2, c);
+}
+
 template <typename scalar_t>
 void adamw_rows(scalar_t* val, const scalar_t* g, float* m, float* v, int32_t* age, int64_t n, const AdamWCfg& c) {
-  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      val[i] = static_cast<scalar_t>(adamw_step(static_cast<float>(val[i]), static_cast<float>(g[i]), m[i], v[i],
-                                                age[i], c));
+  at::parallel_for(0, n, 65536, [&](int64_t i0, int64_t i1) {
+    // neighbouring deltas almost always share their age (all but the freshly regrown ones): process
+    // runs of equal age with the two bias corrections computed once per run
+    for (int64_t i = i0; i < i1;) {
+      const int32_t a = age[i];
+      int64_t j = i + 1;
+      while (j < i1 && age[j] == a) ++j;
+      adamw_run_any(val + i, g + i, m + i, v + i, j - i, bias_correction(c.beta1, a + 1),
+                    bias_correction(c.beta2, a + 1), c);
+      for (int64_t t = i; t < j; ++t) age[t] = a + 1;
+      i = j;
+    }
   });
 }
 

@@ -428,3 +428,11 @@ def test_spiel_ma_growth():
     assert torch.equal(sched2._sm3[id(layer)].row, st.row)
     with pytest.raises(ValueError, match="growth must be 'ag'"):
         longtune.train.SpIELScheduler(model, opt, growth="random")
+
+
+def test_sparse_adamw_opcheck():
+    n = 33
+    args = (torch.randn(n), torch.randn(n), torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.int32),
+            1e-3, 0.9, 0.999, 1e-8, 0.01)
+    torch.library.opcheck(torch.ops.longtune.sparse_adamw_.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

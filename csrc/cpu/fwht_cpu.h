@@ -6,14 +6,9 @@
 #include <cstring>
 #include <type_traits>
 
-namespace lt::cpu {
+#include "cpu/multiversion.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define LT_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LT_MULTIVERSION
-#endif
-#define LT_ALWAYS_INLINE inline __attribute__((always_inline))
+namespace lt::cpu {
 
 // Levels h = 1, 2, 4 of one 8-element group held in a vector register: each level is a lane
 // permutation, an add, a subtract and a select (GCC/Clang vector extensions, so the code is

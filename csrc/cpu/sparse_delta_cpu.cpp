@@ -7,15 +7,11 @@
 
 #include "common/sparse_adamw_host.h"
 #include "common/sparse_delta_host.h"
+#include "cpu/multiversion.h"
 
 namespace lt::sparse_delta {
 namespace {
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define LT_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LT_MULTIVERSION
-#endif
 
 // Token blocks of kTB tokens: the block's grad_out and x rows are transposed into feature-major
 // tiles ([out][kTB] and [in][kTB], together (out + in) * kTB values, L2-resident), then every index

@@ -50,15 +50,19 @@ def rotate(x: torch.Tensor, hadamard_size: int | None = None) -> torch.Tensor:
     return _had.hadamard_transform(xb, 1 / math.sqrt(h)).reshape(x.shape)
 
 
+def _unclamped_codes(x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype):
+    """(round(x / scale) + zero per group, scale, zero) - the codes before clamping to the range."""
+    xg = _groups(x.to(compute_dtype), granularity, group_size)
+    scale, zero = group_params(xg, bits, symmetric, clip_ratio, compute_dtype)
+    return torch.round(xg / scale) + zero, scale, zero
+
+
 def quantize(x, bits=4, granularity="per_token", group_size=None, symmetric=True, clip_ratio=1.0,
              compute_dtype=torch.float32):
     """(codes, scales, zeros): codes in the signed / unsigned range, one scale / zero per group."""
-    xc = x.to(compute_dtype)
-    xg = _groups(xc, granularity, group_size)
-    scale, zero = group_params(xg, bits, symmetric, clip_ratio, compute_dtype)
+    u, scale, zero = _unclamped_codes(x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype)
     qmin, qmax = qrange(bits, symmetric)
-    codes = torch.clamp(torch.round(xg / scale) + zero, qmin, qmax)
-    return codes.reshape(x.shape), scale.squeeze(-1), zero.squeeze(-1)
+    return torch.clamp(u, qmin, qmax).reshape(x.shape), scale.squeeze(-1), zero.squeeze(-1)
 
 
 def fake_quant(x, bits=4, granularity="per_token", group_size=None, symmetric=True, clip_ratio=1.0,
@@ -70,11 +74,8 @@ def fake_quant(x, bits=4, granularity="per_token", group_size=None, symmetric=Tr
 
 def in_range_mask(x, bits=4, granularity="per_token", group_size=None, symmetric=True, clip_ratio=1.0,
                   compute_dtype=torch.float32):
-    xc = x.to(compute_dtype)
-    xg = _groups(xc, granularity, group_size)
-    scale, zero = group_params(xg, bits, symmetric, clip_ratio, compute_dtype)
+    u, _, _ = _unclamped_codes(x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype)
     qmin, qmax = qrange(bits, symmetric)
-    u = torch.round(xg / scale) + zero
     return ((u >= qmin) & (u <= qmax)).reshape(x.shape)
 
 

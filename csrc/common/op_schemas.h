@@ -40,6 +40,24 @@
   "sparse_adamw_(Tensor(a!) values, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) age, " \
   "float lr, float beta1, float beta2, float eps, float weight_decay) -> ()"
 
+// Block-sparse flash attention (S^2-Attn, SQA/GQA/MQA head maps, window / Lambda-mask); the mask is
+// the parameter set of csrc/common/attn_mask.h, never a tensor. Batched: q (B, Nq, Hq, D),
+// k/v (B, Nk, Hkv, D), key_padding_mask (B, Nk) bool or None; packed: cu_seqlens_q/_k (B+1) int32/64
+// and q (Tq, Hq, D), k/v (Tk, Hkv, D). Returns out (.., H, D) with H = max(Hq, Hkv) in q's dtype and
+// lse (B, H, Nq) / (H, Tq), float32 (float64 for float64 input). s2_mode: "none", "leakfree",
+// "longlora_roll"; window_left/right < 0: unbounded; q_offset < 0: bottom-right alignment.
+#define LT_SCHEMA_ATTN_FWD                                                                               \
+  "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "  \
+  "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, "         \
+  "int s2_group_size, str s2_mode, int window_left, int window_right, int n_global, int q_offset, "       \
+  "int kv_offset) -> (Tensor, Tensor)"
+// Its backward: (dq, dk, dv) with q's, k's and v's shapes and dtypes (P recomputed from lse).
+#define LT_SCHEMA_ATTN_BWD                                                                                \
+  "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "          \
+  "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "              \
+  "int max_seqlen_k, float softmax_scale, bool causal, int s2_group_size, str s2_mode, int window_left, " \
+  "int window_right, int n_global, int q_offset, int kv_offset) -> (Tensor, Tensor, Tensor)"
+
 // Applies F to every op schema above (used by both libraries).
 #define LT_FOR_EACH_SCHEMA(F) \
   F(LT_SCHEMA_HADAMARD);      \
@@ -48,4 +66,6 @@
   F(LT_SCHEMA_FAKE_QUANT_BWD); \
   F(LT_SCHEMA_QUANTIZE);      \
   F(LT_SCHEMA_SPARSE_DELTA_GRAD); \
-  F(LT_SCHEMA_SPARSE_ADAMW)
+  F(LT_SCHEMA_SPARSE_ADAMW);  \
+  F(LT_SCHEMA_ATTN_FWD);      \
+  F(LT_SCHEMA_ATTN_BWD)

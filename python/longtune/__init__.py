@@ -7,6 +7,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.longtune.*)
 from . import ops, reference  # noqa: F401
+from .ops.attention import sparse_attention
 from .ops.hadamard import hadamard_matrix, hadamard_transform
 from .ops.quant import dequantize, quantize, quantize_weight, rotate_fake_quant
 from . import nn  # noqa: E402,F401
@@ -15,7 +16,7 @@ from . import train  # noqa: E402,F401
 from .train.sparse import sparsify  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
+__all__ = ["sparse_attention", "hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
            "quantize_weight", "nn", "quant", "train", "sparsify", "ops", "reference", "has_cuda_kernels", "has_emulator"]
 
 

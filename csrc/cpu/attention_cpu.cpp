@@ -1,0 +1,367 @@
+// CPU kernels of the sparse-attention family: tiled FlashAttention (online softmax, BLAS on tiles),
+// at::parallel_for over (batch, head, query tile) in the forward and over (batch, head group, key
+// tile) in the backward. Only the tiles the mask touches are visited (csrc/common/attn_mask.h), and
+// elements are tested only in tiles a row does not cover completely. float32 and float64 compute;
+// float16 / bfloat16 inputs are computed in float32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/attn_host.h"
+#include "cpu/multiversion.h"
+
+// BLAS (Fortran interface) from the MKL / OpenBLAS that libtorch_cpu carries; weak, so a torch
+// build without it falls back to the loops below instead of failing to load.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace lt::attn {
+namespace {
+
+constexpr int64_t BQ = 64, BK = 64;
+
+// Row-major C (M x N, ldc) = alpha * op(A) * op(B) + beta * C, op(X) = X or X^T (X row-major, ld).
+template <class T>
+void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+        int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
+  const char fa = tb ? 'T' : 'N', fb = ta ? 'T' : 'N';
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) { sgemm_(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc); return; }
+  } else {
+    if (dgemm_) { dgemm_(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc); return; }
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      T s = 0;
+      for (int64_t p = 0; p < K; ++p) s += (ta ? A[p * lda + i] : A[i * lda + p]) * (tb ? B[j * ldb + p] : B[p * ldb + j]);
+      C[i * ldc + j] = alpha * s + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+    }
+}
+
+// exp(x) for x <= 0 (softmax numerators), vectorisable: 2^n * p(r) with a degree-6 polynomial on
+// |r| <= ln2/2 (relative error < 2 ulp); x < -87 gives exactly 0 (also -inf = masked).
+LT_ALWAYS_INLINE float exp_neg(float x) {
+  const float xc = x < -87.f ? -87.f : x;
+  const float n = __builtin_roundevenf(xc * 1.44269504088896341f);
+  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const float s = std::bit_cast<float>(int32_t(int32_t(n) + 127) << 23);
+  return x < -87.f ? 0.f : p * s;
+}
+LT_ALWAYS_INLINE double exp_neg(double x) { return std::exp(x); }
+
+// p[c] = exp(s[c] - m) for c < n; returns the sum.
+LT_MULTIVERSION float exp_row(float* __restrict s, int64_t n, float m) {
+  float sum = 0.f;
+  for (int64_t c = 0; c < n; ++c) {
+    const float e = exp_neg(s[c] - m);
+    s[c] = e;
+    sum += e;
+  }
+  return sum;
+}
+double exp_row(double* s, int64_t n, double m) {
+  double sum = 0;
+  for (int64_t c = 0; c < n; ++c) sum += (s[c] = std::exp(s[c] - m));
+  return sum;
+}
+
+// Tensor views: element (b, row, head) of a (B, N, H, D) or packed (T, H, D) tensor.
+template <class T>
+struct View {
+  T* p = nullptr;
+  int64_t sb = 0, sn = 0, sh = 0;
+  View() = default;
+  View(const at::Tensor& t, bool varlen)
+      : p(static_cast<T*>(t.data_ptr())),
+        sb(varlen ? 0 : t.stride(0)),
+        sn(t.stride(varlen ? 0 : 1)),
+        sh(t.stride(varlen ? 1 : 2)) {}
+  T* at(int64_t b, int64_t row, int64_t h) const { return p + b * sb + row * sn + h * sh; }
+};
+
+// lse / Dsum index of (b, e, sequence-local row i).
+struct RowIndex {
+  int64_t sb, sh;
+  int64_t operator()(const AttnArgs& a, int64_t b, int64_t e, int64_t i) const { return b * sb + e * sh + a.q_start(b) + i; }
+};
+RowIndex row_index(const AttnArgs& a) {
+  return a.varlen ? RowIndex{0, a.total_q} : RowIndex{a.heads * a.nq, a.nq};
+}
+
+// Masks S (rows x cols at key j0, ld BK) with -inf where the element is not visible.
+template <class T>
+void apply_mask(T* S, int64_t rows, int64_t cols, int64_t j0, const Ranges* rr, const uint8_t* kpm) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s = S + r * BK;
+    if (!row_covers(rr[r], j0, j0 + cols))
+      for (int64_t c = 0; c < cols; ++c)
+        if (!in_ranges(rr[r], j0 + c)) s[c] = ninf;
+    if (kpm)
+      for (int64_t c = 0; c < cols; ++c)
+        if (!kpm[j0 + c]) s[c] = ninf;
+  }
+}
+
+template <class T>
+void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+              at::Tensor& lse) {
+  const View<T> Q(q, a.varlen), K(k, a.varlen), V(v, a.varlen), O(out, a.varlen);
+  T* L = lse.data_ptr<T>();
+  const RowIndex ri = row_index(a);
+  const HeadMap hm = a.hm();
+  const int64_t d = a.d, nqt = (a.nq + BQ - 1) / BQ;
+  const uint8_t* kpm = a.kpm.defined() ? a.kpm.data_ptr<uint8_t>() : nullptr;
+  const T scale = static_cast<T>(a.scale);
+  at::parallel_for(0, a.batch * a.heads * nqt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(BQ * BK), acc(BQ * d), m(BQ), l(BQ);
+    std::vector<Ranges> rr(BQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qt = task % nqt, e = (task / nqt) % a.heads, b = task / (nqt * a.heads);
+      const int64_t nq = a.q_len(b), nk = a.k_len(b), i0 = qt * BQ;
+      if (i0 >= nq) continue;
+      const int64_t rows = std::min(BQ, nq - i0);
+      const SeqMask mk = bind(a.mask, nq, nk, int32_t(e));
+      const int32_t qh = hm.q_head(int32_t(e)), kh = hm.kv_head(int32_t(e));
+      const uint8_t* kp = kpm ? kpm + b * a.nk : nullptr;
+      for (int64_t r = 0; r < rows; ++r) rr[r] = mk.row_ranges(i0 + r);
+      const Ranges kt_r = tile_ranges<true>(mk, i0, i0 + rows, BK);
+      std::fill(acc.begin(), acc.begin() + rows * d, T(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+      std::fill(l.begin(), l.end(), T(0));
+      const T* qp = Q.at(b, a.q_start(b) + i0, qh);
+      for (int32_t t = 0; t < kt_r.n; ++t) {
+        for (int64_t kt = kt_r.lo[t]; kt < kt_r.hi[t]; ++kt) {
+          const int64_t j0 = kt * BK, cols = std::min(BK, nk - j0);
+          const T* kp_ = K.at(b, a.k_start(b) + j0, kh);
+          const T* vp = V.at(b, a.k_start(b) + j0, kh);
+          mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, kp_, K.sn, T(0), S.data(), BK);
+          apply_mask(S.data(), rows, cols, j0, rr.data(), kp);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* s = S.data() + r * BK;
+            T mx = m[r];
+            for (int64_t c = 0; c < cols; ++c) mx = s[c] > mx ? s[c] : mx;
+            if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
+              std::fill(s, s + cols, T(0));
+              continue;
+            }
+            const T alpha = exp_neg(m[r] - mx);  // m = -inf -> 0
+            l[r] = l[r] * alpha + exp_row(s, cols, mx);
+            if (alpha != T(1)) {
+              T* o = acc.data() + r * d;
+              for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
+            }
+            m[r] = mx;
+          }
+          mm<T>(false, false, rows, d, cols, T(1), S.data(), BK, vp, V.sn, T(1), acc.data(), d);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* o = O.at(b, a.q_start(b) + i0 + r, e);
+        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+        for (int64_t c = 0; c < d; ++c) o[c] = acc[r * d + c] * inv;
+        L[ri(a, b, e, i0 + r)] = l[r] > T(0) ? m[r] + std::log(l[r]) : -std::numeric_limits<T>::infinity();
+      }
+    }
+  });
+}
+
+template <class T>
+void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const View<T> Q(q, a.varlen), K(k, a.varlen), V(v, a.varlen), O(out, a.varlen), dO(go, a.varlen);
+  const View<T> dK(dk, a.varlen), dV(dv, a.varlen);
+  const T* L = lse.data_ptr<T>();
+  const RowIndex ri = row_index(a);
+  const HeadMap hm = a.hm();
+  const int64_t d = a.d;
+  const uint8_t* kpm = a.kpm.defined() ? a.kpm.data_ptr<uint8_t>() : nullptr;
+  const T scale = static_cast<T>(a.scale);
+  // Dsum[b, e, i] = sum_d dO * O (the softmax backward's row term), laid out like lse.
+  std::vector<T> Dsum(lse.numel());
+  at::parallel_for(0, a.batch * a.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t be = begin; be < end; ++be) {
+      const int64_t b = be / a.heads, e = be % a.heads;
+      for (int64_t i = 0; i < a.q_len(b); ++i) {
+        const T* g = dO.at(b, a.q_start(b) + i, e);
+        const T* o = O.at(b, a.q_start(b) + i, e);
+        T s = 0;
+        for (int64_t c = 0; c < d; ++c) s += g[c] * o[c];
+        Dsum[ri(a, b, e, i)] = s;
+      }
+    }
+  });
+  // dQ: per-thread accumulators (tasks of different key tiles add into the same rows).
+  const int nthreads = at::get_num_threads();
+  std::vector<at::Tensor> dq_parts(nthreads);
+  const int64_t ngroups = hm.groups(), gsize = hm.group_size(), nkt = (a.nk + BK - 1) / BK;
+  at::parallel_for(0, a.batch * ngroups * nkt, 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    if (!dq_parts[tid].defined()) dq_parts[tid] = at::zeros(dq.sizes(), dq.options());
+    const View<T> dQ(dq_parts[tid], a.varlen);
+    std::vector<T> S(BQ * BK), dP(BQ * BK);
+    std::vector<Ranges> rr(BQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kt = task % nkt, g = (task / nkt) % ngroups, b = task / (nkt * ngroups);
+      const int64_t nq = a.q_len(b), nk = a.k_len(b), j0 = kt * BK;
+      if (j0 >= nk) continue;
+      const int64_t cols = std::min(BK, nk - j0);
+      const uint8_t* kp = kpm ? kpm + b * a.nk : nullptr;
+      for (int64_t t = 0; t < gsize; ++t) {
+        const int32_t e = hm.member(int32_t(g), int32_t(t)), qh = hm.q_head(e), kh = hm.kv_head(e);
+        const SeqMask mk = bind(a.mask, nq, nk, e);
+        const Ranges qt_r = tile_ranges<false>(mk, j0, j0 + cols, BQ);
+        const T* kp_ = K.at(b, a.k_start(b) + j0, kh);
+        const T* vp = V.at(b, a.k_start(b) + j0, kh);
+        T* dkp = dK.at(b, a.k_start(b) + j0, kh);
+        T* dvp = dV.at(b, a.k_start(b) + j0, kh);
+        for (int32_t u = 0; u < qt_r.n; ++u) {
+          for (int64_t qt = qt_r.lo[u]; qt < qt_r.hi[u]; ++qt) {
+            const int64_t i0 = qt * BQ, rows = std::min(BQ, nq - i0);
+            for (int64_t r = 0; r < rows; ++r) rr[r] = mk.row_ranges(i0 + r);
+            const T* qp = Q.at(b, a.q_start(b) + i0, qh);
+            const T* gp = dO.at(b, a.q_start(b) + i0, e);
+            mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, kp_, K.sn, T(0), S.data(), BK);
+            apply_mask(S.data(), rows, cols, j0, rr.data(), kp);
+            for (int64_t r = 0; r < rows; ++r) {
+              const T lr = L[ri(a, b, e, i0 + r)];
+              T* s = S.data() + r * BK;
+              if (lr == -std::numeric_limits<T>::infinity()) std::fill(s, s + cols, T(0));
+              else exp_row(s, cols, lr);
+            }
+            // dV += P^T dO ; dP = dO V^T ; dS = P (dP - Dsum) * scale ; dK += dS^T Q ; dQ += dS K
+            mm<T>(true, false, cols, d, rows, T(1), S.data(), BK, gp, dO.sn, T(1), dvp, dV.sn);
+            mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, vp, V.sn, T(0), dP.data(), BK);
+            for (int64_t r = 0; r < rows; ++r) {
+              const T ds = Dsum[ri(a, b, e, i0 + r)];
+              T* s = S.data() + r * BK;
+              const T* p = dP.data() + r * BK;
+              for (int64_t c = 0; c < cols; ++c) s[c] = s[c] * (p[c] - ds) * scale;
+            }
+            mm<T>(true, false, cols, d, rows, T(1), S.data(), BK, qp, Q.sn, T(1), dkp, dK.sn);
+            mm<T>(false, false, rows, d, cols, T(1), S.data(), BK, kp_, K.sn, T(1), dQ.at(b, a.q_start(b) + i0, qh),
+                  dQ.sn);
+          }
+        }
+      }
+    }
+  });
+  bool first = true;
+  for (auto& part : dq_parts) {
+    if (!part.defined()) continue;
+    if (first) dq.copy_(part); else dq.add_(part);
+    first = false;
+  }
+  if (first) dq.zero_();
+}
+
+at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                       const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
+                                       const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                                       double scale, bool causal, int64_t group, c10::string_view mode, int64_t wl,
+                                       int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off) {
+  const char* op = "sparse_attention_fwd";
+  const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
+                                     std::string(mode), wl, wr, ng, q_off, kv_off, /*allow_f64=*/true);
+  const auto ct = compute_type(q_);
+  const at::Tensor q = last_dim_contiguous(q_.to(ct)), k = last_dim_contiguous(k_.to(ct)),
+                   v = last_dim_contiguous(v_.to(ct));
+  at::Tensor out = empty_out(a, q), lse = empty_lse(a, q);
+  if (out.numel() == 0 && lse.numel() == 0) return {out.to(q_.scalar_type()), lse};
+  if (ct == at::kDouble) fwd_impl<double>(a, q, k, v, out, lse);
+  else fwd_impl<float>(a, q, k, v, out, lse);
+  return {out.to(q_.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& go_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
+    const at::Tensor& lse_, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
+    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, int64_t group,
+    c10::string_view mode, int64_t wl, int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off) {
+  const char* op = "sparse_attention_bwd";
+  const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
+                                     std::string(mode), wl, wr, ng, q_off, kv_off, /*allow_f64=*/true);
+  check_bwd_tensors(op, a, q_, go_, out_, lse_);
+  const auto ct = compute_type(q_);
+  const at::Tensor q = last_dim_contiguous(q_.to(ct)), k = last_dim_contiguous(k_.to(ct)),
+                   v = last_dim_contiguous(v_.to(ct)), go = last_dim_contiguous(go_.to(ct)),
+                   out = last_dim_contiguous(out_.to(ct)), lse = lse_.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+             dv = at::zeros(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+  } else if (ct == at::kDouble) {
+    bwd_impl<double>(a, go, q, k, v, out, lse, dq, dk, dv);
+  } else {
+    bwd_impl<float>(a, go, q, k, v, out, lse, dq, dk, dv);
+  }
+  return {dq.to(q_.scalar_type()), dk.to(k_.scalar_type()), dv.to(v_.scalar_type())};
+}
+
+}  // namespace
+}  // namespace lt::attn
+
+TORCH_LIBRARY_IMPL(longtune, CPU, m) {
+  m.impl("sparse_attention_fwd", &lt::attn::fwd);
+  m.impl("sparse_attention_bwd", &lt::attn::bwd);
+}
+
+namespace lt::attn {
+namespace {
+
+at::Tensor mask_ranges(int64_t nq, int64_t nk, int64_t head, int64_t heads, bool causal, int64_t group,
+                       c10::string_view mode, int64_t wl, int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off,
+                       bool cols, int64_t i0, int64_t i1, int64_t tile) {
+  const char* op = "attention_mask_ranges";
+  LT_CHECK(op, nq >= 0 && nk >= 0 && heads >= 1 && head >= 0 && head < heads, "bad sizes nq=", nq, " nk=", nk,
+           " head=", head, " heads=", heads);
+  // Reuse the op's checks on a tiny meta problem so the mask is exactly the kernels'.
+  const auto opts = at::TensorOptions().device(at::kMeta).dtype(at::kFloat);
+  const at::Tensor q = at::empty({1, nq, heads, 1}, opts), k = at::empty({1, nk, heads, 1}, opts);
+  AttnArgs a = check_attn_args(op, q, k, k, std::nullopt, std::nullopt, std::nullopt, 0, 0, 1.0, causal, group,
+                               std::string(mode), wl, wr, ng, q_off, kv_off, false);
+  const SeqMask mk = bind(a.mask, nq, nk, int32_t(head));
+  auto fill = [](int64_t* o, const Ranges& r) {
+    for (int t = 0; t < 2; ++t) {
+      o[2 * t] = t < r.n ? r.lo[t] : 0;
+      o[2 * t + 1] = t < r.n ? r.hi[t] : 0;
+    }
+  };
+  if (tile > 0) {
+    at::Tensor out = at::empty({2, 2}, at::kLong);
+    fill(out.data_ptr<int64_t>(), cols ? tile_ranges<false>(mk, i0, i1, tile) : tile_ranges<true>(mk, i0, i1, tile));
+    return out;
+  }
+  const int64_t n = cols ? nk : nq;
+  at::Tensor out = at::empty({n, 2, 2}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) fill(o + 4 * i, cols ? mk.col_ranges(i) : mk.row_ranges(i));
+  return out;
+}
+
+}  // namespace
+}  // namespace lt::attn
+
+TORCH_LIBRARY_IMPL(longtune_test, CompositeExplicitAutograd, m) {
+  m.impl("attention_mask_ranges", &lt::attn::mask_ranges);
+}

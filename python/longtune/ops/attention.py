@@ -1,0 +1,167 @@
+"""Sparse attention ops: ``torch.ops.longtune.sparse_attention_fwd/_bwd`` with fake kernels, autograd,
+FLOP formulas (unmasked pairs only), and the public ``sparse_attention`` function.
+
+The semantics are those of :mod:`longtune.reference.attention` (the spec)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+_FWD = torch.ops.longtune.sparse_attention_fwd
+_BWD = torch.ops.longtune.sparse_attention_bwd
+_RANGES = torch.ops.longtune_test.attention_mask_ranges
+
+S2_MODES = ("leakfree", "longlora_roll")
+
+
+def mask_args(causal=True, s2_group_size=None, s2_mode="leakfree", window=None, n_global=0, q_offset=None,
+              kv_offset=0):
+    """The op's mask parameters (causal, s2_group_size, s2_mode, window_left, window_right, n_global,
+    q_offset, kv_offset) from the public keyword arguments, with Python-level validation."""
+    if s2_group_size is not None and s2_mode not in S2_MODES:
+        raise ValueError(f"longtune.sparse_attention: s2_mode must be one of {S2_MODES}, got {s2_mode!r}")
+    if window is None:
+        wl, wr = -1, -1
+    elif isinstance(window, int):
+        wl, wr = window, -1
+    else:
+        try:
+            left, right = window
+        except (TypeError, ValueError):
+            raise ValueError(f"longtune.sparse_attention: window must be an int, a (left, right) pair or None, "
+                             f"got {window!r}") from None
+        wl = -1 if left is None else int(left)
+        wr = -1 if right is None else int(right)
+        if left is not None and wl < 1 or right is not None and wr < 1:
+            raise ValueError(f"longtune.sparse_attention: window sizes must be >= 1, got {window!r}")
+    if isinstance(window, int) and window < 1:
+        raise ValueError(f"longtune.sparse_attention: window must be >= 1, got {window}")
+    g = 0 if s2_group_size is None else int(s2_group_size)
+    if s2_group_size is not None and (g < 2 or g % 2):
+        raise ValueError(f"longtune.sparse_attention: s2_group_size must be an even number >= 2, got {s2_group_size}")
+    mode = "none" if s2_group_size is None else s2_mode
+    return (bool(causal), g, mode, wl, wr, int(n_global), -1 if q_offset is None else int(q_offset), int(kv_offset))
+
+
+class _Fn:
+    """Saved-tensor plumbing of the autograd registration."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, kpm, cu_q, cu_k, *rest = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k)
+        ctx.rest = rest
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, kpm, cu_q, cu_k = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = _BWD(grad_out.contiguous(), q, k, v, out, lse, kpm, cu_q, cu_k, *ctx.rest)
+        return (dq, dk, dv) + (None,) * (3 + len(ctx.rest))
+
+
+torch.library.register_autograd("longtune::sparse_attention_fwd", _Fn.backward, setup_context=_Fn.setup_context)
+
+
+def _heads(q, k):
+    return max(q.shape[-2], k.shape[-2])
+
+
+@torch.library.register_fake("longtune::sparse_attention_fwd")
+def _fake_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off):
+    h = _heads(q, k)
+    ldt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if cu_q is not None:
+        return q.new_empty((q.shape[0], h, q.shape[-1])), q.new_empty((h, q.shape[0]), dtype=ldt)
+    return (q.new_empty((q.shape[0], q.shape[1], h, q.shape[-1])),
+            q.new_empty((q.shape[0], h, q.shape[1]), dtype=ldt))
+
+
+@torch.library.register_fake("longtune::sparse_attention_bwd")
+def _fake_bwd(go, q, k, v, out, lse, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def count_pairs(nq: int, nk: int, heads: int, *, causal=True, s2_group_size=None, s2_mode="leakfree", window=None,
+                n_global=0, q_offset=None, kv_offset=0, key_padding_mask=None) -> int:
+    """Number of unmasked (query, key) pairs of one sequence summed over ``heads`` output heads
+    (``key_padding_mask``: 1-D bool over the keys). FLOPs: forward 4 * pairs * head_dim."""
+    c, g, mode, wl, wr, ng, qo, ko = mask_args(causal, s2_group_size, s2_mode, window, n_global, q_offset, kv_offset)
+    if nq == 0 or nk == 0:
+        return 0
+    pre = None
+    if key_padding_mask is not None:
+        pre = torch.zeros(nk + 1, dtype=torch.long)
+        pre[1:] = key_padding_mask.to("cpu", torch.long).cumsum(0)
+    total = 0
+    for h in range(heads):
+        r = _RANGES(nq, nk, h, heads, c, g, mode, wl, wr, ng, qo, ko, False, 0, 0, 0)
+        if pre is None:
+            total += int((r[:, :, 1] - r[:, :, 0]).sum())
+        else:
+            total += int((pre[r[:, :, 1]] - pre[r[:, :, 0]]).sum())
+    return total
+
+
+def _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv_off):
+    h = _heads(q, k)
+    kw = dict(causal=causal, s2_group_size=g or None, s2_mode=mode if g else "leakfree",
+              window=None if wl < 0 and wr < 0 else (None if wl < 0 else wl, None if wr < 0 else wr),
+              n_global=ng, q_offset=None if q_off < 0 else q_off, kv_offset=kv_off)
+    if cu_q is not None:
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        return sum(count_pairs(cq[b + 1] - cq[b], ck[b + 1] - ck[b], h, **kw) for b in range(len(cq) - 1))
+    return sum(count_pairs(q.shape[1], k.shape[1], h, key_padding_mask=None if kpm is None else kpm[b], **kw)
+               for b in range(q.shape[0]))
+
+
+@register_flop_formula(torch.ops.longtune.sparse_attention_fwd)
+def _flops_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off, *args,
+               out_shape=None, **kwargs) -> int:
+    return 4 * q.shape[-1] * _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv_off)
+
+
+@register_flop_formula(torch.ops.longtune.sparse_attention_bwd)
+def _flops_bwd(go, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off,
+               kv_off, *args, out_shape=None, **kwargs) -> int:
+    return 10 * q.shape[-1] * _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv_off)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                     s2_group_size: Optional[int] = None, s2_mode: str = "leakfree", window=None, n_global: int = 0,
+                     softmax_scale: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                     cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                     cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: Optional[int] = None,
+                     q_offset: Optional[int] = None, kv_offset: int = 0, return_lse: bool = False):
+    """Block-sparse flash attention (autograd-aware; CPU and CUDA kernels).
+
+    q: (B, N_q, H_q, D), k/v: (B, N_k, H_kv, D); packed with ``cu_seqlens`` (B+1 offsets, int32/64):
+    q (T_q, H_q, D), k/v (T_k, H_kv, D) (``cu_seqlens_k`` defaults to ``cu_seqlens``).
+    Returns out (.., H, D) with H = max(H_q, H_kv) (and lse (B, H, N_q) / (H, T_q) float32 when
+    ``return_lse``).
+
+    - ``causal``: key j visible to query i only if j <= i (bottom-right aligned when N_q < N_k,
+      or at ``q_offset``: query i sits at key position q_offset + i).
+    - ``s2_group_size`` G: LongLoRA S^2-Attn -- attention inside groups of G; the second half of the
+      heads is shifted by G/2. ``s2_mode="leakfree"`` (default) never lets a token see a later one;
+      ``"longlora_roll"`` reproduces LongLoRA's torch.roll formulation bit for bit, including its
+      last shifted group that wraps around and sees future tokens (only to reproduce models trained
+      with it).
+    - ``window``: int w (key visible iff i - j < w) or (left, right); ``n_global``: the first
+      n_global keys stay visible outside the window (LM-Infinite's Lambda-mask).
+    - ``key_padding_mask``: (B, N_k) bool, True = keep. A query that sees no key outputs 0.
+    - ``kv_offset``: absolute position of key 0 (S^2 groups and global tokens are positions).
+    """
+    c, g, mode, wl, wr, ng, qo, ko = mask_args(causal, s2_group_size, s2_mode, window, n_global, q_offset, kv_offset)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
+    mq = int(max_seqlen) if max_seqlen is not None else 0
+    mk = int(max_seqlen_k) if max_seqlen_k is not None else mq
+    out, lse = _FWD(q, k, v, key_padding_mask, cu_seqlens, cu_k, mq, mk, scale, c, g, mode, wl, wr, ng, qo, ko)
+    return (out, lse) if return_lse else out

@@ -49,13 +49,14 @@ void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, 
     }
 }
 
-// exp(x) for x <= 0 (softmax numerators), vectorisable: 2^n * p(r) with a degree-6 polynomial on
-// |r| <= ln2/2 (relative error < 2 ulp); x < -87 gives exactly 0 (also -inf = masked).
+// exp(x) for x <= 0 (softmax numerators), vectorisable: 2^n * p(r) with the degree-7 Taylor polynomial
+// on |r| <= ln2/2 (truncation 5e-9, below fp32 rounding); x < -87 gives exactly 0 (also -inf = masked).
 LT_ALWAYS_INLINE float exp_neg(float x) {
   const float xc = x < -87.f ? -87.f : x;
   const float n = __builtin_roundevenf(xc * 1.44269504088896341f);
   const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-  float p = 1.f / 720;
+  float p = 1.f / 5040;
+  p = p * r + 1.f / 720;
   p = p * r + 1.f / 120;
   p = p * r + 1.f / 24;
   p = p * r + 1.f / 6;
@@ -70,6 +71,7 @@ LT_ALWAYS_INLINE double exp_neg(double x) { return std::exp(x); }
 // p[c] = exp(s[c] - m) for c < n; returns the sum.
 LT_MULTIVERSION float exp_row(float* __restrict s, int64_t n, float m) {
   float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) {
     const float e = exp_neg(s[c] - m);
     s[c] = e;
@@ -81,6 +83,35 @@ double exp_row(double* s, int64_t n, double m) {
   double sum = 0;
   for (int64_t c = 0; c < n; ++c) sum += (s[c] = std::exp(s[c] - m));
   return sum;
+}
+
+LT_MULTIVERSION float row_max(const float* __restrict s, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
+  return mx;
+}
+double row_max(const double* s, int64_t n) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
+  return mx;
+}
+
+LT_MULTIVERSION float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+double dot(const double* a, const double* b, int64_t n) {
+  double s = 0;
+  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+// p[c] = p[c] * (dp[c] - D) * scale (dS, in place over P)
+template <class T>
+LT_ALWAYS_INLINE void ds_row(T* __restrict p, const T* __restrict dp, int64_t n, T D, T scale) {
+  for (int64_t c = 0; c < n; ++c) p[c] = p[c] * (dp[c] - D) * scale;
 }
 
 // Tensor views: element (b, row, head) of a (B, N, H, D) or packed (T, H, D) tensor.
@@ -157,8 +188,7 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
           apply_mask(S.data(), rows, cols, j0, rr.data(), kp);
           for (int64_t r = 0; r < rows; ++r) {
             T* s = S.data() + r * BK;
-            T mx = m[r];
-            for (int64_t c = 0; c < cols; ++c) mx = s[c] > mx ? s[c] : mx;
+            const T mx = std::max(m[r], row_max(s, cols));
             if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
               std::fill(s, s + cols, T(0));
               continue;
@@ -184,93 +214,92 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
   });
 }
 
+// Backward, one task per (batch, head group, query tile), looping over the group's output heads:
+// pass 1 recomputes P = exp(S - lse) and dP = dO V^T for every visible key tile of the row block and
+// forms D = rowsum(P * dP) from exactly these values (so a row with one visible key gets dS = 0
+// exactly, as in autograd's softmax backward; the FlashAttention shortcut D = rowsum(dO * O) leaves
+// the rounding of dP there); pass 2 forms dS = P (dP - D) scale and accumulates dQ += dS K (rows
+// owned by the task), dK += dS^T Q and dV += P^T dO into per-thread buffers (key tiles are shared
+// by the query tiles of other tasks), summed at the end.
 template <class T>
 void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const View<T> Q(q, a.varlen), K(k, a.varlen), V(v, a.varlen), O(out, a.varlen), dO(go, a.varlen);
-  const View<T> dK(dk, a.varlen), dV(dv, a.varlen);
+              const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const View<T> Q(q, a.varlen), K(k, a.varlen), V(v, a.varlen), dO(go, a.varlen), dQ(dq, a.varlen);
   const T* L = lse.data_ptr<T>();
   const RowIndex ri = row_index(a);
   const HeadMap hm = a.hm();
-  const int64_t d = a.d;
+  const int64_t d = a.d, nqt = (a.nq + BQ - 1) / BQ;
   const uint8_t* kpm = a.kpm.defined() ? a.kpm.data_ptr<uint8_t>() : nullptr;
   const T scale = static_cast<T>(a.scale);
-  // Dsum[b, e, i] = sum_d dO * O (the softmax backward's row term), laid out like lse.
-  std::vector<T> Dsum(lse.numel());
-  at::parallel_for(0, a.batch * a.heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t be = begin; be < end; ++be) {
-      const int64_t b = be / a.heads, e = be % a.heads;
-      for (int64_t i = 0; i < a.q_len(b); ++i) {
-        const T* g = dO.at(b, a.q_start(b) + i, e);
-        const T* o = O.at(b, a.q_start(b) + i, e);
-        T s = 0;
-        for (int64_t c = 0; c < d; ++c) s += g[c] * o[c];
-        Dsum[ri(a, b, e, i)] = s;
-      }
-    }
-  });
-  // dQ: per-thread accumulators (tasks of different key tiles add into the same rows).
   const int nthreads = at::get_num_threads();
-  std::vector<at::Tensor> dq_parts(nthreads);
-  const int64_t ngroups = hm.groups(), gsize = hm.group_size(), nkt = (a.nk + BK - 1) / BK;
-  at::parallel_for(0, a.batch * ngroups * nkt, 1, [&](int64_t begin, int64_t end) {
+  std::vector<at::Tensor> dk_parts(nthreads), dv_parts(nthreads);
+  const int64_t ngroups = hm.groups(), gsize = hm.group_size();
+  at::parallel_for(0, a.batch * ngroups * nqt, 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
-    if (!dq_parts[tid].defined()) dq_parts[tid] = at::zeros(dq.sizes(), dq.options());
-    const View<T> dQ(dq_parts[tid], a.varlen);
-    std::vector<T> S(BQ * BK), dP(BQ * BK);
+    if (!dk_parts[tid].defined()) {
+      dk_parts[tid] = at::zeros(dk.sizes(), dk.options());
+      dv_parts[tid] = at::zeros(dv.sizes(), dv.options());
+    }
+    const View<T> dK(dk_parts[tid], a.varlen), dV(dv_parts[tid], a.varlen);
+    std::vector<T> P, dP, D(BQ);
     std::vector<Ranges> rr(BQ);
+    std::vector<int64_t> tiles;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t kt = task % nkt, g = (task / nkt) % ngroups, b = task / (nkt * ngroups);
-      const int64_t nq = a.q_len(b), nk = a.k_len(b), j0 = kt * BK;
-      if (j0 >= nk) continue;
-      const int64_t cols = std::min(BK, nk - j0);
+      const int64_t qt = task % nqt, g = (task / nqt) % ngroups, b = task / (nqt * ngroups);
+      const int64_t nq = a.q_len(b), nk = a.k_len(b), i0 = qt * BQ;
+      if (i0 >= nq) continue;
+      const int64_t rows = std::min(BQ, nq - i0);
       const uint8_t* kp = kpm ? kpm + b * a.nk : nullptr;
       for (int64_t t = 0; t < gsize; ++t) {
         const int32_t e = hm.member(int32_t(g), int32_t(t)), qh = hm.q_head(e), kh = hm.kv_head(e);
         const SeqMask mk = bind(a.mask, nq, nk, e);
-        const Ranges qt_r = tile_ranges<false>(mk, j0, j0 + cols, BQ);
-        const T* kp_ = K.at(b, a.k_start(b) + j0, kh);
-        const T* vp = V.at(b, a.k_start(b) + j0, kh);
-        T* dkp = dK.at(b, a.k_start(b) + j0, kh);
-        T* dvp = dV.at(b, a.k_start(b) + j0, kh);
-        for (int32_t u = 0; u < qt_r.n; ++u) {
-          for (int64_t qt = qt_r.lo[u]; qt < qt_r.hi[u]; ++qt) {
-            const int64_t i0 = qt * BQ, rows = std::min(BQ, nq - i0);
-            for (int64_t r = 0; r < rows; ++r) rr[r] = mk.row_ranges(i0 + r);
-            const T* qp = Q.at(b, a.q_start(b) + i0, qh);
-            const T* gp = dO.at(b, a.q_start(b) + i0, e);
-            mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, kp_, K.sn, T(0), S.data(), BK);
-            apply_mask(S.data(), rows, cols, j0, rr.data(), kp);
-            for (int64_t r = 0; r < rows; ++r) {
-              const T lr = L[ri(a, b, e, i0 + r)];
-              T* s = S.data() + r * BK;
-              if (lr == -std::numeric_limits<T>::infinity()) std::fill(s, s + cols, T(0));
-              else exp_row(s, cols, lr);
-            }
-            // dV += P^T dO ; dP = dO V^T ; dS = P (dP - Dsum) * scale ; dK += dS^T Q ; dQ += dS K
-            mm<T>(true, false, cols, d, rows, T(1), S.data(), BK, gp, dO.sn, T(1), dvp, dV.sn);
-            mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, vp, V.sn, T(0), dP.data(), BK);
-            for (int64_t r = 0; r < rows; ++r) {
-              const T ds = Dsum[ri(a, b, e, i0 + r)];
-              T* s = S.data() + r * BK;
-              const T* p = dP.data() + r * BK;
-              for (int64_t c = 0; c < cols; ++c) s[c] = s[c] * (p[c] - ds) * scale;
-            }
-            mm<T>(true, false, cols, d, rows, T(1), S.data(), BK, qp, Q.sn, T(1), dkp, dK.sn);
-            mm<T>(false, false, rows, d, cols, T(1), S.data(), BK, kp_, K.sn, T(1), dQ.at(b, a.q_start(b) + i0, qh),
-                  dQ.sn);
+        for (int64_t r = 0; r < rows; ++r) rr[r] = mk.row_ranges(i0 + r);
+        const Ranges kt_r = tile_ranges<true>(mk, i0, i0 + rows, BK);
+        tiles.clear();
+        for (int32_t u = 0; u < kt_r.n; ++u)
+          for (int64_t kt = kt_r.lo[u]; kt < kt_r.hi[u]; ++kt) tiles.push_back(kt);
+        if (tiles.empty()) continue;
+        const size_t need = tiles.size() * BQ * BK;
+        if (P.size() < need) { P.resize(need); dP.resize(need); }
+        const T* qp = Q.at(b, a.q_start(b) + i0, qh);
+        const T* gp = dO.at(b, a.q_start(b) + i0, e);
+        std::fill(D.begin(), D.end(), T(0));
+        for (size_t x = 0; x < tiles.size(); ++x) {  // pass 1: P, dP, D
+          const int64_t j0 = tiles[x] * BK, cols = std::min(BK, nk - j0);
+          T* S = P.data() + x * BQ * BK;
+          T* dPx = dP.data() + x * BQ * BK;
+          mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S, BK);
+          apply_mask(S, rows, cols, j0, rr.data(), kp);
+          mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, V.at(b, a.k_start(b) + j0, kh), V.sn, T(0), dPx, BK);
+          for (int64_t r = 0; r < rows; ++r) {
+            const T lr = L[ri(a, b, e, i0 + r)];
+            T* s = S + r * BK;
+            if (lr == -std::numeric_limits<T>::infinity()) std::fill(s, s + cols, T(0));
+            else exp_row(s, cols, lr);
+            D[r] += dot(s, dPx + r * BK, cols);
           }
+        }
+        T* dqp = dQ.at(b, a.q_start(b) + i0, qh);
+        for (size_t x = 0; x < tiles.size(); ++x) {  // pass 2: dS, dV, dK, dQ
+          const int64_t j0 = tiles[x] * BK, cols = std::min(BK, nk - j0);
+          T* S = P.data() + x * BQ * BK;
+          const T* dPx = dP.data() + x * BQ * BK;
+          const int64_t kr = a.k_start(b) + j0;
+          mm<T>(true, false, cols, d, rows, T(1), S, BK, gp, dO.sn, T(1), dV.at(b, kr, kh), dV.sn);
+          for (int64_t r = 0; r < rows; ++r) ds_row(S + r * BK, dPx + r * BK, cols, D[r], scale);
+          mm<T>(true, false, cols, d, rows, T(1), S, BK, qp, Q.sn, T(1), dK.at(b, kr, kh), dK.sn);
+          mm<T>(false, false, rows, d, cols, T(1), S, BK, K.at(b, kr, kh), K.sn, T(1), dqp, dQ.sn);
         }
       }
     }
   });
   bool first = true;
-  for (auto& part : dq_parts) {
-    if (!part.defined()) continue;
-    if (first) dq.copy_(part); else dq.add_(part);
+  for (int t = 0; t < nthreads; ++t) {
+    if (!dk_parts[t].defined()) continue;
+    if (first) { dk.copy_(dk_parts[t]); dv.copy_(dv_parts[t]); }
+    else { dk.add_(dk_parts[t]); dv.add_(dv_parts[t]); }
     first = false;
   }
-  if (first) dq.zero_();
 }
 
 at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -305,15 +334,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   const auto ct = compute_type(q_);
   const at::Tensor q = last_dim_contiguous(q_.to(ct)), k = last_dim_contiguous(k_.to(ct)),
                    v = last_dim_contiguous(v_.to(ct)), go = last_dim_contiguous(go_.to(ct)),
-                   out = last_dim_contiguous(out_.to(ct)), lse = lse_.contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+                   lse = lse_.contiguous();
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
              dv = at::zeros(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {
-    dq.zero_();
   } else if (ct == at::kDouble) {
-    bwd_impl<double>(a, go, q, k, v, out, lse, dq, dk, dv);
+    bwd_impl<double>(a, go, q, k, v, lse, dq, dk, dv);
   } else {
-    bwd_impl<float>(a, go, q, k, v, out, lse, dq, dk, dv);
+    bwd_impl<float>(a, go, q, k, v, lse, dq, dk, dv);
   }
   return {dq.to(q_.scalar_type()), dk.to(k_.scalar_type()), dv.to(v_.scalar_type())};
 }

@@ -75,6 +75,10 @@ def _heads(q, k):
 
 @torch.library.register_fake("longtune::sparse_attention_fwd")
 def _fake_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off):
+    for name, t in (("k", k), ("v", v), ("key_padding_mask", kpm), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        torch._check(t is None or t.device == q.device, lambda: f"longtune.sparse_attention_fwd: q and {name} must be "
+                     f"on the same device, got {q.device} and {t.device}")
+    torch._check(q.shape[-1] == k.shape[-1], lambda: "longtune.sparse_attention_fwd: q and k must have the same head_dim")
     h = _heads(q, k)
     ldt = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cu_q is not None:
@@ -121,13 +125,13 @@ def _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv
                for b in range(q.shape[0]))
 
 
-@register_flop_formula(torch.ops.longtune.sparse_attention_fwd)
+@register_flop_formula(torch.ops.longtune.sparse_attention_fwd, get_raw=True)
 def _flops_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off, *args,
                out_shape=None, **kwargs) -> int:
     return 4 * q.shape[-1] * _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv_off)
 
 
-@register_flop_formula(torch.ops.longtune.sparse_attention_bwd)
+@register_flop_formula(torch.ops.longtune.sparse_attention_bwd, get_raw=True)
 def _flops_bwd(go, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off,
                kv_off, *args, out_shape=None, **kwargs) -> int:
     return 10 * q.shape[-1] * _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv_off)

@@ -1,0 +1,385 @@
+"""Sparse attention on CPU: mask/tile math, the CPU kernel vs the float64 reference (forward and
+backward) over masks x head maps x dtypes, awkward shapes, padding, packing, no-leak, LongLoRA's
+roll formula, gradcheck, opcheck, torch.compile, fuzzing, FLOPs, bad input."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import longtune
+from longtune.ops.attention import count_pairs, mask_args
+from longtune.reference import attention as ref
+from longtune.testing import assert_within_2x
+
+from .attention_cases import HEADS, MASKS, make_qkv
+
+RANGES = torch.ops.longtune_test.attention_mask_ranges
+
+
+# ------------------------------------------------------------------ mask / tile math
+def _dense_from_ranges(r, n_other):
+    m = torch.zeros(r.shape[0], n_other, dtype=torch.bool)
+    for i in range(r.shape[0]):
+        for t in range(2):
+            m[i, r[i, t, 0]:r[i, t, 1]] = True
+    return m
+
+
+MASK_GRID = [(nq, nk, kw) for (_, kw) in MASKS for (nq, nk) in [(37, 37), (16, 16), (5, 23), (23, 5), (70, 70)]]
+MASK_GRID += [(40, 40, dict(s2_group_size=16, kv_offset=7)), (12, 30, dict(window=4, n_global=3, kv_offset=2)),
+              (20, 30, dict(q_offset=3)), (20, 20, dict(s2_group_size=64)), (20, 20, dict(s2_group_size=64,
+                                                                                          s2_mode="longlora_roll"))]
+
+
+@pytest.mark.parametrize("nq,nk,kw", MASK_GRID)
+@pytest.mark.parametrize("head", [0, 3])
+def test_mask_ranges_equal_dense_reference(nq, nk, kw, head):
+    if kw.get("s2_mode") == "longlora_roll" and nq != nk:
+        pytest.skip("roll mode needs nq == nk")
+    args = mask_args(**kw)
+    dense = ref.attention_mask(nq, nk, shifted=head >= 2, **kw)
+    rows = RANGES(nq, nk, head, 4, *args, False, 0, 0, 0)
+    cols = RANGES(nq, nk, head, 4, *args, True, 0, 0, 0)
+    assert torch.equal(_dense_from_ranges(rows, nk), dense)
+    assert torch.equal(_dense_from_ranges(cols, nq), dense.T)
+    # ranges are disjoint and sorted
+    assert bool(((rows[:, 0, 1] <= rows[:, 1, 0]) | (rows[:, 1, 1] == 0)).all())
+
+
+@pytest.mark.parametrize("nq,nk,kw", MASK_GRID[::3])
+@pytest.mark.parametrize("tile", [4, 7, 16])
+def test_tile_ranges_are_exactly_the_nonempty_tiles(nq, nk, kw, tile):
+    if kw.get("s2_mode") == "longlora_roll" and nq != nk:
+        pytest.skip("roll mode needs nq == nk")
+    args = mask_args(**kw)
+    for head in (0, 3):
+        dense = ref.attention_mask(nq, nk, shifted=head >= 2, **kw)
+        for cols in (False, True):
+            m = dense.T if cols else dense
+            n, n_other = m.shape
+            for i0 in range(0, n, tile):
+                blk = m[i0:i0 + tile]
+                want = {t for t in range(math.ceil(n_other / tile)) if blk[:, t * tile:(t + 1) * tile].any()}
+                r = RANGES(nq, nk, head, 4, *args, cols, i0, min(n, i0 + tile), tile)
+                got = {t for j in range(2) for t in range(int(r[j, 0]), int(r[j, 1]))}
+                assert want <= got, (i0, want - got)  # never skips a non-empty tile
+                assert got == want, (i0, got - want)  # and visits no empty one
+
+
+# ------------------------------------------------------------------ kernel vs reference
+def _check(b, nq, nk, hq, hkv, d, kw, dtype, packed=False, cu=None, kpm=None):
+    q, k, v = make_qkv(b, nq, nk, hq, hkv, d, torch.float64, packed=packed, requires_grad=True)
+    extra = dict(kw)
+    if cu is not None:
+        extra["cu_seqlens"] = cu
+    if kpm is not None:
+        extra["key_padding_mask"] = kpm
+    r64, lse64 = ref.sparse_attention(q, k, v, return_lse=True, **extra)
+    g = torch.randn_like(r64)
+    grads64 = torch.autograd.grad(r64, (q, k, v), g)
+    qd, kd, vd = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = longtune.sparse_attention(qd, kd, vd, return_lse=True, **extra)
+    grads = torch.autograd.grad(out, (qd, kd, vd), g.to(dtype))
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, r64, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(lse, lse64, rtol=1e-10, atol=1e-10)
+        for a, e in zip(grads, grads64):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+        return
+    rd, lsed = ref.sparse_attention(qd, kd, vd, return_lse=True, **extra)
+    gradsd = torch.autograd.grad(rd, (qd, kd, vd), g.to(dtype))
+    assert_within_2x(out, r64, rd, "out")
+    fin = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert_within_2x(lse[fin], lse64[fin], lsed.float()[fin], "lse")
+    for name, a, e, t in zip("qkv", grads, grads64, gradsd):
+        assert_within_2x(a, e, t, "d" + name)
+
+
+@pytest.mark.parametrize("name,kw", MASKS, ids=[m[0] for m in MASKS])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_matches_reference(name, kw, hq, hkv, dtype):
+    _check(2, 45, 45, hq, hkv, 16, kw, dtype)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 63, 64, 65, 130])
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=8), dict(s2_group_size=256), dict(window=3, n_global=1),
+                                dict(s2_group_size=8, s2_mode="longlora_roll")])
+def test_awkward_lengths(n, kw):
+    _check(1, n, n, 2, 1, 8, kw, torch.float64)
+
+
+@pytest.mark.parametrize("d", [1, 3, 64, 80, 96, 128, 256])
+def test_head_dims(d):
+    _check(1, 70, 70, 2, 2, d, dict(s2_group_size=16), torch.float32)
+
+
+@pytest.mark.parametrize("nq,nk", [(10, 90), (64, 200), (90, 10)])
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=8), dict(window=9, n_global=2), dict(q_offset=5)])
+def test_query_chunk_attends_longer_kv(nq, nk, kw):
+    _check(2, nq, nk, 2, 2, 8, kw, torch.float64)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=8), dict(causal=False, window=(4, 4))])
+def test_key_padding_batch_rows_differ(kw):
+    b, n = 3, 40
+    lens = [40, 23, 9]
+    kpm = torch.zeros(b, n, dtype=torch.bool)
+    for i, L in enumerate(lens):
+        kpm[i, n - L:] = True  # left padding, different per row (what LongLoRA pairs wrongly)
+    _check(b, n, n, 2, 2, 8, kw, torch.float64, kpm=kpm)
+    _check(b, n, n, 2, 1, 8, kw, torch.float32, kpm=kpm)
+
+
+def test_padded_rows_with_no_visible_key_are_zero_and_grads_finite():
+    q, k, v = make_qkv(2, 16, 16, 2, 2, 8, torch.float64, requires_grad=True)
+    kpm = torch.ones(2, 16, dtype=torch.bool)
+    kpm[1] = False  # row 1 sees nothing at all
+    kpm[0, :5] = False  # causal queries 0..4 of row 0 see nothing
+    out, lse = longtune.sparse_attention(q, k, v, key_padding_mask=kpm, return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isinf(lse[1]).all()
+    assert torch.equal(out[0, :5], torch.zeros_like(out[0, :5]))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=6), dict(window=4, n_global=2), dict(causal=False)])
+def test_packed_varlen_equals_per_sequence(kw):
+    lens = [13, 0, 37, 1, 30]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    total = int(cu[-1])
+    _check(1, total, total, 4, 2, 8, kw, torch.float64, packed=True, cu=cu)
+    q, k, v = make_qkv(1, total, total, 4, 2, 8, torch.float32, packed=True)
+    out = longtune.sparse_attention(q, k, v, cu_seqlens=cu, **kw)
+    for i in range(len(lens)):
+        s, e = int(cu[i]), int(cu[i + 1])
+        if e > s:
+            one = longtune.sparse_attention(q[None, s:e], k[None, s:e], v[None, s:e], **kw)[0]
+            torch.testing.assert_close(out[s:e], one, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1), (2, 4)])
+@pytest.mark.parametrize("n,g", [(64, 16), (61, 16), (10, 16)])
+def test_leakfree_never_sees_the_future(hq, hkv, n, g):
+    q, k, v = make_qkv(1, n, n, hq, hkv, 8, torch.float64)
+    base = longtune.sparse_attention(q, k, v, s2_group_size=g)
+    for i in [0, g // 2 - 1, g // 2, n // 2, n - 2]:
+        if not 0 <= i < n - 1:
+            continue
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for t in (q2, k2, v2):
+            t[:, i + 1:] = torch.randn_like(t[:, i + 1:]) * 3
+        out = longtune.sparse_attention(q2, k2, v2, s2_group_size=g)
+        torch.testing.assert_close(out[:, :i + 1], base[:, :i + 1], rtol=0, atol=0)
+
+
+def test_longlora_roll_leaks_as_documented():
+    n, g = 32, 8
+    q, k, v = make_qkv(1, n, n, 2, 2, 8, torch.float64)
+    base = longtune.sparse_attention(q, k, v, s2_group_size=g, s2_mode="longlora_roll")
+    k2 = k.clone()
+    k2[:, -1] += 1.0  # the last token is visible to tokens [0, G/2) of the shifted head
+    out = longtune.sparse_attention(q, k2, v, s2_group_size=g, s2_mode="longlora_roll")
+    assert not torch.equal(out[:, : g // 2, 1], base[:, : g // 2, 1])
+    assert torch.equal(out[:, : g // 2, 0], base[:, : g // 2, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("h", [1, 2, 4])
+def test_roll_mode_equals_longlora_transcription(dtype, h):
+    q, k, v = make_qkv(2, 48, 48, h, h, 16, dtype)
+    want = ref.longlora_roll_attention(q, k, v, 16)
+    got = longtune.sparse_attention(q, k, v, s2_group_size=16, s2_mode="longlora_roll")
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=4), dict(s2_group_size=4, s2_mode="longlora_roll"),
+                                dict(window=3, n_global=1), dict(causal=False)])
+@pytest.mark.parametrize("hq,hkv", [(2, 1), (1, 2)])
+def test_gradcheck_float64(kw, hq, hkv):
+    q, k, v = make_qkv(1, 9, 9, hq, hkv, 4, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: longtune.sparse_attention(a, b, c, **kw), (q, k, v))
+
+
+def test_gradcheck_packed_and_padding():
+    q, k, v = make_qkv(1, 11, 11, 2, 1, 4, torch.float64, packed=True, requires_grad=True)
+    cu = torch.tensor([0, 4, 11])
+    assert torch.autograd.gradcheck(lambda a, b, c: longtune.sparse_attention(a, b, c, cu_seqlens=cu,
+                                                                              s2_group_size=4), (q, k, v))
+    q, k, v = make_qkv(2, 7, 7, 2, 2, 4, torch.float64, requires_grad=True)
+    kpm = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda a, b, c: longtune.sparse_attention(a, b, c, key_padding_mask=kpm,
+                                                                              causal=False), (q, k, v))
+
+
+def _op_args(q, k, v, kw, kpm=None, cu=None):
+    c, g, mode, wl, wr, ng, qo, ko = mask_args(**kw)
+    return (q, k, v, kpm, cu, cu, 0, 0, q.shape[-1] ** -0.5, c, g, mode, wl, wr, ng, qo, ko)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=4), dict(window=3, n_global=1)])
+def test_opcheck(kw):
+    q, k, v = make_qkv(2, 20, 20, 2, 1, 8, torch.float32, requires_grad=True)
+    torch.library.opcheck(torch.ops.longtune.sparse_attention_fwd, _op_args(q, k, v, kw))
+    out, lse = torch.ops.longtune.sparse_attention_fwd(*_op_args(q, k, v, kw))
+    go = torch.randn_like(out)
+    a = _op_args(q.detach(), k.detach(), v.detach(), kw)
+    torch.library.opcheck(torch.ops.longtune.sparse_attention_bwd, (go, *a[:3], out.detach(), lse, *a[3:]))
+    qp, kp, vp = make_qkv(1, 20, 20, 2, 1, 8, torch.float32, packed=True, requires_grad=True)
+    torch.library.opcheck(torch.ops.longtune.sparse_attention_fwd, _op_args(qp, kp, vp, kw, cu=torch.tensor([0, 8, 20])))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make_qkv(1, 40, 40, 4, 2, 16, torch.float32, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v):
+        return longtune.sparse_attention(q, k, v, s2_group_size=8).square().sum()
+
+    loss = f(q, k, v)
+    loss.backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    loss2 = longtune.sparse_attention(q2, k2, v2, s2_group_size=8).square().sum()
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(q.grad, q2.grad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), nq=st.integers(1, 70), extra_k=st.integers(0, 30), hkv=st.sampled_from([1, 2]),
+       rep=st.sampled_from([1, 2, -2]), d=st.sampled_from([1, 4, 8]), causal=st.booleans(),
+       g=st.sampled_from([None, 2, 4, 6, 16]), window=st.sampled_from([None, 1, 3, 9]),
+       n_global=st.integers(0, 4), pad=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_against_reference(b, nq, extra_k, hkv, rep, d, causal, g, window, n_global, pad, seed):
+    hq = hkv * rep if rep > 0 else 1
+    hk = hkv if rep > 0 else 2
+    nk = nq + extra_k
+    kw = dict(causal=causal, s2_group_size=g, window=window, n_global=n_global)
+    q, k, v = make_qkv(b, nq, nk, hq, hk, d, torch.float64, requires_grad=True, seed=seed)
+    kpm = None
+    if pad:
+        kpm = torch.rand(b, nk, generator=torch.Generator().manual_seed(seed)) > 0.3
+        kw["key_padding_mask"] = kpm
+    out = longtune.sparse_attention(q, k, v, **kw)
+    want = ref.sparse_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    g_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g_out)
+    exp = torch.autograd.grad(want, (q, k, v), g_out)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ FLOPs
+def test_flop_counter_counts_unmasked_pairs_only():
+    n, h, d = 64, 4, 16
+    q, k, v = make_qkv(1, n, n, h, h, d, torch.float32, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        longtune.sparse_attention(q, k, v)
+    assert fc.get_total_flops() == 4 * d * h * n * (n + 1) // 2
+    g = 16
+    pairs = count_pairs(n, n, h, s2_group_size=g)
+    assert pairs == sum(int(ref.attention_mask(n, n, shifted=e >= h // 2, s2_group_size=g).sum()) for e in range(h))
+    with FlopCounterMode(display=False) as fc:
+        longtune.sparse_attention(q, k, v, s2_group_size=g).sum().backward()
+    assert fc.get_total_flops() == 4 * d * pairs + 10 * d * pairs
+
+
+# ------------------------------------------------------------------ bad input
+def _qkv(b=1, n=8, h=2, d=8, **kw):
+    return make_qkv(b, n, n, h, h, d, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda q, k, v: (q, k[:, :5], v), "k and v must have the same shape"),
+    (lambda q, k, v: (q, k[:1], v[:1]), "same batch size"),
+    (lambda q, k, v: (q[..., :4], k, v), "same head_dim"),
+    (lambda q, k, v: (q[:, :, :1].expand(-1, -1, 3, -1), k, v), "must divide one another"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), "must be float32"),
+    (lambda q, k, v: (q, k.double(), v), "same dtype"),
+    (lambda q, k, v: (q[0], k, v), r"q must be \(batch, seqlen, heads, head_dim\)"),
+    (lambda q, k, v: (q, k.to("meta"), v), "same device"),
+])
+def test_bad_tensors(mutate, match):
+    q, k, v = _qkv(b=2)
+    q, k, v = mutate(q, k, v)
+    with pytest.raises(RuntimeError, match=match):
+        longtune.sparse_attention(q, k, v)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(s2_group_size=1), "even number >= 2"),
+    (dict(s2_group_size=5), "even number >= 2"),
+    (dict(s2_group_size=4, s2_mode="roll"), "s2_mode must be one of"),
+    (dict(window=0), "window must be >= 1"),
+    (dict(window=(0, 2)), "window sizes must be >= 1"),
+    (dict(window="x"), "window must be an int"),
+    (dict(s2_group_size=4, s2_mode="longlora_roll", window=3), "takes no window"),
+    (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
+])
+def test_bad_mask_arguments(kw, match):
+    q, k, v = _qkv()
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        longtune.sparse_attention(q, k, v, **kw)
+
+
+def test_bad_op_level_mask_arguments():
+    q, k, v = _qkv()
+    a = list(_op_args(q, k, v, dict()))
+    a[10], a[11] = 3, "leakfree"
+    with pytest.raises(RuntimeError, match="s2_group_size must be an even number"):
+        torch.ops.longtune.sparse_attention_fwd(*a)
+    a[10], a[11] = 4, "none"
+    with pytest.raises(RuntimeError, match="needs s2_mode"):
+        torch.ops.longtune.sparse_attention_fwd(*a)
+
+
+@pytest.mark.parametrize("cu,match", [
+    (torch.tensor([0, 9, 5, 16]), "non-decreasing"),
+    (torch.tensor([0, 5, 15]), r"must equal the number of packed rows \(16\)"),
+    (torch.tensor([1, 5, 16]), r"\[0\] must be 0"),
+    (torch.tensor([[0, 16]]), "1-D int32 or int64"),
+    (torch.tensor([0.0, 16.0]), "1-D int32 or int64"),
+])
+def test_bad_cu_seqlens(cu, match):
+    q, k, v = make_qkv(1, 16, 16, 2, 2, 8, torch.float32, packed=True)
+    with pytest.raises(RuntimeError, match=match):
+        longtune.sparse_attention(q, k, v, cu_seqlens=cu)
+
+
+def test_bad_padding_mask_and_packed_padding():
+    q, k, v = _qkv(b=2)
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must have shape \(batch, seqlen_k\)"):
+        longtune.sparse_attention(q, k, v, key_padding_mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="key_padding_mask must be bool"):
+        longtune.sparse_attention(q, k, v, key_padding_mask=torch.ones(2, 8))
+    qp, kp, vp = make_qkv(1, 16, 16, 2, 2, 8, torch.float32, packed=True)
+    with pytest.raises(RuntimeError, match="cannot be combined with cu_seqlens"):
+        longtune.sparse_attention(qp, kp, vp, cu_seqlens=torch.tensor([0, 16]),
+                                  key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
+
+
+def test_roll_mode_needs_square_attention():
+    q, _, _ = make_qkv(1, 8, 8, 2, 2, 8, torch.float32)
+    _, k, v = make_qkv(1, 12, 12, 2, 2, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="as many queries as keys"):
+        longtune.sparse_attention(q, k, v, s2_group_size=4, s2_mode="longlora_roll")
+
+
+def test_empty_inputs():
+    q, k, v = make_qkv(0, 8, 8, 2, 2, 8, torch.float32, requires_grad=True)
+    out = longtune.sparse_attention(q, k, v)
+    assert out.shape == (0, 8, 2, 8)
+    q, k, v = make_qkv(2, 0, 0, 2, 2, 8, torch.float32, requires_grad=True)
+    out, lse = longtune.sparse_attention(q, k, v, return_lse=True)
+    assert out.shape == (2, 0, 2, 8) and lse.shape == (2, 2, 0)
+    out.sum().backward()
+    q, _, _ = make_qkv(1, 4, 4, 2, 2, 8, torch.float32)
+    _, k, v = make_qkv(1, 0, 0, 2, 2, 8, torch.float32)
+    out, lse = longtune.sparse_attention(q, k, v, causal=False, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()

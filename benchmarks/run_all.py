@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import attention as bench_attention  # noqa: E402
 from benchmarks import bench_hadamard  # noqa: E402
 from benchmarks import quant as bench_quant  # noqa: E402
 from benchmarks import s2ft as bench_s2ft  # noqa: E402
@@ -16,7 +17,7 @@ from benchmarks import sparse_delta as bench_sparse_delta  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 
 FAMILIES = {"hadamard": bench_hadamard.run, "quant": bench_quant.run, "sparse_delta": bench_sparse_delta.run,
-            "s2ft": bench_s2ft.run}
+            "s2ft": bench_s2ft.run, "attention": bench_attention.run}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -14,10 +14,13 @@ from . import nn  # noqa: E402,F401
 from . import quant  # noqa: E402,F401
 from . import train  # noqa: E402,F401
 from .train.sparse import sparsify  # noqa: E402,F401
+from .integrations.hf import convert_to_sqa, patch, unpatch  # noqa: E402,F401
+from . import recipes  # noqa: E402,F401
 
 __version__ = "0.1.0"
 __all__ = ["sparse_attention", "hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
-           "quantize_weight", "nn", "quant", "train", "sparsify", "ops", "reference", "has_cuda_kernels", "has_emulator"]
+           "quantize_weight", "nn", "quant", "train", "sparsify", "ops", "reference", "has_cuda_kernels", "has_emulator",
+           "patch", "unpatch", "convert_to_sqa", "recipes"]
 
 
 def has_cuda_kernels() -> bool:

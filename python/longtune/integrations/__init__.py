@@ -1,1 +1,2 @@
-"""(reserved for later kernel families)"""
+"""Glue to Hugging Face transformers / peft: attention patching (hf), LM-Infinite generation
+(lm_infinite), RoSTE quantization-aware training (roste)."""

@@ -1,0 +1,297 @@
+"""Hugging Face transformers integration: longtune attention through transformers' attention-function
+registry (``AttentionInterface``), no copied model code.
+
+- ``attn_implementation="longtune"``: causal attention through ``longtune.sparse_attention``
+  (sliding windows of Mistral / Qwen2 configs honoured, padding masks from the tokenizer as a key
+  padding mask, GQA without repeating k/v).
+- ``attn_implementation="longtune_s2"``: LongLoRA's contract -- shifted sparse attention (S^2-Attn)
+  in ``model.train()``, full causal attention in ``model.eval()`` (unless ``s2_in_eval``).
+- ``attn_implementation="longtune_lambda"``: LM-Infinite -- Lambda-mask (n_global first tokens +
+  a window) with the rotary distance cap, for generation beyond the trained length
+  (see :mod:`longtune.integrations.lm_infinite`).
+
+``patch(model, attention=..., **options)`` sets the implementation, stores the options on the
+attention modules and in ``model.config.longtune_patch`` (saved by ``save_pretrained``), so that
+after ``from_pretrained`` one ``patch(model)`` re-applies the same patch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn.attention import s2_group_size
+from ..ops.attention import sparse_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+IMPLEMENTATIONS = {"causal": "longtune", "s2": "longtune_s2", "lambda": "longtune_lambda"}
+_DEFAULTS = {
+    "causal": {},
+    "s2": {"group_size_ratio": 0.25, "mode": "leakfree", "s2_in_eval": False, "group_size": None},
+    "lambda": {"window": 2048, "n_global": 4, "cap_distance": True},
+}
+
+
+def _options(module, kind):
+    opts = getattr(module, "_longtune_options", None)
+    if opts is None:  # attn_implementation="longtune*" without patch(): the config's stored patch or defaults
+        stored = getattr(getattr(module, "config", None), "longtune_patch", None) or {}
+        opts = dict(_DEFAULTS[kind], **{k: v for k, v in stored.items() if k in _DEFAULTS[kind]})
+    return opts
+
+
+def _to_bnhd(t):
+    return t.transpose(1, 2)  # (B, H, N, D) -> (B, N, H, D), a view
+
+
+def _padding_mask(attention_mask, kv_len):
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError("longtune attention expects the 2-D padding mask that transformers builds for it (the "
+                         f"implementation's mask function); got a {attention_mask.dim()}-D mask")
+    m = attention_mask[:, -kv_len:]
+    return m if m.dtype == torch.bool else m.bool()
+
+
+def _check_dropout(module, dropout):
+    if dropout and module.training:
+        raise ValueError(f"longtune attention has no attention dropout; set the config's attention_dropout to 0 "
+                         f"(got {dropout})")
+
+
+def _packed(kwargs):
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    return (cu_q, cu_k) if cu_q is not None else (None, None)
+
+
+def _run(module, query, key, value, attention_mask, scaling, kwargs, **mask):
+    q, k, v = _to_bnhd(query), _to_bnhd(key), _to_bnhd(value)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window is not None and "window" not in mask:
+        mask["window"] = int(window)
+    cu_q, cu_k = _packed(kwargs)
+    if cu_q is not None:  # padding-free packing (DataCollatorWithFlattening): (1, T, H, D)
+        out = sparse_attention(q[0], k[0], v[0], softmax_scale=scaling, cu_seqlens=cu_q, cu_seqlens_k=cu_k, **mask)
+        return out.unsqueeze(0)
+    kpm = _padding_mask(attention_mask, k.shape[1])
+    return sparse_attention(q, k, v, softmax_scale=scaling, key_padding_mask=kpm, **mask)
+
+
+def longtune_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                               scaling: Optional[float] = None, **kwargs):
+    """``attn_implementation="longtune"``: causal flash attention."""
+    _check_dropout(module, dropout)
+    return _run(module, query, key, value, attention_mask, scaling, kwargs), None
+
+
+def longtune_s2_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                                  scaling: Optional[float] = None, **kwargs):
+    """``attn_implementation="longtune_s2"``: S^2-Attn in training, causal in eval (LongLoRA)."""
+    _check_dropout(module, dropout)
+    o = _options(module, "s2")
+    mask = {}
+    nq, nk = query.shape[2], key.shape[2]
+    if (module.training or o["s2_in_eval"]) and nq == nk and nq > 1:
+        cu_q, _ = _packed(kwargs)
+        n = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q is not None else nq
+        mask = {"s2_group_size": o["group_size"] or s2_group_size(n, o["group_size_ratio"]), "s2_mode": o["mode"]}
+    return _run(module, query, key, value, attention_mask, scaling, kwargs, **mask), None
+
+
+def _register():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    from .lm_infinite import lambda_attention_forward
+
+    for name, fn in (("longtune", longtune_attention_forward), ("longtune_s2", longtune_s2_attention_forward),
+                     ("longtune_lambda", lambda_attention_forward)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, flash_attention_mask)  # 2-D padding mask or None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Registers the longtune attention implementations with transformers (idempotent; ``patch`` and
+    ``import longtune.integrations.hf`` call it)."""
+    global _registered
+    if not _registered:
+        _register()
+        _registered = True
+
+
+def _attention_modules(model):
+    for mod in model.modules():
+        if hasattr(mod, "q_proj") and hasattr(mod, "o_proj") and hasattr(mod, "layer_idx"):
+            yield mod
+
+
+def _base(model):
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def patch(model, *, attention: Optional[str] = None, strict: bool = True, **options):
+    """Routes a transformers causal LM's attention through longtune (in place; returns the model).
+
+    ``attention="s2"`` (LongLoRA: S^2-Attn while training; options ``group_size_ratio=0.25``,
+    ``mode="leakfree"|"longlora_roll"``, ``s2_in_eval=False``, ``group_size=None``), ``"causal"``,
+    or ``"lambda"`` (LM-Infinite: ``window=2048``, ``n_global=4``, ``cap_distance=True``; use
+    :func:`longtune.integrations.lm_infinite.lambda_cache` for an O(window) KV cache).
+    With no arguments, re-applies the patch stored in ``model.config.longtune_patch`` (after
+    ``from_pretrained``). Supported: Llama, Qwen2, Mistral (``strict=False`` tries any model whose
+    attention uses transformers' attention-function registry). Works on peft-wrapped models."""
+    register()
+    base = _base(model)
+    cfg = base.config
+    stored = dict(getattr(cfg, "longtune_patch", None) or {})
+    if attention is None:
+        if not stored:
+            raise ValueError("longtune.patch: pass attention='s2' | 'causal' | 'lambda' (the model carries no stored "
+                             "longtune patch to re-apply)")
+        attention = stored["attention"]
+        options = {**{k: v for k, v in stored.items() if k in _DEFAULTS.get(attention, {})}, **options}
+    if attention not in IMPLEMENTATIONS:
+        raise ValueError(f"longtune.patch: attention must be one of {sorted(IMPLEMENTATIONS)}, got {attention!r}")
+    unknown = set(options) - set(_DEFAULTS[attention])
+    if unknown:
+        raise ValueError(f"longtune.patch: unknown option(s) {sorted(unknown)} for attention={attention!r}; "
+                         f"valid: {sorted(_DEFAULTS[attention])}")
+    if strict and getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"longtune.patch: model_type {getattr(cfg, 'model_type', None)!r} is not one of the tested "
+                         f"families {SUPPORTED_MODEL_TYPES}; pass strict=False to try anyway")
+    opts = dict(_DEFAULTS[attention], **options)
+    if attention == "s2":
+        r = opts["group_size_ratio"]
+        if not 0 < r <= 1:
+            raise ValueError(f"longtune.patch: group_size_ratio must be in (0, 1], got {r}")
+        if opts["mode"] not in ("leakfree", "longlora_roll"):
+            raise ValueError(f"longtune.patch: mode must be 'leakfree' or 'longlora_roll', got {opts['mode']!r}")
+    if attention == "lambda":
+        if opts["window"] < 1 or opts["n_global"] < 0:
+            raise ValueError(f"longtune.patch: window must be >= 1 and n_global >= 0, got {opts['window']}, "
+                             f"{opts['n_global']}")
+    previous = stored.get("previous", cfg._attn_implementation)
+    if previous in IMPLEMENTATIONS.values():
+        previous = "sdpa"
+    mods = list(_attention_modules(base))
+    if not mods:
+        raise ValueError("longtune.patch: found no attention modules (with q_proj / o_proj / layer_idx) in the model")
+    base.set_attn_implementation(IMPLEMENTATIONS[attention])
+    for m in mods:
+        m._longtune_options = dict(opts)
+    cfg.longtune_patch = {"attention": attention, **opts, "previous": previous}
+    return model
+
+
+def unpatch(model):
+    """Undoes :func:`patch`: the attention implementation the model had before, no stored patch."""
+    base = _base(model)
+    stored = getattr(base.config, "longtune_patch", None)
+    if not stored:
+        return model
+    base.set_attn_implementation(stored.get("previous") or "sdpa")
+    for m in _attention_modules(base):
+        if hasattr(m, "_longtune_options"):
+            del m._longtune_options
+    del base.config.longtune_patch
+    return model
+
+
+# ------------------------------------------------------------------ SQA conversion
+@torch.no_grad()
+def convert_to_sqa(model, num_query_heads: Optional[int] = None, *, variant: Optional[str] = None,
+                   num_kv_heads: Optional[int] = None, rule: str = "select"):
+    """Converts a Llama / Qwen2 / Mistral model's attention blocks to Sparse Query Attention in place:
+    H_q < H query heads (fewer score FLOPs), initialised from the original weights, attention through
+    longtune (which maps query heads to key/value heads, including H_kv > H_q).
+
+    ``variant`` ("sqa", "ssqa", "xsqa", "xsmqa", "rsqa", relative to the model's H heads) or
+    explicit ``num_query_heads`` / ``num_kv_heads`` (default: keep H_kv unless the variant says).
+    Rule for each new head (heads are taken in order inside each key/value group, so the query ->
+    key/value sharing stays the model's):
+    ``"select"``: keep the first heads of each group (their q_proj rows and o_proj columns);
+    ``"average"``: split the group's heads into equal consecutive runs; the new q_proj rows are the
+    run's mean and the new o_proj columns its sum (exact when the run's heads attend alike).
+    Key/value heads are reduced the same way (k/v rows averaged or selected per run).
+    Returns the model; ``model.config`` records the new head counts."""
+    from ..nn.attention import SparseQueryAttention
+
+    if rule not in ("select", "average"):
+        raise ValueError(f"convert_to_sqa: rule must be 'select' or 'average', got {rule!r}")
+    base = _base(model)
+    cfg = base.config
+    h, hkv0 = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    if variant is not None:
+        hq, hkv = SparseQueryAttention.variant_heads(variant, h, num_query_heads)
+        hkv = min(hkv, hkv0) if variant not in ("rsqa",) else hkv
+    else:
+        if num_query_heads is None:
+            raise ValueError("convert_to_sqa: pass num_query_heads or variant")
+        hq, hkv = num_query_heads, (num_kv_heads or hkv0)
+    if hq > h:
+        raise ValueError(f"convert_to_sqa: num_query_heads={hq} exceeds the model's {h} heads")
+    if hkv > hkv0:
+        raise ValueError(f"convert_to_sqa: the model has {hkv0} key/value heads; cannot make {hkv}")
+    if hkv0 % hkv or h % hq or (hq % hkv and hkv % hq):
+        raise ValueError(f"convert_to_sqa: H={h}, H_kv={hkv0} -> H_q={hq}, H_kv={hkv} needs H % H_q == 0, "
+                         f"H_kv % new H_kv == 0 and H_q, H_kv dividing one another")
+
+    def reduce_rows(w, n_old, n_new, d, groups, how):
+        """w (n_old * d, ...) -> (n_new * d, ...): inside each of `groups` groups, n_old/groups heads
+        become n_new/groups heads by runs."""
+        per_old, per_new = n_old // groups, max(1, n_new // groups)
+        w = w.view(groups, per_old, d, *w.shape[1:])
+        if how == "select":
+            r = w[:, :per_new]
+        else:
+            run = per_old // per_new
+            r = w.view(groups, per_new, run, d, *w.shape[3:]).mean(2)
+        return r.reshape(groups * per_new * d, *w.shape[3:])
+
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    for m in _attention_modules(base):
+        dev, dt = m.q_proj.weight.device, m.q_proj.weight.dtype
+        # queries: stay inside their kv group (groups = min(hkv0, hq) keeps the sharing for hq >= hkv)
+        gq = min(hkv0, hq) if hq >= hkv else hq
+        newq = reduce_rows(m.q_proj.weight, h, hq, d, gq, rule)
+        qb = reduce_rows(m.q_proj.bias.view(-1, 1), h, hq, d, gq, rule).view(-1) if m.q_proj.bias is not None else None
+        # o_proj columns: select, or sum over the run
+        wo = m.o_proj.weight.T.contiguous()  # (h*d, hidden)
+        newo = reduce_rows(wo, h, hq, d, gq, rule)
+        if rule == "average":
+            newo = newo * (h // hq)
+        nk = reduce_rows(m.k_proj.weight, hkv0, hkv, d, hkv, rule) if hkv != hkv0 else m.k_proj.weight
+        nv = reduce_rows(m.v_proj.weight, hkv0, hkv, d, hkv, rule) if hkv != hkv0 else m.v_proj.weight
+        kb = m.k_proj.bias
+        vb = m.v_proj.bias
+        if hkv != hkv0 and kb is not None:
+            kb = reduce_rows(kb.view(-1, 1), hkv0, hkv, d, hkv, rule).view(-1)
+            vb = reduce_rows(vb.view(-1, 1), hkv0, hkv, d, hkv, rule).view(-1)
+        out_heads = max(hq, hkv)
+        if hkv > hq:  # rSQA: the output has H_kv heads; tile the o columns of the query heads
+            newo = newo.view(hq, d, -1).repeat(hkv // hq, 1, 1).reshape(hkv * d, -1) * (hq / hkv)
+
+        def lin(w, b):
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=dev, dtype=dt)
+            layer.weight.copy_(w)
+            if b is not None:
+                layer.bias.copy_(b)
+            return layer
+
+        m.q_proj = lin(newq, qb)
+        m.k_proj = lin(nk, kb)
+        m.v_proj = lin(nv, vb)
+        m.o_proj = lin(newo.T.contiguous(), m.o_proj.bias)
+        m.num_key_value_groups = max(1, hq // hkv)
+        assert m.o_proj.in_features == out_heads * d
+    cfg.num_attention_heads_before_sqa = h
+    cfg.sqa_query_heads, cfg.num_key_value_heads = hq, hkv
+    cfg.head_dim = d
+    patch(model, attention=(getattr(cfg, "longtune_patch", None) or {}).get("attention", "causal"))
+    return model

@@ -78,12 +78,12 @@ def _op_args(c: Case, kpm, device):
 
 
 def _reference(c: Case, q, k, v, kpm, dtype):
-    qq, kk, vv = (t.detach().cpu().to(dtype).requires_grad_() for t in (q, k, v))
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     window = None if c.wl < 0 and c.wr < 0 else (c.wl if c.wl >= 0 else None, c.wr if c.wr >= 0 else None)
     out, lse = sparse_attention(
         qq, kk, vv, causal=c.causal, s2_group_size=c.group or None, s2_mode=c.mode if c.group else "leakfree",
         window=window, n_global=c.n_global, softmax_scale=c.scale if c.scale is not None else 1.0 / math.sqrt(c.d),
-        key_padding_mask=None if kpm is None else kpm.cpu(), cu_seqlens=c.cu_q, cu_seqlens_k=c.cu_k,
+        key_padding_mask=kpm, cu_seqlens=c.cu_q, cu_seqlens_k=c.cu_k,
         q_offset=None if c.q_offset < 0 else c.q_offset, kv_offset=c.kv_offset, return_lse=True)
     return out, lse, (qq, kk, vv)
 
@@ -102,16 +102,16 @@ def check_case(fwd, bwd, device, c: Case, dtype, backward=True):
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.device == q.device
     o64, l64, leaves64 = _reference(c, q, k, v, kpm, torch.float64)
     olo, llo, leaves_lo = _reference(c, q, k, v, kpm, dtype)
-    assert_within_2x(out.cpu(), o64, olo, f"{c.name} out")
-    _check_lse(lse, l64, llo, f"{c.name} lse")
+    assert_within_2x(out.cpu(), o64.detach().cpu(), olo.detach().cpu(), f"{c.name} out")
+    _check_lse(lse, l64.cpu(), llo.cpu(), f"{c.name} lse")
     if not backward:
         return
     dq, dk, dv = bwd(go, q, k, v, out, lse, *args)
-    o64.backward(go.cpu().double())
-    olo.backward(go.cpu())
+    o64.backward(go.double())
+    olo.backward(go)
     for name, got, ref, same in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves64, leaves_lo):
         assert got.shape == ref.shape and got.dtype == dtype, f"{c.name} {name}: {got.shape} {got.dtype}"
-        assert_within_2x(got.cpu(), ref.grad, same.grad, f"{c.name} {name}")
+        assert_within_2x(got.cpu(), ref.grad.cpu(), same.grad.cpu(), f"{c.name} {name}")
 
 
 # Small cases (the emulator runs every warp collective as a thread rendezvous).
@@ -134,6 +134,20 @@ CASES = [
     Case("hd80", nq=70, d=80),
     Case("hd96", nq=70, d=96, causal=False),
     Case("hd128", nq=70, d=128),
+]
+
+# Larger cases for a real GPU (several tiles per sequence, both tile-range pieces, many blocks).
+GPU_CASES = [
+    Case("causal_gqa_hd128", nq=1000, hq=4, hkv=2, d=128, batch=2),
+    Case("noncausal_hd64", nq=777, nk=1200, hq=2, hkv=2, causal=False, batch=2),
+    Case("s2_leakfree_long", nq=2000, hq=4, hkv=4, group=256, mode="leakfree"),
+    Case("s2_roll_long", nq=1500, hq=4, hkv=2, group=200, mode="longlora_roll"),
+    Case("lambda_mask", nq=1500, hq=2, hkv=1, wl=300, n_global=70, d=96),
+    Case("window_two_sided", nq=900, causal=False, wl=150, wr=90, hq=2, hkv=2, d=80),
+    Case("rsqa", nq=600, hq=2, hkv=4),
+    Case("key_padding", nq=500, batch=3, hq=2, hkv=2, causal=False, pad=[(0, 100), (130, 7), (0, 0)]),
+    Case("varlen", cu_q=[0, 300, 301, 1000, 1000, 1500], cu_k=[0, 400, 500, 1200, 1300, 1800], nq=0, hq=4, hkv=1),
+    Case("chunk_offsets", nq=256, nk=3000, q_offset=1900, kv_offset=100, wl=1024, n_global=4, hq=2, hkv=2),
 ]
 
 BAD_DTYPE_MSG = "float16 or bfloat16"

@@ -106,7 +106,7 @@ LT_DEV void load_rows(simt::sptr<T> dst, simt::gptr<const T> src, int64_t stride
       simt::cp_async_16(dst + (r * R + c), src + (int64_t(r) * stride + c));
     } else {
       T z[8];
-      for (int t = 0; t < 8; ++t) z[t] = T{0};
+      LT_UNROLL for (int t = 0; t < 8; ++t) z[t] = T{0};
       simt::st_vec<8>(dst + (r * R + c), 0, z);
     }
   }
@@ -146,13 +146,13 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   // this thread's rows: w*16 + g and + 8
   int64_t qi[2];
   Ranges rr[2];
-  for (int r = 0; r < 2; ++r) {
+  LT_UNROLL for (int r = 0; r < 2; ++r) {
     qi[r] = i0 + w * 16 + g + 8 * r;
     rr[r] = m.row_ranges(qi[r]);  // empty past nq
   }
   float o[DB][4];
-  for (int db = 0; db < DB; ++db)
-    for (int t = 0; t < 4; ++t) o[db][t] = 0.f;
+  LT_UNROLL for (int db = 0; db < DB; ++db)
+    LT_UNROLL for (int t = 0; t < 4; ++t) o[db][t] = 0.f;
   float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   if (nt > 0) {
@@ -173,16 +173,16 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     }
     simt::sync_block();
     if (it == 0) {
-      for (int ks = 0; ks < KS; ++ks)
+      LT_UNROLL for (int ks = 0; ks < KS; ++ks)
         simt::ldmatrix_x4(qf[ks], sQ + ((w * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
     }
     const simt::sptr<T> kb = sK + buf * kBK * R, vb = sV + buf * kBK * R;
     // S = Q K^T (16 x kBK per warp)
     float s[NB][4];
-    for (int nb = 0; nb < NB; ++nb)
-      for (int t = 0; t < 4; ++t) s[nb][t] = 0.f;
-    for (int ks = 0; ks < KS; ++ks) {
-      for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
+    LT_UNROLL for (int nb = 0; nb < NB; ++nb)
+      LT_UNROLL for (int t = 0; t < 4; ++t) s[nb][t] = 0.f;
+    LT_UNROLL for (int ks = 0; ks < KS; ++ks) {
+      LT_UNROLL for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
         uint32_t bb[4];
         simt::ldmatrix_x4(bb, kb + ((nb2 * 16 + (lane / 16) * 8 + lane % 8) * R + ks * 16 + ((lane / 8) % 2) * 8));
         mma<T>(s[2 * nb2], qf[ks], bb[0], bb[1]);
@@ -190,11 +190,11 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
       }
     }
     // mask, online softmax
-    for (int r = 0; r < 2; ++r) {
+    LT_UNROLL for (int r = 0; r < 2; ++r) {
       const bool full = !has_kpm && row_covers(rr[r], j0, j0 + kBK);
       float tmax = -INFINITY;
-      for (int nb = 0; nb < NB; ++nb) {
-        for (int cc = 0; cc < 2; ++cc) {
+      LT_UNROLL for (int nb = 0; nb < NB; ++nb) {
+        LT_UNROLL for (int cc = 0; cc < 2; ++cc) {
           float x = s[nb][2 * r + cc] * sl2;
           if (!full) {
             const int64_t j = j0 + nb * 8 + 2 * c4 + cc;
@@ -212,25 +212,25 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
       const float alpha = fast_exp2(mx[r] - base);
       mx[r] = mnew;
       float sum = 0.f;
-      for (int nb = 0; nb < NB; ++nb) {
-        for (int cc = 0; cc < 2; ++cc) {
+      LT_UNROLL for (int nb = 0; nb < NB; ++nb) {
+        LT_UNROLL for (int cc = 0; cc < 2; ++cc) {
           const float pv = fast_exp2(s[nb][2 * r + cc] - base);
           s[nb][2 * r + cc] = pv;
           sum += pv;
         }
       }
       l[r] = l[r] * alpha + sum;
-      for (int db = 0; db < DB; ++db) {
+      LT_UNROLL for (int db = 0; db < DB; ++db) {
         o[db][2 * r] *= alpha;
         o[db][2 * r + 1] *= alpha;
       }
     }
     // O += P V
-    for (int ks = 0; ks < kBK / 16; ++ks) {
+    LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
       const uint32_t a[4] = {pack_f2<T>(s[2 * ks][0], s[2 * ks][1]), pack_f2<T>(s[2 * ks][2], s[2 * ks][3]),
                              pack_f2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
                              pack_f2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
-      for (int db2 = 0; db2 < DB / 2; ++db2) {
+      LT_UNROLL for (int db2 = 0; db2 < DB / 2; ++db2) {
         uint32_t bb[4];
         simt::ldmatrix_x4<true>(bb, vb + ((ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + db2 * 16 + (lane / 16) * 8));
         mma<T>(o[2 * db2], a, bb[0], bb[1]);
@@ -240,7 +240,7 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     simt::sync_block();  // the next iteration's loads overwrite this buffer
   }
   // normalise and store
-  for (int r = 0; r < 2; ++r) {
+  LT_UNROLL for (int r = 0; r < 2; ++r) {
     float lt = l[r];
     lt += simt::shfl_xor(simt::kFullMask, lt, 1);
     lt += simt::shfl_xor(simt::kFullMask, lt, 2);
@@ -248,7 +248,7 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     const float inv = lt > 0.f ? 1.f / lt : 0.f;
     const int64_t row = sq.q0 + qi[r];
     const simt::gptr<T> orow = p.out + (b * p.s.o_sb + row * p.s.o_st + int64_t(e) * p.s.o_sh);
-    for (int db = 0; db < DB; ++db) {
+    LT_UNROLL for (int db = 0; db < DB; ++db) {
       const T pair[2] = {simt::from_float<T>(o[db][2 * r] * inv), simt::from_float<T>(o[db][2 * r + 1] * inv)};
       simt::st_vec<2>(orow, db * 8 + 2 * c4, pair);
     }
@@ -270,11 +270,11 @@ LT_DEV void attn_dsum_body(const AKParams<T>& p) {
   const simt::gptr<const T> o = p.out_c + (b * p.s.o_sb + i * p.s.o_st + e * p.s.o_sh);
   const simt::gptr<const T> go = p.dout + (b * p.s.do_sb + i * p.s.do_st + e * p.s.do_sh);
   float acc = 0.f;
-  for (int d0 = 0; d0 < D; d0 += 8) {
+  LT_UNROLL for (int d0 = 0; d0 < D; d0 += 8) {
     T ov[8], gv[8];
     simt::ld_vec<8>(o, d0, ov);
     simt::ld_vec<8>(go, d0, gv);
-    for (int t2 = 0; t2 < 8; ++t2) acc += simt::to_float(ov[t2]) * simt::to_float(gv[t2]);
+    LT_UNROLL for (int t2 = 0; t2 < 8; ++t2) acc += simt::to_float(ov[t2]) * simt::to_float(gv[t2]);
   }
   p.dsum[b * p.s.l_sb + e * p.s.l_sh + i] = acc;
 }
@@ -288,7 +288,7 @@ LT_DEV void attn_dq_convert_body(const AKParams<T>& p) {
   float a[8];
   simt::ld_vec<8>(p.dq_acc, idx * 8, a);
   T r[8];
-  for (int t = 0; t < 8; ++t) r[t] = simt::from_float<T>(a[t] * p.s.scale);
+  LT_UNROLL for (int t = 0; t < 8; ++t) r[t] = simt::from_float<T>(a[t] * p.s.scale);
   simt::st_vec<8>(p.dq, idx * 8, r);
 }
 
@@ -325,19 +325,19 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   // this thread's key rows (of S^T): w*16 + g and + 8
   int64_t kj[2];
   bool kvalid[2];
-  for (int r = 0; r < 2; ++r) {
+  LT_UNROLL for (int r = 0; r < 2; ++r) {
     kj[r] = j0 + w * 16 + g + 8 * r;
     kvalid[r] = kj[r] < sq.nk && (!has_kpm || p.kpm[b * p.s.nk + kj[r]] != 0);
   }
   float dk[DB][4], dv[DB][4];
-  for (int db = 0; db < DB; ++db)
-    for (int t = 0; t < 4; ++t) dk[db][t] = dv[db][t] = 0.f;
+  LT_UNROLL for (int db = 0; db < DB; ++db)
+    LT_UNROLL for (int t = 0; t < 4; ++t) dk[db][t] = dv[db][t] = 0.f;
 
   for (int32_t mem = 0; mem < nmem; ++mem) {
     const int32_t e = e_first + mem, qh = hm.q_head(e);
     const SeqMask m = bind(p.s.mask, sq.nq, sq.nk, e);
     Ranges cr[2];
-    for (int r = 0; r < 2; ++r) cr[r] = m.col_ranges(kj[r]);  // empty past nk
+    LT_UNROLL for (int r = 0; r < 2; ++r) cr[r] = m.col_ranges(kj[r]);  // empty past nk
     const Ranges tiles = tile_ranges<false>(m, j0, imin(j0 + kBK, sq.nk), kBQ);
     const int64_t nt = tile_count(tiles);
     const simt::gptr<const T> qbase = p.q + (b * p.s.q_sb + sq.q0 * p.s.q_st + qh * p.s.q_sh);
@@ -357,13 +357,13 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
       simt::sync_block();
       // S^T = K Q^T and dP^T = V dO^T (16 keys x kBQ queries per warp)
       float st[NB][4], dp[NB][4];
-      for (int nb = 0; nb < NB; ++nb)
-        for (int t = 0; t < 4; ++t) st[nb][t] = dp[nb][t] = 0.f;
-      for (int ks = 0; ks < KS; ++ks) {
+      LT_UNROLL for (int nb = 0; nb < NB; ++nb)
+        LT_UNROLL for (int t = 0; t < 4; ++t) st[nb][t] = dp[nb][t] = 0.f;
+      LT_UNROLL for (int ks = 0; ks < KS; ++ks) {
         uint32_t ka[4], va[4];
         simt::ldmatrix_x4(ka, sK + ((w * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
         simt::ldmatrix_x4(va, sV + ((w * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
-        for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
+        LT_UNROLL for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
           const int off = (nb2 * 16 + (lane / 16) * 8 + lane % 8) * R + ks * 16 + ((lane / 8) % 2) * 8;
           uint32_t bb[4];
           simt::ldmatrix_x4(bb, sQ + off);
@@ -375,10 +375,10 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
         }
       }
       // P^T (masked) and dS^T = P^T o (dP^T - Dsum); dS^T also to shared memory for dQ
-      for (int r = 0; r < 2; ++r) {
+      LT_UNROLL for (int r = 0; r < 2; ++r) {
         const bool full = row_covers(cr[r], i0, i0 + kBQ);
-        for (int nb = 0; nb < NB; ++nb) {
-          for (int cc = 0; cc < 2; ++cc) {
+        LT_UNROLL for (int nb = 0; nb < NB; ++nb) {
+          LT_UNROLL for (int cc = 0; cc < 2; ++cc) {
             const int ql = nb * 8 + 2 * c4 + cc;
             const float L = sL[ql];
             const bool vis = kvalid[r] && (full || in_ranges(cr[r], i0 + ql)) && L != -INFINITY;
@@ -391,14 +391,14 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
         }
       }
       // dV += P^T dO, dK += dS^T Q
-      for (int ks = 0; ks < kBQ / 16; ++ks) {
+      LT_UNROLL for (int ks = 0; ks < kBQ / 16; ++ks) {
         const uint32_t pa[4] = {pack_f2<T>(st[2 * ks][0], st[2 * ks][1]), pack_f2<T>(st[2 * ks][2], st[2 * ks][3]),
                                 pack_f2<T>(st[2 * ks + 1][0], st[2 * ks + 1][1]),
                                 pack_f2<T>(st[2 * ks + 1][2], st[2 * ks + 1][3])};
         const uint32_t da[4] = {pack_f2<T>(dp[2 * ks][0], dp[2 * ks][1]), pack_f2<T>(dp[2 * ks][2], dp[2 * ks][3]),
                                 pack_f2<T>(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
                                 pack_f2<T>(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
-        for (int db2 = 0; db2 < DB / 2; ++db2) {
+        LT_UNROLL for (int db2 = 0; db2 < DB / 2; ++db2) {
           const int off = (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + db2 * 16 + (lane / 16) * 8;
           uint32_t bb[4];
           simt::ldmatrix_x4<true>(bb, sO + off);
@@ -410,38 +410,40 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
         }
       }
       simt::sync_block();  // dS^T complete
-      // dQ (warp w: query rows w*16 .. w*16+15 of the tile) = dS K
-      float dq[DB][4];
-      for (int db = 0; db < DB; ++db)
-        for (int t = 0; t < 4; ++t) dq[db][t] = 0.f;
-      for (int ks = 0; ks < kBK / 16; ++ks) {
-        uint32_t a[4];
+      // dQ (warp w: query rows w*16 .. w*16+15 of the tile) = dS K, 16 columns at a time (the dS
+      // fragments stay in registers; each chunk goes straight to dq_acc)
+      uint32_t sa[kBK / 16][4];
+      LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
         const uint32_t mi = lane / 8;
-        simt::ldmatrix_x4<true>(a, sS + ((ks * 16 + (mi / 2) * 8 + lane % 8) * RS + w * 16 + (mi % 2) * 8));
-        for (int db2 = 0; db2 < DB / 2; ++db2) {
+        simt::ldmatrix_x4<true>(sa[ks], sS + ((ks * 16 + (mi / 2) * 8 + lane % 8) * RS + w * 16 + (mi % 2) * 8));
+      }
+      const int64_t iq0 = i0 + w * 16 + g;
+      const simt::gptr<float> drow = p.dq_acc + (b * p.s.g_sb + (sq.q0 + iq0) * p.s.g_st + qh * p.s.g_sh);
+      LT_UNROLL for (int db2 = 0; db2 < DB / 2; ++db2) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
           uint32_t bb[4];
           simt::ldmatrix_x4<true>(bb, sK + ((ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + db2 * 16 + (lane / 16) * 8));
-          mma<T>(dq[2 * db2], a, bb[0], bb[1]);
-          mma<T>(dq[2 * db2 + 1], a, bb[2], bb[3]);
+          mma<T>(acc[0], sa[ks], bb[0], bb[1]);
+          mma<T>(acc[1], sa[ks], bb[2], bb[3]);
         }
-      }
-      for (int r = 0; r < 2; ++r) {
-        const int64_t i = i0 + w * 16 + g + 8 * r;
-        if (i >= sq.nq) continue;
-        const simt::gptr<float> drow = p.dq_acc + (b * p.s.g_sb + (sq.q0 + i) * p.s.g_st + qh * p.s.g_sh);
-        for (int db = 0; db < DB; ++db) {
-          simt::atomic_add(drow + (db * 8 + 2 * c4), dq[db][2 * r]);
-          simt::atomic_add(drow + (db * 8 + 2 * c4 + 1), dq[db][2 * r + 1]);
+        LT_UNROLL for (int r = 0; r < 2; ++r) {
+          if (iq0 + 8 * r >= sq.nq) continue;
+          LT_UNROLL for (int h2 = 0; h2 < 2; ++h2) {
+            const int64_t col = 8 * r * p.s.g_st + db2 * 16 + h2 * 8 + 2 * c4;
+            simt::atomic_add(drow + col, acc[h2][2 * r]);
+            simt::atomic_add(drow + (col + 1), acc[h2][2 * r + 1]);
+          }
         }
       }
       simt::sync_block();  // the next query tile overwrites sQ, sO, sS, sL, sD
     }
   }
   simt::cp_async_wait<0>();  // (no tile at all: the K/V copies are still pending)
-  for (int r = 0; r < 2; ++r) {
+  LT_UNROLL for (int r = 0; r < 2; ++r) {
     if (kj[r] >= sq.nk) continue;
     const int64_t row = (b * p.s.gk_sb + (sq.k0 + kj[r]) * p.s.gk_st + h * p.s.gk_sh);
-    for (int db = 0; db < DB; ++db) {
+    LT_UNROLL for (int db = 0; db < DB; ++db) {
       const T kp[2] = {simt::from_float<T>(dk[db][2 * r] * p.s.scale), simt::from_float<T>(dk[db][2 * r + 1] * p.s.scale)};
       const T vp[2] = {simt::from_float<T>(dv[db][2 * r]), simt::from_float<T>(dv[db][2 * r + 1])};
       simt::st_vec<2>(p.dk, row + db * 8 + 2 * c4, kp);

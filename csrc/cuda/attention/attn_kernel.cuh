@@ -312,11 +312,11 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
 
   simt::sptr<T> sK = simt::dynamic_smem<T>();
   simt::sptr<T> sV = sK + kBK * R;
-  simt::sptr<T> sQ = sV + kBK * R;
-  simt::sptr<T> sO = sQ + kBQ * R;   // dO tile
-  simt::sptr<T> sS = sO + kBQ * R;   // dS^T: kBK x RS
-  simt::sptr<float> sL = simt::sptr<float>(reinterpret_cast<float*>(simt::raw(sS + kBK * RS)));
-  simt::sptr<float> sD = sL + kBQ;
+  simt::sptr<T> sQb = sV + kBK * R;       // 2 buffers of kBQ * R
+  simt::sptr<T> sOb = sQb + 2 * kBQ * R;  // dO tiles, 2 buffers
+  simt::sptr<T> sS = sOb + 2 * kBQ * R;   // dS^T: kBK x RS
+  simt::sptr<float> sLb = simt::sptr<float>(reinterpret_cast<float*>(simt::raw(sS + kBK * RS)));  // 2 x kBQ
+  simt::sptr<float> sDb = sLb + 2 * kBQ;                                                          // 2 x kBQ
 
   load_rows<T, D, R>(sK, p.k + (b * p.s.k_sb + (sq.k0 + j0) * p.s.k_st + h * p.s.k_sh), p.s.k_st, kBK, sq.nk - j0);
   load_rows<T, D, R>(sV, p.v + (b * p.s.v_sb + (sq.k0 + j0) * p.s.v_st + h * p.s.v_sh), p.s.v_st, kBK, sq.nk - j0);
@@ -333,28 +333,59 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   LT_UNROLL for (int db = 0; db < DB; ++db)
     LT_UNROLL for (int t = 0; t < 4; ++t) dk[db][t] = dv[db][t] = 0.f;
 
-  for (int32_t mem = 0; mem < nmem; ++mem) {
-    const int32_t e = e_first + mem, qh = hm.q_head(e);
+  // The work list: (member head, query tile) pairs, members in order, each member's tiles from
+  // tile_ranges<false>; a cursor walks it so the next pair's Q / dO / lse / Dsum tiles are
+  // prefetched (cp.async, second buffer) while the current one is computed.
+  struct Cursor {
+    int32_t mem;
+    int64_t it, nt;
+    Ranges tiles;
+  };
+  auto advance = [&](Cursor& cur) {
+    ++cur.it;
+    while (cur.it >= cur.nt && ++cur.mem < nmem) {
+      const SeqMask mm = bind(p.s.mask, sq.nq, sq.nk, e_first + cur.mem);
+      cur.tiles = tile_ranges<false>(mm, j0, imin(j0 + kBK, sq.nk), kBQ);
+      cur.nt = tile_count(cur.tiles);
+      cur.it = 0;
+    }
+  };
+  auto prefetch = [&](const Cursor& cur, int buf) {
+    const int32_t e = e_first + cur.mem, qh = hm.q_head(e);
+    const int64_t i0 = tile_at(cur.tiles, cur.it) * kBQ;
+    load_rows<T, D, R>(sQb + buf * kBQ * R, p.q + (b * p.s.q_sb + (sq.q0 + i0) * p.s.q_st + qh * p.s.q_sh), p.s.q_st,
+                       kBQ, sq.nq - i0);
+    load_rows<T, D, R>(sOb + buf * kBQ * R,
+                       p.dout + (b * p.s.do_sb + (sq.q0 + i0) * p.s.do_st + int64_t(e) * p.s.do_sh), p.s.do_st, kBQ,
+                       sq.nq - i0);
+    simt::cp_async_commit();
+    if (tid < kBQ) {
+      const int64_t i = i0 + tid, l = b * p.s.l_sb + int64_t(e) * p.s.l_sh + sq.q0 + i;
+      sLb[buf * kBQ + tid] = i < sq.nq ? p.lse[l] : 0.f;
+      sDb[buf * kBQ + tid] = i < sq.nq ? p.dsum[l] : 0.f;
+    }
+  };
+  Cursor cur{-1, 0, 0, Ranges{}};
+  advance(cur);  // first (member, tile) with work, or mem == nmem
+  if (cur.mem < nmem) prefetch(cur, 0);
+  for (int buf = 0; cur.mem < nmem; buf ^= 1) {
+    Cursor nxt = cur;
+    advance(nxt);
+    if (nxt.mem < nmem) {
+      prefetch(nxt, buf ^ 1);
+      simt::cp_async_wait<1>();
+    } else {
+      simt::cp_async_wait<0>();
+    }
+    simt::sync_block();
+    const int32_t e = e_first + cur.mem, qh = hm.q_head(e);
+    const int64_t i0 = tile_at(cur.tiles, cur.it) * kBQ;
     const SeqMask m = bind(p.s.mask, sq.nq, sq.nk, e);
     Ranges cr[2];
     LT_UNROLL for (int r = 0; r < 2; ++r) cr[r] = m.col_ranges(kj[r]);  // empty past nk
-    const Ranges tiles = tile_ranges<false>(m, j0, imin(j0 + kBK, sq.nk), kBQ);
-    const int64_t nt = tile_count(tiles);
-    const simt::gptr<const T> qbase = p.q + (b * p.s.q_sb + sq.q0 * p.s.q_st + qh * p.s.q_sh);
-    const simt::gptr<const T> obase = p.dout + (b * p.s.do_sb + sq.q0 * p.s.do_st + int64_t(e) * p.s.do_sh);
-    const int64_t lbase = b * p.s.l_sb + int64_t(e) * p.s.l_sh + sq.q0;
-    for (int64_t it = 0; it < nt; ++it) {
-      const int64_t i0 = tile_at(tiles, it) * kBQ;
-      load_rows<T, D, R>(sQ, qbase + i0 * p.s.q_st, p.s.q_st, kBQ, sq.nq - i0);
-      load_rows<T, D, R>(sO, obase + i0 * p.s.do_st, p.s.do_st, kBQ, sq.nq - i0);
-      simt::cp_async_commit();
-      if (tid < kBQ) {
-        const int64_t i = i0 + tid;
-        sL[tid] = i < sq.nq ? p.lse[lbase + i] : 0.f;
-        sD[tid] = i < sq.nq ? p.dsum[lbase + i] : 0.f;
-      }
-      simt::cp_async_wait<0>();
-      simt::sync_block();
+    const simt::sptr<T> sQ = sQb + buf * kBQ * R, sO = sOb + buf * kBQ * R;
+    const simt::sptr<float> sL = sLb + buf * kBQ, sD = sDb + buf * kBQ;
+    {
       // S^T = K Q^T and dP^T = V dO^T (16 keys x kBQ queries per warp)
       float st[NB][4], dp[NB][4];
       LT_UNROLL for (int nb = 0; nb < NB; ++nb)
@@ -436,8 +467,9 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
           }
         }
       }
-      simt::sync_block();  // the next query tile overwrites sQ, sO, sS, sL, sD
+      simt::sync_block();  // the next iteration's prefetch overwrites this buffer, and sS
     }
+    cur = nxt;
   }
   simt::cp_async_wait<0>();  // (no tile at all: the K/V copies are still pending)
   LT_UNROLL for (int r = 0; r < 2; ++r) {

@@ -60,9 +60,10 @@ constexpr int kBQ = 64, kBK = 64, kThreads = 128;
 constexpr size_t attn_smem_row(int32_t d) { return static_cast<size_t>(d) + 8; }
 // forward: Q tile + double-buffered K and V tiles
 constexpr size_t attn_fwd_smem_bytes(int32_t d) { return (kBQ + 4 * kBK) * attn_smem_row(d) * 2; }
-// backward: K, V, Q, dO tiles, dS^T (kBK x (kBQ + 8)), lse and Dsum of the query tile
+// backward: K, V tiles, double-buffered Q, dO tiles, dS^T (kBK x (kBQ + 8)), double-buffered lse
+// and Dsum of the query tile
 constexpr size_t attn_bwd_smem_bytes(int32_t d) {
-  return (2 * kBK + 2 * kBQ) * attn_smem_row(d) * 2 + kBK * (kBQ + 8) * 2 + 2 * kBQ * sizeof(float);
+  return (2 * kBK + 4 * kBQ) * attn_smem_row(d) * 2 + kBK * (kBQ + 8) * 2 + 4 * kBQ * sizeof(float);
 }
 constexpr bool attn_head_dim_ok(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128; }
 

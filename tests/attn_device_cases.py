@@ -122,6 +122,7 @@ CASES = [
     Case("s2_roll", nq=72, hq=2, hkv=2, group=16, mode="longlora_roll"),
     Case("s2_roll_noncausal", nq=40, hq=2, hkv=2, group=12, mode="longlora_roll", causal=False),
     Case("window_global", nq=130, wl=40, n_global=4),
+    Case("lambda_gap", nq=200, wl=40, n_global=4),  # last query tile: key tiles {0} u {2, 3}
     Case("window_two_sided", nq=100, causal=False, wl=20, wr=10),
     Case("gqa", nq=70, hq=4, hkv=2),
     Case("mqa", nq=70, hq=2, hkv=1, causal=False),

@@ -1,0 +1,47 @@
+// Emulator launch file of the backward attention kernels: torch.ops.longtune_emu.sparse_attention_bwd
+// on CPU tensors (the same device code as attn_bwd_hd*.cu: Dsum, main kernel, dq conversion).
+#include <torch/library.h>
+
+#include <string>
+
+#include "cuda/attention/attn_device_op.h"
+#include "cuda/attention/attn_kernel.cuh"
+
+namespace lt::attn {
+namespace {
+
+simt::Dim3 flat(int64_t n) { return simt::Dim3{static_cast<uint32_t>((n + kThreads - 1) / kThreads), 1, 1}; }
+
+void launch_bwd_emu(const AttnParams& s) {
+  attn_dispatch(s, [&]<class T, int D>() {
+    const AKParams<T> k = make_akparams<T>(s);
+    const std::string sfx = "<D=" + std::to_string(D) + ">";
+    const simt::Dim3 block{kThreads, 1, 1};
+    const simt::Dim3 grid{static_cast<uint32_t>((s.nk + kBK - 1) / kBK), static_cast<uint32_t>(s.hm.hkv),
+                          static_cast<uint32_t>(s.batch)};
+    try {
+      emu::launch(("attn_dsum" + sfx).c_str(), flat(s.total_q * s.hm.heads), block, 0,
+                  [&k] { attn_dsum_body<T, D>(k); });
+      emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D), [&k] { attn_bwd_body<T, D>(k); });
+      emu::launch(("attn_dq_convert" + sfx).c_str(), flat(s.total_q * s.hm.hq * D / 8), block, 0,
+                  [&k] { attn_dq_convert_body<T, D>(k); });
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "longtune_emu: ", e.what());
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
+    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, int64_t group,
+    c10::string_view mode, int64_t wl, int64_t wr, int64_t n_global, int64_t q_offset, int64_t kv_offset) {
+  TORCH_CHECK(q.device().is_cpu(), "longtune_emu: the emulator runs on CPU tensors, got ", q.device());
+  return attn_bwd_device(grad_out, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
+                         std::string(mode), wl, wr, n_global, q_offset, kv_offset, launch_bwd_emu);
+}
+
+}  // namespace
+}  // namespace lt::attn
+
+TORCH_LIBRARY_IMPL(longtune_emu, CPU, m) { m.impl("sparse_attention_bwd", &lt::attn::bwd); }

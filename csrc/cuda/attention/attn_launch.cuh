@@ -1,0 +1,77 @@
+// nvcc-only launch templates of the attention kernels; instantiated per head dim by
+// attn_{fwd,bwd}_hd{64,80,96,128}.cu (small translation units) and dispatched by attn_launch.cu.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "cuda/attention/attn_kernel.cuh"
+
+namespace lt::attn {
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AKParams<T> p) { attn_fwd_body<T, D>(p); }
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) attn_dsum_kernel(AKParams<T> p) { attn_dsum_body<T, D>(p); }
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_kernel(AKParams<T> p) { attn_bwd_body<T, D>(p); }
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) attn_dq_convert_kernel(AKParams<T> p) { attn_dq_convert_body<T, D>(p); }
+
+inline dim3 attn_grid(int64_t tiles_len, const AttnParams& s, int32_t heads, int64_t tile) {
+  return dim3(static_cast<unsigned>((tiles_len + tile - 1) / tile), static_cast<unsigned>(heads),
+              static_cast<unsigned>(s.batch));
+}
+inline dim3 flat_grid(int64_t n) { return dim3(static_cast<unsigned>((n + kThreads - 1) / kThreads)); }
+
+template <class K>
+cudaError_t set_smem(K* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
+template <int D>
+const char* launch_attn_fwd_d(const AttnParams& s, void* stream) {
+  cudaError_t err = cudaSuccess;
+  auto run = [&]<class T>() {
+    auto* kernel = &attn_fwd_kernel<T, D>;
+    const size_t smem = attn_fwd_smem_bytes(D);
+    if ((err = set_smem(kernel, smem)) != cudaSuccess) return;
+    kernel<<<attn_grid(s.nq, s, s.hm.heads, kBQ), kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
+        make_akparams<T>(s));
+    err = cudaGetLastError();
+  };
+  if (s.dtype == DType::BF16) run.template operator()<simt::bf16>();
+  else run.template operator()<simt::f16>();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <int D>
+const char* launch_attn_bwd_d(const AttnParams& s, void* stream) {
+  cudaError_t err = cudaSuccess;
+  auto run = [&]<class T>() {
+    const auto st = static_cast<cudaStream_t>(stream);
+    const AKParams<T> p = make_akparams<T>(s);
+    attn_dsum_kernel<T, D><<<flat_grid(s.total_q * s.hm.heads), kThreads, 0, st>>>(p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return;
+    auto* kernel = &attn_bwd_kernel<T, D>;
+    const size_t smem = attn_bwd_smem_bytes(D);
+    if ((err = set_smem(kernel, smem)) != cudaSuccess) return;
+    kernel<<<attn_grid(s.nk, s, s.hm.hkv, kBK), kThreads, smem, st>>>(p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return;
+    attn_dq_convert_kernel<T, D><<<flat_grid(s.total_q * s.hm.hq * D / 8), kThreads, 0, st>>>(p);
+    err = cudaGetLastError();
+  };
+  if (s.dtype == DType::BF16) run.template operator()<simt::bf16>();
+  else run.template operator()<simt::f16>();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+extern template const char* launch_attn_fwd_d<64>(const AttnParams&, void*);
+extern template const char* launch_attn_fwd_d<80>(const AttnParams&, void*);
+extern template const char* launch_attn_fwd_d<96>(const AttnParams&, void*);
+extern template const char* launch_attn_fwd_d<128>(const AttnParams&, void*);
+extern template const char* launch_attn_bwd_d<64>(const AttnParams&, void*);
+extern template const char* launch_attn_bwd_d<80>(const AttnParams&, void*);
+extern template const char* launch_attn_bwd_d<96>(const AttnParams&, void*);
+extern template const char* launch_attn_bwd_d<128>(const AttnParams&, void*);
+
+}  // namespace lt::attn

@@ -1,0 +1,155 @@
+"""Cases and checks shared by the emulated (tests/test_attention_emulated.py) and the real-GPU
+(tests/cuda/test_attention_cuda.py) tests of the sparse-attention CUDA kernels: forward (out, lse)
+and backward (dq, dk, dv) against the float64 reference, with the error rule of every kernel test
+(at most 2x the error of the PyTorch reference run in the same dtype)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from longtune.reference.attention import sparse_attention
+from longtune.testing import assert_within_2x
+
+
+@dataclass
+class Case:
+    name: str
+    nq: int = 70
+    nk: int | None = None  # None: = nq
+    hq: int = 1
+    hkv: int = 1
+    d: int = 64
+    batch: int = 1
+    causal: bool = True
+    group: int = 0
+    mode: str = "none"
+    wl: int = -1
+    wr: int = -1
+    n_global: int = 0
+    q_offset: int = -1
+    kv_offset: int = 0
+    pad: list | None = None        # batched: per sequence (left, right) padded keys
+    cu_q: list | None = None       # packed: offsets
+    cu_k: list | None = None
+    scale: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __str__(self):
+        return self.name
+
+
+def _tensors(c: Case, dtype, device, scale_qk=1.0):
+    nk = c.nk if c.nk is not None else c.nq
+    if c.cu_q is not None:
+        qs, ks = (c.cu_q[-1], c.hq, c.d), (c.cu_k[-1], c.hkv, c.d)
+        os_ = (c.cu_q[-1], max(c.hq, c.hkv), c.d)
+    else:
+        qs, ks = (c.batch, c.nq, c.hq, c.d), (c.batch, nk, c.hkv, c.d)
+        os_ = (c.batch, c.nq, max(c.hq, c.hkv), c.d)
+    g = torch.Generator().manual_seed(hash(c.name) % (2**31))
+    q = (torch.randn(qs, generator=g) * scale_qk).to(device=device, dtype=dtype)
+    k = (torch.randn(ks, generator=g) * scale_qk).to(device=device, dtype=dtype)
+    v = torch.randn(ks, generator=g).to(device=device, dtype=dtype)
+    go = torch.randn(os_, generator=g).to(device=device, dtype=dtype)
+    kpm = None
+    if c.pad is not None:
+        kpm = torch.ones(c.batch, nk, dtype=torch.bool)
+        for b, (left, right) in enumerate(c.pad):
+            kpm[b, :left] = False
+            if right:
+                kpm[b, nk - right:] = False
+        kpm = kpm.to(device)
+    return q, k, v, go, kpm
+
+
+def _op_args(c: Case, kpm, device):
+    cu_q = cu_k = None
+    max_q = max_k = 0
+    if c.cu_q is not None:
+        cu_q = torch.tensor(c.cu_q, dtype=torch.int32, device=device)
+        cu_k = torch.tensor(c.cu_k, dtype=torch.int64, device=device)
+        max_q = max(b - a for a, b in zip(c.cu_q, c.cu_q[1:]))
+        max_k = max(b - a for a, b in zip(c.cu_k, c.cu_k[1:]))
+    scale = c.scale if c.scale is not None else 1.0 / math.sqrt(c.d)
+    return (kpm, cu_q, cu_k, max_q, max_k, scale, c.causal, c.group, c.mode, c.wl, c.wr, c.n_global, c.q_offset,
+            c.kv_offset)
+
+
+def _reference(c: Case, q, k, v, kpm, dtype):
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    window = None if c.wl < 0 and c.wr < 0 else (c.wl if c.wl >= 0 else None, c.wr if c.wr >= 0 else None)
+    out, lse = sparse_attention(
+        qq, kk, vv, causal=c.causal, s2_group_size=c.group or None, s2_mode=c.mode if c.group else "leakfree",
+        window=window, n_global=c.n_global, softmax_scale=c.scale if c.scale is not None else 1.0 / math.sqrt(c.d),
+        key_padding_mask=kpm, cu_seqlens=c.cu_q, cu_seqlens_k=c.cu_k,
+        q_offset=None if c.q_offset < 0 else c.q_offset, kv_offset=c.kv_offset, return_lse=True)
+    return out, lse, (qq, kk, vv)
+
+
+def _check_lse(lse, ref64, ref_same, what):
+    inf = torch.isinf(ref64)
+    assert torch.equal(torch.isinf(lse.cpu()) & (lse.cpu() < 0), inf), f"{what}: -inf rows differ"
+    fin = ~inf
+    assert_within_2x(lse.cpu()[fin], ref64[fin].float().double(), ref_same[fin], what)
+
+
+def check_case(fwd, bwd, device, c: Case, dtype, backward=True):
+    q, k, v, go, kpm = _tensors(c, dtype, device)
+    args = _op_args(c, kpm, device)
+    out, lse = fwd(q, k, v, *args)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.device == q.device
+    o64, l64, leaves64 = _reference(c, q, k, v, kpm, torch.float64)
+    olo, llo, leaves_lo = _reference(c, q, k, v, kpm, dtype)
+    assert_within_2x(out.cpu(), o64.detach().cpu(), olo.detach().cpu(), f"{c.name} out")
+    _check_lse(lse, l64.cpu(), llo.cpu(), f"{c.name} lse")
+    if not backward:
+        return
+    dq, dk, dv = bwd(go, q, k, v, out, lse, *args)
+    o64.backward(go.double())
+    olo.backward(go)
+    for name, got, ref, same in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves64, leaves_lo):
+        assert got.shape == ref.shape and got.dtype == dtype, f"{c.name} {name}: {got.shape} {got.dtype}"
+        assert_within_2x(got.cpu(), ref.grad.cpu(), same.grad.cpu(), f"{c.name} {name}")
+
+
+# Small cases (the emulator runs every warp collective as a thread rendezvous).
+CASES = [
+    Case("causal", nq=70, hq=2, hkv=2),
+    Case("noncausal", nq=100, causal=False),
+    Case("s2_leakfree", nq=100, hq=2, hkv=2, group=16, mode="leakfree"),
+    Case("s2_roll", nq=72, hq=2, hkv=2, group=16, mode="longlora_roll"),
+    Case("s2_roll_noncausal", nq=40, hq=2, hkv=2, group=12, mode="longlora_roll", causal=False),
+    Case("window_global", nq=130, wl=40, n_global=4),
+    Case("lambda_gap", nq=200, wl=40, n_global=4),  # last query tile: key tiles {0} u {2, 3}
+    Case("window_two_sided", nq=100, causal=False, wl=20, wr=10),
+    Case("gqa", nq=70, hq=4, hkv=2),
+    Case("mqa", nq=70, hq=2, hkv=1, causal=False),
+    Case("rsqa", nq=70, hq=1, hkv=2),
+    Case("key_padding", nq=70, batch=2, causal=False, pad=[(0, 13), (20, 3)]),
+    Case("key_padding_causal", nq=70, batch=2, pad=[(5, 0), (0, 30)]),
+    Case("varlen", cu_q=[0, 30, 50, 120], cu_k=[0, 40, 40, 130], nq=0, hq=2, hkv=1),
+    Case("bottom_right", nq=40, nk=100),
+    Case("offsets_window", nq=40, nk=100, q_offset=30, kv_offset=5, wl=24, n_global=2),
+    Case("hd80", nq=70, d=80),
+    Case("hd96", nq=70, d=96, causal=False),
+    Case("hd128", nq=70, d=128),
+]
+
+# Larger cases for a real GPU (several tiles per sequence, both tile-range pieces, many blocks).
+GPU_CASES = [
+    Case("causal_gqa_hd128", nq=1000, hq=4, hkv=2, d=128, batch=2),
+    Case("noncausal_hd64", nq=777, nk=1200, hq=2, hkv=2, causal=False, batch=2),
+    Case("s2_leakfree_long", nq=2000, hq=4, hkv=4, group=256, mode="leakfree"),
+    Case("s2_roll_long", nq=1500, hq=4, hkv=2, group=200, mode="longlora_roll"),
+    Case("lambda_mask", nq=1500, hq=2, hkv=1, wl=300, n_global=70, d=96),
+    Case("window_two_sided", nq=900, causal=False, wl=150, wr=90, hq=2, hkv=2, d=80),
+    Case("rsqa", nq=600, hq=2, hkv=4),
+    Case("key_padding", nq=500, batch=3, hq=2, hkv=2, causal=False, pad=[(0, 100), (130, 7), (0, 0)]),
+    Case("varlen", cu_q=[0, 300, 301, 1000, 1000, 1500], cu_k=[0, 400, 500, 1200, 1300, 1800], nq=0, hq=4, hkv=1),
+    Case("chunk_offsets", nq=256, nk=3000, q_offset=1900, kv_offset=100, wl=1024, n_global=4, hq=2, hkv=2),
+]
+
+BAD_DTYPE_MSG = "float16 or bfloat16"
+BAD_HEAD_DIM_MSG = "head_dim must be one of 64, 80, 96, 128"

@@ -1,0 +1,84 @@
+"""The sparse-attention CUDA kernels' device code (forward and backward), run on the CPU emulator,
+against the float64 reference (error <= 2x the PyTorch reference's in the same dtype)."""
+import math
+
+import pytest
+import torch
+
+from longtune.testing import emulated
+
+from . import attn_device_cases as C
+
+FWD = emulated("sparse_attention_fwd")
+BWD = emulated("sparse_attention_bwd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", C.CASES, ids=str)
+def test_forward_backward(case, dtype):
+    C.check_case(FWD, BWD, "cpu", case, dtype)
+
+
+def _args(d=64, **kw):
+    a = dict(kpm=None, cu_q=None, cu_k=None, max_q=0, max_k=0, scale=1.0 / math.sqrt(d), causal=True, group=0,
+             mode="none", wl=-1, wr=-1, n_global=0, q_offset=-1, kv_offset=0)
+    a.update(kw)
+    return tuple(a.values())
+
+
+def test_rejects_float32():
+    q = torch.randn(1, 8, 1, 64)
+    with pytest.raises(RuntimeError, match=r"sparse_attention_fwd: q must be float16 or bfloat16"):
+        FWD(q, q, q, *_args())
+    with pytest.raises(RuntimeError, match=r"sparse_attention_bwd: q must be float16 or bfloat16"):
+        BWD(q, q, q, q, q, torch.zeros(1, 1, 8), *_args())
+
+
+def test_rejects_head_dim_72():
+    q = torch.randn(1, 8, 1, 72, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"head_dim must be one of 64, 80, 96, 128 on this device, got 72"):
+        FWD(q, q, q, *_args(72))
+
+
+def test_shared_checks_name_the_argument():
+    q = torch.randn(1, 8, 2, 64, dtype=torch.float16)
+    k = torch.randn(1, 8, 3, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="query heads"):
+        FWD(q, k, k, *_args())
+    with pytest.raises(RuntimeError, match="s2_group_size must be an even number"):
+        FWD(q, q, q, *_args(group=3, mode="leakfree"))
+
+
+def test_empty_inputs():
+    for shape_q, shape_k in [((0, 8, 1, 64), (0, 8, 1, 64)), ((2, 0, 1, 64), (2, 5, 1, 64)),
+                             ((2, 5, 1, 64), (2, 0, 1, 64))]:
+        q = torch.randn(shape_q, dtype=torch.bfloat16)
+        k = torch.randn(shape_k, dtype=torch.bfloat16)
+        out, lse = FWD(q, k, k, *_args())
+        assert out.shape == (shape_q[0], shape_q[1], 1, 64) and lse.shape == (shape_q[0], 1, shape_q[1])
+        assert (out == 0).all() and (lse == -math.inf).all()
+        dq, dk, dv = BWD(out, q, k, k, out, lse, *_args())
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+        assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
+def test_non_contiguous_and_misaligned_inputs():
+    # q from a transposed buffer (head stride > token stride) and k/v at an odd element offset:
+    # the device op copies what the 16-byte cp.async rows cannot read directly
+    c = C.Case("strided", nq=40, hq=2, hkv=2)
+    q = torch.randn(1, 2, 40, 64, dtype=torch.float16).transpose(1, 2)
+    buf = torch.randn(1 * 40 * 2 * 64 + 1, dtype=torch.float16)
+    k = buf[1:].view(1, 40, 2, 64)
+    v = torch.randn(1, 40, 2, 64, dtype=torch.float16)
+    args = C._op_args(c, None, "cpu")
+    out, lse = FWD(q, k, v, *args)
+    ref, ref_lse = FWD(q.contiguous(), k.clone(), v, *args)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+
+
+def test_query_chunk_equals_tail_rows():
+    # the last 64 query rows computed alone (explicit q_offset, all keys): bit-identical rows
+    q = torch.randn(1, 200, 1, 64, dtype=torch.bfloat16)
+    out, lse = FWD(q, q, q, *_args(wl=50))
+    o2, l2 = FWD(q[:, -72:].contiguous(), q, q, *_args(wl=50, q_offset=128))
+    assert torch.equal(out[:, -72:], o2) and torch.equal(lse[:, :, -72:], l2)

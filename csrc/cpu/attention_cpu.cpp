@@ -7,7 +7,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <bit>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -27,7 +33,26 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 namespace lt::attn {
 namespace {
 
-constexpr int64_t BQ = 64, BK = 64;
+static int64_t tile_env(int i, int64_t dflt) {
+  const char* e = std::getenv("LT_ATTN_TILES");
+  if (!e) return dflt;
+  int64_t a = 0, b = 0;
+  if (std::sscanf(e, "%ld,%ld", &a, &b) != 2) return dflt;
+  return i == 0 ? a : b;
+}
+// BQ query rows per task; keys in chunks of up to KC columns per GEMM (consecutive non-empty
+// tiles of BT keys: the mask granularity), so MKL sees a few larger products instead of many 64^3.
+static const int64_t BQ = tile_env(0, 64), KC = tile_env(1, 256);
+constexpr int64_t BT = 64;
+
+// Consecutive key chunks [j0, j1) covering the non-empty key tiles (<= 2 tile ranges).
+void make_chunks(const Ranges& tr, int64_t nk, std::vector<std::pair<int64_t, int64_t>>& out) {
+  out.clear();
+  const int64_t step = std::max<int64_t>(1, KC / BT);
+  for (int32_t u = 0; u < tr.n; ++u)
+    for (int64_t t = tr.lo[u]; t < tr.hi[u]; t += step)
+      out.emplace_back(t * BT, std::min(std::min(tr.hi[u], t + step) * BT, nk));
+}
 
 // Row-major C (M x N, ldc) = alpha * op(A) * op(B) + beta * C, op(X) = X or X^T (X row-major, ld).
 template <class T>
@@ -68,15 +93,53 @@ LT_ALWAYS_INLINE float exp_neg(float x) {
 }
 LT_ALWAYS_INLINE double exp_neg(double x) { return std::exp(x); }
 
-// p[c] = exp(s[c] - m) for c < n; returns the sum.
-LT_MULTIVERSION float exp_row(float* __restrict s, int64_t n, float m) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    const float e = exp_neg(s[c] - m);
-    s[c] = e;
-    sum += e;
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LT_HAVE_AVX2_EXP 1
+// 8 lanes of exp_neg (the same range reduction and polynomial) with AVX2 + FMA.
+__attribute__((target("avx2,fma"))) inline __m256 exp_neg8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also true for -inf; NaN stays NaN below
+  const __m256 xc = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+__attribute__((target("avx2,fma"))) float exp_row_avx2(float* __restrict s, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(s + c), mv));
+    _mm256_storeu_ps(s + c, e);
+    acc = _mm256_add_ps(acc, e);
   }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  float sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  for (; c < n; ++c) sum += (s[c] = exp_neg(s[c] - m));
+  return sum;
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+
+// p[c] = exp(s[c] - m) for c < n; returns the sum.
+float exp_row(float* __restrict s, int64_t n, float m) {
+#ifdef LT_HAVE_AVX2_EXP
+  if (kHasAvx2) return exp_row_avx2(s, n, m);
+#endif
+  float sum = 0.f;
+  for (int64_t c = 0; c < n; ++c) sum += (s[c] = exp_neg(s[c] - m));
   return sum;
 }
 double exp_row(double* s, int64_t n, double m) {
@@ -137,18 +200,26 @@ RowIndex row_index(const AttnArgs& a) {
   return a.varlen ? RowIndex{0, a.total_q} : RowIndex{a.heads * a.nq, a.nq};
 }
 
-// Masks S (rows x cols at key j0, ld BK) with -inf where the element is not visible.
+// Masks S (rows x cols at key j0, ld KC) with -inf where the element is not visible.
 template <class T>
 void apply_mask(T* S, int64_t rows, int64_t cols, int64_t j0, const Ranges* rr, const uint8_t* kpm) {
   const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t j1 = j0 + cols;
   for (int64_t r = 0; r < rows; ++r) {
-    T* s = S + r * BK;
-    if (!row_covers(rr[r], j0, j0 + cols))
-      for (int64_t c = 0; c < cols; ++c)
-        if (!in_ranges(rr[r], j0 + c)) s[c] = ninf;
+    T* s = S + r * KC - j0;  // indexed by key
+    const Ranges& g = rr[r];
+    if (!row_covers(g, j0, j1)) {  // blank the gaps between the row's (<= 2, sorted) ranges
+      int64_t from = j0;
+      for (int32_t t = 0; t < g.n; ++t) {
+        const int64_t lo = std::clamp(g.lo[t], j0, j1), hi = std::clamp(g.hi[t], j0, j1);
+        std::fill(s + from, s + std::max(from, lo), ninf);
+        from = std::max(from, hi);
+      }
+      std::fill(s + from, s + j1, ninf);
+    }
     if (kpm)
-      for (int64_t c = 0; c < cols; ++c)
-        if (!kpm[j0 + c]) s[c] = ninf;
+      for (int64_t c = j0; c < j1; ++c)
+        if (!kpm[c]) s[c] = ninf;
   }
 }
 
@@ -163,8 +234,9 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
   const uint8_t* kpm = a.kpm.defined() ? a.kpm.data_ptr<uint8_t>() : nullptr;
   const T scale = static_cast<T>(a.scale);
   at::parallel_for(0, a.batch * a.heads * nqt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(BQ * BK), acc(BQ * d), m(BQ), l(BQ);
+    std::vector<T> S(BQ * KC), acc(BQ * d), m(BQ), l(BQ);
     std::vector<Ranges> rr(BQ);
+    std::vector<std::pair<int64_t, int64_t>> chunks;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % nqt, e = (task / nqt) % a.heads, b = task / (nqt * a.heads);
       const int64_t nq = a.q_len(b), nk = a.k_len(b), i0 = qt * BQ;
@@ -174,35 +246,31 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
       const int32_t qh = hm.q_head(int32_t(e)), kh = hm.kv_head(int32_t(e));
       const uint8_t* kp = kpm ? kpm + b * a.nk : nullptr;
       for (int64_t r = 0; r < rows; ++r) rr[r] = mk.row_ranges(i0 + r);
-      const Ranges kt_r = tile_ranges<true>(mk, i0, i0 + rows, BK);
+      make_chunks(tile_ranges<true>(mk, i0, i0 + rows, BT), nk, chunks);
       std::fill(acc.begin(), acc.begin() + rows * d, T(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
       const T* qp = Q.at(b, a.q_start(b) + i0, qh);
-      for (int32_t t = 0; t < kt_r.n; ++t) {
-        for (int64_t kt = kt_r.lo[t]; kt < kt_r.hi[t]; ++kt) {
-          const int64_t j0 = kt * BK, cols = std::min(BK, nk - j0);
-          const T* kp_ = K.at(b, a.k_start(b) + j0, kh);
-          const T* vp = V.at(b, a.k_start(b) + j0, kh);
-          mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, kp_, K.sn, T(0), S.data(), BK);
-          apply_mask(S.data(), rows, cols, j0, rr.data(), kp);
-          for (int64_t r = 0; r < rows; ++r) {
-            T* s = S.data() + r * BK;
-            const T mx = std::max(m[r], row_max(s, cols));
-            if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
-              std::fill(s, s + cols, T(0));
-              continue;
-            }
-            const T alpha = exp_neg(m[r] - mx);  // m = -inf -> 0
-            l[r] = l[r] * alpha + exp_row(s, cols, mx);
-            if (alpha != T(1)) {
-              T* o = acc.data() + r * d;
-              for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
-            }
-            m[r] = mx;
+      for (const auto& [j0, j1] : chunks) {
+        const int64_t cols = j1 - j0;
+        mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S.data(), KC);
+        apply_mask(S.data(), rows, cols, j0, rr.data(), kp);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* s = S.data() + r * KC;
+          const T mx = std::max(m[r], row_max(s, cols));
+          if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
+            std::fill(s, s + cols, T(0));
+            continue;
           }
-          mm<T>(false, false, rows, d, cols, T(1), S.data(), BK, vp, V.sn, T(1), acc.data(), d);
+          const T alpha = exp_neg(m[r] - mx);  // m = -inf -> 0
+          l[r] = l[r] * alpha + exp_row(s, cols, mx);
+          if (alpha != T(1)) {
+            T* o = acc.data() + r * d;
+            for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
+          }
+          m[r] = mx;
         }
+        mm<T>(false, false, rows, d, cols, T(1), S.data(), KC, V.at(b, a.k_start(b) + j0, kh), V.sn, T(1), acc.data(), d);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* o = O.at(b, a.q_start(b) + i0 + r, e);
@@ -243,7 +311,7 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
     const View<T> dK(dk_parts[tid], a.varlen), dV(dv_parts[tid], a.varlen);
     std::vector<T> P, dP, D(BQ);
     std::vector<Ranges> rr(BQ);
-    std::vector<int64_t> tiles;
+    std::vector<std::pair<int64_t, int64_t>> chunks;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % nqt, g = (task / nqt) % ngroups, b = task / (nqt * ngroups);
       const int64_t nq = a.q_len(b), nk = a.k_len(b), i0 = qt * BQ;
@@ -254,41 +322,38 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
         const int32_t e = hm.member(int32_t(g), int32_t(t)), qh = hm.q_head(e), kh = hm.kv_head(e);
         const SeqMask mk = bind(a.mask, nq, nk, e);
         for (int64_t r = 0; r < rows; ++r) rr[r] = mk.row_ranges(i0 + r);
-        const Ranges kt_r = tile_ranges<true>(mk, i0, i0 + rows, BK);
-        tiles.clear();
-        for (int32_t u = 0; u < kt_r.n; ++u)
-          for (int64_t kt = kt_r.lo[u]; kt < kt_r.hi[u]; ++kt) tiles.push_back(kt);
-        if (tiles.empty()) continue;
-        const size_t need = tiles.size() * BQ * BK;
+        make_chunks(tile_ranges<true>(mk, i0, i0 + rows, BT), nk, chunks);
+        if (chunks.empty()) continue;
+        const size_t need = chunks.size() * BQ * KC;
         if (P.size() < need) { P.resize(need); dP.resize(need); }
         const T* qp = Q.at(b, a.q_start(b) + i0, qh);
         const T* gp = dO.at(b, a.q_start(b) + i0, e);
         std::fill(D.begin(), D.end(), T(0));
-        for (size_t x = 0; x < tiles.size(); ++x) {  // pass 1: P, dP, D
-          const int64_t j0 = tiles[x] * BK, cols = std::min(BK, nk - j0);
-          T* S = P.data() + x * BQ * BK;
-          T* dPx = dP.data() + x * BQ * BK;
-          mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S, BK);
+        for (size_t x = 0; x < chunks.size(); ++x) {  // pass 1: P, dP, D
+          const int64_t j0 = chunks[x].first, cols = chunks[x].second - j0;
+          T* S = P.data() + x * BQ * KC;
+          T* dPx = dP.data() + x * BQ * KC;
+          mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S, KC);
           apply_mask(S, rows, cols, j0, rr.data(), kp);
-          mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, V.at(b, a.k_start(b) + j0, kh), V.sn, T(0), dPx, BK);
+          mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, V.at(b, a.k_start(b) + j0, kh), V.sn, T(0), dPx, KC);
           for (int64_t r = 0; r < rows; ++r) {
             const T lr = L[ri(a, b, e, i0 + r)];
-            T* s = S + r * BK;
+            T* s = S + r * KC;
             if (lr == -std::numeric_limits<T>::infinity()) std::fill(s, s + cols, T(0));
             else exp_row(s, cols, lr);
-            D[r] += dot(s, dPx + r * BK, cols);
+            D[r] += dot(s, dPx + r * KC, cols);
           }
         }
         T* dqp = dQ.at(b, a.q_start(b) + i0, qh);
-        for (size_t x = 0; x < tiles.size(); ++x) {  // pass 2: dS, dV, dK, dQ
-          const int64_t j0 = tiles[x] * BK, cols = std::min(BK, nk - j0);
-          T* S = P.data() + x * BQ * BK;
-          const T* dPx = dP.data() + x * BQ * BK;
+        for (size_t x = 0; x < chunks.size(); ++x) {  // pass 2: dS, dV, dK, dQ
+          const int64_t j0 = chunks[x].first, cols = chunks[x].second - j0;
+          T* S = P.data() + x * BQ * KC;
+          const T* dPx = dP.data() + x * BQ * KC;
           const int64_t kr = a.k_start(b) + j0;
-          mm<T>(true, false, cols, d, rows, T(1), S, BK, gp, dO.sn, T(1), dV.at(b, kr, kh), dV.sn);
-          for (int64_t r = 0; r < rows; ++r) ds_row(S + r * BK, dPx + r * BK, cols, D[r], scale);
-          mm<T>(true, false, cols, d, rows, T(1), S, BK, qp, Q.sn, T(1), dK.at(b, kr, kh), dK.sn);
-          mm<T>(false, false, rows, d, cols, T(1), S, BK, K.at(b, kr, kh), K.sn, T(1), dqp, dQ.sn);
+          mm<T>(true, false, cols, d, rows, T(1), S, KC, gp, dO.sn, T(1), dV.at(b, kr, kh), dV.sn);
+          for (int64_t r = 0; r < rows; ++r) ds_row(S + r * KC, dPx + r * KC, cols, D[r], scale);
+          mm<T>(true, false, cols, d, rows, T(1), S, KC, qp, Q.sn, T(1), dK.at(b, kr, kh), dK.sn);
+          mm<T>(false, false, rows, d, cols, T(1), S, KC, K.at(b, kr, kh), K.sn, T(1), dqp, dQ.sn);
         }
       }
     }

@@ -251,7 +251,7 @@ def test_lambda_generation_bounded_cache_and_finite_past_trained_length():
     cache = lambda_cache(m)
     x = torch.randint(0, 101, (1, 10))
     with torch.no_grad():
-        out = m.generate(x, max_new_tokens=160, do_sample=False, past_key_values=cache, min_new_tokens=160,
+        out = m.generate(x, max_new_tokens=160, do_sample=False, cache=cache, min_new_tokens=160,
                          output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape[1] == 170  # past the trained length of 128
     assert all(torch.isfinite(s).all() for s in out.logits)
@@ -269,9 +269,9 @@ def test_lambda_cached_decoding_equals_uncached():
     with torch.no_grad():
         full = m(x).logits
         cache = lambda_cache(m)
-        m(x[:, :5], past_key_values=cache, use_cache=True)
+        m(x[:, :5], cache=cache, use_cache=True)
         for t in range(5, 20):
-            step = m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            step = m(x[:, t:t + 1], cache=cache, use_cache=True).logits
             torch.testing.assert_close(step[0, -1], full[0, t], rtol=1e-9, atol=1e-9)
 
 
@@ -282,3 +282,16 @@ def test_lambda_is_inference_only():
         m(torch.randint(0, 101, (1, 8)))
     with pytest.raises(ValueError, match="patch the model first"):
         lambda_cache(tiny(LlamaConfig, LlamaForCausalLM))
+
+
+def test_attn_implementation_by_name(tmp_path):
+    lt_hf.register()
+    m = tiny(LlamaConfig, LlamaForCausalLM)
+    x = torch.randint(0, 101, (1, 32))
+    want = m(x).logits
+    m.save_pretrained(tmp_path)
+    m2 = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="longtune_s2")
+    assert m2.config._attn_implementation == "longtune_s2"
+    torch.testing.assert_close(m2(x).logits, want, rtol=1e-10, atol=1e-10)  # eval: dense
+    m2.train()
+    assert (m2(x).logits - want).abs().max() > 1e-3  # train: S^2 with the default ratio

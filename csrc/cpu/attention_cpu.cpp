@@ -287,8 +287,9 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
 // forms D = rowsum(P * dP) from exactly these values (so a row with one visible key gets dS = 0
 // exactly, as in autograd's softmax backward; the FlashAttention shortcut D = rowsum(dO * O) leaves
 // the rounding of dP there); pass 2 forms dS = P (dP - D) scale and accumulates dQ += dS K (rows
-// owned by the task), dK += dS^T Q and dV += P^T dO into per-thread buffers (key tiles are shared
-// by the query tiles of other tasks), summed at the end.
+// owned by the task), dK += dS^T Q and dV += P^T dO. With enough (batch, group) pairs a task takes
+// all query tiles of one pair and owns its key/value rows; otherwise (MQA at batch 1) query tiles
+// are split too and dK / dV go into per-thread buffers summed at the end.
 template <class T>
 void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
@@ -302,6 +303,72 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
   const int nthreads = at::get_num_threads();
   std::vector<at::Tensor> dk_parts(nthreads), dv_parts(nthreads);
   const int64_t ngroups = hm.groups(), gsize = hm.group_size();
+  // Scratch of one worker; `unit` handles one (batch, group, query tile) into the dK / dV views.
+  struct Scratch {
+    std::vector<T> P, dP, D = std::vector<T>(BQ);
+    std::vector<Ranges> rr = std::vector<Ranges>(BQ);
+    std::vector<std::pair<int64_t, int64_t>> chunks;
+  };
+  auto unit = [&](int64_t b, int64_t g, int64_t qt, const View<T>& dK, const View<T>& dV, Scratch& sc) {
+    std::vector<T>& P = sc.P;
+    std::vector<T>& dP = sc.dP;
+    std::vector<T>& D = sc.D;
+    std::vector<Ranges>& rr = sc.rr;
+    std::vector<std::pair<int64_t, int64_t>>& chunks = sc.chunks;
+    const int64_t nq = a.q_len(b), nk = a.k_len(b), i0 = qt * BQ;
+    if (i0 >= nq) return;
+    const int64_t rows = std::min(BQ, nq - i0);
+    const uint8_t* kp = kpm ? kpm + b * a.nk : nullptr;
+    for (int64_t t = 0; t < gsize; ++t) {
+      const int32_t e = hm.member(int32_t(g), int32_t(t)), qh = hm.q_head(e), kh = hm.kv_head(e);
+      const SeqMask mk = bind(a.mask, nq, nk, e);
+      for (int64_t r = 0; r < rows; ++r) rr[r] = mk.row_ranges(i0 + r);
+      make_chunks(tile_ranges<true>(mk, i0, i0 + rows, BT), nk, chunks);
+      if (chunks.empty()) continue;
+      const size_t need = chunks.size() * BQ * KC;
+      if (P.size() < need) { P.resize(need); dP.resize(need); }
+      const T* qp = Q.at(b, a.q_start(b) + i0, qh);
+      const T* gp = dO.at(b, a.q_start(b) + i0, e);
+      std::fill(D.begin(), D.end(), T(0));
+      for (size_t x = 0; x < chunks.size(); ++x) {  // pass 1: P, dP, D
+        const int64_t j0 = chunks[x].first, cols = chunks[x].second - j0;
+        T* S = P.data() + x * BQ * KC;
+        T* dPx = dP.data() + x * BQ * KC;
+        mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S, KC);
+        apply_mask(S, rows, cols, j0, rr.data(), kp);
+        mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, V.at(b, a.k_start(b) + j0, kh), V.sn, T(0), dPx, KC);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T lr = L[ri(a, b, e, i0 + r)];
+          T* s = S + r * KC;
+          if (lr == -std::numeric_limits<T>::infinity()) std::fill(s, s + cols, T(0));
+          else exp_row(s, cols, lr);
+          D[r] += dot(s, dPx + r * KC, cols);
+        }
+      }
+      T* dqp = dQ.at(b, a.q_start(b) + i0, qh);
+      for (size_t x = 0; x < chunks.size(); ++x) {  // pass 2: dS, dV, dK, dQ
+        const int64_t j0 = chunks[x].first, cols = chunks[x].second - j0;
+        T* S = P.data() + x * BQ * KC;
+        const T* dPx = dP.data() + x * BQ * KC;
+        const int64_t kr = a.k_start(b) + j0;
+        mm<T>(true, false, cols, d, rows, T(1), S, KC, gp, dO.sn, T(1), dV.at(b, kr, kh), dV.sn);
+        for (int64_t r = 0; r < rows; ++r) ds_row(S + r * KC, dPx + r * KC, cols, D[r], scale);
+        mm<T>(true, false, cols, d, rows, T(1), S, KC, qp, Q.sn, T(1), dK.at(b, kr, kh), dK.sn);
+        mm<T>(false, false, rows, d, cols, T(1), S, KC, K.at(b, kr, kh), K.sn, T(1), dqp, dQ.sn);
+      }
+    }
+  };
+  if (a.batch * ngroups >= 4 * int64_t(nthreads)) {
+    // Enough (batch, group) pairs: a task owns its group's key/value rows, dK / dV go straight out.
+    const View<T> dK(dk, a.varlen), dV(dv, a.varlen);
+    at::parallel_for(0, a.batch * ngroups, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc;
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t qt = 0; qt < nqt; ++qt) unit(t / ngroups, t % ngroups, qt, dK, dV, sc);
+    });
+    return;
+  }
+  // Few groups (MQA, batch 1): split the query tiles too; dK / dV into per-thread buffers.
   at::parallel_for(0, a.batch * ngroups * nqt, 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
     if (!dk_parts[tid].defined()) {
@@ -309,54 +376,9 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
       dv_parts[tid] = at::zeros(dv.sizes(), dv.options());
     }
     const View<T> dK(dk_parts[tid], a.varlen), dV(dv_parts[tid], a.varlen);
-    std::vector<T> P, dP, D(BQ);
-    std::vector<Ranges> rr(BQ);
-    std::vector<std::pair<int64_t, int64_t>> chunks;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qt = task % nqt, g = (task / nqt) % ngroups, b = task / (nqt * ngroups);
-      const int64_t nq = a.q_len(b), nk = a.k_len(b), i0 = qt * BQ;
-      if (i0 >= nq) continue;
-      const int64_t rows = std::min(BQ, nq - i0);
-      const uint8_t* kp = kpm ? kpm + b * a.nk : nullptr;
-      for (int64_t t = 0; t < gsize; ++t) {
-        const int32_t e = hm.member(int32_t(g), int32_t(t)), qh = hm.q_head(e), kh = hm.kv_head(e);
-        const SeqMask mk = bind(a.mask, nq, nk, e);
-        for (int64_t r = 0; r < rows; ++r) rr[r] = mk.row_ranges(i0 + r);
-        make_chunks(tile_ranges<true>(mk, i0, i0 + rows, BT), nk, chunks);
-        if (chunks.empty()) continue;
-        const size_t need = chunks.size() * BQ * KC;
-        if (P.size() < need) { P.resize(need); dP.resize(need); }
-        const T* qp = Q.at(b, a.q_start(b) + i0, qh);
-        const T* gp = dO.at(b, a.q_start(b) + i0, e);
-        std::fill(D.begin(), D.end(), T(0));
-        for (size_t x = 0; x < chunks.size(); ++x) {  // pass 1: P, dP, D
-          const int64_t j0 = chunks[x].first, cols = chunks[x].second - j0;
-          T* S = P.data() + x * BQ * KC;
-          T* dPx = dP.data() + x * BQ * KC;
-          mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S, KC);
-          apply_mask(S, rows, cols, j0, rr.data(), kp);
-          mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, V.at(b, a.k_start(b) + j0, kh), V.sn, T(0), dPx, KC);
-          for (int64_t r = 0; r < rows; ++r) {
-            const T lr = L[ri(a, b, e, i0 + r)];
-            T* s = S + r * KC;
-            if (lr == -std::numeric_limits<T>::infinity()) std::fill(s, s + cols, T(0));
-            else exp_row(s, cols, lr);
-            D[r] += dot(s, dPx + r * KC, cols);
-          }
-        }
-        T* dqp = dQ.at(b, a.q_start(b) + i0, qh);
-        for (size_t x = 0; x < chunks.size(); ++x) {  // pass 2: dS, dV, dK, dQ
-          const int64_t j0 = chunks[x].first, cols = chunks[x].second - j0;
-          T* S = P.data() + x * BQ * KC;
-          const T* dPx = dP.data() + x * BQ * KC;
-          const int64_t kr = a.k_start(b) + j0;
-          mm<T>(true, false, cols, d, rows, T(1), S, KC, gp, dO.sn, T(1), dV.at(b, kr, kh), dV.sn);
-          for (int64_t r = 0; r < rows; ++r) ds_row(S + r * KC, dPx + r * KC, cols, D[r], scale);
-          mm<T>(true, false, cols, d, rows, T(1), S, KC, qp, Q.sn, T(1), dK.at(b, kr, kh), dK.sn);
-          mm<T>(false, false, rows, d, cols, T(1), S, KC, K.at(b, kr, kh), K.sn, T(1), dqp, dQ.sn);
-        }
-      }
-    }
+    Scratch sc;
+    for (int64_t task = begin; task < end; ++task)
+      unit(task / (nqt * ngroups), (task / nqt) % ngroups, task % nqt, dK, dV, sc);
   });
   bool first = true;
   for (int t = 0; t < nthreads; ++t) {

@@ -45,6 +45,10 @@ static int64_t tile_env(int i, int64_t dflt) {
 static const int64_t BQ = tile_env(0, 64), KC = tile_env(1, 256);
 constexpr int64_t BT = 64;
 
+// Query tiles in the order 0, n-1, 1, n-2, ...: at::parallel_for hands each thread a contiguous
+// range of tasks, and causal tiles grow in cost with their index, so this keeps threads balanced.
+inline int64_t zigzag(int64_t i, int64_t n) { return (i & 1) ? n - 1 - i / 2 : i / 2; }
+
 // Consecutive key chunks [j0, j1) covering the non-empty key tiles (<= 2 tile ranges).
 void make_chunks(const Ranges& tr, int64_t nk, std::vector<std::pair<int64_t, int64_t>>& out) {
   out.clear();
@@ -238,7 +242,7 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
     std::vector<Ranges> rr(BQ);
     std::vector<std::pair<int64_t, int64_t>> chunks;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qt = task % nqt, e = (task / nqt) % a.heads, b = task / (nqt * a.heads);
+      const int64_t qt = zigzag(task % nqt, nqt), e = (task / nqt) % a.heads, b = task / (nqt * a.heads);
       const int64_t nq = a.q_len(b), nk = a.k_len(b), i0 = qt * BQ;
       if (i0 >= nq) continue;
       const int64_t rows = std::min(BQ, nq - i0);
@@ -378,7 +382,7 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
     const View<T> dK(dk_parts[tid], a.varlen), dV(dv_parts[tid], a.varlen);
     Scratch sc;
     for (int64_t task = begin; task < end; ++task)
-      unit(task / (nqt * ngroups), (task / nqt) % ngroups, task % nqt, dK, dV, sc);
+      unit(task / (nqt * ngroups), (task / nqt) % ngroups, zigzag(task % nqt, nqt), dK, dV, sc);
   });
   bool first = true;
   for (int t = 0; t < nthreads; ++t) {

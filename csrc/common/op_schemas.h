@@ -58,6 +58,23 @@
   "int max_seqlen_k, float softmax_scale, bool causal, int s2_group_size, str s2_mode, int window_left, " \
   "int window_right, int n_global, int q_offset, int kv_offset) -> (Tensor, Tensor, Tensor)"
 
+// Fused linear + cross-entropy (logits never materialised): per row t of x (T, d) with weight
+// (V, d), optional bias (V,), target (T,) int64: z = softcap > 0 ? softcap * tanh(l / softcap) : l
+// with l = x W^T + b; loss_t = (1 - eps) (lse - z[target]) + eps (lse - mean z) + z_loss lse^2,
+// 0 where target == ignore_index. Returns (loss per row, lse per row), float32 (float64 for
+// float64 input); the reduction is applied by the caller.
+#define LT_SCHEMA_LCE_FWD                                                                                 \
+  "linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "    \
+  "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)"
+// Its backward from per-row loss gradients: (dx, dweight, dbias) in x's / weight's / bias's dtype
+// (dbias is empty without bias), logits recomputed tile by tile, fp32 accumulation. filter_eps > 0
+// skips vocabulary tiles of a row block whose |d logits| are all below it (Cut Cross-Entropy's
+// filter; 0 = exact).
+#define LT_SCHEMA_LCE_BWD                                                                                   \
+  "linear_cross_entropy_bwd(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor target, "      \
+  "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, float filter_eps) "   \
+  "-> (Tensor, Tensor, Tensor)"
+
 // Applies F to every op schema above (used by both libraries).
 #define LT_FOR_EACH_SCHEMA(F) \
   F(LT_SCHEMA_HADAMARD);      \
@@ -68,4 +85,6 @@
   F(LT_SCHEMA_SPARSE_DELTA_GRAD); \
   F(LT_SCHEMA_SPARSE_ADAMW);  \
   F(LT_SCHEMA_ATTN_FWD);      \
-  F(LT_SCHEMA_ATTN_BWD)
+  F(LT_SCHEMA_ATTN_BWD);      \
+  F(LT_SCHEMA_LCE_FWD);       \
+  F(LT_SCHEMA_LCE_BWD)

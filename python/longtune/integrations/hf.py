@@ -94,10 +94,16 @@ def longtune_s2_attention_forward(module: nn.Module, query, key, value, attentio
     o = _options(module, "s2")
     mask = {}
     nq, nk = query.shape[2], key.shape[2]
-    if (module.training or o["s2_in_eval"]) and nq == nk and nq > 1:
-        cu_q, _ = _packed(kwargs)
-        n = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q is not None else nq
-        mask = {"s2_group_size": o["group_size"] or s2_group_size(n, o["group_size_ratio"]), "s2_mode": o["mode"]}
+    if (module.training or o["s2_in_eval"]) and nq > 1:
+        if nq == nk:
+            cu_q, _ = _packed(kwargs)
+            n = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q is not None else nq
+            mask = {"s2_group_size": o["group_size"] or s2_group_size(n, o["group_size_ratio"]), "s2_mode": o["mode"]}
+        elif nq < nk and o["group_size"] and o["mode"] == "leakfree":
+            # a query chunk against a longer KV (chunk-wise training): groups are absolute positions
+            # and the queries are the last nq of them (bottom-right), so a fixed group size gives
+            # exactly the rows of the full sequence's S^2-Attn
+            mask = {"s2_group_size": o["group_size"], "s2_mode": "leakfree"}
     return _run(module, query, key, value, attention_mask, scaling, kwargs, **mask), None
 
 

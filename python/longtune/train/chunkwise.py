@@ -1,0 +1,318 @@
+"""Chunk-wise training of Hugging Face causal LMs: SeCO (sequential chunk-wise optimization, exact)
+and SpaCO (sparse chunk-wise optimization, a stochastic estimator of that gradient), after "Training
+Long-Context LLMs Efficiently via Chunk-wise Optimization" (Li et al.).
+
+The sequence is cut into chunks of ``chunk_size`` tokens (the last one may be shorter).
+
+- Phase 1 (no grad): the chunks run in order; chunk i attends to the keys / values of chunks
+  0..i-1 through the model's cache interface (a ``transformers.cache_utils.Cache`` whose layers
+  return ``cat(past k/v, new k/v)``), at positions ``past_len + arange(C)``. Each chunk's k / v of
+  every layer (k after rotary, as the cache stores it) is kept as a detached leaf.
+- Phase 2 (chunks in reverse order): chunk i is recomputed with grad against the leaves of the
+  earlier chunks (``requires_grad=True``, so the backward of chunk i deposits dL/dk, dL/dv of the
+  earlier chunks on them); then one ``torch.autograd.backward`` takes the local loss together with
+  chunk i's own recomputed k / v, fed with the gradient that later chunks left on chunk i's leaves.
+  The parameters' ``.grad`` accumulates over the chunks; chunk i's leaves (and their gradients)
+  are freed once relayed. Activation memory is that of one chunk plus the K/V of the sequence.
+
+The loss is the standard HF causal-LM loss: labels are shifted once for the whole sequence
+(token t predicts ``labels[t+1]``; ``-100`` is ignored), so the target of the last token of chunk
+i is the first label of chunk i+1; per-token cross-entropy is summed over all chunks and divided by
+the number of target tokens of the whole batch (or ``num_items_in_batch``). SeCO's gradient is
+therefore full backprop's (up to rounding).
+
+SpaCO (``budget=K``): K of the N chunks are drawn uniformly without replacement (``generator``);
+only those are recomputed and backpropagated; the others run in phase 1 only. The gradient is a sum
+over paths ``loss of chunk i0 -> k/v of i1 -> ... -> parameters used by chunk im`` (m hops), and a
+path survives only if all its m+1 chunks are sampled, with probability ``prod_{t<=m} (K-t)/(N-t)``.
+Factors (:func:`spaco_factors`): a sampled chunk's own loss is multiplied by ``N/K``; the k/v
+gradient relayed to a sampled chunk -- which already carries the sender's factors -- by
+``(N-1)/(K-1)`` (given the sender is sampled, the receiver is with probability (K-1)/(N-1); a
+constant N/K here would under-weight every relayed gradient). This makes the estimator exactly
+unbiased for all 0- and 1-hop paths, i.e. for the whole gradient of a one-layer model. Exact
+unbiasedness for every path is impossible with a fixed budget: a path through more than K chunks
+is never observed (with K = 1 no relayed gradient is used at all), and paths of m >= 2 hops (which
+need >= m layers: each hop goes down at least one layer) are weighted ``N/K ((N-1)/(K-1))^m``
+instead of ``prod_t (N-t)/(K-t)``, i.e. slightly under-weighted. This residual bias is measured in
+tests/test_chunkwise.py (a few per cent of the gradient norm on a tiny 2-layer model).
+
+``cap`` (default 2.0, paper section 6.4) clips both factors, trading bias for variance: a cap
+below ``N/K`` biases the local terms, a cap below ``(N-1)/(K-1)`` the relayed ones (the estimate
+then shrinks). ``cap=None`` lifts the clipping. With ``K = N`` all factors are 1: SpaCO is SeCO.
+
+Scope: batch of equal-length rows (B >= 1), no padding: ``attention_mask`` must be None or all
+ones. Models: HF causal LMs whose attention writes k/v through ``cache.update(k, v, layer_idx)``
+(Llama, Qwen2, Mistral, ..., also peft-wrapped, also ``longtune.patch(model, attention="causal")``).
+Dropout is replayed identically in phase 2 (the RNG state of each chunk's phase-1 forward is
+restored). S^2 attention (``longtune.patch(attention="s2")``) is *not* reproduced chunk-wise: the
+patched forward applies S^2 only when queries and keys have the same length, so chunks after the
+first run plain causal attention (the kernel itself, ``s2_mode="leakfree"`` with bottom-right
+aligned queries, would match the full S^2 mask; ``"longlora_roll"`` cannot be chunked at all).
+Sliding-window models keep the whole past (the mask applies the window).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+
+__all__ = ["seco_backward", "seco_train_step", "spaco_factors"]
+
+IGNORE_INDEX = -100
+
+
+class _ChunkLayer(DynamicLayer):
+    """One layer's cache for one chunk: holds the k/v of the earlier chunks as a list of tensors
+    (leaves in phase 2) and returns ``cat(past, new)`` from ``update``; remembers the new k/v."""
+
+    def __init__(self, past_k: list, past_v: list, past_len: int):
+        super().__init__()
+        self.past_k, self.past_v, self.past_len = past_k, past_v, past_len
+        self.new_k = self.new_v = None
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.new_k, self.new_v = key_states, value_states
+        if not self.past_k:
+            return key_states, value_states
+        return (torch.cat([*self.past_k, key_states], dim=-2), torch.cat([*self.past_v, value_states], dim=-2))
+
+    def get_seq_length(self) -> int:
+        return self.past_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.past_len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def _num_layers(model) -> int:
+    cfg = model.config
+    get = getattr(cfg, "get_text_config", None)
+    cfg = get(decoder=True) if callable(get) else cfg
+    return int(cfg.num_hidden_layers)
+
+
+def _base(model):
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _forward_params(model) -> set:
+    try:
+        return set(inspect.signature(_base(model).forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def spaco_factors(n_chunks: int, budget: int, cap: Optional[float] = 2.0) -> tuple:
+    """SpaCO's compensation factors ``(local, relay)`` for ``budget`` = K of ``n_chunks`` = N
+    chunks sampled uniformly without replacement: ``local = N / K`` multiplies a sampled chunk's
+    own loss (it is sampled with probability K/N); ``relay = (N - 1) / (K - 1)`` multiplies the k/v
+    gradient relayed to a sampled chunk (it was sent by a sampled chunk, and given that, the
+    receiver is sampled with probability (K-1)/(N-1)); ``relay = 0`` for K = 1 (a relayed gradient
+    never meets a second sampled chunk). Both are clipped at ``cap`` (None: no clipping)."""
+    n, k = int(n_chunks), int(budget)
+    local = n / k
+    relay = (n - 1) / (k - 1) if k > 1 else 0.0
+    if cap is not None:
+        local, relay = min(local, float(cap)), min(relay, float(cap))
+    return local, relay
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _check(input_ids, labels, chunk_size, budget, cap, attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("seco_backward: input_ids and labels must be tensors")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if labels.dim() == 1:
+        labels = labels.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise ValueError(f"seco_backward: input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"seco_backward: labels shape {tuple(labels.shape)} does not match input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    n = input_ids.shape[1]
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"seco_backward: chunk_size must be an int, got {chunk_size!r}")
+    if not 1 <= chunk_size <= n:
+        raise ValueError(f"seco_backward: chunk_size must be in [1, seq_len={n}], got chunk_size={chunk_size}")
+    n_chunks = math.ceil(n / chunk_size)
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise TypeError(f"seco_backward: budget must be an int or None, got {budget!r}")
+        if not 1 <= budget <= n_chunks:
+            raise ValueError(f"seco_backward: budget must be in [1, number of chunks={n_chunks}] (seq_len={n}, "
+                             f"chunk_size={chunk_size}), got budget={budget}")
+    if cap is not None and not cap > 0:
+        raise ValueError(f"seco_backward: cap must be positive or None, got cap={cap}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"seco_backward: attention_mask shape {tuple(attention_mask.shape)} does not match "
+                             f"input_ids shape {tuple(input_ids.shape)}")
+        if not bool((attention_mask != 0).all()):
+            raise NotImplementedError("seco_backward: padding is not supported (attention_mask must be None or all "
+                                      "ones); pack or batch equal-length sequences")
+    return input_ids, labels, n, n_chunks
+
+
+def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_size: int,
+                  budget: Optional[int] = None, cap: Optional[float] = 2.0,
+                  attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                  num_items_in_batch=None) -> torch.Tensor:
+    """Chunk-wise backward of the causal-LM loss of ``model`` on ``input_ids`` / ``labels`` (B, N).
+
+    Accumulates into ``.grad`` what ``model(input_ids, labels=labels).loss.backward()`` would
+    (``budget=None``: SeCO, exact) or an estimate of it (``budget=K``: SpaCO, K of the
+    ``ceil(N / chunk_size)`` chunks backpropagated, factors clipped at ``cap``; with
+    ``cap=None`` unbiased up to the multi-hop terms described above; ``generator`` seeds the sampling). Returns the detached full-sequence loss
+    (unscaled). ``num_items_in_batch``: divide the summed token losses by this instead of the
+    number of target tokens (as transformers' Trainer does over accumulation steps).
+    See the module docstring for the algorithm and scope."""
+    input_ids, labels, n, n_chunks = _check(input_ids, labels, chunk_size, budget, cap, attention_mask)
+    dev = input_ids.device
+    labels = labels.to(dev)
+    bsz = input_ids.shape[0]
+    shift = torch.cat([labels[:, 1:], labels.new_full((bsz, 1), IGNORE_INDEX)], dim=1)
+    n_targets = int((shift != IGNORE_INDEX).sum())
+    if n_targets == 0:
+        warnings.warn("seco_backward: every label is ignored (-100); returning a zero loss, no gradient", stacklevel=2)
+        return torch.zeros((), device=dev)
+    denom = n_targets if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(denom):
+        denom = denom.to(dev)
+
+    if budget is None:
+        sampled, local_w, relay_w = list(range(n_chunks)), 1.0, 1.0
+    else:
+        sampled = torch.randperm(n_chunks, generator=generator)[:budget].tolist()
+        local_w, relay_w = spaco_factors(n_chunks, budget, cap)
+    return _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom)
+
+
+def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom):
+    """Phases 1 and 2 for the chunks in ``sampled`` (indices), their local losses weighted by
+    ``local_w`` and the k/v gradients relayed to them by ``relay_w`` (0: no relay); ``shift``: the
+    globally shifted labels; ``denom``: the loss normaliser."""
+    dev = input_ids.device
+    bsz, n = input_ids.shape
+    n_chunks = math.ceil(n / chunk_size)
+    bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+    sampled = sorted(set(int(i) for i in sampled))
+    last_needed = max(sampled)  # the k/v of chunks from this one on are never attended to in phase 2
+
+    n_layers = _num_layers(model)
+    params = _forward_params(model)
+    cache_kw = "cache" if "cache" in params or not params else "past_key_values"
+    can_trim = "logits_to_keep" in params
+
+    def run(i, past_k, past_v, **extra):
+        s, e = bounds[i]
+        layers = [_ChunkLayer(past_k[layer], past_v[layer], s) for layer in range(n_layers)]
+        cache = Cache(layers=layers)
+        pos = torch.arange(s, e, device=dev).unsqueeze(0).expand(bsz, -1)
+        out = model(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache}, **extra)
+        return out.logits, layers
+
+    def chunk_loss(i, logits):
+        s, e = bounds[i]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # as transformers' ForCausalLMLoss; fp32 / fp64 stay as they are
+        tgt = shift[:, s:e].reshape(-1)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt, ignore_index=IGNORE_INDEX,
+                               reduction="sum") / denom
+
+    # ---------------------------------------------------------------- phase 1: forward, no grad
+    keys = [[] for _ in range(n_layers)]  # keys[layer][chunk]
+    vals = [[] for _ in range(n_layers)]
+    rng = []
+    total = torch.zeros((), device=dev, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(n_chunks):
+            rng.append(_rng_state(dev))
+            recomputed = i in sampled
+            extra = {"logits_to_keep": 1} if (recomputed and can_trim) else {}
+            logits, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals], **extra)
+            if not recomputed:
+                total += chunk_loss(i, logits).double()
+            if i < n_chunks - 1:  # later chunks attend to it: keep its k/v
+                for layer, lay in enumerate(layers):
+                    if lay.new_k is None:
+                        raise RuntimeError(f"seco_backward: layer {layer} of {type(model).__name__} did not write its "
+                                           "keys/values through the cache interface (cache.update)")
+                    need = relay_w > 0 and i in sampled and i < last_needed  # its gradient is relayed in phase 2
+                    keys[layer].append(lay.new_k.detach().requires_grad_(need))
+                    vals[layer].append(lay.new_v.detach().requires_grad_(need))
+            del logits, layers
+    for layer in range(n_layers):  # no chunk after `last_needed` runs in phase 2
+        del keys[layer][last_needed:], vals[layer][last_needed:]
+    rng_end = _rng_state(dev)
+
+    # ---------------------------------------------------------------- phase 2: reverse, with grad
+    kv_needs_grad = None  # per layer (k, v): whether the recomputed k/v depend on trainable tensors
+    loss_dtype = torch.float32
+    for i in reversed(sampled):
+        cpu_state, cuda_state = rng[i]
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, dev)
+        with torch.enable_grad():
+            logits, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals])
+            local = chunk_loss(i, logits)
+        total += local.detach().double()
+        loss_dtype = local.dtype
+        del logits
+        outs, grads = [], []
+        if local.requires_grad:
+            outs.append(local)
+            grads.append(torch.full_like(local, local_w))
+        if i < last_needed:  # relay the k/v gradient that later chunks left on chunk i's leaves
+            for layer, lay in enumerate(layers):
+                for new, leaf in ((lay.new_k, keys[layer][i]), (lay.new_v, vals[layer][i])):
+                    g = leaf.grad
+                    if g is not None and new.requires_grad:
+                        outs.append(new)
+                        grads.append(g.mul_(relay_w) if relay_w != 1.0 else g)
+        if outs:
+            torch.autograd.backward(outs, grads)
+        if kv_needs_grad is None:  # k/v with no trainable tensor behind them: stop collecting their gradient
+            kv_needs_grad = [(lay.new_k.requires_grad, lay.new_v.requires_grad) for lay in layers]
+            for layer, (nk, nv) in enumerate(kv_needs_grad):
+                for j in range(min(i, len(keys[layer]))):
+                    keys[layer][j].requires_grad_(nk and keys[layer][j].requires_grad)
+                    vals[layer][j].requires_grad_(nv and vals[layer][j].requires_grad)
+        del outs, grads, layers, local
+        if i < last_needed:  # chunk i's k/v is relayed: free it and its gradient
+            for layer in range(n_layers):
+                keys[layer][i] = vals[layer][i] = None
+    torch.set_rng_state(rng_end[0])
+    if rng_end[1] is not None:
+        torch.cuda.set_rng_state(rng_end[1], dev)
+    return total.to(loss_dtype)
+
+
+def seco_train_step(model, optimizer, input_ids, labels, *, chunk_size: int, budget: Optional[int] = None,
+                    cap: Optional[float] = 2.0, attention_mask=None, generator=None, max_grad_norm=None):
+    """One optimizer step with chunk-wise backward: ``zero_grad``, :func:`seco_backward`, optional
+    gradient clipping at ``max_grad_norm``, ``optimizer.step()``. Returns the (detached) loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = seco_backward(model, input_ids, labels, chunk_size=chunk_size, budget=budget, cap=cap,
+                         attention_mask=attention_mask, generator=generator)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    return loss

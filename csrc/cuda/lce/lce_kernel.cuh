@@ -3,8 +3,8 @@
 // Logits are never materialised: a block takes kBM rows of x and kBN-column vocabulary tiles of W,
 // staging kBK-wide chunks of both in shared memory (fp32, transposed, padded so that the reads
 // of the inner products are conflict-free) and accumulating the kBM x kBN tile in registers with
-// fp32 FMAs (a thread owns 2 rows x 4 columns). The tile then goes through shared memory:
-//  - forward: warp w owns rows 4w..4w+3 and keeps their online state (max, sum exp(z - max),
+// fp32 FMAs (a thread owns kTM rows x kTN columns). The tile then goes through shared memory:
+//  - forward: warp w owns rows kRW w .. kRW w + kRW - 1 and keeps their online state (max, sum exp(z - max),
 //    z[target], sum z) in registers over the tiles of its vocabulary split; the states are written
 //    per (split, row) to an fp32 scratch and a merge kernel (one thread per row) forms lse and loss.
 //  - backward: one block per (row block, vocabulary tile) recomputes the tile, forms d logits
@@ -27,7 +27,13 @@ namespace lt::lce {
 constexpr int kXS = kBM + 1;  // shared x chunk: [kBK][kXS] (x transposed)
 constexpr int kWS = kBN + 1;  // shared W chunk: [kBK][kWS] (W transposed)
 constexpr int kSS = kBN + 1;  // shared logits / d logits tile: [kBM][kSS]
-constexpr int kSmemFloats = kBK * kXS + kBK * kWS + kBM * kSS + kThreads / 32;
+constexpr int kTM = kBM / 16, kTN = kBN / 16;  // a thread's micro-tile: rows ty + .., columns tx + 16 j
+constexpr int kWarps = kThreads / 32;
+constexpr int kRW = kBM / kWarps;  // rows per warp in the forward's softmax pass
+constexpr int kCL = kBN / 32;      // columns per lane in the forward's softmax pass
+static_assert(kThreads == 256 && kBM % 16 == 0 && kBN % 32 == 0 && kRW <= 32, "tile shape");
+static_assert((kBM * kBK) % kThreads == 0 && (kBN * kBK) % kThreads == 0, "chunk loads");
+constexpr int kSmemFloats = kBK * kXS + kBK * kWS + kBM * kSS + kWarps;
 constexpr size_t kSmemBytes = sizeof(float) * kSmemFloats;
 constexpr int kMergeThreads = 256;
 constexpr int kConvThreads = 256;
@@ -70,21 +76,21 @@ LT_DEV void load_chunks(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_
   }
 }
 
-// acc[i][j] = sum_k x[row0 + 2 ty + i, k] W[col0 + tx + 16 j, k] (ty = tid / 16, tx = tid % 16).
+// acc[i][j] = sum_k x[row0 + kTM ty + i, k] W[col0 + tx + 16 j, k] (ty = tid / 16, tx = tid % 16).
 template <class T>
 LT_DEV void logits_tile(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_, int64_t V, int64_t d, int64_t row0,
-                        int64_t col0, simt::sptr<float> xs, simt::sptr<float> ws, float (&acc)[2][4]) {
+                        int64_t col0, simt::sptr<float> xs, simt::sptr<float> ws, float (&acc)[kTM][kTN]) {
   const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
-  LT_UNROLL for (int i = 0; i < 2; ++i) LT_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  LT_UNROLL for (int i = 0; i < kTM; ++i) LT_UNROLL for (int j = 0; j < kTN; ++j) acc[i][j] = 0.f;
   for (int64_t k0 = 0; k0 < d; k0 += kBK) {
     load_chunks<T>(x, w, T_, V, d, row0, col0, k0, xs, ws);
     simt::sync_block();
     const int kn = d - k0 < kBK ? static_cast<int>(d - k0) : kBK;
     for (int k = 0; k < kn; ++k) {
-      float a[2], bv[4];
-      LT_UNROLL for (int i = 0; i < 2; ++i) a[i] = xs[k * kXS + 2 * ty + i];
-      LT_UNROLL for (int j = 0; j < 4; ++j) bv[j] = ws[k * kWS + tx + 16 * j];
-      LT_UNROLL for (int i = 0; i < 2; ++i) LT_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
+      float a[kTM], bv[kTN];
+      LT_UNROLL for (int i = 0; i < kTM; ++i) a[i] = xs[k * kXS + kTM * ty + i];
+      LT_UNROLL for (int j = 0; j < kTN; ++j) bv[j] = ws[k * kWS + tx + 16 * j];
+      LT_UNROLL for (int i = 0; i < kTM; ++i) LT_UNROLL for (int j = 0; j < kTN; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
     }
     simt::sync_block();
   }
@@ -105,36 +111,44 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
   const int64_t vt0 = split * p.tps, vt1 = vt0 + p.tps < nvt ? vt0 + p.tps : nvt;
   for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
     const int64_t row0 = rb * kBM;
-    float m[4], s[4], zt[4], sz[4];
-    int64_t tg[4];
-    LT_UNROLL for (int i = 0; i < 4; ++i) {
+    float m[kRW], s[kRW], zt[kRW], sz[kRW];
+    int64_t tg[kRW];
+    LT_UNROLL for (int i = 0; i < kRW; ++i) {
       m[i] = -INFINITY; s[i] = 0.f; zt[i] = 0.f; sz[i] = 0.f;
-      const int64_t gr = row0 + 4 * warp + i;
+      const int64_t gr = row0 + kRW * warp + i;
       const int64_t t = gr < p.T_ ? p.target[gr] : p.ignore_index;
       tg[i] = t == p.ignore_index ? -1 : t;
     }
     for (int64_t vt = vt0; vt < vt1; ++vt) {
       const int64_t col0 = vt * kBN;
-      float acc[2][4];
+      float acc[kTM][kTN];
       logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc);
-      LT_UNROLL for (int j = 0; j < 4; ++j) {
+      LT_UNROLL for (int j = 0; j < kTN; ++j) {
         const int64_t gc = col0 + tx + 16 * j;
         const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
-        LT_UNROLL for (int i = 0; i < 2; ++i) ss[(2 * ty + i) * kSS + tx + 16 * j] = cap_logit(acc[i][j] + bias, p.softcap);
+        LT_UNROLL for (int i = 0; i < kTM; ++i)
+          ss[(kTM * ty + i) * kSS + tx + 16 * j] = cap_logit(acc[i][j] + bias, p.softcap);
       }
       simt::sync_block();
-      const int64_t c0 = col0 + lane, c1 = col0 + lane + 32;
-      const bool v0 = c0 < p.V, v1 = c1 < p.V;
-      LT_UNROLL for (int i = 0; i < 4; ++i) {
-        const int r = 4 * warp + i;
-        const float z0 = v0 ? static_cast<float>(ss[r * kSS + lane]) : -INFINITY;
-        const float z1 = v1 ? static_cast<float>(ss[r * kSS + lane + 32]) : -INFINITY;
-        float tm = fmaxf(z0, z1);
+      LT_UNROLL for (int i = 0; i < kRW; ++i) {
+        const int r = kRW * warp + i;
+        float z[kCL];
+        float tm = -INFINITY;
+        LT_UNROLL for (int c = 0; c < kCL; ++c) {
+          z[c] = col0 + lane + 32 * c < p.V ? static_cast<float>(ss[r * kSS + lane + 32 * c]) : -INFINITY;
+          tm = fmaxf(tm, z[c]);
+        }
         for (int off = 16; off >= 1; off /= 2) tm = fmaxf(tm, simt::shfl_xor(simt::kFullMask, tm, off));
         const float nm = fmaxf(m[i], tm);
-        float e = (v0 ? expf(z0 - nm) : 0.f) + (v1 ? expf(z1 - nm) : 0.f);
-        float zs = (v0 ? z0 : 0.f) + (v1 ? z1 : 0.f);
-        float zt_ = (tg[i] == c0 ? z0 : 0.f) + (tg[i] == c1 ? z1 : 0.f);
+        float e = 0.f, zs = 0.f, zt_ = 0.f;
+        LT_UNROLL for (int c = 0; c < kCL; ++c) {
+          const int64_t gc = col0 + lane + 32 * c;
+          if (gc < p.V) {
+            e += expf(z[c] - nm);
+            zs += z[c];
+            if (gc == tg[i]) zt_ += z[c];
+          }
+        }
         for (int off = 16; off >= 1; off /= 2) {
           e += simt::shfl_xor(simt::kFullMask, e, off);
           zs += simt::shfl_xor(simt::kFullMask, zs, off);
@@ -147,17 +161,15 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
       }
       simt::sync_block();
     }
-    if (lane < 4) {
-      // lane i writes row i's state (the values are identical in every lane after the reductions)
-      LT_UNROLL for (int i = 0; i < 4; ++i) {
-        const int64_t gr = row0 + 4 * warp + i;
-        if (i == lane && gr < p.T_) {
-          const int64_t o = (split * p.T_ + gr) * kStatW;
-          p.part[o + 0] = m[i];
-          p.part[o + 1] = s[i];
-          p.part[o + 2] = zt[i];
-          p.part[o + 3] = sz[i];
-        }
+    // lane i writes row i's state (the values are identical in every lane after the reductions)
+    LT_UNROLL for (int i = 0; i < kRW; ++i) {
+      const int64_t gr = row0 + kRW * warp + i;
+      if (i == lane && gr < p.T_) {
+        const int64_t o = (split * p.T_ + gr) * kStatW;
+        p.part[o + 0] = m[i];
+        p.part[o + 1] = s[i];
+        p.part[o + 2] = zt[i];
+        p.part[o + 3] = sz[i];
       }
     }
   }
@@ -203,11 +215,11 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
   for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
     const int64_t row0 = rb * kBM;
     // this thread's two rows of the tile
-    int64_t tg[2];
-    float g[2], lse[2];
+    int64_t tg[kTM];
+    float g[kTM], lse[kTM];
     bool live = false;
-    LT_UNROLL for (int i = 0; i < 2; ++i) {
-      const int64_t gr = row0 + 2 * ty + i;
+    LT_UNROLL for (int i = 0; i < kTM; ++i) {
+      const int64_t gr = row0 + kTM * ty + i;
       const int64_t t = gr < p.T_ ? p.target[gr] : p.ignore_index;
       tg[i] = t == p.ignore_index ? -1 : t;
       g[i] = tg[i] >= 0 ? p.grad[gr] : 0.f;
@@ -219,18 +231,18 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
     if (lane == 0) flags[warp] = wlive ? 1.f : 0.f;
     simt::sync_block();
     bool block_live = false;
-    for (int wi = 0; wi < kThreads / 32; ++wi) block_live = block_live || static_cast<float>(flags[wi]) != 0.f;
+    for (int wi = 0; wi < kWarps; ++wi) block_live = block_live || static_cast<float>(flags[wi]) != 0.f;
     simt::sync_block();
     if (!block_live) continue;
     for (int64_t vt = simt::block_idx().y; vt < nvt; vt += simt::grid_dim().y) {
       const int64_t col0 = vt * kBN;
-      float acc[2][4];
+      float acc[kTM][kTN];
       logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc);
       bool keep = false;
-      LT_UNROLL for (int j = 0; j < 4; ++j) {
+      LT_UNROLL for (int j = 0; j < kTN; ++j) {
         const int64_t gc = col0 + tx + 16 * j;
         const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
-        LT_UNROLL for (int i = 0; i < 2; ++i) {
+        LT_UNROLL for (int i = 0; i < kTM; ++i) {
           float dl = 0.f;
           if (tg[i] >= 0 && gc < p.V) {
             const float z = cap_logit(acc[i][j] + bias, p.softcap);
@@ -243,7 +255,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
               dl *= 1.f - u * u;
             }
           }
-          gs[(2 * ty + i) * kSS + tx + 16 * j] = dl;
+          gs[(kTM * ty + i) * kSS + tx + 16 * j] = dl;
           keep = keep || (dl != 0.f && fabsf(dl) >= p.filter);
         }
       }
@@ -251,7 +263,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
       if (lane == 0) flags[warp] = wkeep ? 1.f : 0.f;
       simt::sync_block();
       bool tile_keep = false;
-      for (int wi = 0; wi < kThreads / 32; ++wi) tile_keep = tile_keep || static_cast<float>(flags[wi]) != 0.f;
+      for (int wi = 0; wi < kWarps; ++wi) tile_keep = tile_keep || static_cast<float>(flags[wi]) != 0.f;
       if (!tile_keep) {
         simt::sync_block();  // flags are rewritten by the next tile
         continue;
@@ -266,17 +278,17 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
         simt::sync_block();
         const int64_t gk = k0 + lane;
         if (gk < p.d) {
-          // dx[row0 + warp + 8 i, gk] += sum_n G[r, n] W[col0 + n, gk]
-          LT_UNROLL for (int i = 0; i < kBM / 8; ++i) {
-            const int r = warp + 8 * i;
+          // dx[row0 + warp + kWarps i, gk] += sum_n G[r, n] W[col0 + n, gk]
+          LT_UNROLL for (int i = 0; i < kBM / kWarps; ++i) {
+            const int r = warp + kWarps * i;
             if (row0 + r >= p.T_) break;
             float a = 0.f;
             for (int n = 0; n < kBN; ++n) a = fmaf(gs[r * kSS + n], ws[lane * kWS + n], a);
             if (a != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.d + gk), a);
           }
-          // dW[col0 + warp + 8 i, gk] += sum_r G[r, n] x[row0 + r, gk]
-          LT_UNROLL for (int i = 0; i < kBN / 8; ++i) {
-            const int n = warp + 8 * i;
+          // dW[col0 + warp + kWarps i, gk] += sum_r G[r, n] x[row0 + r, gk]
+          LT_UNROLL for (int i = 0; i < kBN / kWarps; ++i) {
+            const int n = warp + kWarps * i;
             if (col0 + n >= p.V) break;
             float a = 0.f;
             for (int r = 0; r < kBM; ++r) a = fmaf(gs[r * kSS + n], xs[lane * kXS + r], a);

@@ -11,7 +11,7 @@ namespace lt::lce {
 using hadamard::DType;
 
 // Tile sizes shared by the kernels (lce_kernel.cuh) and the host-side planning below.
-constexpr int kBM = 32;        // rows of x per block
+constexpr int kBM = 64;        // rows of x per block
 constexpr int kBN = 64;        // vocabulary columns per tile
 constexpr int kBK = 32;        // hidden-dimension chunk staged in shared memory
 constexpr int kThreads = 256;  // 8 warps

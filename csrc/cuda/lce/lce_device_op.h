@@ -1,0 +1,96 @@
+// Host glue shared by the CUDA and the emulator bindings of the fused linear + cross-entropy:
+// argument checks (common/lce_host.h), contiguous inputs, outputs / fp32 scratch, params.
+// lse is computed for every row, ignored ones included (their loss and gradients are 0).
+// Without bias, dbias is an empty tensor (shape (0,), x's dtype and device).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common/lce_host.h"
+#include "cuda/lce/lce_params.h"
+
+namespace lt::lce {
+
+inline DType to_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? DType::F32 : t.scalar_type() == at::kHalf ? DType::F16 : DType::BF16;
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor> lce_fwd_device(const at::Tensor& x, const at::Tensor& w,
+                                                  const std::optional<at::Tensor>& b, const at::Tensor& target,
+                                                  int64_t ignore_index, double eps, double z_loss, double softcap,
+                                                  Launch&& launch) {
+  const LceArgs a = check_args("linear_cross_entropy_fwd", x, w, b, target, ignore_index, eps, z_loss, softcap,
+                               /*allow_f64=*/false);
+  const auto fopt = x.options().dtype(at::kFloat);
+  at::Tensor loss = at::zeros({a.T}, fopt), lse = at::zeros({a.T}, fopt);
+  if (a.T == 0) return {loss, lse};
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), tc = target.contiguous();
+  const at::Tensor bc = a.has_bias ? b->contiguous() : at::Tensor();
+  FwdParams fp;
+  fp.x = xc.data_ptr();
+  fp.w = wc.data_ptr();
+  fp.b = a.has_bias ? bc.data_ptr() : nullptr;
+  fp.target = tc.data_ptr<int64_t>();
+  fp.loss = loss.data_ptr<float>();
+  fp.lse = lse.data_ptr<float>();
+  fp.T = a.T; fp.d = a.d; fp.V = a.V; fp.ignore_index = a.ignore_index;
+  fp.eps = static_cast<float>(a.eps); fp.z_loss = static_cast<float>(a.z_loss);
+  fp.softcap = static_cast<float>(a.softcap);
+  fp.dtype = to_dtype(x);
+  plan_fwd(fp);
+  const at::Tensor part = at::empty({fp.nsplit, a.T, kStatW}, fopt);
+  fp.part = part.data_ptr<float>();
+  launch(fp);
+  return {loss, lse};
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+    const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index, double eps, double z_loss, double softcap,
+    double filter, Launch&& launch) {
+  const char* op = "linear_cross_entropy_bwd";
+  const LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
+  check_bwd(op, a, x, grad, lse, filter);
+  const bool f32 = x.scalar_type() == at::kFloat;
+  const auto fopt = x.options().dtype(at::kFloat);
+  // fp32 inputs accumulate straight into the (zeroed) outputs
+  at::Tensor dx = f32 ? at::zeros({a.T, a.d}, x.options()) : at::empty({a.T, a.d}, x.options());
+  at::Tensor dw = f32 ? at::zeros({a.V, a.d}, w.options()) : at::empty({a.V, a.d}, w.options());
+  at::Tensor db = a.has_bias ? (f32 ? at::zeros({a.V}, b->options()) : at::empty({a.V}, b->options()))
+                             : at::empty({0}, x.options());
+  if (a.T == 0) {
+    dx.zero_(); dw.zero_(); db.zero_();
+    return {dx, dw, db};
+  }
+  const at::Tensor dx32 = f32 ? dx : at::zeros({a.T, a.d}, fopt);
+  const at::Tensor dw32 = f32 ? dw : at::zeros({a.V, a.d}, fopt);
+  const at::Tensor db32 = !a.has_bias ? at::Tensor() : f32 ? db : at::zeros({a.V}, fopt);
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), tc = target.contiguous();
+  const at::Tensor bc = a.has_bias ? b->contiguous() : at::Tensor();
+  const at::Tensor gc = grad.contiguous(), lc = lse.contiguous();
+  BwdParams bp;
+  bp.grad = gc.data_ptr<float>();
+  bp.x = xc.data_ptr();
+  bp.w = wc.data_ptr();
+  bp.b = a.has_bias ? bc.data_ptr() : nullptr;
+  bp.target = tc.data_ptr<int64_t>();
+  bp.lse = lc.data_ptr<float>();
+  bp.dx32 = dx32.data_ptr<float>();
+  bp.dw32 = dw32.data_ptr<float>();
+  bp.db32 = a.has_bias ? db32.data_ptr<float>() : nullptr;
+  bp.dx = dx.data_ptr();
+  bp.dw = dw.data_ptr();
+  bp.db = a.has_bias ? db.data_ptr() : nullptr;
+  bp.T = a.T; bp.d = a.d; bp.V = a.V; bp.ignore_index = a.ignore_index;
+  bp.eps = static_cast<float>(a.eps); bp.z_loss = static_cast<float>(a.z_loss);
+  bp.softcap = static_cast<float>(a.softcap); bp.filter = static_cast<float>(filter);
+  bp.dtype = to_dtype(x);
+  launch(bp);
+  return {dx, dw, db};
+}
+
+}  // namespace lt::lce

@@ -1,0 +1,398 @@
+// Device code of the fused linear + cross-entropy (intrinsics layer: GPU and CPU emulator).
+//
+// Logits are never materialised: a block takes kBM rows of x and kBN-column vocabulary tiles of W,
+// staging kBK-wide chunks of both in shared memory (fp32, transposed, padded so that the reads
+// of the inner products are conflict-free) and accumulating the kBM x kBN tile in registers with
+// fp32 FMAs (a thread owns kTM rows x kTN columns). The tile then goes through shared memory:
+//  - forward: warp w owns rows kRW w .. kRW w + kRW - 1 and keeps their online state (max, sum exp(z - max),
+//    z[target], sum z) in registers over the tiles of its vocabulary split; the states are written
+//    per (split, row) to an fp32 scratch and a merge kernel (one thread per row) forms lse and loss.
+//  - backward: one block per (row block, vocabulary tile) recomputes the tile, forms d logits
+//    (skipping the tile when every |d logit| is 0 or below filter_eps), and accumulates
+//    dx += G W_tile and dW_tile += G^T x chunk by chunk of the hidden dimension with fp32 atomics
+//    (dx and dW both: no block owns a whole row of either without holding d floats per row), and
+//    dbias with one atomic per column; atomics adding an exact 0 are skipped. fp16/bf16 results go
+//    through fp32 accumulators and a convert kernel.
+// All index math is 64-bit; rows / columns / hidden indices past the ends load as 0 and are masked.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "common/simt/simt.h"
+#include "cuda/lce/lce_params.h"
+
+namespace lt::lce {
+
+constexpr int kXS = kBM + 1;  // shared x chunk: [kBK][kXS] (x transposed)
+constexpr int kWS = kBN + 1;  // shared W chunk: [kBK][kWS] (W transposed)
+constexpr int kSS = kBN + 1;  // shared logits / d logits tile: [kBM][kSS]
+constexpr int kTM = kBM / 16, kTN = kBN / 16;  // a thread's micro-tile: rows ty + .., columns tx + 16 j
+constexpr int kWarps = kThreads / 32;
+constexpr int kRW = kBM / kWarps;  // rows per warp in the forward's softmax pass
+constexpr int kCL = kBN / 32;      // columns per lane in the forward's softmax pass
+static_assert(kThreads == 256 && kBM % 16 == 0 && kBN % 32 == 0 && kRW <= 32, "tile shape");
+static_assert((kBM * kBK) % kThreads == 0 && (kBN * kBK) % kThreads == 0, "chunk loads");
+constexpr int kSmemFloats = kBK * kXS + kBK * kWS + kBM * kSS + kWarps;
+constexpr size_t kSmemBytes = sizeof(float) * kSmemFloats;
+constexpr int kMergeThreads = 256;
+constexpr int kConvThreads = 256;
+
+template <class T>
+struct FwdK {
+  simt::gptr<const T> x, w, b;
+  simt::gptr<const int64_t> target;
+  simt::gptr<float> part, loss, lse;
+  int64_t T_, d, V, ignore_index, nsplit, tps;
+  float eps, z_loss, softcap;
+  bool has_bias;
+};
+
+template <class T>
+struct BwdK {
+  simt::gptr<const float> grad, lse;
+  simt::gptr<const T> x, w, b;
+  simt::gptr<const int64_t> target;
+  simt::gptr<float> dx, dw, db;
+  int64_t T_, d, V, ignore_index;
+  float eps, z_loss, softcap, filter;
+  bool has_bias;
+};
+
+// Stages x[row0 : row0+kBM, k0 : k0+kBK] and W[col0 : col0+kBN, k0 : k0+kBK] (fp32, transposed).
+template <class T>
+LT_DEV void load_chunks(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_, int64_t V, int64_t d, int64_t row0,
+                        int64_t col0, int64_t k0, simt::sptr<float> xs, simt::sptr<float> ws) {
+  const int tid = static_cast<int>(simt::thread_linear());
+  LT_UNROLL for (int q = 0; q < kBM * kBK / kThreads; ++q) {
+    const int e = tid + q * kThreads, r = e / kBK, k = e % kBK;
+    const int64_t gr = row0 + r, gk = k0 + k;
+    xs[k * kXS + r] = (gr < T_ && gk < d) ? simt::to_float(x[gr * d + gk]) : 0.f;
+  }
+  LT_UNROLL for (int q = 0; q < kBN * kBK / kThreads; ++q) {
+    const int e = tid + q * kThreads, n = e / kBK, k = e % kBK;
+    const int64_t gn = col0 + n, gk = k0 + k;
+    ws[k * kWS + n] = (gn < V && gk < d) ? simt::to_float(w[gn * d + gk]) : 0.f;
+  }
+}
+
+// acc[i][j] = sum_k x[row0 + kTM ty + i, k] W[col0 + tx + 16 j, k] (ty = tid / 16, tx = tid % 16).
+template <class T>
+LT_DEV void logits_tile(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_, int64_t V, int64_t d, int64_t row0,
+                        int64_t col0, simt::sptr<float> xs, simt::sptr<float> ws, float (&acc)[kTM][kTN]) {
+  const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
+  LT_UNROLL for (int i = 0; i < kTM; ++i) LT_UNROLL for (int j = 0; j < kTN; ++j) acc[i][j] = 0.f;
+  for (int64_t k0 = 0; k0 < d; k0 += kBK) {
+    load_chunks<T>(x, w, T_, V, d, row0, col0, k0, xs, ws);
+    simt::sync_block();
+    const int kn = d - k0 < kBK ? static_cast<int>(d - k0) : kBK;
+    for (int k = 0; k < kn; ++k) {
+      float a[kTM], bv[kTN];
+      LT_UNROLL for (int i = 0; i < kTM; ++i) a[i] = xs[k * kXS + kTM * ty + i];
+      LT_UNROLL for (int j = 0; j < kTN; ++j) bv[j] = ws[k * kWS + tx + 16 * j];
+      LT_UNROLL for (int i = 0; i < kTM; ++i) LT_UNROLL for (int j = 0; j < kTN; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
+    }
+    simt::sync_block();
+  }
+}
+
+// The capped logit z from the raw product (bias added in fp32).
+LT_DEV float cap_logit(float l, float softcap) { return softcap > 0.f ? softcap * tanhf(l / softcap) : l; }
+
+template <class T>
+LT_DEV void fwd_body(const FwdK<T>& p) {
+  const simt::sptr<float> xs = simt::dynamic_smem<float>();
+  const simt::sptr<float> ws = xs + kBK * kXS;
+  const simt::sptr<float> ss = ws + kBK * kWS;
+  const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
+  const int warp = static_cast<int>(simt::warp_id()), lane = static_cast<int>(simt::lane_id());
+  const int64_t nrb = (p.T_ + kBM - 1) / kBM, nvt = (p.V + kBN - 1) / kBN;
+  const int64_t split = simt::block_idx().y;
+  const int64_t vt0 = split * p.tps, vt1 = vt0 + p.tps < nvt ? vt0 + p.tps : nvt;
+  for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
+    const int64_t row0 = rb * kBM;
+    float m[kRW], s[kRW], zt[kRW], sz[kRW];
+    int64_t tg[kRW];
+    LT_UNROLL for (int i = 0; i < kRW; ++i) {
+      m[i] = -INFINITY; s[i] = 0.f; zt[i] = 0.f; sz[i] = 0.f;
+      const int64_t gr = row0 + kRW * warp + i;
+      const int64_t t = gr < p.T_ ? p.target[gr] : p.ignore_index;
+      tg[i] = t == p.ignore_index ? -1 : t;
+    }
+    for (int64_t vt = vt0; vt < vt1; ++vt) {
+      const int64_t col0 = vt * kBN;
+      float acc[kTM][kTN];
+      logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc);
+      LT_UNROLL for (int j = 0; j < kTN; ++j) {
+        const int64_t gc = col0 + tx + 16 * j;
+        const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
+        LT_UNROLL for (int i = 0; i < kTM; ++i)
+          ss[(kTM * ty + i) * kSS + tx + 16 * j] = cap_logit(acc[i][j] + bias, p.softcap);
+      }
+      simt::sync_block();
+      LT_UNROLL for (int i = 0; i < kRW; ++i) {
+        const int r = kRW * warp + i;
+        float z[kCL];
+        float tm = -INFINITY;
+        LT_UNROLL for (int c = 0; c < kCL; ++c) {
+          z[c] = col0 + lane + 32 * c < p.V ? static_cast<float>(ss[r * kSS + lane + 32 * c]) : -INFINITY;
+          tm = fmaxf(tm, z[c]);
+        }
+        for (int off = 16; off >= 1; off /= 2) tm = fmaxf(tm, simt::shfl_xor(simt::kFullMask, tm, off));
+        const float nm = fmaxf(m[i], tm);
+        float e = 0.f, zs = 0.f, zt_ = 0.f;
+        LT_UNROLL for (int c = 0; c < kCL; ++c) {
+          const int64_t gc = col0 + lane + 32 * c;
+          if (gc < p.V) {
+            e += expf(z[c] - nm);
+            zs += z[c];
+            if (gc == tg[i]) zt_ += z[c];
+          }
+        }
+        for (int off = 16; off >= 1; off /= 2) {
+          e += simt::shfl_xor(simt::kFullMask, e, off);
+          zs += simt::shfl_xor(simt::kFullMask, zs, off);
+          zt_ += simt::shfl_xor(simt::kFullMask, zt_, off);
+        }
+        s[i] = s[i] * expf(m[i] - nm) + e;
+        m[i] = nm;
+        sz[i] += zs;
+        zt[i] += zt_;
+      }
+      simt::sync_block();
+    }
+    // lane i writes row i's state (the values are identical in every lane after the reductions)
+    LT_UNROLL for (int i = 0; i < kRW; ++i) {
+      const int64_t gr = row0 + kRW * warp + i;
+      if (i == lane && gr < p.T_) {
+        const int64_t o = (split * p.T_ + gr) * kStatW;
+        p.part[o + 0] = m[i];
+        p.part[o + 1] = s[i];
+        p.part[o + 2] = zt[i];
+        p.part[o + 3] = sz[i];
+      }
+    }
+  }
+}
+
+// One thread per row: merges the splits' states into lse and loss.
+template <class T>
+LT_DEV void merge_body(const FwdK<T>& p) {
+  const int64_t stride = int64_t(simt::grid_dim().x) * simt::block_dim().x;
+  for (int64_t t = int64_t(simt::block_idx().x) * simt::block_dim().x + simt::thread_linear(); t < p.T_; t += stride) {
+    float M = -INFINITY;
+    for (int64_t sp = 0; sp < p.nsplit; ++sp) M = fmaxf(M, p.part[(sp * p.T_ + t) * kStatW]);
+    float S = 0.f, zt = 0.f, sz = 0.f;
+    for (int64_t sp = 0; sp < p.nsplit; ++sp) {
+      const int64_t o = (sp * p.T_ + t) * kStatW;
+      S += p.part[o + 1] * expf(p.part[o] - M);
+      zt += p.part[o + 2];
+      sz += p.part[o + 3];
+    }
+    const float lse = M + logf(S);
+    const int64_t tg = p.target[t];
+    float loss = 0.f;
+    if (tg != p.ignore_index) {
+      loss = (1.f - p.eps) * (lse - zt);
+      if (p.eps != 0.f) loss += p.eps * (lse - sz / static_cast<float>(p.V));
+      if (p.z_loss != 0.f) loss += p.z_loss * lse * lse;
+    }
+    p.lse[t] = lse;
+    p.loss[t] = loss;
+  }
+}
+
+template <class T>
+LT_DEV void bwd_body(const BwdK<T>& p) {
+  const simt::sptr<float> xs = simt::dynamic_smem<float>();
+  const simt::sptr<float> ws = xs + kBK * kXS;
+  const simt::sptr<float> gs = ws + kBK * kWS;
+  const simt::sptr<float> flags = gs + kBM * kSS;
+  const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
+  const int warp = static_cast<int>(simt::warp_id()), lane = static_cast<int>(simt::lane_id());
+  const int64_t nrb = (p.T_ + kBM - 1) / kBM, nvt = (p.V + kBN - 1) / kBN;
+  const float inv_v = 1.f / static_cast<float>(p.V);
+  for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
+    const int64_t row0 = rb * kBM;
+    // this thread's two rows of the tile
+    int64_t tg[kTM];
+    float g[kTM], lse[kTM];
+    bool live = false;
+    LT_UNROLL for (int i = 0; i < kTM; ++i) {
+      const int64_t gr = row0 + kTM * ty + i;
+      const int64_t t = gr < p.T_ ? p.target[gr] : p.ignore_index;
+      tg[i] = t == p.ignore_index ? -1 : t;
+      g[i] = tg[i] >= 0 ? p.grad[gr] : 0.f;
+      lse[i] = tg[i] >= 0 ? p.lse[gr] : 0.f;
+      live = live || (tg[i] >= 0 && g[i] != 0.f);
+    }
+    // a row block without a live row contributes exactly nothing
+    const bool wlive = simt::any(simt::kFullMask, live);
+    if (lane == 0) flags[warp] = wlive ? 1.f : 0.f;
+    simt::sync_block();
+    bool block_live = false;
+    for (int wi = 0; wi < kWarps; ++wi) block_live = block_live || static_cast<float>(flags[wi]) != 0.f;
+    simt::sync_block();
+    if (!block_live) continue;
+    for (int64_t vt = simt::block_idx().y; vt < nvt; vt += simt::grid_dim().y) {
+      const int64_t col0 = vt * kBN;
+      float acc[kTM][kTN];
+      logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc);
+      bool keep = false;
+      LT_UNROLL for (int j = 0; j < kTN; ++j) {
+        const int64_t gc = col0 + tx + 16 * j;
+        const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
+        LT_UNROLL for (int i = 0; i < kTM; ++i) {
+          float dl = 0.f;
+          if (tg[i] >= 0 && gc < p.V) {
+            const float z = cap_logit(acc[i][j] + bias, p.softcap);
+            const float pr = expf(z - lse[i]);
+            float dz = pr * (1.f + 2.f * p.z_loss * lse[i]) - p.eps * inv_v;
+            if (gc == tg[i]) dz -= 1.f - p.eps;
+            dl = g[i] * dz;
+            if (p.softcap > 0.f) {
+              const float u = z / p.softcap;
+              dl *= 1.f - u * u;
+            }
+          }
+          gs[(kTM * ty + i) * kSS + tx + 16 * j] = dl;
+          keep = keep || (dl != 0.f && fabsf(dl) >= p.filter);
+        }
+      }
+      const bool wkeep = simt::any(simt::kFullMask, keep);
+      if (lane == 0) flags[warp] = wkeep ? 1.f : 0.f;
+      simt::sync_block();
+      bool tile_keep = false;
+      for (int wi = 0; wi < kWarps; ++wi) tile_keep = tile_keep || static_cast<float>(flags[wi]) != 0.f;
+      if (!tile_keep) {
+        simt::sync_block();  // flags are rewritten by the next tile
+        continue;
+      }
+      if (p.has_bias && tid < kBN && col0 + tid < p.V) {
+        float sb = 0.f;
+        for (int r = 0; r < kBM; ++r) sb += gs[r * kSS + tid];
+        if (sb != 0.f) simt::atomic_add(p.db + (col0 + tid), sb);
+      }
+      for (int64_t k0 = 0; k0 < p.d; k0 += kBK) {
+        load_chunks<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, k0, xs, ws);
+        simt::sync_block();
+        const int64_t gk = k0 + lane;
+        if (gk < p.d) {
+          // dx[row0 + warp + kWarps i, gk] += sum_n G[r, n] W[col0 + n, gk]
+          LT_UNROLL for (int i = 0; i < kBM / kWarps; ++i) {
+            const int r = warp + kWarps * i;
+            if (row0 + r >= p.T_) break;
+            float a = 0.f;
+            for (int n = 0; n < kBN; ++n) a = fmaf(gs[r * kSS + n], ws[lane * kWS + n], a);
+            if (a != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.d + gk), a);
+          }
+          // dW[col0 + warp + kWarps i, gk] += sum_r G[r, n] x[row0 + r, gk]
+          LT_UNROLL for (int i = 0; i < kBN / kWarps; ++i) {
+            const int n = warp + kWarps * i;
+            if (col0 + n >= p.V) break;
+            float a = 0.f;
+            for (int r = 0; r < kBM; ++r) a = fmaf(gs[r * kSS + n], xs[lane * kXS + r], a);
+            if (a != 0.f) simt::atomic_add(p.dw + ((col0 + n) * p.d + gk), a);
+          }
+        }
+        simt::sync_block();
+      }
+      simt::sync_block();  // d logits (and flags) are rewritten by the next tile even when d == 0
+    }
+  }
+}
+
+// out[i] = (T) in[i], grid-stride.
+template <class T>
+struct ConvK {
+  simt::gptr<const float> in;
+  simt::gptr<T> out;
+  int64_t n;
+};
+template <class T>
+LT_DEV void conv_body(const ConvK<T>& p) {
+  const int64_t stride = int64_t(simt::grid_dim().x) * simt::block_dim().x;
+  for (int64_t i = int64_t(simt::block_idx().x) * simt::block_dim().x + simt::thread_linear(); i < p.n; i += stride)
+    p.out[i] = simt::from_float<T>(p.in[i]);
+}
+
+// ---------------------------------------------------------------- host-side helpers (both launchers)
+
+struct Grid {
+  simt::Dim3 grid, block;
+};
+
+inline Grid fwd_config(const FwdParams& fp) {
+  const int64_t nrb = (fp.T + kBM - 1) / kBM;
+  return {{static_cast<uint32_t>(std::min<int64_t>(nrb, int64_t(1) << 30)), static_cast<uint32_t>(fp.nsplit), 1},
+          {kThreads, 1, 1}};
+}
+inline Grid merge_config(int64_t T) {
+  return {{static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((T + kMergeThreads - 1) / kMergeThreads, 65535))), 1, 1},
+          {kMergeThreads, 1, 1}};
+}
+inline Grid bwd_config(const BwdParams& bp) {
+  const int64_t nrb = (bp.T + kBM - 1) / kBM, nvt = (bp.V + kBN - 1) / kBN;
+  return {{static_cast<uint32_t>(std::min<int64_t>(nrb, int64_t(1) << 30)),
+           static_cast<uint32_t>(std::min<int64_t>(nvt, 65535)), 1},
+          {kThreads, 1, 1}};
+}
+inline Grid conv_config(int64_t n) {
+  return {{static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((n + kConvThreads - 1) / kConvThreads, 8192))), 1, 1},
+          {kConvThreads, 1, 1}};
+}
+
+template <class T>
+FwdK<T> make_fwd(const FwdParams& fp) {
+  FwdK<T> k;
+  k.x = simt::make_gptr(static_cast<const T*>(fp.x), fp.T * fp.d, "x");
+  k.w = simt::make_gptr(static_cast<const T*>(fp.w), fp.V * fp.d, "weight");
+  k.b = simt::make_gptr(static_cast<const T*>(fp.b), fp.b ? fp.V : 0, "bias");
+  k.target = simt::make_gptr(fp.target, fp.T, "target");
+  k.part = simt::make_gptr(fp.part, fp.nsplit * fp.T * kStatW, "partial states");
+  k.loss = simt::make_gptr(fp.loss, fp.T, "loss");
+  k.lse = simt::make_gptr(fp.lse, fp.T, "lse");
+  k.T_ = fp.T; k.d = fp.d; k.V = fp.V; k.ignore_index = fp.ignore_index;
+  k.nsplit = fp.nsplit; k.tps = fp.tiles_per_split;
+  k.eps = fp.eps; k.z_loss = fp.z_loss; k.softcap = fp.softcap;
+  k.has_bias = fp.b != nullptr;
+  return k;
+}
+
+template <class T>
+BwdK<T> make_bwd(const BwdParams& bp) {
+  BwdK<T> k;
+  k.grad = simt::make_gptr(bp.grad, bp.T, "grad_loss");
+  k.lse = simt::make_gptr(bp.lse, bp.T, "lse");
+  k.x = simt::make_gptr(static_cast<const T*>(bp.x), bp.T * bp.d, "x");
+  k.w = simt::make_gptr(static_cast<const T*>(bp.w), bp.V * bp.d, "weight");
+  k.b = simt::make_gptr(static_cast<const T*>(bp.b), bp.b ? bp.V : 0, "bias");
+  k.target = simt::make_gptr(bp.target, bp.T, "target");
+  k.dx = simt::make_gptr(bp.dx32, bp.T * bp.d, "dx (fp32)");
+  k.dw = simt::make_gptr(bp.dw32, bp.V * bp.d, "dweight (fp32)");
+  k.db = simt::make_gptr(bp.db32, bp.db32 ? bp.V : 0, "dbias (fp32)");
+  k.T_ = bp.T; k.d = bp.d; k.V = bp.V; k.ignore_index = bp.ignore_index;
+  k.eps = bp.eps; k.z_loss = bp.z_loss; k.softcap = bp.softcap; k.filter = bp.filter;
+  k.has_bias = bp.b != nullptr;
+  return k;
+}
+
+template <class T>
+ConvK<T> make_conv(const float* in, void* out, int64_t n, const char* name) {
+  ConvK<T> k;
+  k.in = simt::make_gptr(in, n, "fp32 accumulator");
+  k.out = simt::make_gptr(static_cast<T*>(out), n, name);
+  k.n = n;
+  return k;
+}
+
+template <class F>
+void dtype_dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f.template operator()<float>(); break;
+    case DType::F16: f.template operator()<simt::f16>(); break;
+    case DType::BF16: f.template operator()<simt::bf16>(); break;
+  }
+}
+
+}  // namespace lt::lce

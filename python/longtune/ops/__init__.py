@@ -1,2 +1,2 @@
 """Typed wrappers over torch.ops.longtune.* plus their fake, autograd and FLOP registrations."""
-from . import attention, hadamard, quant, sparse_delta  # noqa: F401
+from . import attention, cross_entropy, hadamard, quant, sparse_delta  # noqa: F401

@@ -1,0 +1,234 @@
+// CPU kernels of the fused linear + cross-entropy: the logits are never materialised. Forward: tasks
+// of (vocabulary tile, row block) — logits tile = x_blk W_tile^T on BLAS, then per row the tile's
+// max / sum of exp / target logit / sum of z, merged online into per-thread row states (merged
+// across threads at the end). Backward: one task per vocabulary tile (it owns dW and dbias of the
+// tile) looping over row blocks: recompute the logits tile, form d logits, dW_tile += dl^T x_blk,
+// dx += dl W_tile into per-thread buffers. float32 / float64 compute (float16 / bfloat16 inputs are
+// computed in float32); fp32 accumulation of dW in every case.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/lce_host.h"
+#include "cpu/cpu_kernels.h"
+
+namespace lt::lce {
+namespace {
+
+using cpu::exp_row;
+using cpu::mm;
+using cpu::row_max;
+
+constexpr int64_t BT = 128, BV = 1024;
+
+template <class T>
+struct Opts {
+  int64_t ignore, V;
+  T eps, zl, cap;
+  bool has_bias;
+};
+
+// logits tile (rows x cols at vocab v0, ld BV): x_blk W_tile^T + b, soft-capped.
+template <class T>
+void logits_tile(const T* x, int64_t rows, int64_t d, const T* w, const T* b, int64_t v0, int64_t cols, const Opts<T>& o,
+                 T* L) {
+  mm<T>(false, true, rows, cols, d, T(1), x, d, w + v0 * d, d, T(0), L, BV);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* l = L + r * BV;
+    if (o.has_bias)
+      for (int64_t c = 0; c < cols; ++c) l[c] += b[v0 + c];
+    if (o.cap > 0)
+      for (int64_t c = 0; c < cols; ++c) l[c] = o.cap * std::tanh(l[c] / o.cap);
+  }
+}
+
+template <class T>
+void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target, const LceArgs& a,
+              at::Tensor& loss, at::Tensor& lse) {
+  const Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
+  const T* X = x.data_ptr<T>();
+  const T* W = w.data_ptr<T>();
+  const T* Bp = a.has_bias ? b.data_ptr<T>() : nullptr;
+  const int64_t* tg = target.data_ptr<int64_t>();
+  const int64_t T_ = a.T, d = a.d, nvt = (a.V + BV - 1) / BV, nrb = (T_ + BT - 1) / BT;
+  const int nth = at::get_num_threads();
+  // per-thread row states: running max, sum exp(z - max), target logit, sum of z
+  std::vector<std::vector<T>> st(nth);
+  at::parallel_for(0, nvt * nrb, 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    auto& S = st[tid];
+    if (S.empty()) {
+      S.assign(4 * T_, T(0));
+      for (int64_t r = 0; r < T_; ++r) S[4 * r] = -std::numeric_limits<T>::infinity();
+    }
+    std::vector<T> L(BT * BV);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t vt = task / nrb, rb = task % nrb, v0 = vt * BV, r0 = rb * BT;
+      const int64_t cols = std::min(BV, a.V - v0), rows = std::min(BT, T_ - r0);
+      logits_tile<T>(X + r0 * d, rows, d, W, Bp, v0, cols, o, L.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        T* l = L.data() + r * BV;
+        T* s = S.data() + 4 * (r0 + r);
+        const int64_t t = tg[r0 + r];
+        if (t >= v0 && t < v0 + cols) s[2] = l[t - v0];
+        T sz = 0;
+        for (int64_t c = 0; c < cols; ++c) sz += l[c];
+        s[3] += sz;
+        const T mx = std::max(s[0], row_max(l, cols));
+        const T se = exp_row(l, cols, mx);
+        s[1] = s[1] * std::exp(s[0] - mx) + se;  // s[0] = -inf at first: exp(-inf) = 0
+        s[0] = mx;
+      }
+    }
+  });
+  T* lo = loss.data_ptr<T>();
+  T* ls = lse.data_ptr<T>();
+  at::parallel_for(0, T_, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T m = -std::numeric_limits<T>::infinity(), s = 0, zt = 0, sz = 0;
+      for (const auto& S : st) {
+        if (S.empty()) continue;
+        const T* q = S.data() + 4 * r;
+        if (q[0] == -std::numeric_limits<T>::infinity()) continue;
+        const T mx = std::max(m, q[0]);
+        s = s * std::exp(m - mx) + q[1] * std::exp(q[0] - mx);
+        m = mx;
+        zt += q[2];
+        sz += q[3];
+      }
+      const T l = m + std::log(s);
+      ls[r] = l;
+      if (tg[r] == o.ignore) {
+        lo[r] = 0;
+        continue;
+      }
+      T v = (T(1) - o.eps) * (l - zt);
+      if (o.eps > 0) v += o.eps * (l - sz / T(o.V));
+      if (o.zl > 0) v += o.zl * l * l;
+      lo[r] = v;
+    }
+  });
+}
+
+template <class T>
+void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+              const at::Tensor& target, const at::Tensor& lse, const LceArgs& a, at::Tensor& dx, at::Tensor& dw,
+              at::Tensor& db) {
+  const Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
+  const T* X = x.data_ptr<T>();
+  const T* W = w.data_ptr<T>();
+  const T* Bp = a.has_bias ? b.data_ptr<T>() : nullptr;
+  const T* G = g.data_ptr<T>();
+  const T* LS = lse.data_ptr<T>();
+  const int64_t* tg = target.data_ptr<int64_t>();
+  T* DW = dw.data_ptr<T>();  // float32 (float64) accumulation whatever the input dtype
+  T* DB = a.has_bias ? db.data_ptr<T>() : nullptr;
+  const int64_t T_ = a.T, d = a.d, nvt = (a.V + BV - 1) / BV, nrb = (T_ + BT - 1) / BT;
+  const int nth = at::get_num_threads();
+  std::vector<at::Tensor> dx_parts(nth);
+  const T filt = T(a.filter);
+  at::parallel_for(0, nvt, 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    if (!dx_parts[tid].defined()) dx_parts[tid] = at::zeros({T_, d}, dx.options());
+    T* DX = dx_parts[tid].data_ptr<T>();
+    std::vector<T> L(BT * BV), capd(BV);
+    for (int64_t vt = begin; vt < end; ++vt) {
+      const int64_t v0 = vt * BV, cols = std::min(BV, a.V - v0);
+      for (int64_t rb = 0; rb < nrb; ++rb) {
+        const int64_t r0 = rb * BT, rows = std::min(BT, T_ - r0);
+        logits_tile<T>(X + r0 * d, rows, d, W, Bp, v0, cols, o, L.data());
+        T amax = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          T* l = L.data() + r * BV;
+          const int64_t t = tg[r0 + r];
+          const T gr = G[r0 + r];
+          if (t == o.ignore || gr == T(0)) {
+            std::fill(l, l + cols, T(0));
+            continue;
+          }
+          const T ls = LS[r0 + r];
+          if (o.cap > 0)  // d(cap tanh(l / cap)) / dl = 1 - (z / cap)^2, from the capped logits
+            for (int64_t c = 0; c < cols; ++c) capd[c] = T(1) - (l[c] / o.cap) * (l[c] / o.cap);
+          exp_row(l, cols, ls);  // p = exp(z - lse), z <= lse
+          const T zf = T(1) + T(2) * o.zl * ls, base = o.eps / T(o.V);
+          for (int64_t c = 0; c < cols; ++c) l[c] = l[c] * zf - base;
+          if (t >= v0 && t < v0 + cols) l[t - v0] -= T(1) - o.eps;
+          if (o.cap > 0)
+            for (int64_t c = 0; c < cols; ++c) l[c] *= capd[c];
+          for (int64_t c = 0; c < cols; ++c) l[c] *= gr;
+          if (filt > 0)
+            for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::abs(l[c]));
+        }
+        if (filt > 0 && amax < filt) continue;  // Cut Cross-Entropy's filter (opt-in)
+        // dW_tile += dl^T x_blk ; dbias += colsum(dl) ; dx_blk += dl W_tile
+        mm<T>(true, false, cols, d, rows, T(1), L.data(), BV, X + r0 * d, d, T(1), DW + v0 * d, d);
+        if (DB)
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c) DB[v0 + c] += L[r * BV + c];
+        mm<T>(false, false, rows, d, cols, T(1), L.data(), BV, W + v0 * d, d, T(1), DX + r0 * d, d);
+      }
+    }
+  });
+  bool first = true;
+  for (auto& p : dx_parts) {
+    if (!p.defined()) continue;
+    if (first) dx.copy_(p); else dx.add_(p);
+    first = false;
+  }
+  if (first) dx.zero_();
+}
+
+at::ScalarType ctype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_,
+                                       const at::Tensor& target, int64_t ignore_index, double eps, double z_loss,
+                                       double softcap) {
+  const char* op = "linear_cross_entropy_fwd";
+  const LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
+  const auto ct = ctype(x_);
+  const at::Tensor x = x_.to(ct).contiguous(), w = w_.to(ct).contiguous();
+  const at::Tensor b = b_.has_value() ? b_->to(ct).contiguous() : at::Tensor();
+  const at::Tensor t = target.contiguous();
+  at::Tensor loss = at::empty({a.T}, x.options()), lse = at::empty({a.T}, x.options());
+  if (a.T > 0) {
+    if (ct == at::kDouble) fwd_impl<double>(x, w, b, t, a, loss, lse);
+    else fwd_impl<float>(x, w, b, t, a, loss, lse);
+  }
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& w_,
+                                                   const std::optional<at::Tensor>& b_, const at::Tensor& target,
+                                                   const at::Tensor& lse_, int64_t ignore_index, double eps,
+                                                   double z_loss, double softcap, double filter) {
+  const char* op = "linear_cross_entropy_bwd";
+  LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
+  check_bwd(op, a, x_, g_, lse_, filter);
+  a.filter = filter;
+  const auto ct = ctype(x_);
+  const at::Tensor x = x_.to(ct).contiguous(), w = w_.to(ct).contiguous();
+  const at::Tensor b = b_.has_value() ? b_->to(ct).contiguous() : at::Tensor();
+  const at::Tensor g = g_.to(ct).contiguous(), lse = lse_.to(ct).contiguous(), t = target.contiguous();
+  at::Tensor dx = at::empty({a.T, a.d}, x.options());
+  at::Tensor dw = at::zeros({a.V, a.d}, x.options());
+  at::Tensor db = a.has_bias ? at::zeros({a.V}, x.options()) : at::empty({0}, x_.options());
+  if (a.T > 0) {
+    if (ct == at::kDouble) bwd_impl<double>(g, x, w, b, t, lse, a, dx, dw, db);
+    else bwd_impl<float>(g, x, w, b, t, lse, a, dx, dw, db);
+  } else {
+    dx.zero_();
+  }
+  return {dx.to(x_.scalar_type()), dw.to(w_.scalar_type()), a.has_bias ? db.to(b_->scalar_type()) : db};
+}
+
+}  // namespace
+}  // namespace lt::lce
+
+TORCH_LIBRARY_IMPL(longtune, CPU, m) {
+  m.impl("linear_cross_entropy_fwd", &lt::lce::fwd);
+  m.impl("linear_cross_entropy_bwd", &lt::lce::bwd);
+}

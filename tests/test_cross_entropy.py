@@ -199,3 +199,22 @@ def test_bad_tensors():
         longtune.linear_cross_entropy(x, w, t, b, label_smoothing=1.5)
     with pytest.raises(RuntimeError, match="target must be an int64"):
         longtune.linear_cross_entropy(x, w, t.int(), b)
+
+
+def test_chunked_lm_head_module():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 50, dtype=torch.float64)
+    head = longtune.nn.ChunkedLMHead(lin, label_smoothing=0.1)
+    h = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[1, :3] = -100
+    torch.testing.assert_close(head(h), lin(h))  # no labels: logits
+    loss = head(h, labels)
+    want = F.cross_entropy(lin(h)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), label_smoothing=0.1)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    g1 = torch.autograd.grad(loss, (h, lin.weight))
+    g2 = torch.autograd.grad(want, (h, lin.weight))
+    for a, e in zip(g1, g2):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+    with pytest.raises(TypeError, match="wraps an nn.Linear"):
+        longtune.nn.ChunkedLMHead(torch.nn.Embedding(3, 4))

@@ -295,3 +295,27 @@ def test_attn_implementation_by_name(tmp_path):
     torch.testing.assert_close(m2(x).logits, want, rtol=1e-10, atol=1e-10)  # eval: dense
     m2.train()
     assert (m2(x).logits - want).abs().max() > 1e-3  # train: S^2 with the default ratio
+
+
+@pytest.mark.parametrize("C,M", FAMILIES[:2], ids=["llama", "qwen2"])
+def test_fused_ce_lm_head_equals_hf_loss(C, M):
+    m = tiny(C, M)
+    x = torch.randint(0, 101, (2, 24))
+    labels = x.clone()
+    labels[0, :5] = -100
+    ref = tiny(C, M)
+    logits = ref(x).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1))
+    want.backward()
+    longtune.patch(m, attention="causal", lm_head="fused_ce")
+    out = m(x, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-10)
+    out.loss.backward()
+    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=n)
+    assert m(x).logits.shape == (2, 24, 101)  # without labels: the model's own forward
+    stored = dict(m.config.longtune_patch)
+    assert stored["lm_head"] == "fused_ce"
+    longtune.unpatch(m)
+    assert m(x, labels=labels).logits is not None

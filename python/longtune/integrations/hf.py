@@ -142,13 +142,58 @@ def _base(model):
     return get() if callable(get) else model
 
 
-def patch(model, *, attention: Optional[str] = None, strict: bool = True, **options):
+def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    """CausalLM forward with the vocabulary head fused into the loss (``patch(model, lm_head="fused_ce")``):
+    with ``labels`` the logits are never materialised (``output.logits`` is None); without labels,
+    the model's own forward (generation, evaluation of logits)."""
+    if labels is None:
+        return self._longtune_orig_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..ops.cross_entropy import linear_cross_entropy
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("logits_to_keep", None)
+    out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    h = out.last_hidden_state[:, :-1]
+    tgt = labels[:, 1:].to(h.device)
+    head = self.lm_head
+    cap = getattr(self.config, "final_logit_softcapping", None)
+    loss = linear_cross_entropy(h, head.weight, tgt, head.bias, ignore_index=-100,
+                                reduction="sum" if num_items is not None else "mean", softcap=cap)
+    if num_items is not None:
+        loss = loss / num_items
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                  hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def _patch_lm_head(base):
+    import types
+
+    if not hasattr(base, "lm_head") or not hasattr(base, "model"):
+        raise ValueError("longtune.patch(lm_head='fused_ce'): the model has no lm_head / model (a *ForCausalLM)")
+    if getattr(base, "_longtune_orig_forward", None) is None:
+        base._longtune_orig_forward = base.forward
+        base.forward = types.MethodType(_fused_ce_forward, base)
+
+
+def _unpatch_lm_head(base):
+    orig = getattr(base, "_longtune_orig_forward", None)
+    if orig is not None:
+        base.forward = orig
+        del base._longtune_orig_forward
+
+
+def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_head: Optional[str] = None, **options):
     """Routes a transformers causal LM's attention through longtune (in place; returns the model).
 
     ``attention="s2"`` (LongLoRA: S^2-Attn while training; options ``group_size_ratio=0.25``,
     ``mode="leakfree"|"longlora_roll"``, ``s2_in_eval=False``, ``group_size=None``), ``"causal"``,
     or ``"lambda"`` (LM-Infinite: ``window=2048``, ``n_global=4``, ``cap_distance=True``; use
     :func:`longtune.integrations.lm_infinite.lambda_cache` for an O(window) KV cache).
+    ``lm_head="fused_ce"``: with ``labels`` the forward computes the loss with
+    ``longtune.linear_cross_entropy`` from the hidden states (logits never materialised,
+    ``output.logits`` is None); without labels the model's own forward runs.
     With no arguments, re-applies the patch stored in ``model.config.longtune_patch`` (after
     ``from_pretrained``). Supported: Llama, Qwen2, Mistral (``strict=False`` tries any model whose
     attention uses transformers' attention-function registry). Works on peft-wrapped models."""
@@ -156,6 +201,15 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, **opti
     base = _base(model)
     cfg = base.config
     stored = dict(getattr(cfg, "longtune_patch", None) or {})
+    if lm_head is not None or (attention is None and stored.get("lm_head")):
+        lm_head = lm_head or stored.get("lm_head")
+        if lm_head != "fused_ce":
+            raise ValueError(f"longtune.patch: lm_head must be 'fused_ce' (or None), got {lm_head!r}")
+        _patch_lm_head(base)
+        stored["lm_head"] = lm_head
+        cfg.longtune_patch = stored
+        if attention is None and "attention" not in stored:
+            return model
     if attention is None:
         if not stored:
             raise ValueError("longtune.patch: pass attention='s2' | 'causal' | 'lambda' (the model carries no stored "
@@ -191,7 +245,8 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, **opti
     base.set_attn_implementation(IMPLEMENTATIONS[attention])
     for m in mods:
         m._longtune_options = dict(opts)
-    cfg.longtune_patch = {"attention": attention, **opts, "previous": previous}
+    cfg.longtune_patch = {"attention": attention, **opts, "previous": previous,
+                          **({"lm_head": stored["lm_head"]} if stored.get("lm_head") else {})}
     return model
 
 
@@ -201,7 +256,9 @@ def unpatch(model):
     stored = getattr(base.config, "longtune_patch", None)
     if not stored:
         return model
-    base.set_attn_implementation(stored.get("previous") or "sdpa")
+    _unpatch_lm_head(base)
+    if "attention" in stored:
+        base.set_attn_implementation(stored.get("previous") or "sdpa")
     for m in _attention_modules(base):
         if hasattr(m, "_longtune_options"):
             del m._longtune_options

@@ -44,10 +44,12 @@ Scope: batch of equal-length rows (B >= 1), no padding: ``attention_mask`` must 
 ones. Models: HF causal LMs whose attention writes k/v through ``cache.update(k, v, layer_idx)``
 (Llama, Qwen2, Mistral, ..., also peft-wrapped, also ``longtune.patch(model, attention="causal")``).
 Dropout is replayed identically in phase 2 (the RNG state of each chunk's phase-1 forward is
-restored). S^2 attention (``longtune.patch(attention="s2")``) is *not* reproduced chunk-wise: the
-patched forward applies S^2 only when queries and keys have the same length, so chunks after the
-first run plain causal attention (the kernel itself, ``s2_mode="leakfree"`` with bottom-right
-aligned queries, would match the full S^2 mask; ``"longlora_roll"`` cannot be chunked at all).
+restored). S^2 attention is reproduced chunk-wise when the patch has a fixed group size
+(``longtune.patch(model, attention="s2", group_size=G)``): a query chunk against the longer past
+KV then gets exactly the full sequence's S^2 rows (groups are absolute positions, queries
+bottom-right aligned; tested). With only ``group_size_ratio`` the group of a chunk would depend on
+the chunk's length, so chunks with past KV run plain causal attention; ``"longlora_roll"`` cannot
+be chunked at all.
 Sliding-window models keep the whole past (the mask applies the window).
 """
 from __future__ import annotations

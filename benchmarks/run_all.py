@@ -11,13 +11,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import attention as bench_attention  # noqa: E402
 from benchmarks import bench_hadamard  # noqa: E402
+from benchmarks import chunkwise as bench_chunkwise  # noqa: E402
+from benchmarks import cross_entropy as bench_cross_entropy  # noqa: E402
 from benchmarks import quant as bench_quant  # noqa: E402
 from benchmarks import s2ft as bench_s2ft  # noqa: E402
 from benchmarks import sparse_delta as bench_sparse_delta  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 
 FAMILIES = {"hadamard": bench_hadamard.run, "quant": bench_quant.run, "sparse_delta": bench_sparse_delta.run,
-            "s2ft": bench_s2ft.run, "attention": bench_attention.run}
+            "s2ft": bench_s2ft.run, "attention": bench_attention.run,
+            "cross_entropy": bench_cross_entropy.run, "chunkwise": bench_chunkwise.run}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

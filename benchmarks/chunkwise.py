@@ -1,0 +1,216 @@
+"""Chunk-wise training (``longtune.train.seco_backward``) vs full backprop, side by side, on a tiny
+Llama (4 layers, hidden 512, 8 heads, intermediate 1376, vocab 32000) built from a config in code and
+patched with ``longtune.patch(model, attention="causal")``. One training step of a (1, N) sequence:
+ - full backprop: ``model(input_ids, labels=labels).loss.backward()``;
+ - SeCO: ``seco_backward(model, input_ids, labels, chunk_size=N/16)`` (exact; 16 chunks);
+ - SpaCO: ``seco_backward(..., budget=K)`` with K = N/4 chunks of the 16 (K = 4).
+Every parameter's ``.grad`` is pre-allocated with zeros (the gradients are not charged to anyone).
+
+Each implementation runs in a fresh subprocess (the model is built there with the same seed before
+any memory reading): a tiny warm-up step of every path (thread pools, BLAS buffers, allocator),
+then one full-size step whose growth of ``ru_maxrss`` (the OS's peak RSS) is its peak memory
+(CPU; on GPU ``torch.cuda.max_memory_allocated`` over that step minus what was allocated before),
+then ``reps`` more timed steps (median; with reps = 0 the first step's time is used). On CPU one
+step at N = 16k takes minutes, hence one repetition and no harness autorange timer.
+
+Issue targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backprop's (full / SeCO
+>= 8); SeCO time <= 1.5x full backprop (full time / SeCO time >= 1/1.5); SpaCO with K = N/4 >= 2.5x
+faster than SeCO. The CPU run uses a shorter sequence when a full-backprop step takes too long (the
+size used is in the case name and params). ``--quick``: 1k tokens.
+
+Run: ``python benchmarks/chunkwise.py [--device cpu|cuda] [--out DIR] [--quick]``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks import harness as H  # noqa: E402
+
+FULL = "full backprop"
+SECO = "SeCO (16 chunks)"
+SPACO = "SpaCO (K = N/4 chunks)"
+N_CHUNKS = 16
+CONFIG = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+              intermediate_size=1376, vocab_size=32000, max_position_embeddings=65536)
+# the size tried first on CPU and the fallbacks when one full-backprop step takes longer than this
+CPU_SIZES = (16384, 8192, 4096)
+CPU_MAX_FULL_STEP_S = 60.0
+
+_CHILD = """
+import sys
+sys.path.insert(0, {root!r})
+from benchmarks.chunkwise import _child
+_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+"""
+
+
+def build_model(device: str, dtype=torch.float32):
+    import longtune  # noqa: F401 -- registers the ops
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(device=device, dtype=dtype)
+    longtune.patch(model, attention="causal")
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return model
+
+
+def _step_fn(model, impl: str, n: int, device: str):
+    from longtune.train import seco_backward
+
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, n), generator=g).to(device)
+    labels = ids.clone()
+    chunk = max(1, n // N_CHUNKS)
+    if impl == "full":
+        return lambda: model(input_ids=ids, labels=labels).loss.backward()
+    if impl == "seco":
+        return lambda: seco_backward(model, ids, labels, chunk_size=chunk)
+    gen = torch.Generator().manual_seed(0)
+    k = max(1, N_CHUNKS // 4)
+    return lambda: seco_backward(model, ids, labels, chunk_size=chunk, budget=k, generator=gen)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _child(impl: str, device: str, n: int, reps: int) -> None:
+    """In a fresh process: build the model, warm every path up on a tiny sequence, then one
+    full-size step (peak memory + time) and ``reps`` more timed steps. Prints one JSON line."""
+    import resource
+    import time
+
+    model = build_model(device)
+    for warm in ("full", "seco", "spaco"):  # tiny steps: thread pools, BLAS buffers, allocator
+        _step_fn(model, warm, 4 * N_CHUNKS, device)()
+    _sync(device)
+    step = _step_fn(model, impl, n, device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    first_s = time.perf_counter() - t0
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"peak_bytes": peak, "first_s": first_s, "times_s": times}))
+
+
+def _run_child(impl: str, device: str, n: int, reps: int, timeout_s: float | None = None) -> dict:
+    """Runs :func:`_child` in a fresh process; raises subprocess.TimeoutExpired past timeout_s."""
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), impl, device, str(n), str(reps)],
+                         capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"), timeout=timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"{impl} at N={n} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plot(report, path, device_name):
+    """Two panels: step time and peak memory per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = report.results
+    colours = [plt.cm.tab10(i % 10) for i in range(len(rs))]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(rs) + 2))
+    y = list(range(len(rs)))[::-1]
+    a1.barh(y, [r.median_ms / 1e3 for r in rs], color=colours)
+    a1.set_yticks(y)
+    a1.set_yticklabels([f"{r.case}\n{r.impl}" for r in rs], fontsize=7)
+    a1.set_xlabel("training step time, s")
+    mem = [r.params.get("peak_memory_bytes", 0) / 2**20 for r in rs]
+    a2.barh(y, mem, color=colours)
+    a2.set_yticks(y)
+    a2.set_yticklabels([])
+    a2.set_xlabel("peak memory of the step, MiB")
+    for yi, r, m in zip(y, rs, mem):
+        a1.text(r.median_ms / 1e3, yi, f" {r.median_ms / 1e3:.3g}", va="center", fontsize=7)
+        a2.text(m, yi, f" {m:.4g}", va="center", fontsize=7)
+    fig.suptitle(f"chunk-wise training (SeCO / SpaCO) - {device_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
+    report = H.Report("chunkwise")
+    cuda = device == "cuda"
+    reps = 5 if cuda else (1 if quick else 0)
+    sizes = (1024,) if quick else ((16384,) if cuda else CPU_SIZES)
+    results = {}
+    n = sizes[0]
+    for i, n in enumerate(sizes):
+        print(f"[chunkwise] N={n}: {FULL} ...", file=sys.stderr, flush=True)
+        last = cuda or quick or i == len(sizes) - 1
+        try:
+            # model build + warm-up take a few seconds; past that the step itself is too slow
+            results = {FULL: _run_child("full", device, n, reps, None if last else CPU_MAX_FULL_STEP_S + 30)}
+        except subprocess.TimeoutExpired:
+            results = {}
+        if last or (results and results[FULL]["first_s"] <= CPU_MAX_FULL_STEP_S):
+            break
+        print(f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on this machine, "
+              f"trying a shorter sequence", file=sys.stderr, flush=True)
+    for name, impl in ((SECO, "seco"), (SPACO, "spaco")):
+        print(f"[chunkwise] N={n}: {name} ...", file=sys.stderr, flush=True)
+        results[name] = _run_child(impl, device, n, reps)
+
+    chunk = max(1, n // N_CHUNKS)
+    case = f"tiny Llama N={n} chunks={N_CHUNKS}"
+    params = dict(CONFIG, tokens=n, chunk_size=chunk, n_chunks=N_CHUNKS, spaco_budget=N_CHUNKS // 4,
+                  dtype="float32", attention="longtune causal",
+                  peak_memory_method="cuda.max_memory_allocated" if cuda else "ru_maxrss growth, fresh subprocess")
+    if not quick and not cuda and n != CPU_SIZES[0]:
+        params["note"] = (f"issue size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
+                          f"> {CPU_MAX_FULL_STEP_S:.0f} s")
+    # forward of the linear layers 2 * params_nonembed * tokens; backward twice that (attention not counted)
+    cfg = CONFIG
+    lin = cfg["num_hidden_layers"] * (4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"])
+    lin += cfg["vocab_size"] * cfg["hidden_size"]
+    flops = 6 * lin * n
+    for name, r in results.items():
+        times_ms = [t * 1e3 for t in (r["times_s"] or [r["first_s"]])]
+        med, p20, p80 = H._quantiles(times_ms)
+        report.results.append(H.Result(case, name, dict(params, peak_memory_bytes=r["peak_bytes"],
+                                                        first_step_ms=r["first_s"] * 1e3, timed_steps=len(times_ms)),
+                                       med, p20, p80, flops, 0, tflops=flops / (med * 1e-3) / 1e12))
+        print(f"[chunkwise] {case} / {name}: peak memory of the step {r['peak_bytes'] / 2**20:.1f} MiB",
+              file=sys.stderr)
+    t = {r.impl: r.median_ms for r in report.results}
+    mem = {name: r["peak_bytes"] for name, r in results.items()}
+    H.add_ratio(report, case, "full peak memory / SeCO peak", mem[FULL] / max(mem[SECO], 1), 8.0)
+    H.add_ratio(report, case, "full time / SeCO time", t[FULL] / t[SECO], round(1 / 1.5, 4))
+    H.add_ratio(report, case, "SeCO time / SpaCO time", t[SECO] / t[SPACO], 2.5)
+    H.add_ratio(report, case, "full peak memory / SpaCO peak", mem[FULL] / max(mem[SPACO], 1))
+    H.write(report, out_dir, device, plot)
+    return report
+
+
+if __name__ == "__main__":
+    H.cli(run)

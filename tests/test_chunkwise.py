@@ -343,7 +343,7 @@ def test_bad_inputs():
         seco_backward(model, ids, labels, chunk_size=4, budget=2, cap=0)
     mask = torch.ones_like(ids)
     mask[:, :2] = 0
-    with pytest.raises(NotImplementedError, match="padding"):
+    with pytest.raises(ValueError, match="padding"):
         seco_backward(model, ids, labels, chunk_size=4, attention_mask=mask)
     model.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="ignored"):

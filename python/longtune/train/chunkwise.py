@@ -167,8 +167,8 @@ def _check(input_ids, labels, chunk_size, budget, cap, attention_mask):
             raise ValueError(f"seco_backward: attention_mask shape {tuple(attention_mask.shape)} does not match "
                              f"input_ids shape {tuple(input_ids.shape)}")
         if not bool((attention_mask != 0).all()):
-            raise NotImplementedError("seco_backward: padding is not supported (attention_mask must be None or all "
-                                      "ones); pack or batch equal-length sequences")
+            raise ValueError("seco_backward: padding is not supported (attention_mask must be None or all "
+                             "ones); pack or batch equal-length sequences")
     return input_ids, labels, n, n_chunks
 
 

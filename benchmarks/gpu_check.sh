@@ -32,7 +32,7 @@ step "CUDA tests"
 $PY -m pytest tests/cuda -q -rs -p no:cacheprovider > "$OUT/cuda-tests.log" 2>&1; rc=$?
 tail -3 "$OUT/cuda-tests.log" | tee -a "$OUT/summary.txt"; [ $rc -eq 0 ] || status=1
 
-SUBSET="tests/cuda/test_hadamard_cuda.py::test_factor_sizes[0-76-dtype2] tests/cuda/test_hadamard_cuda.py::test_pow2[4096-dtype2] tests/cuda/test_hadamard_cuda.py::test_pow2[128-dtype0] tests/cuda/test_hadamard_cuda.py::test_misaligned_rows[2048] tests/cuda/test_probes_cuda.py"
+SUBSET="tests/cuda/test_hadamard_cuda.py::test_factor_sizes[0-76-dtype2] tests/cuda/test_hadamard_cuda.py::test_pow2[4096-dtype2] tests/cuda/test_hadamard_cuda.py::test_pow2[128-dtype0] tests/cuda/test_hadamard_cuda.py::test_misaligned_rows[2048] tests/cuda/test_probes_cuda.py tests/cuda/test_attention_cuda.py::test_forward_backward[s2_leakfree-bf16] tests/cuda/test_attention_cuda.py::test_forward_backward[window_global-f16] tests/cuda/test_cross_entropy_cuda.py::test_forward_backward[T7-V50-d24-bf16]"
 if command -v compute-sanitizer >/dev/null; then
   step "compute-sanitizer memcheck"
   compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \

@@ -111,6 +111,41 @@ def measure(report: Report, case: str, impl: str, fn, device: str, params: dict,
     return r
 
 
+def measure_interleaved(report: Report, case: str, impls, device: str, params: dict, rounds: int = 7,
+                        flops: dict | None = None) -> dict:
+    """Time several implementations of one case round-robin (one call of each per round, the order
+    rotated every round) so that a slow phase of a noisy shared machine hits all of them alike;
+    record (median, p20, p80) per implementation and return {name: [ms per round]}, aligned by round
+    so that `paired_ratio` can compare them round by round."""
+    import time
+
+    impls = list(impls)
+    for _, fn in impls:  # warm-up
+        fn()
+    times = {name: [] for name, _ in impls}
+    for r in range(rounds):
+        for i in range(len(impls)):
+            name, fn = impls[(i + r) % len(impls)]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    for name, _ in impls:
+        med, p20, p80 = _quantiles(times[name])
+        f = (flops or {}).get(name, 0)
+        report.results.append(Result(case, name, params, med, p20, p80, f, 0,
+                                     tflops=f / (med * 1e-3) / 1e12 if f else 0.0))
+    return times
+
+
+def paired_ratio(times: dict, num: str, den: str) -> float:
+    """Median over rounds of times[num][r] / times[den][r] (robust to drifting machine speed)."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
 def add_ratio(report: Report, case: str, metric: str, value: float, target: float | None = None):
     report.ratios.append({"case": case, "metric": metric, "value": value, "target": target,
                           "met": None if target is None else bool(value >= target)})

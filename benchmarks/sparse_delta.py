@@ -62,14 +62,16 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     def full():
         (x @ full_w.T).backward(gy)
 
-    t = {}
-    for name, fn in H.progress([("longtune SparseDeltaLinear", ours), ("official SFT formulation", official),
-                                ("LoRA r=64", lora), ("full fine-tuning", full)], "sparse_delta"):
-        # calls take seconds on a CPU: time several so that the quantiles mean something
-        t[name] = H.measure(report, case, name, fn, device, params, min_time_s=8.0 if device == "cpu" else 0.25).median_ms
-    ours_ms = t["longtune SparseDeltaLinear"]
-    H.add_ratio(report, case, "speedup vs official formulation", t["official SFT formulation"] / ours_ms, 1.4)
-    H.add_ratio(report, case, "LoRA r=64 time / ours (>= 1 means not slower)", t["LoRA r=64"] / ours_ms, 1.0)
+    # the four are timed round-robin (one call each per round) and compared round by round: on a
+    # shared CPU the machine's speed drifts by +-20% over the seconds one impl would otherwise get
+    impls = [("longtune SparseDeltaLinear", ours), ("official SFT formulation", official),
+             ("LoRA r=64", lora), ("full fine-tuning", full)]
+    t = H.measure_interleaved(report, case, impls, device, params, rounds=9 if device == "cpu" else 50)
+    ours_name = "longtune SparseDeltaLinear"
+    H.add_ratio(report, case, "speedup vs official formulation",
+                H.paired_ratio(t, "official SFT formulation", ours_name), 1.4)
+    H.add_ratio(report, case, "LoRA r=64 time / ours (>= 1 means not slower)",
+                H.paired_ratio(t, "LoRA r=64", ours_name), 1.0)
     # the fused sparse AdamW step over the k deltas vs torch.optim.AdamW (foreach) on the same values
     k = sd.values.numel()
     case_opt = f"AdamW step over k={k} deltas"

@@ -57,6 +57,24 @@ def test_random_shapes(T, out, inp, frac):
                                R.sparse_delta_grad(gy, x, idx, inp))
 
 
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(1, 300), out=st.integers(1, 70), inp=st.integers(1, 70), frac=st.floats(0, 1),
+       threads=st.sampled_from([1, 2, 3]))
+def test_random_shapes_float32_vector_paths(T, out, inp, frac, threads):
+    # float32 takes the AVX2 paths (16-token blocks, 8 x 8 transposes with feature tails, four
+    # indices at a time with and without a shared row) and splits tokens over threads
+    k = int(frac * out * inp)
+    gy, x, idx = _case(T, out, inp, k, torch.float32, seed=T * 10000 + out * 100 + inp)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.longtune.sparse_delta_grad(gy, x, idx, inp)
+    finally:
+        torch.set_num_threads(prev)
+    ref = R.sparse_delta_grad(gy.double(), x.double(), idx, inp)
+    assert_within_2x(got, ref, (gy.T @ x).reshape(-1)[idx], f"T={T} out={out} in={inp} k={k}")
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_bad_indices(op):
     gy, x, _ = _case(4, 3, 5, 0, torch.float32)

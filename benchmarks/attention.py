@@ -28,6 +28,7 @@ Run: ``python benchmarks/attention.py [--device cpu|cuda] [--out DIR] [--quick]`
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -111,11 +112,6 @@ def _fwd(f):
     return fn
 
 
-def _ratio(report, case, metric, num, den, target):
-    if num is not None and den is not None:
-        H.add_ratio(report, case, metric, num.median_ms / den.median_ms, target)
-
-
 def _flex_s2(n, h, g, device):
     """(compiled flex_attention, BlockMask) for S^2 leakfree on (B, H, N, D) tensors, or raises."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -181,18 +177,33 @@ def s2_cases(report, device, n, h, d, dtype, min_time_s, peers_bool, targets=Tru
 
     for mode in ("fwd+bwd", "fwd"):
         case = f"S2 N={n} G={g} H={h} d={d} {mode}"
-        t = {}
-        for name, f, inputs, grad, p in H.progress(impls, case):
-            fn, flops = (_fwd_bwd(f, inputs, grad), 14 * p * d) if mode == "fwd+bwd" else (_fwd(f), 4 * p * d)
-            t[name] = timed(case, name, fn, flops)
         fb = mode == "fwd+bwd"
+        fns = [(name, *((_fwd_bwd(f, inputs, grad), 14 * p * d) if fb else (_fwd(f), 4 * p * d)))
+               for name, f, inputs, grad, p in impls]
+        if device == "cpu":
+            # round-robin, compared round by round: a shared 2-core machine drifts by +-20% over
+            # the seconds that timing one implementation after the other would take
+            rounds = int(os.environ.get("LT_BENCH_ROUNDS", 15 if min_time_s >= 1 else 5))
+            times = H.measure_interleaved(report, case, [(nm, fn) for nm, fn, _ in fns], device, params,
+                                          rounds=rounds, flops={nm: fl for nm, _, fl in fns})
+            t = {r.impl: r for r in report.results[-len(fns):]}
+
+            def ratio(num, den):
+                return H.paired_ratio(times, num, den) if num in times and den in times else None
+        else:
+            t = {name: timed(case, name, fn, flops) for name, fn, flops in H.progress(fns, case)}
+
+            def ratio(num, den):
+                return t[num].median_ms / t[den].median_ms if t.get(num) and t.get(den) else None
         cpu_tgt = targets and fb and device == "cpu"
         gpu_tgt = targets and fb and device == "cuda"
-        _ratio(report, case, "LongLoRA time / ours", t.get(LONGLORA), t.get(OURS),
-               1.5 if (cpu_tgt or gpu_tgt) else None)
-        _ratio(report, case, "SDPA bool-mask time / ours", t.get(BOOL), t.get(OURS), 6.0 if cpu_tgt else None)
-        _ratio(report, case, "Flex time / ours", t.get(FLEX), t.get(OURS), 1.3 if gpu_tgt else None)
-        _ratio(report, case, "dense causal SDPA time / ours", t.get(DENSE), t.get(OURS), None)
+        for metric, num, tgt in (("LongLoRA time / ours", LONGLORA, 1.5 if (cpu_tgt or gpu_tgt) else None),
+                                 ("SDPA bool-mask time / ours", BOOL, 6.0 if cpu_tgt else None),
+                                 ("Flex time / ours", FLEX, 1.3 if gpu_tgt else None),
+                                 ("dense causal SDPA time / ours", DENSE, None)):
+            r = ratio(num, OURS)
+            if r is not None:
+                H.add_ratio(report, case, metric, r, tgt)
         if t.get(OURS) is not None and t.get(FLASH) is not None:
             H.add_ratio(report, case, "ours TFLOP/s / dense flash TFLOP/s", t[OURS].tflops / t[FLASH].tflops,
                         1.0 if gpu_tgt else None)
@@ -205,9 +216,9 @@ def sqa_cases(report, device, n, d, dtype, min_time_s, targets=True):
     b = 1
     gen = torch.Generator(device=device).manual_seed(1000 + n)
     case = f"SQA N={n} d={d} causal fwd+bwd"
-    t = {}
     h_mha = SQA_VARIANTS[0][1]
-    for name, hq, hkv in H.progress(SQA_VARIANTS, case):
+    fns, keep = [], []
+    for name, hq, hkv in SQA_VARIANTS:
         q = torch.randn(b, n, hq, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         k = torch.randn(b, n, hkv, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         v = torch.randn(b, n, hkv, d, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -217,16 +228,33 @@ def sqa_cases(report, device, n, d, dtype, min_time_s, targets=True):
         params = {"B": b, "N": n, "H_q": hq, "H_kv": hkv, "d": d, "dtype": str(dtype).replace("torch.", ""),
                   "pairs": pairs}
         fn = _fwd_bwd(lambda q=q, k=k, v=v: longtune.sparse_attention(q, k, v, causal=True), (q, k, v), go)
-        t[name] = _try_measure(report, case, f"{name} ({hq}q/{hkv}kv)", fn, device, params, 14 * pairs * d,
-                               min_time_s)
-        del q, k, v, go
+        fns.append((name, f"{name} ({hq}q/{hkv}kv)", fn, params, 14 * pairs * d))
+        keep.append((q, k, v, go))
+    if device == "cpu":
+        # round-robin and compared round by round (see s2_cases)
+        rounds = int(os.environ.get("LT_BENCH_ROUNDS", 9 if min_time_s >= 1 else 3))
+        times = H.measure_interleaved(report, case, [(impl, fn) for _, impl, fn, _, _ in fns], device, None,
+                                      rounds=rounds, flops={impl: fl for _, impl, _, _, fl in fns},
+                                      impl_params={impl: pa for _, impl, _, pa, _ in fns})
+        times = {name: times[impl] for name, impl, *_ in fns}
+
+        def speedup(name):
+            return H.paired_ratio(times, "MHA", name)
+    else:
+        t = {name: _try_measure(report, case, impl, fn, device, params, flops, min_time_s)
+             for name, impl, fn, params, flops in H.progress(fns, case)}
+
+        def speedup(name):
+            return t["MHA"].median_ms / t[name].median_ms if t.get("MHA") and t.get(name) else None
+    del keep, fns
     if device == "cuda":
         torch.cuda.empty_cache()
     for name, hq, _ in SQA_VARIANTS[1:]:
-        if t.get("MHA") is not None and t.get(name) is not None:
+        sp = speedup(name)
+        if sp is not None:
             ideal = h_mha / hq
-            H.add_ratio(report, case, f"{name} speedup / ideal (H/H_q={ideal:g})",
-                        t["MHA"].median_ms / t[name].median_ms / ideal, 0.9 if targets else None)
+            H.add_ratio(report, case, f"{name} speedup / ideal (H/H_q={ideal:g})", sp / ideal,
+                        0.9 if targets else None)
 
 
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:

@@ -112,11 +112,12 @@ def measure(report: Report, case: str, impl: str, fn, device: str, params: dict,
 
 
 def measure_interleaved(report: Report, case: str, impls, device: str, params: dict, rounds: int = 7,
-                        flops: dict | None = None) -> dict:
+                        flops: dict | None = None, impl_params: dict | None = None) -> dict:
     """Time several implementations of one case round-robin (one call of each per round, the order
     rotated every round) so that a slow phase of a noisy shared machine hits all of them alike;
     record (median, p20, p80) per implementation and return {name: [ms per round]}, aligned by round
-    so that `paired_ratio` can compare them round by round."""
+    so that `paired_ratio` can compare them round by round. `impl_params` ({name: dict}) overrides
+    `params` per implementation."""
     import time
 
     impls = list(impls)
@@ -136,7 +137,7 @@ def measure_interleaved(report: Report, case: str, impls, device: str, params: d
     for name, _ in impls:
         med, p20, p80 = _quantiles(times[name])
         f = (flops or {}).get(name, 0)
-        report.results.append(Result(case, name, params, med, p20, p80, f, 0,
+        report.results.append(Result(case, name, (impl_params or {}).get(name, params), med, p20, p80, f, 0,
                                      tflops=f / (med * 1e-3) / 1e12 if f else 0.0))
     return times
 

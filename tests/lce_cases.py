@@ -88,7 +88,18 @@ def run_op(fwd, bwd, c: Case, x, w, b, target, grad, filter_eps=0.0):
 
 def check_case(fwd, bwd, device, c: Case, dtype, seed=0):
     x, w, b, target, grad = make_inputs(c, dtype, device, seed)
-    loss, lse, dx, dw, db = run_op(fwd, bwd, c, x, w, b, target, grad)
+    _check_outputs(c, dtype, x, w, b, target, grad, run_op(fwd, bwd, c, x, w, b, target, grad))
+
+
+def check_case_fused(fwd_bwd, device, c: Case, dtype, seed=0):
+    """linear_cross_entropy_fwd_bwd (loss, lse and the gradients of sum grad * loss in one call)."""
+    x, w, b, target, grad = make_inputs(c, dtype, device, seed)
+    outs = fwd_bwd(x, w, b, target, grad.float(), c.ignore_index, c.eps, c.z_loss, c.softcap)
+    _check_outputs(c, dtype, x, w, b, target, grad, outs)
+
+
+def _check_outputs(c: Case, dtype, x, w, b, target, grad, outs):
+    loss, lse, dx, dw, db = outs
     assert loss.dtype == torch.float32 and lse.dtype == torch.float32
     assert dx.dtype == dtype and dw.dtype == dtype
     r64 = reference(c, x, w, b, target, grad, torch.float64)

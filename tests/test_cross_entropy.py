@@ -10,6 +10,8 @@ import longtune
 from longtune.reference.cross_entropy import linear_cross_entropy as ref_lce
 from longtune.testing import assert_within_2x
 
+from . import lce_cases as C
+
 
 def _data(T, d, V, dtype=torch.float64, bias=True, ignore_frac=0.2, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -137,6 +139,75 @@ def test_opcheck_and_compile():
         return longtune.linear_cross_entropy(x, w, t, b, reduction="sum")
 
     torch.testing.assert_close(f(x, w, b), longtune.linear_cross_entropy(x, w, t, b, reduction="sum"))
+
+
+FWD_BWD = torch.ops.longtune.linear_cross_entropy_fwd_bwd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", C.CASES + [C.Case(300, 70, 24, bias=True, ignore="some", eps=0.1, z_loss=1e-3,
+                                                   softcap=5.0)], ids=str)
+def test_fwd_bwd_one_pass(case, dtype):
+    # the CPU one-pass kernel (logits of a row block formed once, turned into d logits in place);
+    # T = 300 spans two row blocks
+    C.check_case_fused(FWD_BWD, "cpu", case, dtype)
+
+
+def test_fwd_bwd_equals_fwd_then_bwd_float64_and_opcheck():
+    c = C.Case(37, 1100, 19, bias=True, ignore="some", eps=0.1, z_loss=1e-2, softcap=6.0)
+    x, w, b, t, g = C.make_inputs(c, torch.float64, "cpu")
+    opts = (c.ignore_index, c.eps, c.z_loss, c.softcap)
+    one = FWD_BWD(x, w, b, t, g.double(), *opts)
+    loss, lse = torch.ops.longtune.linear_cross_entropy_fwd(x, w, b, t, *opts)
+    two = (loss, lse) + tuple(torch.ops.longtune.linear_cross_entropy_bwd(g.double(), x, w, b, t, lse, *opts, 0.0))
+    for a, r in zip(one, two):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(FWD_BWD, (x.float(), w.float(), b.float(), t, g.float(), *opts))
+    with pytest.raises(RuntimeError, match="grad_rows must be"):
+        FWD_BWD(x, w, b, t, g.double()[:-1], *opts)
+    with pytest.raises(RuntimeError, match="grad_rows must be"):
+        FWD_BWD(x, w, b, t, g.float(), *opts)
+
+
+def _ops_called(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mean_and_sum_take_the_one_pass_path_on_cpu(reduction):
+    x, w, b, t = _data(40, 16, 300)
+    g = torch.tensor(0.37, dtype=torch.float64)  # a non-unit incoming gradient: backward scales
+
+    def step():
+        loss = longtune.linear_cross_entropy(x, w, t, b, reduction=reduction, label_smoothing=0.1)
+        loss.backward(g)
+
+    seen = _ops_called(step)
+    assert "longtune.linear_cross_entropy_fwd_bwd" in seen and "longtune.linear_cross_entropy_bwd" not in seen
+    got = (x.grad, w.grad, b.grad)
+    for p in (x, w, b):
+        p.grad = None
+    xr, wr, br = (p.detach().clone().requires_grad_() for p in (x, w, b))
+    _torch(xr, wr, br, t, reduction=reduction, eps=0.1).backward(g)
+    for a, r in zip(got, (xr.grad, wr.grad, br.grad)):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    # without grad, and for reduction="none", the forward-only kernel runs (no gradient computed)
+    with torch.no_grad():
+        assert "longtune.linear_cross_entropy_fwd_bwd" not in _ops_called(
+            lambda: longtune.linear_cross_entropy(x, w, t, b, reduction=reduction))
+    assert "longtune.linear_cross_entropy_fwd_bwd" not in _ops_called(
+        lambda: longtune.linear_cross_entropy(x, w, t, b, reduction="none").sum().backward())
 
 
 _MEM_SCRIPT = """

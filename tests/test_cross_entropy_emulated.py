@@ -10,6 +10,7 @@ from . import lce_cases as C
 
 FWD = emulated("linear_cross_entropy_fwd")
 BWD = emulated("linear_cross_entropy_bwd")
+FWD_BWD = emulated("linear_cross_entropy_fwd_bwd")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -17,6 +18,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("case", C.CASES, ids=str)
 def test_forward_backward(case, dtype):
     C.check_case(FWD, BWD, "cpu", case, dtype)
+
+
+@pytest.mark.parametrize("case", [C.CASES[1], C.CASES[4]], ids=str)
+def test_fwd_bwd_in_one_call(case):
+    C.check_case_fused(FWD_BWD, "cpu", case, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

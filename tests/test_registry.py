@@ -9,7 +9,8 @@ from .conftest import require_cuda_build
 
 OPS = ["hadamard_transform", "hadamard_transform_backward", "rotate_fake_quant", "rotate_fake_quant_backward",
        "rotate_quantize", "sparse_delta_grad", "sparse_adamw_", "sparse_attention_fwd",
-       "sparse_attention_bwd", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"]
+       "sparse_attention_bwd", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd",
+       "linear_cross_entropy_fwd_bwd"]
 TEST_OPS = ["mma_probe", "ldmatrix_probe", "shfl_probe"]
 
 

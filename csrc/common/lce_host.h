@@ -75,4 +75,12 @@ inline void check_bwd(const char* op, const LceArgs& a, const at::Tensor& x, con
   LT_CHECK(op, std::isfinite(filter) && filter >= 0, "filter_eps must be >= 0, got ", filter);
 }
 
+inline void check_fwd_bwd(const char* op, const LceArgs& a, const at::Tensor& x, const at::Tensor& grad_rows) {
+  const auto ldt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  LT_CHECK(op, grad_rows.dim() == 1 && grad_rows.size(0) == a.T && grad_rows.scalar_type() == ldt,
+           "grad_rows must be ", ldt, " of shape (", a.T, ",), got ", grad_rows.scalar_type(), " ",
+           grad_rows.sizes());
+  check_same_device(op, "x", x, "grad_rows", grad_rows);
+}
+
 }  // namespace lt::lce

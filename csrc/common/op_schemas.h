@@ -75,6 +75,15 @@
   "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, float filter_eps) "   \
   "-> (Tensor, Tensor, Tensor)"
 
+// Loss, lse and the gradients of sum_t grad_rows[t] * loss_t in one call: (loss, lse, dx, dweight,
+// dbias), for reductions whose per-row loss weights are known before the backward (mean: 1/n, sum:
+// 1). CPU: one pass, each row block's logits (rows x V) are formed once and turned into d logits in
+// place (no recompute); CUDA: the forward and backward kernels above, one after the other.
+#define LT_SCHEMA_LCE_FWD_BWD                                                                             \
+  "linear_cross_entropy_fwd_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor grad_rows, " \
+  "int ignore_index, float label_smoothing, float z_loss, float softcap) "                               \
+  "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+
 // Applies F to every op schema above (used by both libraries).
 #define LT_FOR_EACH_SCHEMA(F) \
   F(LT_SCHEMA_HADAMARD);      \
@@ -87,4 +96,5 @@
   F(LT_SCHEMA_ATTN_FWD);      \
   F(LT_SCHEMA_ATTN_BWD);      \
   F(LT_SCHEMA_LCE_FWD);       \
-  F(LT_SCHEMA_LCE_BWD)
+  F(LT_SCHEMA_LCE_BWD);       \
+  F(LT_SCHEMA_LCE_FWD_BWD)

@@ -9,7 +9,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -182,6 +184,91 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
   if (first) dx.zero_();
 }
 
+// Loss and gradients in one pass (per-row loss weights G known up front): per block of RB rows the
+// full logits (RB x V, ~16 MiB) are formed once with one multi-threaded GEMM, each row's
+// lse / loss is taken and the row is turned into d logits in place, then dx_blk = dl W and
+// dW += dl^T x_blk (two more GEMMs). Three GEMMs of T x V x d in all instead of the four of
+// forward + recomputing backward; peak extra memory RB x V, never T x V.
+template <class T>
+void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target,
+                  const at::Tensor& g, const LceArgs& a, at::Tensor& loss, at::Tensor& lse, at::Tensor& dx,
+                  at::Tensor& dw, at::Tensor& db) {
+  const Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
+  const T* X = x.data_ptr<T>();
+  const T* W = w.data_ptr<T>();
+  const T* Bp = a.has_bias ? b.data_ptr<T>() : nullptr;
+  const T* G = g.data_ptr<T>();
+  const int64_t* tg = target.data_ptr<int64_t>();
+  T* LO = loss.data_ptr<T>();
+  T* LS = lse.data_ptr<T>();
+  T* DX = dx.data_ptr<T>();
+  T* DW = dw.data_ptr<T>();
+  T* DB = a.has_bias ? db.data_ptr<T>() : nullptr;
+  const int64_t T_ = a.T, d = a.d, V = a.V;
+  static const int64_t env_rb = [] {  // LT_LCE_ROWS=n: tuning override of the row block
+    const char* e = std::getenv("LT_LCE_ROWS");
+    return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(0);
+  }();
+  const int64_t RB = env_rb ? env_rb : std::clamp<int64_t>((int64_t(1) << 23) / std::max<int64_t>(V, 1), 16, 512);
+  std::vector<T> L(std::min(RB, T_) * V);
+  std::vector<double> db64(DB ? V : 0, 0.0);
+  for (int64_t r0 = 0; r0 < T_; r0 += RB) {
+    const int64_t rows = std::min(RB, T_ - r0);
+    mm<T>(false, true, rows, V, d, T(1), X + r0 * d, d, W, d, T(0), L.data(), V);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> capd(o.cap > 0 ? V : 0);
+      for (int64_t r = begin; r < end; ++r) {
+        T* l = L.data() + r * V;
+        if (Bp)
+          for (int64_t c = 0; c < V; ++c) l[c] += Bp[c];
+        if (o.cap > 0)
+          for (int64_t c = 0; c < V; ++c) {
+            l[c] = o.cap * std::tanh(l[c] / o.cap);
+            capd[c] = T(1) - (l[c] / o.cap) * (l[c] / o.cap);  // d(cap tanh(l / cap)) / dl
+          }
+        const int64_t t = tg[r0 + r];
+        const bool ignored = t == o.ignore;
+        const T zt = ignored ? T(0) : l[t];
+        T sz = 0;
+        if (o.eps > 0)
+          for (int64_t c = 0; c < V; ++c) sz += l[c];
+        const T mx = row_max(l, V);
+        const T se = exp_row(l, V, mx);  // l = exp(z - max)
+        const T ls = mx + std::log(se);
+        LS[r0 + r] = ls;
+        T v = 0;
+        if (!ignored) {
+          v = (T(1) - o.eps) * (ls - zt);
+          if (o.eps > 0) v += o.eps * (ls - sz / T(V));
+          if (o.zl > 0) v += o.zl * ls * ls;
+        }
+        LO[r0 + r] = v;
+        const T gr = G[r0 + r];
+        if (ignored || gr == T(0)) {
+          std::fill(l, l + V, T(0));
+          continue;
+        }
+        // d loss / dz = p (1 + 2 z_loss lse) - eps / V - (1 - eps) [c = t], times dcap, times g
+        const T pf = (T(1) + T(2) * o.zl * ls) / se, base = o.eps / T(V);
+        for (int64_t c = 0; c < V; ++c) l[c] = l[c] * pf - base;
+        l[t] -= T(1) - o.eps;
+        if (o.cap > 0)
+          for (int64_t c = 0; c < V; ++c) l[c] *= capd[c];
+        for (int64_t c = 0; c < V; ++c) l[c] *= gr;
+      }
+    });
+    mm<T>(false, false, rows, d, V, T(1), L.data(), V, W, d, T(0), DX + r0 * d, d);
+    mm<T>(true, false, V, d, rows, T(1), L.data(), V, X + r0 * d, d, T(1), DW, d);
+    if (DB)  // column sums accumulated in double over all rows (a long fp32 running sum drifts)
+      at::parallel_for(0, V, 4096, [&](int64_t c0, int64_t c1) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = c0; c < c1; ++c) db64[c] += L[r * V + c];
+      });
+  }
+  if (DB)
+    for (int64_t c = 0; c < V; ++c) DB[c] = T(db64[c]);
+}
+
 at::ScalarType ctype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_,
@@ -225,10 +312,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const a
   return {dx.to(x_.scalar_type()), dw.to(w_.scalar_type()), a.has_bias ? db.to(b_->scalar_type()) : db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
+    const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_, const at::Tensor& target,
+    const at::Tensor& g_, int64_t ignore_index, double eps, double z_loss, double softcap) {
+  const char* op = "linear_cross_entropy_fwd_bwd";
+  const LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
+  check_fwd_bwd(op, a, x_, g_);
+  const auto ct = ctype(x_);
+  const at::Tensor x = x_.to(ct).contiguous(), w = w_.to(ct).contiguous();
+  const at::Tensor b = b_.has_value() ? b_->to(ct).contiguous() : at::Tensor();
+  const at::Tensor g = g_.to(ct).contiguous(), t = target.contiguous();
+  at::Tensor loss = at::empty({a.T}, x.options()), lse = at::empty({a.T}, x.options());
+  at::Tensor dx = at::empty({a.T, a.d}, x.options());
+  at::Tensor dw = at::zeros({a.V, a.d}, x.options());
+  at::Tensor db = a.has_bias ? at::zeros({a.V}, x.options()) : at::empty({0}, x_.options());
+  if (a.T > 0) {
+    if (ct == at::kDouble) fwd_bwd_impl<double>(x, w, b, t, g, a, loss, lse, dx, dw, db);
+    else fwd_bwd_impl<float>(x, w, b, t, g, a, loss, lse, dx, dw, db);
+  }
+  return {loss, lse, dx.to(x_.scalar_type()), dw.to(w_.scalar_type()),
+          a.has_bias ? db.to(b_->scalar_type()) : db};
+}
+
 }  // namespace
 }  // namespace lt::lce
 
 TORCH_LIBRARY_IMPL(longtune, CPU, m) {
   m.impl("linear_cross_entropy_fwd", &lt::lce::fwd);
   m.impl("linear_cross_entropy_bwd", &lt::lce::bwd);
+  m.impl("linear_cross_entropy_fwd_bwd", &lt::lce::fwd_bwd);
 }

@@ -26,10 +26,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
     TORCH_CHECK(err == nullptr, "longtune.linear_cross_entropy_bwd: CUDA kernel launch failed: ", err ? err : "");
   });
 }
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, const at::Tensor& target,
+    const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss, double softcap) {
+  return lce_fwd_bwd_composed(fwd, bwd, x, w, b, target, grad_rows, ignore_index, eps, z_loss, softcap);
+}
 }  // namespace
 }  // namespace lt::lce
 
 TORCH_LIBRARY_IMPL(longtune, CUDA, m) {
   m.impl("linear_cross_entropy_fwd", &lt::lce::fwd);
   m.impl("linear_cross_entropy_bwd", &lt::lce::bwd);
+  m.impl("linear_cross_entropy_fwd_bwd", &lt::lce::fwd_bwd);
 }

@@ -93,4 +93,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
   return {dx, dw, db};
 }
 
+// linear_cross_entropy_fwd_bwd on the device: the forward kernel, then the backward kernel with the
+// per-row weights (the logits are recomputed; a one-pass device kernel is not written yet).
+template <class Fwd, class Bwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_bwd_composed(
+    const Fwd& fwd, const Bwd& bwd, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+    const at::Tensor& target, const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss,
+    double softcap) {
+  const char* op = "linear_cross_entropy_fwd_bwd";
+  const LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
+  check_fwd_bwd(op, a, x, grad_rows);
+  auto [loss, lse] = fwd(x, w, b, target, ignore_index, eps, z_loss, softcap);
+  auto [dx, dw, db] = bwd(grad_rows, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, 0.0);
+  return {loss, lse, dx, dw, db};
+}
+
 }  // namespace lt::lce

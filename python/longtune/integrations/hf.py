@@ -145,8 +145,12 @@ def _base(model):
 def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
     """CausalLM forward with the vocabulary head fused into the loss (``patch(model, lm_head="fused_ce")``):
     with ``labels`` the logits are never materialised (``output.logits`` is None); without labels,
-    the model's own forward (generation, evaluation of logits)."""
-    if labels is None:
+    the model's own forward (generation, evaluation of logits). ``shift_labels`` (as in
+    transformers' loss functions: targets already aligned with the positions, no shift inside;
+    used by chunk-wise training, whose chunks take their last target from the next chunk) may be
+    given instead of ``labels``."""
+    shift_labels = kwargs.pop("shift_labels", None)
+    if labels is None and shift_labels is None:
         return self._longtune_orig_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -155,8 +159,12 @@ def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **
     num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("logits_to_keep", None)
     out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    h = out.last_hidden_state[:, :-1]
-    tgt = labels[:, 1:].to(h.device)
+    if shift_labels is not None:
+        h = out.last_hidden_state
+        tgt = shift_labels.to(h.device)
+    else:
+        h = out.last_hidden_state[:, :-1]
+        tgt = labels[:, 1:].to(h.device)
     head = self.lm_head
     cap = getattr(self.config, "final_logit_softcapping", None)
     loss = linear_cross_entropy(h, head.weight, tgt, head.bias, ignore_index=-100,

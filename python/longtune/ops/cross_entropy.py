@@ -11,6 +11,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 _FWD = torch.ops.longtune.linear_cross_entropy_fwd
 _BWD = torch.ops.longtune.linear_cross_entropy_bwd
+_FWD_BWD = torch.ops.longtune.linear_cross_entropy_fwd_bwd
 
 
 def _ldt(x):
@@ -28,6 +29,13 @@ def _fake_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, so
 def _fake_bwd(grad, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap, filter_eps):
     db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
     return torch.empty_like(x), torch.empty_like(weight), db
+
+
+@torch.library.register_fake("longtune::linear_cross_entropy_fwd_bwd")
+def _fake_fwd_bwd(x, weight, bias, target, grad_rows, ignore_index, label_smoothing, z_loss, softcap):
+    loss, lse = _fake_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap)
+    return (loss, lse) + _fake_bwd(grad_rows, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss,
+                                   softcap, 0.0)
 
 
 class _Fn:
@@ -59,6 +67,34 @@ def _flops_fwd(x, weight, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.longtune.linear_cross_entropy_bwd)
 def _flops_bwd(grad, x, weight, *args, out_shape=None, **kwargs) -> int:
     return 6 * x[0] * x[1] * weight[0]  # logits recomputed, dx, dW
+
+
+@register_flop_formula(torch.ops.longtune.linear_cross_entropy_fwd_bwd)
+def _flops_fwd_bwd(x, weight, *args, out_shape=None, **kwargs) -> int:
+    return 6 * x[0] * x[1] * weight[0]  # logits, dx, dW (CPU: no recompute)
+
+
+class _GradInForward(torch.autograd.Function):
+    """reduction "mean" / "sum" on CPU: the per-row loss weights (1/n or 1) are known before the
+    backward, so one pass of ``linear_cross_entropy_fwd_bwd`` returns the loss and the gradients
+    (three GEMMs instead of forward + recomputing backward's four); backward scales them by the
+    incoming scalar gradient. Keeps dx and dW (fp32, the size of the weight) from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, opts, n):
+        grad_rows = (target != opts[0]).to(_ldt(x)) / n
+        with torch.no_grad():
+            loss, _, dx, dw, db = _FWD_BWD(x, weight, bias, target, grad_rows, *opts)
+        ctx.save_for_backward(dx, dw, db if bias is not None else None)
+        return loss.sum() / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw, db = ctx.saved_tensors
+        if float(grad) == 1.0:  # loss.backward(): hand the gradients over, no second V x d buffer
+            return dx, dw, db, None, None, None
+        g = grad.to(dx.dtype)
+        return dx * g, dw * g.to(dw.dtype), (db * g.to(db.dtype) if db is not None else None), None, None, None
 
 
 class _Filtered(torch.autograd.Function):
@@ -111,6 +147,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     opts = (int(ignore_index), float(label_smoothing), float(z_loss), float(softcap) if softcap else 0.0)
     if filter_eps < 0:
         raise ValueError(f"linear_cross_entropy: filter_eps must be >= 0, got {filter_eps}")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias))
+    if (reduction != "none" and filter_eps == 0 and needs_grad and x2.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        n = int((t2 != ignore_index).sum()) if reduction == "mean" else 1
+        if n > 0:
+            return _GradInForward.apply(x2, weight, bias, t2, opts, n).to(x.dtype)
     if filter_eps > 0:
         loss = _Filtered.apply(x2, weight, bias, t2, opts, float(filter_eps))
     else:

@@ -82,7 +82,7 @@ def lora(model):
     return peft.get_peft_model(model, cfg)
 
 
-VARIANTS = ["plain", "lora", "longtune_causal"]
+VARIANTS = ["plain", "lora", "longtune_causal", "fused_ce_head"]
 
 
 def make(variant):
@@ -91,6 +91,8 @@ def make(variant):
         m = lora(m)
     elif variant == "longtune_causal":
         longtune.patch(m, attention="causal")
+    elif variant == "fused_ce_head":  # chunk losses from hidden states through the fused linear + CE
+        longtune.patch(m, attention="causal", lm_head="fused_ce")
     return m
 
 
@@ -296,6 +298,35 @@ def test_spaco_reproducible():
     assert any(not torch.equal(g0[n], g2[n]) for n in g0)  # seeds 7 and 8 draw different chunk pairs
     ref_loss, _ = full_grads(model, ids, labels)
     assert abs(float(l0) - float(ref_loss)) <= 1e-12 * float(ref_loss)  # the loss is always the full loss
+
+
+def test_spaco_full_loss_false_skips_the_head_and_estimates_the_loss():
+    model, ids, labels = _small()
+    n_chunks, k = math.ceil(ids.shape[1] / 3), 2
+    model.zero_grad(set_to_none=True)
+    seco_backward(model, ids, labels, chunk_size=3, budget=k, generator=torch.Generator().manual_seed(7))
+    g_full = grads(model)
+    model.zero_grad(set_to_none=True)
+    head_calls = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: head_calls.append(inp[0].shape[1]))
+    try:
+        est = seco_backward(model, ids, labels, chunk_size=3, budget=k, generator=torch.Generator().manual_seed(7),
+                            full_loss=False)
+    finally:
+        hook.remove()
+    # same gradient; the head ran over a full chunk only in phase 2 of the k sampled chunks
+    assert all(torch.equal(g_full[n], g) for n, g in grads(model).items())
+    assert sum(1 for c in head_calls if c > 1) == k, head_calls
+    # the returned loss is N/K times the sum of the sampled chunks' losses
+    sampled = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(7))[:k].tolist()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100,
+                          reduction="none").view_as(shift)
+    n_t = int((shift != -100).sum())
+    expect = sum(float(tok[:, 3 * i:3 * i + 3].sum()) for i in sampled) / n_t * n_chunks / k
+    assert abs(float(est) - expect) <= 1e-10 * abs(expect), (float(est), expect)
 
 
 # ------------------------------------------------------------------------------------ training glue

@@ -51,9 +51,18 @@ bottom-right aligned; tested). With only ``group_size_ratio`` the group of a chu
 the chunk's length, so chunks with past KV run plain causal attention; ``"longlora_roll"`` cannot
 be chunked at all.
 Sliding-window models keep the whole past (the mask applies the window).
+
+DDP: pass the ``DistributedDataParallel``-wrapped model. Every chunk's forward + backward in phase
+2 runs under ``model.no_sync()`` except the last one (the first sampled chunk), whose backward
+all-reduces the gradient accumulated over all chunks: one gradient synchronisation per step, as
+with ``loss.backward()`` on the whole sequence. Phase 1 runs without grad, so DDP does not expect a
+backward for it. As with any DDP gradient accumulation, the last chunk's backward must reach every
+parameter that DDP tracks (it does for a causal LM: chunk 0 uses all of them); models with unused
+parameters need ``find_unused_parameters=True`` as usual.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -109,9 +118,18 @@ def _base(model):
     return get() if callable(get) else model
 
 
+def _unwrap_ddp(model):
+    """(the DistributedDataParallel wrapper or None, the module it wraps or the model itself)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model, model.module
+    return None, model
+
+
 def _forward_params(model) -> set:
+    base = _base(model)
+    fwd = getattr(base, "_longtune_orig_forward", None) or base.forward  # the model's own, under a fused-CE patch
     try:
-        return set(inspect.signature(_base(model).forward).parameters)
+        return set(inspect.signature(fwd).parameters)
     except (TypeError, ValueError):
         return set()
 
@@ -175,7 +193,7 @@ def _check(input_ids, labels, chunk_size, budget, cap, attention_mask):
 def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_size: int,
                   budget: Optional[int] = None, cap: Optional[float] = 2.0,
                   attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                  num_items_in_batch=None) -> torch.Tensor:
+                  num_items_in_batch=None, full_loss: bool = True) -> torch.Tensor:
     """Chunk-wise backward of the causal-LM loss of ``model`` on ``input_ids`` / ``labels`` (B, N).
 
     Accumulates into ``.grad`` what ``model(input_ids, labels=labels).loss.backward()`` would
@@ -184,6 +202,12 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
     ``cap=None`` unbiased up to the multi-hop terms described above; ``generator`` seeds the sampling). Returns the detached full-sequence loss
     (unscaled). ``num_items_in_batch``: divide the summed token losses by this instead of the
     number of target tokens (as transformers' Trainer does over accumulation steps).
+    ``full_loss=False`` (SpaCO only): the chunks that are not sampled skip the vocabulary head in
+    phase 1 (for small models the head is a large share of the forward), and the returned loss is
+    the unbiased estimate ``N/K * sum of the sampled chunks' losses`` instead of the exact
+    full-sequence loss; the gradient is the same either way.
+    With ``longtune.patch(model, lm_head="fused_ce")`` every chunk's loss comes from the hidden
+    states through the fused linear + cross-entropy (no chunk x vocabulary logits).
     See the module docstring for the algorithm and scope."""
     input_ids, labels, n, n_chunks = _check(input_ids, labels, chunk_size, budget, cap, attention_mask)
     dev = input_ids.device
@@ -203,10 +227,16 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
     else:
         sampled = torch.randperm(n_chunks, generator=generator)[:budget].tolist()
         local_w, relay_w = spaco_factors(n_chunks, budget, cap)
-    return _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom)
+    if not full_loss and budget is not None:
+        skip_loss = set(range(n_chunks)) - set(sampled)
+        scale = n_chunks / budget
+    else:
+        skip_loss, scale = set(), 1.0
+    loss = _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss)
+    return loss * scale if scale != 1.0 else loss
 
 
-def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom):
+def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss=()):
     """Phases 1 and 2 for the chunks in ``sampled`` (indices), their local losses weighted by
     ``local_w`` and the k/v gradients relayed to them by ``relay_w`` (0: no relay); ``shift``: the
     globally shifted labels; ``denom``: the loss normaliser."""
@@ -217,18 +247,27 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     sampled = sorted(set(int(i) for i in sampled))
     last_needed = max(sampled)  # the k/v of chunks from this one on are never attended to in phase 2
 
-    n_layers = _num_layers(model)
-    params = _forward_params(model)
+    ddp, inner = _unwrap_ddp(model)
+    n_layers = _num_layers(inner)
+    params = _forward_params(inner)
     cache_kw = "cache" if "cache" in params or not params else "past_key_values"
     can_trim = "logits_to_keep" in params
+    # longtune.patch(model, lm_head="fused_ce"): the chunk's loss straight from its hidden states
+    fused_head = getattr(_base(inner), "_longtune_orig_forward", None) is not None
 
-    def run(i, past_k, past_v, **extra):
+    def run(i, past_k, past_v, with_loss):
+        """(the chunk's loss (summed over its targets / denom) or None, its cache layers)."""
         s, e = bounds[i]
         layers = [_ChunkLayer(past_k[layer], past_v[layer], s) for layer in range(n_layers)]
         cache = Cache(layers=layers)
         pos = torch.arange(s, e, device=dev).unsqueeze(0).expand(bsz, -1)
-        out = model(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache}, **extra)
-        return out.logits, layers
+        kw = dict(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache})
+        if with_loss and fused_head:
+            return model(**kw, shift_labels=shift[:, s:e], num_items_in_batch=denom).loss, layers
+        if not with_loss and can_trim:
+            kw["logits_to_keep"] = 1  # only the k/v are wanted: skip the vocabulary head
+        out = model(**kw)
+        return (chunk_loss(i, out.logits) if with_loss else None), layers
 
     def chunk_loss(i, logits):
         s, e = bounds[i]
@@ -246,11 +285,10 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     with torch.no_grad():
         for i in range(n_chunks):
             rng.append(_rng_state(dev))
-            recomputed = i in sampled
-            extra = {"logits_to_keep": 1} if (recomputed and can_trim) else {}
-            logits, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals], **extra)
-            if not recomputed:
-                total += chunk_loss(i, logits).double()
+            with_loss = i not in sampled and i not in skip_loss  # sampled chunks: loss in phase 2
+            loss_i, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals], with_loss)
+            if with_loss:
+                total += loss_i.double()
             if i < n_chunks - 1:  # later chunks attend to it: keep its k/v
                 for layer, lay in enumerate(layers):
                     if lay.new_k is None:
@@ -259,7 +297,7 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
                     need = relay_w > 0 and i in sampled and i < last_needed  # its gradient is relayed in phase 2
                     keys[layer].append(lay.new_k.detach().requires_grad_(need))
                     vals[layer].append(lay.new_v.detach().requires_grad_(need))
-            del logits, layers
+            del loss_i, layers
     for layer in range(n_layers):  # no chunk after `last_needed` runs in phase 2
         del keys[layer][last_needed:], vals[layer][last_needed:]
     rng_end = _rng_state(dev)
@@ -272,25 +310,26 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, dev)
-        with torch.enable_grad():
-            logits, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals])
-            local = chunk_loss(i, logits)
-        total += local.detach().double()
-        loss_dtype = local.dtype
-        del logits
-        outs, grads = [], []
-        if local.requires_grad:
-            outs.append(local)
-            grads.append(torch.full_like(local, local_w))
-        if i < last_needed:  # relay the k/v gradient that later chunks left on chunk i's leaves
-            for layer, lay in enumerate(layers):
-                for new, leaf in ((lay.new_k, keys[layer][i]), (lay.new_v, vals[layer][i])):
-                    g = leaf.grad
-                    if g is not None and new.requires_grad:
-                        outs.append(new)
-                        grads.append(g.mul_(relay_w) if relay_w != 1.0 else g)
-        if outs:
-            torch.autograd.backward(outs, grads)
+        # DDP: accumulate locally, all-reduce once, in the backward of the last chunk processed
+        sync = contextlib.nullcontext() if ddp is None or i == sampled[0] else ddp.no_sync()
+        with sync:
+            with torch.enable_grad():
+                local, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals], True)
+            total += local.detach().double()
+            loss_dtype = local.dtype
+            outs, grads = [], []
+            if local.requires_grad:
+                outs.append(local)
+                grads.append(torch.full_like(local, local_w))
+            if i < last_needed:  # relay the k/v gradient that later chunks left on chunk i's leaves
+                for layer, lay in enumerate(layers):
+                    for new, leaf in ((lay.new_k, keys[layer][i]), (lay.new_v, vals[layer][i])):
+                        g = leaf.grad
+                        if g is not None and new.requires_grad:
+                            outs.append(new)
+                            grads.append(g.mul_(relay_w) if relay_w != 1.0 else g)
+            if outs:
+                torch.autograd.backward(outs, grads)
         if kv_needs_grad is None:  # k/v with no trainable tensor behind them: stop collecting their gradient
             kv_needs_grad = [(lay.new_k.requires_grad, lay.new_v.requires_grad) for lay in layers]
             for layer, (nk, nv) in enumerate(kv_needs_grad):
@@ -308,12 +347,13 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
 
 
 def seco_train_step(model, optimizer, input_ids, labels, *, chunk_size: int, budget: Optional[int] = None,
-                    cap: Optional[float] = 2.0, attention_mask=None, generator=None, max_grad_norm=None):
+                    cap: Optional[float] = 2.0, attention_mask=None, generator=None, max_grad_norm=None,
+                    full_loss: bool = True):
     """One optimizer step with chunk-wise backward: ``zero_grad``, :func:`seco_backward`, optional
     gradient clipping at ``max_grad_norm``, ``optimizer.step()``. Returns the (detached) loss."""
     optimizer.zero_grad(set_to_none=True)
     loss = seco_backward(model, input_ids, labels, chunk_size=chunk_size, budget=budget, cap=cap,
-                         attention_mask=attention_mask, generator=generator)
+                         attention_mask=attention_mask, generator=generator, full_loss=full_loss)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()

@@ -1,9 +1,12 @@
 """Chunk-wise training (``longtune.train.seco_backward``) vs full backprop, side by side, on a tiny
 Llama (4 layers, hidden 512, 8 heads, intermediate 1376, vocab 32000) built from a config in code and
-patched with ``longtune.patch(model, attention="causal")``. One training step of a (1, N) sequence:
+patched with ``longtune.patch(model, attention="causal", lm_head="fused_ce")`` (the same model for
+all three: the loss comes from the hidden states through the fused linear + cross-entropy, no
+N x vocabulary logits). One training step of a (1, N) sequence:
  - full backprop: ``model(input_ids, labels=labels).loss.backward()``;
  - SeCO: ``seco_backward(model, input_ids, labels, chunk_size=N/16)`` (exact; 16 chunks);
- - SpaCO: ``seco_backward(..., budget=K)`` with K = N/4 chunks of the 16 (K = 4).
+ - SpaCO: ``seco_backward(..., budget=K, full_loss=False)`` with K = N/4 chunks of the 16 (K = 4;
+   the 12 chunks not sampled skip the vocabulary head, the returned loss is the N/K estimate).
 Every parameter's ``.grad`` is pre-allocated with zeros (the gradients are not charged to anyone).
 
 Each implementation runs in a fresh subprocess (the model is built there with the same seed before
@@ -58,7 +61,7 @@ def build_model(device: str, dtype=torch.float32):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(device=device, dtype=dtype)
-    longtune.patch(model, attention="causal")
+    longtune.patch(model, attention="causal", lm_head="fused_ce")
     model.train()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -78,7 +81,7 @@ def _step_fn(model, impl: str, n: int, device: str):
         return lambda: seco_backward(model, ids, labels, chunk_size=chunk)
     gen = torch.Generator().manual_seed(0)
     k = max(1, N_CHUNKS // 4)
-    return lambda: seco_backward(model, ids, labels, chunk_size=chunk, budget=k, generator=gen)
+    return lambda: seco_backward(model, ids, labels, chunk_size=chunk, budget=k, generator=gen, full_loss=False)
 
 
 def _sync(device):
@@ -184,7 +187,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     chunk = max(1, n // N_CHUNKS)
     case = f"tiny Llama N={n} chunks={N_CHUNKS}"
     params = dict(CONFIG, tokens=n, chunk_size=chunk, n_chunks=N_CHUNKS, spaco_budget=N_CHUNKS // 4,
-                  dtype="float32", attention="longtune causal",
+                  dtype="float32", attention="longtune causal", lm_head="fused_ce", spaco_full_loss=False,
                   peak_memory_method="cuda.max_memory_allocated" if cuda else "ru_maxrss growth, fresh subprocess")
     if not quick and not cuda and n != CPU_SIZES[0]:
         params["note"] = (f"issue size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import longtune
-from longtune.nn import S2FTLinear
+from longtune.nn import S2FTLinear, S2FTMLP
+from longtune.nn.s2ft import _S2FTMLPFn
 from longtune.train.s2ft import select_and_permute
 
 
@@ -109,3 +110,90 @@ def test_fuse_unfuse_adapter():
     torch.testing.assert_close(m(x), y_trained)
     with pytest.raises(ValueError, match="adapter shape"):
         m.fuse(torch.zeros(3, 6))
+
+
+class _GatedMLP(torch.nn.Module):
+    def __init__(self, d=12, inter=20, act=None):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(d, inter, bias=False)
+        self.up_proj = torch.nn.Linear(d, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, d, bias=False)
+        self.act_fn = act or torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _s2_mlp(n, seed=0):
+    torch.manual_seed(seed)
+    m = _GatedMLP().double().requires_grad_(False)
+    m.up_proj = S2FTLinear(m.up_proj, 0, n, "out")
+    m.down_proj = S2FTLinear(m.down_proj, 0, n, "in")
+    return m
+
+
+@pytest.mark.parametrize("x_grad", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_fused_mlp_matches_the_module_composition(x_grad, n):
+    ref = _s2_mlp(n)
+    fused = S2FTMLP(_s2_mlp(n))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
+    outs = []
+    for m in (ref, fused):
+        xi = x.clone().requires_grad_(x_grad)
+        for _ in range(2):  # two micro-batches: gradients accumulate
+            y = m(xi)
+            y.backward(gy)
+        outs.append((y.detach(), m.up_proj.part.grad, m.down_proj.part.grad, xi.grad))
+    for a, b in zip(*outs):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (outs[1][3] is not None) == x_grad
+
+
+def test_fused_mlp_gradcheck_and_saves_only_the_block():
+    m = S2FTMLP(_s2_mlp(3))
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, u, d: _S2FTMLPFn.apply(x, u, d, m.gate_proj.weight,
+                                                                     m.up_proj.base.weight, m.down_proj.base.weight, 3),
+                                    (x, m.up_proj.part, m.down_proj.part))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        m(torch.randn(5, 12, dtype=torch.float64))
+    # frozen input: x plus two (tokens x n) slices, never a tokens x intermediate tensor
+    assert all(s[-1] in (12, 3) or s == m.down_proj.base.weight.shape for s in saved), saved
+
+
+def test_fused_mlp_bad_input():
+    m = _s2_mlp(3)
+    m.down_proj = S2FTLinear(m.down_proj.base, 1, 4, "in")
+    with pytest.raises(ValueError, match="same n"):
+        S2FTMLP(m)
+    with pytest.raises(TypeError, match="S2FTLinear"):
+        S2FTMLP(_GatedMLP())
+    g = _s2_mlp(3)
+    g.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="SiLU"):
+        S2FTMLP(g)
+    t = _s2_mlp(3)
+    t.gate_proj.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        S2FTMLP(t)
+
+
+def test_select_and_permute_fuses_the_mlps():
+    m = _tiny("llama", 2)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = m(ids).logits
+    keys = set(m.state_dict())
+    select_and_permute(m, head_ratio=0.5, channel_ratio=0.1, seed=1)
+    assert all(isinstance(layer.mlp, S2FTMLP) for layer in m.model.layers)
+    torch.testing.assert_close(m(ids).logits, ref, rtol=0, atol=1e-12)
+    assert {k.replace(".base.", ".") for k in m.state_dict()} >= keys
+    m2 = _tiny("llama", 2)
+    select_and_permute(m2, head_ratio=0.5, channel_ratio=0.1, seed=1, fuse_mlp=False)
+    assert not any(isinstance(layer.mlp, S2FTMLP) for layer in m2.model.layers)

@@ -86,3 +86,80 @@ class S2FTLinear(nn.Module):
 
     def extra_repr(self):
         return f"{self.base.in_features} -> {self.base.out_features}, trainable {self.dim} [{self.lo}, {self.hi})"
+
+
+def _silu_grad(g: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(g)
+    return s * (1 + g * (1 - s))
+
+
+class _S2FTMLPFn(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) with FFN channels [0, n) trainable in up (rows) and down (columns),
+    everything else frozen. Structured partial backprop across the whole block: the weight gradients
+    need only channels [0, n) of dH, so when x needs no gradient (the block's input is frozen) the
+    backward is three T x d x n products - the dense dH = dY W_down is never formed; when x needs
+    one, dX takes the dense path (dH, then dG, dU through the frozen gate / up weights)."""
+
+    @staticmethod
+    def forward(ctx, x, up_part, down_part, w_gate, w_up, w_down, n):
+        g = nn.functional.linear(x, w_gate)
+        u = nn.functional.linear(x, w_up)
+        a = nn.functional.silu(g)
+        h = a * u
+        y = nn.functional.linear(h, w_down)
+        ctx.n, ctx.x_grad = n, x.requires_grad
+        if x.requires_grad:
+            ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
+        else:  # only the first n channels are ever needed again
+            ctx.save_for_backward(x, a[..., :n].contiguous(), u[..., :n].contiguous(), w_down)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        n = ctx.n
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.x_grad:
+            x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
+            a = nn.functional.silu(g)
+            dh = gy @ w_down
+            du = dh * a
+            dg = dh * u * _silu_grad(g)
+            gx = dg @ w_gate + du @ w_up
+            a_n, u_n, du_n = a[..., :n], u[..., :n], du[..., :n]
+        else:
+            x, a_n, u_n, w_down = ctx.saved_tensors
+            gx = None
+            du_n = (gy @ w_down[:, :n]) * a_n
+        x2 = x.reshape(-1, x.shape[-1])
+        h_n = (a_n * u_n).reshape(-1, n)
+        g_down = gy2.T @ h_n if ctx.needs_input_grad[2] else None
+        g_up = du_n.reshape(-1, n).T @ x2 if ctx.needs_input_grad[1] else None
+        return gx, g_up, g_down, None, None, None, None
+
+
+class S2FTMLP(nn.Module):
+    """A Llama-style gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, SiLU) whose ``up_proj`` and
+    ``down_proj`` are ``S2FTLinear`` with the same trainable channel block ``[0, n)`` (rows of up,
+    columns of down - what ``select_and_permute`` builds) and a frozen ``gate_proj``, run as one
+    fused autograd function with block-level partial backprop (see ``_S2FTMLPFn``). The trainable
+    parameters stay ``mlp.up_proj.part`` / ``mlp.down_proj.part`` (optimizer state is unchanged)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        up, down, gate = getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None), getattr(mlp, "gate_proj", None)
+        if not (isinstance(up, S2FTLinear) and isinstance(down, S2FTLinear) and isinstance(gate, nn.Linear)):
+            raise TypeError("S2FTMLP: expected an MLP with gate_proj (nn.Linear) and up_proj / down_proj (S2FTLinear)")
+        if not (up.dim == "out" and down.dim == "in" and up.lo == 0 and down.lo == 0 and up.hi == down.hi):
+            raise ValueError("S2FTMLP: up_proj must train rows [0, n) and down_proj columns [0, n) with the same n, got "
+                             f"up {up.dim} [{up.lo}, {up.hi}), down {down.dim} [{down.lo}, {down.hi})")
+        if gate.weight.requires_grad or any(m.base.bias is not None for m in (up, down)) or gate.bias is not None:
+            raise ValueError("S2FTMLP: gate_proj must be frozen and the projections bias-free")
+        act = getattr(mlp, "act_fn", None)
+        hf_silu = type(act).__name__ == "SiLUActivation" and type(act).__module__.startswith("transformers")
+        if not (isinstance(act, nn.SiLU) or act is nn.functional.silu or hf_silu):
+            raise ValueError(f"S2FTMLP: only SiLU gated MLPs are fused, got activation {type(act).__name__}")
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+
+    def forward(self, x):
+        up, down = self.up_proj, self.down_proj
+        return _S2FTMLPFn.apply(x, up.part, down.part, self.gate_proj.weight, up.base.weight, down.base.weight, up.hi)

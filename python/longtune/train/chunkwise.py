@@ -282,9 +282,15 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     vals = [[] for _ in range(n_layers)]
     rng = []
     total = torch.zeros((), device=dev, dtype=torch.float64)
+    # phase 1 stops after the last chunk whose k/v (for a sampled chunk) or loss is still wanted:
+    # SeCO's last chunk, or SpaCO's chunks after the last sampled one with full_loss=False, never run here
+    loss_chunks = [i for i in range(n_chunks) if i not in sampled and i not in skip_loss]
+    phase1_end = max(last_needed, 1 + max(loss_chunks, default=-1))
     with torch.no_grad():
         for i in range(n_chunks):
             rng.append(_rng_state(dev))
+            if i >= phase1_end:
+                continue
             with_loss = i not in sampled and i not in skip_loss  # sampled chunks: loss in phase 2
             loss_i, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals], with_loss)
             if with_loss:

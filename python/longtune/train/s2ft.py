@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.s2ft import S2FTLinear
+from ..nn.s2ft import S2FTLinear, S2FTMLP
 
 
 def _perm_rows(lin: nn.Linear, perm: torch.Tensor):
@@ -28,8 +28,10 @@ def _head_rows(head_order: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def select_and_permute(model, *, head_ratio: float = 0.03, channel_ratio: float = 0.03, seed: int = 0,
-                       freeze_others: bool = True) -> dict:
-    """In place. Returns {layer index: {"kv_heads": [...], "channels": [...]}} (original ids)."""
+                       freeze_others: bool = True, fuse_mlp: bool = True) -> dict:
+    """In place. Returns {layer index: {"kv_heads": [...], "channels": [...]}} (original ids).
+    ``fuse_mlp``: SiLU-gated MLPs with a frozen gate become ``S2FTMLP`` (one autograd function for
+    the block, partial backprop through it; same parameters and state-dict keys)."""
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers"):
         raise TypeError(f"longtune.train.s2ft.select_and_permute: expected a Hugging Face *ForCausalLM with "
@@ -67,5 +69,10 @@ def select_and_permute(model, *, head_ratio: float = 0.03, channel_ratio: float 
         a.o_proj = S2FTLinear(a.o_proj, 0, n_kv * group * hd, "in")
         m.up_proj = S2FTLinear(m.up_proj, 0, n_ch, "out")
         m.down_proj = S2FTLinear(m.down_proj, 0, n_ch, "in")
+        if fuse_mlp and not m.gate_proj.weight.requires_grad:
+            try:
+                layer.mlp = S2FTMLP(m)
+            except (TypeError, ValueError):  # not a plain SiLU gated MLP: keep the two S2FTLinear
+                pass
         picks[i] = {"kv_heads": kv_order[:n_kv].tolist(), "channels": ch_order[:n_ch].tolist()}
     return picks

@@ -10,8 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
-if not dist.is_available():
-    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 
 from .test_chunkwise import batch, full_grads, full_loss, tiny_llama  # noqa: E402
 

@@ -16,6 +16,25 @@ def test_forward_backward(case, dtype):
     C.check_case(OPS.linear_cross_entropy_fwd, OPS.linear_cross_entropy_bwd, "cuda", case, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", [C.CASES[1], C.GPU_CASES[0]], ids=str)
+def test_fwd_bwd_in_one_call(case, dtype):
+    C.check_case_fused(OPS.linear_cross_entropy_fwd_bwd, "cuda", case, dtype)
+
+
+def test_public_mean_loss_and_grads_on_cuda():
+    c = C.Case(64, 500, 32, bias=True, ignore="some")
+    x, w, b, target, _ = C.make_inputs(c, torch.float32, "cuda")
+    import longtune
+
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    longtune.linear_cross_entropy(xs, ws, target, bs).backward()
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.cross_entropy(xr @ wr.T + br, target).backward()
+    for got, ref in ((xs.grad, xr.grad), (ws.grad, wr.grad), (bs.grad, br.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
 def test_filter(dtype):
     C.check_filter(OPS.linear_cross_entropy_fwd, OPS.linear_cross_entropy_bwd, "cuda",

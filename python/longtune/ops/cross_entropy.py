@@ -7,6 +7,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 _FWD = torch.ops.longtune.linear_cross_entropy_fwd
@@ -89,6 +90,7 @@ class _GradInForward(torch.autograd.Function):
         return loss.sum() / n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         dx, dw, db = ctx.saved_tensors
         if float(grad) == 1.0:  # loss.backward(): hand the gradients over, no second V x d buffer

@@ -16,8 +16,12 @@ Each implementation runs in a fresh subprocess (the model is built there with th
 any memory reading): a tiny warm-up step of every path (thread pools, BLAS buffers, allocator),
 then one full-size step whose growth of ``ru_maxrss`` (the OS's peak RSS) is its peak memory
 (CPU; on GPU ``torch.cuda.max_memory_allocated`` over that step minus what was allocated before),
-then ``reps`` more timed steps (median; with reps = 0 the first step's time is used). On CPU one
-step at N = 16k takes minutes, hence one repetition and no harness autorange timer.
+then, on CPU, one more step under the profiler whose allocation events give the peak of live
+tensor bytes (the CPU analogue of ``max_memory_allocated``; RSS also counts the allocator's slack,
+which for SeCO's many mid-sized tensors is ~180 MiB of its ~630 MiB), then ``reps`` more timed
+steps (median; with reps = 0 the first step's time is used). On CPU one step at N = 16k takes
+minutes, hence one repetition and no harness autorange timer. The memory target is checked on live
+tensor bytes (the GPU's metric); the RSS ratio is reported beside it.
 
 Issue targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backprop's (full / SeCO
 >= 8); SeCO time <= 1.5x full backprop (full time / SeCO time >= 1/1.5); SpaCO with K = N/4 >= 2.5x
@@ -93,6 +97,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _live_peak_bytes(step) -> int:
+    """Peak of live tensor bytes over one call of ``step`` on CPU - the analogue of
+    ``torch.cuda.max_memory_allocated`` - from the profiler's allocation events (every tensor
+    allocation and free, in order). Allocator slack is not counted (glibc keeps freed mid-sized
+    blocks in its heap, which ru_maxrss does count), nor are C++ std::vector scratch buffers (a few
+    MiB per thread in the attention kernels; the fused CE's row-block logits are a tensor)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                 if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nb in evs:
+        live += nb
+        peak = max(peak, live)
+    return peak
+
+
 def _child(impl: str, device: str, n: int, reps: int) -> None:
     """In a fresh process: build the model, warm every path up on a tiny sequence, then one
     full-size step (peak memory + time) and ``reps`` more timed steps. Prints one JSON line."""
@@ -118,13 +141,14 @@ def _child(impl: str, device: str, n: int, reps: int) -> None:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
+    live = _live_peak_bytes(step) if device == "cpu" else peak  # GPU: already live tensor bytes
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"peak_bytes": peak, "first_s": first_s, "times_s": times}))
+    print(json.dumps({"peak_bytes": peak, "live_peak_bytes": live, "first_s": first_s, "times_s": times}))
 
 
 def _run_child(impl: str, device: str, n: int, reps: int, timeout_s: float | None = None) -> dict:
@@ -205,13 +229,20 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         times_ms = [t * 1e3 for t in (r["times_s"] or [r["first_s"]])]
         med, p20, p80 = H._quantiles(times_ms)
         report.results.append(H.Result(case, name, dict(params, peak_memory_bytes=r["peak_bytes"],
+                                                        live_tensor_peak_bytes=r.get("live_peak_bytes"),
                                                         first_step_ms=r["first_s"] * 1e3, timed_steps=len(times_ms)),
                                        med, p20, p80, flops, 0, tflops=flops / (med * 1e-3) / 1e12))
-        print(f"[chunkwise] {case} / {name}: peak memory of the step {r['peak_bytes'] / 2**20:.1f} MiB",
+        print(f"[chunkwise] {case} / {name}: peak memory of the step {r['peak_bytes'] / 2**20:.1f} MiB, live tensors "
+              f"{r.get('live_peak_bytes', 0) / 2**20:.1f} MiB",
               file=sys.stderr)
     t = {r.impl: r.median_ms for r in report.results}
     mem = {name: r["peak_bytes"] for name, r in results.items()}
-    H.add_ratio(report, case, "full peak memory / SeCO peak", mem[FULL] / max(mem[SECO], 1), 8.0)
+    live = {name: r.get("live_peak_bytes") or r["peak_bytes"] for name, r in results.items()}
+    # the target is checked on live tensor bytes: what torch.cuda.max_memory_allocated measures on a
+    # GPU; on CPU the RSS growth (allocator slack included) is reported beside it
+    H.add_ratio(report, case, "full / SeCO peak live tensor bytes", live[FULL] / max(live[SECO], 1), 8.0)
+    if not cuda:
+        H.add_ratio(report, case, "full / SeCO peak RSS growth", mem[FULL] / max(mem[SECO], 1))
     H.add_ratio(report, case, "full time / SeCO time", t[FULL] / t[SECO], round(1 / 1.5, 4))
     H.add_ratio(report, case, "SeCO time / SpaCO time", t[SECO] / t[SPACO], 2.5)
     H.add_ratio(report, case, "full peak memory / SpaCO peak", mem[FULL] / max(mem[SPACO], 1))

@@ -210,15 +210,18 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
     return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(0);
   }();
   const int64_t RB = env_rb ? env_rb : std::clamp<int64_t>((int64_t(1) << 23) / std::max<int64_t>(V, 1), 16, 512);
-  std::vector<T> L(std::min(RB, T_) * V);
+  // a tensor, not a std::vector: the block's logits are the op's largest scratch and memory
+  // trackers (the profiler's allocation events) should see them
+  at::Tensor Lt = at::empty({std::min(RB, T_) * V}, x.options());
+  T* const Lp = Lt.data_ptr<T>();
   std::vector<double> db64(DB ? V : 0, 0.0);
   for (int64_t r0 = 0; r0 < T_; r0 += RB) {
     const int64_t rows = std::min(RB, T_ - r0);
-    mm<T>(false, true, rows, V, d, T(1), X + r0 * d, d, W, d, T(0), L.data(), V);
+    mm<T>(false, true, rows, V, d, T(1), X + r0 * d, d, W, d, T(0), Lp, V);
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> capd(o.cap > 0 ? V : 0);
       for (int64_t r = begin; r < end; ++r) {
-        T* l = L.data() + r * V;
+        T* l = Lp + r * V;
         if (Bp)
           for (int64_t c = 0; c < V; ++c) l[c] += Bp[c];
         if (o.cap > 0)
@@ -257,12 +260,12 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
         for (int64_t c = 0; c < V; ++c) l[c] *= gr;
       }
     });
-    mm<T>(false, false, rows, d, V, T(1), L.data(), V, W, d, T(0), DX + r0 * d, d);
-    mm<T>(true, false, V, d, rows, T(1), L.data(), V, X + r0 * d, d, T(1), DW, d);
+    mm<T>(false, false, rows, d, V, T(1), Lp, V, W, d, T(0), DX + r0 * d, d);
+    mm<T>(true, false, V, d, rows, T(1), Lp, V, X + r0 * d, d, T(1), DW, d);
     if (DB)  // column sums accumulated in double over all rows (a long fp32 running sum drifts)
       at::parallel_for(0, V, 4096, [&](int64_t c0, int64_t c1) {
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = c0; c < c1; ++c) db64[c] += L[r * V + c];
+          for (int64_t c = c0; c < c1; ++c) db64[c] += Lp[r * V + c];
       });
   }
   if (DB)

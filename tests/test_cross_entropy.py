@@ -169,6 +169,32 @@ def test_fwd_bwd_equals_fwd_then_bwd_float64_and_opcheck():
         FWD_BWD(x, w, b, t, g.float(), *opts)
 
 
+@pytest.mark.parametrize("op", [FWD_BWD, torch.ops.longtune_emu.linear_cross_entropy_fwd_bwd], ids=["cpu", "emulated"])
+def test_fwd_bwd_without_weight_grad(op):
+    c = C.Case(9, 70, 16, bias=True, ignore="some", eps=0.1)
+    x, w, b, t, g = C.make_inputs(c, torch.float32, "cpu")
+    opts = (c.ignore_index, c.eps, c.z_loss, c.softcap)
+    full = op(x, w, b, t, g.float(), *opts)
+    frozen = op(x, w, b, t, g.float(), *opts, False)
+    for a, r in zip(frozen[:3], full[:3]):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
+    assert frozen[3].numel() == 0 and frozen[4].numel() == 0
+    if op is FWD_BWD:  # the emulator's mirror library has no fake kernels
+        torch.library.opcheck(op, (x, w, b, t, g.float(), *opts, False))
+
+
+def test_frozen_head_gets_no_weight_gradient():
+    x, w, b, t = _data(30, 16, 200)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    seen = _ops_called(lambda: longtune.linear_cross_entropy(x, w, t, b).backward())
+    assert "longtune.linear_cross_entropy_fwd_bwd" in seen
+    assert w.grad is None and b.grad is None
+    xr = x.detach().clone().requires_grad_()
+    _torch(xr, w, b, t).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+
+
 def _ops_called(fn):
     from torch.utils._python_dispatch import TorchDispatchMode
 

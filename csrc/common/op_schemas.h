@@ -79,9 +79,10 @@
 // dbias), for reductions whose per-row loss weights are known before the backward (mean: 1/n, sum:
 // 1). CPU: one pass, each row block's logits (rows x V) are formed once and turned into d logits in
 // place (no recompute); CUDA: the forward and backward kernels above, one after the other.
+// weight_grad=False (a frozen head, e.g. under LoRA): no dweight / dbias GEMM, both come back empty.
 #define LT_SCHEMA_LCE_FWD_BWD                                                                             \
   "linear_cross_entropy_fwd_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor grad_rows, " \
-  "int ignore_index, float label_smoothing, float z_loss, float softcap) "                               \
+  "int ignore_index, float label_smoothing, float z_loss, float softcap, bool weight_grad=True) "        \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 // Applies F to every op schema above (used by both libraries).

@@ -191,8 +191,8 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
 // forward + recomputing backward; peak extra memory RB x V, never T x V.
 template <class T>
 void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target,
-                  const at::Tensor& g, const LceArgs& a, at::Tensor& loss, at::Tensor& lse, at::Tensor& dx,
-                  at::Tensor& dw, at::Tensor& db) {
+                  const at::Tensor& g, const LceArgs& a, bool wgrad, at::Tensor& loss, at::Tensor& lse,
+                  at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
   const Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
   const T* X = x.data_ptr<T>();
   const T* W = w.data_ptr<T>();
@@ -202,8 +202,8 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   T* LO = loss.data_ptr<T>();
   T* LS = lse.data_ptr<T>();
   T* DX = dx.data_ptr<T>();
-  T* DW = dw.data_ptr<T>();
-  T* DB = a.has_bias ? db.data_ptr<T>() : nullptr;
+  T* DW = wgrad ? dw.data_ptr<T>() : nullptr;  // weight_grad=False: no dW / dbias
+  T* DB = a.has_bias && wgrad ? db.data_ptr<T>() : nullptr;
   const int64_t T_ = a.T, d = a.d, V = a.V;
   static const int64_t env_rb = [] {  // LT_LCE_ROWS=n: tuning override of the row block
     const char* e = std::getenv("LT_LCE_ROWS");
@@ -261,7 +261,7 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
       }
     });
     mm<T>(false, false, rows, d, V, T(1), Lp, V, W, d, T(0), DX + r0 * d, d);
-    mm<T>(true, false, V, d, rows, T(1), Lp, V, X + r0 * d, d, T(1), DW, d);
+    if (DW) mm<T>(true, false, V, d, rows, T(1), Lp, V, X + r0 * d, d, T(1), DW, d);
     if (DB)  // column sums accumulated in double over all rows (a long fp32 running sum drifts)
       at::parallel_for(0, V, 4096, [&](int64_t c0, int64_t c1) {
         for (int64_t r = 0; r < rows; ++r)
@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
     const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_, const at::Tensor& target,
-    const at::Tensor& g_, int64_t ignore_index, double eps, double z_loss, double softcap) {
+    const at::Tensor& g_, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad) {
   const char* op = "linear_cross_entropy_fwd_bwd";
   const LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
   check_fwd_bwd(op, a, x_, g_);
@@ -327,14 +327,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
   const at::Tensor g = g_.to(ct).contiguous(), t = target.contiguous();
   at::Tensor loss = at::empty({a.T}, x.options()), lse = at::empty({a.T}, x.options());
   at::Tensor dx = at::empty({a.T, a.d}, x.options());
-  at::Tensor dw = at::zeros({a.V, a.d}, x.options());
-  at::Tensor db = a.has_bias ? at::zeros({a.V}, x.options()) : at::empty({0}, x_.options());
+  at::Tensor dw = weight_grad ? at::zeros({a.V, a.d}, x.options()) : at::empty({0}, x_.options());
+  at::Tensor db = a.has_bias && weight_grad ? at::zeros({a.V}, x.options()) : at::empty({0}, x_.options());
   if (a.T > 0) {
-    if (ct == at::kDouble) fwd_bwd_impl<double>(x, w, b, t, g, a, loss, lse, dx, dw, db);
-    else fwd_bwd_impl<float>(x, w, b, t, g, a, loss, lse, dx, dw, db);
+    if (ct == at::kDouble) fwd_bwd_impl<double>(x, w, b, t, g, a, weight_grad, loss, lse, dx, dw, db);
+    else fwd_bwd_impl<float>(x, w, b, t, g, a, weight_grad, loss, lse, dx, dw, db);
   }
-  return {loss, lse, dx.to(x_.scalar_type()), dw.to(w_.scalar_type()),
-          a.has_bias ? db.to(b_->scalar_type()) : db};
+  return {loss, lse, dx.to(x_.scalar_type()), weight_grad ? dw.to(w_.scalar_type()) : dw,
+          a.has_bias && weight_grad ? db.to(b_->scalar_type()) : db};
 }
 
 }  // namespace

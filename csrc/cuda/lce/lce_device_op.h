@@ -99,12 +99,13 @@ template <class Fwd, class Bwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_bwd_composed(
     const Fwd& fwd, const Bwd& bwd, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
     const at::Tensor& target, const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss,
-    double softcap) {
+    double softcap, bool weight_grad) {
   const char* op = "linear_cross_entropy_fwd_bwd";
   const LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
   check_fwd_bwd(op, a, x, grad_rows);
   auto [loss, lse] = fwd(x, w, b, target, ignore_index, eps, z_loss, softcap);
   auto [dx, dw, db] = bwd(grad_rows, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, 0.0);
+  if (!weight_grad) return {loss, lse, dx, x.new_empty({0}), x.new_empty({0})};
   return {loss, lse, dx, dw, db};
 }
 

@@ -57,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
     const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, const at::Tensor& target,
-    const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss, double softcap) {
-  return lce_fwd_bwd_composed(fwd, bwd, x, w, b, target, grad_rows, ignore_index, eps, z_loss, softcap);
+    const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad) {
+  return lce_fwd_bwd_composed(fwd, bwd, x, w, b, target, grad_rows, ignore_index, eps, z_loss, softcap, weight_grad);
 }
 }  // namespace
 }  // namespace lt::lce

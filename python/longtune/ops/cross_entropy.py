@@ -33,10 +33,13 @@ def _fake_bwd(grad, x, weight, bias, target, lse, ignore_index, label_smoothing,
 
 
 @torch.library.register_fake("longtune::linear_cross_entropy_fwd_bwd")
-def _fake_fwd_bwd(x, weight, bias, target, grad_rows, ignore_index, label_smoothing, z_loss, softcap):
+def _fake_fwd_bwd(x, weight, bias, target, grad_rows, ignore_index, label_smoothing, z_loss, softcap,
+                  weight_grad=True):
     loss, lse = _fake_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap)
-    return (loss, lse) + _fake_bwd(grad_rows, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss,
-                                   softcap, 0.0)
+    dx, dw, db = _fake_bwd(grad_rows, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap, 0.0)
+    if not weight_grad:
+        dw, db = x.new_empty((0,)), x.new_empty((0,))
+    return loss, lse, dx, dw, db
 
 
 class _Fn:
@@ -72,7 +75,8 @@ def _flops_bwd(grad, x, weight, *args, out_shape=None, **kwargs) -> int:
 
 @register_flop_formula(torch.ops.longtune.linear_cross_entropy_fwd_bwd)
 def _flops_fwd_bwd(x, weight, *args, out_shape=None, **kwargs) -> int:
-    return 6 * x[0] * x[1] * weight[0]  # logits, dx, dW (CPU: no recompute)
+    weight_grad = kwargs.get("weight_grad", args[7] if len(args) > 7 else True)
+    return (6 if weight_grad else 4) * x[0] * x[1] * weight[0]  # logits, dx[, dW] (CPU: no recompute)
 
 
 class _GradInForward(torch.autograd.Function):
@@ -84,9 +88,11 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, opts, n):
         grad_rows = (target != opts[0]).to(_ldt(x)) / n
+        # a frozen head (LoRA, ...): no dW GEMM at all
+        weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
         with torch.no_grad():
-            loss, _, dx, dw, db = _FWD_BWD(x, weight, bias, target, grad_rows, *opts)
-        ctx.save_for_backward(dx, dw, db if bias is not None else None)
+            loss, _, dx, dw, db = _FWD_BWD(x, weight, bias, target, grad_rows, *opts, weight_grad)
+        ctx.save_for_backward(dx, dw if weight_grad else None, db if bias is not None and weight_grad else None)
         return loss.sum() / n
 
     @staticmethod
@@ -96,7 +102,8 @@ class _GradInForward(torch.autograd.Function):
         if float(grad) == 1.0:  # loss.backward(): hand the gradients over, no second V x d buffer
             return dx, dw, db, None, None, None
         g = grad.to(dx.dtype)
-        return dx * g, dw * g.to(dw.dtype), (db * g.to(db.dtype) if db is not None else None), None, None, None
+        return (dx * g, dw * g.to(dw.dtype) if dw is not None else None,
+                db * g.to(db.dtype) if db is not None else None, None, None, None)
 
 
 class _Filtered(torch.autograd.Function):

@@ -6,15 +6,16 @@ The sequence is cut into chunks of ``chunk_size`` tokens (the last one may be sh
 
 - Phase 1 (no grad): the chunks run in order; chunk i attends to the keys / values of chunks
   0..i-1 through the model's cache interface (a ``transformers.cache_utils.Cache`` whose layers
-  return ``cat(past k/v, new k/v)``), at positions ``past_len + arange(C)``. Each chunk's k / v of
-  every layer (k after rotary, as the cache stores it) is kept as a detached leaf.
-- Phase 2 (chunks in reverse order): chunk i is recomputed with grad against the leaves of the
-  earlier chunks (``requires_grad=True``, so the backward of chunk i deposits dL/dk, dL/dv of the
-  earlier chunks on them); then one ``torch.autograd.backward`` takes the local loss together with
-  chunk i's own recomputed k / v, fed with the gradient that later chunks left on chunk i's leaves.
-  The parameters' ``.grad`` accumulates over the chunks; chunk i's leaves (and their gradients)
-  are freed once relayed. Activation memory is that of one chunk plus the K/V of the sequence.
-
+  hand the attention ``buffer[..., :e]``), at positions ``past_len + arange(C)``. Each layer keeps
+  the k / v of the whole sequence (k after rotary, as the cache stores it) in one buffer per
+  tensor, chunk i at positions [s_i, e_i): the past is a view, never a concatenated copy.
+- Phase 2 (chunks in reverse order): chunk i is recomputed with grad; its cache layers write its new
+  k / v into their slots through ``_SlotCat``, whose backward adds the earlier chunks' part of
+  dL/dk, dL/dv into per-layer gradient buffers; then one ``torch.autograd.backward`` takes the local
+  loss together with chunk i's own recomputed k / v, fed with the gradient that later chunks left
+  in chunk i's slots of the gradient buffers. The parameters' ``.grad`` accumulates over the
+  chunks. Memory: one chunk's activations plus the sequence's K/V and their gradients (the
+  gradient buffers cover only the chunks before the last sampled one).
 The loss is the standard HF causal-LM loss: labels are shifted once for the whole sequence
 (token t predicts ``labels[t+1]``; ``-100`` is ignored), so the target of the last token of chunk
 i is the first label of chunk i+1; per-token cross-entropy is summed over all chunks and divided by
@@ -77,13 +78,60 @@ __all__ = ["seco_backward", "seco_train_step", "spaco_factors"]
 IGNORE_INDEX = -100
 
 
-class _ChunkLayer(DynamicLayer):
-    """One layer's cache for one chunk: holds the k/v of the earlier chunks as a list of tensors
-    (leaves in phase 2) and returns ``cat(past, new)`` from ``update``; remembers the new k/v."""
+class _KVStore:
+    """One layer's keys and values of the whole sequence in two buffers (B, H, N, D), chunk i at
+    positions [s_i, e_i); in phase 2 also their gradients (filled by the chunks after them). A chunk
+    attends to ``buffer[..., :e]`` - a view, never a concatenated copy."""
 
-    def __init__(self, past_k: list, past_v: list, past_len: int):
+    def __init__(self, n: int, grad_len: int):
+        self.n, self.grad_len = n, grad_len
+        self.k = self.v = self.gk = self.gv = None
+
+    def buffers(self, like: torch.Tensor):
+        if self.k is None:
+            shape = (*like.shape[:-2], self.n, like.shape[-1])
+            self.k = like.new_empty(shape)
+            self.v = like.new_empty(shape)
+        return self.k, self.v
+
+    def grads(self):
+        if self.gk is None and self.grad_len > 0:
+            shape = (*self.k.shape[:-2], self.grad_len, self.k.shape[-1])
+            self.gk, self.gv = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        return self.gk, self.gv
+
+
+class _SlotCat(torch.autograd.Function):
+    """``cat(buffer[..., :s], new)`` without the copy: writes the chunk's new k (or v) into its slot
+    and returns ``buffer[..., :e]``. Backward: the past part of the incoming gradient is added into
+    the layer's gradient buffer (relayed to those chunks when their turn comes), the chunk's own
+    part goes back to ``new``."""
+
+    @staticmethod
+    def forward(ctx, new, buf, gbuf, s):
+        e = s + new.shape[-2]
+        buf[..., s:e, :].copy_(new)
+        ctx.gbuf, ctx.s = gbuf, s
+        return buf[..., :e, :]
+
+    @staticmethod
+    def backward(ctx, g):
+        s, gbuf = ctx.s, ctx.gbuf
+        if s > 0 and gbuf is not None:
+            m = min(s, gbuf.shape[-2])
+            gbuf[..., :m, :].add_(g[..., :m, :])
+        return g[..., s:, :], None, None, None
+
+
+class _ChunkLayer(DynamicLayer):
+    """One layer's cache for one chunk (positions [past_len, past_len + C)): ``update`` writes the
+    chunk's new k/v into the layer's buffers and returns the buffers up to the chunk's end (views);
+    with grad (phase 2) through ``_SlotCat``, so the earlier chunks' part of the k/v gradient lands
+    in the layer's gradient buffers. Remembers the new k/v."""
+
+    def __init__(self, store: _KVStore, past_len: int, grad: bool):
         super().__init__()
-        self.past_k, self.past_v, self.past_len = past_k, past_v, past_len
+        self.store, self.past_len, self.grad = store, past_len, grad
         self.new_k = self.new_v = None
         self.is_initialized = True
 
@@ -92,9 +140,20 @@ class _ChunkLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.new_k, self.new_v = key_states, value_states
-        if not self.past_k:
-            return key_states, value_states
-        return (torch.cat([*self.past_k, key_states], dim=-2), torch.cat([*self.past_v, value_states], dim=-2))
+        kb, vb = self.store.buffers(key_states)
+        s, e = self.past_len, self.past_len + key_states.shape[-2]
+        if self.grad and torch.is_grad_enabled():
+            gk, gv = self.store.grads()
+            k = _SlotCat.apply(key_states, kb, gk, s) if key_states.requires_grad else None
+            v = _SlotCat.apply(value_states, vb, gv, s) if value_states.requires_grad else None
+        else:
+            k = v = None
+        with torch.no_grad():
+            if k is None:
+                kb[..., s:e, :].copy_(key_states)
+            if v is None:
+                vb[..., s:e, :].copy_(value_states)
+        return (k if k is not None else kb[..., :e, :]), (v if v is not None else vb[..., :e, :])
 
     def get_seq_length(self) -> int:
         return self.past_len
@@ -255,10 +314,10 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     # longtune.patch(model, lm_head="fused_ce"): the chunk's loss straight from its hidden states
     fused_head = getattr(_base(inner), "_longtune_orig_forward", None) is not None
 
-    def run(i, past_k, past_v, with_loss):
+    def run(i, with_loss, grad=False):
         """(the chunk's loss (summed over its targets / denom) or None, its cache layers)."""
         s, e = bounds[i]
-        layers = [_ChunkLayer(past_k[layer], past_v[layer], s) for layer in range(n_layers)]
+        layers = [_ChunkLayer(stores[layer], s, grad) for layer in range(n_layers)]
         cache = Cache(layers=layers)
         pos = torch.arange(s, e, device=dev).unsqueeze(0).expand(bsz, -1)
         kw = dict(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache})
@@ -278,8 +337,10 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
                                reduction="sum") / denom
 
     # ---------------------------------------------------------------- phase 1: forward, no grad
-    keys = [[] for _ in range(n_layers)]  # keys[layer][chunk]
-    vals = [[] for _ in range(n_layers)]
+    # k/v of every layer in one buffer each; gradients for the chunks whose k/v gradient is relayed
+    # (those before the last sampled chunk; none when nothing is relayed)
+    grad_len = bounds[last_needed][0] if relay_w > 0 else 0
+    stores = [_KVStore(n, grad_len) for _ in range(n_layers)]
     rng = []
     total = torch.zeros((), device=dev, dtype=torch.float64)
     # phase 1 stops after the last chunk whose k/v (for a sampled chunk) or loss is still wanted:
@@ -292,24 +353,17 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
             if i >= phase1_end:
                 continue
             with_loss = i not in sampled and i not in skip_loss  # sampled chunks: loss in phase 2
-            loss_i, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals], with_loss)
+            loss_i, layers = run(i, with_loss)  # writes its k/v into the layers' buffers
             if with_loss:
                 total += loss_i.double()
-            if i < n_chunks - 1:  # later chunks attend to it: keep its k/v
-                for layer, lay in enumerate(layers):
-                    if lay.new_k is None:
-                        raise RuntimeError(f"seco_backward: layer {layer} of {type(model).__name__} did not write its "
-                                           "keys/values through the cache interface (cache.update)")
-                    need = relay_w > 0 and i in sampled and i < last_needed  # its gradient is relayed in phase 2
-                    keys[layer].append(lay.new_k.detach().requires_grad_(need))
-                    vals[layer].append(lay.new_v.detach().requires_grad_(need))
+            for layer, lay in enumerate(layers):
+                if lay.new_k is None:
+                    raise RuntimeError(f"seco_backward: layer {layer} of {type(model).__name__} did not write its "
+                                       "keys/values through the cache interface (cache.update)")
             del loss_i, layers
-    for layer in range(n_layers):  # no chunk after `last_needed` runs in phase 2
-        del keys[layer][last_needed:], vals[layer][last_needed:]
     rng_end = _rng_state(dev)
 
     # ---------------------------------------------------------------- phase 2: reverse, with grad
-    kv_needs_grad = None  # per layer (k, v): whether the recomputed k/v depend on trainable tensors
     loss_dtype = torch.float32
     for i in reversed(sampled):
         cpu_state, cuda_state = rng[i]
@@ -320,32 +374,24 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
         sync = contextlib.nullcontext() if ddp is None or i == sampled[0] else ddp.no_sync()
         with sync:
             with torch.enable_grad():
-                local, layers = run(i, [k[:i] for k in keys], [v[:i] for v in vals], True)
+                local, layers = run(i, True, grad=True)
             total += local.detach().double()
             loss_dtype = local.dtype
             outs, grads = [], []
             if local.requires_grad:
                 outs.append(local)
                 grads.append(torch.full_like(local, local_w))
-            if i < last_needed:  # relay the k/v gradient that later chunks left on chunk i's leaves
-                for layer, lay in enumerate(layers):
-                    for new, leaf in ((lay.new_k, keys[layer][i]), (lay.new_v, vals[layer][i])):
-                        g = leaf.grad
-                        if g is not None and new.requires_grad:
+            s_i, e_i = bounds[i]
+            if i < last_needed and grad_len > 0:  # relay the k/v gradient later chunks left for chunk i
+                for lay, st in zip(layers, stores):
+                    for new, gbuf in ((lay.new_k, st.gk), (lay.new_v, st.gv)):
+                        if gbuf is not None and new.requires_grad:
+                            g = gbuf[..., s_i:e_i, :]
                             outs.append(new)
-                            grads.append(g.mul_(relay_w) if relay_w != 1.0 else g)
+                            grads.append(g * relay_w if relay_w != 1.0 else g)
             if outs:
                 torch.autograd.backward(outs, grads)
-        if kv_needs_grad is None:  # k/v with no trainable tensor behind them: stop collecting their gradient
-            kv_needs_grad = [(lay.new_k.requires_grad, lay.new_v.requires_grad) for lay in layers]
-            for layer, (nk, nv) in enumerate(kv_needs_grad):
-                for j in range(min(i, len(keys[layer]))):
-                    keys[layer][j].requires_grad_(nk and keys[layer][j].requires_grad)
-                    vals[layer][j].requires_grad_(nv and vals[layer][j].requires_grad)
         del outs, grads, layers, local
-        if i < last_needed:  # chunk i's k/v is relayed: free it and its gradient
-            for layer in range(n_layers):
-                keys[layer][i] = vals[layer][i] = None
     torch.set_rng_state(rng_end[0])
     if rng_end[1] is not None:
         torch.cuda.set_rng_state(rng_end[1], dev)

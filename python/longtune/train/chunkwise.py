@@ -10,12 +10,11 @@ The sequence is cut into chunks of ``chunk_size`` tokens (the last one may be sh
   the k / v of the whole sequence (k after rotary, as the cache stores it) in one buffer per
   tensor, chunk i at positions [s_i, e_i): the past is a view, never a concatenated copy.
 - Phase 2 (chunks in reverse order): chunk i is recomputed with grad; its cache layers write its new
-  k / v into their slots through ``_SlotCat``, whose backward adds the earlier chunks' part of
-  dL/dk, dL/dv into per-layer gradient buffers; then one ``torch.autograd.backward`` takes the local
-  loss together with chunk i's own recomputed k / v, fed with the gradient that later chunks left
-  in chunk i's slots of the gradient buffers. The parameters' ``.grad`` accumulates over the
-  chunks. Memory: one chunk's activations plus the sequence's K/V and their gradients (the
-  gradient buffers cover only the chunks before the last sampled one).
+  k / v into their slots through ``_SlotCat``, whose backward adds the earlier chunks' parts of
+  dL/dk, dL/dv into per-chunk gradient tensors; then one ``torch.autograd.backward`` takes the
+  local loss together with chunk i's own recomputed k / v, fed with the gradient that later chunks
+  left for chunk i, which is then freed. The parameters' ``.grad`` accumulates over the chunks.
+  Memory: one chunk's activations plus the sequence's K/V and their not-yet-relayed gradients.
 The loss is the standard HF causal-LM loss: labels are shifted once for the whole sequence
 (token t predicts ``labels[t+1]``; ``-100`` is ignored), so the target of the last token of chunk
 i is the first label of chunk i+1; per-token cross-entropy is summed over all chunks and divided by
@@ -80,12 +79,15 @@ IGNORE_INDEX = -100
 
 class _KVStore:
     """One layer's keys and values of the whole sequence in two buffers (B, H, N, D), chunk i at
-    positions [s_i, e_i); in phase 2 also their gradients (filled by the chunks after them). A chunk
-    attends to ``buffer[..., :e]`` - a view, never a concatenated copy."""
+    positions [s_i, e_i) - a chunk attends to ``buffer[..., :e]``, a view, never a concatenated
+    copy - and, in phase 2, the k / v gradients of the chunks whose gradient is relayed
+    (``relayed``: chunk indices), one tensor per chunk, created by the first later chunk that sends
+    one and freed once relayed."""
 
-    def __init__(self, n: int, grad_len: int):
-        self.n, self.grad_len = n, grad_len
-        self.k = self.v = self.gk = self.gv = None
+    def __init__(self, n: int, bounds: list, relayed: set):
+        self.n, self.bounds, self.relayed = n, bounds, relayed
+        self.k = self.v = None
+        self.gk, self.gv = {}, {}  # chunk -> gradient
 
     def buffers(self, like: torch.Tensor):
         if self.k is None:
@@ -94,11 +96,18 @@ class _KVStore:
             self.v = like.new_empty(shape)
         return self.k, self.v
 
-    def grads(self):
-        if self.gk is None and self.grad_len > 0:
-            shape = (*self.k.shape[:-2], self.grad_len, self.k.shape[-1])
-            self.gk, self.gv = self.k.new_zeros(shape), self.v.new_zeros(shape)
-        return self.gk, self.gv
+    def add_grad(self, grads: dict, g: torch.Tensor, s: int) -> None:
+        """Adds the part of ``g`` (the gradient of ``buffer[..., :e]``) that belongs to relayed chunks
+        before position ``s``."""
+        for j in self.relayed:
+            sj, ej = self.bounds[j]
+            if ej > s:
+                continue
+            part = g[..., sj:ej, :]
+            if j in grads:
+                grads[j].add_(part)
+            else:
+                grads[j] = part.clone()
 
 
 class _SlotCat(torch.autograd.Function):
@@ -108,26 +117,23 @@ class _SlotCat(torch.autograd.Function):
     part goes back to ``new``."""
 
     @staticmethod
-    def forward(ctx, new, buf, gbuf, s):
+    def forward(ctx, new, buf, store, grads, s):
         e = s + new.shape[-2]
         buf[..., s:e, :].copy_(new)
-        ctx.gbuf, ctx.s = gbuf, s
+        ctx.store, ctx.grads, ctx.s = store, grads, s
         return buf[..., :e, :]
 
     @staticmethod
     def backward(ctx, g):
-        s, gbuf = ctx.s, ctx.gbuf
-        if s > 0 and gbuf is not None:
-            m = min(s, gbuf.shape[-2])
-            gbuf[..., :m, :].add_(g[..., :m, :])
-        return g[..., s:, :], None, None, None
+        ctx.store.add_grad(ctx.grads, g, ctx.s)
+        return g[..., ctx.s:, :], None, None, None, None
 
 
 class _ChunkLayer(DynamicLayer):
     """One layer's cache for one chunk (positions [past_len, past_len + C)): ``update`` writes the
     chunk's new k/v into the layer's buffers and returns the buffers up to the chunk's end (views);
-    with grad (phase 2) through ``_SlotCat``, so the earlier chunks' part of the k/v gradient lands
-    in the layer's gradient buffers. Remembers the new k/v."""
+    with grad (phase 2) through ``_SlotCat``, so the earlier chunks' parts of the k/v gradient land
+    in the store's per-chunk gradients. Remembers the new k/v."""
 
     def __init__(self, store: _KVStore, past_len: int, grad: bool):
         super().__init__()
@@ -143,9 +149,9 @@ class _ChunkLayer(DynamicLayer):
         kb, vb = self.store.buffers(key_states)
         s, e = self.past_len, self.past_len + key_states.shape[-2]
         if self.grad and torch.is_grad_enabled():
-            gk, gv = self.store.grads()
-            k = _SlotCat.apply(key_states, kb, gk, s) if key_states.requires_grad else None
-            v = _SlotCat.apply(value_states, vb, gv, s) if value_states.requires_grad else None
+            st = self.store
+            k = _SlotCat.apply(key_states, kb, st, st.gk, s) if key_states.requires_grad else None
+            v = _SlotCat.apply(value_states, vb, st, st.gv, s) if value_states.requires_grad else None
         else:
             k = v = None
         with torch.no_grad():
@@ -339,8 +345,8 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     # ---------------------------------------------------------------- phase 1: forward, no grad
     # k/v of every layer in one buffer each; gradients for the chunks whose k/v gradient is relayed
     # (those before the last sampled chunk; none when nothing is relayed)
-    grad_len = bounds[last_needed][0] if relay_w > 0 else 0
-    stores = [_KVStore(n, grad_len) for _ in range(n_layers)]
+    relayed = {i for i in sampled if i < last_needed} if relay_w > 0 else set()
+    stores = [_KVStore(n, bounds, relayed) for _ in range(n_layers)]
     rng = []
     total = torch.zeros((), device=dev, dtype=torch.float64)
     # phase 1 stops after the last chunk whose k/v (for a sampled chunk) or loss is still wanted:
@@ -381,14 +387,13 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
             if local.requires_grad:
                 outs.append(local)
                 grads.append(torch.full_like(local, local_w))
-            s_i, e_i = bounds[i]
-            if i < last_needed and grad_len > 0:  # relay the k/v gradient later chunks left for chunk i
+            if i in relayed:  # relay the k/v gradient later chunks left for chunk i, then free it
                 for lay, st in zip(layers, stores):
-                    for new, gbuf in ((lay.new_k, st.gk), (lay.new_v, st.gv)):
-                        if gbuf is not None and new.requires_grad:
-                            g = gbuf[..., s_i:e_i, :]
+                    for new, gd in ((lay.new_k, st.gk), (lay.new_v, st.gv)):
+                        g = gd.pop(i, None)
+                        if g is not None and new.requires_grad:
                             outs.append(new)
-                            grads.append(g * relay_w if relay_w != 1.0 else g)
+                            grads.append(g.mul_(relay_w) if relay_w != 1.0 else g)
             if outs:
                 torch.autograd.backward(outs, grads)
         del outs, grads, layers, local

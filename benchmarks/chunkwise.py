@@ -194,6 +194,8 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     cuda = device == "cuda"
     reps = 5 if cuda else (1 if quick else 0)
     sizes = (1024,) if quick else ((16384,) if cuda else CPU_SIZES)
+    if os.environ.get("LT_CHUNKWISE_N"):  # one size, no time limit (e.g. the 16k on a slow CPU)
+        sizes = (int(os.environ["LT_CHUNKWISE_N"]),)
     results = {}
     n = sizes[0]
     for i, n in enumerate(sizes):

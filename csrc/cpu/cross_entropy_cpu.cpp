@@ -48,6 +48,20 @@ void logits_tile(const T* x, int64_t rows, int64_t d, const T* w, const T* b, in
   }
 }
 
+// One row of a logits tile turned into d loss / dz in place: on entry l = exp(z - m) with
+// pf = (1 + 2 z_loss lse) exp(m - lse) (m = lse in the recomputing backward, m = the row max in the
+// one-pass kernel); then p (1 + 2 z_loss lse) - eps / V, minus (1 - eps) at the target column t
+// (-1: not in this tile), times the softcap derivative, times the row's loss gradient gr.
+template <class T>
+void dlogits_row(T* __restrict l, int64_t cols, T pf, int64_t t, const T* capd, T gr, const Opts<T>& o) {
+  const T base = o.eps / T(o.V);
+  for (int64_t c = 0; c < cols; ++c) l[c] = l[c] * pf - base;
+  if (t >= 0) l[t] -= T(1) - o.eps;
+  if (o.cap > 0)
+    for (int64_t c = 0; c < cols; ++c) l[c] *= capd[c];
+  for (int64_t c = 0; c < cols; ++c) l[c] *= gr;
+}
+
 template <class T>
 void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target, const LceArgs& a,
               at::Tensor& loss, at::Tensor& lse) {
@@ -156,12 +170,8 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
           if (o.cap > 0)  // d(cap tanh(l / cap)) / dl = 1 - (z / cap)^2, from the capped logits
             for (int64_t c = 0; c < cols; ++c) capd[c] = T(1) - (l[c] / o.cap) * (l[c] / o.cap);
           exp_row(l, cols, ls);  // p = exp(z - lse), z <= lse
-          const T zf = T(1) + T(2) * o.zl * ls, base = o.eps / T(o.V);
-          for (int64_t c = 0; c < cols; ++c) l[c] = l[c] * zf - base;
-          if (t >= v0 && t < v0 + cols) l[t - v0] -= T(1) - o.eps;
-          if (o.cap > 0)
-            for (int64_t c = 0; c < cols; ++c) l[c] *= capd[c];
-          for (int64_t c = 0; c < cols; ++c) l[c] *= gr;
+          dlogits_row(l, cols, T(1) + T(2) * o.zl * ls, (t >= v0 && t < v0 + cols) ? t - v0 : int64_t(-1),
+                      capd.data(), gr, o);
           if (filt > 0)
             for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::abs(l[c]));
         }
@@ -251,13 +261,7 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
           std::fill(l, l + V, T(0));
           continue;
         }
-        // d loss / dz = p (1 + 2 z_loss lse) - eps / V - (1 - eps) [c = t], times dcap, times g
-        const T pf = (T(1) + T(2) * o.zl * ls) / se, base = o.eps / T(V);
-        for (int64_t c = 0; c < V; ++c) l[c] = l[c] * pf - base;
-        l[t] -= T(1) - o.eps;
-        if (o.cap > 0)
-          for (int64_t c = 0; c < V; ++c) l[c] *= capd[c];
-        for (int64_t c = 0; c < V; ++c) l[c] *= gr;
+        dlogits_row(l, V, (T(1) + T(2) * o.zl * ls) / se, t, capd.data(), gr, o);
       }
     });
     mm<T>(false, false, rows, d, V, T(1), Lp, V, W, d, T(0), DX + r0 * d, d);

@@ -27,10 +27,9 @@ constexpr int64_t kTB = 16;
 
 template <typename acc_t>
 inline void dots_block(const acc_t* __restrict gt, const acc_t* __restrict xt, const int32_t* __restrict rows,
-                       const int32_t* __restrict cols, acc_t* __restrict acc, int64_t k0, int64_t k1,
-                       int64_t rbase) {
+                       const int32_t* __restrict cols, acc_t* __restrict acc, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
-    const acc_t* a = gt + (int64_t(rows[k]) - rbase) * kTB;
+    const acc_t* a = gt + int64_t(rows[k]) * kTB;
     const acc_t* b = xt + int64_t(cols[k]) * kTB;
     acc_t s[8] = {};
     for (int64_t j = 0; j < kTB; j += 8)
@@ -43,14 +42,14 @@ inline void dots_block(const acc_t* __restrict gt, const acc_t* __restrict xt, c
 // Four indices at a time, two accumulators each: eight independent FMA chains hide the latency.
 __attribute__((target("avx2,fma"))) void dots_avx2(const float* __restrict gt, const float* __restrict xt,
                                                    const int32_t* __restrict rows, const int32_t* __restrict cols,
-                                                   float* __restrict acc, int64_t k0, int64_t k1, int64_t rbase) {
+                                                   float* __restrict acc, int64_t k0, int64_t k1) {
   static_assert(kTB % 16 == 0);
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const float* a[4];
     const float* b[4];
     for (int i = 0; i < 4; ++i) {
-      a[i] = gt + (int64_t(rows[k + i]) - rbase) * kTB;
+      a[i] = gt + int64_t(rows[k + i]) * kTB;
       b[i] = xt + int64_t(cols[k + i]) * kTB;
     }
     __m256 s[4][2];
@@ -77,21 +76,21 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* __restrict gt, c
     const __m128 r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
     _mm_storeu_ps(acc + k, _mm_add_ps(_mm_loadu_ps(acc + k), r));
   }
-  dots_block(gt, xt, rows, cols, acc, k, k1, rbase);
+  dots_block(gt, xt, rows, cols, acc, k, k1);
 }
 const bool kSdAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 
 inline void dots(const float* gt, const float* xt, const int32_t* rows, const int32_t* cols, float* acc, int64_t k0,
-                 int64_t k1, int64_t rbase) {
+                 int64_t k1) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kSdAvx2) return dots_avx2(gt, xt, rows, cols, acc, k0, k1, rbase);
+  if (kSdAvx2) return dots_avx2(gt, xt, rows, cols, acc, k0, k1);
 #endif
-  dots_block(gt, xt, rows, cols, acc, k0, k1, rbase);
+  dots_block(gt, xt, rows, cols, acc, k0, k1);
 }
 inline void dots(const double* gt, const double* xt, const int32_t* rows, const int32_t* cols, double* acc,
-                 int64_t k0, int64_t k1, int64_t rbase) {
-  dots_block(gt, xt, rows, cols, acc, k0, k1, rbase);
+                 int64_t k0, int64_t k1) {
+  dots_block(gt, xt, rows, cols, acc, k0, k1);
 }
 
 // features f0 .. f1 of rows t0 .. t0+tb of src [T, f] -> dst [f1 - f0][kTB] (zero-padded past tb).
@@ -187,7 +186,7 @@ at::Tensor run(const at::Tensor& grad_out, const at::Tensor& x, const GradArgs& 
         const int64_t t0 = blk * kTB, tb = std::min(kTB, a.T - t0);
         transpose(g.data_ptr<acc_t>(), gt.data(), a.out, t0, tb);
         transpose(xx.data_ptr<acc_t>(), xt.data(), a.in, t0, tb);
-        dots(gt.data(), xt.data(), rows.data(), cols.data(), acc, 0, a.K, 0);
+        dots(gt.data(), xt.data(), rows.data(), cols.data(), acc, 0, a.K);
       }
     }
   });

@@ -317,6 +317,7 @@ def test_spaco_full_loss_false_skips_the_head_and_estimates_the_loss():
     # same gradient; the head ran over a full chunk only in phase 2 of the k sampled chunks
     assert all(torch.equal(g_full[n], g) for n, g in grads(model).items())
     assert sum(1 for c in head_calls if c > 1) == k, head_calls
+    assert len(head_calls) == k, head_calls  # phase 1 stops before the head (at the last k/v write)
     # the returned loss is N/K times the sum of the sampled chunks' losses
     sampled = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(7))[:k].tolist()
     with torch.no_grad():
@@ -327,6 +328,28 @@ def test_spaco_full_loss_false_skips_the_head_and_estimates_the_loss():
     n_t = int((shift != -100).sum())
     expect = sum(float(tok[:, 3 * i:3 * i + 3].sum()) for i in sampled) / n_t * n_chunks / k
     assert abs(float(est) - expect) <= 1e-10 * abs(expect), (float(est), expect)
+
+
+@pytest.mark.parametrize("variant", ["plain", "lora"])
+def test_phase1_stops_at_the_last_kv_write(variant):
+    """Phase 1 wants only the k/v: the last layer's MLP, the final norm and the head never run there
+    (its attention stops at the cache write); phase 2 runs every sampled chunk through all of them."""
+    model = make(variant)
+    ids, labels = batch()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    calls = {"first_mlp": 0, "last_mlp": 0, "norm": 0, "head": 0}
+    mods = {"first_mlp": base.model.layers[0].mlp, "last_mlp": base.model.layers[-1].mlp,
+            "norm": base.model.norm, "head": base.lm_head}
+    hooks = [m.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
+             for key, m in mods.items()]
+    try:
+        n_chunks = math.ceil(ids.shape[1] / 10)
+        seco_backward(model, ids, labels, chunk_size=10)
+    finally:
+        for h in hooks:
+            h.remove()
+    # SeCO: phase 1 runs chunks 0..N-2, phase 2 all N
+    assert calls == {"first_mlp": 2 * n_chunks - 1, "last_mlp": n_chunks, "norm": n_chunks, "head": n_chunks}, calls
 
 
 # ------------------------------------------------------------------------------------ training glue

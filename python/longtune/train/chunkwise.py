@@ -9,6 +9,8 @@ The sequence is cut into chunks of ``chunk_size`` tokens (the last one may be sh
   hand the attention ``buffer[..., :e]``), at positions ``past_len + arange(C)``. Each layer keeps
   the k / v of the whole sequence (k after rotary, as the cache stores it) in one buffer per
   tensor, chunk i at positions [s_i, e_i): the past is a view, never a concatenated copy.
+  Phase 1 wants only the k/v, so a chunk's forward stops at its last layer's cache write: that
+  layer's attention and MLP, the final norm and the vocabulary head never run in phase 1.
 - Phase 2 (chunks in reverse order): chunk i is recomputed with grad; its cache layers write its new
   k / v into their slots through ``_SlotCat``, whose backward adds the earlier chunks' parts of
   dL/dk, dL/dv into per-chunk gradient tensors; then one ``torch.autograd.backward`` takes the
@@ -129,15 +131,23 @@ class _SlotCat(torch.autograd.Function):
         return g[..., ctx.s:, :], None, None, None, None
 
 
+class _KVDone(Exception):
+    """Raised by the chunk's last cache write in a phase-1 forward that only wants the k/v: the rest
+    of the model (the last layer's attention and MLP, the final norm, the head) is skipped."""
+
+
 class _ChunkLayer(DynamicLayer):
     """One layer's cache for one chunk (positions [past_len, past_len + C)): ``update`` writes the
     chunk's new k/v into the layer's buffers and returns the buffers up to the chunk's end (views);
     with grad (phase 2) through ``_SlotCat``, so the earlier chunks' parts of the k/v gradient land
-    in the store's per-chunk gradients. Remembers the new k/v."""
+    in the store's per-chunk gradients. Remembers the new k/v. ``written``: a counter shared by the
+    chunk's layers; with ``stop_after`` = the number of layers, the write that completes the set
+    raises :class:`_KVDone`."""
 
-    def __init__(self, store: _KVStore, past_len: int, grad: bool):
+    def __init__(self, store: _KVStore, past_len: int, grad: bool, written: list, stop_after: int = 0):
         super().__init__()
         self.store, self.past_len, self.grad = store, past_len, grad
+        self.written, self.stop_after = written, stop_after
         self.new_k = self.new_v = None
         self.is_initialized = True
 
@@ -159,6 +169,9 @@ class _ChunkLayer(DynamicLayer):
                 kb[..., s:e, :].copy_(key_states)
             if v is None:
                 vb[..., s:e, :].copy_(value_states)
+        self.written[0] += 1
+        if self.stop_after and self.written[0] == self.stop_after:
+            raise _KVDone
         return (k if k is not None else kb[..., :e, :]), (v if v is not None else vb[..., :e, :])
 
     def get_seq_length(self) -> int:
@@ -316,21 +329,30 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     n_layers = _num_layers(inner)
     params = _forward_params(inner)
     cache_kw = "cache" if "cache" in params or not params else "past_key_values"
-    can_trim = "logits_to_keep" in params
     # longtune.patch(model, lm_head="fused_ce"): the chunk's loss straight from its hidden states
     fused_head = getattr(_base(inner), "_longtune_orig_forward", None) is not None
 
     def run(i, with_loss, grad=False):
         """(the chunk's loss (summed over its targets / denom) or None, its cache layers)."""
         s, e = bounds[i]
-        layers = [_ChunkLayer(stores[layer], s, grad) for layer in range(n_layers)]
+        # a phase-1 forward that only wants the k/v stops at the last layer's cache write
+        kv_only = not with_loss and not grad
+        written = [0]
+        layers = [_ChunkLayer(stores[layer], s, grad, written, n_layers if kv_only else 0) for layer in range(n_layers)]
         cache = Cache(layers=layers)
         pos = torch.arange(s, e, device=dev).unsqueeze(0).expand(bsz, -1)
         kw = dict(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache})
         if with_loss and fused_head:
             return model(**kw, shift_labels=shift[:, s:e], num_items_in_batch=denom).loss, layers
-        if not with_loss and can_trim:
-            kw["logits_to_keep"] = 1  # only the k/v are wanted: skip the vocabulary head
+        if kv_only:
+            # DDP's wrapper is bypassed here: its post-forward step would be skipped by the early
+            # exit; without grad it has nothing to do for phase 1 (buffers sync in phase 2)
+            try:
+                inner(**kw)
+            except _KVDone:
+                return None, layers
+            raise RuntimeError(f"seco_backward: {type(model).__name__} did not write the keys/values of all its "
+                               f"{n_layers} layers through the cache interface (cache.update) in one forward")
         out = model(**kw)
         return (chunk_loss(i, out.logits) if with_loss else None), layers
 

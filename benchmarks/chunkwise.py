@@ -12,16 +12,21 @@ fused op):
    the 12 chunks not sampled skip the vocabulary head, the returned loss is the N/K estimate).
 Every parameter's ``.grad`` is pre-allocated with zeros (the gradients are not charged to anyone).
 
-Each implementation runs in a fresh subprocess (the model is built there with the same seed before
-any memory reading): a tiny warm-up step of every path (thread pools, BLAS buffers, allocator),
-then one full-size step whose growth of ``ru_maxrss`` (the OS's peak RSS) is its peak memory
-(CPU; on GPU ``torch.cuda.max_memory_allocated`` over that step minus what was allocated before),
-then, on CPU, one more step under the profiler whose allocation events give the peak of live
-tensor bytes (the CPU analogue of ``max_memory_allocated``; RSS also counts the allocator's slack,
-which for SeCO's many mid-sized tensors is ~180 MiB of its ~630 MiB), then ``reps`` more timed
-steps (median; with reps = 0 the first step's time is used). On CPU one step at N = 16k takes
-minutes, hence one repetition and no harness autorange timer. The memory target is checked on live
-tensor bytes (the GPU's metric); the RSS ratio is reported beside it.
+Memory: each implementation runs in a fresh subprocess (the model is built there with the same seed
+before any memory reading): a tiny warm-up step of every path (thread pools, BLAS buffers,
+allocator), then one full-size step whose growth of ``ru_maxrss`` (the OS's peak RSS) is its peak
+memory (CPU; on GPU ``torch.cuda.max_memory_allocated`` over that step minus what was allocated
+before), then, on CPU, one more step under the profiler whose allocation events give the peak of
+live tensor bytes (the CPU analogue of ``max_memory_allocated``; RSS also counts the allocator's
+slack, which for SeCO's many mid-sized tensors is ~180 MiB of its ~630 MiB). The memory target is
+checked on live tensor bytes (the GPU's metric); the RSS ratio is reported beside it.
+
+Time: one more subprocess runs the four steps round-robin (``LT_BENCH_ROUNDS`` rounds, default 3 on
+CPU, 5 on GPU; the order rotated each round) and the time ratios are medians of the per-round
+ratios. This machine's speed drifts by tens of per cent between minutes (one SpaCO step at 16k took
+35 s and, minutes later, 25 s), so single steps timed in separate processes are not comparable.
+SpaCO draws a new sample of chunks every step (its cost depends on the last sampled chunk); the
+samples timed are in the JSON and the ratio of mean times is reported beside the paired one.
 
 Issue targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backprop's (full / SeCO
 >= 8); SeCO time <= 1.5x full backprop (full time / SeCO time >= 1/1.5); SpaCO with K = N/4 >= 2.5x
@@ -48,12 +53,13 @@ FULL = "full backprop"
 FULL_FUSED = "full backprop, fused CE head"
 SECO = "SeCO (16 chunks)"
 SPACO = "SpaCO (K = N/4 chunks)"
+IMPLS = {FULL: "full", FULL_FUSED: "full_fused", SECO: "seco", SPACO: "spaco"}
 N_CHUNKS = 16
 CONFIG = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
               intermediate_size=1376, vocab_size=32000, max_position_embeddings=65536)
 # the size tried first on CPU and the fallbacks when one full-backprop step takes longer than this
 CPU_SIZES = (16384, 8192, 4096)
-CPU_MAX_FULL_STEP_S = 60.0
+CPU_MAX_FULL_STEP_S = 120.0
 
 _CHILD = """
 import sys
@@ -87,9 +93,16 @@ def _step_fn(model, impl: str, n: int, device: str):
         return lambda: model(input_ids=ids, labels=labels).loss.backward()
     if impl == "seco":
         return lambda: seco_backward(model, ids, labels, chunk_size=chunk)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # every step draws a new sample: timings average over them
     k = max(1, N_CHUNKS // 4)
-    return lambda: seco_backward(model, ids, labels, chunk_size=chunk, budget=k, generator=gen, full_loss=False)
+
+    def spaco():
+        spaco.samples.append(sorted(torch.randperm(N_CHUNKS, generator=torch.Generator().set_state(gen.get_state()))
+                                    [:k].tolist()))
+        return seco_backward(model, ids, labels, chunk_size=chunk, budget=k, generator=gen, full_loss=False)
+
+    spaco.samples = []
+    return spaco
 
 
 def _sync(device):
@@ -116,16 +129,39 @@ def _live_peak_bytes(step) -> int:
     return peak
 
 
-def _child(impl: str, device: str, n: int, reps: int) -> None:
-    """In a fresh process: build the model, warm every path up on a tiny sequence, then one
-    full-size step (peak memory + time) and ``reps`` more timed steps. Prints one JSON line."""
-    import resource
-    import time
-
-    model = build_model(device, fused_head=impl != "full")
+def _warm(model, device: str) -> None:
     for warm in ("full", "seco", "spaco"):  # tiny steps: thread pools, BLAS buffers, allocator
         _step_fn(model, warm, 4 * N_CHUNKS, device)()
     _sync(device)
+
+
+def _child(impl: str, device: str, n: int, rounds: int) -> None:
+    """In a fresh process. ``impl`` one of IMPLS: build the model, warm every path up on a tiny
+    sequence, then one full-size step (peak memory; its time is reported for information) and, on
+    CPU, one more under the profiler (live tensor peak). ``impl == "time"``: the four
+    implementations' steps round-robin, ``rounds`` rounds, the order rotated each round. Prints one
+    JSON line."""
+    import resource
+    import time
+
+    if impl == "time":
+        models = {"full": build_model(device, fused_head=False), "fused": build_model(device)}
+        for m in models.values():
+            _warm(m, device)
+        steps = [(i, _step_fn(models["full" if i == "full" else "fused"], i, n, device)) for i in IMPLS.values()]
+        times = {i: [] for i, _ in steps}
+        for r in range(rounds):
+            for j in range(len(steps)):
+                name, fn = steps[(j + r) % len(steps)]
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+        print(json.dumps({"times_s": times, "spaco_samples": dict(steps)["spaco"].samples}))
+        return
+    model = build_model(device, fused_head=impl != "full")
+    _warm(model, device)
     step = _step_fn(model, impl, n, device)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -142,18 +178,12 @@ def _child(impl: str, device: str, n: int, reps: int) -> None:
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
     live = _live_peak_bytes(step) if device == "cpu" else peak  # GPU: already live tensor bytes
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"peak_bytes": peak, "live_peak_bytes": live, "first_s": first_s, "times_s": times}))
+    print(json.dumps({"peak_bytes": peak, "live_peak_bytes": live, "first_s": first_s}))
 
 
-def _run_child(impl: str, device: str, n: int, reps: int, timeout_s: float | None = None) -> dict:
+def _run_child(impl: str, device: str, n: int, rounds: int = 0, timeout_s: float | None = None) -> dict:
     """Runs :func:`_child` in a fresh process; raises subprocess.TimeoutExpired past timeout_s."""
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), impl, device, str(n), str(reps)],
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), impl, device, str(n), str(rounds)],
                          capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"), timeout=timeout_s)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} at N={n} failed:\n{out.stderr[-3000:]}")
@@ -192,33 +222,39 @@ def plot(report, path, device_name):
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     report = H.Report("chunkwise")
     cuda = device == "cuda"
-    reps = 5 if cuda else (1 if quick else 0)
+    rounds = int(os.environ.get("LT_BENCH_ROUNDS", 5 if cuda else (1 if quick else 3)))
     sizes = (1024,) if quick else ((16384,) if cuda else CPU_SIZES)
-    if os.environ.get("LT_CHUNKWISE_N"):  # one size, no time limit (e.g. the issue's 16k on a slow CPU)
+    if os.environ.get("LT_CHUNKWISE_N"):  # one size, no time limit
         sizes = (int(os.environ["LT_CHUNKWISE_N"]),)
-    results = {}
+    mem = {}
     n = sizes[0]
     for i, n in enumerate(sizes):
-        print(f"[chunkwise] N={n}: {FULL} ...", file=sys.stderr, flush=True)
+        print(f"[chunkwise] N={n}: memory of {FULL} ...", file=sys.stderr, flush=True)
         last = cuda or quick or i == len(sizes) - 1
         try:
             # model build + warm-up take a few seconds; past that the step itself is too slow
-            results = {FULL: _run_child("full", device, n, reps, None if last else CPU_MAX_FULL_STEP_S + 30)}
+            mem = {FULL: _run_child("full", device, n, 0, None if last else 2 * CPU_MAX_FULL_STEP_S + 30)}
         except subprocess.TimeoutExpired:
-            results = {}
-        if last or (results and results[FULL]["first_s"] <= CPU_MAX_FULL_STEP_S):
+            mem = {}
+        if last or (mem and mem[FULL]["first_s"] <= CPU_MAX_FULL_STEP_S):
             break
         print(f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on this machine, "
               f"trying a shorter sequence", file=sys.stderr, flush=True)
-    for name, impl in ((FULL_FUSED, "full_fused"), (SECO, "seco"), (SPACO, "spaco")):
-        print(f"[chunkwise] N={n}: {name} ...", file=sys.stderr, flush=True)
-        results[name] = _run_child(impl, device, n, reps)
+    for name, impl in IMPLS.items():
+        if name not in mem:
+            print(f"[chunkwise] N={n}: memory of {name} ...", file=sys.stderr, flush=True)
+            mem[name] = _run_child(impl, device, n)
+    print(f"[chunkwise] N={n}: step times, {rounds} interleaved rounds ...", file=sys.stderr, flush=True)
+    timing = _run_child("time", device, n, rounds)
+    times = {name: [t * 1e3 for t in timing["times_s"][impl]] for name, impl in IMPLS.items()}
 
     chunk = max(1, n // N_CHUNKS)
     case = f"tiny Llama N={n} chunks={N_CHUNKS}"
     params = dict(CONFIG, tokens=n, chunk_size=chunk, n_chunks=N_CHUNKS, spaco_budget=N_CHUNKS // 4,
                   dtype="float32", attention="longtune causal", seco_lm_head="fused_ce", spaco_full_loss=False,
-                  peak_memory_method="cuda.max_memory_allocated" if cuda else "ru_maxrss growth, fresh subprocess")
+                  peak_memory_method="cuda.max_memory_allocated" if cuda else "ru_maxrss growth, fresh subprocess",
+                  timing=f"{rounds} rounds, the four steps round-robin in one process, order rotated per round",
+                  spaco_samples_timed=timing["spaco_samples"])
     if not quick and not cuda and n != CPU_SIZES[0]:
         params["note"] = (f"issue size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
                           f"> {CPU_MAX_FULL_STEP_S:.0f} s")
@@ -227,29 +263,31 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     lin = cfg["num_hidden_layers"] * (4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"])
     lin += cfg["vocab_size"] * cfg["hidden_size"]
     flops = 6 * lin * n
-    for name, r in results.items():
-        times_ms = [t * 1e3 for t in (r["times_s"] or [r["first_s"]])]
-        med, p20, p80 = H._quantiles(times_ms)
+    for name, r in mem.items():
+        med, p20, p80 = H._quantiles(times[name])
         report.results.append(H.Result(case, name, dict(params, peak_memory_bytes=r["peak_bytes"],
                                                         live_tensor_peak_bytes=r.get("live_peak_bytes"),
-                                                        first_step_ms=r["first_s"] * 1e3, timed_steps=len(times_ms)),
+                                                        memory_step_ms=r["first_s"] * 1e3, step_times_ms=times[name]),
                                        med, p20, p80, flops, 0, tflops=flops / (med * 1e-3) / 1e12))
         print(f"[chunkwise] {case} / {name}: peak memory of the step {r['peak_bytes'] / 2**20:.1f} MiB, live tensors "
-              f"{r.get('live_peak_bytes', 0) / 2**20:.1f} MiB",
+              f"{r.get('live_peak_bytes', 0) / 2**20:.1f} MiB, step {med / 1e3:.2f} s (median of {len(times[name])})",
               file=sys.stderr)
-    t = {r.impl: r.median_ms for r in report.results}
-    mem = {name: r["peak_bytes"] for name, r in results.items()}
-    live = {name: r.get("live_peak_bytes") or r["peak_bytes"] for name, r in results.items()}
+    peak = {name: r["peak_bytes"] for name, r in mem.items()}
+    live = {name: r.get("live_peak_bytes") or r["peak_bytes"] for name, r in mem.items()}
+    mean = {name: sum(t) / len(t) for name, t in times.items()}
     # the target is checked on live tensor bytes: what torch.cuda.max_memory_allocated measures on a
     # GPU; on CPU the RSS growth (allocator slack included) is reported beside it
     H.add_ratio(report, case, "full / SeCO peak live tensor bytes", live[FULL] / max(live[SECO], 1), 8.0)
     if not cuda:
-        H.add_ratio(report, case, "full / SeCO peak RSS growth", mem[FULL] / max(mem[SECO], 1))
-    H.add_ratio(report, case, "full time / SeCO time", t[FULL] / t[SECO], round(1 / 1.5, 4))
-    H.add_ratio(report, case, "SeCO time / SpaCO time", t[SECO] / t[SPACO], 2.5)
-    H.add_ratio(report, case, "full peak memory / SpaCO peak", mem[FULL] / max(mem[SPACO], 1))
-    H.add_ratio(report, case, "full (fused CE head) peak memory / SeCO peak", mem[FULL_FUSED] / max(mem[SECO], 1))
-    H.add_ratio(report, case, "full (fused CE head) time / SeCO time", t[FULL_FUSED] / t[SECO])
+        H.add_ratio(report, case, "full / SeCO peak RSS growth", peak[FULL] / max(peak[SECO], 1))
+    # time ratios: median over rounds of the per-round ratio (the machine's speed drifts between
+    # rounds); SpaCO draws a new sample every step, so its mean over the rounds is reported too
+    H.add_ratio(report, case, "full time / SeCO time", H.paired_ratio(times, FULL, SECO), round(1 / 1.5, 4))
+    H.add_ratio(report, case, "SeCO time / SpaCO time", H.paired_ratio(times, SECO, SPACO), 2.5)
+    H.add_ratio(report, case, "SeCO mean time / SpaCO mean time (samples averaged)", mean[SECO] / mean[SPACO])
+    H.add_ratio(report, case, "full peak memory / SpaCO peak", peak[FULL] / max(peak[SPACO], 1))
+    H.add_ratio(report, case, "full (fused CE head) peak memory / SeCO peak", peak[FULL_FUSED] / max(peak[SECO], 1))
+    H.add_ratio(report, case, "full (fused CE head) time / SeCO time", H.paired_ratio(times, FULL_FUSED, SECO))
     H.write(report, out_dir, device, plot)
     return report
 

@@ -104,15 +104,15 @@ class _S2FTMLPFn(torch.autograd.Function):
     def forward(ctx, x, up_part, down_part, w_gate, w_up, w_down, n):
         g = nn.functional.linear(x, w_gate)
         u = nn.functional.linear(x, w_up)
-        a = nn.functional.silu(g)
-        h = a * u
-        y = nn.functional.linear(h, w_down)
         ctx.n, ctx.x_grad = n, x.requires_grad
         if x.requires_grad:
             ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
-        else:  # only the first n channels are ever needed again
-            ctx.save_for_backward(x, a[..., :n].contiguous(), u[..., :n].contiguous(), w_down)
-        return y
+            h = nn.functional.silu(g) * u
+        else:  # only the first n channels are ever needed again; g becomes h in place
+            a_n = nn.functional.silu(g[..., :n])
+            ctx.save_for_backward(x, a_n, u[..., :n].contiguous(), w_down)
+            h = nn.functional.silu(g, inplace=True).mul_(u)
+        return nn.functional.linear(h, w_down)
 
     @staticmethod
     def backward(ctx, gy):

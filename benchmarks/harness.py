@@ -175,6 +175,48 @@ def write(report: Report, out_dir: str | os.PathLike, device: str, plot: Callabl
     return out / f"{stem}.json"
 
 
+def grouped_bars(title: str, log: bool = True) -> Callable:
+    """A plot function for :func:`write`: one group of bars per case, one bar per implementation
+    (median time)."""
+
+    def plot(report: Report, path, device_name: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cases = list(dict.fromkeys(r.case for r in report.results))
+        impls = list(dict.fromkeys(r.impl for r in report.results))
+        fig, ax = plt.subplots(figsize=(max(9, 3 * len(cases)), 4.5))
+        w = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            xs, ys = [], []
+            for i, c in enumerate(cases):
+                r = [r for r in report.results if r.case == c and r.impl == impl]
+                if r:
+                    xs.append(i + k * w)
+                    ys.append(r[0].median_ms)
+            ax.bar(xs, ys, width=w, label=impl)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))], cases, fontsize=8)
+        ax.set_ylabel("median time, ms (lower is better)")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"{title} - {device_name}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    return plot
+
+
+def load(path: str | os.PathLike) -> tuple:
+    """(Report, device name) from a JSON written by :func:`write` (to re-plot it)."""
+    doc = json.loads(Path(path).read_text())
+    rep = Report(doc["benchmark"], [Result(**r) for r in doc["results"]], doc["ratios"])
+    return rep, doc["device"]
+
+
 def print_table(report: Report):
     print(f"\n== {report.benchmark} ==")
     print(f"{'case':<34}{'impl':<26}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}")

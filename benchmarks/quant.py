@@ -22,32 +22,7 @@ from longtune.ops.quant import quant_flops  # noqa: E402
 from longtune.reference import quant as Q  # noqa: E402
 
 
-def plot(report, path, device_name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = list(dict.fromkeys(r.case for r in report.results))
-    impls = list(dict.fromkeys(r.impl for r in report.results))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    w = 0.8 / len(impls)
-    for k, impl in enumerate(impls):
-        xs, ys = [], []
-        for i, c in enumerate(cases):
-            r = [r for r in report.results if r.case == c and r.impl == impl]
-            if r:
-                xs.append(i + k * w)
-                ys.append(r[0].median_ms)
-        ax.bar(xs, ys, width=w, label=impl)
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))], cases, fontsize=8)
-    ax.set_ylabel("median time, ms (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title(f"Rotated quantization - {device_name}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+plot = H.grouped_bars("Rotated quantization")
 
 
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:

@@ -40,7 +40,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     # over full fine-tuning depends on the tokens per step, so several are measured
     for tokens in ((512, 1024, 2048) if not quick else (256,)):
         _case(report, device, d, inter, tokens)
-    H.write(report, out_dir, device)
+    H.write(report, out_dir, device, H.grouped_bars("S2FT on a Llama MLP block: training step"))
     return report
 
 

@@ -92,7 +92,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     report.results[0].params = dict(params, training_memory_bytes=mem_ours)
     report.results[2].params = dict(params, training_memory_bytes=mem_lora)  # results 0-3: the layer case
     H.add_ratio(report, case, "LoRA r=64 training memory / ours (>= 1: ours not larger)", mem_lora / mem_ours, 1.0)
-    H.write(report, out_dir, device)
+    H.write(report, out_dir, device, H.grouped_bars("SpIEL sparse-delta fine-tuning"))
     return report
 
 

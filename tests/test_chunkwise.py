@@ -352,6 +352,23 @@ def test_phase1_stops_at_the_last_kv_write(variant):
     assert calls == {"first_mlp": 2 * n_chunks - 1, "last_mlp": n_chunks, "norm": n_chunks, "head": n_chunks}, calls
 
 
+def test_model_that_bypasses_the_cache_is_refused():
+    """A layer whose attention never calls cache.update: phase 1 cannot collect its k/v -> a clear error."""
+    model = tiny_llama()
+    attn = model.model.layers[-1].self_attn
+    orig = attn.forward
+
+    def no_cache(*args, **kwargs):
+        for key in ("past_key_values", "past_key_value", "cache"):
+            kwargs.pop(key, None)
+        return orig(*args, **kwargs)
+
+    attn.forward = no_cache
+    ids, labels = batch()
+    with pytest.raises(RuntimeError, match="cache interface"):
+        seco_backward(model, ids, labels, chunk_size=10)
+
+
 # ------------------------------------------------------------------------------------ training glue
 def test_gradient_accumulation():
     model = tiny_llama()

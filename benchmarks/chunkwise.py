@@ -84,6 +84,7 @@ def build_model(device: str, dtype=torch.float32, fused_head: bool = True):
 
 def _step_fn(model, impl: str, n: int, device: str):
     from longtune.train import seco_backward
+    from longtune.train.chunkwise import spaco_sample
 
     g = torch.Generator().manual_seed(n)
     ids = torch.randint(0, CONFIG["vocab_size"], (1, n), generator=g).to(device)
@@ -97,8 +98,7 @@ def _step_fn(model, impl: str, n: int, device: str):
     k = max(1, N_CHUNKS // 4)
 
     def spaco():
-        spaco.samples.append(sorted(torch.randperm(N_CHUNKS, generator=torch.Generator().set_state(gen.get_state()))
-                                    [:k].tolist()))
+        spaco.samples.append(sorted(spaco_sample(N_CHUNKS, k, torch.Generator().set_state(gen.get_state()))))
         return seco_backward(model, ids, labels, chunk_size=chunk, budget=k, generator=gen, full_loss=False)
 
     spaco.samples = []

@@ -33,6 +33,23 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def s2ft_block(base: nn.Module, n_ch: int) -> S2FTMLP:
+    """A frozen copy of ``base`` with FFN channels [0, n_ch) trainable in up / down, as
+    ``select_and_permute`` builds it: the block as one function, partial backprop through it."""
+    s2 = copy.deepcopy(base).requires_grad_(False)
+    s2.up_proj = S2FTLinear(s2.up_proj, 0, n_ch, "out")
+    s2.down_proj = S2FTLinear(s2.down_proj, 0, n_ch, "in")
+    return S2FTMLP(s2)
+
+
+def train_step(model, opt, x, target) -> None:
+    """One training step: MSE loss against ``target``, zero_grad, backward, optimizer step."""
+    loss = nn.functional.mse_loss(model(x), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     report = H.Report("s2ft")
     d, inter = (2048, 5632) if not quick else (512, 1408)
@@ -53,10 +70,7 @@ def _case(report, device, d, inter, tokens):
     variants = {}
     full = copy.deepcopy(base)
     variants["full fine-tuning"] = (full, list(full.parameters()))
-    s2 = copy.deepcopy(base).requires_grad_(False)
-    s2.up_proj = S2FTLinear(s2.up_proj, 0, n_ch, "out")
-    s2.down_proj = S2FTLinear(s2.down_proj, 0, n_ch, "in")
-    s2 = S2FTMLP(s2)  # what select_and_permute builds: the block as one function, partial backprop through it
+    s2 = s2ft_block(base, n_ch)
     variants["S2FT 3% channels"] = (s2, [s2.up_proj.part, s2.down_proj.part])
     lo = copy.deepcopy(base).requires_grad_(False)
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -68,13 +82,7 @@ def _case(report, device, d, inter, tokens):
     for name, (model, ps) in variants.items():
         opt = torch.optim.AdamW(ps, lr=1e-4)
 
-        def step(model=model, opt=opt):
-            loss = nn.functional.mse_loss(model(x), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        steps.append((name, step))
+        steps.append((name, lambda model=model, opt=opt: train_step(model, opt, x, target)))
     # round-robin, compared round by round: a shared CPU drifts by +-20% over the seconds that
     # timing one variant after the other would take
     rounds = int(os.environ.get("LT_BENCH_ROUNDS", 9 if device == "cpu" else 50))

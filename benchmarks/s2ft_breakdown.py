@@ -16,8 +16,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import harness as H  # noqa: E402
-from benchmarks.s2ft import MLP  # noqa: E402
-from longtune.nn import S2FTLinear, S2FTMLP  # noqa: E402
+from benchmarks.s2ft import MLP, s2ft_block, train_step  # noqa: E402
 
 
 def main(tokens: int) -> None:
@@ -26,10 +25,7 @@ def main(tokens: int) -> None:
     torch.manual_seed(0)
     base = MLP(d, inter)
     x, target = torch.randn(tokens, d), torch.randn(tokens, d)
-    s2 = copy.deepcopy(base).requires_grad_(False)
-    s2.up_proj = S2FTLinear(s2.up_proj, 0, n, "out")
-    s2.down_proj = S2FTLinear(s2.down_proj, 0, n, "in")
-    s2 = S2FTMLP(s2)
+    s2 = s2ft_block(base, n)
     s2_opt = torch.optim.AdamW([s2.up_proj.part, s2.down_proj.part], lr=1e-4)
     full = copy.deepcopy(base)
     full_opt = torch.optim.AdamW(full.parameters(), lr=1e-4)
@@ -40,12 +36,6 @@ def main(tokens: int) -> None:
     w = [base.gate_proj.weight.detach(), base.up_proj.weight.detach(), base.down_proj.weight.detach()]
     h = torch.randn(tokens, inter)
 
-    def train(model, opt):
-        loss = nn.functional.mse_loss(model(x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     def gemms():
         nn.functional.linear(x, w[0])
         nn.functional.linear(x, w[1])
@@ -55,8 +45,8 @@ def main(tokens: int) -> None:
         with torch.no_grad():
             s2(x)
 
-    impls = [("S2FT step", lambda: train(s2, s2_opt)), ("3 forward GEMMs", gemms), ("S2FT forward", s2_forward),
-             ("AdamW over the block", adam_opt.step), ("full FT step", lambda: train(full, full_opt))]
+    impls = [("S2FT step", lambda: train_step(s2, s2_opt, x, target)), ("3 forward GEMMs", gemms), ("S2FT forward", s2_forward),
+             ("AdamW over the block", adam_opt.step), ("full FT step", lambda: train_step(full, full_opt, x, target))]
     times = H.measure_interleaved(H.Report("s2ft_breakdown"), f"tokens={tokens}", impls, "cpu", {}, rounds=9)
     for name, t in times.items():
         print(f"{name:<22} {sorted(t)[len(t) // 2]:9.1f} ms")

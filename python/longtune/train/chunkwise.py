@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["seco_backward", "seco_train_step", "spaco_factors"]
+__all__ = ["seco_backward", "seco_train_step", "spaco_factors", "spaco_sample"]
 
 IGNORE_INDEX = -100
 
@@ -227,6 +227,12 @@ def spaco_factors(n_chunks: int, budget: int, cap: Optional[float] = 2.0) -> tup
     return local, relay
 
 
+def spaco_sample(n_chunks: int, budget: int, generator: Optional[torch.Generator] = None) -> list:
+    """The chunks SpaCO backpropagates: ``budget`` of ``n_chunks`` drawn uniformly without
+    replacement from ``generator`` (what :func:`seco_backward` draws, in drawing order)."""
+    return torch.randperm(n_chunks, generator=generator)[:budget].tolist()
+
+
 def _rng_state(device: torch.device):
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -303,7 +309,7 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
     if budget is None:
         sampled, local_w, relay_w = list(range(n_chunks)), 1.0, 1.0
     else:
-        sampled = torch.randperm(n_chunks, generator=generator)[:budget].tolist()
+        sampled = spaco_sample(n_chunks, budget, generator)
         local_w, relay_w = spaco_factors(n_chunks, budget, cap)
     if not full_loss and budget is not None:
         skip_loss = set(range(n_chunks)) - set(sampled)
@@ -343,18 +349,23 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
         pos = torch.arange(s, e, device=dev).unsqueeze(0).expand(bsz, -1)
         kw = dict(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache})
         if with_loss and fused_head:
-            return model(**kw, shift_labels=shift[:, s:e], num_items_in_batch=denom).loss, layers
-        if kv_only:
+            loss = model(**kw, shift_labels=shift[:, s:e], num_items_in_batch=denom).loss
+        elif kv_only:
             # DDP's wrapper is bypassed here: its post-forward step would be skipped by the early
             # exit; without grad it has nothing to do for phase 1 (buffers sync in phase 2)
             try:
                 inner(**kw)
             except _KVDone:
-                return None, layers
-            raise RuntimeError(f"seco_backward: {type(model).__name__} did not write the keys/values of all its "
-                               f"{n_layers} layers through the cache interface (cache.update) in one forward")
-        out = model(**kw)
-        return (chunk_loss(i, out.logits) if with_loss else None), layers
+                pass
+            loss = None
+        else:  # with_loss: phase 2, or a loss-only chunk of phase 1
+            loss = chunk_loss(i, model(**kw).logits)
+        if not grad:  # phase 1 collects every layer's k/v
+            for layer, lay in enumerate(layers):
+                if lay.new_k is None:
+                    raise RuntimeError(f"seco_backward: layer {layer} of {type(model).__name__} did not write its "
+                                       "keys/values through the cache interface (cache.update)")
+        return loss, layers
 
     def chunk_loss(i, logits):
         s, e = bounds[i]
@@ -384,10 +395,6 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
             loss_i, layers = run(i, with_loss)  # writes its k/v into the layers' buffers
             if with_loss:
                 total += loss_i.double()
-            for layer, lay in enumerate(layers):
-                if lay.new_k is None:
-                    raise RuntimeError(f"seco_backward: layer {layer} of {type(model).__name__} did not write its "
-                                       "keys/values through the cache interface (cache.update)")
             del loss_i, layers
     rng_end = _rng_state(dev)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from .integrations.hf import _attention_modules, _base, patch
+from .integrations.hf import _attention_modules, _base, hf_model, patch
 
 NORM_SUFFIXES = ("norm",)
 
@@ -59,7 +59,7 @@ def longlora(model, target_context: int, *, lora_r: int = 8, lora_alpha: int = 1
 
     if target_context < 1:
         raise ValueError(f"longlora: target_context must be >= 1, got {target_context}")
-    base = _base(model)
+    base = hf_model(model, "longtune.recipes.longlora")
     if not list(_attention_modules(base)):
         raise ValueError("longlora: the model has no attention modules with q_proj / o_proj (Llama, Qwen2, Mistral)")
     factor = _rope_interpolate(base, target_context, rope_type)

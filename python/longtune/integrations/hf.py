@@ -16,6 +16,8 @@ after ``from_pretrained`` one ``patch(model)`` re-applies the same patch.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Optional
 
@@ -87,23 +89,59 @@ def longtune_attention_forward(module: nn.Module, query, key, value, attention_m
     return _run(module, query, key, value, attention_mask, scaling, kwargs), None
 
 
+_SEQUENCE_LENGTH: contextvars.ContextVar = contextvars.ContextVar("longtune_sequence_length", default=None)
+
+
+@contextlib.contextmanager
+def sequence_length(n: int):
+    """Declares that the forwards run inside this block see chunks of one sequence of ``n`` tokens
+    (chunk-wise training: a query chunk attends to the keys of all earlier chunks). S^2-Attn then
+    takes its group size from ``n`` -- the mask full backprop over the whole sequence would use --
+    instead of from the chunk's length."""
+    token = _SEQUENCE_LENGTH.set(int(n))
+    try:
+        yield
+    finally:
+        _SEQUENCE_LENGTH.reset(token)
+
+
+def _s2_mask(module, o, nq, nk, kwargs) -> dict:
+    """The S^2 mask arguments of one attention call (empty: plain causal attention)."""
+    if not (module.training or o["s2_in_eval"]) or nq <= 1:
+        return {}
+    total = _SEQUENCE_LENGTH.get()
+    if total is None:
+        if nq == nk:
+            cu_q, _ = _packed(kwargs)
+            n = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q is not None else nq
+            return {"s2_group_size": o["group_size"] or s2_group_size(n, o["group_size_ratio"]), "s2_mode": o["mode"]}
+        if o["group_size"] and o["mode"] == "leakfree":
+            # a query chunk against a longer KV: groups are absolute positions and the queries are
+            # the last nq of them (bottom-right), so a fixed group size gives exactly the rows of
+            # the full sequence's S^2-Attn
+            return {"s2_group_size": o["group_size"], "s2_mode": "leakfree"}
+        raise ValueError(
+            f"longtune S^2-Attn in training: {nq} queries attend to {nk} keys (a KV cache), and the group size of "
+            "the whole sequence is unknown here. Patch with a fixed group size (longtune.patch(model, "
+            "attention='s2', group_size=G), mode='leakfree'), train chunk-wise through longtune.train.seco_backward "
+            "(which passes the sequence length), or run the model in eval() for generation")
+    # one chunk of a sequence of `total` tokens (chunk-wise training)
+    if nq == nk == total:
+        return {"s2_group_size": o["group_size"] or s2_group_size(total, o["group_size_ratio"]), "s2_mode": o["mode"]}
+    if o["mode"] != "leakfree":
+        raise ValueError("longtune S^2-Attn: mode='longlora_roll' cannot be trained chunk-wise (its last shifted group "
+                         "wraps around to the end of the sequence, which a chunk has not seen yet); use "
+                         "mode='leakfree' or full backprop")
+    if nk > total:
+        raise ValueError(f"longtune S^2-Attn: {nk} keys exceed the declared sequence length {total}")
+    return {"s2_group_size": o["group_size"] or s2_group_size(total, o["group_size_ratio"]), "s2_mode": "leakfree"}
+
+
 def longtune_s2_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                                   scaling: Optional[float] = None, **kwargs):
     """``attn_implementation="longtune_s2"``: S^2-Attn in training, causal in eval (LongLoRA)."""
     _check_dropout(module, dropout)
-    o = _options(module, "s2")
-    mask = {}
-    nq, nk = query.shape[2], key.shape[2]
-    if (module.training or o["s2_in_eval"]) and nq > 1:
-        if nq == nk:
-            cu_q, _ = _packed(kwargs)
-            n = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q is not None else nq
-            mask = {"s2_group_size": o["group_size"] or s2_group_size(n, o["group_size_ratio"]), "s2_mode": o["mode"]}
-        elif nq < nk and o["group_size"] and o["mode"] == "leakfree":
-            # a query chunk against a longer KV (chunk-wise training): groups are absolute positions
-            # and the queries are the last nq of them (bottom-right), so a fixed group size gives
-            # exactly the rows of the full sequence's S^2-Attn
-            mask = {"s2_group_size": o["group_size"], "s2_mode": "leakfree"}
+    mask = _s2_mask(module, _options(module, "s2"), query.shape[2], key.shape[2], kwargs)
     return _run(module, query, key, value, attention_mask, scaling, kwargs, **mask), None
 
 
@@ -142,6 +180,106 @@ def _base(model):
     return get() if callable(get) else model
 
 
+_ROSTE_PREFIX = "longtune_roste_"  # RoSTE's wrapper around another attention implementation
+
+
+def _current_implementation(base) -> str:
+    """The model's attention implementation, seen through a RoSTE wrapper (which stays in place)."""
+    impl = getattr(base.config, "_attn_implementation", None) or "sdpa"
+    return impl[len(_ROSTE_PREFIX):] if impl.startswith(_ROSTE_PREFIX) else impl
+
+
+def _set_implementation(base, impl: str) -> None:
+    """Sets the attention implementation; on a RoSTE-prepared model, under its wrapper (online
+    rotation and K/V fake-quantization, then ``impl``), so that neither silently drops the other."""
+    current = getattr(base.config, "_attn_implementation", None) or ""
+    if current.startswith(_ROSTE_PREFIX):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        from .roste import _roste_attention
+
+        name = _ROSTE_PREFIX + impl
+        AttentionInterface.register(name, _roste_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+        for m in _attention_modules(base):
+            m.longtune_roste["base"] = impl
+        impl = name
+    base.set_attn_implementation(impl)
+
+
+def hf_model(model, caller: str):
+    """The transformers model inside ``model`` (peft-wrapped or not); a clear error for anything else."""
+    base = _base(model)
+    if not isinstance(base, nn.Module) or getattr(base, "config", None) is None or \
+            not callable(getattr(base, "set_attn_implementation", None)):
+        raise TypeError(f"{caller}: expected a Hugging Face transformers model (a PreTrainedModel such as "
+                        f"LlamaForCausalLM, optionally wrapped by peft), got {type(model).__name__}")
+    return base
+
+
+class _GradAt(torch.autograd.Function):
+    """The vocabulary head's effective weight as a tensor whose gradient reaches the trainable
+    parameter it is built from: forward returns ``weight`` (which already holds the trained
+    entries), backward hands ``extract(dW)`` to ``trainable``."""
+
+    @staticmethod
+    def forward(ctx, trainable, weight, extract):
+        ctx.extract = extract
+        return weight.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.extract(g), None, None
+
+
+def _head_params(head):
+    """(weight, bias) of the vocabulary head for the fused loss, differentiable towards whatever the
+    head trains; a clear error for heads whose output is not ``x @ weight.T + bias``."""
+    from ..nn.quant import RotatedQuantLinear
+    from ..nn.s2ft import S2FTLinear
+    from ..nn.sparse_delta import SparseDeltaLinear
+
+    if isinstance(head, SparseDeltaLinear):
+        idx = head.indices
+        w = head.merged_weight()
+        return _GradAt.apply(head.values, w, lambda g: g.reshape(-1)[idx]), head.base.bias
+    if isinstance(head, S2FTLinear):
+        lo, hi, dim = head.lo, head.hi, head.dim
+        cut = (lambda g: g[lo:hi]) if dim == "out" else (lambda g: g[:, lo:hi])
+        return _GradAt.apply(head.part, head.base.weight, cut), head.base.bias
+    if isinstance(head, RotatedQuantLinear) or not isinstance(head, nn.Linear):
+        if hasattr(head, "base_layer") and hasattr(head, "lora_A"):
+            return _lora_head_params(head)
+        raise ValueError(f"longtune.patch(lm_head='fused_ce'): the vocabulary head is a {type(head).__name__}, whose "
+                         "output is not x @ weight.T + bias; the fused loss supports nn.Linear, SparseDeltaLinear, "
+                         "S2FTLinear and peft LoRA heads (without dropout or DoRA)")
+    return head.weight, head.bias
+
+
+def _lora_head_params(head):
+    """A peft LoRA ``Linear`` head: W + sum of scaling * B @ A over the active adapters."""
+    base = head.base_layer
+    if type(base) is not nn.Linear or getattr(head, "fan_in_fan_out", False) or getattr(head, "merged", False):
+        raise ValueError(f"longtune.patch(lm_head='fused_ce'): unsupported peft head over {type(base).__name__} "
+                         "(fan_in_fan_out or merged adapters); merge_and_unload() it or drop lm_head from the "
+                         "LoRA targets")
+    w = base.weight
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        drop = head.lora_dropout[name]
+        if head.training and not isinstance(drop, nn.Identity) and getattr(drop, "p", 0.0) > 0:
+            raise ValueError("longtune.patch(lm_head='fused_ce'): LoRA dropout on the vocabulary head is not "
+                             "supported by the fused loss (it is not a weight-space update); set lora_dropout=0 "
+                             "or leave lm_head out of the LoRA targets")
+        if getattr(head, "use_dora", {}).get(name, False):
+            raise ValueError("longtune.patch(lm_head='fused_ce'): DoRA on the vocabulary head is not supported")
+        a, b = head.lora_A[name].weight, head.lora_B[name].weight
+        w = w + (b @ a).to(w.dtype) * head.scaling[name]
+    return w, base.bias
+
+
 def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
     """CausalLM forward with the vocabulary head fused into the loss (``patch(model, lm_head="fused_ce")``):
     with ``labels`` the logits are never materialised (``output.logits`` is None); without labels,
@@ -165,9 +303,9 @@ def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **
     else:
         h = out.last_hidden_state[:, :-1]
         tgt = labels[:, 1:].to(h.device)
-    head = self.lm_head
+    weight, bias = _head_params(self.lm_head)
     cap = getattr(self.config, "final_logit_softcapping", None)
-    loss = linear_cross_entropy(h, head.weight, tgt, head.bias, ignore_index=-100,
+    loss = linear_cross_entropy(h, weight, tgt, bias, ignore_index=-100,
                                 reduction="sum" if num_items is not None else "mean", softcap=cap)
     if num_items is not None:
         loss = loss / num_items
@@ -180,6 +318,8 @@ def _patch_lm_head(base):
 
     if not hasattr(base, "lm_head") or not hasattr(base, "model"):
         raise ValueError("longtune.patch(lm_head='fused_ce'): the model has no lm_head / model (a *ForCausalLM)")
+    with torch.no_grad():
+        _head_params(base.lm_head)  # a head the fused loss cannot represent is refused here, before any compute
     if getattr(base, "_longtune_orig_forward", None) is None:
         base._longtune_orig_forward = base.forward
         base.forward = types.MethodType(_fused_ce_forward, base)
@@ -205,8 +345,8 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
     With no arguments, re-applies the patch stored in ``model.config.longtune_patch`` (after
     ``from_pretrained``). Supported: Llama, Qwen2, Mistral (``strict=False`` tries any model whose
     attention uses transformers' attention-function registry). Works on peft-wrapped models."""
+    base = hf_model(model, "longtune.patch")
     register()
-    base = _base(model)
     cfg = base.config
     stored = dict(getattr(cfg, "longtune_patch", None) or {})
     if lm_head is not None or (attention is None and stored.get("lm_head")):
@@ -244,13 +384,13 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
         if opts["window"] < 1 or opts["n_global"] < 0:
             raise ValueError(f"longtune.patch: window must be >= 1 and n_global >= 0, got {opts['window']}, "
                              f"{opts['n_global']}")
-    previous = stored.get("previous", cfg._attn_implementation)
+    previous = stored.get("previous", _current_implementation(base))
     if previous in IMPLEMENTATIONS.values():
         previous = "sdpa"
     mods = list(_attention_modules(base))
     if not mods:
         raise ValueError("longtune.patch: found no attention modules (with q_proj / o_proj / layer_idx) in the model")
-    base.set_attn_implementation(IMPLEMENTATIONS[attention])
+    _set_implementation(base, IMPLEMENTATIONS[attention])
     for m in mods:
         m._longtune_options = dict(opts)
     cfg.longtune_patch = {"attention": attention, **opts, "previous": previous,
@@ -260,13 +400,13 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
 
 def unpatch(model):
     """Undoes :func:`patch`: the attention implementation the model had before, no stored patch."""
-    base = _base(model)
+    base = hf_model(model, "longtune.unpatch")
     stored = getattr(base.config, "longtune_patch", None)
     if not stored:
         return model
     _unpatch_lm_head(base)
     if "attention" in stored:
-        base.set_attn_implementation(stored.get("previous") or "sdpa")
+        _set_implementation(base, stored.get("previous") or "sdpa")
     for m in _attention_modules(base):
         if hasattr(m, "_longtune_options"):
             del m._longtune_options
@@ -295,7 +435,7 @@ def convert_to_sqa(model, num_query_heads: Optional[int] = None, *, variant: Opt
 
     if rule not in ("select", "average"):
         raise ValueError(f"convert_to_sqa: rule must be 'select' or 'average', got {rule!r}")
-    base = _base(model)
+    base = hf_model(model, "longtune.convert_to_sqa")
     cfg = base.config
     h, hkv0 = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     if variant is not None:

@@ -46,12 +46,13 @@ Scope: batch of equal-length rows (B >= 1), no padding: ``attention_mask`` must 
 ones. Models: HF causal LMs whose attention writes k/v through ``cache.update(k, v, layer_idx)``
 (Llama, Qwen2, Mistral, ..., also peft-wrapped, also ``longtune.patch(model, attention="causal")``).
 Dropout is replayed identically in phase 2 (the RNG state of each chunk's phase-1 forward is
-restored). S^2 attention is reproduced chunk-wise when the patch has a fixed group size
-(``longtune.patch(model, attention="s2", group_size=G)``): a query chunk against the longer past
-KV then gets exactly the full sequence's S^2 rows (groups are absolute positions, queries
-bottom-right aligned; tested). With only ``group_size_ratio`` the group of a chunk would depend on
-the chunk's length, so chunks with past KV run plain causal attention; ``"longlora_roll"`` cannot
-be chunked at all.
+restored). S^2 attention (``longtune.patch(model, attention="s2")``) is reproduced chunk-wise exactly:
+``seco_backward`` declares the whole sequence's length (:func:`longtune.integrations.hf.sequence_length`),
+so every chunk uses the group size full backprop would use (``group_size``, or
+``group_size_ratio`` times the sequence length, never the chunk's), and a query chunk against the
+longer past KV gets exactly the full sequence's S^2 rows (groups are absolute positions, queries
+bottom-right aligned; tested). ``mode="longlora_roll"`` (its last group wraps around to the end of
+the sequence) and the inference-only Lambda-mask are refused before any compute.
 Sliding-window models keep the whole past (the mask applies the window).
 
 DDP: pass the ``DistributedDataParallel``-wrapped model. Every chunk's forward + backward in phase
@@ -73,6 +74,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
+
+from ..integrations.hf import _base, hf_model, sequence_length
 
 __all__ = ["seco_backward", "seco_train_step", "spaco_factors", "spaco_sample"]
 
@@ -191,11 +194,6 @@ def _num_layers(model) -> int:
     return int(cfg.num_hidden_layers)
 
 
-def _base(model):
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
 def _unwrap_ddp(model):
     """(the DistributedDataParallel wrapper or None, the module it wraps or the model itself)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -274,6 +272,18 @@ def _check(input_ids, labels, chunk_size, budget, cap, attention_mask):
     return input_ids, labels, n, n_chunks
 
 
+def _check_attention(model, n_chunks: int) -> None:
+    """Refuses, before any compute, models and attention patches that cannot be chunked."""
+    stored = getattr(hf_model(_unwrap_ddp(model)[1], "seco_backward").config, "longtune_patch", None) or {}
+    if n_chunks > 1 and stored.get("attention") == "s2" and stored.get("mode") == "longlora_roll":
+        raise ValueError("seco_backward: the model is patched with S^2-Attn mode='longlora_roll', whose last shifted "
+                         "group wraps around to the end of the sequence; it cannot be trained chunk-wise. Use "
+                         "mode='leakfree' (longtune.patch(model, attention='s2', mode='leakfree')) or full backprop")
+    if stored.get("attention") == "lambda":
+        raise ValueError("seco_backward: the model is patched with the Lambda-mask (attention='lambda'), which is "
+                         "for inference only; train with attention='s2' or 'causal'")
+
+
 def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_size: int,
                   budget: Optional[int] = None, cap: Optional[float] = 2.0,
                   attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
@@ -294,6 +304,7 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
     states through the fused linear + cross-entropy (no chunk x vocabulary logits).
     See the module docstring for the algorithm and scope."""
     input_ids, labels, n, n_chunks = _check(input_ids, labels, chunk_size, budget, cap, attention_mask)
+    _check_attention(model, n_chunks)
     dev = input_ids.device
     labels = labels.to(dev)
     bsz = input_ids.shape[0]
@@ -316,7 +327,8 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
         scale = n_chunks / budget
     else:
         skip_loss, scale = set(), 1.0
-    loss = _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss)
+    with sequence_length(n):  # S^2-Attn: the group size of the whole sequence in every chunk
+        loss = _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss)
     return loss * scale if scale != 1.0 else loss
 
 

@@ -62,10 +62,16 @@ def longlora(model, target_context: int, *, lora_r: int = 8, lora_alpha: int = 1
     base = hf_model(model, "longtune.recipes.longlora")
     if not list(_attention_modules(base)):
         raise ValueError("longlora: the model has no attention modules with q_proj / o_proj (Llama, Qwen2, Mistral)")
+    target_modules = list(target_modules)
+    present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    missing = [t for t in target_modules if t not in present]
+    if missing:
+        raise ValueError(f"longlora: target_modules {missing} match no module of {type(base).__name__} (e.g. Phi-3 "
+                         "fuses q/k/v into qkv_proj: pass target_modules=('qkv_proj', 'o_proj'))")
     factor = _rope_interpolate(base, target_context, rope_type)
     trainable = tuple(trainable)
     names = sorted({n.rsplit(".", 1)[-1] for n, _ in base.named_modules() if n and n.endswith(trainable)})
-    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
+    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                      modules_to_save=names or None, task_type="CAUSAL_LM", **(lora_config_kwargs or {}))
     peft_model = get_peft_model(base, cfg)
     if patch_attention:

@@ -27,7 +27,7 @@ from torch import nn
 from ..nn.attention import s2_group_size
 from ..ops.attention import sparse_attention
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen3_moe", "olmo2", "gemma3_text")
 IMPLEMENTATIONS = {"causal": "longtune", "s2": "longtune_s2", "lambda": "longtune_lambda"}
 _DEFAULTS = {
     "causal": {},
@@ -70,6 +70,10 @@ def _packed(kwargs):
 
 
 def _run(module, query, key, value, attention_mask, scaling, kwargs, **mask):
+    if kwargs.get("softcap"):
+        raise ValueError(f"longtune attention: attention logit softcapping (softcap={kwargs['softcap']}, e.g. "
+                         "Gemma-2's attn_logit_softcapping) is not supported by the kernels; keep the model's own "
+                         "attention implementation")
     q, k, v = _to_bnhd(query), _to_bnhd(key), _to_bnhd(value)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if window is not None and "window" not in mask:
@@ -171,7 +175,7 @@ def register() -> None:
 
 def _attention_modules(model):
     for mod in model.modules():
-        if hasattr(mod, "q_proj") and hasattr(mod, "o_proj") and hasattr(mod, "layer_idx"):
+        if (hasattr(mod, "q_proj") or hasattr(mod, "qkv_proj")) and hasattr(mod, "o_proj") and hasattr(mod, "layer_idx"):
             yield mod
 
 
@@ -343,8 +347,9 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
     ``longtune.linear_cross_entropy`` from the hidden states (logits never materialised,
     ``output.logits`` is None); without labels the model's own forward runs.
     With no arguments, re-applies the patch stored in ``model.config.longtune_patch`` (after
-    ``from_pretrained``). Supported: Llama, Qwen2, Mistral (``strict=False`` tries any model whose
-    attention uses transformers' attention-function registry). Works on peft-wrapped models."""
+    ``from_pretrained``). Supported: Llama, Qwen2, Mistral, Qwen3, Phi-3, Mixtral, Qwen3-MoE, OLMo-2 and
+    Gemma-3 (``strict=False`` tries any model whose attention uses transformers' attention-function
+    registry; attention logit softcapping, as Gemma-2 uses it, is refused at the first forward). Works on peft-wrapped models."""
     base = hf_model(model, "longtune.patch")
     register()
     cfg = base.config
@@ -389,7 +394,8 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
         previous = "sdpa"
     mods = list(_attention_modules(base))
     if not mods:
-        raise ValueError("longtune.patch: found no attention modules (with q_proj / o_proj / layer_idx) in the model")
+        raise ValueError("longtune.patch: found no attention modules (with q_proj or qkv_proj, o_proj and layer_idx) "
+                         "in the model")
     _set_implementation(base, IMPLEMENTATIONS[attention])
     for m in mods:
         m._longtune_options = dict(opts)
@@ -466,6 +472,9 @@ def convert_to_sqa(model, num_query_heads: Optional[int] = None, *, variant: Opt
         return r.reshape(groups * per_new * d, *w.shape[3:])
 
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    if any(not hasattr(m, "q_proj") for m in _attention_modules(base)):
+        raise ValueError("convert_to_sqa: the attention blocks have a fused qkv_proj (Phi-3); separate q_proj / "
+                         "k_proj / v_proj projections are needed")
     for m in _attention_modules(base):
         dev, dt = m.q_proj.weight.device, m.q_proj.weight.dtype
         # queries: stay inside their kv group (groups = min(hkv0, hq) keeps the sharing for hq >= hkv)

@@ -1,0 +1,146 @@
+"""longtune.patch on the model families beyond Llama / Qwen2 / Mistral (tests/test_hf_integration.py):
+Qwen3 (q/k norms), Phi-3 (fused qkv_proj), Mixtral and Qwen3-MoE (attention unchanged, router
+untouched), OLMo-2, Gemma-3 (alternating sliding-window / global layers, its own query scaling).
+Each: eval logits equal transformers' own attention (with padding), S^2-Attn in training equals
+the spec, greedy generation with a KV cache equals the unpatched model's, chunk-wise training is
+exact, and the patch survives save / load. Gemma-2's attention softcapping is refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+import transformers as T  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask  # noqa: E402
+
+import longtune  # noqa: E402
+from longtune.reference import attention as R  # noqa: E402
+
+VOCAB = 101
+FAMILIES = {
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {}),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}),
+    "mixtral": (T.MixtralConfig, T.MixtralForCausalLM,
+                {"num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"}),
+    "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM,
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "experts_implementation": "eager"}),
+    "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1}),
+    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM,
+               {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24}),
+}
+NAMES = list(FAMILIES)
+
+
+def tiny(name, seed=0):
+    C, M, kw = FAMILIES[name]
+    torch.manual_seed(seed)
+    cfg = C(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0, **kw)
+    return M(cfg).double().eval()
+
+
+def _ref_s2(group_size):
+    def fwd(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        kpm = None if attention_mask is None else attention_mask[:, -k.shape[1]:].bool()
+        w = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        return R.sparse_attention(q, k, v, s2_group_size=group_size, softmax_scale=scaling, key_padding_mask=kpm,
+                                  window=w), None
+    return fwd
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_with_padding_equals_the_models_own_attention(name):
+    m = tiny(name)
+    x = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 40, dtype=torch.long)
+    am[1, 28:] = 0
+    want = m(x, attention_mask=am).logits
+    longtune.patch(m, attention="s2")
+    got = m(x, attention_mask=am).logits
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1, :28], want[1, :28], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_s2_training_equals_the_spec(name):
+    m = tiny(name).train()
+    x = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(2))
+    longtune.patch(m, attention="s2")  # G = 12
+    got = m(x).logits
+    impl = f"test_family_ref_s2_{name}"
+    AttentionInterface.register(impl, _ref_s2(12))
+    AttentionMaskInterface.register(impl, flash_attention_mask)
+    ref = tiny(name).train()
+    ref.set_attn_implementation(impl)
+    torch.testing.assert_close(got, ref(x).logits, rtol=1e-10, atol=1e-10)
+    assert (got - tiny(name).train()(x).logits).abs().max() > 1e-4  # S^2 differs from dense causal
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_equals_unpatched(name):
+    m = tiny(name)
+    x = torch.randint(2, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    want = m.generate(x, **kw)
+    longtune.patch(m, attention="causal")
+    assert torch.equal(m.generate(x, **kw), want)
+
+
+def _gemma3_norm_in_model_dtype(self, x):
+    return self._norm(x) * (1.0 + self.weight)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunkwise_training_is_exact(name, monkeypatch):
+    if name == "gemma3":
+        # Gemma-3's RMSNorm computes in float32 (x.float()) even in a float64 model, which turns the
+        # last-bit differences between chunked and whole-sequence attention into 2e-7 gradient
+        # differences; in the model's dtype the chunk-wise gradient is exact
+        monkeypatch.setattr(T.models.gemma3.modeling_gemma3.Gemma3RMSNorm, "forward", _gemma3_norm_in_model_dtype)
+    m = tiny(name).train()
+    longtune.patch(m, attention="s2")
+    ids = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(4))
+    logits = m(input_ids=ids).logits
+    F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    longtune.train.seco_backward(m, ids, ids, chunk_size=24)
+    got = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert got.keys() == ref.keys()
+    for n in ref:
+        if ref[n].norm() > 0:
+            assert float((got[n] - ref[n]).norm() / ref[n].norm()) <= 1e-10, n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patch_survives_save_and_load(name, tmp_path):
+    m = tiny(name).train()
+    longtune.patch(m, attention="s2", group_size=8)
+    x = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(5))
+    want = m(x).logits
+    m.save_pretrained(tmp_path)
+    extra = {"experts_implementation": "eager"} if "experts_implementation" in FAMILIES[name][2] else {}
+    m2 = FAMILIES[name][1].from_pretrained(tmp_path, dtype=torch.float64, **extra).train()
+    longtune.patch(m2)
+    assert torch.equal(m2(x).logits, want)
+
+
+def test_gemma2_attention_softcapping_is_refused():
+    torch.manual_seed(0)
+    cfg = T.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8)
+    m = T.Gemma2ForCausalLM(cfg).double().eval()
+    longtune.patch(m, attention="causal", strict=False)
+    with pytest.raises(ValueError, match="softcapping"):
+        m(torch.randint(0, VOCAB, (1, 8)))
+
+
+def test_longlora_names_target_modules_a_model_lacks():
+    with pytest.raises(ValueError, match=r"\['q_proj', 'k_proj', 'v_proj'\] match no module.*qkv_proj"):
+        longtune.recipes.longlora(tiny("phi3"), 256)
+    pm, summary = longtune.recipes.longlora(tiny("phi3"), 256, target_modules=("qkv_proj", "o_proj"))
+    assert summary["by_kind"]["lora"] > 0

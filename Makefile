@@ -1,9 +1,11 @@
 # longtune: the README's commands.
 #   make test       bootstrap .venv, build (CPU + CUDA when nvcc is found + emulator), run all tests
-#   make bench      bootstrap, build, run the benchmarks -> benchmarks/results/*.json|csv|png
+#   make bench      bootstrap, build, run the benchmarks -> bench-results/<stamp>/*.json|csv|png + a summary
+#   make bench-check  a quick benchmark run compared with benchmarks/baselines/ (fails on a regression)
 #   make gpu-check  on a lent GPU machine: build against its torch, CUDA tests, compute-sanitizer,
-#                   benchmarks vs GPU peers -> gpu-results/<stamp>/ (commit under benchmarks/results/gpu/)
-# Knobs: LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA_ARCHS="80;90", PYTHON=python3.11, VENV=.venv
+#                   benchmarks vs GPU peers -> gpu-results/<stamp>/
+# Knobs: BENCH_ARGS (e.g. --quick, --only attention, --update-baseline), BENCH_CHECK_ARGS,
+#        LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA_ARCHS="80;90", PYTHON=python3.11, VENV=.venv
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +16,7 @@ BUILD_DIR ?= build/dev
 TORCH_SPEC ?= torch==2.14.1
 export LONGTUNE_CUDA LONGTUNE_CUDA_ARCHS
 
-.PHONY: all setup build test bench gpu-check clean
+.PHONY: all setup build test bench bench-check gpu-check clean
 
 all: test
 
@@ -44,8 +46,13 @@ test: build
 	@set -o pipefail; $(PY) -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
 
+BENCH_ARGS ?=
+BENCH_CHECK_ARGS ?= --quick
 bench: build
-	$(PY) benchmarks/run_all.py --out benchmarks/results
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+bench-check: build
+	$(PY) benchmarks/run_all.py --check $(BENCH_CHECK_ARGS)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -28,9 +28,7 @@ Run: ``python benchmarks/attention.py [--device cpu|cuda] [--out DIR] [--quick]`
 """
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -50,7 +48,6 @@ DENSE = "SDPA dense causal"
 FLASH = "flash SDPA dense causal"
 # (name, H_q, H_kv) of the SQA family, MHA first (the baseline)
 SQA_VARIANTS = [("MHA", 8, 8), ("SQA", 4, 2), ("sSQA", 4, 4), ("xSQA", 2, 2), ("xSMQA", 2, 1)]
-_VERBOSE = False
 
 
 def plot(report, path, device_name):
@@ -78,21 +75,6 @@ def plot(report, path, device_name):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _try_measure(report, case, impl, fn, device, params, flops, min_time_s):
-    """H.measure, or None (with a message) when the implementation is unavailable / fails here."""
-    try:
-        return H.measure(report, case, impl, fn, device, params, flops, min_time_s=min_time_s)
-    except Exception as e:  # noqa: BLE001 -- a missing peer must not sink the other measurements
-        print(f"\n[attention] {case} / {impl}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
-              file=sys.stderr)
-        if _VERBOSE:
-            traceback.print_exc()
-        return None
-    finally:
-        if device == "cuda":
-            torch.cuda.synchronize()
 
 
 def _fwd_bwd(f, inputs, go):
@@ -131,7 +113,7 @@ def _flex_s2(n, h, g, device):
     return torch.compile(flex_attention, dynamic=False), bm
 
 
-def s2_cases(report, device, n, h, d, dtype, min_time_s, peers_bool, targets=True):
+def s2_cases(report, device, n, h, d, dtype, n_rounds, peers_bool, targets=True):
     b, g = 1, n // 4
     gen = torch.Generator(device=device).manual_seed(n)
 
@@ -167,52 +149,41 @@ def s2_cases(report, device, n, h, d, dtype, min_time_s, peers_bool, targets=Tru
         impls.append((DENSE, lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), (qt, kt, vt), got,
                       pairs_causal))
 
-    def timed(case, name, fn, flops):
-        if name == FLASH:
+    def flash(fn):
+        def wrapped():
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return _try_measure(report, case, name, fn, device, params, flops, min_time_s)
-        return _try_measure(report, case, name, fn, device, params, flops, min_time_s)
+                return fn()
+
+        return wrapped
 
     for mode in ("fwd+bwd", "fwd"):
         case = f"S2 N={n} G={g} H={h} d={d} {mode}"
         fb = mode == "fwd+bwd"
         fns = [(name, *((_fwd_bwd(f, inputs, grad), 14 * p * d) if fb else (_fwd(f), 4 * p * d)))
                for name, f, inputs, grad, p in impls]
-        if device == "cpu":
-            # round-robin, compared round by round: a shared 2-core machine drifts by +-20% over
-            # the seconds that timing one implementation after the other would take
-            rounds = int(os.environ.get("LT_BENCH_ROUNDS", 15 if min_time_s >= 1 else 5))
-            times = H.measure_interleaved(report, case, [(nm, fn) for nm, fn, _ in fns], device, params,
-                                          rounds=rounds, flops={nm: fl for nm, _, fl in fns})
-            t = {r.impl: r for r in report.results[-len(fns):]}
-
-            def ratio(num, den):
-                return H.paired_ratio(times, num, den) if num in times and den in times else None
-        else:
-            t = {name: timed(case, name, fn, flops) for name, fn, flops in H.progress(fns, case)}
-
-            def ratio(num, den):
-                return t[num].median_ms / t[den].median_ms if t.get(num) and t.get(den) else None
+        fns = [(name, flash(fn) if name == FLASH else fn, fl) for name, fn, fl in fns]
+        # round-robin, compared round by round: a shared machine drifts by +-20% over the seconds
+        # that timing one implementation after the other would take
+        times = H.measure_interleaved(report, case, [(nm, fn) for nm, fn, _ in fns], device, params,
+                                      rounds=n_rounds, flops={nm: fl for nm, _, fl in fns})
         cpu_tgt = targets and fb and device == "cpu"
         gpu_tgt = targets and fb and device == "cuda"
         for metric, num, tgt in (("LongLoRA time / ours", LONGLORA, 1.5 if (cpu_tgt or gpu_tgt) else None),
                                  ("SDPA bool-mask time / ours", BOOL, 6.0 if cpu_tgt else None),
                                  ("Flex time / ours", FLEX, 1.3 if gpu_tgt else None),
                                  ("dense causal SDPA time / ours", DENSE, None)):
-            r = ratio(num, OURS)
-            if r is not None:
-                H.add_ratio(report, case, metric, r, tgt)
-        if t.get(OURS) is not None and t.get(FLASH) is not None:
-            H.add_ratio(report, case, "ours TFLOP/s / dense flash TFLOP/s", t[OURS].tflops / t[FLASH].tflops,
-                        1.0 if gpu_tgt else None)
+            H.add_speed_ratio(report, case, metric, times, num, OURS, tgt)
+        # TFLOP/s on unmasked pairs: (pairs / t_ours) / (pairs_causal / t_flash)
+        H.add_speed_ratio(report, case, "ours TFLOP/s / dense flash TFLOP/s", times, FLASH, OURS,
+                          1.0 if gpu_tgt else None, scale=pairs / pairs_causal)
     del impls
     if device == "cuda":
         torch.cuda.empty_cache()
 
 
-def sqa_cases(report, device, n, d, dtype, min_time_s, targets=True):
+def sqa_cases(report, device, n, d, dtype, n_rounds, targets=True):
     b = 1
     gen = torch.Generator(device=device).manual_seed(1000 + n)
     case = f"SQA N={n} d={d} causal fwd+bwd"
@@ -230,49 +201,36 @@ def sqa_cases(report, device, n, d, dtype, min_time_s, targets=True):
         fn = _fwd_bwd(lambda q=q, k=k, v=v: longtune.sparse_attention(q, k, v, causal=True), (q, k, v), go)
         fns.append((name, f"{name} ({hq}q/{hkv}kv)", fn, params, 14 * pairs * d))
         keep.append((q, k, v, go))
-    if device == "cpu":
-        # round-robin and compared round by round (see s2_cases)
-        rounds = int(os.environ.get("LT_BENCH_ROUNDS", 9 if min_time_s >= 1 else 3))
-        times = H.measure_interleaved(report, case, [(impl, fn) for _, impl, fn, _, _ in fns], device, None,
-                                      rounds=rounds, flops={impl: fl for _, impl, _, _, fl in fns},
-                                      impl_params={impl: pa for _, impl, _, pa, _ in fns})
-        times = {name: times[impl] for name, impl, *_ in fns}
-
-        def speedup(name):
-            return H.paired_ratio(times, "MHA", name)
-    else:
-        t = {name: _try_measure(report, case, impl, fn, device, params, flops, min_time_s)
-             for name, impl, fn, params, flops in H.progress(fns, case)}
-
-        def speedup(name):
-            return t["MHA"].median_ms / t[name].median_ms if t.get("MHA") and t.get(name) else None
+    # round-robin and compared round by round (see s2_cases)
+    times = H.measure_interleaved(report, case, [(impl, fn) for _, impl, fn, _, _ in fns], device, None,
+                                  rounds=n_rounds, flops={impl: fl for _, impl, _, _, fl in fns},
+                                  impl_params={impl: pa for _, impl, _, pa, _ in fns})
+    times = {name: times[impl] for name, impl, *_ in fns if impl in times}
     del keep, fns
     if device == "cuda":
         torch.cuda.empty_cache()
     for name, hq, _ in SQA_VARIANTS[1:]:
-        sp = speedup(name)
-        if sp is not None:
-            ideal = h_mha / hq
-            H.add_ratio(report, case, f"{name} speedup / ideal (H/H_q={ideal:g})", sp / ideal,
-                        0.9 if targets else None)
+        ideal = h_mha / hq
+        H.add_speed_ratio(report, case, f"{name} speedup / ideal (H/H_q={ideal:g})", times, "MHA", name,
+                          0.9 if targets else None, scale=1 / ideal)
 
 
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
-    report = H.Report("attention")
+    report = H.Report("attention", quick=quick)
     torch.manual_seed(0)
     if device == "cuda":
-        dtype, h, d, mt = torch.bfloat16, 8, 128, 0.25
+        dtype, h, d, r = torch.bfloat16, 8, 128, H.rounds(30)
         ns = [8192] if quick else [8192, 16384, 32768, 65536]
         sqa_ns = [8192] if quick else [32768, 65536]
         for n in ns:
             try:
-                s2_cases(report, device, n, h, d, dtype, mt, peers_bool=False)
+                s2_cases(report, device, n, h, d, dtype, r, peers_bool=False)
             except torch.cuda.OutOfMemoryError:
                 print(f"[attention] S2 N={n}: out of GPU memory, skipped", file=sys.stderr)
                 torch.cuda.empty_cache()
         for n in sqa_ns:
             try:
-                sqa_cases(report, device, n, d, dtype, mt, targets=n >= 32768)
+                sqa_cases(report, device, n, d, dtype, r, targets=n >= 32768)
             except torch.cuda.OutOfMemoryError:
                 print(f"[attention] SQA N={n}: out of GPU memory, skipped", file=sys.stderr)
                 torch.cuda.empty_cache()
@@ -280,18 +238,15 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         dtype, h, d = torch.float32, 8, 64
         if quick:
             # the issue's targets are for N = 4096: at N = 1024 the ratios are printed without them
-            s2_cases(report, device, 1024, h, d, dtype, 0.25, peers_bool=True, targets=False)
-            sqa_cases(report, device, 1024, d, dtype, 0.25, targets=False)
+            s2_cases(report, device, 1024, h, d, dtype, H.rounds(9), peers_bool=True, targets=False)
+            sqa_cases(report, device, 1024, d, dtype, H.rounds(9), targets=False)
         else:
-            s2_cases(report, device, 4096, h, d, dtype, 1.5, peers_bool=True)
-            sqa_cases(report, device, 4096, d, dtype, 1.5)
-            sqa_cases(report, device, 8192, d, dtype, 1.0)
+            s2_cases(report, device, 4096, h, d, dtype, H.rounds(21), peers_bool=True)
+            sqa_cases(report, device, 4096, d, dtype, H.rounds(15))
+            sqa_cases(report, device, 8192, d, dtype, H.rounds(9))
     H.write(report, out_dir, device, plot)
     return report
 
 
 if __name__ == "__main__":
-    if "--verbose" in sys.argv:  # tracebacks of skipped implementations (not a flag of H.cli)
-        sys.argv.remove("--verbose")
-        _VERBOSE = True
     H.cli(run)

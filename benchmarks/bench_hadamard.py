@@ -65,8 +65,9 @@ def plot(report, path, device_name):
 
 
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
-    report = H.Report("hadamard")
+    report = H.Report("hadamard", quick=quick)
     peer = _peer_fht() if device == "cuda" else None
+    n_rounds = H.rounds(9 if quick else 15)
     for n, rows, dtype in H.progress(list(cases(device, quick)), "hadamard"):
         x = torch.randn(rows, n, device=device, dtype=dtype)
         case = f"n={n} rows={rows}"
@@ -74,22 +75,24 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         nbytes = 2 * x.numel() * x.element_size()
         flops = hadamard_flops(x.shape)
         scale = 1 / math.sqrt(n)
-        ours = H.measure(report, case, "longtune", lambda: longtune.hadamard_transform(x, scale), device, params,
-                         flops, nbytes)
-        clone = H.measure(report, case, "torch.clone", lambda: x.clone(), device, params, 0, nbytes)
-        H.add_ratio(report, case, "fraction of torch.clone bandwidth", clone.median_ms / ours.median_ms,
-                    (0.85 if device == "cuda" else (0.5 if n == 4096 else None)))
+        impls = [("longtune", lambda x=x, scale=scale: longtune.hadamard_transform(x, scale)),
+                 ("torch.clone", lambda x=x: x.clone())]
+        fl = {"longtune": flops, "fast-hadamard-transform": flops}
         if n <= 16384:
             Hm = longtune.hadamard_matrix(n, dtype=dtype, device=device)
-            dense = H.measure(report, case, "torch dense x @ H", lambda: (x @ Hm) * scale, device, params,
-                              2 * rows * n * n, nbytes)
-            H.add_ratio(report, case, "speedup vs dense x @ H", dense.median_ms / ours.median_ms,
-                        3.0 if (device == "cpu" and n >= 1024) else None)
-            del Hm
+            impls.append(("torch dense x @ H", lambda x=x, Hm=Hm, scale=scale: (x @ Hm) * scale))
+            fl["torch dense x @ H"] = 2 * rows * n * n
         if peer is not None and params["pow2"]:
-            fht = H.measure(report, case, "fast-hadamard-transform", lambda: peer(x, scale), device, params,
-                            flops, nbytes)
-            H.add_ratio(report, case, "speedup vs fast-hadamard-transform", fht.median_ms / ours.median_ms, 1.2)
+            impls.append(("fast-hadamard-transform", lambda x=x, scale=scale: peer(x, scale)))
+        t = H.measure_interleaved(report, case, impls, device, params, rounds=n_rounds, flops=fl,
+                                  nbytes={name: nbytes for name, _ in impls})
+        H.add_speed_ratio(report, case, "fraction of torch.clone bandwidth", t, "torch.clone", "longtune",
+                          (0.85 if device == "cuda" else (0.5 if n == 4096 else None)))
+        H.add_speed_ratio(report, case, "speedup vs dense x @ H", t, "torch dense x @ H", "longtune",
+                          3.0 if (device == "cpu" and n >= 1024) else None)
+        H.add_speed_ratio(report, case, "speedup vs fast-hadamard-transform", t, "fast-hadamard-transform", "longtune",
+                          1.2)
+        impls = Hm = None
     H.write(report, out_dir, device, plot)
     return report
 

@@ -12,26 +12,23 @@ fused op):
    the 12 chunks not sampled skip the vocabulary head, the returned loss is the N/K estimate).
 Every parameter's ``.grad`` is pre-allocated with zeros (the gradients are not charged to anyone).
 
-Memory: each implementation runs in a fresh subprocess (the model is built there with the same seed
-before any memory reading): a tiny warm-up step of every path (thread pools, BLAS buffers,
-allocator), then one full-size step whose growth of ``ru_maxrss`` (the OS's peak RSS) is its peak
-memory (CPU; on GPU ``torch.cuda.max_memory_allocated`` over that step minus what was allocated
-before), then, on CPU, one more step under the profiler whose allocation events give the peak of
-live tensor bytes (the CPU analogue of ``max_memory_allocated``; RSS also counts the allocator's
-slack, which for SeCO's many mid-sized tensors is ~180 MiB of its ~630 MiB). The memory target is
-checked on live tensor bytes (the GPU's metric); the RSS ratio is reported beside it.
+Memory: ``harness.peak_memory`` over one step of each implementation (after a warm-up on a tiny
+sequence): the peak of bytes allocated above the level at the step's start - the allocator's events
+through the profiler on CPU, ``torch.cuda.max_memory_allocated`` on GPU - exact for a fixed shape.
 
-Time: one more subprocess runs the four steps round-robin (``LT_BENCH_ROUNDS`` rounds, default 3 on
-CPU, 5 on GPU; the order rotated each round) and the time ratios are medians of the per-round
-ratios. This machine's speed drifts by tens of per cent between minutes (one SpaCO step at 16k took
-35 s and, minutes later, 25 s), so single steps timed in separate processes are not comparable.
-SpaCO draws a new sample of chunks every step (its cost depends on the last sampled chunk); the
-samples timed are in the JSON and the ratio of mean times is reported beside the paired one.
+Time: the four steps round-robin in the same process (``harness.timed_rounds``; ``LT_BENCH_ROUNDS``
+rounds, default 5 (full) / 6 (--quick), the order rotated each round); the time ratios are medians of
+the per-round ratios with their rank-based 95% interval. SpaCO draws a new sample of chunks every
+step (its cost depends on the last sampled chunk); the samples timed are in the JSON and the ratio
+of mean times is reported beside the paired one.
+
+One subprocess does all of it (``_child``), so a run's memory high-water mark never leaks into the
+next; on CPU a first subprocess measures full backprop alone, with a time limit, to pick the size.
 
 Issue targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backprop's (full / SeCO
 >= 8); SeCO time <= 1.5x full backprop (full time / SeCO time >= 1/1.5); SpaCO with K = N/4 >= 2.5x
 faster than SeCO. The CPU run uses a shorter sequence when a full-backprop step takes too long (the
-size used is in the case name and params). ``--quick``: 1k tokens.
+size used is in the case name and params). ``--quick``: 512 tokens.
 
 Run: ``python benchmarks/chunkwise.py [--device cpu|cuda] [--out DIR] [--quick]``.
 """
@@ -65,7 +62,7 @@ _CHILD = """
 import sys
 sys.path.insert(0, {root!r})
 from benchmarks.chunkwise import _child
-_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+_child(sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 """
 
 
@@ -110,83 +107,47 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _live_peak_bytes(step) -> int:
-    """Peak of live tensor bytes over one call of ``step`` on CPU - the analogue of
-    ``torch.cuda.max_memory_allocated`` - from the profiler's allocation events (every tensor
-    allocation and free, in order). Allocator slack is not counted (glibc keeps freed mid-sized
-    blocks in its heap, which ru_maxrss does count), nor are C++ std::vector scratch buffers (a few
-    MiB per thread in the attention kernels; the fused CE's row-block logits are a tensor)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                 if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nb in evs:
-        live += nb
-        peak = max(peak, live)
-    return peak
-
-
 def _warm(model, device: str) -> None:
     for warm in ("full", "seco", "spaco"):  # tiny steps: thread pools, BLAS buffers, allocator
         _step_fn(model, warm, 4 * N_CHUNKS, device)()
     _sync(device)
 
 
-def _child(impl: str, device: str, n: int, rounds: int) -> None:
-    """In a fresh process. ``impl`` one of IMPLS: build the model, warm every path up on a tiny
-    sequence, then one full-size step (peak memory; its time is reported for information) and, on
-    CPU, one more under the profiler (live tensor peak). ``impl == "time"``: the four
-    implementations' steps round-robin, ``rounds`` rounds, the order rotated each round. Prints one
-    JSON line."""
-    import resource
+def _child(mem_impls: list, device: str, n: int, rounds: int) -> None:
+    """In a fresh process: build the models (own head, fused CE head), warm every path up on a tiny
+    sequence, measure the peak memory of one full-size step of each implementation in ``mem_impls``
+    (keys of IMPLS' values; its duration reported as ``first_s``), then, when ``rounds`` > 0, time
+    the four steps round-robin for ``rounds`` rounds (order rotated each round). Prints one JSON
+    line."""
     import time
 
-    if impl == "time":
-        models = {"full": build_model(device, fused_head=False), "fused": build_model(device)}
-        for m in models.values():
-            _warm(m, device)
-        steps = [(i, _step_fn(models["full" if i == "full" else "fused"], i, n, device)) for i in IMPLS.values()]
-        times = {i: [] for i, _ in steps}
-        for r in range(rounds):
-            for j in range(len(steps)):
-                name, fn = steps[(j + r) % len(steps)]
-                _sync(device)
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                times[name].append(time.perf_counter() - t0)
-        print(json.dumps({"times_s": times, "spaco_samples": dict(steps)["spaco"].samples}))
-        return
-    model = build_model(device, fused_head=impl != "full")
-    _warm(model, device)
-    step = _step_fn(model, impl, n, device)
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    step()
-    _sync(device)
-    first_s = time.perf_counter() - t0
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
-    live = _live_peak_bytes(step) if device == "cpu" else peak  # GPU: already live tensor bytes
-    print(json.dumps({"peak_bytes": peak, "live_peak_bytes": live, "first_s": first_s}))
+    models = {"full": build_model(device, fused_head=False), "fused": build_model(device)}
+    for m in models.values():
+        _warm(m, device)
+    steps = {i: _step_fn(models["full" if i == "full" else "fused"], i, n, device) for i in IMPLS.values()}
+    out = {"memory": {}}
+    for impl in filter(None, mem_impls):
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        m = H.peak_memory(steps[impl], device)
+        out["memory"][impl] = dict(m, first_s=time.perf_counter() - t0)
+    if rounds > 0:
+        steps["spaco"].samples.clear()
+        got = H.timed_rounds("chunkwise", [(name, steps[i]) for name, i in IMPLS.items()], device, rounds,
+                             warmup=False)  # warmed up above; a full-size warm-up step would cost minutes
+        out["times_ms"] = {name: g["ms"] for name, g in got.items()}
+        out["spaco_samples"] = steps["spaco"].samples
+    print(json.dumps(out))
 
 
-def _run_child(impl: str, device: str, n: int, rounds: int = 0, timeout_s: float | None = None) -> dict:
+def _run_child(mem_impls: list, device: str, n: int, rounds: int = 0, timeout_s: float | None = None) -> dict:
     """Runs :func:`_child` in a fresh process; raises subprocess.TimeoutExpired past timeout_s."""
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), impl, device, str(n), str(rounds)],
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), ",".join(mem_impls) or ",", device,
+                          str(n), str(rounds)],
                          capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"), timeout=timeout_s)
     if out.returncode != 0:
-        raise RuntimeError(f"{impl} at N={n} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{mem_impls} at N={n} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -220,41 +181,39 @@ def plot(report, path, device_name):
 
 
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
-    report = H.Report("chunkwise")
+    report = H.Report("chunkwise", quick=quick)
     cuda = device == "cuda"
-    rounds = int(os.environ.get("LT_BENCH_ROUNDS", 5 if cuda else (1 if quick else 3)))
-    sizes = (1024,) if quick else ((16384,) if cuda else CPU_SIZES)
+    rounds = H.rounds(6 if quick else 5)
+    sizes = (512,) if quick else ((16384,) if cuda else CPU_SIZES)
     if os.environ.get("LT_CHUNKWISE_N"):  # one size, no time limit
         sizes = (int(os.environ["LT_CHUNKWISE_N"]),)
     mem = {}
     n = sizes[0]
-    for i, n in enumerate(sizes):
-        print(f"[chunkwise] N={n}: memory of {FULL} ...", file=sys.stderr, flush=True)
-        last = cuda or quick or i == len(sizes) - 1
-        try:
-            # model build + warm-up take a few seconds; past that the step itself is too slow
-            mem = {FULL: _run_child("full", device, n, 0, None if last else 2 * CPU_MAX_FULL_STEP_S + 30)}
-        except subprocess.TimeoutExpired:
-            mem = {}
-        if last or (mem and mem[FULL]["first_s"] <= CPU_MAX_FULL_STEP_S):
-            break
-        print(f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on this machine, "
-              f"trying a shorter sequence", file=sys.stderr, flush=True)
-    for name, impl in IMPLS.items():
-        if name not in mem:
-            print(f"[chunkwise] N={n}: memory of {name} ...", file=sys.stderr, flush=True)
-            mem[name] = _run_child(impl, device, n)
-    print(f"[chunkwise] N={n}: step times, {rounds} interleaved rounds ...", file=sys.stderr, flush=True)
-    timing = _run_child("time", device, n, rounds)
-    times = {name: [t * 1e3 for t in timing["times_s"][impl]] for name, impl in IMPLS.items()}
+    if len(sizes) > 1:  # CPU: the longest sequence whose full-backprop step fits the time limit
+        for i, n in enumerate(sizes):
+            print(f"[chunkwise] N={n}: memory of {FULL} ...", file=sys.stderr, flush=True)
+            last = i == len(sizes) - 1
+            try:
+                # model build + warm-up take a few seconds; past that the step itself is too slow
+                mem = _run_child(["full"], device, n, 0, None if last else 2 * CPU_MAX_FULL_STEP_S + 30)["memory"]
+            except subprocess.TimeoutExpired:
+                mem = {}
+            if last or (mem and mem["full"]["first_s"] <= CPU_MAX_FULL_STEP_S):
+                break
+            print(f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on this machine, "
+                  f"trying a shorter sequence", file=sys.stderr, flush=True)
+    print(f"[chunkwise] N={n}: memory of every step, then {rounds} interleaved rounds ...", file=sys.stderr, flush=True)
+    got = _run_child([i for i in IMPLS.values() if i not in mem], device, n, rounds)
+    mem.update(got["memory"])
+    mem = {name: mem[impl] for name, impl in IMPLS.items()}
+    times = got["times_ms"]
 
     chunk = max(1, n // N_CHUNKS)
     case = f"tiny Llama N={n} chunks={N_CHUNKS}"
     params = dict(CONFIG, tokens=n, chunk_size=chunk, n_chunks=N_CHUNKS, spaco_budget=N_CHUNKS // 4,
                   dtype="float32", attention="longtune causal", seco_lm_head="fused_ce", spaco_full_loss=False,
-                  peak_memory_method="cuda.max_memory_allocated" if cuda else "ru_maxrss growth, fresh subprocess",
                   timing=f"{rounds} rounds, the four steps round-robin in one process, order rotated per round",
-                  spaco_samples_timed=timing["spaco_samples"])
+                  spaco_samples_timed=got["spaco_samples"])
     if not quick and not cuda and n != CPU_SIZES[0]:
         params["note"] = (f"issue size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
                           f"> {CPU_MAX_FULL_STEP_S:.0f} s")
@@ -263,31 +222,25 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     lin = cfg["num_hidden_layers"] * (4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"])
     lin += cfg["vocab_size"] * cfg["hidden_size"]
     flops = 6 * lin * n
-    for name, r in mem.items():
+    for name, m in mem.items():
         med, p20, p80 = H._quantiles(times[name])
-        report.results.append(H.Result(case, name, dict(params, peak_memory_bytes=r["peak_bytes"],
-                                                        live_tensor_peak_bytes=r.get("live_peak_bytes"),
-                                                        memory_step_ms=r["first_s"] * 1e3, step_times_ms=times[name]),
+        report.results.append(H.Result(case, name, dict(params, peak_memory_bytes=m["bytes"],
+                                                        peak_memory_method=m["method"],
+                                                        memory_step_ms=m["first_s"] * 1e3, step_times_ms=times[name]),
                                        med, p20, p80, flops, 0, tflops=flops / (med * 1e-3) / 1e12))
-        print(f"[chunkwise] {case} / {name}: peak memory of the step {r['peak_bytes'] / 2**20:.1f} MiB, live tensors "
-              f"{r.get('live_peak_bytes', 0) / 2**20:.1f} MiB, step {med / 1e3:.2f} s (median of {len(times[name])})",
-              file=sys.stderr)
-    peak = {name: r["peak_bytes"] for name, r in mem.items()}
-    live = {name: r.get("live_peak_bytes") or r["peak_bytes"] for name, r in mem.items()}
+        print(f"[chunkwise] {case} / {name}: peak memory of the step {m['bytes'] / 2**20:.1f} MiB, "
+              f"step {med / 1e3:.2f} s (median of {len(times[name])})", file=sys.stderr)
     mean = {name: sum(t) / len(t) for name, t in times.items()}
-    # the target is checked on live tensor bytes: what torch.cuda.max_memory_allocated measures on a
-    # GPU; on CPU the RSS growth (allocator slack included) is reported beside it
-    H.add_ratio(report, case, "full / SeCO peak live tensor bytes", live[FULL] / max(live[SECO], 1), 8.0)
-    if not cuda:
-        H.add_ratio(report, case, "full / SeCO peak RSS growth", peak[FULL] / max(peak[SECO], 1))
+    tg = not quick  # the targets are for the issue's 16k tokens; --quick (512) reports the ratios without them
+    H.add_memory_ratio(report, case, "full / SeCO peak memory", mem[FULL], mem[SECO], 8.0 if tg else None)
+    H.add_memory_ratio(report, case, "full / SpaCO peak memory", mem[FULL], mem[SPACO])
+    H.add_memory_ratio(report, case, "full (fused CE head) / SeCO peak memory", mem[FULL_FUSED], mem[SECO])
     # time ratios: median over rounds of the per-round ratio (the machine's speed drifts between
     # rounds); SpaCO draws a new sample every step, so its mean over the rounds is reported too
-    H.add_ratio(report, case, "full time / SeCO time", H.paired_ratio(times, FULL, SECO), round(1 / 1.5, 4))
-    H.add_ratio(report, case, "SeCO time / SpaCO time", H.paired_ratio(times, SECO, SPACO), 2.5)
+    H.add_speed_ratio(report, case, "full time / SeCO time", times, FULL, SECO, round(1 / 1.5, 4) if tg else None)
+    H.add_speed_ratio(report, case, "SeCO time / SpaCO time", times, SECO, SPACO, 2.5 if tg else None)
     H.add_ratio(report, case, "SeCO mean time / SpaCO mean time (samples averaged)", mean[SECO] / mean[SPACO])
-    H.add_ratio(report, case, "full peak memory / SpaCO peak", peak[FULL] / max(peak[SPACO], 1))
-    H.add_ratio(report, case, "full (fused CE head) peak memory / SeCO peak", peak[FULL_FUSED] / max(peak[SECO], 1))
-    H.add_ratio(report, case, "full (fused CE head) time / SeCO time", H.paired_ratio(times, FULL_FUSED, SECO))
+    H.add_speed_ratio(report, case, "full (fused CE head) time / SeCO time", times, FULL_FUSED, SECO)
     H.write(report, out_dir, device, plot)
     return report
 

@@ -3,8 +3,9 @@
 # (Python 3.12 + torch 2.11 there, no network). Builds against that machine's own torch for its own
 # architecture, runs tests/cuda, compute-sanitizer (memcheck on every CUDA kernel family, racecheck
 # on the shared-memory kernels) over a small CUDA test subset, then the benchmarks against the GPU
-# peers. Everything lands in one folder (default gpu-results/<UTC stamp>/) plus a tarball of it;
-# commit it under benchmarks/results/gpu/.
+# peers. Everything lands in one folder (default gpu-results/<UTC stamp>/) plus a tarball of it.
+# GPU_BASELINE=1 also records the benchmark run as the GPU baselines (benchmarks/baselines/cuda/,
+# run_all.py --update-baseline): review and commit them.
 # A lent GPU gives ~15 minutes in all and 10 per command, so the steps can be run in separate calls
 # on the same warm machine (the build folder is kept between calls):
 #   GPU_CHECK_STEPS="build tests"  then  GPU_CHECK_STEPS="sanitizer bench" BENCH_ONLY="attention cross_entropy"
@@ -64,8 +65,9 @@ fi
 
 if want bench; then
   step "benchmarks vs GPU peers${BENCH_ONLY:+ ($BENCH_ONLY)}"
-  $PY benchmarks/run_all.py --device cuda --out "$OUT" ${BENCH_ONLY:+--only $BENCH_ONLY} > "$OUT/bench.log" 2>&1 || status=1
-  grep -A40 "ratios:" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+  $PY benchmarks/run_all.py --device cuda --out "$OUT" ${BENCH_ONLY:+--only $BENCH_ONLY} \
+    ${GPU_BASELINE:+--update-baseline} > "$OUT/bench.log" 2>&1 || status=1
+  sed -n '/^== summary/,$p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 fi
 
 tar -czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")"

@@ -412,10 +412,8 @@ def test_bad_inputs():
         seco_backward(model, ids, labels[:, :10], chunk_size=4)
     with pytest.raises(ValueError, match="cap"):
         seco_backward(model, ids, labels, chunk_size=4, budget=2, cap=0)
-    mask = torch.ones_like(ids)
-    mask[:, :2] = 0
-    with pytest.raises(ValueError, match="padding"):
-        seco_backward(model, ids, labels, chunk_size=4, attention_mask=mask)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        seco_backward(model, ids, labels, chunk_size=4, attention_mask=torch.ones_like(ids[:, :-1]))
     model.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="ignored"):
         loss = seco_backward(model, ids, torch.full_like(labels, -100), chunk_size=4)
@@ -429,3 +427,27 @@ def test_bad_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         seco_backward(model, ids[0], labels[0], chunk_size=5)  # 1-D input: one sequence
+
+
+@pytest.mark.parametrize("attention", [None, "causal", "s2"])
+def test_padded_batch_is_exact(attention):
+    """Left- and right-padded rows in one batch: every chunk runs with its columns of the padding
+    mask (as a cached forward does), so SeCO's gradient is full backprop's with the same mask -- on
+    transformers' own sdpa attention and on longtune's."""
+    model = tiny_llama()
+    if attention:
+        lt_hf.patch(model, attention=attention)
+    model.train()
+    ids, labels = batch(n=40, b=3)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding
+    mask[2, -9:] = 0  # right padding
+    labels = labels.masked_fill(mask == 0, -100)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    F.cross_entropy(logits.reshape(-1, VOCAB), shift.reshape(-1), ignore_index=-100).backward()
+    ref = grads(model)
+    model.zero_grad(set_to_none=True)
+    seco_backward(model, ids, labels, chunk_size=12, attention_mask=mask)
+    assert max_rel_err(grads(model), ref) <= 1e-10

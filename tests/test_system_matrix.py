@@ -22,8 +22,8 @@ sampled chunk-wise estimator, whose exactness against full backprop is covered b
 and tests/test_chunkwise.py). Exact means every trained parameter's gradient within 1e-10
 relative (1e-9 where the fused loss sums in another order), and the loss too.
 
-Refused (clear error, before any compute): the Lambda-mask in training; ``longlora_roll`` and
-padding under chunk-wise training.
+Refused (clear error, before any compute): the Lambda-mask in training; ``longlora_roll`` under
+chunk-wise training.
 """
 from __future__ import annotations
 
@@ -189,8 +189,6 @@ def _rel(got, ref):
 
 def _refusal(attention, training, variant):
     """The error a refused cell raises (type, message pattern), or None for a supported cell."""
-    if training != "full" and variant.endswith("pad"):
-        return ValueError, "padding is not supported"
     if attention == "lambda":
         return (RuntimeError, ValueError), "inference"
     if training != "full" and attention == "s2_roll":

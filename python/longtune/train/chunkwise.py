@@ -42,8 +42,10 @@ tests/test_chunkwise.py (a few per cent of the gradient norm on a tiny 2-layer m
 below ``N/K`` biases the local terms, a cap below ``(N-1)/(K-1)`` the relayed ones (the estimate
 then shrinks). ``cap=None`` lifts the clipping. With ``K = N`` all factors are 1: SpaCO is SeCO.
 
-Scope: batch of equal-length rows (B >= 1), no padding: ``attention_mask`` must be None or all
-ones. Models: HF causal LMs whose attention writes k/v through ``cache.update(k, v, layer_idx)``
+Scope: a batch of rows (B >= 1), padded or not: ``attention_mask`` (B, N) is the model's padding
+mask, and chunk i is run with its columns [0, e_i) -- the keys it sees -- as a cached forward is;
+the positions are ``arange(N)`` as in the whole-sequence forward without ``position_ids`` (label
+padded positions -100, as for full backprop). Models: HF causal LMs whose attention writes k/v through ``cache.update(k, v, layer_idx)``
 (Llama, Qwen2, Mistral, ..., also peft-wrapped, also ``longtune.patch(model, attention="causal")``).
 Dropout is replayed identically in phase 2 (the RNG state of each chunk's phase-1 forward is
 restored). S^2 attention (``longtune.patch(model, attention="s2")``) is reproduced chunk-wise exactly:
@@ -266,9 +268,6 @@ def _check(input_ids, labels, chunk_size, budget, cap, attention_mask):
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"seco_backward: attention_mask shape {tuple(attention_mask.shape)} does not match "
                              f"input_ids shape {tuple(input_ids.shape)}")
-        if not bool((attention_mask != 0).all()):
-            raise ValueError("seco_backward: padding is not supported (attention_mask must be None or all "
-                             "ones); pack or batch equal-length sequences")
     return input_ids, labels, n, n_chunks
 
 
@@ -328,14 +327,18 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
     else:
         skip_loss, scale = set(), 1.0
     with sequence_length(n):  # S^2-Attn: the group size of the whole sequence in every chunk
-        loss = _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss)
+        loss = _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss,
+                                   None if attention_mask is None or bool((attention_mask != 0).all()) else
+                                   attention_mask.to(dev))
     return loss * scale if scale != 1.0 else loss
 
 
-def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss=()):
+def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss=(),
+                        attention_mask=None):
     """Phases 1 and 2 for the chunks in ``sampled`` (indices), their local losses weighted by
     ``local_w`` and the k/v gradients relayed to them by ``relay_w`` (0: no relay); ``shift``: the
-    globally shifted labels; ``denom``: the loss normaliser."""
+    globally shifted labels; ``denom``: the loss normaliser; ``attention_mask``: the (B, N) padding
+    mask or None (chunk i sees its columns [0, e_i), as a cached forward does)."""
     dev = input_ids.device
     bsz, n = input_ids.shape
     n_chunks = math.ceil(n / chunk_size)
@@ -360,6 +363,8 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
         cache = Cache(layers=layers)
         pos = torch.arange(s, e, device=dev).unsqueeze(0).expand(bsz, -1)
         kw = dict(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache})
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask[:, :e]
         if with_loss and fused_head:
             loss = model(**kw, shift_labels=shift[:, s:e], num_items_in_batch=denom).loss
         elif kv_only:

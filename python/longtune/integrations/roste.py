@@ -436,7 +436,8 @@ def load_exported(model, path: str):
     qlin = _quant_linears(model)
     state = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".scales", ".zeros"))}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    expected_missing = {f"{n}.weight" for n in layout}
+    # files written before the quantizer state was part of the state dict have no `_extra_state`
+    expected_missing = {f"{n}.weight" for n in layout} | {f"{n}._extra_state" for n in qlin}
     if set(missing) - expected_missing or unexpected:
         raise ValueError(f"longtune.quant.load_exported: state mismatch (missing {sorted(set(missing) - expected_missing)},"
                          f" unexpected {sorted(unexpected)})")

@@ -12,8 +12,14 @@ channel or per group. While the weight is frozen (LoRA / peft, evaluation) the r
 cached; the cache is dropped when the weight changes (version counter, storage, or a 1024-entry
 fingerprint that catches `.data` edits such as peft's merge). A trainable weight is rotated
 differentiably on every forward. Gradients reach ``weight`` through the straight-through estimators.
+
+State dict: ``weight``, ``bias`` and ``_extra_state``, the quantizer configuration and the
+``prerotated_weight`` / ``weight_is_quantized`` flags as UTF-8 JSON in a uint8 tensor (a tensor, so
+that safetensors and ``save_pretrained`` store it); loading it sets them on the module.
 """
 from __future__ import annotations
+
+import json
 
 import torch
 from torch import nn
@@ -41,6 +47,27 @@ class RotatedQuantLinear(nn.Linear):
         if rotate:
             # fail early, with the Hadamard op's message, when in_features has no supported factor
             hadamard_transform(torch.zeros(1, hadamard_size or in_features), 1.0)
+
+    _STATE_FIELDS = ("act_bits", "weight_bits", "weight_group_size", "act_clip_ratio", "weight_clip_ratio",
+                     "act_symmetric", "weight_symmetric", "rotate", "hadamard_size", "ste", "prerotated_weight",
+                     "weight_is_quantized")
+
+    def get_extra_state(self) -> torch.Tensor:
+        cfg = {"format_version": 1, **{k: getattr(self, k) for k in self._STATE_FIELDS}}
+        return torch.tensor(list(json.dumps(cfg, sort_keys=True).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        if torch.is_tensor(state):
+            state = json.loads(bytes(state.to(torch.uint8).cpu().tolist()).decode())
+        if not isinstance(state, dict):
+            raise TypeError(f"RotatedQuantLinear: unreadable _extra_state of type {type(state).__name__}")
+        unknown = set(state) - set(self._STATE_FIELDS) - {"format_version"}
+        if unknown:
+            raise ValueError(f"RotatedQuantLinear: unknown fields {sorted(unknown)} in _extra_state")
+        for k in self._STATE_FIELDS:
+            if k in state:
+                setattr(self, k, state[k])
+        self._cache = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "RotatedQuantLinear":

@@ -6,6 +6,11 @@ Partial backprop: ``dX = dY W`` as usual, but the weight gradient is computed fo
 ``dW[rows] = dY[:, rows]^T X`` or ``dW[:, cols] = dY^T X[:, cols]`` - and for ``dim="in"`` only
 ``X[:, cols]`` is saved for backward, not X. Gradients accumulate across micro-batches (autograd's
 ``.grad +=``); the optimizer sees only the block (so weight decay touches only the block).
+
+State dict: ``base.weight`` (the whole trained weight), ``base.bias``, ``part`` (a copy of the
+trained block, so that safetensors and ``save_pretrained`` see no shared storage) and
+``original_part`` (the block before training: ``adapter()`` / ``unfuse()`` still work after
+loading). Loading writes ``part`` into the block of ``base.weight`` and keeps ``part`` a view of it.
 """
 from __future__ import annotations
 
@@ -52,7 +57,13 @@ class S2FTLinear(nn.Module):
             base.bias.requires_grad_(False)
         view = base.weight.data[lo:hi] if dim == "out" else base.weight.data[:, lo:hi]
         self.part = nn.Parameter(view)  # shares storage with base.weight: updates land in place
-        self.register_buffer("original_part", view.detach().clone(), persistent=False)
+        self.register_buffer("original_part", view.detach().clone())
+        self.register_state_dict_post_hook(_s2ft_state_dict_hook)
+        self.register_load_state_dict_post_hook(_s2ft_load_post_hook)
+
+    def _block(self) -> torch.Tensor:
+        w = self.base.weight.data
+        return w[self.lo:self.hi] if self.dim == "out" else w[:, self.lo:self.hi]
 
     @property
     def in_features(self):
@@ -86,6 +97,23 @@ class S2FTLinear(nn.Module):
 
     def extra_repr(self):
         return f"{self.base.in_features} -> {self.base.out_features}, trainable {self.dim} [{self.lo}, {self.hi})"
+
+
+def _s2ft_state_dict_hook(module: S2FTLinear, state: dict, prefix: str, local_metadata) -> None:
+    key = prefix + "part"
+    if key in state:  # a copy: ``part`` is a view of base.weight, which the state dict holds too
+        state[key] = state[key].detach().clone()
+
+
+@torch.no_grad()
+def _s2ft_load_post_hook(module: S2FTLinear, incompatible_keys) -> None:
+    block = module._block()
+    if module.part.device.type == "meta" or block.device.type == "meta":
+        return
+    if module.part.data_ptr() != block.data_ptr() or module.part.shape != block.shape:
+        # loaded with assign=True (or the weight was replaced): re-attach the block to the weight
+        block.copy_(module.part.detach())
+        module.part.data = block
 
 
 def _silu_grad(g: torch.Tensor) -> torch.Tensor:
@@ -159,6 +187,13 @@ class S2FTMLP(nn.Module):
         if not (isinstance(act, nn.SiLU) or act is nn.functional.silu or hf_silu):
             raise ValueError(f"S2FTMLP: only SiLU gated MLPs are fused, got activation {type(act).__name__}")
         self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+        self.__dict__["_mlp"] = mlp  # the module it replaces (not a submodule), for ``unload``
+
+    def unload(self) -> nn.Module:
+        """The plain MLP it replaced, with plain linear layers holding the trained weights."""
+        mlp = self.__dict__["_mlp"]
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = self.gate_proj, self.up_proj.base, self.down_proj.base
+        return mlp
 
     def forward(self, x):
         up, down = self.up_proj, self.down_proj

@@ -5,8 +5,16 @@ The deltas live inside the frozen base weight's own storage (``W + scatter(value
 whenever the values changed; only the k original entries are kept aside), so there is no second
 copy of W and no per-call clone; backward computes ``dX = dY (W + Δ)`` with
 one dense product and ``d(values)`` with the gather-only kernel ``sparse_delta_grad`` (one
-length-T dot per index; the dense dW is never formed). Not yet here (see the issue): prune /
-regrow schedules, the fused sparse AdamW, S²FT.
+length-T dot per index; the dense dW is never formed).
+
+State dict (exact at any point: before the first forward, after optimizer steps, after ``merge()``,
+after prune / regrow changed the indices): ``base.weight`` is the base weight WITHOUT the deltas
+(a copy with the k original entries put back; the live storage holds W + Δ), ``base.bias``,
+``indices`` (int64, sorted) and ``values``; after ``merge()`` also ``folded`` (the deltas folded
+into ``base.weight``, aligned with ``indices``, so that ``unmerge()`` still works after loading).
+Loading accepts any number of deltas (the indices may differ from the module's own: they are
+replaced, and ``values`` keeps its Parameter identity, so an optimizer built over the module stays
+attached) and re-patches the base weight.
 """
 from __future__ import annotations
 
@@ -68,6 +76,8 @@ class SparseDeltaLinear(nn.Module):
         self._snapshot = None  # the values last written into the base weight
         self._collect = None  # set by longtune.train.sparse.SpIELScheduler during its window
         self.register_buffer("_folded", None, persistent=False)
+        self.register_state_dict_post_hook(_state_dict_hook)
+        self.register_load_state_dict_post_hook(_load_post_hook)
 
     @property
     def in_features(self):
@@ -130,6 +140,63 @@ class SparseDeltaLinear(nn.Module):
         return w
 
     @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """The deltas at ``indices`` relative to the base weight the module was built on: ``values``,
+        plus what ``merge()`` folded into the base."""
+        v = self.values.detach()
+        return v + self._folded if self._folded is not None else v.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        with torch.no_grad():  # the base storage goes back to W: the load may replace it, or only the deltas
+            self._restore_base()
+        ik, vk, fk = prefix + "indices", prefix + "values", prefix + "folded"
+        idx, val, folded = state_dict.get(ik), state_dict.get(vk), state_dict.get(fk)
+        rest = {k: v for k, v in state_dict.items() if k not in (ik, vk, fk)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for key, t in ((ik, idx), (vk, val)):  # handled here, not by the default loader
+            if t is not None and key in missing_keys:
+                missing_keys.remove(key)
+        if idx is None and val is None:
+            return
+        if idx is None or val is None:
+            error_msgs.append(f"{prefix}indices and {prefix}values must be loaded together (got only "
+                              f"{ik if idx is not None else vk})")
+            return
+        err = self._check_deltas(idx, val)
+        if err is None and folded is not None and folded.shape != val.shape:
+            err = f"folded has shape {tuple(folded.shape)}, expected {tuple(val.shape)} (one per index)"
+        if err is not None:
+            error_msgs.append(f"While loading {prefix or 'SparseDeltaLinear'}: {err}")
+            return
+        with torch.no_grad():
+            dev, dt = self.values.device, self.values.dtype
+            val = val.detach().to(device=dev, dtype=dt)
+            if local_metadata.get("assign_to_params_buffers", False):
+                self.values = nn.Parameter(val, requires_grad=self.values.requires_grad)
+            elif val.shape == self.values.shape:
+                self.values.copy_(val)
+            else:  # another number of deltas: same Parameter object, new data
+                self.values.data = val.clone()
+            self.indices = idx.detach().to(device=self.indices.device, dtype=torch.long).clone()
+            self._folded = None if folded is None else folded.detach().to(device=dev, dtype=dt).clone()
+
+    def _check_deltas(self, idx: torch.Tensor, val: torch.Tensor):
+        """None, or what is wrong with a set of deltas for this layer."""
+        numel = self.base.weight.numel()
+        if idx.dim() != 1 or val.dim() != 1 or idx.numel() != val.numel():
+            return (f"indices and values must be 1-D of equal size, got shapes {tuple(idx.shape)} and "
+                    f"{tuple(val.shape)}")
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            return f"indices must be integers, got {idx.dtype}"
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            return "indices must be strictly increasing"
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+            return (f"indices out of range for a {self.out_features} x {self.in_features} weight "
+                    f"(flat indices must be in [0, {numel}))")
+        return None
+
+    @torch.no_grad()
     def replace_deltas(self, keep: torch.Tensor, grow: torch.Tensor, optimizer=None) -> None:
         """Prune / regrow in place: keep the deltas where ``keep`` (bool [k]) is true, add zero deltas at
         the flat indices ``grow`` (must be inactive, unique). The number of deltas stays whatever
@@ -138,6 +205,9 @@ class SparseDeltaLinear(nn.Module):
         grown deltas start from zero state."""
         if keep.dtype != torch.bool or keep.shape != self.values.shape:
             raise ValueError("SparseDeltaLinear.replace_deltas: keep must be a bool mask over the deltas")
+        if self._folded is not None:
+            raise RuntimeError("SparseDeltaLinear.replace_deltas: the deltas are merged into the base weight; "
+                               "call unmerge() before changing the indices")
         grow = grow.to(self.indices.device, torch.long)
         if grow.numel():
             if int(grow.min()) < 0 or int(grow.max()) >= self.base.weight.numel():
@@ -169,27 +239,51 @@ class SparseDeltaLinear(nn.Module):
         assert self.values.numel() == n_keep + grow.numel()
 
     def delta_state_dict(self) -> dict:
-        """Only what the fine-tuning changed: {"indices", "values"}."""
-        return {"indices": self.indices.detach().cpu(), "values": self.values.detach().cpu()}
+        """Only what the fine-tuning changed: {"indices", "values"} (values relative to the base weight
+        the module was built on, i.e. including anything ``merge()`` folded in)."""
+        return {"indices": self.indices.detach().cpu(), "values": self.delta().cpu()}
 
     @torch.no_grad()
     def load_delta_state_dict(self, state: dict) -> None:
+        """Replace the deltas by {"indices", "values"} (as from ``delta_state_dict``) over the current
+        base weight. ``values`` becomes a new Parameter."""
         idx, val = state["indices"].to(self.indices.device), state["values"]
-        if idx.dim() != 1 or idx.numel() != val.numel():
-            raise ValueError("SparseDeltaLinear.load_delta_state_dict: indices and values must be 1-D of equal size")
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError("SparseDeltaLinear.load_delta_state_dict: indices must be strictly increasing")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.base.weight.numel()):
-            raise ValueError("SparseDeltaLinear.load_delta_state_dict: indices out of range")
+        err = self._check_deltas(idx, val)
+        if err is not None:
+            raise ValueError(f"SparseDeltaLinear.load_delta_state_dict: {err}")
         if val.dtype != self.base.weight.dtype:
             raise TypeError(f"SparseDeltaLinear.load_delta_state_dict: values are {val.dtype} but the base weight is "
                             f"{self.base.weight.dtype}; convert one of them explicitly")
+        if self._folded is not None:
+            raise RuntimeError("SparseDeltaLinear.load_delta_state_dict: the deltas are merged into the base weight; "
+                               "call unmerge() first")
         self._restore_base()
-        self.indices = idx
-        self.values = nn.Parameter(val.to(self.base.weight.device))
+        self.indices = idx.long()
+        self.values = nn.Parameter(val.to(self.base.weight.device).clone())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.values.numel()}"
+
+
+@torch.no_grad()
+def _state_dict_hook(module: SparseDeltaLinear, state: dict, prefix: str, local_metadata) -> None:
+    """``base.weight`` without the deltas (the live storage holds W + Δ); ``folded`` after merge()."""
+    key = prefix + "base.weight"
+    if key in state and module._orig is not None:
+        w = state[key].detach().clone()
+        w.view(-1)[module.indices] = module._orig
+        state[key] = w
+    if module._folded is not None:
+        state[prefix + "folded"] = module._folded.detach().clone()
+
+
+@torch.no_grad()
+def _load_post_hook(module: SparseDeltaLinear, incompatible_keys) -> None:
+    """After the base weight and the deltas are loaded: the k original entries are read from the
+    freshly loaded base weight and W + Δ is patched in."""
+    module._orig, module._snapshot = None, None
+    if module.base.weight.device.type != "meta" and module.values.device.type != "meta":
+        module.merged_weight()
 
 
 @torch.no_grad()

@@ -2,3 +2,12 @@
 from . import s2ft  # noqa: F401
 from .sparse import SparseAdamW, SpIELScheduler, sparsify  # noqa: F401
 from .chunkwise import seco_backward, seco_train_step  # noqa: F401
+from .adapters import load_sparse_adapter, merge_and_unload, save_sparse_adapter  # noqa: F401,E402
+
+
+def __getattr__(name):  # transformers is imported only when the Trainer callback is asked for
+    if name == "SpIELCallback":
+        from ..integrations.trainer import SpIELCallback
+
+        return SpIELCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,10 +42,16 @@ def sparsify(model: nn.Module, *, density: float = 0.01, target_modules=None, se
 
 
 class SparseAdamW(torch.optim.Optimizer):
-    """AdamW for 1-D delta tensors (SparseDeltaLinear.values) through the fused kernel."""
+    """AdamW for 1-D delta tensors (SparseDeltaLinear.values) through the fused kernel.
+
+    Per-parameter state: ``exp_avg`` / ``exp_avg_sq`` (float32) and ``age`` (int32, the step count of
+    each delta, so that regrown deltas get their own bias correction). ``load_state_dict`` keeps
+    those dtypes (torch's default loader would cast them to the parameter's dtype); state saved
+    after a prune / regrow loads into an optimizer over the re-loaded model like any other."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.register_load_state_dict_post_hook(_sparse_adamw_state_dtypes)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -62,6 +68,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 sparse_adamw_(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["age"], lr=group["lr"],
                               betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
         return loss
+
+
+def _sparse_adamw_state_dtypes(optimizer: SparseAdamW) -> None:
+    for st in optimizer.state.values():
+        for key, dt in (("exp_avg", torch.float32), ("exp_avg_sq", torch.float32), ("age", torch.int32)):
+            if key in st and st[key].dtype != dt:
+                st[key] = st[key].to(dt)
 
 
 class _GrowthStats:
@@ -155,8 +168,10 @@ class SpIELScheduler:
     smallest magnitude and grows the same number of candidates with the largest scores (new deltas
     start at 0 with fresh optimizer state), so every layer keeps exactly k deltas.
     ``p = drop_fraction`` decays to 0 over ``total_steps`` (cosine or linear; constant without
-    ``total_steps``). ``state_dict()`` / ``load_state_dict()`` restore the step counter on resume.
-    ``growth="ma"`` (SpIEL-MA) scores growth with SM3 accumulators updated at every step instead.
+    ``total_steps``). ``growth="ma"`` (SpIEL-MA) scores growth with SM3 accumulators updated at every step instead.
+    ``state_dict()`` / ``load_state_dict()`` also carry the growth statistics of an open window and
+    the SM3 accumulators: a run resumed from the model's, the optimizer's and this state continues
+    exactly like an uninterrupted one.
     """
 
     def __init__(self, model_or_layers, optimizer=None, *, update_every: int = 20, window: int = 5,
@@ -236,22 +251,58 @@ class SpIELScheduler:
         layer.replace_deltas(keep, grow, self.optimizer)
 
     def state_dict(self) -> dict:
+        """The step counter, the options, and the growth statistics collected so far: per layer (in
+        ``self.layers`` order) the candidates / accumulated scores / candidate budget of an open
+        SpIEL-AG window (None outside a window), or the SM3 row / column accumulators (``growth="ma"``).
+        Tensors are copies; the dict is torch.save-able."""
         st = {"step_count": self.step_count, "update_every": self.update_every, "window": self.window,
               "drop_fraction": self.drop_fraction, "decay": self.decay, "total_steps": self.total_steps,
-              "growth": self.growth}
+              "growth": self.growth, "candidates_factor": self.candidates_factor, "tile_rows": self.tile_rows,
+              "num_layers": len(self.layers)}
         if self.growth == "ma":
             st["sm3"] = [(self._sm3[id(l)].row.clone(), self._sm3[id(l)].col.clone()) for l in self.layers]
+        else:
+            windows = []
+            for layer in self.layers:
+                c = layer._collect
+                if isinstance(c, _GrowthStats):
+                    windows.append({"n_cand": c.n_cand,
+                                    "cand": None if c.cand is None else c.cand.clone(),
+                                    "score": None if c.score is None else c.score.clone()})
+                else:
+                    windows.append(None)
+            st["growth_stats"] = windows
         return st
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s state (also the growth statistics of an open window), so that
+        training continues exactly as it would have without the interruption. Layers are matched
+        by position (the model's module order)."""
         state = dict(state)
         sm3 = state.pop("sm3", None)
+        windows = state.pop("growth_stats", None)
+        n = state.pop("num_layers", None)
+        if n is not None and n != len(self.layers):
+            raise ValueError(f"SpIELScheduler.load_state_dict: the state is for {n} SparseDeltaLinear layers, this "
+                             f"scheduler has {len(self.layers)}")
         for k, v in state.items():
             setattr(self, k, v)
         if self.growth == "ma":
             self._sm3 = {id(l): _SM3Stats(l, self.tile_rows) for l in self.layers}
             for l, (row, col) in zip(self.layers, sm3 or []):
-                self._sm3[id(l)].row, self._sm3[id(l)].col = row.clone(), col.clone()
+                dev = l.values.device
+                self._sm3[id(l)].row, self._sm3[id(l)].col = row.to(dev).clone(), col.to(dev).clone()
+        else:
+            self._sm3 = {}
         for layer in self.layers:
             layer._collect = None
+        if self.growth != "ma" and windows is not None:
+            for layer, w in zip(self.layers, windows):
+                if w is None:
+                    continue
+                stats = _GrowthStats(layer, w["n_cand"], self.tile_rows)
+                dev = layer.values.device
+                stats.cand = None if w["cand"] is None else w["cand"].to(dev).clone()
+                stats.score = None if w["score"] is None else w["score"].to(dev).clone()
+                layer._collect = stats
         self._arm_if_due()

@@ -420,15 +420,18 @@ def fmt_ratio(q: dict) -> str:
 
 def print_table(report: Report):
     print(f"\n== {report.benchmark} ==")
-    print(f"{'case':<34}{'impl':<26}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}")
+    wc = max([4] + [len(r.case) for r in report.results] + [len(q["case"]) for q in report.ratios]) + 2
+    wi = max([4] + [len(r.impl) for r in report.results]) + 2
+    print(f"{'case':<{wc}}{'impl':<{wi}}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}")
     for r in report.results:
-        print(f"{r.case:<34}{r.impl:<26}{r.median_ms:>11.4f}{r.p20_ms:>10.4f}{r.p80_ms:>10.4f}"
+        print(f"{r.case:<{wc}}{r.impl:<{wi}}{r.median_ms:>11.4f}{r.p20_ms:>10.4f}{r.p80_ms:>10.4f}"
               f"{r.gbps:>9.1f}{r.tflops:>9.3f}")
     if report.ratios:
+        wm = max(len(q["metric"]) for q in report.ratios) + 2
         print("ratios (median [95% interval]; higher is better):")
         for q in report.ratios:
             tgt = "" if q["target"] is None else f"  target >= {q['target']:g}: {q['verdict']}"
-            print(f"  {q['case']:<34}{q['metric']:<48}{fmt_ratio(q):>22}{tgt}")
+            print(f"  {q['case']:<{wc}}{q['metric']:<{wm}}{fmt_ratio(q):>22}{tgt}")
 
 
 def summary(reports, total_s: float) -> str:

@@ -11,11 +11,16 @@
 // rne = round half to even (torch.round, rintf). kScaleFloor keeps constant and all-zero groups
 // finite (a zero scale would divide 0 by 0). "In range" (for the clipping STE) means the
 // unclamped code rne(x / scale) (+ zero) lies inside the code range.
+// Non-finite groups behave as in the reference (torch.amax / maximum / clamp propagate NaN): a NaN
+// in a group makes its statistics, scale, zero and every dequantized value NaN; an inf makes the
+// scale inf and the dequantized values non-finite (0 * inf). max / min / clamp here are the
+// NaN-propagating ones (fmaxf / fminf would drop the NaN and hide it behind kScaleFloor).
 #pragma once
 #include <cmath>
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/nonfinite.h"
 
 namespace lt::quant {
 
@@ -46,21 +51,25 @@ LT_HD float qmax(const QuantCfg& c) { return c.symmetric ? float((1 << (c.bits -
 LT_HD GroupParams group_params(const QuantCfg& c, float amax, float mn, float mx) {
   GroupParams g;
   if (c.symmetric) {
-    g.scale = fmaxf((c.clip * amax) / qmax(c), kScaleFloor);
+    g.scale = nan_max((c.clip * amax) / qmax(c), kScaleFloor);
     g.zero = 0.f;
   } else {
-    const float lo = c.clip * fminf(mn, 0.f), hi = c.clip * fmaxf(mx, 0.f);
-    g.scale = fmaxf((hi - lo) / qmax(c), kScaleFloor);
-    g.zero = fminf(fmaxf(rne(-lo / g.scale), 0.f), qmax(c));
+    const float lo = c.clip * nan_min(mn, 0.f), hi = c.clip * nan_max(mx, 0.f);
+    g.scale = nan_max((hi - lo) / qmax(c), kScaleFloor);
+    g.zero = nan_min(nan_max(rne(-lo / g.scale), 0.f), qmax(c));
   }
   return g;
 }
 
 LT_HD float unclamped_code(const QuantCfg& c, const GroupParams& g, float x) { return rne(x / g.scale) + g.zero; }
 
+// The clamped code; NaN stays NaN (torch.clamp).
 LT_HD float code(const QuantCfg& c, const GroupParams& g, float x) {
-  return fminf(fmaxf(unclamped_code(c, g, x), qmin(c)), qmax(c));
+  return nan_min(nan_max(unclamped_code(c, g, x), qmin(c)), qmax(c));
 }
+
+// An integer code for storage: a NaN code (its group's scale is NaN / inf) is stored as 0.
+LT_HD float storable_code(float q) { return q != q ? 0.f : q; }
 
 LT_HD float dequant(const GroupParams& g, float q) { return (q - g.zero) * g.scale; }
 

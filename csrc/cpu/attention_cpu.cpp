@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/attn_host.h"
+#include "common/nonfinite.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/multiversion.h"
 
@@ -30,6 +31,7 @@ using cpu::dot;
 using cpu::exp_neg;
 using cpu::exp_row;
 using cpu::mm;
+using cpu::row_finite;
 using cpu::row_max;
 
 static int64_t tile_env(int i, int64_t dflt) {
@@ -110,6 +112,66 @@ void apply_mask(T* S, int64_t rows, int64_t cols, int64_t j0, const Ranges* rr, 
   }
 }
 
+// Key j of the chunk [j0, j1) is visible to row r of the block.
+struct Visible {
+  const Ranges* rr;
+  const uint8_t* kpm;
+  int64_t j0;
+  bool operator()(int64_t r, int64_t jl) const {
+    const int64_t j = j0 + jl;
+    return in_ranges(rr[r], j) && (!kpm || kpm[j]);
+  }
+};
+
+// True when some row of the block does not see some key of [j0, j1).
+bool chunk_partial(const Ranges* rr, int64_t rows, int64_t j0, int64_t j1, const uint8_t* kpm) {
+  for (int64_t r = 0; r < rows; ++r)
+    if (!row_covers(rr[r], j0, j1)) return true;
+  if (kpm)
+    for (int64_t c = j0; c < j1; ++c)
+      if (!kpm[c]) return true;
+  return false;
+}
+
+// C (ldc) += op(A) B over one key chunk of a partially masked block, where A (rows x cols, ld KC)
+// holds P or dS, and a pair (r, j) the mask hides contributes nothing: a GEMM would multiply A's 0
+// there by B's row, which is NaN when that row (a key, or a query) holds a NaN / inf, and so let a
+// row read what it never sees. The GEMM goes into `tmp`; an output row that comes out non-finite
+// is recomputed over its visible pairs only (the slow path runs only on non-finite data).
+// by_row: output row r = sum_j A[r, j] B[j] (B's rows are keys); else output row j = sum_r A[r, j] B[r].
+template <class T>
+void acc_visible(bool by_row, int64_t rows, int64_t cols, int64_t d, const T* A, const T* B, int64_t ldb, T* C,
+                 int64_t ldc, T* tmp, const Visible& vis) {
+  const int64_t nout = by_row ? rows : cols, nsum = by_row ? cols : rows;
+  mm<T>(!by_row, false, nout, d, nsum, T(1), A, KC, B, ldb, T(0), tmp, d);
+  for (int64_t o = 0; o < nout; ++o) {
+    T* t = tmp + o * d;
+    if (!row_finite(t, d)) {
+      std::fill(t, t + d, T(0));
+      for (int64_t x = 0; x < nsum; ++x) {
+        const int64_t r = by_row ? o : x, j = by_row ? x : o;
+        if (!vis(r, j)) continue;
+        const T a = A[r * KC + j];
+        const T* bp = B + x * ldb;
+        for (int64_t c = 0; c < d; ++c) t[c] += a * bp[c];
+      }
+    }
+    T* cp = C + o * ldc;
+    for (int64_t c = 0; c < d; ++c) cp[c] += t[c];
+  }
+}
+
+// sum_j P[r, j] dP[r, j] over the visible keys of the chunk (the same rule as acc_visible).
+template <class T>
+T dot_visible(const T* p, const T* dp, int64_t cols, int64_t r, bool partial, const Visible& vis) {
+  const T s = dot(p, dp, cols);
+  if (!partial || std::isfinite(s)) return s;
+  T t = 0;
+  for (int64_t j = 0; j < cols; ++j)
+    if (vis(r, j)) t += p[j] * dp[j];
+  return t;
+}
+
 template <class T>
 void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
               at::Tensor& lse) {
@@ -121,7 +183,7 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
   const uint8_t* kpm = a.kpm.defined() ? a.kpm.data_ptr<uint8_t>() : nullptr;
   const T scale = static_cast<T>(a.scale);
   at::parallel_for(0, a.batch * a.heads * nqt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(BQ * KC), acc(BQ * d), m(BQ), l(BQ);
+    std::vector<T> S(BQ * KC), acc(BQ * d), m(BQ), l(BQ), tmp(BQ * d);
     std::vector<Ranges> rr(BQ);
     std::vector<std::pair<int64_t, int64_t>> chunks;
     for (int64_t task = begin; task < end; ++task) {
@@ -144,8 +206,20 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
         apply_mask(S.data(), rows, cols, j0, rr.data(), kp);
         for (int64_t r = 0; r < rows; ++r) {
           T* s = S.data() + r * KC;
-          const T mx = std::max(m[r], row_max(s, cols));
+          if (is_nan(m[r])) {  // the row read a NaN (or +inf) score: it stays NaN
+            std::fill(s, s + cols, T(0));
+            continue;
+          }
+          const T mx = nan_max(row_max(s, cols), m[r]);  // NaN if a visible score is NaN
           if (mx == -std::numeric_limits<T>::infinity()) {  // nothing visible yet in this row
+            std::fill(s, s + cols, T(0));
+            continue;
+          }
+          if (!(mx < std::numeric_limits<T>::infinity())) {
+            // a NaN score, or +inf (inf - inf in the softmax): the row's output and lse are NaN
+            const T nan = std::numeric_limits<T>::quiet_NaN();
+            m[r] = l[r] = nan;
+            std::fill(acc.begin() + r * d, acc.begin() + (r + 1) * d, nan);
             std::fill(s, s + cols, T(0));
             continue;
           }
@@ -157,13 +231,18 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
           }
           m[r] = mx;
         }
-        mm<T>(false, false, rows, d, cols, T(1), S.data(), KC, V.at(b, a.k_start(b) + j0, kh), V.sn, T(1), acc.data(), d);
+        const T* vp = V.at(b, a.k_start(b) + j0, kh);
+        if (chunk_partial(rr.data(), rows, j0, j1, kp))
+          acc_visible<T>(true, rows, cols, d, S.data(), vp, V.sn, acc.data(), d, tmp.data(), Visible{rr.data(), kp, j0});
+        else
+          mm<T>(false, false, rows, d, cols, T(1), S.data(), KC, vp, V.sn, T(1), acc.data(), d);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* o = O.at(b, a.q_start(b) + i0 + r, e);
-        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+        const bool empty = l[r] == T(0);  // no visible key: output 0, lse -inf (NaN l: a NaN row)
+        const T inv = empty ? T(0) : T(1) / l[r];
         for (int64_t c = 0; c < d; ++c) o[c] = acc[r * d + c] * inv;
-        L[ri(a, b, e, i0 + r)] = l[r] > T(0) ? m[r] + std::log(l[r]) : -std::numeric_limits<T>::infinity();
+        L[ri(a, b, e, i0 + r)] = empty ? -std::numeric_limits<T>::infinity() : m[r] + std::log(l[r]);
       }
     }
   });
@@ -192,7 +271,8 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
   const int64_t ngroups = hm.groups(), gsize = hm.group_size();
   // Scratch of one worker; `unit` handles one (batch, group, query tile) into the dK / dV views.
   struct Scratch {
-    std::vector<T> P, dP, D = std::vector<T>(BQ);
+    std::vector<T> P, dP, D = std::vector<T>(BQ), tmp;
+    std::vector<char> partial;
     std::vector<Ranges> rr = std::vector<Ranges>(BQ);
     std::vector<std::pair<int64_t, int64_t>> chunks;
   };
@@ -202,6 +282,9 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
     std::vector<T>& D = sc.D;
     std::vector<Ranges>& rr = sc.rr;
     std::vector<std::pair<int64_t, int64_t>>& chunks = sc.chunks;
+    std::vector<T>& tmp = sc.tmp;
+    std::vector<char>& partial = sc.partial;
+    if (tmp.size() < size_t(std::max(BQ, KC) * a.d)) tmp.resize(std::max(BQ, KC) * a.d);
     const int64_t nq = a.q_len(b), nk = a.k_len(b), i0 = qt * BQ;
     if (i0 >= nq) return;
     const int64_t rows = std::min(BQ, nq - i0);
@@ -217,6 +300,7 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
       const T* qp = Q.at(b, a.q_start(b) + i0, qh);
       const T* gp = dO.at(b, a.q_start(b) + i0, e);
       std::fill(D.begin(), D.end(), T(0));
+      partial.assign(chunks.size(), 0);
       for (size_t x = 0; x < chunks.size(); ++x) {  // pass 1: P, dP, D
         const int64_t j0 = chunks[x].first, cols = chunks[x].second - j0;
         T* S = P.data() + x * BQ * KC;
@@ -224,12 +308,14 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
         mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S, KC);
         apply_mask(S, rows, cols, j0, rr.data(), kp);
         mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, V.at(b, a.k_start(b) + j0, kh), V.sn, T(0), dPx, KC);
+        partial[x] = chunk_partial(rr.data(), rows, j0, chunks[x].second, kp);
+        const Visible vis{rr.data(), kp, j0};
         for (int64_t r = 0; r < rows; ++r) {
           const T lr = L[ri(a, b, e, i0 + r)];
           T* s = S + r * KC;
-          if (lr == -std::numeric_limits<T>::infinity()) std::fill(s, s + cols, T(0));
-          else exp_row(s, cols, lr);
-          D[r] += dot(s, dPx + r * KC, cols);
+          if (lr == -std::numeric_limits<T>::infinity()) std::fill(s, s + cols, T(0));  // empty row
+          else exp_row(s, cols, lr);  // a NaN lse (NaN row) gives NaN
+          D[r] += dot_visible(s, dPx + r * KC, cols, r, partial[x] != 0, vis);
         }
       }
       T* dqp = dQ.at(b, a.q_start(b) + i0, qh);
@@ -238,10 +324,18 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
         T* S = P.data() + x * BQ * KC;
         const T* dPx = dP.data() + x * BQ * KC;
         const int64_t kr = a.k_start(b) + j0;
-        mm<T>(true, false, cols, d, rows, T(1), S, KC, gp, dO.sn, T(1), dV.at(b, kr, kh), dV.sn);
-        for (int64_t r = 0; r < rows; ++r) ds_row(S + r * KC, dPx + r * KC, cols, D[r], scale);
-        mm<T>(true, false, cols, d, rows, T(1), S, KC, qp, Q.sn, T(1), dK.at(b, kr, kh), dK.sn);
-        mm<T>(false, false, rows, d, cols, T(1), S, KC, K.at(b, kr, kh), K.sn, T(1), dqp, dQ.sn);
+        if (!partial[x]) {
+          mm<T>(true, false, cols, d, rows, T(1), S, KC, gp, dO.sn, T(1), dV.at(b, kr, kh), dV.sn);
+          for (int64_t r = 0; r < rows; ++r) ds_row(S + r * KC, dPx + r * KC, cols, D[r], scale);
+          mm<T>(true, false, cols, d, rows, T(1), S, KC, qp, Q.sn, T(1), dK.at(b, kr, kh), dK.sn);
+          mm<T>(false, false, rows, d, cols, T(1), S, KC, K.at(b, kr, kh), K.sn, T(1), dqp, dQ.sn);
+        } else {  // masked pairs contribute nothing, even next to a non-finite q, k, v or dO row
+          const Visible vis{rr.data(), kp, j0};
+          acc_visible<T>(false, rows, cols, d, S, gp, dO.sn, dV.at(b, kr, kh), dV.sn, tmp.data(), vis);
+          for (int64_t r = 0; r < rows; ++r) ds_row(S + r * KC, dPx + r * KC, cols, D[r], scale);
+          acc_visible<T>(false, rows, cols, d, S, qp, Q.sn, dK.at(b, kr, kh), dK.sn, tmp.data(), vis);
+          acc_visible<T>(true, rows, cols, d, S, K.at(b, kr, kh), K.sn, dqp, dQ.sn, tmp.data(), vis);
+        }
       }
     }
   };

@@ -48,8 +48,10 @@ void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, 
 }
 
 // exp(x) for x <= 0 (softmax numerators), vectorisable: 2^n * p(r) with the degree-7 Taylor polynomial
-// on |r| <= ln2/2 (truncation 5e-9, below fp32 rounding); x < -87 gives exactly 0 (also -inf = masked).
+// on |r| <= ln2/2 (truncation 5e-9, below fp32 rounding); x < -87 gives exactly 0 (also -inf = masked);
+// NaN gives NaN.
 LT_ALWAYS_INLINE float exp_neg(float x) {
+  if (x != x) return x;
   const float xc = x < -87.f ? -87.f : x;
   const float n = __builtin_roundevenf(xc * 1.44269504088896341f);
   const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
@@ -71,8 +73,8 @@ LT_ALWAYS_INLINE double exp_neg(double x) { return std::exp(x); }
 // 8 lanes of exp_neg (the same range reduction and polynomial) with AVX2 + FMA.
 __attribute__((target("avx2,fma"))) inline __m256 exp_neg8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.f);
-  const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also true for -inf; NaN stays NaN below
-  const __m256 xc = _mm256_max_ps(x, lo);
+  const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also true for -inf; false for NaN
+  const __m256 xc = _mm256_max_ps(lo, x);  // max_ps returns its second operand for NaN: NaN stays NaN
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
@@ -121,16 +123,38 @@ double exp_row(double* s, int64_t n, double m) {
   return sum;
 }
 
+// Row maximum, NaN when the row holds a NaN (-inf for an empty row).
 LT_MULTIVERSION float row_max(const float* __restrict s, int64_t n) {
   float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
-  return mx;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t c = 0; c < n; ++c) {
+    mx = s[c] > mx ? s[c] : mx;
+    nan |= s[c] != s[c];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : mx;
 }
 double row_max(const double* s, int64_t n) {
   double mx = -std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
-  return mx;
+  int nan = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    mx = s[c] > mx ? s[c] : mx;
+    nan |= s[c] != s[c];
+  }
+  return nan ? std::numeric_limits<double>::quiet_NaN() : mx;
+}
+
+// True when every element of the row is finite (a NaN or +-inf makes x * 0 NaN).
+LT_MULTIVERSION bool row_finite(const float* __restrict s, int64_t n) {
+  float z = 0.f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t c = 0; c < n; ++c) z += s[c] * 0.f;
+  return z == 0.f;
+}
+bool row_finite(const double* s, int64_t n) {
+  double z = 0;
+  for (int64_t c = 0; c < n; ++c) z += s[c] * 0.0;
+  return z == 0.0;
 }
 
 LT_MULTIVERSION float dot(const float* __restrict a, const float* __restrict b, int64_t n) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/lce_host.h"
+#include "common/nonfinite.h"
 #include "cpu/cpu_kernels.h"
 
 namespace lt::lce {
@@ -23,6 +24,7 @@ namespace {
 
 using cpu::exp_row;
 using cpu::mm;
+using cpu::row_finite;
 using cpu::row_max;
 
 constexpr int64_t BT = 128, BV = 1024;
@@ -62,6 +64,26 @@ void dlogits_row(T* __restrict l, int64_t cols, T pf, int64_t t, const T* capd, 
   for (int64_t c = 0; c < cols; ++c) l[c] *= gr;
 }
 
+// Rows whose target is ignore_index read nothing: their dx is exactly 0 whatever W holds, and a
+// NaN / inf in their x row must not reach dW through their zero d logits (a GEMM multiplies them).
+// Returns the rows to use for dW: x itself, or - only when an ignored row is non-finite - a copy
+// with the ignored rows zeroed.
+template <class T>
+const T* x_for_dw(const T* X, int64_t T_, int64_t d, const int64_t* tg, int64_t ignore, std::vector<T>& copy) {
+  bool bad = false;
+  for (int64_t r = 0; r < T_ && !bad; ++r) bad = tg[r] == ignore && !row_finite(X + r * d, d);
+  if (!bad) return X;
+  copy.assign(X, X + T_ * d);
+  for (int64_t r = 0; r < T_; ++r)
+    if (tg[r] == ignore) std::fill(copy.data() + r * d, copy.data() + (r + 1) * d, T(0));
+  return copy.data();
+}
+template <class T>
+void zero_ignored_rows(T* DX, int64_t T_, int64_t d, const int64_t* tg, int64_t ignore) {
+  for (int64_t r = 0; r < T_; ++r)
+    if (tg[r] == ignore) std::fill(DX + r * d, DX + (r + 1) * d, T(0));
+}
+
 template <class T>
 void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target, const LceArgs& a,
               at::Tensor& loss, at::Tensor& lse) {
@@ -94,7 +116,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, con
         T sz = 0;
         for (int64_t c = 0; c < cols; ++c) sz += l[c];
         s[3] += sz;
-        const T mx = std::max(s[0], row_max(l, cols));
+        const T mx = nan_max(row_max(l, cols), s[0]);  // NaN when a logit is NaN
         const T se = exp_row(l, cols, mx);
         s[1] = s[1] * std::exp(s[0] - mx) + se;  // s[0] = -inf at first: exp(-inf) = 0
         s[0] = mx;
@@ -110,7 +132,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, con
         if (S.empty()) continue;
         const T* q = S.data() + 4 * r;
         if (q[0] == -std::numeric_limits<T>::infinity()) continue;
-        const T mx = std::max(m, q[0]);
+        const T mx = nan_max(q[0], m);
         s = s * std::exp(m - mx) + q[1] * std::exp(q[0] - mx);
         m = mx;
         zt += q[2];
@@ -147,6 +169,8 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
   const int nth = at::get_num_threads();
   std::vector<at::Tensor> dx_parts(nth);
   const T filt = T(a.filter);
+  std::vector<T> xcopy;
+  const T* XW = x_for_dw(X, T_, d, tg, o.ignore, xcopy);  // x rows for dW
   at::parallel_for(0, nvt, 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
     if (!dx_parts[tid].defined()) dx_parts[tid] = at::zeros({T_, d}, dx.options());
@@ -172,12 +196,12 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
           exp_row(l, cols, ls);  // p = exp(z - lse), z <= lse
           dlogits_row(l, cols, T(1) + T(2) * o.zl * ls, (t >= v0 && t < v0 + cols) ? t - v0 : int64_t(-1),
                       capd.data(), gr, o);
-          if (filt > 0)
-            for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::abs(l[c]));
+          if (filt > 0)  // a NaN d logit keeps the tile
+            for (int64_t c = 0; c < cols; ++c) amax = nan_max(std::abs(l[c]), amax);
         }
         if (filt > 0 && amax < filt) continue;  // Cut Cross-Entropy's filter (opt-in)
         // dW_tile += dl^T x_blk ; dbias += colsum(dl) ; dx_blk += dl W_tile
-        mm<T>(true, false, cols, d, rows, T(1), L.data(), BV, X + r0 * d, d, T(1), DW + v0 * d, d);
+        mm<T>(true, false, cols, d, rows, T(1), L.data(), BV, XW + r0 * d, d, T(1), DW + v0 * d, d);
         if (DB)
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < cols; ++c) DB[v0 + c] += L[r * BV + c];
@@ -192,6 +216,7 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
     first = false;
   }
   if (first) dx.zero_();
+  zero_ignored_rows(dx.data_ptr<T>(), T_, d, tg, o.ignore);
 }
 
 // Loss and gradients in one pass (per-row loss weights G known up front): per block of RB rows the
@@ -225,6 +250,8 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   at::Tensor Lt = at::empty({std::min(RB, T_) * V}, x.options());
   T* const Lp = Lt.data_ptr<T>();
   std::vector<double> db64(DB ? V : 0, 0.0);
+  std::vector<T> xcopy;
+  const T* XW = DW ? x_for_dw(X, T_, d, tg, o.ignore, xcopy) : X;  // x rows for dW
   for (int64_t r0 = 0; r0 < T_; r0 += RB) {
     const int64_t rows = std::min(RB, T_ - r0);
     mm<T>(false, true, rows, V, d, T(1), X + r0 * d, d, W, d, T(0), Lp, V);
@@ -265,7 +292,8 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
       }
     });
     mm<T>(false, false, rows, d, V, T(1), Lp, V, W, d, T(0), DX + r0 * d, d);
-    if (DW) mm<T>(true, false, V, d, rows, T(1), Lp, V, X + r0 * d, d, T(1), DW, d);
+    zero_ignored_rows(DX + r0 * d, rows, d, tg + r0, o.ignore);
+    if (DW) mm<T>(true, false, V, d, rows, T(1), Lp, V, XW + r0 * d, d, T(1), DW, d);
     if (DB)  // column sums accumulated in double over all rows (a long fp32 running sum drifts)
       at::parallel_for(0, V, 4096, [&](int64_t c0, int64_t c1) {
         for (int64_t r = 0; r < rows; ++r)

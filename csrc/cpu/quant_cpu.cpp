@@ -19,15 +19,18 @@ enum class Mode { Fake, Mask, Codes };
 // vector instruction; the baseline would call libm per element).
 LT_MULTIVERSION void group_stats(const float* __restrict v, int64_t len, float* amax_o, float* mn_o, float* mx_o) {
   float amax = 0.f, mn = v[0], mx = v[0];
+  int nan = 0;
   for (int64_t i = 0; i < len; ++i) {
     const float a = v[i] < 0.f ? -v[i] : v[i];
     amax = a > amax ? a : amax;
     mn = v[i] < mn ? v[i] : mn;
     mx = v[i] > mx ? v[i] : mx;
+    nan |= v[i] != v[i];
   }
-  *amax_o = amax;
-  *mn_o = mn;
-  *mx_o = mx;
+  const float q = __builtin_nanf("");  // a NaN in the group: NaN statistics (as torch.amax / amin)
+  *amax_o = nan ? q : amax;
+  *mn_o = nan ? q : mn;
+  *mx_o = nan ? q : mx;
 }
 
 // In place: v[i] <- dequant(code(v[i])) (codes = false) or code(v[i]) (codes = true).
@@ -96,10 +99,10 @@ void run_rows(const Args& a, const at::Tensor& rows, const at::Tensor& pre_rotat
             quantize_group(v, a.group, a.cfg, gp, true);
             if (a.cfg.symmetric) {
               int8_t* c = o.codes.data_ptr<int8_t>() + base;
-              for (int64_t i = 0; i < a.group; ++i) c[i] = static_cast<int8_t>(v[i]);
+              for (int64_t i = 0; i < a.group; ++i) c[i] = static_cast<int8_t>(storable_code(v[i]));
             } else {
               uint8_t* c = o.codes.data_ptr<uint8_t>() + base;
-              for (int64_t i = 0; i < a.group; ++i) c[i] = static_cast<uint8_t>(v[i]);
+              for (int64_t i = 0; i < a.group; ++i) c[i] = static_cast<uint8_t>(storable_code(v[i]));
             }
             o.scales.data_ptr<float>()[r * a.ngroups + grp] = gp.scale;
             o.zeros.data_ptr<float>()[r * a.ngroups + grp] = gp.zero;

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common/attn_mask.h"
+#include "common/nonfinite.h"
 #include "common/simt/simt.h"
 #include "cuda/attention/attn_params.h"
 
@@ -94,6 +95,12 @@ LT_DEV uint32_t pack_f2(float lo, float hi) {
   return simt::pack2(simt::from_float<T>(lo).bits, simt::from_float<T>(hi).bits);
 }
 LT_DEV float fast_exp2(float x) { return ::exp2f(x); }
+// NaN or +-inf (all exponent bits set) in a 16-bit float.
+template <class T>
+LT_DEV bool nonfinite16(T v) {
+  constexpr uint16_t e = std::is_same_v<T, simt::bf16> ? 0x7f80u : 0x7c00u;
+  return (v.bits & e) == e;
+}
 
 // Copies `rows` rows of D elements (row r at src + r * stride) into shared rows of `R` elements with
 // 16-byte cp.async; rows >= valid are zero-filled instead of read.
@@ -189,9 +196,19 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
         mma<T>(s[2 * nb2 + 1], qf[ks], bb[2], bb[3]);
       }
     }
-    // mask, online softmax
+    // mask, online softmax (a visible NaN score makes the running max NaN, and with it the row's
+    // output and lse; +inf gives inf - inf = NaN as in torch.softmax)
+    bool partial = false;  // some row of this warp does not see some key of the tile
+    bool kpm_tile = true;  // no padded key in the tile
+    if (has_kpm) {
+      const int64_t ja = j0 + lane, jb = j0 + lane + 32;
+      const bool keep = (ja >= sq.nk || p.kpm[b * p.s.nk + ja] != 0) && (jb >= sq.nk || p.kpm[b * p.s.nk + jb] != 0);
+      kpm_tile = simt::all(simt::kFullMask, keep);
+    }
     LT_UNROLL for (int r = 0; r < 2; ++r) {
-      const bool full = !has_kpm && row_covers(rr[r], j0, j0 + kBK);
+      const bool covers = row_covers(rr[r], j0, j0 + kBK);
+      const bool full = !has_kpm && covers;
+      partial = partial || (qi[r] < sq.nq && !(covers && kpm_tile));
       float tmax = -INFINITY;
       LT_UNROLL for (int nb = 0; nb < NB; ++nb) {
         LT_UNROLL for (int cc = 0; cc < 2; ++cc) {
@@ -202,12 +219,12 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
             if (!vis) x = -INFINITY;
           }
           s[nb][2 * r + cc] = x;
-          tmax = x > tmax ? x : tmax;
+          tmax = nan_max(x, tmax);
         }
       }
-      tmax = fmaxf(tmax, simt::shfl_xor(simt::kFullMask, tmax, 1));
-      tmax = fmaxf(tmax, simt::shfl_xor(simt::kFullMask, tmax, 2));
-      const float mnew = fmaxf(mx[r], tmax);
+      tmax = nan_max(tmax, simt::shfl_xor(simt::kFullMask, tmax, 1));
+      tmax = nan_max(tmax, simt::shfl_xor(simt::kFullMask, tmax, 2));
+      const float mnew = nan_max(mx[r], tmax);
       const float base = mnew == -INFINITY ? 0.f : mnew;
       const float alpha = fast_exp2(mx[r] - base);
       mx[r] = mnew;
@@ -225,16 +242,52 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
         o[db][2 * r + 1] *= alpha;
       }
     }
-    // O += P V
-    LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
-      const uint32_t a[4] = {pack_f2<T>(s[2 * ks][0], s[2 * ks][1]), pack_f2<T>(s[2 * ks][2], s[2 * ks][3]),
-                             pack_f2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                             pack_f2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
-      LT_UNROLL for (int db2 = 0; db2 < DB / 2; ++db2) {
-        uint32_t bb[4];
-        simt::ldmatrix_x4<true>(bb, vb + ((ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + db2 * 16 + (lane / 16) * 8));
-        mma<T>(o[2 * db2], a, bb[0], bb[1]);
-        mma<T>(o[2 * db2 + 1], a, bb[2], bb[3]);
+    // O += P V. In a tile that some row of the warp sees only in part, a masked key's P = 0 would
+    // still be multiplied by its V row; when that row holds a NaN / inf (checked only in such
+    // tiles), the warp takes the slow path: the product over each row's visible keys only.
+    bool slow = false;
+    if (simt::any(simt::kFullMask, partial)) {
+      bool bad = false;
+      for (int idx = static_cast<int>(lane); idx < kBK * DB; idx += 32) {
+        T vv[8];
+        simt::ld_vec<8>(vb, (idx / DB) * R + (idx % DB) * 8, vv);
+        LT_UNROLL for (int t = 0; t < 8; ++t) bad = bad || nonfinite16(vv[t]);
+      }
+      slow = simt::any(simt::kFullMask, bad);
+    }
+    if (slow) {
+      // this warp's P (rounded as the MMA reads it) into its own rows of sQ (free once the Q
+      // fragments are in registers)
+      simt::sync_warp(simt::kFullMask);
+      LT_UNROLL for (int r = 0; r < 2; ++r) {
+        LT_UNROLL for (int nb = 0; nb < NB; ++nb) {
+          const T pair[2] = {simt::from_float<T>(s[nb][2 * r]), simt::from_float<T>(s[nb][2 * r + 1])};
+          simt::st_vec<2>(sQ, (w * 16 + g + 8 * r) * R + nb * 8 + 2 * c4, pair);
+        }
+      }
+      simt::sync_warp(simt::kFullMask);
+      LT_UNROLL for (int r = 0; r < 2; ++r) {
+        for (int jl = 0; jl < kBK; ++jl) {
+          const int64_t j = j0 + jl;
+          if (!(in_ranges(rr[r], j) && (!has_kpm || p.kpm[b * p.s.nk + j] != 0))) continue;
+          const float pj = simt::to_float(static_cast<T>(sQ[(w * 16 + g + 8 * r) * R + jl]));
+          LT_UNROLL for (int db = 0; db < DB; ++db) {
+            LT_UNROLL for (int cc = 0; cc < 2; ++cc)
+              o[db][2 * r + cc] += pj * simt::to_float(static_cast<T>(vb[jl * R + db * 8 + 2 * c4 + cc]));
+          }
+        }
+      }
+    } else {
+      LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
+        const uint32_t a[4] = {pack_f2<T>(s[2 * ks][0], s[2 * ks][1]), pack_f2<T>(s[2 * ks][2], s[2 * ks][3]),
+                               pack_f2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                               pack_f2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+        LT_UNROLL for (int db2 = 0; db2 < DB / 2; ++db2) {
+          uint32_t bb[4];
+          simt::ldmatrix_x4<true>(bb, vb + ((ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + db2 * 16 + (lane / 16) * 8));
+          mma<T>(o[2 * db2], a, bb[0], bb[1]);
+          mma<T>(o[2 * db2 + 1], a, bb[2], bb[3]);
+        }
       }
     }
     simt::sync_block();  // the next iteration's loads overwrite this buffer
@@ -245,7 +298,8 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     lt += simt::shfl_xor(simt::kFullMask, lt, 1);
     lt += simt::shfl_xor(simt::kFullMask, lt, 2);
     if (qi[r] >= sq.nq) continue;
-    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+    const bool empty = lt == 0.f;  // no visible key: output 0, lse -inf (a NaN row has lt NaN)
+    const float inv = empty ? 0.f : 1.f / lt;
     const int64_t row = sq.q0 + qi[r];
     const simt::gptr<T> orow = p.out + (b * p.s.o_sb + row * p.s.o_st + int64_t(e) * p.s.o_sh);
     LT_UNROLL for (int db = 0; db < DB; ++db) {
@@ -253,7 +307,7 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
       simt::st_vec<2>(orow, db * 8 + 2 * c4, pair);
     }
     if (c4 == 0) {
-      p.lse[b * p.s.l_sb + int64_t(e) * p.s.l_sh + row] = lt > 0.f ? mx[r] * kLn2 + ::logf(lt) : -INFINITY;
+      p.lse[b * p.s.l_sb + int64_t(e) * p.s.l_sh + row] = empty ? -INFINITY : mx[r] * kLn2 + ::logf(lt);
     }
   }
 }
@@ -413,9 +467,9 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
             const int ql = nb * 8 + 2 * c4 + cc;
             const float L = sL[ql];
             const bool vis = kvalid[r] && (full || in_ranges(cr[r], i0 + ql)) && L != -INFINITY;
-            const float pv = vis ? fast_exp2(st[nb][2 * r + cc] * sl2 - L * kLog2e) : 0.f;
+            const float pv = vis ? fast_exp2(st[nb][2 * r + cc] * sl2 - L * kLog2e) : 0.f;  // NaN lse: NaN
             st[nb][2 * r + cc] = pv;
-            dp[nb][2 * r + cc] = pv * (dp[nb][2 * r + cc] - sD[ql]);
+            dp[nb][2 * r + cc] = vis ? pv * (dp[nb][2 * r + cc] - sD[ql]) : 0.f;  // masked: 0 even if Dsum is NaN
           }
           const T pair[2] = {simt::from_float<T>(dp[nb][2 * r]), simt::from_float<T>(dp[nb][2 * r + 1])};
           simt::st_vec<2>(sS, (w * 16 + g + 8 * r) * RS + nb * 8 + 2 * c4, pair);

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/nonfinite.h"
 #include "common/simt/simt.h"
 #include "cuda/lce/lce_params.h"
 
@@ -59,15 +60,24 @@ struct BwdK {
   bool has_bias;
 };
 
+// Rows whose target is ignore_index, for the backward: they read nothing, so their x rows are staged
+// as zeros (a NaN there must not reach dW through their zero d logits).
+struct Skip {
+  simt::gptr<const int64_t> target;
+  int64_t ignore_index;
+  bool on;
+};
+
 // Stages x[row0 : row0+kBM, k0 : k0+kBK] and W[col0 : col0+kBN, k0 : k0+kBK] (fp32, transposed).
 template <class T>
 LT_DEV void load_chunks(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_, int64_t V, int64_t d, int64_t row0,
-                        int64_t col0, int64_t k0, simt::sptr<float> xs, simt::sptr<float> ws) {
+                        int64_t col0, int64_t k0, simt::sptr<float> xs, simt::sptr<float> ws, const Skip& skip) {
   const int tid = static_cast<int>(simt::thread_linear());
   LT_UNROLL for (int q = 0; q < kBM * kBK / kThreads; ++q) {
     const int e = tid + q * kThreads, r = e / kBK, k = e % kBK;
     const int64_t gr = row0 + r, gk = k0 + k;
-    xs[k * kXS + r] = (gr < T_ && gk < d) ? simt::to_float(x[gr * d + gk]) : 0.f;
+    const bool read = gr < T_ && gk < d && !(skip.on && skip.target[gr] == skip.ignore_index);
+    xs[k * kXS + r] = read ? simt::to_float(x[gr * d + gk]) : 0.f;
   }
   LT_UNROLL for (int q = 0; q < kBN * kBK / kThreads; ++q) {
     const int e = tid + q * kThreads, n = e / kBK, k = e % kBK;
@@ -79,11 +89,12 @@ LT_DEV void load_chunks(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_
 // acc[i][j] = sum_k x[row0 + kTM ty + i, k] W[col0 + tx + 16 j, k] (ty = tid / 16, tx = tid % 16).
 template <class T>
 LT_DEV void logits_tile(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_, int64_t V, int64_t d, int64_t row0,
-                        int64_t col0, simt::sptr<float> xs, simt::sptr<float> ws, float (&acc)[kTM][kTN]) {
+                        int64_t col0, simt::sptr<float> xs, simt::sptr<float> ws, float (&acc)[kTM][kTN],
+                        const Skip& skip) {
   const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
   LT_UNROLL for (int i = 0; i < kTM; ++i) LT_UNROLL for (int j = 0; j < kTN; ++j) acc[i][j] = 0.f;
   for (int64_t k0 = 0; k0 < d; k0 += kBK) {
-    load_chunks<T>(x, w, T_, V, d, row0, col0, k0, xs, ws);
+    load_chunks<T>(x, w, T_, V, d, row0, col0, k0, xs, ws, skip);
     simt::sync_block();
     const int kn = d - k0 < kBK ? static_cast<int>(d - k0) : kBK;
     for (int k = 0; k < kn; ++k) {
@@ -122,7 +133,7 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
     for (int64_t vt = vt0; vt < vt1; ++vt) {
       const int64_t col0 = vt * kBN;
       float acc[kTM][kTN];
-      logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc);
+      logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc, Skip{p.target, p.ignore_index, false});
       LT_UNROLL for (int j = 0; j < kTN; ++j) {
         const int64_t gc = col0 + tx + 16 * j;
         const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
@@ -136,10 +147,11 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
         float tm = -INFINITY;
         LT_UNROLL for (int c = 0; c < kCL; ++c) {
           z[c] = col0 + lane + 32 * c < p.V ? static_cast<float>(ss[r * kSS + lane + 32 * c]) : -INFINITY;
-          tm = fmaxf(tm, z[c]);
+          tm = nan_max(z[c], tm);
         }
-        for (int off = 16; off >= 1; off /= 2) tm = fmaxf(tm, simt::shfl_xor(simt::kFullMask, tm, off));
-        const float nm = fmaxf(m[i], tm);
+        // NaN-propagating max: a NaN logit (x row or W row) makes the row's lse and loss NaN
+        for (int off = 16; off >= 1; off /= 2) tm = nan_max(tm, simt::shfl_xor(simt::kFullMask, tm, off));
+        const float nm = nan_max(m[i], tm);
         float e = 0.f, zs = 0.f, zt_ = 0.f;
         LT_UNROLL for (int c = 0; c < kCL; ++c) {
           const int64_t gc = col0 + lane + 32 * c;
@@ -181,7 +193,7 @@ LT_DEV void merge_body(const FwdK<T>& p) {
   const int64_t stride = int64_t(simt::grid_dim().x) * simt::block_dim().x;
   for (int64_t t = int64_t(simt::block_idx().x) * simt::block_dim().x + simt::thread_linear(); t < p.T_; t += stride) {
     float M = -INFINITY;
-    for (int64_t sp = 0; sp < p.nsplit; ++sp) M = fmaxf(M, p.part[(sp * p.T_ + t) * kStatW]);
+    for (int64_t sp = 0; sp < p.nsplit; ++sp) M = nan_max(M, static_cast<float>(p.part[(sp * p.T_ + t) * kStatW]));
     float S = 0.f, zt = 0.f, sz = 0.f;
     for (int64_t sp = 0; sp < p.nsplit; ++sp) {
       const int64_t o = (sp * p.T_ + t) * kStatW;
@@ -237,7 +249,8 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
     for (int64_t vt = simt::block_idx().y; vt < nvt; vt += simt::grid_dim().y) {
       const int64_t col0 = vt * kBN;
       float acc[kTM][kTN];
-      logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc);
+      const Skip skip{p.target, p.ignore_index, true};
+      logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc, skip);
       bool keep = false;
       LT_UNROLL for (int j = 0; j < kTN; ++j) {
         const int64_t gc = col0 + tx + 16 * j;
@@ -256,7 +269,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
             }
           }
           gs[(kTM * ty + i) * kSS + tx + 16 * j] = dl;
-          keep = keep || (dl != 0.f && fabsf(dl) >= p.filter);
+          keep = keep || (dl != 0.f && !(fabsf(dl) < p.filter));  // a NaN d logit is kept
         }
       }
       const bool wkeep = simt::any(simt::kFullMask, keep);
@@ -274,7 +287,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
         if (sb != 0.f) simt::atomic_add(p.db + (col0 + tid), sb);
       }
       for (int64_t k0 = 0; k0 < p.d; k0 += kBK) {
-        load_chunks<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, k0, xs, ws);
+        load_chunks<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, k0, xs, ws, skip);
         simt::sync_block();
         const int64_t gk = k0 + lane;
         if (gk < p.d) {
@@ -282,6 +295,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
           LT_UNROLL for (int i = 0; i < kBM / kWarps; ++i) {
             const int r = warp + kWarps * i;
             if (row0 + r >= p.T_) break;
+            if (p.target[row0 + r] == p.ignore_index) continue;  // an ignored row's dx stays 0, whatever W holds
             float a = 0.f;
             for (int n = 0; n < kBN; ++n) a = fmaf(gs[r * kSS + n], ws[lane * kWS + n], a);
             if (a != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.d + gk), a);

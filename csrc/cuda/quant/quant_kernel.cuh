@@ -84,14 +84,14 @@ LT_DEV void quant_body(const QKParams<T>& p) {
       float amax = 0.f, mn = 3.0e38f, mx = -3.0e38f;
       for (int64_t i = lane; i < p.group; i += 32) {
         const float v = rotated_value(p, z, grp * p.group + i);
-        amax = fmaxf(amax, fabsf(v));
-        mn = fminf(mn, v);
-        mx = fmaxf(mx, v);
+        amax = nan_max(fabsf(v), amax);  // NaN-propagating: a NaN makes the group's scale NaN
+        mn = nan_min(v, mn);
+        mx = nan_max(v, mx);
       }
       for (int off = 16; off >= 1; off /= 2) {
-        amax = fmaxf(amax, simt::shfl_xor(simt::kFullMask, amax, off));
-        mn = fminf(mn, simt::shfl_xor(simt::kFullMask, mn, off));
-        mx = fmaxf(mx, simt::shfl_xor(simt::kFullMask, mx, off));
+        amax = nan_max(amax, simt::shfl_xor(simt::kFullMask, amax, off));
+        mn = nan_min(mn, simt::shfl_xor(simt::kFullMask, mn, off));
+        mx = nan_max(mx, simt::shfl_xor(simt::kFullMask, mx, off));
       }
       if (lane == 0) {
         const GroupParams gp = group_params(p.cfg, amax, mn, mx);
@@ -121,8 +121,8 @@ LT_DEV void quant_body(const QKParams<T>& p) {
       }
       if (p.mode == KMode::Codes) {
         LT_UNROLL for (int i = 0; i < E; ++i) {
-          if (p.cfg.symmetric) p.codes_s[row * n + j * E + i] = static_cast<int8_t>(out[i]);
-          else p.codes_u[row * n + j * E + i] = static_cast<uint8_t>(out[i]);
+          if (p.cfg.symmetric) p.codes_s[row * n + j * E + i] = static_cast<int8_t>(storable_code(out[i]));
+          else p.codes_u[row * n + j * E + i] = static_cast<uint8_t>(storable_code(out[i]));
         }
       } else {
         hadamard::store_elems<E>(p.y, row * n + j * E, p.vec_ok, out, 1.f);

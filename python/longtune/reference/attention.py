@@ -24,6 +24,13 @@ so a query chunk attends to a longer KV). Key j is visible to query i iff all of
    [0, s), which lets tokens [0, s) see the future tokens [N - s, N);
  - key padding (``key_padding_mask`` (B, N_k) bool, True = keep).
 A query that sees no key gets output 0 and lse = -inf (its gradient is 0).
+
+Non-finite inputs: a masked pair (i, j) is never read - in the forward and in every gradient - so
+a NaN / inf in a key, value or query row reaches exactly the rows (and gradients) that see it. A
+row that reads a NaN score (a NaN in its q row, or in a visible key), or a +inf score (inf - inf
+in the softmax), has output and lse NaN (lse +inf for +inf, as ``torch.logsumexp``); a NaN / inf in
+v at a visible key makes the output non-finite. (A dense matmul would let masked pairs through:
+0 * NaN = NaN; the reference switches to a pairwise formulation when an input is non-finite.)
 """
 from __future__ import annotations
 
@@ -85,8 +92,28 @@ def attention_mask(nq: int, nk: int, *, shifted: bool = False, causal: bool = Tr
     return m
 
 
+def _dense_pairwise(q, k, v, mask, scale):
+    """``_dense`` for non-finite inputs: every product of a masked pair is formed from zeros (the
+    inputs are masked before they are multiplied), so neither the output nor any gradient of a
+    row reads a key it does not see, and no key's gradient reads a row that does not see it."""
+    m4 = mask.unsqueeze(-1)  # (H, nq, nk, 1)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    qm = torch.where(m4, q.permute(1, 0, 2).unsqueeze(2), zero)  # (H, nq, nk, D)
+    km = torch.where(m4, k.permute(1, 0, 2).unsqueeze(1), zero)
+    vm = torch.where(m4, v.permute(1, 0, 2).unsqueeze(1), zero)
+    s = (qm * km).sum(-1) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (H, nq)
+    p = torch.exp(s - torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse).unsqueeze(-1))
+    p = torch.where(mask, p, torch.zeros_like(p))
+    o = (p.unsqueeze(-1) * vm).sum(-2).permute(1, 0, 2)  # (nq, H, D)
+    return o, lse
+
+
 def _dense(q, k, v, mask, scale):
     """One sequence: q (nq, H, D) etc. already head-mapped (same H); mask (H, nq, nk)."""
+    if not (torch.isfinite(q).all() and torch.isfinite(k).all() and torch.isfinite(v).all()):
+        return _dense_pairwise(q, k, v, mask, scale)
     s = torch.einsum("ihd,jhd->hij", q, k) * scale
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (H, nq)

@@ -189,6 +189,20 @@ def test_sparse_delta_partial_loads_keep_the_base():
         assert torch.equal(fresh(x), m(x))
 
 
+def test_sparse_delta_dtype_conversion_after_training():
+    """.to(dtype) after forwards converts the base weight without the deltas; the state dict and
+    the outputs follow the converted module."""
+    m, w0 = _sparse_at("trained", torch.float32)
+    m.double()
+    sd = m.state_dict()
+    assert sd["base.weight"].dtype == torch.float64 and torch.equal(sd["base.weight"], w0.double())
+    x = torch.randn(3, 16, dtype=torch.float64)
+    expect = torch.nn.functional.linear(x, w0.double().reshape(-1).index_add(0, m.indices, m.values.detach())
+                                        .reshape(8, 16), m.base.bias)
+    with torch.no_grad():
+        assert torch.equal(m(x), expect)
+
+
 # ------------------------------------------------------------------ S2FT, RoSTE modules
 def test_s2ft_linear_state_dict_saves_through_safetensors_with_its_adapter(tmp_path):
     from safetensors.torch import load_file, save_file
@@ -477,6 +491,10 @@ def run(kind, out_dir, resume=None):
         opt = longtune.train.SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, drop_fraction=0.5)
         extra = dict(optimizers=(opt, None), callbacks=[longtune.train.SpIELCallback(sched)])
+    elif kind == "sparse_adamw":  # the Trainer's default AdamW, the schedule built by the callback, float64
+        model = tiny_llama(0)
+        longtune.sparsify(model, density=0.05, seed=0 if resume is None else 3)
+        extra = dict(callbacks=[longtune.train.SpIELCallback(update_every=4, window=2, drop_fraction=0.5)])
     else:                  # S2FT with the Trainer's default AdamW, float64
         model = tiny_llama(0)
         select_and_permute(model, head_ratio=0.5, channel_ratio=0.25, seed=0 if resume is None else 3)
@@ -495,26 +513,26 @@ def run(kind, out_dir, resume=None):
 def test_trainer_save_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     exec(TRAINER_CODE, globals())  # noqa: S102
     ref = {}
-    for kind in ("sparse", "s2ft"):
+    for kind in ("sparse", "sparse_adamw", "s2ft"):
         losses, trained, model = run(kind, str(tmp_path / kind))  # noqa: F821
         assert len(losses) == 6
         assert os.path.isfile(tmp_path / kind / "checkpoint-3" / "model.safetensors")
-        if kind == "sparse":
+        if kind.startswith("sparse"):
             assert os.path.isfile(tmp_path / kind / "checkpoint-3" / "spiel_scheduler.pt")
-            start = longtune.sparsify(tiny_llama(0, torch.float32), density=0.05, seed=0)
+            start = longtune.sparsify(tiny_llama(0), density=0.05, seed=0)
             layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
             assert any(not torch.equal(a.indices, b.indices) for a, b in
                        zip(layers, [m for m in start.modules() if isinstance(m, SparseDeltaLinear)]))  # regrown
         ref[kind] = losses
         torch.save(trained, tmp_path / f"{kind}_trained.pt")
     out = run_fresh(tmp_path, TRAINER_CODE + """
-for kind in ("sparse", "s2ft"):
+for kind in ("sparse", "sparse_adamw", "s2ft"):
     losses, trained, _ = run(kind, kind, resume=os.path.join(kind, "checkpoint-3"))
     ref = torch.load(f"{kind}_trained.pt", weights_only=True)
     OUT[kind] = {"losses": losses, "params": trained.keys() == ref.keys() and
                  all(torch.equal(trained[k], ref[k]) for k in ref)}
 """)
-    for kind in ("sparse", "s2ft"):
+    for kind in ("sparse", "sparse_adamw", "s2ft"):
         assert out[kind]["losses"] == ref[kind][3:], kind
         assert out[kind]["params"], kind
     # a resume whose checkpoint lacks the schedule's state is an error, not a silent restart of the schedule

@@ -110,6 +110,13 @@ class SparseDeltaLinear(nn.Module):
             self.base.weight.view(-1)[self.indices] = self._orig
         self._orig, self._snapshot = None, None
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .double() / .cuda(): convert the plain base weight; the next forward patches W + Δ
+        # again (the k original entries are kept aside outside the module's parameters and buffers)
+        with torch.no_grad():
+            self._restore_base()
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SparseDeltaFn.apply(x, self.values, self.merged_weight(), self.base.bias, self.indices, self)
 

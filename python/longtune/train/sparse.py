@@ -18,7 +18,14 @@ from ..ops.sparse_delta import sparse_adamw_, sparse_delta_grad
 def sparsify(model: nn.Module, *, density: float = 0.01, target_modules=None, seed: int | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` whose qualified name matches ``target_modules`` (a list of name
     suffixes, or a regex string; default: all linear layers) by a SparseDeltaLinear wrapping it, and
-    freeze every other parameter. In place; returns the model."""
+    freeze every other parameter. In place; returns the model.
+
+    Saving: ``model.state_dict()`` (or a Trainer checkpoint) holds each layer's base weight without
+    the deltas plus its ``indices`` / ``values``, and loads exactly into the same architecture
+    sparsified again with the same ``target_modules`` (any seed: the indices are replaced);
+    ``longtune.train.save_sparse_adapter`` saves only the deltas, for ``load_sparse_adapter`` onto
+    the base model; ``longtune.train.merge_and_unload`` gives the plain model (W + Δ) for
+    ``save_pretrained`` / ``from_pretrained``."""
     def wanted(name):
         if target_modules is None:
             return True

@@ -17,7 +17,7 @@ sequence): the peak of bytes allocated above the level at the step's start - the
 through the profiler on CPU, ``torch.cuda.max_memory_allocated`` on GPU - exact for a fixed shape.
 
 Time: the four steps round-robin in the same process (``harness.timed_rounds``; ``LT_BENCH_ROUNDS``
-rounds, default 5 (full) / 6 (--quick), the order rotated each round); the time ratios are medians of
+rounds, default 5 - coverage 93.75%, the order rotated each round); the time ratios are medians of
 the per-round ratios with their rank-based 95% interval. SpaCO draws a new sample of chunks every
 step (its cost depends on the last sampled chunk); the samples timed are in the JSON and the ratio
 of mean times is reported beside the paired one.
@@ -28,7 +28,7 @@ next; on CPU a first subprocess measures full backprop alone, with a time limit,
 Issue targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backprop's (full / SeCO
 >= 8); SeCO time <= 1.5x full backprop (full time / SeCO time >= 1/1.5); SpaCO with K = N/4 >= 2.5x
 faster than SeCO. The CPU run uses a shorter sequence when a full-backprop step takes too long (the
-size used is in the case name and params). ``--quick``: 512 tokens.
+size used is in the case name and params). ``--quick``: 512 tokens, 2 layers, vocabulary 8000.
 
 Run: ``python benchmarks/chunkwise.py [--device cpu|cuda] [--out DIR] [--quick]``.
 """
@@ -54,6 +54,14 @@ IMPLS = {FULL: "full", FULL_FUSED: "full_fused", SECO: "seco", SPACO: "spaco"}
 N_CHUNKS = 16
 CONFIG = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
               intermediate_size=1376, vocab_size=32000, max_position_embeddings=65536)
+# --quick: 2 layers, vocabulary 8000 (SeCO's per-chunk cost includes O(vocab x hidden) gradient
+# accumulation, which at a few hundred tokens would dominate)
+QUICK_CONFIG = dict(CONFIG, num_hidden_layers=2, vocab_size=8000)
+
+
+def _config() -> dict:
+    """The model's config: QUICK_CONFIG in a child started for --quick (LT_CHUNKWISE_QUICK=1)."""
+    return QUICK_CONFIG if os.environ.get("LT_CHUNKWISE_QUICK") == "1" else CONFIG
 # the size tried first on CPU and the fallbacks when one full-backprop step takes longer than this
 CPU_SIZES = (16384, 8192, 4096)
 CPU_MAX_FULL_STEP_S = 120.0
@@ -71,7 +79,7 @@ def build_model(device: str, dtype=torch.float32, fused_head: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(device=device, dtype=dtype)
+    model = LlamaForCausalLM(LlamaConfig(**_config())).to(device=device, dtype=dtype)
     longtune.patch(model, attention="causal", lm_head="fused_ce" if fused_head else None)
     model.train()
     for p in model.parameters():
@@ -84,7 +92,7 @@ def _step_fn(model, impl: str, n: int, device: str):
     from longtune.train.chunkwise import spaco_sample
 
     g = torch.Generator().manual_seed(n)
-    ids = torch.randint(0, CONFIG["vocab_size"], (1, n), generator=g).to(device)
+    ids = torch.randint(0, _config()["vocab_size"], (1, n), generator=g).to(device)
     labels = ids.clone()
     chunk = max(1, n // N_CHUNKS)
     if impl in ("full", "full_fused"):
@@ -141,11 +149,12 @@ def _child(mem_impls: list, device: str, n: int, rounds: int) -> None:
     print(json.dumps(out))
 
 
-def _run_child(mem_impls: list, device: str, n: int, rounds: int = 0, timeout_s: float | None = None) -> dict:
+def _run_child(mem_impls: list, device: str, n: int, rounds: int = 0, timeout_s: float | None = None,
+               quick: bool = False) -> dict:
     """Runs :func:`_child` in a fresh process; raises subprocess.TimeoutExpired past timeout_s."""
     out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), ",".join(mem_impls) or ",", device,
                           str(n), str(rounds)],
-                         capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"), timeout=timeout_s)
+                         capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1", LT_CHUNKWISE_QUICK="1" if quick else "0"), timeout=timeout_s)
     if out.returncode != 0:
         raise RuntimeError(f"{mem_impls} at N={n} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -183,7 +192,7 @@ def plot(report, path, device_name):
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     report = H.Report("chunkwise", quick=quick)
     cuda = device == "cuda"
-    rounds = H.rounds(6 if quick else 5)
+    rounds = H.rounds(5)
     sizes = (512,) if quick else ((16384,) if cuda else CPU_SIZES)
     if os.environ.get("LT_CHUNKWISE_N"):  # one size, no time limit
         sizes = (int(os.environ["LT_CHUNKWISE_N"]),)
@@ -203,14 +212,15 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             print(f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on this machine, "
                   f"trying a shorter sequence", file=sys.stderr, flush=True)
     print(f"[chunkwise] N={n}: memory of every step, then {rounds} interleaved rounds ...", file=sys.stderr, flush=True)
-    got = _run_child([i for i in IMPLS.values() if i not in mem], device, n, rounds)
+    got = _run_child([i for i in IMPLS.values() if i not in mem], device, n, rounds, quick=quick)
     mem.update(got["memory"])
     mem = {name: mem[impl] for name, impl in IMPLS.items()}
     times = got["times_ms"]
 
     chunk = max(1, n // N_CHUNKS)
-    case = f"tiny Llama N={n} chunks={N_CHUNKS}"
-    params = dict(CONFIG, tokens=n, chunk_size=chunk, n_chunks=N_CHUNKS, spaco_budget=N_CHUNKS // 4,
+    cfg = QUICK_CONFIG if quick else CONFIG
+    case = f"tiny Llama N={n} chunks={N_CHUNKS}" + (" (2 layers, V=8000)" if quick else "")
+    params = dict(cfg, tokens=n, chunk_size=chunk, n_chunks=N_CHUNKS, spaco_budget=N_CHUNKS // 4,
                   dtype="float32", attention="longtune causal", seco_lm_head="fused_ce", spaco_full_loss=False,
                   timing=f"{rounds} rounds, the four steps round-robin in one process, order rotated per round",
                   spaco_samples_timed=got["spaco_samples"])
@@ -218,7 +228,6 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         params["note"] = (f"issue size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
                           f"> {CPU_MAX_FULL_STEP_S:.0f} s")
     # forward of the linear layers 2 * params_nonembed * tokens; backward twice that (attention not counted)
-    cfg = CONFIG
     lin = cfg["num_hidden_layers"] * (4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"])
     lin += cfg["vocab_size"] * cfg["hidden_size"]
     flops = 6 * lin * n

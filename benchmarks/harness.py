@@ -507,15 +507,20 @@ def _kind(q: dict) -> str:
     return "memory" if ("memory" in m or "peak" in m) else "time"
 
 
-def compare(run_docs: dict, base_docs: dict, tol_time: float = 0.05, tol_memory: float = 0.01) -> list:
+def compare(run_docs: dict, base_docs: dict, tol_time: float = 0.10, tol_memory: float = 0.01) -> list:
     """The gate's comparison, ratio by ratio (family, case, metric), of a run with the baselines.
-    Status of a time or memory ratio (higher is better):
-      "REGRESSION" - the run's whole interval lies below the baseline value x (1 - tol);
-      "improved"   - the run's whole interval lies above the baseline value x (1 + tol);
+    Status of a time or memory ratio (higher is better), [lo, hi] the 95% intervals (a point for
+    memory and for baselines recorded without one):
+      "REGRESSION" - the run's whole interval lies below the baseline's, by more than the
+                     tolerance: run.hi < baseline.lo x (1 - tol);
+      "improved"   - run.lo > baseline.hi x (1 + tol);
       "ok"         - otherwise;
       "new" / "missing" - only in the run / only in the baseline (a peer not installed, a case
                           renamed), "method changed" - a memory figure counted another way.
-    Ratios of kind "other" are listed, never judged. Absolute times are never compared."""
+    Both intervals count because a shared machine's load shifts ratios between runs by more
+    than one run's interval shows (a BLAS peer and a bandwidth-bound kernel slow down
+    differently). Ratios of kind "other" are listed, never judged. Absolute times are never
+    compared."""
     rows = []
     for fam in sorted(set(run_docs) | set(base_docs)):
         run_q = {(q["case"], q["metric"]): q for q in run_docs.get(fam, {}).get("ratios", [])}
@@ -524,7 +529,10 @@ def compare(run_docs: dict, base_docs: dict, tol_time: float = 0.05, tol_memory:
             q, b = run_q.get(key), base_q.get(key)
             kind = _kind(q or b)
             row = {"family": fam, "case": key[0], "metric": key[1], "kind": kind,
-                   "base": None if b is None else b["value"], "value": None if q is None else q["value"],
+                   "base": None if b is None else b["value"],
+                   "base_lo": None if b is None else b.get("lo", b["value"]),
+                   "base_hi": None if b is None else b.get("hi", b["value"]),
+                   "value": None if q is None else q["value"],
                    "lo": None if q is None else q.get("lo", q["value"]),
                    "hi": None if q is None else q.get("hi", q["value"])}
             if b is None:
@@ -537,9 +545,11 @@ def compare(run_docs: dict, base_docs: dict, tol_time: float = 0.05, tol_memory:
                 row["status"] = "-"
             else:
                 tol = tol_time if kind == "time" else tol_memory
-                if row["hi"] < b["value"] * (1 - tol):
+                b_lo = b["value"] if b.get("lo") is None else b["lo"]
+                b_hi = b["value"] if b.get("hi") is None else b["hi"]
+                if row["hi"] < b_lo * (1 - tol):
                     row["status"] = "REGRESSION"
-                elif row["lo"] > b["value"] * (1 + tol):
+                elif row["lo"] > b_hi * (1 + tol):
                     row["status"] = "improved"
                 else:
                     row["status"] = "ok"
@@ -548,11 +558,16 @@ def compare(run_docs: dict, base_docs: dict, tol_time: float = 0.05, tol_memory:
 
 
 def gate_table(rows: list) -> str:
-    lines = [f"{'status':<15}{'family':<14}{'case':<36}{'metric':<48}{'baseline':>9}  {'this run [95% interval]':>24}"
+    lines = [f"{'status':<15}{'family':<14}{'case':<36}{'metric':<48}{'baseline [95% interval]':>24}  {'this run [95% interval]':>24}"
              f"{'change':>8}"]
     order = {"REGRESSION": 0, "improved": 1, "method changed": 2, "missing": 3, "new": 4, "ok": 5, "-": 6}
     for r in sorted(rows, key=lambda r: order.get(r["status"], 9)):
-        base = "-" if r["base"] is None else f"{r['base']:.2f}"
+        if r["base"] is None:
+            base = "-"
+        elif r.get("base_lo") is None or r["base_lo"] == r["base"] == r["base_hi"]:
+            base = f"{r['base']:.2f}"
+        else:
+            base = f"{r['base']:.2f} [{r['base_lo']:.2f}, {r['base_hi']:.2f}]"
         if r["value"] is None:
             cur = "-"
         elif r["lo"] == r["value"] == r["hi"]:
@@ -560,7 +575,7 @@ def gate_table(rows: list) -> str:
         else:
             cur = f"{r['value']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
         chg = "" if r["base"] is None or r["value"] is None else f"{r['value'] / r['base'] - 1:+.0%}"
-        lines.append(f"{r['status']:<15}{r['family']:<14}{r['case'][:35]:<36}{r['metric'][:47]:<48}{base:>9}  "
+        lines.append(f"{r['status']:<15}{r['family']:<14}{r['case'][:35]:<36}{r['metric'][:47]:<48}{base:>24}  "
                      f"{cur:>24}{chg:>8}")
     n_reg = sum(r["status"] == "REGRESSION" for r in rows)
     n_cmp = sum(r["status"] in ("ok", "improved", "REGRESSION") for r in rows)

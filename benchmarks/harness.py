@@ -98,6 +98,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _load() -> float | None:
+    """The 1-minute load average when the family finished (other processes competing for the cores
+    shift ratios between runs; recorded beside the figures)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -354,6 +363,7 @@ def write(report: Report, out_dir: str | os.PathLike, device: str, plot: Callabl
         "machine": machine(device), "torch": torch.__version__, "longtune_commit": _commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(), "mode": "quick" if report.quick else "full",
+        "load_avg_1min": _load(), "cpu_count": os.cpu_count(),
         "results": [asdict(r) for r in report.results], "ratios": report.ratios,
     }
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))

@@ -47,6 +47,13 @@ def gate(run_dir, device: str, quick: bool, families, baseline: str | None, tol_
               f"`python benchmarks/run_all.py{' --quick' if quick else ''} --update-baseline`")
         return 2
     rows = H.compare(run, base, tol_time, tol_memory)
+    for fam in sorted(run):
+        lr, lb = run[fam].get("load_avg_1min"), base.get(fam, {}).get("load_avg_1min")
+        cores = run[fam].get("cpu_count") or 1
+        if device == "cpu" and lr is not None and (lr > cores or (lb or 0) > cores):
+            print(f"gate: note: {fam} ran at load average {lr} (baseline {lb}) on {cores} cores - other processes "
+                  f"competed for the CPU, and ratios shift with the load; rerun on an idle machine before trusting a "
+                  f"regression")
     table = H.gate_table(rows)
     print(f"\n== regression gate: {run_dir} vs {base_dir} (tolerance: time {tol_time:.0%}, memory {tol_memory:.0%}) ==")
     print(table)

@@ -33,6 +33,8 @@ class S2Attention(nn.Module):
     of the heads is shifted by G/2 (``mode="leakfree"``: no token sees a later one;
     ``"longlora_roll"``: LongLoRA's torch.roll formulation, whose last group wraps around). In eval
     (unless ``s2_in_eval``), full causal attention -- LongLoRA trains sparse and infers dense.
+    Packed input with a ratio takes G from the longest sequence: ``max_seqlen``, else read from
+    ``cu_seqlens`` (eager only; under torch.compile pass ``max_seqlen`` or a fixed ``group_size``).
     """
 
     def __init__(self, group_size_ratio: float = 0.25, mode: str = "leakfree", s2_in_eval: bool = False,
@@ -57,11 +59,23 @@ class S2Attention(nn.Module):
         sparse = self.training or self.s2_in_eval
         g = None
         if sparse:
-            n = (max_seqlen or int((cu_seqlens[1:] - cu_seqlens[:-1]).max())) if cu_seqlens is not None else q.shape[1]
-            g = self.group_size or s2_group_size(n, self.group_size_ratio)
+            g = self.group_size or s2_group_size(self._longest(q, cu_seqlens, max_seqlen), self.group_size_ratio)
         return sparse_attention(q, k, v, causal=self.causal, s2_group_size=g, s2_mode=self.mode,
                                 softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+    @staticmethod
+    def _longest(q, cu_seqlens, max_seqlen) -> int:
+        """The sequence length the group size is taken from: N, or the longest packed sequence."""
+        if cu_seqlens is None:
+            return q.shape[1]
+        if max_seqlen:
+            return int(max_seqlen)
+        if torch.compiler.is_compiling():
+            # the kernel's group size is a plain int; a compiled graph cannot read it from data
+            raise ValueError("S2Attention: with cu_seqlens under torch.compile, pass max_seqlen (the longest "
+                             "sequence) or construct the module with a fixed group_size")
+        return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:

@@ -89,6 +89,8 @@ class RotatedQuantLinear(nn.Linear):
             return self.weight
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return self._rotate_weight(self.weight)  # differentiable path for training
+        if torch.compiler.is_compiling():  # in a graph: rotated there (the cache compares data)
+            return self._rotate_weight(self.weight.detach())
         with torch.no_grad():
             key = (self.weight._version, self.weight.data_ptr())
             fp = self._fingerprint()

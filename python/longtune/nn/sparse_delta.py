@@ -98,6 +98,10 @@ class SparseDeltaLinear(nn.Module):
         if self._orig is None:
             self._orig = w.view(-1)[self.indices].clone()
             self._snapshot = None
+        if torch.compiler.is_compiling():  # no snapshot comparison in a graph: patch the k entries
+            w.view(-1)[self.indices] = self._orig + v
+            self._snapshot = None  # eager calls re-patch once
+            return w
         if self._snapshot is None or not torch.equal(self._snapshot, v):
             w.view(-1)[self.indices] = self._orig + v
             self._snapshot = v.clone()

@@ -131,8 +131,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     """``F.cross_entropy(x @ weight.T + bias, target, ...)`` without materialising the logits.
 
     x (..., d), weight (V, d), bias (V,) or None, target (...) int64 (``ignore_index`` rows count
-    nothing). ``reduction``: "mean" (over non-ignored targets; 0 with a warning when every target is
-    ignored), "sum" or "none" (per row, 0 for ignored rows). ``label_smoothing`` as in
+    nothing). ``reduction``: "mean" (over non-ignored targets; 0 when every target is ignored, with
+    a warning outside torch.compile), "sum" or "none" (per row, 0 for ignored rows). ``label_smoothing`` as in
     F.cross_entropy; ``z_loss``: + z_loss * lse^2 per row (PaLM); ``softcap``: logits
     softcap * tanh(logits / softcap) (Gemma 2). ``rows``: compute only at these positions (an index
     tensor or a bool mask over the flattened tokens; the Long-VITA "logits-masked LM head": prompt
@@ -172,8 +172,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     total = loss.sum()
     if reduction == "sum":
         return total.to(out_dtype)
-    n = int((t2 != ignore_index).sum())
-    if n == 0:
+    # the count stays a tensor (a compiled graph cannot branch on it); every row ignored: the total
+    # is 0 and so is the mean and its gradient (eager also warns)
+    n = (t2 != ignore_index).sum()
+    if not torch.compiler.is_compiling() and int(n) == 0:
         warnings.warn("linear_cross_entropy: every target is ignore_index; the mean loss is 0", stacklevel=2)
-        return (total * 0).to(out_dtype)
-    return (total / n).to(out_dtype)
+    return (total / n.clamp_min(1).to(total.dtype)).to(out_dtype)

@@ -46,13 +46,21 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None,
 
     ``hadamard_transform(x, s) == x @ hadamard_matrix(n) * s`` (up to rounding).
     """
-    if not _ref.is_supported(int(n)):
+    n = int(n)
+    if not _ref.is_supported(n):
         raise ValueError(f"longtune.hadamard_matrix: n={n} is not a supported size: n = 2^k or "
                          f"m*2^k with a constructible factor m, n <= {_ref.MAX_N}")
-    H = _ref.hadamard_matrix(int(n), dtype=torch.float64)
+    H = _matrix64(n)
     if normalized:
         H = H / math.sqrt(n)
     return H.to(dtype=dtype, device=device)
+
+
+@torch.compiler.assume_constant_result
+def _matrix64(n: int) -> torch.Tensor:
+    # a constant of n: torch.compile calls this once while tracing and embeds the result (the
+    # construction checks H H^T = n I, which a graph could not branch on)
+    return _ref.hadamard_matrix(n, dtype=torch.float64)
 
 
 # ------------------------------------------------------------------ fake (meta) kernels

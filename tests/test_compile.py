@@ -233,6 +233,22 @@ def test_linear_cross_entropy_index_rows():
                  t, b, rows)
 
 
+def test_dynamic_shapes():
+    """dynamic=True: the sequence length and the token count are symbols of one graph."""
+    def attn(q, k, v):
+        return longtune.sparse_attention(q, k, v, s2_group_size=8, window=10)
+
+    def ce(x, w, t):
+        return longtune.linear_cross_entropy(x, w, t, label_smoothing=0.1)
+
+    fa = torch.compile(attn, fullgraph=True, dynamic=True)
+    fc = torch.compile(ce, fullgraph=True, dynamic=True)
+    for n in (10, 17):
+        check_fn(attn, *_qkv(n=2 * n), compiled=fa)
+        x, w, _, t = _lce_data(t=2 * n)
+        check_fn(ce, x, w, t, compiled=fc)
+
+
 # ------------------------------------------------------------------ Hadamard / quantization
 def test_hadamard_transform():
     g = torch.Generator().manual_seed(0)

@@ -32,7 +32,9 @@ How this contract differs from ``longtune.hadamard_transform``:
 Beyond the package: CPU tensors and float64 (on CPU) work too, and ``torch.compile(fullgraph=True)``
 traces through these functions. Arithmetic: the power-of-two part runs in longtune's kernel, the
 ``F_m`` product in float32 (float64 for float64 inputs); 16-bit inputs are promoted to float32 once
-and the result is rounded once to the input dtype, as in the package.
+and the result is rounded once to the input dtype, as in the package. The ``F_m`` product is a
+float32 matrix product, so ``torch.set_float32_matmul_precision("high")`` (TF32) on a GPU lowers
+its precision; the package adds and subtracts in full float32.
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """Fast Walsh-Hadamard transform: ``longtune.hadamard_transform`` and ``longtune.hadamard_matrix``.
 
 For n = 2^k the result equals ``x @ H * scale`` with the Sylvester-ordered H
-(``scipy.linalg.hadamard(n)``), so this is a drop-in for
-``fast_hadamard_transform.hadamard_transform(x, scale)``. For n = m * 2^k,
+(``scipy.linalg.hadamard(n)``): the same numbers as ``fast_hadamard_transform.hadamard_transform(x,
+scale)`` when scale is passed (the default here is 1/sqrt(n), there 1.0). For n = m * 2^k,
 ``H = kron(H_m, H_{2^k})`` with H_m on the left (the outer index): see ``hadamard_matrix``.
 After scaling by 1/sqrt(n) the transform is exactly orthogonal for every supported n.
+That package's exact contract (its defaults, its fixed 12/20/28/40 factors and composition, its
+zero-padding) is ``longtune.compat.fast_hadamard_transform``.
 """
 from __future__ import annotations
 

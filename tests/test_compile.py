@@ -286,7 +286,10 @@ def test_quantize_dequantize_quantize_weight():
     def codes(x):
         return longtune.quantize(x, bits=8, clip_ratio=0.95)
 
-    check_fn(codes, x)
+    f = check_fn(codes, x)
+    xg = x.clone().requires_grad_()
+    for out in (*codes(xg), *f(xg)):  # codes, scales, zeros: constants, eager and compiled
+        assert not out.requires_grad
 
 
 # ------------------------------------------------------------------ modules

@@ -126,6 +126,19 @@ def _backward(ctx, grad):
 torch.library.register_autograd("longtune::rotate_fake_quant", _backward, setup_context=_setup_context)
 
 
+# rotate_quantize: integer codes and their scales / zeros carry no gradient (the differentiable
+# path is rotate_fake_quant); declared so, eager and compiled graphs treat the outputs as constants
+def _codes_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _codes_backward(ctx, *grads):
+    return (None,) * 8
+
+
+torch.library.register_autograd("longtune::rotate_quantize", _codes_backward, setup_context=_codes_setup_context)
+
+
 # ------------------------------------------------------------------ FLOP formula
 def quant_flops(shape, rotate: bool, hadamard_size: int) -> int:
     """Rotation additions (as for hadamard_transform) + ~6 ops per element for the quantizer."""

@@ -116,9 +116,20 @@ def _s2_mask(module, o, nq, nk, kwargs) -> dict:
     total = _SEQUENCE_LENGTH.get()
     if total is None:
         if nq == nk:
+            if o["group_size"]:
+                return {"s2_group_size": o["group_size"], "s2_mode": o["mode"]}
             cu_q, _ = _packed(kwargs)
-            n = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q is not None else nq
-            return {"s2_group_size": o["group_size"] or s2_group_size(n, o["group_size_ratio"]), "s2_mode": o["mode"]}
+            n = nq
+            if cu_q is not None:  # packed: the longest sequence's length
+                n = kwargs.get("max_length_q")
+                if n is None:
+                    n = (cu_q[1:] - cu_q[:-1]).max()
+                if torch.is_tensor(n) and torch.compiler.is_compiling():
+                    raise ValueError("longtune S^2-Attn on packed sequences under torch.compile needs the longest "
+                                     "sequence's length as a Python int (max_length_q) or a fixed group_size: a "
+                                     "group size cannot come from tensor data inside a graph")
+                n = int(n)
+            return {"s2_group_size": s2_group_size(n, o["group_size_ratio"]), "s2_mode": o["mode"]}
         if o["group_size"] and o["mode"] == "leakfree":
             # a query chunk against a longer KV: groups are absolute positions and the queries are
             # the last nq of them (bottom-right), so a fixed group size gives exactly the rows of

@@ -62,13 +62,17 @@ def test_seco_under_ddp_syncs_once_and_averages(tmp_path, budget):
         f"{res['per_step']}")
     if budget is not None:
         return  # SpaCO: the estimate differs from full backprop; the sync count is what matters here
-    torch.set_num_threads(1)
-    ref = None
-    for rank in range(world):
-        model = tiny_llama()
-        ids, labels = batch(n=48, seed=10 + rank)
-        _, g = full_grads(model, ids, labels)
-        ref = g if ref is None else {n: ref[n] + g[n] for n in ref}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers
+    try:
+        ref = None
+        for rank in range(world):
+            model = tiny_llama()
+            ids, labels = batch(n=48, seed=10 + rank)
+            _, g = full_grads(model, ids, labels)
+            ref = g if ref is None else {n: ref[n] + g[n] for n in ref}
+    finally:
+        torch.set_num_threads(threads)  # the rest of the suite keeps its thread count
     for n, r in ref.items():
         r = r / world
         err = (res["grads"][n] - r).abs().max().item() / max(r.abs().max().item(), 1e-300)

@@ -6,6 +6,7 @@ process continuing the uninterrupted loss curve."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -59,7 +60,9 @@ def _tiny(seed=0):
 def _run(tmp_path, body: str, *args: str) -> None:
     script = tmp_path / "worker.py"
     script.write_text(COMMON + textwrap.dedent(body))
-    res = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    # the same thread count as this process: CPU kernels split their reductions by thread
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    res = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
 
 

@@ -63,7 +63,8 @@ def run_fresh(tmp_path, body: str, name: str = "fresh"):
     script = tmp_path / f"{name}.py"
     script.write_text(PRELUDE + "\nOUT = {}\n" + textwrap.dedent(body) +
                       "\njson.dump(OUT, open('out.json', 'w'))\n")
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    # the same thread count as this process: CPU kernels split their reductions by thread
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS=str(torch.get_num_threads()))
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, f"fresh process failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"

@@ -38,6 +38,9 @@ FAMILIES = {
                {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24}),
 }
 NAMES = list(FAMILIES)
+# transformers' eager attention (Gemma-2's softcapping implementation) runs its softmax in float32
+# even in a float64 model: comparisons against it hold to float32 rounding only
+TOL = {"gemma2": 1e-6}
 
 
 def tiny(name, seed=0):
@@ -65,10 +68,15 @@ def test_eval_with_padding_equals_the_models_own_attention(name):
     am = torch.ones(2, 40, dtype=torch.long)
     am[1, 28:] = 0
     want = m(x, attention_mask=am).logits
+    if name == "gemma2":
+        # transformers' float64 eager Gemma-2 returns NaN for the whole padded row; with right padding
+        # the real rows equal the unpadded sequence's
+        want = torch.cat([want[:1], torch.nn.functional.pad(m(x[1:, :28]).logits, (0, 0, 0, 12))])
     longtune.patch(m, attention="s2")
     got = m(x, attention_mask=am).logits
-    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(got[1, :28], want[1, :28], rtol=1e-10, atol=1e-10)
+    tol = TOL.get(name, 1e-10)
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[1, :28], want[1, :28], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -152,16 +160,17 @@ def test_gemma2_attention_softcap_reaches_the_kernel(monkeypatch):
 
     monkeypatch.setattr(longtune.integrations.hf, "sparse_attention", spy)
     longtune.patch(m, attention="causal")
-    torch.testing.assert_close(m(x).logits, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m(x).logits, want, rtol=TOL["gemma2"], atol=TOL["gemma2"])
     assert seen and all(c == 0.3 for c in seen)
     m.config.attn_logit_softcapping = None
     for layer in m.model.layers:
         layer.self_attn.attn_logit_softcapping = None
-    assert (m(x).logits - want).abs().max() > 1e-4
+    assert (m(x).logits - want).abs().max() > 1e-5  # 100x the tolerance above
 
 
 def test_gemma2_final_logit_softcap_reaches_the_fused_ce_head():
     m, ref = tiny("gemma2"), tiny("gemma2")
+    longtune.patch(ref, attention="causal")  # the same attention on both sides: only the head differs
     x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
     labels = x.clone()
     labels[0, :5] = -100

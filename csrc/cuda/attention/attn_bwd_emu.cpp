@@ -22,7 +22,12 @@ void launch_bwd_emu(const AttnParams& s) {
     try {
       emu::launch(("attn_dsum" + sfx).c_str(), flat(s.total_q * s.hm.heads), block, 0,
                   [&k] { attn_dsum_body<T, D>(k); });
-      emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D), [&k] { attn_bwd_body<T, D>(k); });
+      if (s.softcap > 0.f)
+        emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
+                    [&k] { attn_bwd_body<T, D, true>(k); });
+      else
+        emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
+                    [&k] { attn_bwd_body<T, D, false>(k); });
       emu::launch(("attn_dq_convert" + sfx).c_str(), flat(s.total_q * s.hm.hq * D / 8), block, 0,
                   [&k] { attn_dq_convert_body<T, D>(k); });
     } catch (const std::exception& e) {

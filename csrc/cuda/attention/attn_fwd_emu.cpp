@@ -17,8 +17,12 @@ void launch_fwd_emu(const AttnParams& s) {
     const simt::Dim3 grid{static_cast<uint32_t>((s.nq + kBQ - 1) / kBQ), static_cast<uint32_t>(s.hm.heads),
                           static_cast<uint32_t>(s.batch)};
     try {
-      emu::launch(name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
-                  [&k] { attn_fwd_body<T, D>(k); });
+      if (s.softcap > 0.f)
+        emu::launch(name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
+                    [&k] { attn_fwd_body<T, D, true>(k); });
+      else
+        emu::launch(name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
+                    [&k] { attn_fwd_body<T, D, false>(k); });
     } catch (const std::exception& e) {
       TORCH_CHECK(false, "longtune_emu: ", e.what());
     }

@@ -120,7 +120,9 @@ LT_DEV void load_rows(simt::sptr<T> dst, simt::gptr<const T> src, int64_t stride
 }
 
 // ------------------------------------------------------------------------------------ forward
-template <class T, int D>
+// Cap: logit softcapping (p.s.softcap > 0) compiled in; the launchers pick the variant, so the
+// uncapped kernels carry none of its registers.
+template <class T, int D, bool Cap = false>
 LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   constexpr int R = D + 8, KS = D / 16, NB = kBK / 8, DB = D / 8;
   const uint32_t lane = simt::lane_id(), w = simt::warp_id(), g = lane / 4, c4 = lane % 4;
@@ -135,9 +137,9 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   const Ranges tiles = tile_ranges<true>(m, i0, imin(i0 + kBQ, sq.nq), kBK);
   const int64_t nt = tile_count(tiles);
   const bool has_kpm = p.s.kpm != nullptr;
-  // logit softcapping (a uniform branch per tile): s -> cap * tanh(s * scale / cap), then only the
-  // log2e factor of the exp2 softmax
-  const bool capped = p.s.softcap > 0.f;
+  // logit softcapping (Cap): s -> cap * tanh(s * scale / cap), then only the log2e factor of the
+  // exp2 softmax
+  constexpr bool capped = Cap;
   const float cap = p.s.softcap, cap_in = capped ? p.s.scale / p.s.softcap : 0.f;
   const float sl2 = capped ? kLog2e : p.s.scale * kLog2e;
 
@@ -200,7 +202,7 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
         mma<T>(s[2 * nb2 + 1], qf[ks], bb[2], bb[3]);
       }
     }
-    if (capped) {
+    if constexpr (capped) {
       LT_UNROLL for (int nb = 0; nb < NB; ++nb)
         LT_UNROLL for (int t = 0; t < 4; ++t) s[nb][t] = cap * ::tanhf(s[nb][t] * cap_in);
     }
@@ -354,7 +356,7 @@ LT_DEV void attn_dq_convert_body(const AKParams<T>& p) {
   simt::st_vec<8>(p.dq, idx * 8, r);
 }
 
-template <class T, int D>
+template <class T, int D, bool Cap = false>
 LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   constexpr int R = D + 8, RS = kBQ + 8, NB = kBQ / 8, DB = D / 8, KS = D / 16;
   const uint32_t lane = simt::lane_id(), w = simt::warp_id(), g = lane / 4, c4 = lane % 4;
@@ -371,8 +373,8 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   const int32_t e_first = hm.hq >= hm.hkv ? h * nmem : h;
   const bool has_kpm = p.s.kpm != nullptr;
   // logit softcapping: P from cap * tanh(s * scale / cap), dS through the tanh (factor 1 - tanh^2;
-  // the final dK / dQ scaling by softmax_scale stays)
-  const bool capped = p.s.softcap > 0.f;
+  // the final dK / dQ scaling by softmax_scale stays); compiled in only with Cap
+  constexpr bool capped = Cap;
   const float cap = p.s.softcap, cap_in = capped ? p.s.scale / p.s.softcap : 0.f;
   const float sl2 = capped ? kLog2e : p.s.scale * kLog2e;
 
@@ -480,7 +482,7 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
             const float L = sL[ql];
             const bool vis = kvalid[r] && (full || in_ranges(cr[r], i0 + ql)) && L != -INFINITY;
             float x = st[nb][2 * r + cc], f = 1.f;
-            if (capped) {
+            if constexpr (capped) {
               const float th = ::tanhf(x * cap_in);
               x = cap * th;
               f = 1.f - th * th;

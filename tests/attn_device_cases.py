@@ -34,6 +34,7 @@ class Case:
     cu_q: list | None = None       # packed: offsets
     cu_k: list | None = None
     scale: float | None = None
+    softcap: float = 0.0           # logit softcapping (0: off)
     extra: dict = field(default_factory=dict)
 
     def __str__(self):
@@ -74,7 +75,7 @@ def _op_args(c: Case, kpm, device):
         max_k = max(b - a for a, b in zip(c.cu_k, c.cu_k[1:]))
     scale = c.scale if c.scale is not None else 1.0 / math.sqrt(c.d)
     return (kpm, cu_q, cu_k, max_q, max_k, scale, c.causal, c.group, c.mode, c.wl, c.wr, c.n_global, c.q_offset,
-            c.kv_offset)
+            c.kv_offset, c.softcap)
 
 
 def _reference(c: Case, q, k, v, kpm, dtype):
@@ -84,7 +85,8 @@ def _reference(c: Case, q, k, v, kpm, dtype):
         qq, kk, vv, causal=c.causal, s2_group_size=c.group or None, s2_mode=c.mode if c.group else "leakfree",
         window=window, n_global=c.n_global, softmax_scale=c.scale if c.scale is not None else 1.0 / math.sqrt(c.d),
         key_padding_mask=kpm, cu_seqlens=c.cu_q, cu_seqlens_k=c.cu_k,
-        q_offset=None if c.q_offset < 0 else c.q_offset, kv_offset=c.kv_offset, return_lse=True)
+        q_offset=None if c.q_offset < 0 else c.q_offset, kv_offset=c.kv_offset, softcap=c.softcap or None,
+        return_lse=True)
     return out, lse, (qq, kk, vv)
 
 
@@ -96,7 +98,8 @@ def _check_lse(lse, ref64, ref_same, what):
 
 
 def check_case(fwd, bwd, device, c: Case, dtype, backward=True):
-    q, k, v, go, kpm = _tensors(c, dtype, device)
+    # softcapped cases: larger scores, so that the tanh saturates on part of them
+    q, k, v, go, kpm = _tensors(c, dtype, device, scale_qk=2.0 if c.softcap else 1.0)
     args = _op_args(c, kpm, device)
     out, lse = fwd(q, k, v, *args)
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.device == q.device
@@ -135,6 +138,13 @@ CASES = [
     Case("hd80", nq=70, d=80),
     Case("hd96", nq=70, d=96, causal=False),
     Case("hd128", nq=70, d=128),
+    # logit softcapping (Gemma-2) with each mask family
+    Case("softcap_causal_gqa", nq=70, hq=4, hkv=2, softcap=2.0),
+    Case("softcap_s2_leakfree", nq=100, hq=2, hkv=2, group=16, mode="leakfree", softcap=3.0),
+    Case("softcap_s2_roll", nq=72, hq=2, hkv=2, group=16, mode="longlora_roll", softcap=2.0),
+    Case("softcap_lambda_offsets", nq=40, nk=100, q_offset=30, kv_offset=5, wl=24, n_global=2, softcap=2.5),
+    Case("softcap_key_padding", nq=70, batch=2, causal=False, pad=[(0, 13), (20, 3)], softcap=2.0),
+    Case("softcap_varlen", cu_q=[0, 30, 50, 120], cu_k=[0, 40, 40, 130], nq=0, hq=2, hkv=1, softcap=2.0),
 ]
 
 # Larger cases for a real GPU (several tiles per sequence, both tile-range pieces, many blocks).
@@ -149,6 +159,9 @@ GPU_CASES = [
     Case("key_padding", nq=500, batch=3, hq=2, hkv=2, causal=False, pad=[(0, 100), (130, 7), (0, 0)]),
     Case("varlen", cu_q=[0, 300, 301, 1000, 1000, 1500], cu_k=[0, 400, 500, 1200, 1300, 1800], nq=0, hq=4, hkv=1),
     Case("chunk_offsets", nq=256, nk=3000, q_offset=1900, kv_offset=100, wl=1024, n_global=4, hq=2, hkv=2),
+    Case("softcap_gqa_hd128", nq=1000, hq=4, hkv=2, d=128, batch=2, softcap=2.0),
+    Case("softcap_s2_varlen", cu_q=[0, 300, 301, 1000], cu_k=[0, 400, 500, 1200], nq=0, hq=4, hkv=2, group=64,
+         mode="leakfree", softcap=3.0),
 ]
 
 BAD_DTYPE_MSG = "float16 or bfloat16"

@@ -217,11 +217,15 @@ def test_gradcheck_packed_and_padding():
 
 
 def _op_args(q, k, v, kw, kpm=None, cu=None):
+    kw = dict(kw)
+    cap = kw.pop("softcap", None)
     c, g, mode, wl, wr, ng, qo, ko = mask_args(**kw)
-    return (q, k, v, kpm, cu, cu, 0, 0, q.shape[-1] ** -0.5, c, g, mode, wl, wr, ng, qo, ko)
+    a = (q, k, v, kpm, cu, cu, 0, 0, q.shape[-1] ** -0.5, c, g, mode, wl, wr, ng, qo, ko)
+    return a if cap is None else a + (float(cap),)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=4), dict(window=3, n_global=1)])
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=4), dict(window=3, n_global=1),
+                                dict(s2_group_size=4, softcap=1.5)])
 def test_opcheck(kw):
     q, k, v = make_qkv(2, 20, 20, 2, 1, 8, torch.float32, requires_grad=True)
     torch.library.opcheck(torch.ops.longtune.sparse_attention_fwd, _op_args(q, k, v, kw))
@@ -231,6 +235,135 @@ def test_opcheck(kw):
     torch.library.opcheck(torch.ops.longtune.sparse_attention_bwd, (go, *a[:3], out.detach(), lse, *a[3:]))
     qp, kp, vp = make_qkv(1, 20, 20, 2, 1, 8, torch.float32, packed=True, requires_grad=True)
     torch.library.opcheck(torch.ops.longtune.sparse_attention_fwd, _op_args(qp, kp, vp, kw, cu=torch.tensor([0, 8, 20])))
+
+
+# ------------------------------------------------------------------ logit softcapping
+SOFTCAP_MASKS = [m for m in MASKS if m[0] in ("causal", "full", "s2", "s2_roll", "lambda", "window_lr", "s2_lambda")]
+
+
+@pytest.mark.parametrize("name,kw", SOFTCAP_MASKS, ids=[m[0] for m in SOFTCAP_MASKS])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_softcap_matches_reference(name, kw, hq, hkv, dtype):
+    _check(2, 45, 45, hq, hkv, 16, dict(kw, softcap=1.5), dtype)
+
+
+def test_softcap_reference_is_gemma2s_formula():
+    # Gemma-2 (transformers eager_attention_forward): w = q k^T * scaling; w = tanh(w / c) * c; causal
+    # mask; softmax; w v
+    q, k, v = make_qkv(2, 30, 30, 4, 2, 16, torch.float64)
+    c, scale = 2.0, 0.3
+    qh, kh, vh = q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2)
+    w = torch.tanh(qh @ kh.transpose(-1, -2) * scale / c) * c
+    w = w.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    want = (w @ vh).transpose(1, 2)
+    torch.testing.assert_close(ref.sparse_attention(q, k, v, softmax_scale=scale, softcap=c), want)
+    torch.testing.assert_close(longtune.sparse_attention(q, k, v, softmax_scale=scale, softcap=c), want)
+    # and capping changes the result (the scores reach the tanh's curved part)
+    assert (longtune.sparse_attention(q, k, v, softmax_scale=scale) - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=8), dict(window=9, n_global=2), dict(q_offset=5)])
+def test_softcap_query_chunk_attends_longer_kv(kw):
+    _check(2, 20, 70, 2, 2, 8, dict(kw, softcap=0.7), torch.float64)
+
+
+def test_softcap_padding_and_packing():
+    lens = [13, 0, 37, 1, 30]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    total = int(cu[-1])
+    _check(1, total, total, 4, 2, 8, dict(s2_group_size=6, softcap=1.0), torch.float64, packed=True, cu=cu)
+    kpm = torch.zeros(3, 40, dtype=torch.bool)
+    for i, n in enumerate([40, 23, 9]):
+        kpm[i, 40 - n:] = True
+    _check(3, 40, 40, 2, 1, 8, dict(softcap=1.0), torch.float64, kpm=kpm)
+    _check(3, 40, 40, 2, 1, 8, dict(causal=False, window=(4, 4), softcap=1.0), torch.float32, kpm=kpm)
+
+
+def test_softcap_return_lse():
+    q, k, v = make_qkv(1, 33, 33, 2, 2, 8, torch.float64)
+    out, lse = longtune.sparse_attention(q, k, v, softcap=0.5, return_lse=True)
+    want, wlse = ref.sparse_attention(q, k, v, softcap=0.5, return_lse=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, wlse)
+    assert bool((lse <= torch.log(torch.arange(1, 34, dtype=torch.float64)) + 0.5 + 1e-12).all())  # |score| <= cap
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(s2_group_size=4), dict(s2_group_size=4, s2_mode="longlora_roll"),
+                                dict(window=3, n_global=1), dict(causal=False)])
+def test_softcap_gradcheck_float64(kw):
+    q, k, v = make_qkv(1, 9, 9, 2, 1, 4, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: longtune.sparse_attention(a, b, c, softcap=0.8, **kw), (q, k, v))
+
+
+def test_softcap_gradcheck_packed_and_padding():
+    q, k, v = make_qkv(1, 11, 11, 2, 1, 4, torch.float64, packed=True, requires_grad=True)
+    cu = torch.tensor([0, 4, 11])
+    assert torch.autograd.gradcheck(lambda a, b, c: longtune.sparse_attention(
+        a, b, c, cu_seqlens=cu, s2_group_size=4, softcap=0.8), (q, k, v))
+    q, k, v = make_qkv(2, 7, 7, 2, 2, 4, torch.float64, requires_grad=True)
+    kpm = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda a, b, c: longtune.sparse_attention(
+        a, b, c, key_padding_mask=kpm, causal=False, softcap=0.8), (q, k, v))
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 2), nq=st.integers(1, 70), extra_k=st.integers(0, 30), hkv=st.sampled_from([1, 2]),
+       rep=st.sampled_from([1, 2, -2]), d=st.sampled_from([1, 4, 8]), causal=st.booleans(),
+       g=st.sampled_from([None, 2, 6, 16]), window=st.sampled_from([None, 1, 9]), n_global=st.integers(0, 4),
+       pad=st.booleans(), cap=st.sampled_from([0.1, 1.0, 5.0, 50.0]), seed=st.integers(0, 2**16))
+def test_softcap_fuzz_against_reference(b, nq, extra_k, hkv, rep, d, causal, g, window, n_global, pad, cap, seed):
+    hq = hkv * rep if rep > 0 else 1
+    hk = hkv if rep > 0 else 2
+    nk = nq + extra_k
+    kw = dict(causal=causal, s2_group_size=g, window=window, n_global=n_global, softcap=cap)
+    q, k, v = make_qkv(b, nq, nk, hq, hk, d, torch.float64, requires_grad=True, seed=seed)
+    if pad:
+        kw["key_padding_mask"] = torch.rand(b, nk, generator=torch.Generator().manual_seed(seed)) > 0.3
+    out = longtune.sparse_attention(q, k, v, **kw)
+    want = ref.sparse_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    g_out = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (q, k, v), g_out), torch.autograd.grad(want, (q, k, v), g_out)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+def test_softcap_zero_or_none_is_off_and_bad_values_refused():
+    q, k, v = make_qkv(1, 20, 20, 2, 2, 8, torch.float32)
+    base = longtune.sparse_attention(q, k, v)
+    assert torch.equal(longtune.sparse_attention(q, k, v, softcap=0.0), base)
+    assert torch.equal(longtune.sparse_attention(q, k, v, softcap=None), base)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap must be"):
+            longtune.sparse_attention(q, k, v, softcap=bad)
+        with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+            torch.ops.longtune.sparse_attention_fwd(*_op_args(q, k, v, dict(softcap=bad)))
+
+
+def test_softcap_torch_compile_fullgraph():
+    q, k, v = make_qkv(1, 40, 40, 4, 2, 16, torch.float32, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v):
+        return longtune.sparse_attention(q, k, v, s2_group_size=8, softcap=2.0).square().sum()
+
+    loss = f(q, k, v)
+    loss.backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    loss2 = longtune.sparse_attention(q2, k2, v2, s2_group_size=8, softcap=2.0).square().sum()
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(q.grad, q2.grad)
+
+
+def test_softcap_flops_equal_uncapped():
+    q, k, v = make_qkv(1, 64, 64, 4, 4, 16, torch.float32, requires_grad=True)
+    counts = []
+    for cap in (None, 2.0):
+        with FlopCounterMode(display=False) as fc:
+            longtune.sparse_attention(q, k, v, s2_group_size=16, softcap=cap).sum().backward()
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1] > 0
 
 
 def test_torch_compile_fullgraph():

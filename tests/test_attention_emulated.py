@@ -21,7 +21,7 @@ def test_forward_backward(case, dtype):
 
 def _args(d=64, **kw):
     a = dict(kpm=None, cu_q=None, cu_k=None, max_q=0, max_k=0, scale=1.0 / math.sqrt(d), causal=True, group=0,
-             mode="none", wl=-1, wr=-1, n_global=0, q_offset=-1, kv_offset=0)
+             mode="none", wl=-1, wr=-1, n_global=0, q_offset=-1, kv_offset=0, softcap=0.0)
     a.update(kw)
     return tuple(a.values())
 

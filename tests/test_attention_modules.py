@@ -93,3 +93,28 @@ def test_sqa_bad_arguments():
         SparseQueryAttention.sqa(64, 8)(torch.randn(2, 5, 32))
     with pytest.raises(ValueError, match="even head_dim"):
         SparseQueryAttention(60, 4, 2, 2, head_dim=15)
+
+
+def test_modules_pass_softcap():
+    q, k, v = make_qkv(2, 32, 32, 4, 2, 16, torch.float64)
+    m = S2Attention(group_size=8, softcap=1.5).train()
+    torch.testing.assert_close(m(q, k, v), ref.sparse_attention(q, k, v, s2_group_size=8, softcap=1.5),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m.eval()(q, k, v), ref.sparse_attention(q, k, v, softcap=1.5), rtol=1e-10, atol=1e-10)
+    assert "softcap=1.5" in repr(m)
+    with pytest.raises(ValueError, match="softcap"):
+        S2Attention(softcap=-1.0)
+    torch.manual_seed(0)
+    blk = SparseQueryAttention(32, 4, 2, 1, softcap=0.5, rotary=False).double()
+    plain = SparseQueryAttention(32, 4, 2, 1, rotary=False).double()
+    plain.load_state_dict(blk.state_dict())
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    b, n = 2, 12
+    qq = blk.q_proj(x).view(b, n, 2, 8)
+    kk = blk.k_proj(x).view(b, n, 1, 8)
+    vv = blk.v_proj(x).view(b, n, 1, 8)
+    want = blk.o_proj(ref.sparse_attention(qq, kk, vv, softcap=0.5).reshape(b, n, 16))
+    torch.testing.assert_close(blk(x), want, rtol=1e-10, atol=1e-10)
+    assert (blk(x) - plain(x)).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="softcap"):
+        SparseQueryAttention(32, 4, 2, 1, softcap=-2.0)

@@ -24,6 +24,7 @@ struct AttnArgs {
   at::Tensor kpm;                    // batched with padding: (B, nk) uint8 contiguous on q's device
   MaskSpec mask;
   double scale = 1.0;
+  double softcap = 0.0;  // > 0: scores s -> softcap * tanh(s / softcap); 0: off
   HeadMap hm() const { return HeadMap{hq, hkv, heads}; }
   int64_t q_start(int64_t b) const { return varlen ? cu_q[b] : 0; }
   int64_t k_start(int64_t b) const { return varlen ? cu_k[b] : 0; }
@@ -60,7 +61,8 @@ inline AttnArgs check_attn_args(const char* op, const at::Tensor& q, const at::T
                                 const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
                                 const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale,
                                 bool causal, int64_t group, const std::string& mode, int64_t wl, int64_t wr,
-                                int64_t n_global, int64_t q_offset, int64_t kv_offset, bool allow_f64) {
+                                int64_t n_global, int64_t q_offset, int64_t kv_offset, bool allow_f64,
+                                double softcap = 0.0) {
   check_floating(op, "q", q, allow_f64);
   LT_CHECK(op, k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
            "q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
@@ -122,6 +124,8 @@ inline AttnArgs check_attn_args(const char* op, const at::Tensor& q, const at::T
   }
   LT_CHECK(op, std::isfinite(scale) && scale != 0.0, "softmax_scale must be finite and non-zero, got ", scale);
   a.scale = scale;
+  LT_CHECK(op, std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0 (0 = off), got ", softcap);
+  a.softcap = softcap;
   MaskSpec& m = a.mask;
   m.causal = causal;
   m.mode = parse_s2_mode(op, mode);

@@ -46,17 +46,19 @@
 // and q (Tq, Hq, D), k/v (Tk, Hkv, D). Returns out (.., H, D) with H = max(Hq, Hkv) in q's dtype and
 // lse (B, H, Nq) / (H, Tq), float32 (float64 for float64 input). s2_mode: "none", "leakfree",
 // "longlora_roll"; window_left/right < 0: unbounded; q_offset < 0: bottom-right alignment.
+// softcap > 0: logit softcapping, every score s = softmax_scale * q.k becomes softcap * tanh(s / softcap)
+// before the mask and the softmax (Gemma-2's attn_logit_softcapping); 0: off.
 #define LT_SCHEMA_ATTN_FWD                                                                               \
   "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "  \
   "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, "         \
   "int s2_group_size, str s2_mode, int window_left, int window_right, int n_global, int q_offset, "       \
-  "int kv_offset) -> (Tensor, Tensor)"
+  "int kv_offset, float softcap=0.0) -> (Tensor, Tensor)"
 // Its backward: (dq, dk, dv) with q's, k's and v's shapes and dtypes (P recomputed from lse).
 #define LT_SCHEMA_ATTN_BWD                                                                                \
   "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "          \
   "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "              \
   "int max_seqlen_k, float softmax_scale, bool causal, int s2_group_size, str s2_mode, int window_left, " \
-  "int window_right, int n_global, int q_offset, int kv_offset) -> (Tensor, Tensor, Tensor)"
+  "int window_right, int n_global, int q_offset, int kv_offset, float softcap=0.0) -> (Tensor, Tensor, Tensor)"
 
 // Fused linear + cross-entropy (logits never materialised): per row t of x (T, d) with weight
 // (V, d), optional bias (V,), target (T,) int64: z = softcap > 0 ? softcap * tanh(l / softcap) : l

@@ -66,6 +66,29 @@ LT_ALWAYS_INLINE void ds_row(T* __restrict p, const T* __restrict dp, int64_t n,
   for (int64_t c = 0; c < n; ++c) p[c] = p[c] * (dp[c] - D) * scale;
 }
 
+// Logit softcapping of a block of scores (rows x cols, ld KC) in place: s -> cap * tanh(s / cap);
+// with th != nullptr the tanh values are also kept there (the backward's 1 - tanh^2).
+template <class T>
+void softcap_block(T* S, int64_t rows, int64_t cols, T cap, T* th) {
+  const T inv = T(1) / cap;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s = S + r * KC;
+    T* t = th ? th + r * KC : nullptr;
+    for (int64_t c = 0; c < cols; ++c) {
+      const T x = std::tanh(s[c] * inv);
+      if (t) t[c] = x;
+      s[c] = cap * x;
+    }
+  }
+}
+
+// p[c] = p[c] * (dp[c] - D) * scale * (1 - th[c]^2) (dS through the softcap's tanh, in place over P)
+template <class T>
+LT_ALWAYS_INLINE void ds_row_capped(T* __restrict p, const T* __restrict dp, const T* __restrict th, int64_t n, T D,
+                                    T scale) {
+  for (int64_t c = 0; c < n; ++c) p[c] = p[c] * (dp[c] - D) * scale * (T(1) - th[c] * th[c]);
+}
+
 // Tensor views: element (b, row, head) of a (B, N, H, D) or packed (T, H, D) tensor.
 template <class T>
 struct View {
@@ -181,7 +204,7 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
   const HeadMap hm = a.hm();
   const int64_t d = a.d, nqt = (a.nq + BQ - 1) / BQ;
   const uint8_t* kpm = a.kpm.defined() ? a.kpm.data_ptr<uint8_t>() : nullptr;
-  const T scale = static_cast<T>(a.scale);
+  const T scale = static_cast<T>(a.scale), cap = static_cast<T>(a.softcap);
   at::parallel_for(0, a.batch * a.heads * nqt, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> S(BQ * KC), acc(BQ * d), m(BQ), l(BQ), tmp(BQ * d);
     std::vector<Ranges> rr(BQ);
@@ -203,6 +226,7 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
       for (const auto& [j0, j1] : chunks) {
         const int64_t cols = j1 - j0;
         mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S.data(), KC);
+        if (cap > T(0)) softcap_block<T>(S.data(), rows, cols, cap, nullptr);
         apply_mask(S.data(), rows, cols, j0, rr.data(), kp);
         for (int64_t r = 0; r < rows; ++r) {
           T* s = S.data() + r * KC;
@@ -265,13 +289,13 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
   const HeadMap hm = a.hm();
   const int64_t d = a.d, nqt = (a.nq + BQ - 1) / BQ;
   const uint8_t* kpm = a.kpm.defined() ? a.kpm.data_ptr<uint8_t>() : nullptr;
-  const T scale = static_cast<T>(a.scale);
+  const T scale = static_cast<T>(a.scale), cap = static_cast<T>(a.softcap);
   const int nthreads = at::get_num_threads();
   std::vector<at::Tensor> dk_parts(nthreads), dv_parts(nthreads);
   const int64_t ngroups = hm.groups(), gsize = hm.group_size();
   // Scratch of one worker; `unit` handles one (batch, group, query tile) into the dK / dV views.
   struct Scratch {
-    std::vector<T> P, dP, D = std::vector<T>(BQ), tmp;
+    std::vector<T> P, dP, Th, D = std::vector<T>(BQ), tmp;  // Th: tanh of the softcapped scores
     std::vector<char> partial;
     std::vector<Ranges> rr = std::vector<Ranges>(BQ);
     std::vector<std::pair<int64_t, int64_t>> chunks;
@@ -279,6 +303,7 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
   auto unit = [&](int64_t b, int64_t g, int64_t qt, const View<T>& dK, const View<T>& dV, Scratch& sc) {
     std::vector<T>& P = sc.P;
     std::vector<T>& dP = sc.dP;
+    std::vector<T>& Th = sc.Th;
     std::vector<T>& D = sc.D;
     std::vector<Ranges>& rr = sc.rr;
     std::vector<std::pair<int64_t, int64_t>>& chunks = sc.chunks;
@@ -297,6 +322,7 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
       if (chunks.empty()) continue;
       const size_t need = chunks.size() * BQ * KC;
       if (P.size() < need) { P.resize(need); dP.resize(need); }
+      if (cap > T(0) && Th.size() < need) Th.resize(need);
       const T* qp = Q.at(b, a.q_start(b) + i0, qh);
       const T* gp = dO.at(b, a.q_start(b) + i0, e);
       std::fill(D.begin(), D.end(), T(0));
@@ -306,6 +332,7 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
         T* S = P.data() + x * BQ * KC;
         T* dPx = dP.data() + x * BQ * KC;
         mm<T>(false, true, rows, cols, d, scale, qp, Q.sn, K.at(b, a.k_start(b) + j0, kh), K.sn, T(0), S, KC);
+        if (cap > T(0)) softcap_block<T>(S, rows, cols, cap, Th.data() + x * BQ * KC);
         apply_mask(S, rows, cols, j0, rr.data(), kp);
         mm<T>(false, true, rows, cols, d, T(1), gp, dO.sn, V.at(b, a.k_start(b) + j0, kh), V.sn, T(0), dPx, KC);
         partial[x] = chunk_partial(rr.data(), rows, j0, chunks[x].second, kp);
@@ -324,15 +351,23 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
         T* S = P.data() + x * BQ * KC;
         const T* dPx = dP.data() + x * BQ * KC;
         const int64_t kr = a.k_start(b) + j0;
+        auto ds_rows = [&](T* Sx, const T* dPc, size_t xi, int64_t nr, int64_t nc) {
+          if (cap > T(0)) {
+            const T* th = Th.data() + xi * BQ * KC;
+            for (int64_t r = 0; r < nr; ++r) ds_row_capped(Sx + r * KC, dPc + r * KC, th + r * KC, nc, D[r], scale);
+          } else {
+            for (int64_t r = 0; r < nr; ++r) ds_row(Sx + r * KC, dPc + r * KC, nc, D[r], scale);
+          }
+        };
         if (!partial[x]) {
           mm<T>(true, false, cols, d, rows, T(1), S, KC, gp, dO.sn, T(1), dV.at(b, kr, kh), dV.sn);
-          for (int64_t r = 0; r < rows; ++r) ds_row(S + r * KC, dPx + r * KC, cols, D[r], scale);
+          ds_rows(S, dPx, x, rows, cols);
           mm<T>(true, false, cols, d, rows, T(1), S, KC, qp, Q.sn, T(1), dK.at(b, kr, kh), dK.sn);
           mm<T>(false, false, rows, d, cols, T(1), S, KC, K.at(b, kr, kh), K.sn, T(1), dqp, dQ.sn);
         } else {  // masked pairs contribute nothing, even next to a non-finite q, k, v or dO row
           const Visible vis{rr.data(), kp, j0};
           acc_visible<T>(false, rows, cols, d, S, gp, dO.sn, dV.at(b, kr, kh), dV.sn, tmp.data(), vis);
-          for (int64_t r = 0; r < rows; ++r) ds_row(S + r * KC, dPx + r * KC, cols, D[r], scale);
+          ds_rows(S, dPx, x, rows, cols);
           acc_visible<T>(false, rows, cols, d, S, qp, Q.sn, dK.at(b, kr, kh), dK.sn, tmp.data(), vis);
           acc_visible<T>(true, rows, cols, d, S, K.at(b, kr, kh), K.sn, dqp, dQ.sn, tmp.data(), vis);
         }
@@ -376,10 +411,10 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k
                                        const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
                                        const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
                                        double scale, bool causal, int64_t group, c10::string_view mode, int64_t wl,
-                                       int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off) {
+                                       int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off, double softcap) {
   const char* op = "sparse_attention_fwd";
   const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
-                                     std::string(mode), wl, wr, ng, q_off, kv_off, /*allow_f64=*/true);
+                                     std::string(mode), wl, wr, ng, q_off, kv_off, /*allow_f64=*/true, softcap);
   const auto ct = compute_type(q_);
   const at::Tensor q = last_dim_contiguous(q_.to(ct)), k = last_dim_contiguous(k_.to(ct)),
                    v = last_dim_contiguous(v_.to(ct));
@@ -394,10 +429,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& go_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse_, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
     const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, int64_t group,
-    c10::string_view mode, int64_t wl, int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off) {
+    c10::string_view mode, int64_t wl, int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off, double softcap) {
   const char* op = "sparse_attention_bwd";
   const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
-                                     std::string(mode), wl, wr, ng, q_off, kv_off, /*allow_f64=*/true);
+                                     std::string(mode), wl, wr, ng, q_off, kv_off, /*allow_f64=*/true, softcap);
   check_bwd_tensors(op, a, q_, go_, out_, lse_);
   const auto ct = compute_type(q_);
   const at::Tensor q = last_dim_contiguous(q_.to(ct)), k = last_dim_contiguous(k_.to(ct)),

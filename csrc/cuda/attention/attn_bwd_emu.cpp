@@ -22,7 +22,12 @@ void launch_bwd_emu(const AttnParams& s) {
     try {
       emu::launch(("attn_dsum" + sfx).c_str(), flat(s.total_q * s.hm.heads), block, 0,
                   [&k] { attn_dsum_body<T, D>(k); });
-      emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D), [&k] { attn_bwd_body<T, D>(k); });
+      if (s.softcap > 0.f)
+        emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
+                    [&k] { attn_bwd_body<T, D, true>(k); });
+      else
+        emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
+                    [&k] { attn_bwd_body<T, D, false>(k); });
       emu::launch(("attn_dq_convert" + sfx).c_str(), flat(s.total_q * s.hm.hq * D / 8), block, 0,
                   [&k] { attn_dq_convert_body<T, D>(k); });
     } catch (const std::exception& e) {
@@ -35,10 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
     const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, int64_t group,
-    c10::string_view mode, int64_t wl, int64_t wr, int64_t n_global, int64_t q_offset, int64_t kv_offset) {
+    c10::string_view mode, int64_t wl, int64_t wr, int64_t n_global, int64_t q_offset, int64_t kv_offset, double softcap) {
   TORCH_CHECK(q.device().is_cpu(), "longtune_emu: the emulator runs on CPU tensors, got ", q.device());
   return attn_bwd_device(grad_out, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
-                         std::string(mode), wl, wr, n_global, q_offset, kv_offset, launch_bwd_emu);
+                         std::string(mode), wl, wr, n_global, q_offset, kv_offset, softcap, launch_bwd_emu);
 }
 
 }  // namespace

@@ -120,7 +120,9 @@ LT_DEV void load_rows(simt::sptr<T> dst, simt::gptr<const T> src, int64_t stride
 }
 
 // ------------------------------------------------------------------------------------ forward
-template <class T, int D>
+// Cap: logit softcapping (p.s.softcap > 0) compiled in; the launchers pick the variant, so the
+// uncapped kernels carry none of its registers.
+template <class T, int D, bool Cap = false>
 LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   constexpr int R = D + 8, KS = D / 16, NB = kBK / 8, DB = D / 8;
   const uint32_t lane = simt::lane_id(), w = simt::warp_id(), g = lane / 4, c4 = lane % 4;
@@ -135,7 +137,11 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   const Ranges tiles = tile_ranges<true>(m, i0, imin(i0 + kBQ, sq.nq), kBK);
   const int64_t nt = tile_count(tiles);
   const bool has_kpm = p.s.kpm != nullptr;
-  const float sl2 = p.s.scale * kLog2e;
+  // logit softcapping (Cap): s -> cap * tanh(s * scale / cap), then only the log2e factor of the
+  // exp2 softmax
+  constexpr bool capped = Cap;
+  const float cap = p.s.softcap, cap_in = capped ? p.s.scale / p.s.softcap : 0.f;
+  const float sl2 = capped ? kLog2e : p.s.scale * kLog2e;
 
   simt::sptr<T> sQ = simt::dynamic_smem<T>();
   simt::sptr<T> sK = sQ + kBQ * R;        // 2 buffers of kBK * R
@@ -195,6 +201,10 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
         mma<T>(s[2 * nb2], qf[ks], bb[0], bb[1]);
         mma<T>(s[2 * nb2 + 1], qf[ks], bb[2], bb[3]);
       }
+    }
+    if constexpr (capped) {
+      LT_UNROLL for (int nb = 0; nb < NB; ++nb)
+        LT_UNROLL for (int t = 0; t < 4; ++t) s[nb][t] = cap * ::tanhf(s[nb][t] * cap_in);
     }
     // mask, online softmax (a visible NaN score makes the running max NaN, and with it the row's
     // output and lse; +inf gives inf - inf = NaN as in torch.softmax)
@@ -346,7 +356,7 @@ LT_DEV void attn_dq_convert_body(const AKParams<T>& p) {
   simt::st_vec<8>(p.dq, idx * 8, r);
 }
 
-template <class T, int D>
+template <class T, int D, bool Cap = false>
 LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   constexpr int R = D + 8, RS = kBQ + 8, NB = kBQ / 8, DB = D / 8, KS = D / 16;
   const uint32_t lane = simt::lane_id(), w = simt::warp_id(), g = lane / 4, c4 = lane % 4;
@@ -362,7 +372,11 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   const int32_t nmem = hm.hq >= hm.hkv ? hm.hq / hm.hkv : 1;
   const int32_t e_first = hm.hq >= hm.hkv ? h * nmem : h;
   const bool has_kpm = p.s.kpm != nullptr;
-  const float sl2 = p.s.scale * kLog2e;
+  // logit softcapping: P from cap * tanh(s * scale / cap), dS through the tanh (factor 1 - tanh^2;
+  // the final dK / dQ scaling by softmax_scale stays); compiled in only with Cap
+  constexpr bool capped = Cap;
+  const float cap = p.s.softcap, cap_in = capped ? p.s.scale / p.s.softcap : 0.f;
+  const float sl2 = capped ? kLog2e : p.s.scale * kLog2e;
 
   simt::sptr<T> sK = simt::dynamic_smem<T>();
   simt::sptr<T> sV = sK + kBK * R;
@@ -467,9 +481,15 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
             const int ql = nb * 8 + 2 * c4 + cc;
             const float L = sL[ql];
             const bool vis = kvalid[r] && (full || in_ranges(cr[r], i0 + ql)) && L != -INFINITY;
-            const float pv = vis ? fast_exp2(st[nb][2 * r + cc] * sl2 - L * kLog2e) : 0.f;  // NaN lse: NaN
+            float x = st[nb][2 * r + cc], f = 1.f;
+            if constexpr (capped) {
+              const float th = ::tanhf(x * cap_in);
+              x = cap * th;
+              f = 1.f - th * th;
+            }
+            const float pv = vis ? fast_exp2(x * sl2 - L * kLog2e) : 0.f;  // NaN lse: NaN
             st[nb][2 * r + cc] = pv;
-            dp[nb][2 * r + cc] = vis ? pv * (dp[nb][2 * r + cc] - sD[ql]) : 0.f;  // masked: 0 even if Dsum is NaN
+            dp[nb][2 * r + cc] = vis ? pv * (dp[nb][2 * r + cc] - sD[ql]) * f : 0.f;  // masked: 0 even if Dsum is NaN
           }
           const T pair[2] = {simt::from_float<T>(dp[nb][2 * r]), simt::from_float<T>(dp[nb][2 * r + 1])};
           simt::st_vec<2>(sS, (w * 16 + g + 8 * r) * RS + nb * 8 + 2 * c4, pair);

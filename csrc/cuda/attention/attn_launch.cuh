@@ -7,12 +7,12 @@
 
 namespace lt::attn {
 
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AKParams<T> p) { attn_fwd_body<T, D>(p); }
+template <class T, int D, bool Cap>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AKParams<T> p) { attn_fwd_body<T, D, Cap>(p); }
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attn_dsum_kernel(AKParams<T> p) { attn_dsum_body<T, D>(p); }
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads) attn_bwd_kernel(AKParams<T> p) { attn_bwd_body<T, D>(p); }
+template <class T, int D, bool Cap>
+__global__ void __launch_bounds__(kThreads) attn_bwd_kernel(AKParams<T> p) { attn_bwd_body<T, D, Cap>(p); }
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attn_dq_convert_kernel(AKParams<T> p) { attn_dq_convert_body<T, D>(p); }
 
@@ -32,7 +32,7 @@ template <int D>
 const char* launch_attn_fwd_d(const AttnParams& s, void* stream) {
   cudaError_t err = cudaSuccess;
   auto run = [&]<class T>() {
-    auto* kernel = &attn_fwd_kernel<T, D>;
+    auto* kernel = s.softcap > 0.f ? &attn_fwd_kernel<T, D, true> : &attn_fwd_kernel<T, D, false>;
     const size_t smem = attn_fwd_smem_bytes(D);
     if ((err = set_smem(kernel, smem)) != cudaSuccess) return;
     kernel<<<attn_grid(s.nq, s, s.hm.heads, kBQ), kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
@@ -52,7 +52,7 @@ const char* launch_attn_bwd_d(const AttnParams& s, void* stream) {
     const AKParams<T> p = make_akparams<T>(s);
     attn_dsum_kernel<T, D><<<flat_grid(s.total_q * s.hm.heads), kThreads, 0, st>>>(p);
     if ((err = cudaGetLastError()) != cudaSuccess) return;
-    auto* kernel = &attn_bwd_kernel<T, D>;
+    auto* kernel = s.softcap > 0.f ? &attn_bwd_kernel<T, D, true> : &attn_bwd_kernel<T, D, false>;
     const size_t smem = attn_bwd_smem_bytes(D);
     if ((err = set_smem(kernel, smem)) != cudaSuccess) return;
     kernel<<<attn_grid(s.nk, s, s.hm.hkv, kBK), kThreads, smem, st>>>(p);

@@ -50,6 +50,7 @@ struct AttnParams {
   HeadMap hm;
   int32_t d = 0;
   float scale = 1.f;
+  float softcap = 0.f;  // > 0: scores s (after scale) -> softcap * tanh(s / softcap); 0: off
   DType dtype = DType::F16;
 };
 

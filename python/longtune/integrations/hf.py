@@ -27,7 +27,8 @@ from torch import nn
 from ..nn.attention import s2_group_size
 from ..ops.attention import sparse_attention
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen3_moe", "olmo2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen3_moe", "olmo2", "gemma2",
+                         "gemma3_text")
 IMPLEMENTATIONS = {"causal": "longtune", "s2": "longtune_s2", "lambda": "longtune_lambda"}
 _DEFAULTS = {
     "causal": {},
@@ -70,10 +71,9 @@ def _packed(kwargs):
 
 
 def _run(module, query, key, value, attention_mask, scaling, kwargs, **mask):
-    if kwargs.get("softcap"):
-        raise ValueError(f"longtune attention: attention logit softcapping (softcap={kwargs['softcap']}, e.g. "
-                         "Gemma-2's attn_logit_softcapping) is not supported by the kernels; keep the model's own "
-                         "attention implementation")
+    cap = kwargs.get("softcap")
+    if cap and "softcap" not in mask:  # attention logit softcapping (Gemma-2's attn_logit_softcapping)
+        mask["softcap"] = float(cap)
     q, k, v = _to_bnhd(query), _to_bnhd(key), _to_bnhd(value)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if window is not None and "window" not in mask:
@@ -358,9 +358,9 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
     ``longtune.linear_cross_entropy`` from the hidden states (logits never materialised,
     ``output.logits`` is None); without labels the model's own forward runs.
     With no arguments, re-applies the patch stored in ``model.config.longtune_patch`` (after
-    ``from_pretrained``). Supported: Llama, Qwen2, Mistral, Qwen3, Phi-3, Mixtral, Qwen3-MoE, OLMo-2 and
-    Gemma-3 (``strict=False`` tries any model whose attention uses transformers' attention-function
-    registry; attention logit softcapping, as Gemma-2 uses it, is refused at the first forward). Works on peft-wrapped models."""
+    ``from_pretrained``). Supported: Llama, Qwen2, Mistral, Qwen3, Phi-3, Mixtral, Qwen3-MoE, OLMo-2, Gemma-2
+    (attention logit softcapping in the kernels) and Gemma-3 (``strict=False`` tries any model whose
+    attention uses transformers' attention-function registry). Works on peft-wrapped models."""
     base = hf_model(model, "longtune.patch")
     register()
     cfg = base.config

@@ -68,6 +68,7 @@ def lambda_attention_forward(module, query, key, value, attention_mask, dropout:
                            "run it under torch.no_grad() / inference_mode, or train with attention='s2' or 'causal'")
     o = _options(module, "lambda")
     window, n_g, cap = int(o["window"]), int(o["n_global"]), bool(o["cap_distance"])
+    softcap = kwargs.get("softcap") or None  # attention logit softcapping (Gemma-2)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     nq, nk = q.shape[1], k.shape[1]
     pos = kwargs.get("position_ids")
@@ -85,7 +86,8 @@ def lambda_attention_forward(module, query, key, value, attention_mask, dropout:
     skip = max(0, rec_pos0 - first_q)  # queries before the first recent key see none of them
     oa, la = sparse_attention(q[:, skip:], ka, va, causal=True, window=window, softmax_scale=scaling,
                               key_padding_mask=None if kpm is None else kpm[:, g:],
-                              q_offset=first_q + skip - rec_pos0, kv_offset=rec_pos0, return_lse=True)
+                              q_offset=first_q + skip - rec_pos0, kv_offset=rec_pos0, softcap=softcap,
+                              return_lse=True)
     if skip:
         oa = torch.cat([torch.zeros_like(q[:, :skip, :1]).expand(-1, -1, oa.shape[2], -1), oa], 1)
         la = torch.cat([torch.full_like(la[:, :, :1], float("-inf")).expand(-1, -1, skip), la], 2)
@@ -100,7 +102,7 @@ def lambda_attention_forward(module, query, key, value, attention_mask, dropout:
             qb = _turn(q, delta, _inv_freq(module, q.device))
     ob, lb = sparse_attention(qb, k[:, :g], v[:, :g], causal=True, softmax_scale=scaling,
                               key_padding_mask=None if kpm is None else kpm[:, :g],
-                              q_offset=first_q, kv_offset=0, return_lse=True)
+                              q_offset=first_q, kv_offset=0, softcap=softcap, return_lse=True)
     return _merge(oa, la, ob, lb), None
 
 

@@ -35,10 +35,12 @@ class S2Attention(nn.Module):
     (unless ``s2_in_eval``), full causal attention -- LongLoRA trains sparse and infers dense.
     Packed input with a ratio takes G from the longest sequence: ``max_seqlen``, else read from
     ``cu_seqlens`` (eager only; under torch.compile pass ``max_seqlen`` or a fixed ``group_size``).
+    ``softcap``: logit softcapping of the scores (c * tanh(s / c), as Gemma-2), in train and eval.
     """
 
     def __init__(self, group_size_ratio: float = 0.25, mode: str = "leakfree", s2_in_eval: bool = False,
-                 causal: bool = True, group_size: Optional[int] = None, softmax_scale: Optional[float] = None):
+                 causal: bool = True, group_size: Optional[int] = None, softmax_scale: Optional[float] = None,
+                 softcap: Optional[float] = None):
         super().__init__()
         if not 0 < group_size_ratio <= 1:
             raise ValueError(f"S2Attention: group_size_ratio must be in (0, 1], got {group_size_ratio}")
@@ -50,10 +52,14 @@ class S2Attention(nn.Module):
         self.causal = causal
         self.group_size = group_size
         self.softmax_scale = softmax_scale
+        if softcap is not None and not softcap >= 0:
+            raise ValueError(f"S2Attention: softcap must be > 0 (or None for no capping), got {softcap}")
+        self.softcap = softcap or None
 
     def extra_repr(self) -> str:
         g = f"group_size={self.group_size}" if self.group_size else f"group_size_ratio={self.group_size_ratio}"
-        return f"{g}, mode={self.mode!r}, s2_in_eval={self.s2_in_eval}, causal={self.causal}"
+        cap = f", softcap={self.softcap}" if self.softcap else ""
+        return f"{g}, mode={self.mode!r}, s2_in_eval={self.s2_in_eval}, causal={self.causal}{cap}"
 
     def forward(self, q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
         sparse = self.training or self.s2_in_eval
@@ -62,7 +68,7 @@ class S2Attention(nn.Module):
             g = self.group_size or s2_group_size(self._longest(q, cu_seqlens, max_seqlen), self.group_size_ratio)
         return sparse_attention(q, k, v, causal=self.causal, s2_group_size=g, s2_mode=self.mode,
                                 softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
-                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softcap=self.softcap)
 
     @staticmethod
     def _longest(q, cu_seqlens, max_seqlen) -> int:
@@ -100,13 +106,16 @@ class SparseQueryAttention(nn.Module):
     scale with H = max(H_q, H_kv): H/H_q-fold fewer than MHA with ``num_heads`` heads when
     H_kv <= H_q.
 
+    ``softcap``: logit softcapping of the attention scores (c * tanh(s / c), as Gemma-2).
+
     ``forward(x, key_padding_mask=None, positions=None)`` with x (B, N, d_model).
     """
 
     def __init__(self, d_model: int, num_heads: int, num_query_heads: int, num_kv_heads: int,
                  head_dim: Optional[int] = None, *, bias: bool = False, rotary: bool = True,
                  rope_theta: float = 10000.0, causal: bool = True, s2_group_size: Optional[int] = None,
-                 s2_mode: str = "leakfree", window=None, n_global: int = 0, device=None, dtype=None):
+                 s2_mode: str = "leakfree", window=None, n_global: int = 0, softcap: Optional[float] = None,
+                 device=None, dtype=None):
         super().__init__()
         if head_dim is None:
             if num_heads < 1 or d_model % num_heads:
@@ -121,6 +130,8 @@ class SparseQueryAttention(nn.Module):
         if num_query_heads % num_kv_heads and num_kv_heads % num_query_heads:
             raise ValueError(f"SparseQueryAttention: num_query_heads={num_query_heads} and num_kv_heads="
                              f"{num_kv_heads} must divide one another")
+        if softcap is not None and not softcap >= 0:
+            raise ValueError(f"SparseQueryAttention: softcap must be > 0 (or None for no capping), got {softcap}")
         if rotary and head_dim % 2:
             raise ValueError(f"SparseQueryAttention: rotary embedding needs an even head_dim, got {head_dim}")
         kw = dict(device=device, dtype=dtype)
@@ -133,7 +144,7 @@ class SparseQueryAttention(nn.Module):
         self.o_proj = nn.Linear(self.out_heads * head_dim, d_model, bias=bias, **kw)
         self.rotary, self.rope_theta = rotary, rope_theta
         self.attn_kwargs = dict(causal=causal, s2_group_size=s2_group_size, s2_mode=s2_mode, window=window,
-                                n_global=n_global)
+                                n_global=n_global, softcap=softcap or None)
 
     # ---- the SQA variants, relative to a baseline of `num_heads` heads
     VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "rsqa")

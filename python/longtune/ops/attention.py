@@ -74,7 +74,7 @@ def _heads(q, k):
 
 
 @torch.library.register_fake("longtune::sparse_attention_fwd")
-def _fake_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off):
+def _fake_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off, softcap=0.0):
     for name, t in (("k", k), ("v", v), ("key_padding_mask", kpm), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         torch._check(t is None or t.device == q.device, lambda: f"longtune.sparse_attention_fwd: q and {name} must be "
                      f"on the same device, got {q.device} and {t.device}")
@@ -125,6 +125,7 @@ def _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv
                for b in range(q.shape[0]))
 
 
+# FLOPs: the GEMMs only (as flash-attention counts them); softcapping's tanh per score is not counted.
 @register_flop_formula(torch.ops.longtune.sparse_attention_fwd, get_raw=True)
 def _flops_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off, *args,
                out_shape=None, **kwargs) -> int:
@@ -142,7 +143,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
                      softmax_scale: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None,
                      cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                      cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: Optional[int] = None,
-                     q_offset: Optional[int] = None, kv_offset: int = 0, return_lse: bool = False):
+                     q_offset: Optional[int] = None, kv_offset: int = 0, softcap: Optional[float] = None,
+                     return_lse: bool = False):
     """Block-sparse flash attention (autograd-aware; CPU and CUDA kernels).
 
     q: (B, N_q, H_q, D), k/v: (B, N_k, H_kv, D); packed with ``cu_seqlens`` (B+1 offsets, int32/64):
@@ -161,11 +163,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
       n_global keys stay visible outside the window (LM-Infinite's Lambda-mask).
     - ``key_padding_mask``: (B, N_k) bool, True = keep. A query that sees no key outputs 0.
     - ``kv_offset``: absolute position of key 0 (S^2 groups and global tokens are positions).
+    - ``softcap``: logit softcapping (Gemma-2's ``attn_logit_softcapping``, flash-attention's
+      ``softcap``): every score s = softmax_scale * q.k becomes softcap * tanh(s / softcap) before
+      the mask and the softmax; gradients flow through the tanh. None or 0: off.
     """
     c, g, mode, wl, wr, ng, qo, ko = mask_args(causal, s2_group_size, s2_mode, window, n_global, q_offset, kv_offset)
+    cap = 0.0 if softcap is None else float(softcap)
+    if not (math.isfinite(cap) and cap >= 0.0):
+        raise ValueError(f"longtune.sparse_attention: softcap must be a finite number > 0 (or None / 0 for no "
+                         f"capping), got {softcap!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
     mq = int(max_seqlen) if max_seqlen is not None else 0
     mk = int(max_seqlen_k) if max_seqlen_k is not None else mq
-    out, lse = _FWD(q, k, v, key_padding_mask, cu_seqlens, cu_k, mq, mk, scale, c, g, mode, wl, wr, ng, qo, ko)
+    out, lse = _FWD(q, k, v, key_padding_mask, cu_seqlens, cu_k, mq, mk, scale, c, g, mode, wl, wr, ng, qo, ko, cap)
     return (out, lse) if return_lse else out

@@ -23,6 +23,8 @@ so a query chunk attends to a longer KV). Key j is visible to query i iff all of
    and causality compares r(pk) <= r(pq) -- the last shifted group wraps around, [N - s, N) u
    [0, s), which lets tokens [0, s) see the future tokens [N - s, N);
  - key padding (``key_padding_mask`` (B, N_k) bool, True = keep).
+Logit softcapping (``softcap`` c > 0, Gemma-2 / flash-attention): the scores s = softmax_scale * q.k
+become c * tanh(s / c) before the mask and the softmax (autograd differentiates through the tanh).
 A query that sees no key gets output 0 and lse = -inf (its gradient is 0).
 
 Non-finite inputs: a masked pair (i, j) is never read - in the forward and in every gradient - so
@@ -92,7 +94,11 @@ def attention_mask(nq: int, nk: int, *, shifted: bool = False, causal: bool = Tr
     return m
 
 
-def _dense_pairwise(q, k, v, mask, scale):
+def _softcap(s, softcap):
+    return s if not softcap else softcap * torch.tanh(s / softcap)
+
+
+def _dense_pairwise(q, k, v, mask, scale, softcap=None):
     """``_dense`` for non-finite inputs: every product of a masked pair is formed from zeros (the
     inputs are masked before they are multiplied), so neither the output nor any gradient of a
     row reads a key it does not see, and no key's gradient reads a row that does not see it."""
@@ -101,7 +107,7 @@ def _dense_pairwise(q, k, v, mask, scale):
     qm = torch.where(m4, q.permute(1, 0, 2).unsqueeze(2), zero)  # (H, nq, nk, D)
     km = torch.where(m4, k.permute(1, 0, 2).unsqueeze(1), zero)
     vm = torch.where(m4, v.permute(1, 0, 2).unsqueeze(1), zero)
-    s = (qm * km).sum(-1) * scale
+    s = _softcap((qm * km).sum(-1) * scale, softcap)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (H, nq)
     p = torch.exp(s - torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse).unsqueeze(-1))
@@ -110,11 +116,11 @@ def _dense_pairwise(q, k, v, mask, scale):
     return o, lse
 
 
-def _dense(q, k, v, mask, scale):
+def _dense(q, k, v, mask, scale, softcap=None):
     """One sequence: q (nq, H, D) etc. already head-mapped (same H); mask (H, nq, nk)."""
     if not (torch.isfinite(q).all() and torch.isfinite(k).all() and torch.isfinite(v).all()):
-        return _dense_pairwise(q, k, v, mask, scale)
-    s = torch.einsum("ihd,jhd->hij", q, k) * scale
+        return _dense_pairwise(q, k, v, mask, scale, softcap)
+    s = _softcap(torch.einsum("ihd,jhd->hij", q, k) * scale, softcap)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (H, nq)
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
@@ -125,7 +131,7 @@ def _dense(q, k, v, mask, scale):
 
 def sparse_attention(q, k, v, *, causal=True, s2_group_size=None, s2_mode="leakfree", window=None, n_global=0,
                      softmax_scale=None, key_padding_mask=None, cu_seqlens=None, cu_seqlens_k=None,
-                     q_offset=None, kv_offset=0, return_lse=False):
+                     q_offset=None, kv_offset=0, softcap=None, return_lse=False):
     """Dense reference. Batched: q (B, N_q, H_q, D), k/v (B, N_k, H_kv, D) -> out (B, N_q, H, D),
     lse (B, H, N_q). Packed (``cu_seqlens``): q (T_q, H_q, D), k/v (T_k, H_kv, D) -> out (T_q, H, D),
     lse (H, T_q). Computed in q's dtype (pass float64 tensors for the exact reference)."""
@@ -144,7 +150,7 @@ def sparse_attention(q, k, v, *, causal=True, s2_group_size=None, s2_mode="leakf
         mask = torch.stack(masks)
         if kpm is not None:
             mask = mask & kpm.view(1, 1, -1)
-        return _dense(qs.index_select(1, qi), ks.index_select(1, ki), vs.index_select(1, ki), mask, scale)
+        return _dense(qs.index_select(1, qi), ks.index_select(1, ki), vs.index_select(1, ki), mask, scale, softcap)
 
     if cu_seqlens is not None:
         cq = [int(x) for x in cu_seqlens]

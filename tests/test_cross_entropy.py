@@ -315,3 +315,27 @@ def test_chunked_lm_head_module():
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
     with pytest.raises(TypeError, match="wraps an nn.Linear"):
         longtune.nn.ChunkedLMHead(torch.nn.Embedding(3, 4))
+
+
+@pytest.mark.parametrize("gval", [0.37, 1024.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_scaled_backward_rounds_once(dtype, reduction, gval):
+    """An incoming gradient other than 1 (loss scaling, accumulation, loss * k): the gradients are
+    scaled in float32 and rounded to the input dtype once -- within the 2x rule and as accurate as
+    the float64 gradient rounded to the dtype (rounding before the scaling gives up to twice that)."""
+    from longtune.testing import max_abs_err
+
+    x64, w64, b64, t = _data(64, 48, 2100)
+    x64, w64, b64 = (z.detach().to(dtype).double().requires_grad_() for z in (x64, w64, b64))  # same inputs
+    g = torch.tensor(gval, dtype=dtype)
+    want = torch.autograd.grad(ref_lce(x64, w64, t, b64, reduction=reduction), (x64, w64, b64), g.double())
+    x, w, b = (z.detach().to(dtype).requires_grad_() for z in (x64, w64, b64))
+    got = torch.autograd.grad(longtune.linear_cross_entropy(x, w, t, b, reduction=reduction), (x, w, b), g)
+    xr, wr, br = (z.detach().to(dtype).requires_grad_() for z in (x64, w64, b64))
+    same = torch.autograd.grad(ref_lce(xr, wr, t, br, reduction=reduction), (xr, wr, br), g)
+    for name, a, e, s in zip(("dx", "dw", "db"), got, want, same):
+        assert a.dtype == dtype
+        assert_within_2x(a, e, s, name)
+        rounded = max_abs_err(e.to(dtype), e)  # the correctly rounded result's error
+        assert max_abs_err(a, e) <= 1.1 * rounded + 1e-3 * torch.finfo(dtype).eps * e.abs().max().item(), name

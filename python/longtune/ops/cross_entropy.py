@@ -83,15 +83,22 @@ class _GradInForward(torch.autograd.Function):
     """reduction "mean" / "sum" on CPU: the per-row loss weights (1/n or 1) are known before the
     backward, so one pass of ``linear_cross_entropy_fwd_bwd`` returns the loss and the gradients
     (three GEMMs instead of forward + recomputing backward's four); backward scales them by the
-    incoming scalar gradient. Keeps dx and dW (fp32, the size of the weight) from forward to backward."""
+    incoming scalar gradient. dx and dW are kept in float32 (float64 for float64 inputs) from forward
+    to backward and rounded to the inputs' dtypes once, after the scaling (rounding before it would
+    round float16 / bfloat16 gradients twice under loss scaling or ``loss * k``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, opts, n):
-        grad_rows = (target != opts[0]).to(_ldt(x)) / n
+        ct = _ldt(x)
+        grad_rows = (target != opts[0]).to(ct) / n
         # a frozen head (LoRA, ...): no dW GEMM at all
         weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with torch.no_grad():
-            loss, _, dx, dw, db = _FWD_BWD(x, weight, bias, target, grad_rows, *opts, weight_grad)
+            # the CPU kernel computes float16 / bfloat16 in float32 (it converts its inputs): given
+            # float32 inputs it returns float32 gradients
+            loss, _, dx, dw, db = _FWD_BWD(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct), target,
+                                           grad_rows, *opts, weight_grad)
         ctx.save_for_backward(dx, dw if weight_grad else None, db if bias is not None and weight_grad else None)
         return loss.sum() / n
 
@@ -99,11 +106,11 @@ class _GradInForward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         dx, dw, db = ctx.saved_tensors
-        if float(grad) == 1.0:  # loss.backward(): hand the gradients over, no second V x d buffer
-            return dx, dw, db, None, None, None
-        g = grad.to(dx.dtype)
-        return (dx * g, dw * g.to(dw.dtype) if dw is not None else None,
-                db * g.to(db.dtype) if db is not None else None, None, None, None)
+        tx, tw, tb = ctx.dtypes
+        if float(grad) != 1.0:  # scaled in float32, then rounded once
+            g = grad.to(dx.dtype)
+            dx, dw, db = (None if t is None else t * g for t in (dx, dw, db))
+        return (dx.to(tx), None if dw is None else dw.to(tw), None if db is None else db.to(tb), None, None, None)
 
 
 class _Filtered(torch.autograd.Function):

@@ -96,9 +96,10 @@ class _GradInForward(torch.autograd.Function):
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with torch.no_grad():
             # the CPU kernel computes float16 / bfloat16 in float32 (it converts its inputs): given
-            # float32 inputs it returns float32 gradients
-            loss, _, dx, dw, db = _FWD_BWD(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct), target,
-                                           grad_rows, *opts, weight_grad)
+            # float32 inputs it returns float32 gradients (a tensor of another dtype than x's is
+            # passed as it is, for the op's dtype check)
+            up = lambda t: t.to(ct) if t is not None and t.dtype == x.dtype else t  # noqa: E731
+            loss, _, dx, dw, db = _FWD_BWD(up(x), up(weight), up(bias), target, grad_rows, *opts, weight_grad)
         ctx.save_for_backward(dx, dw if weight_grad else None, db if bias is not None and weight_grad else None)
         return loss.sum() / n
 

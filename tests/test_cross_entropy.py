@@ -129,7 +129,7 @@ def test_opcheck_and_compile():
     x, w, b, t = _data(10, 8, 40, dtype=torch.float32)
     args = (x, w, b, t, -100, 0.1, 1e-3, 0.0)
     torch.library.opcheck(torch.ops.longtune.linear_cross_entropy_fwd, args)
-    loss, lse = torch.ops.longtune.linear_cross_entropy_fwd(*args)
+    loss, lse, _ = torch.ops.longtune.linear_cross_entropy_fwd(*args)
     g = torch.randn_like(loss)
     torch.library.opcheck(torch.ops.longtune.linear_cross_entropy_bwd,
                           (g, x.detach(), w.detach(), b.detach(), t, lse, -100, 0.1, 1e-3, 0.0, 0.0))
@@ -158,8 +158,9 @@ def test_fwd_bwd_equals_fwd_then_bwd_float64_and_opcheck():
     x, w, b, t, g = C.make_inputs(c, torch.float64, "cpu")
     opts = (c.ignore_index, c.eps, c.z_loss, c.softcap)
     one = FWD_BWD(x, w, b, t, g.double(), *opts)
-    loss, lse = torch.ops.longtune.linear_cross_entropy_fwd(x, w, b, t, *opts)
+    loss, lse, amax = torch.ops.longtune.linear_cross_entropy_fwd(x, w, b, t, *opts)
     two = (loss, lse) + tuple(torch.ops.longtune.linear_cross_entropy_bwd(g.double(), x, w, b, t, lse, *opts, 0.0))
+    two = two + (amax,)
     for a, r in zip(one, two):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
     torch.library.opcheck(FWD_BWD, (x.float(), w.float(), b.float(), t, g.float(), *opts))
@@ -306,3 +307,172 @@ def test_chunked_lm_head_module():
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
     with pytest.raises(TypeError, match="wraps an nn.Linear"):
         longtune.nn.ChunkedLMHead(torch.nn.Embedding(3, 4))
+
+
+@pytest.mark.parametrize("gval", [0.37, 1024.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_scaled_backward_rounds_once(dtype, reduction, gval):
+    """An incoming gradient other than 1 (loss scaling, accumulation, loss * k): the gradients are
+    scaled in float32 and rounded to the input dtype once -- within the 2x rule and as accurate as
+    the float64 gradient rounded to the dtype (rounding before the scaling gives up to twice that)."""
+    from longtune.testing import max_abs_err
+
+    x64, w64, b64, t = _data(64, 48, 2100)
+    x64, w64, b64 = (z.detach().to(dtype).double().requires_grad_() for z in (x64, w64, b64))  # same inputs
+    g = torch.tensor(gval, dtype=dtype)
+    want = torch.autograd.grad(ref_lce(x64, w64, t, b64, reduction=reduction), (x64, w64, b64), g.double())
+    x, w, b = (z.detach().to(dtype).requires_grad_() for z in (x64, w64, b64))
+    got = torch.autograd.grad(longtune.linear_cross_entropy(x, w, t, b, reduction=reduction), (x, w, b), g)
+    xr, wr, br = (z.detach().to(dtype).requires_grad_() for z in (x64, w64, b64))
+    same = torch.autograd.grad(ref_lce(xr, wr, t, br, reduction=reduction), (xr, wr, br), g)
+    for name, a, e, s in zip(("dx", "dw", "db"), got, want, same):
+        assert a.dtype == dtype
+        assert_within_2x(a, e, s, name)
+        rounded = max_abs_err(e.to(dtype), e)  # the correctly rounded result's error
+        assert max_abs_err(a, e) <= 1.1 * rounded + 1e-3 * torch.finfo(dtype).eps * e.abs().max().item(), name
+
+
+def _class_weight(V, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(V, generator=g, dtype=torch.float64) * 1.75 + 0.25
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("path", ["grad", "filtered", "no_grad"])
+def test_class_weight_equals_f_cross_entropy_float64(eps, reduction, path):
+    """class_weight is F.cross_entropy's weight: weighted rows, weighted smoothing term, "mean"
+    divided by the targets' weight sum -- on the one-pass path ("mean" / "sum" with grad), the
+    forward + backward ops ("none", filter_eps) and the forward alone (no grad)."""
+    x, w, b, t = _data(37, 24, 1100)
+    cw = _class_weight(1100)
+    kw = dict(reduction=reduction, label_smoothing=eps, class_weight=cw)
+    want = F.cross_entropy(x @ w.T + b, t, weight=cw, reduction=reduction, label_smoothing=eps)
+    if path == "no_grad":
+        with torch.no_grad():
+            got = longtune.linear_cross_entropy(x, w, t, b, **kw)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-10)
+        return
+    got = longtune.linear_cross_entropy(x, w, t, b, filter_eps=1e-300 if path == "filtered" else 0.0, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    gout = torch.randn_like(want) if reduction == "none" else torch.tensor(0.37, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(got, (x, w, b), gout), torch.autograd.grad(want, (x, w, b), gout)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_weight_with_z_loss_and_softcap(reduction):
+    """The z-loss term is not weighted; "mean" averages it over the non-ignored rows (the
+    cross-entropy over the targets' weight sum)."""
+    x, w, b, t = _data(40, 16, 300)
+    cw = _class_weight(300)
+    kw = dict(reduction=reduction, label_smoothing=0.05, z_loss=1e-2, softcap=4.0, class_weight=cw)
+    got = longtune.linear_cross_entropy(x, w, t, b, **kw)
+    want = ref_lce(x, w, t, b, **kw)
+    z = x @ w.T + b
+    z = 4.0 * torch.tanh(z / 4.0)
+    lse = torch.logsumexp(z, -1)
+    valid = t != -100
+    ce = F.cross_entropy(z, t, weight=cw, reduction=reduction, label_smoothing=0.05)
+    zr = torch.where(valid, 1e-2 * lse * lse, torch.zeros_like(lse))
+    direct = ce + (zr if reduction == "none" else zr.sum() if reduction == "sum" else zr.sum() / valid.sum())
+    torch.testing.assert_close(want, direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    gout = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(got, (x, w, b), gout), torch.autograd.grad(want, (x, w, b), gout)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_class_weight_gradcheck_and_opcheck():
+    x, w, b, t = _data(6, 5, 1030)
+    cw = _class_weight(1030)
+    for reduction in ("mean", "none"):
+        fn = lambda x, w, b: longtune.linear_cross_entropy(  # noqa: E731
+            x, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=4.0, class_weight=cw)
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+    x, w, b, t = _data(10, 8, 40, dtype=torch.float32)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    cw = _class_weight(40).float()
+    args = (x, w, b, t, -100, 0.1, 1e-3, 0.0, cw)
+    torch.library.opcheck(torch.ops.longtune.linear_cross_entropy_fwd, args)
+    loss, lse, _ = torch.ops.longtune.linear_cross_entropy_fwd(*args)
+    torch.library.opcheck(torch.ops.longtune.linear_cross_entropy_bwd,
+                          (torch.randn_like(loss), x, w, b, t, lse, -100, 0.1, 1e-3, 0.0, 0.0, cw))
+    torch.library.opcheck(FWD_BWD, (x, w, b, t, torch.rand_like(loss), -100, 0.1, 1e-3, 0.0, True, cw))
+    with pytest.raises(ValueError, match=r"class_weight must have shape \(vocab,\) = \(40,\)"):
+        longtune.linear_cross_entropy(x, w, t, b, class_weight=cw[:5])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_extras_z_loss_accuracy_predictions(reduction):
+    """return_z_loss / return_accuracy / return_predictions: a NamedTuple, computed in the same pass;
+    the loss is unchanged (it still includes the z-loss)."""
+    x, w, b, t = _data(50, 16, 2100)  # several vocabulary tiles
+    with torch.no_grad():  # rows 0 and 1: logits = bias, an exact tie of columns 7 and 3
+        x[0] = 0
+        x[1] = 0
+        b[7] = b[3] = 60.0
+    kw = dict(reduction=reduction, z_loss=1e-3, softcap=None)
+    plain = longtune.linear_cross_entropy(x, w, t, b, **kw)
+    out = longtune.linear_cross_entropy(x, w, t, b, return_z_loss=True, return_accuracy=True,
+                                        return_predictions=True, **kw)
+    assert isinstance(out, longtune.LinearCrossEntropyOutput)
+    torch.testing.assert_close(out.loss, plain, rtol=0, atol=0)
+    logits = x @ w.T + b
+    pred = logits.argmax(-1)
+    assert torch.equal(out.predictions, pred)
+    assert out.predictions[0] == 3 and out.predictions[1] == 3
+    valid = t != -100
+    torch.testing.assert_close(out.accuracy, ((pred == t) & valid).sum().double() / valid.sum())
+    lse = torch.logsumexp(logits, -1).detach()
+    zr = torch.where(valid, 1e-3 * lse * lse, torch.zeros_like(lse))
+    want_z = zr if reduction == "none" else zr.sum() if reduction == "sum" else zr.sum() / valid.sum()
+    torch.testing.assert_close(out.z_loss, want_z, rtol=1e-10, atol=1e-12)
+    assert not out.z_loss.requires_grad and not out.accuracy.requires_grad
+    out.loss.sum().backward()  # the loss is differentiable as before
+    assert x.grad is not None
+    only = longtune.linear_cross_entropy(x, w, t, b, return_accuracy=True, **kw)
+    assert only.z_loss is None and only.predictions is None and only.accuracy is not None
+
+
+def test_predictions_ties_and_nan_like_torch_argmax():
+    x, w, b, t = _data(4, 8, 2100, ignore_frac=0.0)
+    with torch.no_grad():
+        x.zero_()
+        b.zero_()
+        b[1500] = b[200] = 5.0  # row ties across tiles: the lower index
+        b[7] = 5.0
+    with torch.no_grad():
+        out = longtune.linear_cross_entropy(x, w, t, b, reduction="none", return_predictions=True)
+    assert torch.equal(out.predictions, torch.full((4,), 7))
+    with torch.no_grad():  # a NaN logit is the argmax (as torch.argmax), the first NaN
+        xn = x.clone()
+        wn = w.clone()
+        wn[1800] = float("nan")
+        wn[1900] = float("nan")
+        xn[2] = 1.0
+        out = longtune.linear_cross_entropy(xn, wn, t, b, reduction="none", return_predictions=True)
+        assert torch.equal(out.predictions, (xn @ wn.T + b).argmax(-1))
+        assert out.predictions[2] == 1800 and torch.isnan(out.loss[2])
+
+
+def test_extras_and_class_weight_compile_fullgraph():
+    x, w, b, t = _data(10, 8, 40, dtype=torch.float32)
+    cw = _class_weight(40).float()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, w, b):
+        out = longtune.linear_cross_entropy(x, w, t, b, reduction="sum", z_loss=1e-3, class_weight=cw,
+                                            return_z_loss=True, return_accuracy=True, return_predictions=True)
+        return out.loss, out.z_loss, out.accuracy, out.predictions
+
+    got = f(x, w, b)
+    want = longtune.linear_cross_entropy(x, w, t, b, reduction="sum", z_loss=1e-3, class_weight=cw,
+                                         return_z_loss=True, return_accuracy=True, return_predictions=True)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    ga = torch.autograd.grad(got[0], (x, w, b))
+    ge = torch.autograd.grad(want.loss, (x, w, b))
+    for a, e in zip(ga, ge):
+        torch.testing.assert_close(a, e)

@@ -12,6 +12,7 @@ namespace lt::lce {
 struct LceArgs {
   int64_t T = 0, d = 0, V = 0;
   bool has_bias = false;
+  bool has_cw = false;  // class weights given
   double eps = 0, z_loss = 0, softcap = 0, filter = 0;
   int64_t ignore_index = -100;
 };
@@ -81,6 +82,21 @@ inline void check_fwd_bwd(const char* op, const LceArgs& a, const at::Tensor& x,
            "grad_rows must be ", ldt, " of shape (", a.T, ",), got ", grad_rows.scalar_type(), " ",
            grad_rows.sizes());
   check_same_device(op, "x", x, "grad_rows", grad_rows);
+}
+
+// class_weight: (V,) floating, on x's device, one weight per vocabulary entry (F.cross_entropy's
+// `weight`). Returns it contiguous in the compute dtype `ct` (float32, float64 for float64 input),
+// or an undefined tensor without class weights; sets a.has_cw.
+inline at::Tensor check_class_weight(const char* op, LceArgs& a, const at::Tensor& x,
+                                     const std::optional<at::Tensor>& cw, at::ScalarType ct) {
+  if (!cw.has_value()) return at::Tensor();
+  LT_CHECK(op, at::isFloatingType(cw->scalar_type()), "class_weight must be a floating tensor, got ",
+           cw->scalar_type());
+  check_same_device(op, "x", x, "class_weight", *cw);
+  LT_CHECK(op, cw->dim() == 1 && cw->size(0) == a.V, "class_weight must have shape (vocab,) = (", a.V, ",), got ",
+           cw->sizes());
+  a.has_cw = true;
+  return cw->to(ct).contiguous();
 }
 
 }  // namespace lt::lce

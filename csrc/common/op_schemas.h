@@ -63,29 +63,33 @@
 // Fused linear + cross-entropy (logits never materialised): per row t of x (T, d) with weight
 // (V, d), optional bias (V,), target (T,) int64: z = softcap > 0 ? softcap * tanh(l / softcap) : l
 // with l = x W^T + b; loss_t = (1 - eps) (lse - z[target]) + eps (lse - mean z) + z_loss lse^2,
-// 0 where target == ignore_index. Returns (loss per row, lse per row), float32 (float64 for
-// float64 input); the reduction is applied by the caller.
+// 0 where target == ignore_index. With class_weight w (V,) (F.cross_entropy's `weight`):
+// loss_t = (1 - eps) w[target] (lse - z[target]) + eps / V sum_c w_c (lse - z_c) + z_loss lse^2
+// (the z-loss term is not weighted). Returns (loss per row, lse per row, argmax per row), loss and
+// lse float32 (float64 for float64 input), argmax int64: the first column of the row's largest z
+// (a NaN counts as the largest, as torch.argmax), taken in the same pass; the reduction is applied
+// by the caller.
 #define LT_SCHEMA_LCE_FWD                                                                                 \
   "linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "    \
-  "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)"
+  "float label_smoothing, float z_loss, float softcap, Tensor? class_weight=None) -> (Tensor, Tensor, Tensor)"
 // Its backward from per-row loss gradients: (dx, dweight, dbias) in x's / weight's / bias's dtype
 // (dbias is empty without bias), logits recomputed tile by tile, fp32 accumulation. filter_eps > 0
 // skips vocabulary tiles of a row block whose |d logits| are all below it (Cut Cross-Entropy's
 // filter; 0 = exact).
 #define LT_SCHEMA_LCE_BWD                                                                                   \
   "linear_cross_entropy_bwd(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor target, "      \
-  "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, float filter_eps) "   \
-  "-> (Tensor, Tensor, Tensor)"
+  "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, float filter_eps, "   \
+  "Tensor? class_weight=None) -> (Tensor, Tensor, Tensor)"
 
 // Loss, lse and the gradients of sum_t grad_rows[t] * loss_t in one call: (loss, lse, dx, dweight,
-// dbias), for reductions whose per-row loss weights are known before the backward (mean: 1/n, sum:
+// dbias, argmax), for reductions whose per-row loss weights are known before the backward (mean: 1/n, sum:
 // 1). CPU: one pass, each row block's logits (rows x V) are formed once and turned into d logits in
 // place (no recompute); CUDA: the forward and backward kernels above, one after the other.
 // weight_grad=False (a frozen head, e.g. under LoRA): no dweight / dbias GEMM, both come back empty.
 #define LT_SCHEMA_LCE_FWD_BWD                                                                             \
   "linear_cross_entropy_fwd_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor grad_rows, " \
-  "int ignore_index, float label_smoothing, float z_loss, float softcap, bool weight_grad=True) "        \
-  "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+  "int ignore_index, float label_smoothing, float z_loss, float softcap, bool weight_grad=True, "         \
+  "Tensor? class_weight=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 // Applies F to every op schema above (used by both libraries).
 #define LT_FOR_EACH_SCHEMA(F) \

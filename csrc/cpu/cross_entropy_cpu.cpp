@@ -34,7 +34,62 @@ struct Opts {
   int64_t ignore, V;
   T eps, zl, cap;
   bool has_bias;
+  const T* cw = nullptr;  // class weights (V,) or nullptr
+  T wsum = 0;             // their sum over the vocabulary
+  // weight of row's target class, and the factor of p in d loss / dz without z-loss:
+  // (1 - eps) w_t + eps sum(w) / V (1 without class weights)
+  T wt(int64_t t) const { return cw ? cw[t] : T(1); }
+  T pscale(T w_t) const { return cw ? (T(1) - eps) * w_t + eps * wsum / T(V) : T(1); }
+  // per-row loss from lse, z[target], sum_c w_c z_c (sum z without class weights)
+  T row_loss(T l, T zt, T sz, T w_t) const {
+    T v;
+    if (cw) {
+      v = (T(1) - eps) * w_t * (l - zt);
+      if (eps > 0) v += eps / T(V) * (wsum * l - sz);
+    } else {
+      v = (T(1) - eps) * (l - zt);
+      if (eps > 0) v += eps * (l - sz / T(V));
+    }
+    if (zl > 0) v += zl * l * l;
+    return v;
+  }
 };
+
+template <class T>
+Opts<T> make_opts(const LceArgs& a, const at::Tensor& cw) {
+  Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
+  if (a.has_cw) {
+    o.cw = cw.data_ptr<T>();
+    double s = 0;
+    for (int64_t c = 0; c < a.V; ++c) s += o.cw[c];
+    o.wsum = T(s);
+  }
+  return o;
+}
+
+// sum_c w_c z_c over a tile row (cwt: the tile's class weights or nullptr)
+template <class T>
+T weighted_sum(const T* l, int64_t cols, const T* cwt) {
+  T sz = 0;
+  if (cwt)
+    for (int64_t c = 0; c < cols; ++c) sz += cwt[c] * l[c];
+  else
+    for (int64_t c = 0; c < cols; ++c) sz += l[c];
+  return sz;
+}
+
+// First column holding the row's maximum mx (a NaN when mx is NaN); 0 for an empty row.
+template <class T>
+int64_t first_argmax(const T* l, int64_t cols, T mx) {
+  if (mx != mx) {
+    for (int64_t c = 0; c < cols; ++c)
+      if (l[c] != l[c]) return c;
+  } else {
+    for (int64_t c = 0; c < cols; ++c)
+      if (l[c] == mx) return c;
+  }
+  return 0;
+}
 
 // logits tile (rows x cols at vocab v0, ld BV): x_blk W_tile^T + b, soft-capped.
 template <class T>
@@ -51,14 +106,19 @@ void logits_tile(const T* x, int64_t rows, int64_t d, const T* w, const T* b, in
 }
 
 // One row of a logits tile turned into d loss / dz in place: on entry l = exp(z - m) with
-// pf = (1 + 2 z_loss lse) exp(m - lse) (m = lse in the recomputing backward, m = the row max in the
-// one-pass kernel); then p (1 + 2 z_loss lse) - eps / V, minus (1 - eps) at the target column t
-// (-1: not in this tile), times the softcap derivative, times the row's loss gradient gr.
+// pf = (A + 2 z_loss lse) exp(m - lse) (m = lse in the recomputing backward, m = the row max in the
+// one-pass kernel; A = Opts::pscale, 1 without class weights); then p (A + 2 z_loss lse) - eps w_c / V,
+// minus (1 - eps) w_t at the target column t (-1: not in this tile), times the softcap derivative,
+// times the row's loss gradient gr. cwt: the tile's class weights w_c (nullptr: all 1).
 template <class T>
-void dlogits_row(T* __restrict l, int64_t cols, T pf, int64_t t, const T* capd, T gr, const Opts<T>& o) {
+void dlogits_row(T* __restrict l, int64_t cols, T pf, int64_t t, const T* capd, T gr, const Opts<T>& o,
+                 const T* cwt, T w_t) {
   const T base = o.eps / T(o.V);
-  for (int64_t c = 0; c < cols; ++c) l[c] = l[c] * pf - base;
-  if (t >= 0) l[t] -= T(1) - o.eps;
+  if (cwt)
+    for (int64_t c = 0; c < cols; ++c) l[c] = l[c] * pf - base * cwt[c];
+  else
+    for (int64_t c = 0; c < cols; ++c) l[c] = l[c] * pf - base;
+  if (t >= 0) l[t] -= (T(1) - o.eps) * w_t;
   if (o.cap > 0)
     for (int64_t c = 0; c < cols; ++c) l[c] *= capd[c];
   for (int64_t c = 0; c < cols; ++c) l[c] *= gr;
@@ -85,22 +145,25 @@ void zero_ignored_rows(T* DX, int64_t T_, int64_t d, const int64_t* tg, int64_t 
 }
 
 template <class T>
-void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target, const LceArgs& a,
-              at::Tensor& loss, at::Tensor& lse) {
-  const Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
+void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target,
+              const at::Tensor& cw, const LceArgs& a, at::Tensor& loss, at::Tensor& lse, at::Tensor& amax) {
+  const Opts<T> o = make_opts<T>(a, cw);
   const T* X = x.data_ptr<T>();
   const T* W = w.data_ptr<T>();
   const T* Bp = a.has_bias ? b.data_ptr<T>() : nullptr;
   const int64_t* tg = target.data_ptr<int64_t>();
   const int64_t T_ = a.T, d = a.d, nvt = (a.V + BV - 1) / BV, nrb = (T_ + BT - 1) / BT;
   const int nth = at::get_num_threads();
-  // per-thread row states: running max, sum exp(z - max), target logit, sum of z
+  // per-thread row states: running max, sum exp(z - max), target logit, sum of (w_c) z; argmax
   std::vector<std::vector<T>> st(nth);
+  std::vector<std::vector<int64_t>> sa(nth);
   at::parallel_for(0, nvt * nrb, 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
     auto& S = st[tid];
+    auto& A = sa[tid];
     if (S.empty()) {
       S.assign(4 * T_, T(0));
+      A.assign(T_, a.V);  // V: no column seen yet
       for (int64_t r = 0; r < T_; ++r) S[4 * r] = -std::numeric_limits<T>::infinity();
     }
     std::vector<T> L(BT * BV);
@@ -113,10 +176,11 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, con
         T* s = S.data() + 4 * (r0 + r);
         const int64_t t = tg[r0 + r];
         if (t >= v0 && t < v0 + cols) s[2] = l[t - v0];
-        T sz = 0;
-        for (int64_t c = 0; c < cols; ++c) sz += l[c];
-        s[3] += sz;
-        const T mx = nan_max(row_max(l, cols), s[0]);  // NaN when a logit is NaN
+        s[3] += weighted_sum(l, cols, o.cw ? o.cw + v0 : nullptr);
+        const T tm = row_max(l, cols);
+        const int64_t ti = v0 + first_argmax(l, cols, tm);
+        if (argmax_better(tm, ti, s[0], A[r0 + r])) A[r0 + r] = ti;
+        const T mx = nan_max(tm, s[0]);  // NaN when a logit is NaN
         const T se = exp_row(l, cols, mx);
         s[1] = s[1] * std::exp(s[0] - mx) + se;  // s[0] = -inf at first: exp(-inf) = 0
         s[0] = mx;
@@ -125,12 +189,20 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, con
   });
   T* lo = loss.data_ptr<T>();
   T* ls = lse.data_ptr<T>();
+  int64_t* am = amax.data_ptr<int64_t>();
   at::parallel_for(0, T_, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T m = -std::numeric_limits<T>::infinity(), s = 0, zt = 0, sz = 0;
-      for (const auto& S : st) {
+      T bv = -std::numeric_limits<T>::infinity();
+      int64_t bi = a.V;
+      for (size_t th = 0; th < st.size(); ++th) {
+        const auto& S = st[th];
         if (S.empty()) continue;
         const T* q = S.data() + 4 * r;
+        if (argmax_better(q[0], sa[th][r], bv, bi)) {
+          bv = q[0];
+          bi = sa[th][r];
+        }
         if (q[0] == -std::numeric_limits<T>::infinity()) continue;
         const T mx = nan_max(q[0], m);
         s = s * std::exp(m - mx) + q[1] * std::exp(q[0] - mx);
@@ -140,23 +212,21 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, con
       }
       const T l = m + std::log(s);
       ls[r] = l;
+      am[r] = bi < a.V ? bi : 0;  // every logit -inf: torch.argmax's 0
       if (tg[r] == o.ignore) {
         lo[r] = 0;
         continue;
       }
-      T v = (T(1) - o.eps) * (l - zt);
-      if (o.eps > 0) v += o.eps * (l - sz / T(o.V));
-      if (o.zl > 0) v += o.zl * l * l;
-      lo[r] = v;
+      lo[r] = o.row_loss(l, zt, sz, o.wt(tg[r]));
     }
   });
 }
 
 template <class T>
 void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-              const at::Tensor& target, const at::Tensor& lse, const LceArgs& a, at::Tensor& dx, at::Tensor& dw,
-              at::Tensor& db) {
-  const Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
+              const at::Tensor& target, const at::Tensor& lse, const at::Tensor& cw, const LceArgs& a, at::Tensor& dx,
+              at::Tensor& dw, at::Tensor& db) {
+  const Opts<T> o = make_opts<T>(a, cw);
   const T* X = x.data_ptr<T>();
   const T* W = w.data_ptr<T>();
   const T* Bp = a.has_bias ? b.data_ptr<T>() : nullptr;
@@ -194,8 +264,9 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
           if (o.cap > 0)  // d(cap tanh(l / cap)) / dl = 1 - (z / cap)^2, from the capped logits
             for (int64_t c = 0; c < cols; ++c) capd[c] = T(1) - (l[c] / o.cap) * (l[c] / o.cap);
           exp_row(l, cols, ls);  // p = exp(z - lse), z <= lse
-          dlogits_row(l, cols, T(1) + T(2) * o.zl * ls, (t >= v0 && t < v0 + cols) ? t - v0 : int64_t(-1),
-                      capd.data(), gr, o);
+          const T w_t = o.wt(t);
+          dlogits_row(l, cols, o.pscale(w_t) + T(2) * o.zl * ls, (t >= v0 && t < v0 + cols) ? t - v0 : int64_t(-1),
+                      capd.data(), gr, o, o.cw ? o.cw + v0 : nullptr, w_t);
           if (filt > 0)  // a NaN d logit keeps the tile
             for (int64_t c = 0; c < cols; ++c) amax = nan_max(std::abs(l[c]), amax);
         }
@@ -226,9 +297,10 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
 // forward + recomputing backward; peak extra memory RB x V, never T x V.
 template <class T>
 void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target,
-                  const at::Tensor& g, const LceArgs& a, bool wgrad, at::Tensor& loss, at::Tensor& lse,
-                  at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
-  const Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
+                  const at::Tensor& g, const at::Tensor& cw, const LceArgs& a, bool wgrad, at::Tensor& loss,
+                  at::Tensor& lse, at::Tensor& dx, at::Tensor& dw, at::Tensor& db, at::Tensor& amax) {
+  const Opts<T> o = make_opts<T>(a, cw);
+  int64_t* AM = amax.data_ptr<int64_t>();
   const T* X = x.data_ptr<T>();
   const T* W = w.data_ptr<T>();
   const T* Bp = a.has_bias ? b.data_ptr<T>() : nullptr;
@@ -269,26 +341,20 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
         const int64_t t = tg[r0 + r];
         const bool ignored = t == o.ignore;
         const T zt = ignored ? T(0) : l[t];
-        T sz = 0;
-        if (o.eps > 0)
-          for (int64_t c = 0; c < V; ++c) sz += l[c];
+        const T sz = o.eps > 0 ? weighted_sum(l, V, o.cw) : T(0);
         const T mx = row_max(l, V);
+        AM[r0 + r] = first_argmax(l, V, mx);
         const T se = exp_row(l, V, mx);  // l = exp(z - max)
         const T ls = mx + std::log(se);
         LS[r0 + r] = ls;
-        T v = 0;
-        if (!ignored) {
-          v = (T(1) - o.eps) * (ls - zt);
-          if (o.eps > 0) v += o.eps * (ls - sz / T(V));
-          if (o.zl > 0) v += o.zl * ls * ls;
-        }
-        LO[r0 + r] = v;
+        const T w_t = ignored ? T(0) : o.wt(t);
+        LO[r0 + r] = ignored ? T(0) : o.row_loss(ls, zt, sz, w_t);
         const T gr = G[r0 + r];
         if (ignored || gr == T(0)) {
           std::fill(l, l + V, T(0));
           continue;
         }
-        dlogits_row(l, V, (T(1) + T(2) * o.zl * ls) / se, t, capd.data(), gr, o);
+        dlogits_row(l, V, (o.pscale(w_t) + T(2) * o.zl * ls) / se, t, capd.data(), gr, o, o.cw, w_t);
       }
     });
     mm<T>(false, false, rows, d, V, T(1), Lp, V, W, d, T(0), DX + r0 * d, d);
@@ -306,32 +372,37 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
 
 at::ScalarType ctype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_,
-                                       const at::Tensor& target, int64_t ignore_index, double eps, double z_loss,
-                                       double softcap) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_,
+                                                   const std::optional<at::Tensor>& b_, const at::Tensor& target,
+                                                   int64_t ignore_index, double eps, double z_loss, double softcap,
+                                                   const std::optional<at::Tensor>& cw_) {
   const char* op = "linear_cross_entropy_fwd";
-  const LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
+  LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
   const auto ct = ctype(x_);
+  const at::Tensor cw = check_class_weight(op, a, x_, cw_, ct);
   const at::Tensor x = x_.to(ct).contiguous(), w = w_.to(ct).contiguous();
   const at::Tensor b = b_.has_value() ? b_->to(ct).contiguous() : at::Tensor();
   const at::Tensor t = target.contiguous();
   at::Tensor loss = at::empty({a.T}, x.options()), lse = at::empty({a.T}, x.options());
+  at::Tensor amax = at::empty({a.T}, target.options());
   if (a.T > 0) {
-    if (ct == at::kDouble) fwd_impl<double>(x, w, b, t, a, loss, lse);
-    else fwd_impl<float>(x, w, b, t, a, loss, lse);
+    if (ct == at::kDouble) fwd_impl<double>(x, w, b, t, cw, a, loss, lse, amax);
+    else fwd_impl<float>(x, w, b, t, cw, a, loss, lse, amax);
   }
-  return {loss, lse};
+  return {loss, lse, amax};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& w_,
                                                    const std::optional<at::Tensor>& b_, const at::Tensor& target,
                                                    const at::Tensor& lse_, int64_t ignore_index, double eps,
-                                                   double z_loss, double softcap, double filter) {
+                                                   double z_loss, double softcap, double filter,
+                                                   const std::optional<at::Tensor>& cw_) {
   const char* op = "linear_cross_entropy_bwd";
   LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
   check_bwd(op, a, x_, g_, lse_, filter);
   a.filter = filter;
   const auto ct = ctype(x_);
+  const at::Tensor cw = check_class_weight(op, a, x_, cw_, ct);
   const at::Tensor x = x_.to(ct).contiguous(), w = w_.to(ct).contiguous();
   const at::Tensor b = b_.has_value() ? b_->to(ct).contiguous() : at::Tensor();
   const at::Tensor g = g_.to(ct).contiguous(), lse = lse_.to(ct).contiguous(), t = target.contiguous();
@@ -339,21 +410,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const a
   at::Tensor dw = at::zeros({a.V, a.d}, x.options());
   at::Tensor db = a.has_bias ? at::zeros({a.V}, x.options()) : at::empty({0}, x_.options());
   if (a.T > 0) {
-    if (ct == at::kDouble) bwd_impl<double>(g, x, w, b, t, lse, a, dx, dw, db);
-    else bwd_impl<float>(g, x, w, b, t, lse, a, dx, dw, db);
+    if (ct == at::kDouble) bwd_impl<double>(g, x, w, b, t, lse, cw, a, dx, dw, db);
+    else bwd_impl<float>(g, x, w, b, t, lse, cw, a, dx, dw, db);
   } else {
     dx.zero_();
   }
   return {dx.to(x_.scalar_type()), dw.to(w_.scalar_type()), a.has_bias ? db.to(b_->scalar_type()) : db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
     const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_, const at::Tensor& target,
-    const at::Tensor& g_, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad) {
+    const at::Tensor& g_, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad,
+    const std::optional<at::Tensor>& cw_) {
   const char* op = "linear_cross_entropy_fwd_bwd";
-  const LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
+  LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
   check_fwd_bwd(op, a, x_, g_);
   const auto ct = ctype(x_);
+  const at::Tensor cw = check_class_weight(op, a, x_, cw_, ct);
   const at::Tensor x = x_.to(ct).contiguous(), w = w_.to(ct).contiguous();
   const at::Tensor b = b_.has_value() ? b_->to(ct).contiguous() : at::Tensor();
   const at::Tensor g = g_.to(ct).contiguous(), t = target.contiguous();
@@ -361,12 +434,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
   at::Tensor dx = at::empty({a.T, a.d}, x.options());
   at::Tensor dw = weight_grad ? at::zeros({a.V, a.d}, x.options()) : at::empty({0}, x_.options());
   at::Tensor db = a.has_bias && weight_grad ? at::zeros({a.V}, x.options()) : at::empty({0}, x_.options());
+  at::Tensor amax = at::empty({a.T}, target.options());
   if (a.T > 0) {
-    if (ct == at::kDouble) fwd_bwd_impl<double>(x, w, b, t, g, a, weight_grad, loss, lse, dx, dw, db);
-    else fwd_bwd_impl<float>(x, w, b, t, g, a, weight_grad, loss, lse, dx, dw, db);
+    if (ct == at::kDouble) fwd_bwd_impl<double>(x, w, b, t, g, cw, a, weight_grad, loss, lse, dx, dw, db, amax);
+    else fwd_bwd_impl<float>(x, w, b, t, g, cw, a, weight_grad, loss, lse, dx, dw, db, amax);
   }
   return {loss, lse, dx.to(x_.scalar_type()), weight_grad ? dw.to(w_.scalar_type()) : dw,
-          a.has_bias && weight_grad ? db.to(b_->scalar_type()) : db};
+          a.has_bias && weight_grad ? db.to(b_->scalar_type()) : db, amax};
 }
 
 }  // namespace

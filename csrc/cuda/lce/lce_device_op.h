@@ -17,16 +17,28 @@ inline DType to_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? DType::F32 : t.scalar_type() == at::kHalf ? DType::F16 : DType::BF16;
 }
 
+// Class weights as fp32 and their sum as a device scalar (no host sync); undefined without.
+inline std::pair<at::Tensor, at::Tensor> class_weight_f32(const char* op, LceArgs& a, const at::Tensor& x,
+                                                          const std::optional<at::Tensor>& cw) {
+  const at::Tensor c = check_class_weight(op, a, x, cw, at::kFloat);
+  if (!c.defined()) return {};
+  return {c, c.sum().reshape({1})};
+}
+
 template <class Launch>
-std::tuple<at::Tensor, at::Tensor> lce_fwd_device(const at::Tensor& x, const at::Tensor& w,
-                                                  const std::optional<at::Tensor>& b, const at::Tensor& target,
-                                                  int64_t ignore_index, double eps, double z_loss, double softcap,
-                                                  Launch&& launch) {
-  const LceArgs a = check_args("linear_cross_entropy_fwd", x, w, b, target, ignore_index, eps, z_loss, softcap,
-                               /*allow_f64=*/false);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_fwd_device(const at::Tensor& x, const at::Tensor& w,
+                                                              const std::optional<at::Tensor>& b,
+                                                              const at::Tensor& target, int64_t ignore_index,
+                                                              double eps, double z_loss, double softcap,
+                                                              const std::optional<at::Tensor>& class_weight,
+                                                              Launch&& launch) {
+  const char* op = "linear_cross_entropy_fwd";
+  LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
+  const auto [cw, wsum] = class_weight_f32(op, a, x, class_weight);
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor loss = at::zeros({a.T}, fopt), lse = at::zeros({a.T}, fopt);
-  if (a.T == 0) return {loss, lse};
+  at::Tensor amax = at::zeros({a.T}, target.options());
+  if (a.T == 0) return {loss, lse, amax};
   const at::Tensor xc = x.contiguous(), wc = w.contiguous(), tc = target.contiguous();
   const at::Tensor bc = a.has_bias ? b->contiguous() : at::Tensor();
   FwdParams fp;
@@ -36,6 +48,9 @@ std::tuple<at::Tensor, at::Tensor> lce_fwd_device(const at::Tensor& x, const at:
   fp.target = tc.data_ptr<int64_t>();
   fp.loss = loss.data_ptr<float>();
   fp.lse = lse.data_ptr<float>();
+  fp.argmax = amax.data_ptr<int64_t>();
+  fp.cw = a.has_cw ? cw.data_ptr<float>() : nullptr;
+  fp.wsum = a.has_cw ? wsum.data_ptr<float>() : nullptr;
   fp.T = a.T; fp.d = a.d; fp.V = a.V; fp.ignore_index = a.ignore_index;
   fp.eps = static_cast<float>(a.eps); fp.z_loss = static_cast<float>(a.z_loss);
   fp.softcap = static_cast<float>(a.softcap);
@@ -43,18 +58,21 @@ std::tuple<at::Tensor, at::Tensor> lce_fwd_device(const at::Tensor& x, const at:
   plan_fwd(fp);
   const at::Tensor part = at::empty({fp.nsplit, a.T, kStatW}, fopt);
   fp.part = part.data_ptr<float>();
+  const at::Tensor part_idx = at::empty({fp.nsplit, a.T}, target.options());
+  fp.part_idx = part_idx.data_ptr<int64_t>();
   launch(fp);
-  return {loss, lse};
+  return {loss, lse, amax};
 }
 
 template <class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
     const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index, double eps, double z_loss, double softcap,
-    double filter, Launch&& launch) {
+    double filter, const std::optional<at::Tensor>& class_weight, Launch&& launch) {
   const char* op = "linear_cross_entropy_bwd";
-  const LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
+  LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
   check_bwd(op, a, x, grad, lse, filter);
+  const auto [cw, wsum] = class_weight_f32(op, a, x, class_weight);
   const bool f32 = x.scalar_type() == at::kFloat;
   const auto fopt = x.options().dtype(at::kFloat);
   // fp32 inputs accumulate straight into the (zeroed) outputs
@@ -79,6 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
   bp.b = a.has_bias ? bc.data_ptr() : nullptr;
   bp.target = tc.data_ptr<int64_t>();
   bp.lse = lc.data_ptr<float>();
+  bp.cw = a.has_cw ? cw.data_ptr<float>() : nullptr;
+  bp.wsum = a.has_cw ? wsum.data_ptr<float>() : nullptr;
   bp.dx32 = dx32.data_ptr<float>();
   bp.dw32 = dw32.data_ptr<float>();
   bp.db32 = a.has_bias ? db32.data_ptr<float>() : nullptr;
@@ -96,17 +116,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
 // linear_cross_entropy_fwd_bwd on the device: the forward kernel, then the backward kernel with the
 // per-row weights (the logits are recomputed; a one-pass device kernel is not written yet).
 template <class Fwd, class Bwd>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_bwd_composed(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_bwd_composed(
     const Fwd& fwd, const Bwd& bwd, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
     const at::Tensor& target, const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss,
-    double softcap, bool weight_grad) {
+    double softcap, bool weight_grad, const std::optional<at::Tensor>& class_weight) {
   const char* op = "linear_cross_entropy_fwd_bwd";
   const LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
   check_fwd_bwd(op, a, x, grad_rows);
-  auto [loss, lse] = fwd(x, w, b, target, ignore_index, eps, z_loss, softcap);
-  auto [dx, dw, db] = bwd(grad_rows, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, 0.0);
-  if (!weight_grad) return {loss, lse, dx, x.new_empty({0}), x.new_empty({0})};
-  return {loss, lse, dx, dw, db};
+  auto [loss, lse, amax] = fwd(x, w, b, target, ignore_index, eps, z_loss, softcap, class_weight);
+  auto [dx, dw, db] = bwd(grad_rows, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, 0.0, class_weight);
+  if (!weight_grad) return {loss, lse, dx, x.new_empty({0}), x.new_empty({0}), amax};
+  return {loss, lse, dx, dw, db, amax};
 }
 
 }  // namespace lt::lce

@@ -25,11 +25,12 @@ void convert(const float* in, void* out, int64_t n, const char* name) {
   run("lce_conv_kernel", conv_config(n), 0, [&k] { conv_body<T>(k); });
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                                       const at::Tensor& target, int64_t ignore_index, double eps, double z_loss,
-                                       double softcap) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& w,
+                                                   const std::optional<at::Tensor>& b, const at::Tensor& target,
+                                                   int64_t ignore_index, double eps, double z_loss, double softcap,
+                                                   const std::optional<at::Tensor>& cw) {
   TORCH_CHECK(x.device().is_cpu(), "longtune_emu: the emulator runs on CPU tensors, got ", x.device());
-  return lce_fwd_device(x, w, b, target, ignore_index, eps, z_loss, softcap, [](const FwdParams& fp) {
+  return lce_fwd_device(x, w, b, target, ignore_index, eps, z_loss, softcap, cw, [](const FwdParams& fp) {
     dtype_dispatch(fp.dtype, [&]<class T>() {
       const FwdK<T> k = make_fwd<T>(fp);
       run("lce_fwd_kernel", fwd_config(fp), kSmemBytes, [&k] { fwd_body<T>(k); });
@@ -41,9 +42,10 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& w,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                    const std::optional<at::Tensor>& b, const at::Tensor& target,
                                                    const at::Tensor& lse, int64_t ignore_index, double eps,
-                                                   double z_loss, double softcap, double filter) {
+                                                   double z_loss, double softcap, double filter,
+                                                   const std::optional<at::Tensor>& cw) {
   TORCH_CHECK(x.device().is_cpu(), "longtune_emu: the emulator runs on CPU tensors, got ", x.device());
-  return lce_bwd_device(g, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, filter, [](const BwdParams& bp) {
+  return lce_bwd_device(g, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, filter, cw, [](const BwdParams& bp) {
     dtype_dispatch(bp.dtype, [&]<class T>() {
       const BwdK<T> k = make_bwd<T>(bp);
       run("lce_bwd_kernel", bwd_config(bp), kSmemBytes, [&k] { bwd_body<T>(k); });
@@ -55,10 +57,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
     });
   });
 }
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
     const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, const at::Tensor& target,
-    const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad) {
-  return lce_fwd_bwd_composed(fwd, bwd, x, w, b, target, grad_rows, ignore_index, eps, z_loss, softcap, weight_grad);
+    const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad,
+    const std::optional<at::Tensor>& cw) {
+  return lce_fwd_bwd_composed(fwd, bwd, x, w, b, target, grad_rows, ignore_index, eps, z_loss, softcap, weight_grad,
+                              cw);
 }
 }  // namespace
 }  // namespace lt::lce

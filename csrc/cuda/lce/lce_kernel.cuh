@@ -4,9 +4,13 @@
 // staging kBK-wide chunks of both in shared memory (fp32, transposed, padded so that the reads
 // of the inner products are conflict-free) and accumulating the kBM x kBN tile in registers with
 // fp32 FMAs (a thread owns kTM rows x kTN columns). The tile then goes through shared memory:
-//  - forward: warp w owns rows kRW w .. kRW w + kRW - 1 and keeps their online state (max, sum exp(z - max),
-//    z[target], sum z) in registers over the tiles of its vocabulary split; the states are written
-//    per (split, row) to an fp32 scratch and a merge kernel (one thread per row) forms lse and loss.
+//  - forward: warp w owns rows kRW w .. kRW w + kRW - 1 and keeps their online state (max, its first
+//    column, sum exp(z - max), z[target], sum (w_c) z) in registers over the tiles of its vocabulary
+//    split; the states are written per (split, row) to an fp32 scratch (the argmax to an int64 one)
+//    and a merge kernel (one thread per row) forms lse, loss and argmax.
+//  - class weights w (optional): loss_t = (1 - eps) w_t (lse - z_t) + eps / V sum_c w_c (lse - z_c)
+//    + z_loss lse^2, d loss / dz_c = p_c ((1 - eps) w_t + eps sum(w) / V + 2 z_loss lse)
+//    - eps w_c / V - (1 - eps) w_t [c == t]; without them every w is 1 (the same arithmetic).
 //  - backward: one block per (row block, vocabulary tile) recomputes the tile, forms d logits
 //    (skipping the tile when every |d logit| is 0 or below filter_eps), and accumulates
 //    dx += G W_tile and dW_tile += G^T x chunk by chunk of the hidden dimension with fp32 atomics
@@ -44,9 +48,11 @@ struct FwdK {
   simt::gptr<const T> x, w, b;
   simt::gptr<const int64_t> target;
   simt::gptr<float> part, loss, lse;
+  simt::gptr<int64_t> part_idx, argmax;
+  simt::gptr<const float> cw, wsum;
   int64_t T_, d, V, ignore_index, nsplit, tps;
   float eps, z_loss, softcap;
-  bool has_bias;
+  bool has_bias, has_cw;
 };
 
 template <class T>
@@ -55,9 +61,10 @@ struct BwdK {
   simt::gptr<const T> x, w, b;
   simt::gptr<const int64_t> target;
   simt::gptr<float> dx, dw, db;
+  simt::gptr<const float> cw, wsum;
   int64_t T_, d, V, ignore_index;
   float eps, z_loss, softcap, filter;
-  bool has_bias;
+  bool has_bias, has_cw;
 };
 
 // Rows whose target is ignore_index, for the backward: they read nothing, so their x rows are staged
@@ -123,9 +130,10 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
   for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
     const int64_t row0 = rb * kBM;
     float m[kRW], s[kRW], zt[kRW], sz[kRW];
-    int64_t tg[kRW];
+    int64_t tg[kRW], ai[kRW];
     LT_UNROLL for (int i = 0; i < kRW; ++i) {
       m[i] = -INFINITY; s[i] = 0.f; zt[i] = 0.f; sz[i] = 0.f;
+      ai[i] = p.V;  // no column seen yet
       const int64_t gr = row0 + kRW * warp + i;
       const int64_t t = gr < p.T_ ? p.target[gr] : p.ignore_index;
       tg[i] = t == p.ignore_index ? -1 : t;
@@ -141,6 +149,11 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
           ss[(kTM * ty + i) * kSS + tx + 16 * j] = cap_logit(acc[i][j] + bias, p.softcap);
       }
       simt::sync_block();
+      float cwv[kCL];  // this lane's columns' class weights (1 without)
+      LT_UNROLL for (int c = 0; c < kCL; ++c) {
+        const int64_t gc = col0 + lane + 32 * c;
+        cwv[c] = p.has_cw && gc < p.V ? static_cast<float>(p.cw[gc]) : 1.f;
+      }
       LT_UNROLL for (int i = 0; i < kRW; ++i) {
         const int r = kRW * warp + i;
         float z[kCL];
@@ -151,13 +164,25 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
         }
         // NaN-propagating max: a NaN logit (x row or W row) makes the row's lse and loss NaN
         for (int off = 16; off >= 1; off /= 2) tm = nan_max(tm, simt::shfl_xor(simt::kFullMask, tm, off));
+        // the tile's first column holding tm (a NaN when tm is NaN): lane minimum, then warp minimum
+        int li = kBN;
+        LT_UNROLL for (int c = 0; c < kCL; ++c) {
+          const int lc = lane + 32 * c;
+          const bool hit = tm != tm ? z[c] != z[c] : z[c] == tm;
+          if (hit && lc < li && col0 + lc < p.V) li = lc;
+        }
+        for (int off = 16; off >= 1; off /= 2) {
+          const int o = simt::shfl_xor(simt::kFullMask, li, off);
+          li = o < li ? o : li;
+        }
+        if (li < kBN && argmax_better(tm, col0 + li, m[i], ai[i])) ai[i] = col0 + li;
         const float nm = nan_max(m[i], tm);
         float e = 0.f, zs = 0.f, zt_ = 0.f;
         LT_UNROLL for (int c = 0; c < kCL; ++c) {
           const int64_t gc = col0 + lane + 32 * c;
           if (gc < p.V) {
             e += expf(z[c] - nm);
-            zs += z[c];
+            zs += cwv[c] * z[c];
             if (gc == tg[i]) zt_ += z[c];
           }
         }
@@ -182,6 +207,7 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
         p.part[o + 1] = s[i];
         p.part[o + 2] = zt[i];
         p.part[o + 3] = sz[i];
+        p.part_idx[split * p.T_ + gr] = ai[i];
       }
     }
   }
@@ -193,7 +219,13 @@ LT_DEV void merge_body(const FwdK<T>& p) {
   const int64_t stride = int64_t(simt::grid_dim().x) * simt::block_dim().x;
   for (int64_t t = int64_t(simt::block_idx().x) * simt::block_dim().x + simt::thread_linear(); t < p.T_; t += stride) {
     float M = -INFINITY;
-    for (int64_t sp = 0; sp < p.nsplit; ++sp) M = nan_max(M, static_cast<float>(p.part[(sp * p.T_ + t) * kStatW]));
+    int64_t bi = p.V;
+    for (int64_t sp = 0; sp < p.nsplit; ++sp) {
+      const float v = p.part[(sp * p.T_ + t) * kStatW];
+      const int64_t vi = p.part_idx[sp * p.T_ + t];
+      if (argmax_better(v, vi, M, bi)) bi = vi;  // M: the running max
+      M = nan_max(M, v);
+    }
     float S = 0.f, zt = 0.f, sz = 0.f;
     for (int64_t sp = 0; sp < p.nsplit; ++sp) {
       const int64_t o = (sp * p.T_ + t) * kStatW;
@@ -205,12 +237,18 @@ LT_DEV void merge_body(const FwdK<T>& p) {
     const int64_t tg = p.target[t];
     float loss = 0.f;
     if (tg != p.ignore_index) {
-      loss = (1.f - p.eps) * (lse - zt);
-      if (p.eps != 0.f) loss += p.eps * (lse - sz / static_cast<float>(p.V));
+      if (p.has_cw) {
+        loss = (1.f - p.eps) * static_cast<float>(p.cw[tg]) * (lse - zt);
+        if (p.eps != 0.f) loss += p.eps / static_cast<float>(p.V) * (static_cast<float>(p.wsum[0]) * lse - sz);
+      } else {
+        loss = (1.f - p.eps) * (lse - zt);
+        if (p.eps != 0.f) loss += p.eps * (lse - sz / static_cast<float>(p.V));
+      }
       if (p.z_loss != 0.f) loss += p.z_loss * lse * lse;
     }
     p.lse[t] = lse;
     p.loss[t] = loss;
+    p.argmax[t] = bi < p.V ? bi : 0;  // every logit -inf: torch.argmax's 0
   }
 }
 
@@ -228,7 +266,8 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
     const int64_t row0 = rb * kBM;
     // this thread's two rows of the tile
     int64_t tg[kTM];
-    float g[kTM], lse[kTM];
+    float g[kTM], lse[kTM], wt[kTM], pa[kTM];  // pa: the factor of p without z-loss (1 without class weights)
+    const float wsum = p.has_cw ? static_cast<float>(p.wsum[0]) : 0.f;
     bool live = false;
     LT_UNROLL for (int i = 0; i < kTM; ++i) {
       const int64_t gr = row0 + kTM * ty + i;
@@ -236,6 +275,8 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
       tg[i] = t == p.ignore_index ? -1 : t;
       g[i] = tg[i] >= 0 ? p.grad[gr] : 0.f;
       lse[i] = tg[i] >= 0 ? p.lse[gr] : 0.f;
+      wt[i] = p.has_cw && tg[i] >= 0 ? static_cast<float>(p.cw[tg[i]]) : 1.f;
+      pa[i] = p.has_cw ? (1.f - p.eps) * wt[i] + p.eps * wsum * inv_v : 1.f;
       live = live || (tg[i] >= 0 && g[i] != 0.f);
     }
     // a row block without a live row contributes exactly nothing
@@ -255,13 +296,14 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
       LT_UNROLL for (int j = 0; j < kTN; ++j) {
         const int64_t gc = col0 + tx + 16 * j;
         const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
+        const float wc = (p.has_cw && gc < p.V) ? static_cast<float>(p.cw[gc]) : 1.f;
         LT_UNROLL for (int i = 0; i < kTM; ++i) {
           float dl = 0.f;
           if (tg[i] >= 0 && gc < p.V) {
             const float z = cap_logit(acc[i][j] + bias, p.softcap);
             const float pr = expf(z - lse[i]);
-            float dz = pr * (1.f + 2.f * p.z_loss * lse[i]) - p.eps * inv_v;
-            if (gc == tg[i]) dz -= 1.f - p.eps;
+            float dz = pr * (pa[i] + 2.f * p.z_loss * lse[i]) - p.eps * inv_v * wc;
+            if (gc == tg[i]) dz -= (1.f - p.eps) * wt[i];
             dl = g[i] * dz;
             if (p.softcap > 0.f) {
               const float u = z / p.softcap;
@@ -366,6 +408,11 @@ FwdK<T> make_fwd(const FwdParams& fp) {
   k.part = simt::make_gptr(fp.part, fp.nsplit * fp.T * kStatW, "partial states");
   k.loss = simt::make_gptr(fp.loss, fp.T, "loss");
   k.lse = simt::make_gptr(fp.lse, fp.T, "lse");
+  k.part_idx = simt::make_gptr(fp.part_idx, fp.nsplit * fp.T, "partial argmax");
+  k.argmax = simt::make_gptr(fp.argmax, fp.T, "argmax");
+  k.cw = simt::make_gptr(fp.cw, fp.cw ? fp.V : 0, "class_weight (fp32)");
+  k.wsum = simt::make_gptr(fp.wsum, fp.wsum ? 1 : 0, "class_weight sum");
+  k.has_cw = fp.cw != nullptr;
   k.T_ = fp.T; k.d = fp.d; k.V = fp.V; k.ignore_index = fp.ignore_index;
   k.nsplit = fp.nsplit; k.tps = fp.tiles_per_split;
   k.eps = fp.eps; k.z_loss = fp.z_loss; k.softcap = fp.softcap;
@@ -385,6 +432,9 @@ BwdK<T> make_bwd(const BwdParams& bp) {
   k.dx = simt::make_gptr(bp.dx32, bp.T * bp.d, "dx (fp32)");
   k.dw = simt::make_gptr(bp.dw32, bp.V * bp.d, "dweight (fp32)");
   k.db = simt::make_gptr(bp.db32, bp.db32 ? bp.V : 0, "dbias (fp32)");
+  k.cw = simt::make_gptr(bp.cw, bp.cw ? bp.V : 0, "class_weight (fp32)");
+  k.wsum = simt::make_gptr(bp.wsum, bp.wsum ? 1 : 0, "class_weight sum");
+  k.has_cw = bp.cw != nullptr;
   k.T_ = bp.T; k.d = bp.d; k.V = bp.V; k.ignore_index = bp.ignore_index;
   k.eps = bp.eps; k.z_loss = bp.z_loss; k.softcap = bp.softcap; k.filter = bp.filter;
   k.has_bias = bp.b != nullptr;

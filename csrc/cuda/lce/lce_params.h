@@ -25,6 +25,10 @@ struct FwdParams {
   float* part = nullptr;            // [nsplit, T, kStatW] fp32 scratch
   float* loss = nullptr;            // [T]
   float* lse = nullptr;             // [T]
+  int64_t* part_idx = nullptr;      // [nsplit, T] argmax of each (split, row)
+  int64_t* argmax = nullptr;        // [T]
+  const float* cw = nullptr;        // [V] fp32 class weights or nullptr
+  const float* wsum = nullptr;      // [1] their sum (device scalar) or nullptr
   int64_t T = 0, d = 0, V = 0, ignore_index = -100;
   float eps = 0, z_loss = 0, softcap = 0;
   int64_t nsplit = 1, tiles_per_split = 1;  // vocabulary splits of the forward grid
@@ -38,6 +42,8 @@ struct BwdParams {
   const void* b = nullptr;          // [V] or nullptr
   const int64_t* target = nullptr;  // [T]
   const float* lse = nullptr;       // [T]
+  const float* cw = nullptr;        // [V] fp32 class weights or nullptr
+  const float* wsum = nullptr;      // [1] their sum (device scalar) or nullptr
   float* dx32 = nullptr;            // [T, d] fp32 accumulator (zeroed; == dx for fp32 inputs)
   float* dw32 = nullptr;            // [V, d] fp32 accumulator (zeroed; == dw for fp32 inputs)
   float* db32 = nullptr;            // [V] fp32 accumulator (zeroed) or nullptr without bias

@@ -237,7 +237,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     else:
         dtype, h, d = torch.float32, 8, 64
         if quick:
-            # the targets are for N = 4096: at N = 1024 the ratios are printed without them
+            # the targets are for N = 4096: at N = 1024 the ratios are printed without them
             s2_cases(report, device, 1024, h, d, dtype, H.rounds(9), peers_bool=True, targets=False)
             sqa_cases(report, device, 1024, d, dtype, H.rounds(9), targets=False)
         else:

@@ -225,7 +225,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
                   timing=f"{rounds} rounds, the four steps round-robin in one process, order rotated per round",
                   spaco_samples_timed=got["spaco_samples"])
     if not quick and not cuda and n != CPU_SIZES[0]:
-        params["note"] = (f"issue size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
+        params["note"] = (f"target size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
                           f"> {CPU_MAX_FULL_STEP_S:.0f} s")
     # forward of the linear layers 2 * params_nonembed * tokens; backward twice that (attention not counted)
     lin = cfg["num_hidden_layers"] * (4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"])
@@ -240,7 +240,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         print(f"[chunkwise] {case} / {name}: peak memory of the step {m['bytes'] / 2**20:.1f} MiB, "
               f"step {med / 1e3:.2f} s (median of {len(times[name])})", file=sys.stderr)
     mean = {name: sum(t) / len(t) for name, t in times.items()}
-    tg = not quick  # the targets are for the issue's 16k tokens; --quick (512) reports the ratios without them
+    tg = not quick  # the targets are for 16k tokens; --quick (512) reports the ratios without them
     H.add_memory_ratio(report, case, "full / SeCO peak memory", mem[FULL], mem[SECO], 8.0 if tg else None)
     H.add_memory_ratio(report, case, "full / SpaCO peak memory", mem[FULL], mem[SPACO])
     H.add_memory_ratio(report, case, "full (fused CE head) / SeCO peak memory", mem[FULL_FUSED], mem[SECO])

@@ -79,7 +79,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     if cuda:
         t, d, v, dtype = (8192, 4096, 128000, torch.bfloat16) if not quick else (2048, 1024, 32000, torch.bfloat16)
     else:
-        # --quick: T >> the fused op's row block (2^23 / V rows), as at the shape
+        # --quick: T >> the fused op's row block (2^23 / V rows), as at the targeted shape
         t, d, v, dtype = (4096, 1024, 32000, torch.float32) if not quick else (2048, 128, 8000, torch.float32)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(t, d, device=device, generator=g).to(dtype).requires_grad_()
@@ -118,7 +118,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         r.params = dict(r.params, peak_memory_bytes=mem[r.impl]["bytes"], peak_memory_method=mem[r.impl]["method"])
         print(f"[cross_entropy] {case} / {r.impl}: peak memory of the step {mem[r.impl]['bytes'] / 2**20:.1f} MiB",
               file=sys.stderr)
-    tg = not quick  # the targets are for the shapes; --quick reports its ratios without them
+    tg = not quick  # the targets are for the full shapes; --quick reports its ratios without them
     if FUSED in mem and NAIVE in mem:
         H.add_memory_ratio(report, case, "naive peak memory / fused peak", mem[NAIVE], mem[FUSED], 8.0 if tg else None)
     H.add_speed_ratio(report, case, "naive time / fused time", times, NAIVE, FUSED,

@@ -1,4 +1,4 @@
-"""SpIEL sparse-delta linear layer, fwd + bwd, side by side (issue target: layer 4096 x 4096, 4096
+"""SpIEL sparse-delta linear layer, fwd + bwd, side by side (target: layer 4096 x 4096, 4096
 tokens, density 1%): longtune's SparseDeltaLinear vs the official formulation (clone W, scatter
 the deltas, dense dW = dY^T X, gather k entries - reproduced here), peft-style LoRA r=64 and full
 fine-tuning of the same layer. Targets: >= 1.4x the official formulation; <= 1.0x LoRA's time; training

@@ -7,7 +7,7 @@ import longtune  # noqa: F401  (loads the ops)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Every size form the issue names: powers of two up to 2^15, and m * 2^k for each factor m.
+# Every supported size form: powers of two up to 2^15, and m * 2^k for each factor m.
 POW2 = [2**k for k in range(16)]
 FACTORS = [12, 20, 28, 36, 40, 44, 52, 60, 76, 108, 140, 148, 156, 172]
 

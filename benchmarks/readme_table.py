@@ -1,7 +1,8 @@
-"""Prints the README's results tables (markdown) from the committed baselines
+"""Prints the results tables (markdown) from the committed baselines
 (benchmarks/baselines/<device>/, or .../<device>/quick/ with --quick, or --dir DIR for any run's
 folder): one table of every ratio with a target - median, 95% interval, target, verdict - with the
-measuring machine, torch and commit of each family, and the Hadamard transform's per-size table.
+measuring machine, torch and commit of each family (the README's results table, between its
+markers), and the Hadamard transform's per-size table (docs/benchmarks.md).
 
 Run: ``python benchmarks/readme_table.py [cpu|cuda] [--quick] [--dir DIR] [--all]`` (--all: the ratios
 without a target too)."""

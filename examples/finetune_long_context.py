@@ -7,29 +7,66 @@
    position interpolation, LoRA on the attention projections, trainable embeddings and norms,
    shifted sparse attention S^2-Attn in training through longtune's kernels).
 3. Fine-tune on 4096-token sequences and report the passkey accuracy at 4096 tokens before and
-   after (evaluation with full causal attention, LongLoRA's contract), plus a loss-curve PNG.
+   after (evaluation with full causal attention, LongLoRA's contract).
+
+A progress bar shows each phase (tqdm when installed, a plain one-line counter otherwise). The
+results and the loss curve go to --out (default bench-results/finetune_long_context/):
+finetune_long_context_<tag>.json (accuracies, timing, the recipe's summary and `loss_curve`, one
+{"phase", "step", "loss"} per training step) and, when matplotlib is importable, a PNG of the curve.
 
     python examples/finetune_long_context.py                 # S^2-Attn fine-tuning (default)
     python examples/finetune_long_context.py --attention full
     python examples/finetune_long_context.py --seco            # chunk-wise backward (SeCO), 4 chunks
     python examples/finetune_long_context.py --seco --spaco 2  # SpaCO: backward through 2 of 4 chunks
     python examples/finetune_long_context.py --device cuda
+    python examples/finetune_long_context.py --out examples/results   # refresh the committed results
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import longtune
+
+DEFAULT_OUT = "bench-results/finetune_long_context"
 
 PAD, BOS, QUERY = 0, 1, 2
 DIGITS = list(range(3, 13))  # the passkey alphabet (10 symbols -> chance 10%)
 FILLER0, VOCAB = 13, 64
+
+
+class _PlainProgress:
+    """A minimal stand-in for tqdm: one line per phase, rewritten in place (every step on a
+    terminal, every tenth of the phase otherwise), with the latest postfix."""
+
+    def __init__(self, iterable, desc: str):
+        self.items, self.desc, self.post = list(iterable), desc, ""
+        self.every = 1 if sys.stderr.isatty() else max(1, len(self.items) // 10)
+
+    def set_postfix(self, **kw):
+        self.post = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+    def __iter__(self):
+        n = len(self.items)
+        for i, item in enumerate(self.items):
+            yield item
+            if (i + 1) % self.every == 0 or i + 1 == n:
+                end = "\n" if i + 1 == n else ("\r" if sys.stderr.isatty() else "\n")
+                print(f"{self.desc}: {i + 1}/{n} {self.post}", end=end, file=sys.stderr, flush=True)
+
+
+def progress(iterable, desc: str):
+    """tqdm's bar when tqdm is installed, a plain counter otherwise."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(iterable, desc)
+    return tqdm(iterable, desc=desc)
 
 
 def make_batch(batch, seqlen, gen, device, near=None):
@@ -83,7 +120,7 @@ def train(model, steps, batch, seqlen, lr, device, desc, seed, losses, near=None
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for step in (bar := tqdm(range(steps), desc=desc)):
+    for step in (bar := progress(range(steps), desc)):
         x, labels = make_batch(batch, lens[step], gen, device, near)
         opt.zero_grad(set_to_none=True)
         if chunk:  # chunk-wise backward: SeCO (exact) or SpaCO (budget chunks)
@@ -98,6 +135,15 @@ def train(model, steps, batch, seqlen, lr, device, desc, seed, losses, near=None
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
+def loss_curve(losses):
+    """[(phase, loss), ...] -> [{"phase", "step" (within the phase), "loss"}, ...]."""
+    curve, step = [], {}
+    for phase, value in losses:
+        step[phase] = step.get(phase, 0) + 1
+        curve.append({"phase": phase, "step": step[phase], "loss": value})
+    return curve
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attention", choices=["s2", "full"], default="s2", help="fine-tuning attention at 4x context")
@@ -108,7 +154,7 @@ def main():
     ap.add_argument("--eval-samples", type=int, default=40)
     ap.add_argument("--seco", action="store_true", help="fine-tune with chunk-wise backward (SeCO, 4 chunks)")
     ap.add_argument("--spaco", type=int, default=None, metavar="K", help="with --seco: SpaCO, backward through K chunks")
-    ap.add_argument("--out", default="examples/results")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output folder for the JSON and the PNG (default: %(default)s)")
     a = ap.parse_args()
     if a.spaco is not None and not a.seco:
         raise SystemExit("--spaco K needs --seco")
@@ -158,9 +204,11 @@ def main():
     result = {"attention": a.attention, "context": a.context, "long_context": long_ctx, "accuracy_untrained": acc_untrained,
               "accuracy_short": acc_short, "accuracy_long_before": acc_long_before,
               "accuracy_long_interpolated": acc_interp, "accuracy_long_after": acc_after, "seconds": elapsed,
-              "summary": {k: v for k, v in summary.items() if k != "attention"}}
+              "summary": {k: v for k, v in summary.items() if k != "attention"},
+              "loss_curve": loss_curve(losses)}
     tag = a.attention + ("_spaco%d" % a.spaco if a.spaco else "_seco" if a.seco else "")
     (out / f"finetune_long_context_{tag}.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}/finetune_long_context_{tag}.json")
     try:
         import matplotlib
 
@@ -177,9 +225,9 @@ def main():
         ax.set_title(f"tiny Llama, passkey at {long_ctx} tokens: {acc_untrained:.0%} untrained -> {acc_after:.0%}")
         fig.tight_layout()
         fig.savefig(out / f"finetune_long_context_{tag}.png", dpi=120)
-        print(f"wrote {out}/finetune_long_context_{tag}.(json|png)")
+        print(f"wrote {out}/finetune_long_context_{tag}.png")
     except ImportError:
-        pass
+        print("matplotlib is not installed: no PNG of the loss curve (the JSON has it)")
 
 
 if __name__ == "__main__":

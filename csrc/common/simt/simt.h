@@ -3,7 +3,7 @@
 // compiler they run on the CPU emulator in csrc/emu (concurrent threads, real barriers, warp
 // rendezvous, PTX-exact fragment layouts, bounds and barrier checks).
 //
-// Kernel code rules (see README "Writing a kernel for both backends"):
+// Kernel code rules (see docs/design.md, "Writing a kernel for both backends"):
 //  - device code lives in headers; kernel bodies are `template <...> LT_DEV void body(Params)`
 //  - global memory through simt::gptr<T>, shared memory through simt::sptr<T> from
 //    simt::dynamic_smem<T>() (no __shared__ in kernel bodies)

@@ -465,7 +465,7 @@ def convert_to_sqa(model, num_query_heads: Optional[int] = None, *, variant: Opt
             newo = newo.view(hq, d, -1).repeat(hkv // hq, 1, 1).reshape(hkv * d, -1) * (hq / hkv)
 
         def lin(w, b):
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=dev, dtype=dt)
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=dev, dtype=dt)  # noqa: B023 (called in this iteration)
             layer.weight.copy_(w)
             if b is not None:
                 layer.bias.copy_(b)

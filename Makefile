@@ -4,7 +4,7 @@
 #   make format     apply the formatters (scripts/format.sh)
 #   make bench      bootstrap, build, run the benchmarks -> bench-results/<stamp>/*.json|csv|png + a summary
 #   make bench-check  a quick benchmark run compared with benchmarks/baselines/ (fails on a regression)
-#   make gpu-check  on a lent GPU machine: build against its torch, CUDA tests, compute-sanitizer,
+#   make gpu-check  on a GPU machine: build against its torch, CUDA tests, compute-sanitizer,
 #                   benchmarks vs GPU peers -> gpu-results/<stamp>/
 # Knobs: BENCH_ARGS (e.g. --quick, --only attention, --update-baseline), BENCH_CHECK_ARGS,
 #        LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA_ARCHS="80;90", PYTHON=python3.11, VENV=.venv,

@@ -37,6 +37,8 @@ from .lm_infinite import lambda_attention_forward
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen3_moe", "olmo2", "gemma2",
                          "gemma3_text")
 IMPLEMENTATIONS = {"causal": "longtune", "s2": "longtune_s2", "lambda": "longtune_lambda"}
+
+
 def _to_bnhd(t):
     return t.transpose(1, 2)  # (B, H, N, D) -> (B, N, H, D), a view
 

@@ -1,11 +1,14 @@
 # longtune: the README's commands.
-#   make test       bootstrap .venv, build (CPU + CUDA when nvcc is found + emulator), run all tests
+#   make test       bootstrap .venv, lint, build (CPU + CUDA when nvcc is found + emulator), run all tests
+#   make lint       ruff check + ruff format --check (Python), clang-format --dry-run -Werror (csrc/)
+#   make format     apply the formatters (scripts/format.sh)
 #   make bench      bootstrap, build, run the benchmarks -> bench-results/<stamp>/*.json|csv|png + a summary
 #   make bench-check  a quick benchmark run compared with benchmarks/baselines/ (fails on a regression)
-#   make gpu-check  on a lent GPU machine: build against its torch, CUDA tests, compute-sanitizer,
+#   make gpu-check  on a GPU machine: build against its torch, CUDA tests, compute-sanitizer,
 #                   benchmarks vs GPU peers -> gpu-results/<stamp>/
 # Knobs: BENCH_ARGS (e.g. --quick, --only attention, --update-baseline), BENCH_CHECK_ARGS,
-#        LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA_ARCHS="80;90", PYTHON=python3.11, VENV=.venv
+#        LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA_ARCHS="80;90", PYTHON=python3.11, VENV=.venv,
+#        LINT=0 (make test without the lint step)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,9 +17,13 @@ LONGTUNE_CUDA ?= AUTO
 LONGTUNE_CUDA_ARCHS ?= 80;90
 BUILD_DIR ?= build/dev
 TORCH_SPEC ?= torch==2.14.1
+# the formatters' versions are pinned: another version formats differently and `make lint` would fail
+LINT_SPEC ?= ruff==0.17.6 clang-format==23.1.5
+
+LINT ?= 1
 export LONGTUNE_CUDA LONGTUNE_CUDA_ARCHS
 
-.PHONY: all setup build test bench bench-check gpu-check clean
+.PHONY: all setup build test lint format bench bench-check gpu-check clean
 
 all: test
 
@@ -25,7 +32,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pytest hypothesis scipy pybind11 ninja "cmake>=3.26" triton matplotlib tqdm \
-	  "transformers>=4.56" safetensors peft
+	  "transformers>=4.56" safetensors peft $(LINT_SPEC)
 	@touch $@
 
 setup: $(VENV)/.deps-stamp
@@ -41,8 +48,24 @@ build: setup
 	@# make the in-tree package importable from the venv (what `pip install -e .` does, minus a second build)
 	@$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/longtune-dev.pth', 'w').write('$(abspath python)\\n')"
 
+# ---------------------------------------------------------------- lint (config: pyproject.toml [tool.ruff], .clang-format)
+CXX_SOURCES = $(shell git ls-files -- 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 2>/dev/null || \
+                find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
+
+# every check runs; the target fails if any of them does
+lint: setup
+	@rc=0; \
+	echo "lint: ruff check"; $(VENV)/bin/ruff check . || rc=1; \
+	echo "lint: ruff format --check"; $(VENV)/bin/ruff format --check . || rc=1; \
+	echo "lint: clang-format --dry-run -Werror (csrc/)"; \
+	  $(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES) || rc=1; \
+	if [ $$rc -ne 0 ]; then echo "lint: failed (make format applies the formatters)"; fi; exit $$rc
+
+format: setup
+	VENV=$(VENV) bash scripts/format.sh
+
 # ---------------------------------------------------------------- the two commands
-test: build
+test: $(if $(filter 1,$(LINT)),lint) build
 	@set -o pipefail; $(PY) -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
 

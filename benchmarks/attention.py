@@ -19,7 +19,7 @@ FLOPs count unmasked (query, key) pairs only (``longtune.ops.attention.count_pai
 with the S^2 pairs (so its TFLOP/s is "effective": useful work per second); dense causal SDPA with
 the causal pairs.
 
-Issue targets. CPU (fp32, B=1, H=8, N=4096, d=64): LongLoRA time / ours >= 1.5, SDPA bool-mask
+Targets. CPU (fp32, B=1, H=8, N=4096, d=64): LongLoRA time / ours >= 1.5, SDPA bool-mask
 time / ours >= 6 (fwd + bwd); SQA scaling: (t_MHA / t_variant) / (H / H_q) >= 0.9.
 GPU (bf16, B=1, H=8, d=128, N = 8k..32k (64k)): LongLoRA / ours >= 1.5, Flex / ours >= 1.3, ours
 TFLOP/s / dense flash TFLOP/s >= 1.0; SQA variants at 32k (and 64k) >= 0.9 of H / H_q.

@@ -25,7 +25,7 @@ of mean times is reported beside the paired one.
 One subprocess does all of it (``_child``), so a run's memory high-water mark never leaks into the
 next; on CPU a first subprocess measures full backprop alone, with a time limit, to pick the size.
 
-Issue targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backprop's (full / SeCO
+Targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backprop's (full / SeCO
 >= 8); SeCO time <= 1.5x full backprop (full time / SeCO time >= 1/1.5); SpaCO with K = N/4 >= 2.5x
 faster than SeCO. The CPU run uses a shorter sequence when a full-backprop step takes too long (the
 size used is in the case name and params). ``--quick``: 512 tokens, 2 layers, vocabulary 8000.

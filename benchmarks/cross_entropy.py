@@ -11,7 +11,7 @@ profiler; GPU: ``torch.cuda.max_memory_allocated``), exact and the same on every
 GPU peers: the naive path and Liger's ``LigerFusedLinearCrossEntropyLoss`` (skipped with a message
 when ``liger_kernel`` is not importable).
 
-Issue targets. CPU (fp32, T=4096, d=1024, V=32000): naive peak / fused peak >= 8, fused time <= 1.2x
+Targets. CPU (fp32, T=4096, d=1024, V=32000): naive peak / fused peak >= 8, fused time <= 1.2x
 naive (reported as naive time / fused time >= 1/1.2). GPU (bf16, T=8192, d=4096, V=128000): peak
 <= 1/8 of naive (naive peak / fused peak >= 8), time <= 1.0x Liger (Liger time / fused time >= 1).
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# make gpu-check: everything only a GPU can tell, in one go, on a lent GPU machine
+# make gpu-check: everything only a GPU can tell, in one go, on a GPU machine
 # (Python 3.12 + torch 2.11 there, no network). Builds against that machine's own torch for its own
 # architecture, runs tests/cuda, compute-sanitizer (memcheck on every CUDA kernel family, racecheck
 # on the shared-memory kernels) over a small CUDA test subset, then the benchmarks against the GPU
 # peers. Everything lands in one folder (default gpu-results/<UTC stamp>/) plus a tarball of it.
 # GPU_BASELINE=1 also records the benchmark run as the GPU baselines (benchmarks/baselines/cuda/,
 # run_all.py --update-baseline): review and commit them.
-# A lent GPU gives ~15 minutes in all and 10 per command, so the steps can be run in separate calls
+# When GPU time comes in short slots (e.g. ~15 minutes in all, 10 per command), the steps can be run in separate calls
 # on the same warm machine (the build folder is kept between calls):
 #   GPU_CHECK_STEPS="build tests"  then  GPU_CHECK_STEPS="sanitizer bench" BENCH_ONLY="attention cross_entropy"
 # GPU_CHECK_STEPS: any of build tests sanitizer bench (default all); BENCH_ONLY: benchmark families

@@ -92,7 +92,7 @@ def test_search_decides_by_the_numbers(tmp_path):
     cfg = search_rotation_config(m, calib, n_samples=8, save_to=str(tmp_path / "rot.json"))
     saved = json.loads((tmp_path / "rot.json").read_text())
     assert saved["layers"] == json.loads(cfg.to_json())["layers"]
-    for i, d in cfg.layers.items():
+    for d in cfg.layers.values():
         for r in ("r2", "r3", "r4"):
             e = d["errors"][r]
             assert d[r] == (e["with"] < e["without"])

@@ -34,16 +34,31 @@ using cpu::mm;
 using cpu::row_finite;
 using cpu::row_max;
 
-static int64_t tile_env(int i, int64_t dflt) {
+// LT_ATTN_TILES="BQ,KC": tuning override of the two tile sizes below (docs/tuning.md), read once
+// when the library loads. A value that is not two integers with 1 <= BQ <= 4096 and
+// 64 <= KC <= 65536 is reported on stderr and the defaults are kept.
+struct Tiles {
+  int64_t bq = 64, kc = 256;
+};
+static Tiles tiles_from_env() {
+  Tiles t;
   const char* e = std::getenv("LT_ATTN_TILES");
-  if (!e) return dflt;
-  int64_t a = 0, b = 0;
-  if (std::sscanf(e, "%ld,%ld", &a, &b) != 2) return dflt;
-  return i == 0 ? a : b;
+  if (!e) return t;
+  long long a = 0, b = 0;
+  int n = 0;
+  if (std::sscanf(e, " %lld , %lld %n", &a, &b, &n) == 2 && e[n] == '\0' && a >= 1 && a <= 4096 && b >= 64 &&
+      b <= 65536)
+    return Tiles{a, b};
+  std::fprintf(stderr,
+               "longtune: ignoring LT_ATTN_TILES=\"%s\": expected \"BQ,KC\" with 1 <= BQ <= 4096 query rows and "
+               "64 <= KC <= 65536 key columns (docs/tuning.md); using the defaults %lld,%lld\n",
+               e, static_cast<long long>(t.bq), static_cast<long long>(t.kc));
+  return t;
 }
+static const Tiles kTiles = tiles_from_env();
 // BQ query rows per task; keys in chunks of up to KC columns per GEMM (consecutive non-empty
 // tiles of BT keys: the mask granularity), so MKL sees a few larger products instead of many 64^3.
-static const int64_t BQ = tile_env(0, 64), KC = tile_env(1, 256);
+static const int64_t BQ = kTiles.bq, KC = kTiles.kc;
 constexpr int64_t BT = 64;
 
 // Query tiles in the order 0, n-1, 1, n-2, ...: at::parallel_for hands each thread a contiguous

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <vector>
@@ -312,9 +313,20 @@ void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   T* DW = wgrad ? dw.data_ptr<T>() : nullptr;  // weight_grad=False: no dW / dbias
   T* DB = a.has_bias && wgrad ? db.data_ptr<T>() : nullptr;
   const int64_t T_ = a.T, d = a.d, V = a.V;
-  static const int64_t env_rb = [] {  // LT_LCE_ROWS=n: tuning override of the row block
+  // LT_LCE_ROWS=n: tuning override of the row block (docs/tuning.md), read on first use; a value
+  // that is not an integer in [1, 65536] is reported on stderr and the automatic choice is kept
+  static const int64_t env_rb = [] {
     const char* e = std::getenv("LT_LCE_ROWS");
-    return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(0);
+    if (!e) return int64_t(0);
+    char* end = nullptr;
+    const long long n = std::strtoll(e, &end, 10);
+    while (end && *end == ' ') ++end;
+    if (end != e && end && *end == '\0' && n >= 1 && n <= 65536) return int64_t(n);
+    std::fprintf(stderr,
+                 "longtune: ignoring LT_LCE_ROWS=\"%s\": expected an integer number of rows in [1, 65536] "
+                 "(docs/tuning.md); using the automatic row block\n",
+                 e);
+    return int64_t(0);
   }();
   const int64_t RB = env_rb ? env_rb : std::clamp<int64_t>((int64_t(1) << 23) / std::max<int64_t>(V, 1), 16, 512);
   // a tensor, not a std::vector: the block's logits are the op's largest scratch and memory

@@ -3,6 +3,8 @@
 Importing the package loads the compiled ops into ``torch.ops.longtune`` and registers their
 fake (meta) kernels, autograd formulas and FLOP counters.
 """
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+
 import torch  # noqa: F401  (must be imported before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.longtune.*)
@@ -19,7 +21,6 @@ from .integrations.hf import convert_to_sqa, patch, unpatch  # noqa: E402,F401
 from . import recipes  # noqa: E402,F401
 from . import compat  # noqa: E402,F401
 
-__version__ = "0.1.0"
 __all__ = ["sparse_attention", "linear_cross_entropy", "LinearCrossEntropyOutput", "hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
            "quantize_weight", "nn", "quant", "train", "sparsify", "ops", "reference", "has_cuda_kernels", "has_emulator",
            "patch", "unpatch", "convert_to_sqa", "recipes", "compat"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from .integrations.hf import _attention_modules, _base, hf_model, patch
+from .integrations._common import attention_modules, base_model, hf_model
+from .integrations.hf import patch
 
 NORM_SUFFIXES = ("norm",)
 
@@ -17,7 +18,7 @@ NORM_SUFFIXES = ("norm",)
 def _rope_interpolate(model, target_context: int, rope_type: str) -> float:
     """Sets linear position interpolation (factor = target / original context) and rebuilds the
     rotary embedding modules. Returns the factor."""
-    base = _base(model)
+    base = base_model(model)
     cfg = base.config
     orig = getattr(cfg, "longtune_original_context", None) or cfg.max_position_embeddings
     factor = float(target_context) / float(orig)
@@ -60,7 +61,7 @@ def longlora(model, target_context: int, *, lora_r: int = 8, lora_alpha: int = 1
     if target_context < 1:
         raise ValueError(f"longlora: target_context must be >= 1, got {target_context}")
     base = hf_model(model, "longtune.recipes.longlora")
-    if not list(_attention_modules(base)):
+    if not list(attention_modules(base)):
         raise ValueError("longlora: the model has no attention modules with q_proj / o_proj (Llama, Qwen2, Mistral)")
     target_modules = list(target_modules)
     present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}

@@ -26,37 +26,21 @@ from torch import nn
 
 from ..nn.attention import s2_group_size
 from ..ops.attention import sparse_attention
+from ._common import PATCH_DEFAULTS as _DEFAULTS
+from ._common import ROSTE_PREFIX as _ROSTE_PREFIX
+from ._common import attention_modules as _attention_modules
+from ._common import hf_model
+from ._common import padding_mask as _padding_mask
+from ._common import patch_options as _options
+from .lm_infinite import lambda_attention_forward
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen3_moe", "olmo2", "gemma2",
                          "gemma3_text")
 IMPLEMENTATIONS = {"causal": "longtune", "s2": "longtune_s2", "lambda": "longtune_lambda"}
-_DEFAULTS = {
-    "causal": {},
-    "s2": {"group_size_ratio": 0.25, "mode": "leakfree", "s2_in_eval": False, "group_size": None},
-    "lambda": {"window": 2048, "n_global": 4, "cap_distance": True},
-}
-
-
-def _options(module, kind):
-    opts = getattr(module, "_longtune_options", None)
-    if opts is None:  # attn_implementation="longtune*" without patch(): the config's stored patch or defaults
-        stored = getattr(getattr(module, "config", None), "longtune_patch", None) or {}
-        opts = dict(_DEFAULTS[kind], **{k: v for k, v in stored.items() if k in _DEFAULTS[kind]})
-    return opts
 
 
 def _to_bnhd(t):
     return t.transpose(1, 2)  # (B, H, N, D) -> (B, N, H, D), a view
-
-
-def _padding_mask(attention_mask, kv_len):
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
-        raise ValueError("longtune attention expects the 2-D padding mask that transformers builds for it (the "
-                         f"implementation's mask function); got a {attention_mask.dim()}-D mask")
-    m = attention_mask[:, -kv_len:]
-    return m if m.dtype == torch.bool else m.bool()
 
 
 def _check_dropout(module, dropout):
@@ -164,8 +148,6 @@ def _register():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    from .lm_infinite import lambda_attention_forward
-
     for name, fn in (("longtune", longtune_attention_forward), ("longtune_s2", longtune_s2_attention_forward),
                      ("longtune_lambda", lambda_attention_forward)):
         AttentionInterface.register(name, fn)
@@ -184,20 +166,6 @@ def register() -> None:
         _registered = True
 
 
-def _attention_modules(model):
-    for mod in model.modules():
-        if (hasattr(mod, "q_proj") or hasattr(mod, "qkv_proj")) and hasattr(mod, "o_proj") and hasattr(mod, "layer_idx"):
-            yield mod
-
-
-def _base(model):
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-_ROSTE_PREFIX = "longtune_roste_"  # RoSTE's wrapper around another attention implementation
-
-
 def _current_implementation(base) -> str:
     """The model's attention implementation, seen through a RoSTE wrapper (which stays in place)."""
     impl = getattr(base.config, "_attn_implementation", None) or "sdpa"
@@ -212,25 +180,15 @@ def _set_implementation(base, impl: str) -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        from .roste import _roste_attention
+        from .roste import roste_attention
 
         name = _ROSTE_PREFIX + impl
-        AttentionInterface.register(name, _roste_attention)
+        AttentionInterface.register(name, roste_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
         for m in _attention_modules(base):
             m.longtune_roste["base"] = impl
         impl = name
     base.set_attn_implementation(impl)
-
-
-def hf_model(model, caller: str):
-    """The transformers model inside ``model`` (peft-wrapped or not); a clear error for anything else."""
-    base = _base(model)
-    if not isinstance(base, nn.Module) or getattr(base, "config", None) is None or \
-            not callable(getattr(base, "set_attn_implementation", None)):
-        raise TypeError(f"{caller}: expected a Hugging Face transformers model (a PreTrainedModel such as "
-                        f"LlamaForCausalLM, optionally wrapped by peft), got {type(model).__name__}")
-    return base
 
 
 class _GradAt(torch.autograd.Function):
@@ -509,7 +467,7 @@ def convert_to_sqa(model, num_query_heads: Optional[int] = None, *, variant: Opt
             newo = newo.view(hq, d, -1).repeat(hkv // hq, 1, 1).reshape(hkv * d, -1) * (hq / hkv)
 
         def lin(w, b):
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=dev, dtype=dt)
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=dev, dtype=dt)  # noqa: B023 (called in this iteration)
             layer.weight.copy_(w)
             if b is not None:
                 layer.bias.copy_(b)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.attention import sparse_attention
+from ._common import base_model, padding_mask, patch_options
 
 
 def _inv_freq(module, device):
@@ -61,12 +62,10 @@ def _merge(o1, l1, o2, l2):
 def lambda_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              **kwargs):
     """``attn_implementation="longtune_lambda"`` (see the module docstring)."""
-    from .hf import _options, _padding_mask
-
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         raise RuntimeError("longtune_lambda attention is for inference (generation beyond the trained length); "
                            "run it under torch.no_grad() / inference_mode, or train with attention='s2' or 'causal'")
-    o = _options(module, "lambda")
+    o = patch_options(module, "lambda")
     window, n_g, cap = int(o["window"]), int(o["n_global"]), bool(o["cap_distance"])
     softcap = kwargs.get("softcap") or None  # attention logit softcapping (Gemma-2)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -75,7 +74,7 @@ def lambda_attention_forward(module, query, key, value, attention_mask, dropout:
     last = int(pos[0, -1]) if pos is not None else nk - 1  # position of the last query
     first_q = last - nq + 1
     evicted = last + 1 > nk  # the Lambda cache dropped the middle: keys = [global | recent]
-    kpm = _padding_mask(attention_mask, nk)
+    kpm = padding_mask(attention_mask, nk)
     g = min(n_g, nk)
     if evicted:
         rec_pos0 = last + 1 - (nk - g)
@@ -155,9 +154,7 @@ def lambda_cache(model, window=None, n_global=None):
     goes. ``window`` / ``n_global`` default to the patch's."""
     from transformers.cache_utils import Cache
 
-    from .hf import _base
-
-    cfg = _base(model).config
+    cfg = base_model(model).config
     stored = getattr(cfg, "longtune_patch", None) or {}
     if stored.get("attention") != "lambda":
         raise ValueError("lambda_cache: patch the model first with longtune.patch(model, attention='lambda', ...)")

@@ -35,8 +35,7 @@ from torch import nn
 from ..nn.quant import RotatedQuantLinear
 from ..ops.hadamard import hadamard_transform
 from ..ops.quant import rotate_fake_quant
-
-_ATTN_NAME = "longtune_roste"
+from ._common import ROSTE_PREFIX
 
 
 @dataclass
@@ -178,7 +177,9 @@ def _quant_linear(lin: nn.Linear, cfg: RoSTEConfig, rotate: bool) -> RotatedQuan
 
 
 # ------------------------------------------------------------------ online R3 + KV quantization
-def _roste_attention(module, query, key, value, attention_mask, **kwargs):
+def roste_attention(module, query, key, value, attention_mask, **kwargs):
+    """A RoSTE-prepared model's attention function: the online R3 rotation of q / k and the K/V
+    fake-quantization, then the wrapped implementation (``module.longtune_roste["base"]``)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     st = module.longtune_roste
@@ -198,10 +199,10 @@ def _install_attention(model, inner, cfg: RoSTEConfig):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     base = getattr(model.config, "_attn_implementation", None) or "eager"
-    if base.startswith(_ATTN_NAME):
+    if base.startswith(ROSTE_PREFIX):
         raise RuntimeError("longtune.quant.prepare_roste: the model is already prepared")
-    name = f"{_ATTN_NAME}_{base}"  # the wrapped implementation decides the mask format too
-    AttentionInterface.register(name, _roste_attention)
+    name = ROSTE_PREFIX + base  # the wrapped implementation decides the mask format too
+    AttentionInterface.register(name, roste_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     eager = None
     if base == "eager":

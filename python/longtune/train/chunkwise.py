@@ -68,6 +68,7 @@ parameters need ``find_unused_parameters=True`` as usual.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import warnings
@@ -75,9 +76,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
 
-from ..integrations.hf import _base, hf_model, sequence_length
+from ..integrations._common import base_model, hf_model
+from ..integrations.hf import sequence_length
 
 __all__ = ["seco_backward", "seco_train_step", "spaco_factors", "spaco_sample"]
 
@@ -141,8 +142,9 @@ class _KVDone(Exception):
     of the model (the last layer's attention and MLP, the final norm, the head) is skipped."""
 
 
-class _ChunkLayer(DynamicLayer):
-    """One layer's cache for one chunk (positions [past_len, past_len + C)): ``update`` writes the
+class _ChunkLayerMixin:
+    """One layer's cache for one chunk (positions [past_len, past_len + C)), a transformers
+    ``DynamicLayer`` once :func:`_chunk_layer_class` mixes it in: ``update`` writes the
     chunk's new k/v into the layer's buffers and returns the buffers up to the chunk's end (views);
     with grad (phase 2) through ``_SlotCat``, so the earlier chunks' parts of the k/v gradient land
     in the store's per-chunk gradients. Remembers the new k/v. ``written``: a counter shared by the
@@ -189,6 +191,15 @@ class _ChunkLayer(DynamicLayer):
         return -1
 
 
+@functools.lru_cache(maxsize=None)
+def _chunk_layer_class():
+    """The chunk cache layer class; built on first use so that importing this module does not
+    import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    return type("_ChunkLayer", (_ChunkLayerMixin, DynamicLayer), {"__module__": __name__})
+
+
 def _num_layers(model) -> int:
     cfg = model.config
     get = getattr(cfg, "get_text_config", None)
@@ -204,7 +215,7 @@ def _unwrap_ddp(model):
 
 
 def _forward_params(model) -> set:
-    base = _base(model)
+    base = base_model(model)
     fwd = getattr(base, "_longtune_orig_forward", None) or base.forward  # the model's own, under a fused-CE patch
     try:
         return set(inspect.signature(fwd).parameters)
@@ -351,7 +362,10 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     params = _forward_params(inner)
     cache_kw = "cache" if "cache" in params or not params else "past_key_values"
     # longtune.patch(model, lm_head="fused_ce"): the chunk's loss straight from its hidden states
-    fused_head = getattr(_base(inner), "_longtune_orig_forward", None) is not None
+    fused_head = getattr(base_model(inner), "_longtune_orig_forward", None) is not None
+    from transformers.cache_utils import Cache
+
+    chunk_layer = _chunk_layer_class()
 
     def run(i, with_loss, grad=False):
         """(the chunk's loss (summed over its targets / denom) or None, its cache layers)."""
@@ -359,7 +373,7 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
         # a phase-1 forward that only wants the k/v stops at the last layer's cache write
         kv_only = not with_loss and not grad
         written = [0]
-        layers = [_ChunkLayer(stores[layer], s, grad, written, n_layers if kv_only else 0) for layer in range(n_layers)]
+        layers = [chunk_layer(stores[layer], s, grad, written, n_layers if kv_only else 0) for layer in range(n_layers)]
         cache = Cache(layers=layers)
         pos = torch.arange(s, e, device=dev).unsqueeze(0).expand(bsz, -1)
         kw = dict(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache})

@@ -3,7 +3,8 @@
 `pip install --no-build-isolation .` and `pip install --no-build-isolation -e .` both run CMake
 against the torch that is installed in the current environment.
 Environment knobs (forwarded to CMake): LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA_ARCHS="80;90",
-LONGTUNE_EMU=ON|OFF, LONGTUNE_BUILD_TYPE=Release|RelWithDebInfo|Debug, MAX_JOBS.
+LONGTUNE_EMU=ON|OFF, LONGTUNE_SELFTEST=ON|OFF (test-only kernels),
+LONGTUNE_BUILD_TYPE=Release|RelWithDebInfo|Debug, MAX_JOBS.
 """
 import os
 import shutil
@@ -42,7 +43,7 @@ class CMakeBuild(build_ext):
             f"-DLONGTUNE_OUTPUT_DIR={out_dir}",
         ]
         # always pass every knob so a stale CMakeCache.txt cannot keep an old choice
-        defaults = {"LONGTUNE_CUDA": "AUTO", "LONGTUNE_CUDA_ARCHS": "80;90", "LONGTUNE_EMU": "ON"}
+        defaults = {"LONGTUNE_CUDA": "AUTO", "LONGTUNE_CUDA_ARCHS": "80;90", "LONGTUNE_EMU": "ON", "LONGTUNE_SELFTEST": "ON"}
         for knob, default in defaults.items():
             args.append(f"-D{knob}={os.environ.get(knob) or default}")
         subprocess.run(args, check=True)

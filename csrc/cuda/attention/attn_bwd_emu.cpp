@@ -6,9 +6,12 @@
 
 #include "cuda/attention/attn_device_op.h"
 #include "cuda/attention/attn_kernel.cuh"
+#include "cuda/common/emu_glue.h"
 
 namespace lt::attn {
 namespace {
+
+constexpr const char* kBwdOp = "sparse_attention_bwd";
 
 simt::Dim3 flat(int64_t n) { return simt::Dim3{static_cast<uint32_t>((n + kThreads - 1) / kThreads), 1, 1}; }
 
@@ -19,20 +22,16 @@ void launch_bwd_emu(const AttnParams& s) {
     const simt::Dim3 block{kThreads, 1, 1};
     const simt::Dim3 grid{static_cast<uint32_t>((s.nk + kBK - 1) / kBK), static_cast<uint32_t>(s.hm.hkv),
                           static_cast<uint32_t>(s.batch)};
-    try {
-      emu::launch(("attn_dsum" + sfx).c_str(), flat(s.total_q * s.hm.heads), block, 0,
-                  [&k] { attn_dsum_body<T, D>(k); });
-      if (s.softcap > 0.f)
-        emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
-                    [&k] { attn_bwd_body<T, D, true>(k); });
-      else
-        emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
-                    [&k] { attn_bwd_body<T, D, false>(k); });
-      emu::launch(("attn_dq_convert" + sfx).c_str(), flat(s.total_q * s.hm.hq * D / 8), block, 0,
-                  [&k] { attn_dq_convert_body<T, D>(k); });
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "longtune_emu: ", e.what());
-    }
+    emu_launch(kBwdOp, ("attn_dsum" + sfx).c_str(), flat(s.total_q * s.hm.heads), block, 0,
+               [&k] { attn_dsum_body<T, D>(k); });
+    if (s.softcap > 0.f)
+      emu_launch(kBwdOp, ("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
+                 [&k] { attn_bwd_body<T, D, true>(k); });
+    else
+      emu_launch(kBwdOp, ("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
+                 [&k] { attn_bwd_body<T, D, false>(k); });
+    emu_launch(kBwdOp, ("attn_dq_convert" + sfx).c_str(), flat(s.total_q * s.hm.hq * D / 8), block, 0,
+               [&k] { attn_dq_convert_body<T, D>(k); });
   });
 }
 
@@ -41,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& lse, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
     const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, int64_t group,
     c10::string_view mode, int64_t wl, int64_t wr, int64_t n_global, int64_t q_offset, int64_t kv_offset, double softcap) {
-  TORCH_CHECK(q.device().is_cpu(), "longtune_emu: the emulator runs on CPU tensors, got ", q.device());
+  check_emu_input(kBwdOp, q);
   return attn_bwd_device(grad_out, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
                          std::string(mode), wl, wr, n_global, q_offset, kv_offset, softcap, launch_bwd_emu);
 }

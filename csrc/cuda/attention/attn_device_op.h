@@ -12,6 +12,7 @@
 
 #include "common/attn_host.h"
 #include "cuda/attention/attn_params.h"
+#include "cuda/common/torch_glue.h"
 
 namespace lt::attn {
 
@@ -84,7 +85,7 @@ inline AttnParams base_params(const AttnArgs& a, const at::Tensor& q, const at::
   p.d = a.d;
   p.scale = static_cast<float>(a.scale);
   p.softcap = static_cast<float>(a.softcap);
-  p.dtype = q.scalar_type() == at::kBFloat16 ? DType::BF16 : DType::F16;
+  p.dtype = to_dtype(q);
   return p;
 }
 

@@ -6,9 +6,12 @@
 
 #include "cuda/attention/attn_device_op.h"
 #include "cuda/attention/attn_kernel.cuh"
+#include "cuda/common/emu_glue.h"
 
 namespace lt::attn {
 namespace {
+
+constexpr const char* kFwdOp = "sparse_attention_fwd";
 
 void launch_fwd_emu(const AttnParams& s) {
   attn_dispatch(s, [&]<class T, int D>() {
@@ -16,16 +19,12 @@ void launch_fwd_emu(const AttnParams& s) {
     const std::string name = "attn_fwd<D=" + std::to_string(D) + ">";
     const simt::Dim3 grid{static_cast<uint32_t>((s.nq + kBQ - 1) / kBQ), static_cast<uint32_t>(s.hm.heads),
                           static_cast<uint32_t>(s.batch)};
-    try {
-      if (s.softcap > 0.f)
-        emu::launch(name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
-                    [&k] { attn_fwd_body<T, D, true>(k); });
-      else
-        emu::launch(name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
-                    [&k] { attn_fwd_body<T, D, false>(k); });
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "longtune_emu: ", e.what());
-    }
+    if (s.softcap > 0.f)
+      emu_launch(kFwdOp, name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
+                 [&k] { attn_fwd_body<T, D, true>(k); });
+    else
+      emu_launch(kFwdOp, name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
+                 [&k] { attn_fwd_body<T, D, false>(k); });
   });
 }
 
@@ -34,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
                                        double scale, bool causal, int64_t group, c10::string_view mode, int64_t wl,
                                        int64_t wr, int64_t n_global, int64_t q_offset, int64_t kv_offset, double softcap) {
-  TORCH_CHECK(q.device().is_cpu(), "longtune_emu: the emulator runs on CPU tensors, got ", q.device());
+  check_emu_input(kFwdOp, q);
   return attn_fwd_device(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group, std::string(mode), wl, wr,
                          n_global, q_offset, kv_offset, softcap, launch_fwd_emu);
 }

@@ -9,10 +9,9 @@
 #include <cstdint>
 
 #include "common/attn_mask.h"
+#include "cuda/common/dtype.h"
 
 namespace lt::attn {
-
-enum class DType : int32_t { F16 = 0, BF16 = 1 };
 
 struct AttnParams {
   // forward inputs / outputs (backward reuses q, k, v, out)
@@ -51,7 +50,7 @@ struct AttnParams {
   int32_t d = 0;
   float scale = 1.f;
   float softcap = 0.f;  // > 0: scores s (after scale) -> softcap * tanh(s / softcap); 0: off
-  DType dtype = DType::F16;
+  DType dtype = DType::F16;  // F16 or BF16
 };
 
 // Tile shape shared by the launchers and the kernel bodies: 4 warps, 16 query rows (forward) or

@@ -1,9 +1,9 @@
 // CUDA registration of longtune::hadamard_transform{,_backward}: validates, picks the stream,
 // calls the nvcc-compiled launcher.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/common/cuda_glue.h"
 #include "cuda/hadamard/hadamard_device_op.h"
 
 namespace lt::hadamard {
@@ -11,10 +11,7 @@ namespace {
 
 at::Tensor run_cuda(const char* op, const at::Tensor& x, double scale, bool transpose) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_device_op(op, x, scale, transpose, [&](const HadamardParams& hp) {
-    const char* err = launch_hadamard_cuda(hp, at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "longtune.", op, ": CUDA kernel launch failed: ", err ? err : "");
-  });
+  return run_device_op(op, x, scale, transpose, cuda_launcher(op, launch_hadamard_cuda));
 }
 
 at::Tensor fwd(const at::Tensor& x, double scale) { return run_cuda("hadamard_transform", x, scale, false); }

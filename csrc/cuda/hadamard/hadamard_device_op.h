@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "common/hadamard_host.h"
+#include "cuda/common/torch_glue.h"
 #include "cuda/hadamard/hadamard_params.h"
 
 namespace lt::hadamard {
@@ -53,7 +54,7 @@ at::Tensor run_device_op(const char* op, const at::Tensor& x, double scale, bool
   hp.log2p = c.plan.log2p;
   hp.hwords = static_cast<int32_t>((c.plan.m + 31) / 32);
   hp.scale = static_cast<float>(scale);
-  hp.dtype = x.scalar_type() == at::kFloat ? DType::F32 : x.scalar_type() == at::kHalf ? DType::F16 : DType::BF16;
+  hp.dtype = to_dtype(x);
   const int64_t esize = x.element_size();
   const int64_t E = hp.log2p >= 3 ? 8 : (int64_t(1) << hp.log2p);
   const int64_t align = std::min<int64_t>(16, E * esize);

@@ -5,31 +5,26 @@
 
 #include <string>
 
+#include "cuda/common/emu_glue.h"
 #include "cuda/hadamard/hadamard_device_op.h"
 #include "cuda/hadamard/hadamard_kernel.cuh"
 
 namespace lt::hadamard {
 namespace {
 
-void launch_emu(const HadamardParams& hp) {
-  const LaunchCfg cfg = launch_config(hp, /*max_grid=*/int64_t(1) << 20);
+void launch_emu(const char* op, const HadamardParams& hp) {
+  const LaunchCfg cfg = launch_config(hp, kMaxGridX);
   dispatch(hp, [&]<class T, int E>() {
     const KParams<T> k = make_kparams<T>(hp);
-    const std::string name = std::string("hadamard_kernel<") + (hp.dtype == DType::F32 ? "f32" : hp.dtype == DType::F16 ? "f16" : "bf16") +
-                             ", E=" + std::to_string(E) + (k.block_mode ? ", block mode>" : ", warp mode>");
-    emu::launch(name.c_str(), cfg.grid, cfg.block, cfg.smem, [&k] { hadamard_body<T, E>(k); });
+    const std::string name = std::string("hadamard_kernel<") + dtype_name(hp.dtype) + ", E=" + std::to_string(E) +
+                             (k.block_mode ? ", block mode>" : ", warp mode>");
+    emu_launch(op, name.c_str(), cfg, [&k] { hadamard_body<T, E>(k); });
   });
 }
 
 at::Tensor run_emu(const char* op, const at::Tensor& x, double scale, bool transpose) {
-  TORCH_CHECK(x.device().is_cpu(), "longtune_emu.", op, ": the emulator runs on CPU tensors, got ", x.device());
-  return run_device_op(op, x, scale, transpose, [&](const HadamardParams& hp) {
-    try {
-      launch_emu(hp);
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "longtune_emu.", op, ": ", e.what());
-    }
-  });
+  check_emu_input(op, x);
+  return run_device_op(op, x, scale, transpose, [&](const HadamardParams& hp) { launch_emu(op, hp); });
 }
 
 at::Tensor fwd(const at::Tensor& x, double scale) { return run_emu("hadamard_transform", x, scale, false); }

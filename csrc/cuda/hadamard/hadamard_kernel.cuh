@@ -15,6 +15,8 @@
 #include <algorithm>
 
 #include "common/simt/simt.h"
+#include "cuda/common/dtype.h"
+#include "cuda/common/launch.h"
 #include "cuda/hadamard/hadamard_params.h"
 
 namespace lt::hadamard {
@@ -24,7 +26,7 @@ struct KParams {
   simt::gptr<const T> x;
   simt::gptr<T> y;
   simt::gptr<const uint32_t> hbits;
-  int64_t rows, n, xs;
+  int64_t rows, n, x_row_stride;
   int32_t m, log2p, hwords;
   float scale;
   bool vec_ok;
@@ -108,7 +110,7 @@ LT_DEV void warp_mode(const KParams<T>& p) {
     const int64_t row = row0 + row_in_warp;
     const bool valid = row < p.rows;
     float v[E];
-    if (valid) load_chunk<T, E>(p, row * p.xs + chunk * E, v);
+    if (valid) load_chunk<T, E>(p, row * p.x_row_stride + chunk * E, v);
     else { LT_UNROLL for (int i = 0; i < E; ++i) v[i] = 0.f; }
     butterflies_in_registers<E>(v);
     butterflies_across_lanes<E>(v, lane, chunks);
@@ -161,7 +163,7 @@ LT_DEV void block_mode(const KParams<T>& p) {
       const int64_t j = it * nthreads + tid;
       const bool valid = j < chunks;
       float v[E];
-      if (valid) load_chunk<T, E>(p, row * p.xs + j * E, v);
+      if (valid) load_chunk<T, E>(p, row * p.x_row_stride + j * E, v);
       else { LT_UNROLL for (int i = 0; i < E; ++i) v[i] = 0.f; }
       butterflies_in_registers<E>(v);
       butterflies_across_lanes<E>(v, lane, cps);
@@ -203,11 +205,6 @@ LT_DEV void hadamard_body(const KParams<T>& p) {
 }
 
 // ---------------------------------------------------------------- host-side launch planning
-struct LaunchCfg {
-  simt::Dim3 grid, block;
-  size_t smem = 0;
-};
-
 inline int chunk_elems(int log2p) { return log2p >= 3 ? 8 : (1 << log2p); }
 
 inline bool uses_block_mode(const HadamardParams& hp) {
@@ -239,7 +236,7 @@ KParams<T> make_kparams(const HadamardParams& hp) {
   k.hbits = simt::make_gptr(hp.hbits, hp.hbits_span, "hbits");
   k.rows = hp.rows;
   k.n = hp.n;
-  k.xs = hp.x_row_stride;
+  k.x_row_stride = hp.x_row_stride;
   k.m = hp.m;
   k.log2p = hp.log2p;
   k.hwords = hp.hwords;
@@ -252,19 +249,7 @@ KParams<T> make_kparams(const HadamardParams& hp) {
 // Calls f.template operator()<T, E>() for the storage type and chunk width of hp.
 template <class F>
 void dispatch(const HadamardParams& hp, F&& f) {
-  auto by_e = [&]<class T>() {
-    switch (chunk_elems(hp.log2p)) {
-      case 1: f.template operator()<T, 1>(); break;
-      case 2: f.template operator()<T, 2>(); break;
-      case 4: f.template operator()<T, 4>(); break;
-      default: f.template operator()<T, 8>(); break;
-    }
-  };
-  switch (hp.dtype) {
-    case DType::F32: by_e.template operator()<float>(); break;
-    case DType::F16: by_e.template operator()<simt::f16>(); break;
-    case DType::BF16: by_e.template operator()<simt::bf16>(); break;
-  }
+  dispatch_dtype_chunk(hp.dtype, chunk_elems(hp.log2p), f);
 }
 
 }  // namespace lt::hadamard

@@ -4,10 +4,11 @@
 #pragma once
 #include <cstdint>
 
+#include "cuda/common/dtype.h"
+
 namespace lt::hadamard {
 
-enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
-
+// One struct for both directions: the backward is the same kernel with the transposed sign table.
 struct HadamardParams {
   const void* x = nullptr;      // [rows, n] rows of `x_row_stride` elements, unit stride within a row
   void* y = nullptr;            // [rows, n] contiguous

@@ -9,13 +9,10 @@
 #include <tuple>
 
 #include "common/lce_host.h"
+#include "cuda/common/torch_glue.h"
 #include "cuda/lce/lce_params.h"
 
 namespace lt::lce {
-
-inline DType to_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat ? DType::F32 : t.scalar_type() == at::kHalf ? DType::F16 : DType::BF16;
-}
 
 // Class weights as fp32 and their sum as a device scalar (no host sync); undefined without.
 inline std::pair<at::Tensor, at::Tensor> class_weight_f32(const char* op, LceArgs& a, const at::Tensor& x,
@@ -52,6 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_fwd_device(const at::Tensor& 
   fp.cw = a.has_cw ? cw.data_ptr<float>() : nullptr;
   fp.wsum = a.has_cw ? wsum.data_ptr<float>() : nullptr;
   fp.T = a.T; fp.d = a.d; fp.V = a.V; fp.ignore_index = a.ignore_index;
+  fp.x_row_stride = a.d; fp.w_row_stride = a.d;  // xc, wc are contiguous
   fp.eps = static_cast<float>(a.eps); fp.z_loss = static_cast<float>(a.z_loss);
   fp.softcap = static_cast<float>(a.softcap);
   fp.dtype = to_dtype(x);
@@ -106,6 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
   bp.dw = dw.data_ptr();
   bp.db = a.has_bias ? db.data_ptr() : nullptr;
   bp.T = a.T; bp.d = a.d; bp.V = a.V; bp.ignore_index = a.ignore_index;
+  bp.x_row_stride = a.d; bp.w_row_stride = a.d;  // xc, wc, dx32, dw32 are contiguous
+  bp.dx_row_stride = a.d; bp.dw_row_stride = a.d;
   bp.eps = static_cast<float>(a.eps); bp.z_loss = static_cast<float>(a.z_loss);
   bp.softcap = static_cast<float>(a.softcap); bp.filter = static_cast<float>(filter);
   bp.dtype = to_dtype(x);
@@ -115,9 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
 
 // linear_cross_entropy_fwd_bwd on the device: the forward kernel, then the backward kernel with the
 // per-row weights (the logits are recomputed; a one-pass device kernel is not written yet).
-template <class Fwd, class Bwd>
+// fwd / bwd: the registered linear_cross_entropy_{fwd,bwd} kernels of the same backend.
+template <auto fwd, auto bwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_bwd_composed(
-    const Fwd& fwd, const Bwd& bwd, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
     const at::Tensor& target, const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss,
     double softcap, bool weight_grad, const std::optional<at::Tensor>& class_weight) {
   const char* op = "linear_cross_entropy_fwd_bwd";

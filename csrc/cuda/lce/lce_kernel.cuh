@@ -25,6 +25,7 @@
 
 #include "common/nonfinite.h"
 #include "common/simt/simt.h"
+#include "cuda/common/launch.h"
 #include "cuda/lce/lce_params.h"
 
 namespace lt::lce {
@@ -50,7 +51,8 @@ struct FwdK {
   simt::gptr<float> part, loss, lse;
   simt::gptr<int64_t> part_idx, argmax;
   simt::gptr<const float> cw, wsum;
-  int64_t T_, d, V, ignore_index, nsplit, tps;
+  int64_t tokens, d, V, ignore_index, nsplit, tiles_per_split;
+  int64_t x_row_stride, w_row_stride;
   float eps, z_loss, softcap;
   bool has_bias, has_cw;
 };
@@ -62,7 +64,8 @@ struct BwdK {
   simt::gptr<const int64_t> target;
   simt::gptr<float> dx, dw, db;
   simt::gptr<const float> cw, wsum;
-  int64_t T_, d, V, ignore_index;
+  int64_t tokens, d, V, ignore_index;
+  int64_t x_row_stride, w_row_stride, dx_row_stride, dw_row_stride;
   float eps, z_loss, softcap, filter;
   bool has_bias, has_cw;
 };
@@ -77,31 +80,32 @@ struct Skip {
 
 // Stages x[row0 : row0+kBM, k0 : k0+kBK] and W[col0 : col0+kBN, k0 : k0+kBK] (fp32, transposed).
 template <class T>
-LT_DEV void load_chunks(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_, int64_t V, int64_t d, int64_t row0,
-                        int64_t col0, int64_t k0, simt::sptr<float> xs, simt::sptr<float> ws, const Skip& skip) {
+LT_DEV void load_chunks(simt::gptr<const T> x, simt::gptr<const T> w, int64_t tokens, int64_t V, int64_t d,
+                        int64_t x_row_stride, int64_t w_row_stride, int64_t row0, int64_t col0, int64_t k0,
+                        simt::sptr<float> xs, simt::sptr<float> ws, const Skip& skip) {
   const int tid = static_cast<int>(simt::thread_linear());
   LT_UNROLL for (int q = 0; q < kBM * kBK / kThreads; ++q) {
     const int e = tid + q * kThreads, r = e / kBK, k = e % kBK;
     const int64_t gr = row0 + r, gk = k0 + k;
-    const bool read = gr < T_ && gk < d && !(skip.on && skip.target[gr] == skip.ignore_index);
-    xs[k * kXS + r] = read ? simt::to_float(x[gr * d + gk]) : 0.f;
+    const bool read = gr < tokens && gk < d && !(skip.on && skip.target[gr] == skip.ignore_index);
+    xs[k * kXS + r] = read ? simt::to_float(x[gr * x_row_stride + gk]) : 0.f;
   }
   LT_UNROLL for (int q = 0; q < kBN * kBK / kThreads; ++q) {
     const int e = tid + q * kThreads, n = e / kBK, k = e % kBK;
     const int64_t gn = col0 + n, gk = k0 + k;
-    ws[k * kWS + n] = (gn < V && gk < d) ? simt::to_float(w[gn * d + gk]) : 0.f;
+    ws[k * kWS + n] = (gn < V && gk < d) ? simt::to_float(w[gn * w_row_stride + gk]) : 0.f;
   }
 }
 
 // acc[i][j] = sum_k x[row0 + kTM ty + i, k] W[col0 + tx + 16 j, k] (ty = tid / 16, tx = tid % 16).
 template <class T>
-LT_DEV void logits_tile(simt::gptr<const T> x, simt::gptr<const T> w, int64_t T_, int64_t V, int64_t d, int64_t row0,
-                        int64_t col0, simt::sptr<float> xs, simt::sptr<float> ws, float (&acc)[kTM][kTN],
-                        const Skip& skip) {
+LT_DEV void logits_tile(simt::gptr<const T> x, simt::gptr<const T> w, int64_t tokens, int64_t V, int64_t d,
+                        int64_t x_row_stride, int64_t w_row_stride, int64_t row0, int64_t col0, simt::sptr<float> xs,
+                        simt::sptr<float> ws, float (&acc)[kTM][kTN], const Skip& skip) {
   const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
   LT_UNROLL for (int i = 0; i < kTM; ++i) LT_UNROLL for (int j = 0; j < kTN; ++j) acc[i][j] = 0.f;
   for (int64_t k0 = 0; k0 < d; k0 += kBK) {
-    load_chunks<T>(x, w, T_, V, d, row0, col0, k0, xs, ws, skip);
+    load_chunks<T>(x, w, tokens, V, d, x_row_stride, w_row_stride, row0, col0, k0, xs, ws, skip);
     simt::sync_block();
     const int kn = d - k0 < kBK ? static_cast<int>(d - k0) : kBK;
     for (int k = 0; k < kn; ++k) {
@@ -124,9 +128,9 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
   const simt::sptr<float> ss = ws + kBK * kWS;
   const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
   const int warp = static_cast<int>(simt::warp_id()), lane = static_cast<int>(simt::lane_id());
-  const int64_t nrb = (p.T_ + kBM - 1) / kBM, nvt = (p.V + kBN - 1) / kBN;
+  const int64_t nrb = (p.tokens + kBM - 1) / kBM, nvt = (p.V + kBN - 1) / kBN;
   const int64_t split = simt::block_idx().y;
-  const int64_t vt0 = split * p.tps, vt1 = vt0 + p.tps < nvt ? vt0 + p.tps : nvt;
+  const int64_t vt0 = split * p.tiles_per_split, vt1 = vt0 + p.tiles_per_split < nvt ? vt0 + p.tiles_per_split : nvt;
   for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
     const int64_t row0 = rb * kBM;
     float m[kRW], s[kRW], zt[kRW], sz[kRW];
@@ -135,13 +139,14 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
       m[i] = -INFINITY; s[i] = 0.f; zt[i] = 0.f; sz[i] = 0.f;
       ai[i] = p.V;  // no column seen yet
       const int64_t gr = row0 + kRW * warp + i;
-      const int64_t t = gr < p.T_ ? p.target[gr] : p.ignore_index;
+      const int64_t t = gr < p.tokens ? p.target[gr] : p.ignore_index;
       tg[i] = t == p.ignore_index ? -1 : t;
     }
     for (int64_t vt = vt0; vt < vt1; ++vt) {
       const int64_t col0 = vt * kBN;
       float acc[kTM][kTN];
-      logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc, Skip{p.target, p.ignore_index, false});
+      logits_tile<T>(p.x, p.w, p.tokens, p.V, p.d, p.x_row_stride, p.w_row_stride, row0, col0, xs, ws, acc,
+                     Skip{p.target, p.ignore_index, false});
       LT_UNROLL for (int j = 0; j < kTN; ++j) {
         const int64_t gc = col0 + tx + 16 * j;
         const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
@@ -201,13 +206,13 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
     // lane i writes row i's state (the values are identical in every lane after the reductions)
     LT_UNROLL for (int i = 0; i < kRW; ++i) {
       const int64_t gr = row0 + kRW * warp + i;
-      if (i == lane && gr < p.T_) {
-        const int64_t o = (split * p.T_ + gr) * kStatW;
+      if (i == lane && gr < p.tokens) {
+        const int64_t o = (split * p.tokens + gr) * kStatW;
         p.part[o + 0] = m[i];
         p.part[o + 1] = s[i];
         p.part[o + 2] = zt[i];
         p.part[o + 3] = sz[i];
-        p.part_idx[split * p.T_ + gr] = ai[i];
+        p.part_idx[split * p.tokens + gr] = ai[i];
       }
     }
   }
@@ -217,18 +222,19 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
 template <class T>
 LT_DEV void merge_body(const FwdK<T>& p) {
   const int64_t stride = int64_t(simt::grid_dim().x) * simt::block_dim().x;
-  for (int64_t t = int64_t(simt::block_idx().x) * simt::block_dim().x + simt::thread_linear(); t < p.T_; t += stride) {
+  for (int64_t t = int64_t(simt::block_idx().x) * simt::block_dim().x + simt::thread_linear(); t < p.tokens;
+       t += stride) {
     float M = -INFINITY;
     int64_t bi = p.V;
     for (int64_t sp = 0; sp < p.nsplit; ++sp) {
-      const float v = p.part[(sp * p.T_ + t) * kStatW];
-      const int64_t vi = p.part_idx[sp * p.T_ + t];
+      const float v = p.part[(sp * p.tokens + t) * kStatW];
+      const int64_t vi = p.part_idx[sp * p.tokens + t];
       if (argmax_better(v, vi, M, bi)) bi = vi;  // M: the running max
       M = nan_max(M, v);
     }
     float S = 0.f, zt = 0.f, sz = 0.f;
     for (int64_t sp = 0; sp < p.nsplit; ++sp) {
-      const int64_t o = (sp * p.T_ + t) * kStatW;
+      const int64_t o = (sp * p.tokens + t) * kStatW;
       S += p.part[o + 1] * expf(p.part[o] - M);
       zt += p.part[o + 2];
       sz += p.part[o + 3];
@@ -260,7 +266,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
   const simt::sptr<float> flags = gs + kBM * kSS;
   const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
   const int warp = static_cast<int>(simt::warp_id()), lane = static_cast<int>(simt::lane_id());
-  const int64_t nrb = (p.T_ + kBM - 1) / kBM, nvt = (p.V + kBN - 1) / kBN;
+  const int64_t nrb = (p.tokens + kBM - 1) / kBM, nvt = (p.V + kBN - 1) / kBN;
   const float inv_v = 1.f / static_cast<float>(p.V);
   for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
     const int64_t row0 = rb * kBM;
@@ -271,7 +277,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
     bool live = false;
     LT_UNROLL for (int i = 0; i < kTM; ++i) {
       const int64_t gr = row0 + kTM * ty + i;
-      const int64_t t = gr < p.T_ ? p.target[gr] : p.ignore_index;
+      const int64_t t = gr < p.tokens ? p.target[gr] : p.ignore_index;
       tg[i] = t == p.ignore_index ? -1 : t;
       g[i] = tg[i] >= 0 ? p.grad[gr] : 0.f;
       lse[i] = tg[i] >= 0 ? p.lse[gr] : 0.f;
@@ -291,7 +297,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
       const int64_t col0 = vt * kBN;
       float acc[kTM][kTN];
       const Skip skip{p.target, p.ignore_index, true};
-      logits_tile<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, xs, ws, acc, skip);
+      logits_tile<T>(p.x, p.w, p.tokens, p.V, p.d, p.x_row_stride, p.w_row_stride, row0, col0, xs, ws, acc, skip);
       bool keep = false;
       LT_UNROLL for (int j = 0; j < kTN; ++j) {
         const int64_t gc = col0 + tx + 16 * j;
@@ -329,18 +335,18 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
         if (sb != 0.f) simt::atomic_add(p.db + (col0 + tid), sb);
       }
       for (int64_t k0 = 0; k0 < p.d; k0 += kBK) {
-        load_chunks<T>(p.x, p.w, p.T_, p.V, p.d, row0, col0, k0, xs, ws, skip);
+        load_chunks<T>(p.x, p.w, p.tokens, p.V, p.d, p.x_row_stride, p.w_row_stride, row0, col0, k0, xs, ws, skip);
         simt::sync_block();
         const int64_t gk = k0 + lane;
         if (gk < p.d) {
           // dx[row0 + warp + kWarps i, gk] += sum_n G[r, n] W[col0 + n, gk]
           LT_UNROLL for (int i = 0; i < kBM / kWarps; ++i) {
             const int r = warp + kWarps * i;
-            if (row0 + r >= p.T_) break;
+            if (row0 + r >= p.tokens) break;
             if (p.target[row0 + r] == p.ignore_index) continue;  // an ignored row's dx stays 0, whatever W holds
             float a = 0.f;
             for (int n = 0; n < kBN; ++n) a = fmaf(gs[r * kSS + n], ws[lane * kWS + n], a);
-            if (a != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.d + gk), a);
+            if (a != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.dx_row_stride + gk), a);
           }
           // dW[col0 + warp + kWarps i, gk] += sum_r G[r, n] x[row0 + r, gk]
           LT_UNROLL for (int i = 0; i < kBN / kWarps; ++i) {
@@ -348,7 +354,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
             if (col0 + n >= p.V) break;
             float a = 0.f;
             for (int r = 0; r < kBM; ++r) a = fmaf(gs[r * kSS + n], xs[lane * kXS + r], a);
-            if (a != 0.f) simt::atomic_add(p.dw + ((col0 + n) * p.d + gk), a);
+            if (a != 0.f) simt::atomic_add(p.dw + ((col0 + n) * p.dw_row_stride + gk), a);
           }
         }
         simt::sync_block();
@@ -374,35 +380,31 @@ LT_DEV void conv_body(const ConvK<T>& p) {
 
 // ---------------------------------------------------------------- host-side helpers (both launchers)
 
-struct Grid {
-  simt::Dim3 grid, block;
-};
-
-inline Grid fwd_config(const FwdParams& fp) {
+inline LaunchCfg fwd_config(const FwdParams& fp) {
   const int64_t nrb = (fp.T + kBM - 1) / kBM;
   return {{static_cast<uint32_t>(std::min<int64_t>(nrb, int64_t(1) << 30)), static_cast<uint32_t>(fp.nsplit), 1},
-          {kThreads, 1, 1}};
+          {kThreads, 1, 1},
+          kSmemBytes};
 }
-inline Grid merge_config(int64_t T) {
-  return {{static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((T + kMergeThreads - 1) / kMergeThreads, 65535))), 1, 1},
-          {kMergeThreads, 1, 1}};
+inline LaunchCfg merge_config(int64_t T) {
+  return {{grid_blocks(T, kMergeThreads, 65535), 1, 1}, {kMergeThreads, 1, 1}};
 }
-inline Grid bwd_config(const BwdParams& bp) {
+inline LaunchCfg bwd_config(const BwdParams& bp) {
   const int64_t nrb = (bp.T + kBM - 1) / kBM, nvt = (bp.V + kBN - 1) / kBN;
   return {{static_cast<uint32_t>(std::min<int64_t>(nrb, int64_t(1) << 30)),
            static_cast<uint32_t>(std::min<int64_t>(nvt, 65535)), 1},
-          {kThreads, 1, 1}};
+          {kThreads, 1, 1},
+          kSmemBytes};
 }
-inline Grid conv_config(int64_t n) {
-  return {{static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((n + kConvThreads - 1) / kConvThreads, 8192))), 1, 1},
-          {kConvThreads, 1, 1}};
+inline LaunchCfg conv_config(int64_t n) {
+  return {{grid_blocks(n, kConvThreads, 8192), 1, 1}, {kConvThreads, 1, 1}};
 }
 
 template <class T>
 FwdK<T> make_fwd(const FwdParams& fp) {
   FwdK<T> k;
-  k.x = simt::make_gptr(static_cast<const T*>(fp.x), fp.T * fp.d, "x");
-  k.w = simt::make_gptr(static_cast<const T*>(fp.w), fp.V * fp.d, "weight");
+  k.x = simt::make_gptr(static_cast<const T*>(fp.x), fp.T * fp.x_row_stride, "x");
+  k.w = simt::make_gptr(static_cast<const T*>(fp.w), fp.V * fp.w_row_stride, "weight");
   k.b = simt::make_gptr(static_cast<const T*>(fp.b), fp.b ? fp.V : 0, "bias");
   k.target = simt::make_gptr(fp.target, fp.T, "target");
   k.part = simt::make_gptr(fp.part, fp.nsplit * fp.T * kStatW, "partial states");
@@ -413,8 +415,9 @@ FwdK<T> make_fwd(const FwdParams& fp) {
   k.cw = simt::make_gptr(fp.cw, fp.cw ? fp.V : 0, "class_weight (fp32)");
   k.wsum = simt::make_gptr(fp.wsum, fp.wsum ? 1 : 0, "class_weight sum");
   k.has_cw = fp.cw != nullptr;
-  k.T_ = fp.T; k.d = fp.d; k.V = fp.V; k.ignore_index = fp.ignore_index;
-  k.nsplit = fp.nsplit; k.tps = fp.tiles_per_split;
+  k.tokens = fp.T; k.d = fp.d; k.V = fp.V; k.ignore_index = fp.ignore_index;
+  k.nsplit = fp.nsplit; k.tiles_per_split = fp.tiles_per_split;
+  k.x_row_stride = fp.x_row_stride; k.w_row_stride = fp.w_row_stride;
   k.eps = fp.eps; k.z_loss = fp.z_loss; k.softcap = fp.softcap;
   k.has_bias = fp.b != nullptr;
   return k;
@@ -425,17 +428,19 @@ BwdK<T> make_bwd(const BwdParams& bp) {
   BwdK<T> k;
   k.grad = simt::make_gptr(bp.grad, bp.T, "grad_loss");
   k.lse = simt::make_gptr(bp.lse, bp.T, "lse");
-  k.x = simt::make_gptr(static_cast<const T*>(bp.x), bp.T * bp.d, "x");
-  k.w = simt::make_gptr(static_cast<const T*>(bp.w), bp.V * bp.d, "weight");
+  k.x = simt::make_gptr(static_cast<const T*>(bp.x), bp.T * bp.x_row_stride, "x");
+  k.w = simt::make_gptr(static_cast<const T*>(bp.w), bp.V * bp.w_row_stride, "weight");
   k.b = simt::make_gptr(static_cast<const T*>(bp.b), bp.b ? bp.V : 0, "bias");
   k.target = simt::make_gptr(bp.target, bp.T, "target");
-  k.dx = simt::make_gptr(bp.dx32, bp.T * bp.d, "dx (fp32)");
-  k.dw = simt::make_gptr(bp.dw32, bp.V * bp.d, "dweight (fp32)");
+  k.dx = simt::make_gptr(bp.dx32, bp.T * bp.dx_row_stride, "dx (fp32)");
+  k.dw = simt::make_gptr(bp.dw32, bp.V * bp.dw_row_stride, "dweight (fp32)");
   k.db = simt::make_gptr(bp.db32, bp.db32 ? bp.V : 0, "dbias (fp32)");
   k.cw = simt::make_gptr(bp.cw, bp.cw ? bp.V : 0, "class_weight (fp32)");
   k.wsum = simt::make_gptr(bp.wsum, bp.wsum ? 1 : 0, "class_weight sum");
   k.has_cw = bp.cw != nullptr;
-  k.T_ = bp.T; k.d = bp.d; k.V = bp.V; k.ignore_index = bp.ignore_index;
+  k.tokens = bp.T; k.d = bp.d; k.V = bp.V; k.ignore_index = bp.ignore_index;
+  k.x_row_stride = bp.x_row_stride; k.w_row_stride = bp.w_row_stride;
+  k.dx_row_stride = bp.dx_row_stride; k.dw_row_stride = bp.dw_row_stride;
   k.eps = bp.eps; k.z_loss = bp.z_loss; k.softcap = bp.softcap; k.filter = bp.filter;
   k.has_bias = bp.b != nullptr;
   return k;
@@ -448,15 +453,6 @@ ConvK<T> make_conv(const float* in, void* out, int64_t n, const char* name) {
   k.out = simt::make_gptr(static_cast<T*>(out), n, name);
   k.n = n;
   return k;
-}
-
-template <class F>
-void dtype_dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f.template operator()<float>(); break;
-    case DType::F16: f.template operator()<simt::f16>(); break;
-    case DType::BF16: f.template operator()<simt::bf16>(); break;
-  }
 }
 
 }  // namespace lt::lce

@@ -4,11 +4,9 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cuda/hadamard/hadamard_params.h"
+#include "cuda/common/dtype.h"
 
 namespace lt::lce {
-
-using hadamard::DType;
 
 // Tile sizes shared by the kernels (lce_kernel.cuh) and the host-side planning below.
 constexpr int kBM = 64;        // rows of x per block
@@ -18,8 +16,8 @@ constexpr int kThreads = 256;  // 8 warps
 constexpr int kStatW = 4;      // partial state per (split, row): max, sum exp(z - max), z[target], sum z
 
 struct FwdParams {
-  const void* x = nullptr;          // [T, d] contiguous, dtype
-  const void* w = nullptr;          // [V, d] contiguous, dtype
+  const void* x = nullptr;          // [T, d], rows x_row_stride apart, unit inner stride, dtype
+  const void* w = nullptr;          // [V, d], rows w_row_stride apart, unit inner stride, dtype
   const void* b = nullptr;          // [V] or nullptr
   const int64_t* target = nullptr;  // [T]
   float* part = nullptr;            // [nsplit, T, kStatW] fp32 scratch
@@ -30,6 +28,7 @@ struct FwdParams {
   const float* cw = nullptr;        // [V] fp32 class weights or nullptr
   const float* wsum = nullptr;      // [1] their sum (device scalar) or nullptr
   int64_t T = 0, d = 0, V = 0, ignore_index = -100;
+  int64_t x_row_stride = 0, w_row_stride = 0;  // elements
   float eps = 0, z_loss = 0, softcap = 0;
   int64_t nsplit = 1, tiles_per_split = 1;  // vocabulary splits of the forward grid
   DType dtype = DType::F32;
@@ -37,20 +36,21 @@ struct FwdParams {
 
 struct BwdParams {
   const float* grad = nullptr;      // [T] dL/dloss_t
-  const void* x = nullptr;          // [T, d]
-  const void* w = nullptr;          // [V, d]
+  const void* x = nullptr;          // [T, d], rows x_row_stride apart (as in FwdParams)
+  const void* w = nullptr;          // [V, d], rows w_row_stride apart
   const void* b = nullptr;          // [V] or nullptr
   const int64_t* target = nullptr;  // [T]
   const float* lse = nullptr;       // [T]
   const float* cw = nullptr;        // [V] fp32 class weights or nullptr
   const float* wsum = nullptr;      // [1] their sum (device scalar) or nullptr
-  float* dx32 = nullptr;            // [T, d] fp32 accumulator (zeroed; == dx for fp32 inputs)
-  float* dw32 = nullptr;            // [V, d] fp32 accumulator (zeroed; == dw for fp32 inputs)
+  float* dx32 = nullptr;            // [T, d] fp32 accumulator, rows dx_row_stride apart (zeroed; == dx for fp32)
+  float* dw32 = nullptr;            // [V, d] fp32 accumulator, rows dw_row_stride apart (zeroed; == dw for fp32)
   float* db32 = nullptr;            // [V] fp32 accumulator (zeroed) or nullptr without bias
   void* dx = nullptr;               // [T, d] dtype output (converted from dx32 unless fp32)
   void* dw = nullptr;               // [V, d]
   void* db = nullptr;               // [V] or nullptr
   int64_t T = 0, d = 0, V = 0, ignore_index = -100;
+  int64_t x_row_stride = 0, w_row_stride = 0, dx_row_stride = 0, dw_row_stride = 0;  // elements
   float eps = 0, z_loss = 0, softcap = 0, filter = 0;
   DType dtype = DType::F32;
 };

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "common/quant_host.h"
+#include "cuda/common/torch_glue.h"
 #include "cuda/hadamard/hadamard_device_op.h"
 #include "cuda/quant/quant_params.h"
 
@@ -23,26 +24,21 @@ struct DeviceOut {
   at::Tensor y, codes, scales, zeros;
 };
 
-template <class Launch>
+// Fills the params and calls launch(QuantParams) for the forward modes (Fake, Codes), or
+// launch(QuantBwdParams) with `grad` for the backward (Mask).
+template <bool kBackward, class Launch>
 void run_quant_device(const char* op, const Args& a, const at::Tensor& x, const at::Tensor& grad, KMode mode,
                       DeviceOut& o, Launch&& launch) {
   const size_t smem = static_cast<size_t>(a.n + 2 * a.ngroups) * sizeof(float);
   LT_CHECK(op, smem <= 227 * 1024, "the GPU kernel keeps a row and its group scales in shared memory: n=", a.n,
            " with ", a.ngroups, " groups needs ", smem, " bytes (> 227 KiB); use a larger group_size");
   const at::Tensor rows = [&] { at::Tensor r = x.reshape({-1, a.n}); return r.stride(1) == 1 ? r : r.contiguous(); }();
-  at::Tensor grows;
-  if (grad.defined()) { grows = grad.reshape({-1, a.n}); if (grows.stride(1) != 1) grows = grows.contiguous(); }
   QuantParams qp;
   qp.x = rows.data_ptr();
   qp.rows = rows.size(0);
   qp.n = a.n;
   qp.x_row_stride = rows.stride(0);
   qp.x_span = (qp.rows - 1) * qp.x_row_stride + qp.n;
-  if (grows.defined()) {
-    qp.g = grows.data_ptr();
-    qp.g_row_stride = grows.stride(0);
-    qp.g_span = (qp.rows - 1) * qp.g_row_stride + qp.n;
-  }
   at::Tensor hb;
   if (a.rotate && a.hplan.m > 1) {
     hb = hadamard::sign_table(a.hplan.m, /*transpose=*/false, x.device());
@@ -59,8 +55,7 @@ void run_quant_device(const char* op, const Args& a, const at::Tensor& x, const 
   qp.rscale = static_cast<float>(a.rscale);
   qp.cfg = a.cfg;
   qp.mode = mode;
-  qp.dtype = x.scalar_type() == at::kFloat ? hadamard::DType::F32
-             : x.scalar_type() == at::kHalf ? hadamard::DType::F16 : hadamard::DType::BF16;
+  qp.dtype = to_dtype(x);
   qp.chunk = chunk_for(a);
   if (mode == KMode::Codes) {
     qp.codes = o.codes.data_ptr();
@@ -73,7 +68,18 @@ void run_quant_device(const char* op, const Args& a, const at::Tensor& x, const 
   auto aligned = [&](const void* p) { return reinterpret_cast<uintptr_t>(p) % align == 0; };
   qp.vec_ok = aligned(qp.x) && (qp.x_row_stride * es) % align == 0 && (qp.n * es) % align == 0 &&
               (qp.y == nullptr || aligned(qp.y));
-  launch(qp);
+  if constexpr (kBackward) {
+    at::Tensor grows = grad.reshape({-1, a.n});
+    if (grows.stride(1) != 1) grows = grows.contiguous();
+    QuantBwdParams bp;
+    static_cast<QuantParams&>(bp) = qp;
+    bp.grad = grows.data_ptr();
+    bp.grad_row_stride = grows.stride(0);
+    bp.grad_span = (bp.rows - 1) * bp.grad_row_stride + bp.n;
+    launch(bp);
+  } else {
+    launch(qp);
+  }
 }
 
 template <class Launch>
@@ -82,7 +88,7 @@ at::Tensor fake_quant_device(const at::Tensor& x, int64_t bits, const std::strin
   const Args a = check_args("rotate_fake_quant", x, bits, gran, gsize, sym, clip, rotate, hsize, ste, false);
   DeviceOut o;
   o.y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (x.numel()) run_quant_device("rotate_fake_quant", a, x, at::Tensor(), KMode::Fake, o, launch);
+  if (x.numel()) run_quant_device<false>("rotate_fake_quant", a, x, at::Tensor(), KMode::Fake, o, launch);
   return o.y;
 }
 
@@ -99,7 +105,7 @@ at::Tensor fake_quant_backward_device(const at::Tensor& grad, const at::Tensor& 
       [&] {
         DeviceOut o;
         o.y = at::empty(x.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
-        run_quant_device(op, a, x, grad, KMode::Mask, o, launch);
+        run_quant_device<true>(op, a, x, grad, KMode::Mask, o, launch);
         return o.y;
       },
       hadamard_bwd_op);
@@ -115,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_device(const at::Tensor&
   o.codes = at::empty(x.sizes(), x.options().dtype(sym ? at::kChar : at::kByte));
   o.scales = group_shape_empty(x, a);
   o.zeros = group_shape_empty(x, a);
-  if (x.numel()) run_quant_device("rotate_quantize", a, x, at::Tensor(), KMode::Codes, o, launch);
+  if (x.numel()) run_quant_device<false>("rotate_quantize", a, x, at::Tensor(), KMode::Codes, o, launch);
   return {o.codes, o.scales, o.zeros};
 }
 

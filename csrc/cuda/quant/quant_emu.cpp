@@ -3,44 +3,42 @@
 
 #include <string>
 
+#include "cuda/common/emu_glue.h"
 #include "cuda/quant/quant_device_op.h"
 #include "cuda/quant/quant_kernel.cuh"
 
 namespace lt::quant {
 namespace {
 
-void launch_emu(const QuantParams& qp) {
-  const hadamard::LaunchCfg cfg = quant_launch_config(qp, int64_t(1) << 20);
-  quant_dispatch(qp, [&]<class T, int E>() {
-    const QKParams<T> k = make_qkparams<T>(qp);
-    const std::string name = "quant_kernel<E=" + std::to_string(E) + ", mode=" + std::to_string(int(qp.mode)) + ">";
-    try {
-      emu::launch(name.c_str(), cfg.grid, cfg.block, cfg.smem, [&k] { quant_body<T, E>(k); });
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "longtune_emu: ", e.what());
-    }
-  });
-}
-
-void check_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), "longtune_emu: the emulator runs on CPU tensors, got ", x.device());
+// The `launch` callable of the device-op templates, running the kernel on the emulator.
+auto emu_launcher(const char* op) {
+  return [op](const auto& qp) {  // QuantParams or QuantBwdParams
+    const LaunchCfg cfg = quant_launch_config(qp, kMaxGridX);
+    quant_dispatch(qp, [&]<class T, int E>() {
+      const QKParams<T> k = make_qkparams<T>(qp);
+      const std::string name = "quant_kernel<E=" + std::to_string(E) + ", mode=" + std::to_string(int(qp.mode)) + ">";
+      emu_launch(op, name.c_str(), cfg, [&k] { quant_body<T, E>(k); });
+    });
+  };
 }
 
 at::Tensor fwd(const at::Tensor& x, int64_t bits, c10::string_view gran, int64_t gs, bool sym, double clip,
                bool rot, int64_t hs, c10::string_view ste) {
-  check_cpu(x);
-  return fake_quant_device(x, bits, std::string(gran), gs, sym, clip, rot, hs, std::string(ste), launch_emu);
+  check_emu_input("rotate_fake_quant", x);
+  return fake_quant_device(x, bits, std::string(gran), gs, sym, clip, rot, hs, std::string(ste),
+                           emu_launcher("rotate_fake_quant"));
 }
 at::Tensor bwd(const at::Tensor& g, const at::Tensor& x, int64_t bits, c10::string_view gran, int64_t gs, bool sym,
                double clip, bool rot, int64_t hs, c10::string_view ste) {
-  check_cpu(x);
+  check_emu_input("rotate_fake_quant_backward", x);
   return fake_quant_backward_device(g, x, bits, std::string(gran), gs, sym, clip, rot, hs, std::string(ste),
-                                    "longtune_emu::hadamard_transform_backward", launch_emu);
+                                    "longtune_emu::hadamard_transform_backward",
+                                    emu_launcher("rotate_fake_quant_backward"));
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> codes(const at::Tensor& x, int64_t bits, c10::string_view gran,
                                                      int64_t gs, bool sym, double clip, bool rot, int64_t hs) {
-  check_cpu(x);
-  return quantize_device(x, bits, std::string(gran), gs, sym, clip, rot, hs, launch_emu);
+  check_emu_input("rotate_quantize", x);
+  return quantize_device(x, bits, std::string(gran), gs, sym, clip, rot, hs, emu_launcher("rotate_quantize"));
 }
 
 }  // namespace

@@ -17,13 +17,13 @@ namespace lt::quant {
 
 template <class T>
 struct QKParams {
-  simt::gptr<const T> x, g;
+  simt::gptr<const T> x, grad;
   simt::gptr<T> y;
   simt::gptr<int8_t> codes_s;
   simt::gptr<uint8_t> codes_u;
   simt::gptr<float> scales, zeros;
   simt::gptr<const uint32_t> hbits;
-  int64_t rows, n, xs, gs, h, group, ngroups;
+  int64_t rows, n, x_row_stride, grad_row_stride, h, group, ngroups;
   int32_t m, log2p, hwords;
   bool rotate, vec_ok;
   float rscale;
@@ -55,7 +55,7 @@ LT_DEV void quant_body(const QKParams<T>& p) {
       const int64_t j = it * nthreads + tid;
       const bool valid = j < chunks;
       float v[E];
-      if (valid) hadamard::load_elems<E>(p.x, row * p.xs + j * E, p.vec_ok, v);
+      if (valid) hadamard::load_elems<E>(p.x, row * p.x_row_stride + j * E, p.vec_ok, v);
       else { LT_UNROLL for (int i = 0; i < E; ++i) v[i] = 0.f; }
       if (p.rotate) {
         hadamard::butterflies_in_registers<E>(v);
@@ -114,7 +114,7 @@ LT_DEV void quant_body(const QKParams<T>& p) {
         if (p.mode == KMode::Fake) {
           out[i] = dequant(gp, code(p.cfg, gp, v));
         } else if (p.mode == KMode::Mask) {
-          out[i] = in_range(p.cfg, gp, v) ? simt::to_float(p.g[row * p.gs + idx]) : 0.f;
+          out[i] = in_range(p.cfg, gp, v) ? simt::to_float(p.grad[row * p.grad_row_stride + idx]) : 0.f;
         } else {
           out[i] = code(p.cfg, gp, v);
         }
@@ -133,8 +133,8 @@ LT_DEV void quant_body(const QKParams<T>& p) {
 }
 
 // ---------------------------------------------------------------- host-side planning
-inline hadamard::LaunchCfg quant_launch_config(const QuantParams& qp, int64_t max_grid) {
-  hadamard::LaunchCfg c;
+inline LaunchCfg quant_launch_config(const QuantParams& qp, int64_t max_grid) {
+  LaunchCfg c;
   const int64_t chunks = qp.n / qp.chunk;
   c.block = {static_cast<uint32_t>(std::min<int64_t>(hadamard::kBlockThreads, ((chunks + 31) / 32) * 32)), 1, 1};
   c.grid = {static_cast<uint32_t>(std::min<int64_t>(qp.rows, max_grid)), 1, 1};
@@ -146,7 +146,7 @@ template <class T>
 QKParams<T> make_qkparams(const QuantParams& qp) {
   QKParams<T> k;
   k.x = simt::make_gptr(static_cast<const T*>(qp.x), qp.x_span, "x");
-  k.g = simt::make_gptr(static_cast<const T*>(qp.g), qp.g ? qp.g_span : 0, "grad");
+  k.grad = simt::make_gptr(static_cast<const T*>(nullptr), 0, "grad");
   const int64_t out_n = qp.rows * qp.n;
   k.y = simt::make_gptr(static_cast<T*>(qp.y), qp.y ? out_n : 0, "y");
   k.codes_s = simt::make_gptr(static_cast<int8_t*>(qp.codes), qp.codes ? out_n : 0, "codes");
@@ -154,28 +154,25 @@ QKParams<T> make_qkparams(const QuantParams& qp) {
   k.scales = simt::make_gptr(qp.scales, qp.scales ? qp.rows * qp.ngroups : 0, "scales");
   k.zeros = simt::make_gptr(qp.zeros, qp.zeros ? qp.rows * qp.ngroups : 0, "zeros");
   k.hbits = simt::make_gptr(qp.hbits, qp.hbits_span, "hbits");
-  k.rows = qp.rows; k.n = qp.n; k.xs = qp.x_row_stride; k.gs = qp.g_row_stride;
+  k.rows = qp.rows; k.n = qp.n; k.x_row_stride = qp.x_row_stride; k.grad_row_stride = 0;
   k.h = qp.h; k.group = qp.group; k.ngroups = qp.ngroups;
   k.m = qp.m; k.log2p = qp.log2p; k.hwords = qp.hwords;
   k.rotate = qp.rotate; k.vec_ok = qp.vec_ok; k.rscale = qp.rscale; k.cfg = qp.cfg; k.mode = qp.mode;
   return k;
 }
 
+template <class T>
+QKParams<T> make_qkparams(const QuantBwdParams& bp) {
+  QKParams<T> k = make_qkparams<T>(static_cast<const QuantParams&>(bp));
+  k.grad = simt::make_gptr(static_cast<const T*>(bp.grad), bp.grad_span, "grad");
+  k.grad_row_stride = bp.grad_row_stride;
+  return k;
+}
+
+// Calls f.template operator()<T, E>() for the storage type and chunk width of qp.
 template <class F>
 void quant_dispatch(const QuantParams& qp, F&& f) {
-  auto by_e = [&]<class T>() {
-    switch (qp.chunk) {
-      case 1: f.template operator()<T, 1>(); break;
-      case 2: f.template operator()<T, 2>(); break;
-      case 4: f.template operator()<T, 4>(); break;
-      default: f.template operator()<T, 8>(); break;
-    }
-  };
-  switch (qp.dtype) {
-    case hadamard::DType::F32: by_e.template operator()<float>(); break;
-    case hadamard::DType::F16: by_e.template operator()<simt::f16>(); break;
-    case hadamard::DType::BF16: by_e.template operator()<simt::bf16>(); break;
-  }
+  dispatch_dtype_chunk(qp.dtype, qp.chunk, f);
 }
 
 }  // namespace lt::quant

@@ -1,6 +1,5 @@
 // nvcc launch file of the rotated-quantization kernels.
-#include <cuda_runtime.h>
-
+#include "cuda/common/cuda_launch.cuh"
 #include "cuda/quant/quant_kernel.cuh"
 
 namespace lt::quant {
@@ -10,19 +9,19 @@ __global__ void __launch_bounds__(hadamard::kBlockThreads) quant_kernel(QKParams
   quant_body<T, E>(p);
 }
 
-const char* launch_quant_cuda(const QuantParams& qp, void* stream) {
-  const hadamard::LaunchCfg cfg = quant_launch_config(qp, int64_t(1) << 20);
+namespace {
+template <class Params>
+const char* launch(const Params& qp, void* stream) {
+  const LaunchCfg cfg = quant_launch_config(qp, kMaxGridX);
   cudaError_t err = cudaSuccess;
   quant_dispatch(qp, [&]<class T, int E>() {
-    auto* kernel = &quant_kernel<T, E>;
-    if (cfg.smem > 48 * 1024) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem));
-      if (err != cudaSuccess) return;
-    }
-    kernel<<<dim3(cfg.grid.x), dim3(cfg.block.x), cfg.smem, static_cast<cudaStream_t>(stream)>>>(make_qkparams<T>(qp));
-    err = cudaGetLastError();
+    err = launch_kernel(&quant_kernel<T, E>, cfg, stream, make_qkparams<T>(qp));
   });
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return launch_error(err);
 }
+}  // namespace
+
+const char* launch_quant_cuda(const QuantParams& qp, void* stream) { return launch(qp, stream); }
+const char* launch_quant_bwd_cuda(const QuantBwdParams& bp, void* stream) { return launch(bp, stream); }
 
 }  // namespace lt::quant

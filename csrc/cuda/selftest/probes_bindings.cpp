@@ -1,9 +1,9 @@
 // CUDA registration of the self-test probes: runs them on the real GPU so gpu-check can compare
 // the hardware's fragments with the emulator's.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/common/cuda_glue.h"
 #include "cuda/selftest/probes_host.h"
 
 namespace lt::selftest {
@@ -11,8 +11,7 @@ namespace {
 auto cuda_runner(const at::Tensor& t) {
   return [dev = t.device()](Probe which, const ProbeArgs& a) {
     const c10::cuda::CUDAGuard guard(dev);
-    const char* err = probe_cuda(which, a, at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "longtune_test probe: CUDA launch failed: ", err ? err : "");
+    check_cuda_launch("probe", probe_cuda(which, a, current_cuda_stream()), "longtune_test");
   };
 }
 at::Tensor mma(const at::Tensor& in, int64_t kind) { return mma_probe_op(in, kind, cuda_runner(in)); }

@@ -2,56 +2,47 @@
 // longtune_test::* (CPU) and the deliberately wrong kernels as longtune_emu::faulty_kernel.
 #include <torch/library.h>
 
-#include <string>
-
+#include "cuda/common/emu_glue.h"
 #include "cuda/selftest/probes.cuh"
 #include "cuda/selftest/probes_host.h"
 
 namespace lt::selftest {
 
-const char* probe_emu(Probe which, const ProbeArgs& a) {
-  static thread_local std::string err;
-  try {
-    switch (which) {
-      case Probe::Mma: {
-        const MmaProbe p{simt::make_gptr(static_cast<const uint32_t*>(a.in), 320, "in"),
-                         simt::make_gptr(static_cast<float*>(a.out), 128, "out"), static_cast<MmaKind>(a.kind)};
-        emu::launch("mma_probe", {1, 1, 1}, {32, 1, 1}, 0, [&p] { mma_probe(p); });
-        break;
-      }
-      case Probe::Ldmatrix: {
-        const LdmatrixProbe p{simt::make_gptr(static_cast<const uint16_t*>(a.in), a.elems, "tile"),
-                              simt::make_gptr(static_cast<const int32_t*>(a.arg), 32, "rows"),
-                              simt::make_gptr(static_cast<uint32_t*>(a.out), 128, "out"), a.elems, a.nmat, a.trans};
-        emu::launch("ldmatrix_probe", {1, 1, 1}, {32, 1, 1}, size_t(a.elems) * 2, [&p] { ldmatrix_probe(p); });
-        break;
-      }
-      case Probe::Shfl: {
-        const ShflProbe p{simt::make_gptr(static_cast<const int32_t*>(a.in), 32, "values"),
-                          simt::make_gptr(static_cast<const int32_t*>(a.arg), 32, "arg"),
-                          simt::make_gptr(static_cast<int32_t*>(a.out), 32, "out"), static_cast<ShflKind>(a.kind), a.width};
-        emu::launch("shfl_probe", {1, 1, 1}, {32, 1, 1}, 0, [&p] { shfl_probe(p); });
-        break;
-      }
+constexpr const char* kNs = "longtune_test";  // the probes' op namespace
+
+void probe_emu(Probe which, const ProbeArgs& a) {
+  switch (which) {
+    case Probe::Mma: {
+      const MmaProbe p{simt::make_gptr(static_cast<const uint32_t*>(a.in), 320, "in"),
+                       simt::make_gptr(static_cast<float*>(a.out), 128, "out"), static_cast<MmaKind>(a.kind)};
+      emu_launch("mma_probe", "mma_probe", {1, 1, 1}, {32, 1, 1}, 0, [&p] { mma_probe(p); }, kNs);
+      break;
     }
-  } catch (const std::exception& e) {
-    err = e.what();
-    return err.c_str();
+    case Probe::Ldmatrix: {
+      const LdmatrixProbe p{simt::make_gptr(static_cast<const uint16_t*>(a.in), a.elems, "tile"),
+                            simt::make_gptr(static_cast<const int32_t*>(a.arg), 32, "rows"),
+                            simt::make_gptr(static_cast<uint32_t*>(a.out), 128, "out"), a.elems, a.nmat, a.trans};
+      emu_launch("ldmatrix_probe", "ldmatrix_probe", {1, 1, 1}, {32, 1, 1}, size_t(a.elems) * 2,
+                 [&p] { ldmatrix_probe(p); }, kNs);
+      break;
+    }
+    case Probe::Shfl: {
+      const ShflProbe p{simt::make_gptr(static_cast<const int32_t*>(a.in), 32, "values"),
+                        simt::make_gptr(static_cast<const int32_t*>(a.arg), 32, "arg"),
+                        simt::make_gptr(static_cast<int32_t*>(a.out), 32, "out"), static_cast<ShflKind>(a.kind), a.width};
+      emu_launch("shfl_probe", "shfl_probe", {1, 1, 1}, {32, 1, 1}, 0, [&p] { shfl_probe(p); }, kNs);
+      break;
+    }
   }
-  return nullptr;
 }
 
 namespace {
-void emu_run(Probe which, const ProbeArgs& a) {
-  const char* err = probe_emu(which, a);
-  TORCH_CHECK(err == nullptr, err ? err : "");
-}
-at::Tensor mma(const at::Tensor& in, int64_t kind) { return mma_probe_op(in, kind, emu_run); }
+at::Tensor mma(const at::Tensor& in, int64_t kind) { return mma_probe_op(in, kind, probe_emu); }
 at::Tensor ldm(const at::Tensor& tile, const at::Tensor& rows, int64_t nmat, bool trans) {
-  return ldmatrix_probe_op(tile, rows, nmat, trans, emu_run);
+  return ldmatrix_probe_op(tile, rows, nmat, trans, probe_emu);
 }
 at::Tensor shfl(const at::Tensor& v, const at::Tensor& arg, int64_t kind, int64_t width) {
-  return shfl_probe_op(v, arg, kind, width, emu_run);
+  return shfl_probe_op(v, arg, kind, width, probe_emu);
 }
 
 // faulty_kernel(x float [threads], which) -> float [threads]; raises with the emulator's report
@@ -64,12 +55,8 @@ at::Tensor faulty(const at::Tensor& x, int64_t which) {
   const int64_t nt = x.numel();
   const FaultyParams p{simt::make_gptr(x.data_ptr<float>(), nt, "x"), simt::make_gptr(y.data_ptr<float>(), nt, "y"),
                        static_cast<Faulty>(which)};
-  try {
-    emu::launch("faulty_kernel", {1, 1, 1}, {static_cast<uint32_t>(nt), 1, 1}, size_t(nt) * sizeof(float),
-                [&p] { faulty_body(p); });
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, e.what());
-  }
+  emu_launch("faulty_kernel", "faulty_kernel", {1, 1, 1}, {static_cast<uint32_t>(nt), 1, 1}, size_t(nt) * sizeof(float),
+             [&p] { faulty_body(p); });
   return y;
 }
 }  // namespace

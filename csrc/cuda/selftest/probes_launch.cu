@@ -1,6 +1,5 @@
 // nvcc launchers of the self-test probes (the faulty kernels are emulator-only).
-#include <cuda_runtime.h>
-
+#include "cuda/common/cuda_launch.cuh"
 #include "cuda/selftest/probes.cuh"
 #include "cuda/selftest/probes_params.h"
 
@@ -27,8 +26,7 @@ const char* probe_cuda(Probe which, const ProbeArgs& a, void* stream_ptr) {
                                                         static_cast<int32_t*>(a.out), static_cast<ShflKind>(a.kind), a.width});
       break;
   }
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return launch_error(cudaGetLastError());
 }
 
 }  // namespace lt::selftest

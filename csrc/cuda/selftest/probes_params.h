@@ -1,6 +1,7 @@
 // Raw-pointer entry points of the self-test kernels (no torch, no CUDA types). Pointers are
-// device pointers for the *_cuda launchers (probes_launch.cu) and host pointers for the emulator
-// ones (probes_emu.cpp). Each returns nullptr on success, else an error message.
+// device pointers for the CUDA launcher (probes_launch.cu), which returns nullptr on success, else
+// the CUDA error string, and host pointers for the emulator one (probes_emu.cpp), which raises the
+// emulator's report as a torch error.
 #pragma once
 #include <cstdint>
 
@@ -20,6 +21,6 @@ struct ProbeArgs {
 enum class Probe : int32_t { Mma = 0, Ldmatrix = 1, Shfl = 2 };
 
 const char* probe_cuda(Probe which, const ProbeArgs& a, void* stream);
-const char* probe_emu(Probe which, const ProbeArgs& a);
+void probe_emu(Probe which, const ProbeArgs& a);
 
 }  // namespace lt::selftest

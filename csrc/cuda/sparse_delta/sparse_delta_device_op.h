@@ -4,6 +4,7 @@
 
 #include "common/sparse_adamw_host.h"
 #include "common/sparse_delta_host.h"
+#include "cuda/common/torch_glue.h"
 #include "cuda/sparse_delta/sparse_delta_params.h"
 
 namespace lt::sparse_delta {
@@ -18,16 +19,17 @@ at::Tensor sparse_delta_grad_device(const at::Tensor& grad_out, const at::Tensor
     const at::Tensor gt = grad_out.reshape({a.T, a.out}).t().contiguous();
     const at::Tensor xt = x.reshape({a.T, a.in}).t().contiguous();
     GradParams gp;
-    gp.gt = gt.data_ptr();
-    gp.xt = xt.data_ptr();
+    gp.grad_out_t = gt.data_ptr();
+    gp.x_t = xt.data_ptr();
     gp.idx = a.idx.data_ptr<int64_t>();
     gp.out = out.data_ptr<float>();
-    gp.T = a.T;
+    gp.tokens = a.T;
+    gp.grad_out_t_row_stride = a.T;  // gt, xt are contiguous
+    gp.x_t_row_stride = a.T;
     gp.out_features = a.out;
     gp.in_features = a.in;
     gp.K = a.K;
-    gp.dtype = grad_out.scalar_type() == at::kFloat ? hadamard::DType::F32
-               : grad_out.scalar_type() == at::kHalf ? hadamard::DType::F16 : hadamard::DType::BF16;
+    gp.dtype = to_dtype(grad_out);
     launch(gp);
   }
   return out.to(grad_out.scalar_type());
@@ -48,8 +50,7 @@ void sparse_adamw_device(const at::Tensor& values, const at::Tensor& grad, const
   ap.age = age.data_ptr<int32_t>();
   ap.n = values.numel();
   ap.lr = c.lr; ap.beta1 = c.beta1; ap.beta2 = c.beta2; ap.eps = c.eps; ap.weight_decay = c.weight_decay;
-  ap.dtype = values.scalar_type() == at::kFloat ? hadamard::DType::F32
-             : values.scalar_type() == at::kHalf ? hadamard::DType::F16 : hadamard::DType::BF16;
+  ap.dtype = to_dtype(values);
   launch(ap);
 }
 

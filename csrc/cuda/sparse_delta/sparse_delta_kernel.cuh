@@ -6,7 +6,8 @@
 
 #include "common/simt/simt.h"
 #include "common/sparse_adamw.h"
-#include "cuda/hadamard/hadamard_kernel.cuh"
+#include "cuda/common/dtype.h"
+#include "cuda/common/launch.h"
 #include "cuda/sparse_delta/sparse_delta_params.h"
 
 namespace lt::sparse_delta {
@@ -15,10 +16,11 @@ constexpr int kGradThreads = 256;
 
 template <class T>
 struct GradKParams {
-  simt::gptr<const T> gt, xt;
+  simt::gptr<const T> grad_out_t, x_t;
   simt::gptr<const int64_t> idx;
   simt::gptr<float> out;
-  int64_t tokens, in, K;
+  int64_t tokens, in_features, K;
+  int64_t grad_out_t_row_stride, x_t_row_stride;
 };
 
 template <class T>
@@ -27,10 +29,11 @@ LT_DEV void grad_body(const GradKParams<T>& p) {
   const int64_t warps = int64_t(simt::grid_dim().x) * (simt::block_dim().x / 32);
   for (int64_t k = int64_t(simt::block_idx().x) * (simt::block_dim().x / 32) + simt::warp_id(); k < p.K; k += warps) {
     const int64_t flat = p.idx[k];
-    const int64_t r = flat / p.in, c = flat % p.in;
+    const int64_t r = flat / p.in_features, c = flat % p.in_features;
     float acc = 0.f;
     for (int64_t t = lane; t < p.tokens; t += 32)
-      acc += simt::to_float(p.gt[r * p.tokens + t]) * simt::to_float(p.xt[c * p.tokens + t]);
+      acc += simt::to_float(p.grad_out_t[r * p.grad_out_t_row_stride + t]) *
+             simt::to_float(p.x_t[c * p.x_t_row_stride + t]);
     for (int off = 16; off >= 1; off /= 2) acc += simt::shfl_xor(simt::kFullMask, acc, off);
     if (lane == 0) p.out[k] = acc;
   }
@@ -60,32 +63,33 @@ LT_DEV void adamw_body(const AdamWKParams<T>& p) {
   }
 }
 
-inline hadamard::LaunchCfg adamw_launch_config(int64_t n, int64_t max_grid) {
-  hadamard::LaunchCfg c;
+inline LaunchCfg adamw_launch_config(int64_t n, int64_t max_grid) {
+  LaunchCfg c;
   c.block = {kGradThreads, 1, 1};
-  c.grid = {static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((n + kGradThreads - 1) / kGradThreads, max_grid))), 1, 1};
+  c.grid = {grid_blocks(n, kGradThreads, max_grid), 1, 1};
   return c;
 }
 
-inline hadamard::LaunchCfg grad_launch_config(const GradParams& gp, int64_t max_grid) {
-  hadamard::LaunchCfg c;
-  const int64_t warps_per_block = kGradThreads / 32;
+inline LaunchCfg grad_launch_config(const GradParams& gp, int64_t max_grid) {
+  LaunchCfg c;
   c.block = {kGradThreads, 1, 1};
-  c.grid = {static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((gp.K + warps_per_block - 1) / warps_per_block,
-                                                                         max_grid))), 1, 1};
+  c.grid = {grid_blocks(gp.K, kGradThreads / 32, max_grid), 1, 1};  // a warp per index
   return c;
 }
 
 template <class T>
 GradKParams<T> make_grad_kparams(const GradParams& gp) {
   GradKParams<T> k;
-  k.gt = simt::make_gptr(static_cast<const T*>(gp.gt), gp.out_features * gp.T, "grad_out");
-  k.xt = simt::make_gptr(static_cast<const T*>(gp.xt), gp.in_features * gp.T, "x");
+  k.grad_out_t = simt::make_gptr(static_cast<const T*>(gp.grad_out_t), gp.out_features * gp.grad_out_t_row_stride,
+                                 "grad_out");
+  k.x_t = simt::make_gptr(static_cast<const T*>(gp.x_t), gp.in_features * gp.x_t_row_stride, "x");
   k.idx = simt::make_gptr(gp.idx, gp.K, "indices");
   k.out = simt::make_gptr(gp.out, gp.K, "out");
-  k.tokens = gp.T;
-  k.in = gp.in_features;
+  k.tokens = gp.tokens;
+  k.in_features = gp.in_features;
   k.K = gp.K;
+  k.grad_out_t_row_stride = gp.grad_out_t_row_stride;
+  k.x_t_row_stride = gp.x_t_row_stride;
   return k;
 }
 
@@ -100,20 +104,6 @@ AdamWKParams<T> make_adamw_kparams(const AdamWParams& ap) {
   k.n = ap.n;
   k.cfg = {ap.lr, ap.beta1, ap.beta2, ap.eps, ap.weight_decay};
   return k;
-}
-
-template <class F>
-void dtype_dispatch(hadamard::DType dt, F&& f) {
-  switch (dt) {
-    case hadamard::DType::F32: f.template operator()<float>(); break;
-    case hadamard::DType::F16: f.template operator()<simt::f16>(); break;
-    case hadamard::DType::BF16: f.template operator()<simt::bf16>(); break;
-  }
-}
-
-template <class F>
-void grad_dispatch(const GradParams& gp, F&& f) {
-  dtype_dispatch(gp.dtype, f);
 }
 
 }  // namespace lt::sparse_delta

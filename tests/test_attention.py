@@ -517,6 +517,12 @@ def test_flop_counter_counts_unmasked_pairs_only():
     with FlopCounterMode(display=False) as fc:
         longtune.sparse_attention(q, k, v, s2_group_size=g).sum().backward()
     assert fc.get_total_flops() == 4 * d * pairs + 10 * d * pairs
+    # a head shard counts its own heads: [2, 4) of 4 are both shifted
+    shard = AttentionMask(s2_group_size=g, head_offset=2, total_heads=4)
+    assert count_pairs(n, n, 2, mask=shard) == 2 * int(ref.attention_mask(n, n, shifted=True, s2_group_size=g).sum())
+    with FlopCounterMode(display=False) as fc:
+        longtune.sparse_attention(q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], mask=shard)
+    assert fc.get_total_flops() == 4 * d * count_pairs(n, n, 2, mask=shard)
 
 
 # ------------------------------------------------------------------ bad input
@@ -564,7 +570,8 @@ def test_bad_op_level_mask_arguments():
     for changes, match in [({2: 3, 3: 1}, "s2_group_size must be an even number"), ({2: 4, 3: 0}, "needs s2_mode"),
                            ({3: 7}, "s2_mode must be 0"), ({1: 2}, "causal must be 0 or 1"),
                            ({4: 0}, r"window \(left\) must be >= 1"), ({6: -1}, "n_global must be >= 0"),
-                           ({9: 1}, "head_offset=1 needs total_heads"), ({9: 3, 10: 4}, r"must lie within total_heads=4"),
+                           ({9: 1}, "head_offset=1 needs total_heads"),
+                           ({9: 3, 10: 4}, r"must lie within total_heads=4"),
                            ({2: 4, 3: 2, 8: 2}, "takes no window, n_global or offsets"),
                            ({0: 2}, "version 1"), ({11: 0}, "11-integer encoding")]:
         bad = list(enc) + ([0] if 11 in changes else [])

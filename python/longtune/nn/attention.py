@@ -33,7 +33,7 @@ def check_s2_options(caller: str, group_size_ratio: float, mode: str, group_size
     try:
         AttentionMask(s2_group_size=2 if group_size is None else group_size, s2_mode=mode)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"{caller}: {e}") from None
+        raise type(e)(f"{caller}: mode={mode!r}, group_size={group_size!r}: {e}") from None
 
 
 def s2_mask(*, training: bool, s2_in_eval: bool, mode: str, group_size: Optional[int], group_size_ratio: float,

@@ -154,7 +154,8 @@ def sparse_attention(q, k, v, *, causal=True, s2_group_size=None, s2_mode="leakf
 
     def one(qs, ks, vs, kpm):
         nq, nk = qs.shape[0], ks.shape[0]
-        masks = [attention_mask(nq, nk, shifted=(head_offset + e >= total // 2), causal=causal, s2_group_size=s2_group_size,
+        masks = [attention_mask(nq, nk, shifted=(head_offset + e >= total // 2), causal=causal,
+                                s2_group_size=s2_group_size,
                                 s2_mode=s2_mode, window=window, n_global=n_global, q_offset=q_offset,
                                 kv_offset=kv_offset, device=q.device) for e in range(h)]
         mask = torch.stack(masks)

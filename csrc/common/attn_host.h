@@ -48,8 +48,7 @@ inline MaskSpec parse_mask(const char* op, at::IntArrayRef enc) {
     LT_CHECK(op, group >= 2 && group % 2 == 0,
              "mask: s2_group_size must be an even number >= 2 (the shift is half a group), got ", group);
   } else {
-    LT_CHECK(op, group == 0, "mask: s2_group_size=", group,
-             " needs s2_mode 'leakfree' or 'longlora_roll' (got 'none')");
+    LT_CHECK(op, group == 0, "mask: s2_group_size=", group, " needs s2_mode 'leakfree' or 'longlora_roll' (got 'none')");
   }
   m.group = group;
   const int64_t wl = enc[kWindowLeft], wr = enc[kWindowRight];

@@ -11,6 +11,7 @@ TORCH_LIBRARY(longtune, m) {
 #define LT_DEF(schema) m.def(schema)
   LT_FOR_EACH_SCHEMA(LT_DEF);
 #undef LT_DEF
+  m.def(LT_SCHEMA_ATTN_MASK_RANGES);
 }
 
 // Self-test ops of the device-intrinsics layer (tests only): one warp's raw mma.sync / ldmatrix /
@@ -20,13 +21,6 @@ TORCH_LIBRARY(longtune_test, m) {
   m.def("mma_probe(Tensor frags, int kind) -> Tensor");
   m.def("ldmatrix_probe(Tensor tile, Tensor rows, int nmat, bool trans) -> Tensor");
   m.def("shfl_probe(Tensor values, Tensor arg, int kind, int width) -> Tensor");
-  // The sparse-attention mask math of csrc/common/attn_mask.h, exposed on the host: per row (cols:
-  // per key column) the <= 2 visible index ranges as (n, 2, 2) int64 [[lo0, hi0], [lo1, hi1]]
-  // (empty ranges are [0, 0]); with tile > 0, the tile ranges touched by rows/cols [i0, i1) as
-  // (2, 2). Used by the FLOP counter (unmasked pairs) and by the mask tests.
-  m.def("attention_mask_ranges(int nq, int nk, int head, int heads, bool causal, int s2_group_size, str s2_mode, "
-        "int window_left, int window_right, int n_global, int q_offset, int kv_offset, bool cols, int i0, int i1, "
-        "int tile) -> Tensor");
 }
 
 // A dummy module init so that `import longtune._C` loads the library (and runs the static

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from longtune import AttentionMask
 from longtune.reference.attention import sparse_attention
 from longtune.testing import assert_within_2x
 
@@ -30,6 +31,8 @@ class Case:
     n_global: int = 0
     q_offset: int = -1
     kv_offset: int = 0
+    head_offset: int = 0           # the local heads are [head_offset, head_offset + H) of total_heads
+    total_heads: int = 0
     pad: list | None = None        # batched: per sequence (left, right) padded keys
     cu_q: list | None = None       # packed: offsets
     cu_k: list | None = None
@@ -74,19 +77,21 @@ def _op_args(c: Case, kpm, device):
         max_q = max(b - a for a, b in zip(c.cu_q, c.cu_q[1:]))
         max_k = max(b - a for a, b in zip(c.cu_k, c.cu_k[1:]))
     scale = c.scale if c.scale is not None else 1.0 / math.sqrt(c.d)
-    return (kpm, cu_q, cu_k, max_q, max_k, scale, c.causal, c.group, c.mode, c.wl, c.wr, c.n_global, c.q_offset,
-            c.kv_offset, c.softcap)
+    return (kpm, cu_q, cu_k, max_q, max_k, scale, case_mask(c).to_list(), c.softcap)
+
+
+def case_mask(c: Case) -> AttentionMask:
+    return AttentionMask(causal=c.causal, s2_group_size=c.group, s2_mode=c.mode, window_left=c.wl,
+                         window_right=c.wr, n_global=c.n_global, q_offset=c.q_offset, kv_offset=c.kv_offset,
+                         head_offset=c.head_offset, total_heads=c.total_heads)
 
 
 def _reference(c: Case, q, k, v, kpm, dtype):
     qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    window = None if c.wl < 0 and c.wr < 0 else (c.wl if c.wl >= 0 else None, c.wr if c.wr >= 0 else None)
     out, lse = sparse_attention(
-        qq, kk, vv, causal=c.causal, s2_group_size=c.group or None, s2_mode=c.mode if c.group else "leakfree",
-        window=window, n_global=c.n_global, softmax_scale=c.scale if c.scale is not None else 1.0 / math.sqrt(c.d),
-        key_padding_mask=kpm, cu_seqlens=c.cu_q, cu_seqlens_k=c.cu_k,
-        q_offset=None if c.q_offset < 0 else c.q_offset, kv_offset=c.kv_offset, softcap=c.softcap or None,
-        return_lse=True)
+        qq, kk, vv, softmax_scale=c.scale if c.scale is not None else 1.0 / math.sqrt(c.d), key_padding_mask=kpm,
+        cu_seqlens=c.cu_q, cu_seqlens_k=c.cu_k, softcap=c.softcap or None, return_lse=True,
+        **case_mask(c).to_keywords())
     return out, lse, (qq, kk, vv)
 
 
@@ -145,6 +150,12 @@ CASES = [
     Case("softcap_lambda_offsets", nq=40, nk=100, q_offset=30, kv_offset=5, wl=24, n_global=2, softcap=2.5),
     Case("softcap_key_padding", nq=70, batch=2, causal=False, pad=[(0, 13), (20, 3)], softcap=2.0),
     Case("softcap_varlen", cu_q=[0, 30, 50, 120], cu_k=[0, 40, 40, 130], nq=0, hq=2, hkv=1, softcap=2.0),
+    # sequence-parallel shards: heads [2, 4) of 4 (both shifted), [1, 3) of 4 (one of each), and a
+    # query shard whose keys start before it (a halo: negative kv_offset, global tokens at [0, n_global))
+    Case("head_offset_shifted", nq=70, hq=2, hkv=2, group=16, mode="leakfree", head_offset=2, total_heads=4),
+    Case("head_offset_gqa_roll", nq=72, hq=2, hkv=1, group=16, mode="longlora_roll", head_offset=1, total_heads=4),
+    Case("halo_negative_kv_offset", nq=40, nk=70, hq=2, hkv=2, group=16, mode="leakfree", kv_offset=-30),
+    Case("halo_window_global", nq=40, nk=100, kv_offset=-20, q_offset=60, wl=24, n_global=3),
 ]
 
 # Larger cases for a real GPU (several tiles per sequence, both tile-range pieces, many blocks).
@@ -162,6 +173,8 @@ GPU_CASES = [
     Case("softcap_gqa_hd128", nq=1000, hq=4, hkv=2, d=128, batch=2, softcap=2.0),
     Case("softcap_s2_varlen", cu_q=[0, 300, 301, 1000], cu_k=[0, 400, 500, 1200], nq=0, hq=4, hkv=2, group=64,
          mode="leakfree", softcap=3.0),
+    Case("head_offset_s2_long", nq=1000, hq=4, hkv=2, group=128, mode="leakfree", head_offset=6, total_heads=16),
+    Case("halo_s2_long", nq=1024, nk=1536, hq=4, hkv=4, group=256, mode="leakfree", kv_offset=-512),
 ]
 
 BAD_DTYPE_MSG = "float16 or bfloat16"

@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import longtune
-from longtune.ops.attention import count_pairs, mask_args
+from longtune import AttentionMask
+from longtune.ops.attention import count_pairs
 from longtune.reference import attention as ref
 from longtune.testing import assert_within_2x
 
 from .attention_cases import HEADS, MASKS, make_qkv
 
-RANGES = torch.ops.longtune_test.attention_mask_ranges
+RANGES = torch.ops.longtune.attention_mask_ranges
 
 
 # ------------------------------------------------------------------ mask / tile math
@@ -32,6 +33,9 @@ def _dense_from_ranges(r, n_other):
 # op's refusal of them is tested in test_roll_mode_needs_square_attention)
 MASK_GRID = [(nq, nk, kw) for (_, kw) in MASKS for (nq, nk) in [(37, 37), (16, 16), (5, 23), (23, 5), (70, 70)]
              if nq == nk or kw.get("s2_mode") != "longlora_roll"]
+MASK_GRID += [(40, 40, dict(s2_group_size=16, kv_offset=-5)), (20, 30, dict(window=4, n_global=3, kv_offset=-6)),
+              (12, 30, dict(s2_group_size=8, kv_offset=-7, q_offset=9)), (25, 25, dict(n_global=40, window=2,
+                                                                                      kv_offset=-20))]
 MASK_GRID += [(40, 40, dict(s2_group_size=16, kv_offset=7)), (12, 30, dict(window=4, n_global=3, kv_offset=2)),
               (20, 30, dict(q_offset=3)), (20, 20, dict(s2_group_size=64)), (20, 20, dict(s2_group_size=64,
                                                                                           s2_mode="longlora_roll"))]
@@ -40,10 +44,10 @@ MASK_GRID += [(40, 40, dict(s2_group_size=16, kv_offset=7)), (12, 30, dict(windo
 @pytest.mark.parametrize("nq,nk,kw", MASK_GRID)
 @pytest.mark.parametrize("head", [0, 3])
 def test_mask_ranges_equal_dense_reference(nq, nk, kw, head):
-    args = mask_args(**kw)
+    enc = AttentionMask.from_keywords(**kw).to_list()
     dense = ref.attention_mask(nq, nk, shifted=head >= 2, **kw)
-    rows = RANGES(nq, nk, head, 4, *args, False, 0, 0, 0)
-    cols = RANGES(nq, nk, head, 4, *args, True, 0, 0, 0)
+    rows = RANGES(nq, nk, head, 4, enc, False, 0, 0, 0)
+    cols = RANGES(nq, nk, head, 4, enc, True, 0, 0, 0)
     assert torch.equal(_dense_from_ranges(rows, nk), dense)
     assert torch.equal(_dense_from_ranges(cols, nq), dense.T)
     # ranges are disjoint and sorted
@@ -53,7 +57,7 @@ def test_mask_ranges_equal_dense_reference(nq, nk, kw, head):
 @pytest.mark.parametrize("nq,nk,kw", MASK_GRID[::3])
 @pytest.mark.parametrize("tile", [4, 7, 16])
 def test_tile_ranges_are_exactly_the_nonempty_tiles(nq, nk, kw, tile):
-    args = mask_args(**kw)
+    enc = AttentionMask.from_keywords(**kw).to_list()
     for head in (0, 3):
         dense = ref.attention_mask(nq, nk, shifted=head >= 2, **kw)
         for cols in (False, True):
@@ -62,7 +66,7 @@ def test_tile_ranges_are_exactly_the_nonempty_tiles(nq, nk, kw, tile):
             for i0 in range(0, n, tile):
                 blk = m[i0:i0 + tile]
                 want = {t for t in range(math.ceil(n_other / tile)) if blk[:, t * tile:(t + 1) * tile].any()}
-                r = RANGES(nq, nk, head, 4, *args, cols, i0, min(n, i0 + tile), tile)
+                r = RANGES(nq, nk, head, 4, enc, cols, i0, min(n, i0 + tile), tile)
                 got = {t for j in range(2) for t in range(int(r[j, 0]), int(r[j, 1]))}
                 assert want <= got, (i0, want - got)  # never skips a non-empty tile
                 assert got == want, (i0, got - want)  # and visits no empty one
@@ -219,8 +223,7 @@ def test_gradcheck_packed_and_padding():
 def _op_args(q, k, v, kw, kpm=None, cu=None):
     kw = dict(kw)
     cap = kw.pop("softcap", None)
-    c, g, mode, wl, wr, ng, qo, ko = mask_args(**kw)
-    a = (q, k, v, kpm, cu, cu, 0, 0, q.shape[-1] ** -0.5, c, g, mode, wl, wr, ng, qo, ko)
+    a = (q, k, v, kpm, cu, cu, 0, 0, q.shape[-1] ** -0.5, AttentionMask.from_keywords(**kw).to_list())
     return a if cap is None else a + (float(cap),)
 
 
@@ -407,6 +410,100 @@ def test_fuzz_against_reference(b, nq, extra_k, hkv, rep, d, causal, g, window, 
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
 
 
+# ------------------------------------------------------------------ AttentionMask and sequence-parallel shards
+def test_attention_mask_value_type():
+    m = AttentionMask(s2_group_size=8, window_left=None, q_offset=None, kv_offset=-3)
+    assert (m.s2_mode, m.window_left, m.q_offset) == ("leakfree", -1, -1)
+    assert AttentionMask.from_list(m.to_list()) == m and len(m.to_list()) == 11
+    assert AttentionMask(s2_mode="longlora_roll") == AttentionMask()  # no S^2: the mode is "none"
+    assert AttentionMask.from_keywords(s2_group_size=8, window=(3, None), n_global=2) == \
+        AttentionMask(s2_group_size=8, window_left=3, n_global=2)
+    assert m.replace(s2_group_size=0).s2_mode == "none"
+    assert AttentionMask(head_offset=2, total_heads=4).shifted(0, 2) and not AttentionMask().shifted(0, 2)
+    with pytest.raises(AttributeError):
+        m.causal = False  # frozen
+    for kw, match in [(dict(s2_group_size=3), "even number >= 2"), (dict(s2_group_size=4, s2_mode="none"),
+                                                                     "needs s2_mode"),
+                      (dict(s2_mode="roll"), "s2_mode must be one of"), (dict(window_left=0), "window_left must be"),
+                      (dict(n_global=-1), "n_global must be >= 0"), (dict(head_offset=1), "needs total_heads"),
+                      (dict(head_offset=4, total_heads=4), "head_offset must be < total_heads"),
+                      (dict(s2_group_size=4, s2_mode="longlora_roll", kv_offset=-2), "takes no window"),
+                      (dict(causal=1), "causal must be a bool"), (dict(kv_offset=1.5), "kv_offset must be an int")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            AttentionMask(**kw)
+
+
+def test_mask_argument_equals_keywords():
+    q, k, v = make_qkv(2, 30, 30, 4, 2, 8, torch.float64)
+    kw = dict(s2_group_size=8, window=(6, None), n_global=2)
+    want = longtune.sparse_attention(q, k, v, **kw)
+    assert torch.equal(longtune.sparse_attention(q, k, v, mask=AttentionMask.from_keywords(**kw)), want)
+    with pytest.raises(ValueError, match="not both"):
+        longtune.sparse_attention(q, k, v, mask=AttentionMask(), s2_group_size=8)
+    with pytest.raises(TypeError, match="mask must be a longtune.AttentionMask"):
+        longtune.sparse_attention(q, k, v, mask=[1, 1, 0, 0, -1, -1, 0, -1, 0, 0, 0])
+    assert count_pairs(30, 30, 4, mask=AttentionMask.from_keywords(**kw)) == count_pairs(30, 30, 4, **kw)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 4), (8, 1)])
+@pytest.mark.parametrize("kw", [dict(s2_group_size=8), dict(s2_group_size=8, s2_mode="longlora_roll"),
+                                dict(s2_group_size=8, window=5, n_global=2, causal=False)])
+def test_head_shard_equals_head_slice_of_full_run(hq, hkv, kw):
+    # a rank holding output heads [h0, h0 + 4) of 8 computes exactly those heads of the full run
+    q, k, v = make_qkv(2, 40, 40, hq, hkv, 8, torch.float64, requires_grad=True)
+    full = longtune.sparse_attention(q, k, v, **kw)
+    g = torch.randn_like(full)
+    dq, dk, dv = torch.autograd.grad(full, (q, k, v), g)
+    r = hq // hkv
+    for h0 in (0, 2, 4):
+        mask = AttentionMask.from_keywords(**kw).replace(head_offset=h0, total_heads=8)
+        kv0, kv1 = h0 // r, (h0 + 4 - 1) // r + 1  # the kv heads those query heads read (GQA / MQA)
+        if (h0 - kv0 * r) % r and hkv > 1:
+            continue  # a shard must start on a kv-group boundary
+        qs, ks, vs = (t.detach()[:, :, a:b].clone().requires_grad_() for t, a, b in
+                      ((q, h0, h0 + 4), (k, kv0, kv1), (v, kv0, kv1)))
+        out = longtune.sparse_attention(qs, ks, vs, mask=mask)
+        want = ref.sparse_attention(qs, ks, vs, head_offset=h0, total_heads=8, **kw)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out, full[:, :, h0:h0 + 4], rtol=1e-10, atol=1e-10)
+        gs = torch.autograd.grad(out, (qs, ks, vs), g[:, :, h0:h0 + 4])
+        torch.testing.assert_close(gs[0], dq[:, :, h0:h0 + 4], rtol=1e-9, atol=1e-9)
+        if hkv == hq:
+            torch.testing.assert_close(gs[1], dk[:, :, h0:h0 + 4], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(gs[2], dv[:, :, h0:h0 + 4], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw", [dict(s2_group_size=16), dict(s2_group_size=16, window=(12, None)),
+                                dict(window=10), dict(causal=False, window=(9, 4))])
+@pytest.mark.parametrize("start,halo", [(32, 20), (48, 48), (16, 10)])
+def test_query_shard_with_negative_offset_halo_equals_rows_of_full_run(kw, start, halo):
+    # positions local to the shard: its queries at 0.., the halo keys before them (a neighbour's
+    # rows) at -halo..-1, so kv_offset = -halo; S^2 groups line up (start is a multiple of G) and the
+    # halo covers every earlier key a shard row sees
+    n, shard = 96, 16
+    q, k, v = make_qkv(1, n, n, 4, 2, 8, torch.float64)
+    full = longtune.sparse_attention(q, k, v, **kw)
+    qs, ks, vs = q[:, start:start + shard], k[:, start - halo:], v[:, start - halo:]
+    got = longtune.sparse_attention(qs, ks, vs, kv_offset=-halo, q_offset=halo, **kw)
+    want = ref.sparse_attention(qs, ks, vs, kv_offset=-halo, q_offset=halo, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, full[:, start:start + shard], rtol=1e-10, atol=1e-10)
+    if kw.get("causal", True):
+        # keys up to the shard's last query: the default bottom-right alignment puts its first query
+        # at position 0 as well
+        end = halo + shard
+        bottom_right = longtune.sparse_attention(qs, ks[:, :end], vs[:, :end], kv_offset=-halo, **kw)
+        torch.testing.assert_close(bottom_right, got, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", [dict(s2_group_size=8), dict(window=4, n_global=3), dict(s2_group_size=8, window=6,
+                                                                                       n_global=2)])
+def test_negative_kv_offset_matches_reference(kw):
+    # keys before position 0 belong to earlier S^2 groups and are never global tokens
+    _check(2, 30, 45, 4, 2, 8, dict(kw, kv_offset=-12), torch.float64)
+    _check(2, 30, 45, 4, 2, 8, dict(kw, kv_offset=-12, q_offset=20), torch.float32)
+
+
 # ------------------------------------------------------------------ FLOPs
 def test_flop_counter_counts_unmasked_pairs_only():
     n, h, d = 64, 4, 16
@@ -420,6 +517,12 @@ def test_flop_counter_counts_unmasked_pairs_only():
     with FlopCounterMode(display=False) as fc:
         longtune.sparse_attention(q, k, v, s2_group_size=g).sum().backward()
     assert fc.get_total_flops() == 4 * d * pairs + 10 * d * pairs
+    # a head shard counts its own heads: [2, 4) of 4 are both shifted
+    shard = AttentionMask(s2_group_size=g, head_offset=2, total_heads=4)
+    assert count_pairs(n, n, 2, mask=shard) == 2 * int(ref.attention_mask(n, n, shifted=True, s2_group_size=g).sum())
+    with FlopCounterMode(display=False) as fc:
+        longtune.sparse_attention(q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], mask=shard)
+    assert fc.get_total_flops() == 4 * d * count_pairs(n, n, 2, mask=shard)
 
 
 # ------------------------------------------------------------------ bad input
@@ -463,12 +566,20 @@ def test_bad_mask_arguments(kw, match):
 def test_bad_op_level_mask_arguments():
     q, k, v = _qkv()
     a = list(_op_args(q, k, v, dict()))
-    a[10], a[11] = 3, "leakfree"
-    with pytest.raises(RuntimeError, match="s2_group_size must be an even number"):
-        torch.ops.longtune.sparse_attention_fwd(*a)
-    a[10], a[11] = 4, "none"
-    with pytest.raises(RuntimeError, match="needs s2_mode"):
-        torch.ops.longtune.sparse_attention_fwd(*a)
+    enc = AttentionMask().to_list()
+    for changes, match in [({2: 3, 3: 1}, "s2_group_size must be an even number"), ({2: 4, 3: 0}, "needs s2_mode"),
+                           ({3: 7}, "s2_mode must be 0"), ({1: 2}, "causal must be 0 or 1"),
+                           ({4: 0}, r"window \(left\) must be >= 1"), ({6: -1}, "n_global must be >= 0"),
+                           ({9: 1}, "head_offset=1 needs total_heads"),
+                           ({9: 3, 10: 4}, r"must lie within total_heads=4"),
+                           ({2: 4, 3: 2, 8: 2}, "takes no window, n_global or offsets"),
+                           ({0: 2}, "version 1"), ({11: 0}, "11-integer encoding")]:
+        bad = list(enc) + ([0] if 11 in changes else [])
+        for i, x in changes.items():
+            bad[i] = x
+        a[9] = bad
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.longtune.sparse_attention_fwd(*a)
 
 
 @pytest.mark.parametrize("cu,match", [

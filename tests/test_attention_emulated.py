@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from longtune import AttentionMask
 from longtune.testing import emulated
 
 from . import attn_device_cases as C
@@ -19,11 +20,8 @@ def test_forward_backward(case, dtype):
     C.check_case(FWD, BWD, "cpu", case, dtype)
 
 
-def _args(d=64, **kw):
-    a = dict(kpm=None, cu_q=None, cu_k=None, max_q=0, max_k=0, scale=1.0 / math.sqrt(d), causal=True, group=0,
-             mode="none", wl=-1, wr=-1, n_global=0, q_offset=-1, kv_offset=0, softcap=0.0)
-    a.update(kw)
-    return tuple(a.values())
+def _args(d=64, softcap=0.0, **mask):
+    return (None, None, None, 0, 0, 1.0 / math.sqrt(d), AttentionMask(**mask).to_list(), softcap)
 
 
 def test_rejects_float32():
@@ -46,7 +44,7 @@ def test_shared_checks_name_the_argument():
     with pytest.raises(RuntimeError, match="query heads"):
         FWD(q, k, k, *_args())
     with pytest.raises(RuntimeError, match="s2_group_size must be an even number"):
-        FWD(q, q, q, *_args(group=3, mode="leakfree"))
+        FWD(q, q, q, None, None, None, 0, 0, 0.125, [1, 1, 3, 1, -1, -1, 0, -1, 0, 0, 0])
 
 
 def test_empty_inputs():
@@ -79,6 +77,6 @@ def test_non_contiguous_and_misaligned_inputs():
 def test_query_chunk_equals_tail_rows():
     # the last 64 query rows computed alone (explicit q_offset, all keys): bit-identical rows
     q = torch.randn(1, 200, 1, 64, dtype=torch.bfloat16)
-    out, lse = FWD(q, q, q, *_args(wl=50))
-    o2, l2 = FWD(q[:, -72:].contiguous(), q, q, *_args(wl=50, q_offset=128))
+    out, lse = FWD(q, q, q, *_args(window_left=50))
+    o2, l2 = FWD(q[:, -72:].contiguous(), q, q, *_args(window_left=50, q_offset=128))
     assert torch.equal(out[:, -72:], o2) and torch.equal(lse[:, :, -72:], l2)

@@ -37,6 +37,19 @@ def test_s2attention_group_size_rounding_and_padding():
         S2Attention(mode="roll")
 
 
+def test_s2_rule_is_one_function():
+    # S2Attention and longtune.patch(attention="s2") share LongLoRA's train / eval rule and checks
+    from longtune.nn.attention import check_s2_options, s2_mask
+    rule = dict(s2_in_eval=False, mode="leakfree", group_size=None, group_size_ratio=0.25)
+    assert s2_mask(training=True, seqlen=100, **rule) == longtune.AttentionMask(s2_group_size=24)
+    assert s2_mask(training=False, seqlen=lambda: 1 / 0, **rule) == longtune.AttentionMask()  # seqlen not read
+    assert s2_mask(training=False, seqlen=100, **dict(rule, s2_in_eval=True, group_size=8)).s2_group_size == 8
+    with pytest.raises(ValueError, match="X: .*s2_mode must be one of"):
+        check_s2_options("X", 0.25, "roll")
+    with pytest.raises(ValueError, match="even number"):
+        S2Attention(group_size=5)
+
+
 def test_s2attention_packed():
     q, k, v = make_qkv(1, 40, 40, 2, 2, 8, torch.float64, packed=True)
     cu = torch.tensor([0, 16, 40])
@@ -118,3 +131,19 @@ def test_modules_pass_softcap():
     assert (blk(x) - plain(x)).abs().max() > 1e-6
     with pytest.raises(ValueError, match="softcap"):
         SparseQueryAttention(32, 4, 2, 1, softcap=-2.0)
+
+
+def test_causal_lm_loss_is_chunked_lm_heads():
+    from longtune.nn import ChunkedLMHead
+    from longtune.nn.lm_head import causal_lm_loss
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    h = torch.randn(2, 9, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    labels[0, 3] = -100
+    want = torch.nn.functional.cross_entropy((h[:, :-1] @ head.weight.T + head.bias).reshape(-1, 50),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(causal_lm_loss(h, head.weight, labels, head.bias), want)
+    torch.testing.assert_close(ChunkedLMHead(head)(h, labels), want)
+    # already aligned targets (transformers' shift_labels): no shift inside
+    torch.testing.assert_close(causal_lm_loss(h[:, :-1], head.weight, labels[:, 1:], head.bias, shift=False), want)

@@ -68,9 +68,9 @@ MASKS = {
 
 
 def _run(backend, q, k, v, dt, mask_kw, kpm=None):
-    c, g, mode, wl, wr, ng, qo, ko = longtune.ops.attention.mask_args(**mask_kw)
+    mask = longtune.AttentionMask.from_keywords(**mask_kw)
     scale = 1 / math.sqrt(q.shape[-1])
-    args = (kpm, None, None, 0, 0, scale, c, g, mode, wl, wr, ng, qo, ko)
+    args = (kpm, None, None, 0, 0, scale, mask.to_list())
     qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
     out, lse = ATTN_FWD[backend](qd, kd, vd, *args)
     go = torch.randn_like(out)

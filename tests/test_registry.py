@@ -32,6 +32,12 @@ def test_cuda_kernel_registered(op):
     assert _has(f"longtune::{op}", "CUDA")
 
 
+def test_mask_ranges_in_the_product_namespace():
+    # the FLOP counter's mask math: one implementation for every backend, not a test-only op
+    assert _has("longtune::attention_mask_ranges", "CompositeExplicitAutograd")
+    assert not hasattr(torch.ops.longtune_test, "attention_mask_ranges")
+
+
 @pytest.mark.parametrize("op", TEST_OPS)
 def test_probe_kernels_registered(op):
     assert _has(f"longtune_test::{op}", "CPU")

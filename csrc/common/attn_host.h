@@ -32,12 +32,46 @@ struct AttnArgs {
   int64_t k_len(int64_t b) const { return varlen ? cu_k[b + 1] - cu_k[b] : nk; }
 };
 
-inline S2Mode parse_s2_mode(const char* op, const std::string& m) {
-  if (m == "none") return S2Mode::None;
-  if (m == "leakfree") return S2Mode::LeakFree;
-  if (m == "longlora_roll") return S2Mode::Roll;
-  LT_CHECK(op, false, "s2_mode must be 'none', 'leakfree' or 'longlora_roll', got '", m, "'");
-  return S2Mode::None;
+// The `int[] mask` argument (the MaskSlot encoding of attn_mask.h) -> MaskSpec, every field checked
+// once here. shift_from depends on the number of heads and is set by check_attn_args.
+inline MaskSpec parse_mask(const char* op, at::IntArrayRef enc) {
+  LT_CHECK(op, enc.size() == size_t(kMaskLen) && enc[kVersion] == kMaskVersion, "mask must be the ", kMaskLen,
+           "-integer encoding of version ", kMaskVersion, " (longtune.AttentionMask(...).to_list()), got ", enc);
+  MaskSpec m;
+  const int64_t causal = enc[kCausal], group = enc[kGroup], mode = enc[kMode];
+  LT_CHECK(op, causal == 0 || causal == 1, "mask: causal must be 0 or 1, got ", causal);
+  m.causal = causal == 1;
+  LT_CHECK(op, mode >= 0 && mode <= 2, "mask: s2_mode must be 0 ('none'), 1 ('leakfree') or 2 ('longlora_roll'), got ",
+           mode);
+  m.mode = static_cast<S2Mode>(mode);
+  if (m.mode != S2Mode::None) {
+    LT_CHECK(op, group >= 2 && group % 2 == 0,
+             "mask: s2_group_size must be an even number >= 2 (the shift is half a group), got ", group);
+  } else {
+    LT_CHECK(op, group == 0, "mask: s2_group_size=", group, " needs s2_mode 'leakfree' or 'longlora_roll' (got 'none')");
+  }
+  m.group = group;
+  const int64_t wl = enc[kWindowLeft], wr = enc[kWindowRight];
+  LT_CHECK(op, wl < 0 || wl >= 1, "mask: window (left) must be >= 1 (or unbounded), got ", wl);
+  LT_CHECK(op, wr < 0 || wr >= 1, "mask: window (right) must be >= 1 (or unbounded), got ", wr);
+  m.window_left = wl < 0 ? -1 : wl;
+  m.window_right = wr < 0 ? -1 : wr;
+  m.n_global = enc[kNGlobal];
+  LT_CHECK(op, m.n_global >= 0, "mask: n_global must be >= 0, got ", m.n_global);
+  m.q_offset = enc[kQOffset] < 0 ? -1 : enc[kQOffset];
+  m.kv_offset = enc[kKvOffset];
+  m.head_offset = enc[kHeadOffset];
+  m.total_heads = enc[kTotalHeads];
+  LT_CHECK(op, m.head_offset >= 0, "mask: head_offset must be >= 0, got ", m.head_offset);
+  LT_CHECK(op, m.total_heads >= 0, "mask: total_heads must be >= 0 (0: the local heads), got ", m.total_heads);
+  LT_CHECK(op, m.total_heads > 0 || m.head_offset == 0, "mask: head_offset=", m.head_offset,
+           " needs total_heads (the global number of heads)");
+  if (m.mode == S2Mode::Roll) {
+    LT_CHECK(op, m.window_left < 0 && m.window_right < 0 && m.n_global == 0 && m.kv_offset == 0 && m.q_offset <= 0,
+             "s2_mode='longlora_roll' reproduces LongLoRA's torch.roll formulation and takes no window, n_global or "
+             "offsets (use 'leakfree')");
+  }
+  return m;
 }
 
 inline std::vector<int64_t> check_cu(const char* op, const char* name, const at::Tensor& cu, int64_t total,
@@ -60,9 +94,7 @@ inline std::vector<int64_t> check_cu(const char* op, const char* name, const at:
 inline AttnArgs check_attn_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
                                 const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale,
-                                bool causal, int64_t group, const std::string& mode, int64_t wl, int64_t wr,
-                                int64_t n_global, int64_t q_offset, int64_t kv_offset, bool allow_f64,
-                                double softcap = 0.0) {
+                                const MaskSpec& mask, bool allow_f64, double softcap = 0.0) {
   check_floating(op, "q", q, allow_f64);
   LT_CHECK(op, k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
            "q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
@@ -127,28 +159,12 @@ inline AttnArgs check_attn_args(const char* op, const at::Tensor& q, const at::T
   LT_CHECK(op, std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0 (0 = off), got ", softcap);
   a.softcap = softcap;
   MaskSpec& m = a.mask;
-  m.causal = causal;
-  m.mode = parse_s2_mode(op, mode);
-  if (m.mode != S2Mode::None) {
-    LT_CHECK(op, group >= 2 && group % 2 == 0, "s2_group_size must be an even number >= 2 (the shift is half a group), got ", group);
-  } else {
-    LT_CHECK(op, group == 0, "s2_group_size=", group, " needs s2_mode 'leakfree' or 'longlora_roll' (got 'none')");
-  }
-  m.group = group;
-  LT_CHECK(op, wl < 0 || wl >= 1, "window (left) must be >= 1 (or unbounded), got ", wl);
-  LT_CHECK(op, wr < 0 || wr >= 1, "window (right) must be >= 1 (or unbounded), got ", wr);
-  LT_CHECK(op, n_global >= 0, "n_global must be >= 0, got ", n_global);
-  LT_CHECK(op, kv_offset >= 0, "kv_offset must be >= 0, got ", kv_offset);
-  m.window_left = wl < 0 ? -1 : wl;
-  m.window_right = wr < 0 ? -1 : wr;
-  m.n_global = n_global;
-  m.q_offset = q_offset < 0 ? -1 : q_offset;
-  m.kv_offset = kv_offset;
-  m.shift_from = a.heads / 2;
+  m = mask;
+  const int64_t total = m.total_heads > 0 ? m.total_heads : a.heads;
+  LT_CHECK(op, m.head_offset + a.heads <= total, "mask: heads [head_offset, head_offset + heads) = [", m.head_offset,
+           ", ", m.head_offset + a.heads, ") must lie within total_heads=", total);
+  m.shift_from = static_cast<int32_t>(total / 2 - m.head_offset);
   if (m.mode == S2Mode::Roll) {
-    LT_CHECK(op, m.window_left < 0 && m.window_right < 0 && n_global == 0 && kv_offset == 0 && q_offset <= 0,
-             "s2_mode='longlora_roll' reproduces LongLoRA's torch.roll formulation and takes no window, n_global or "
-             "offsets (use 'leakfree')");
     for (int64_t b = 0; b < a.batch; ++b)
       LT_CHECK(op, a.q_len(b) == a.k_len(b), "s2_mode='longlora_roll' needs as many queries as keys per sequence, got ",
                a.q_len(b), " and ", a.k_len(b), " (sequence ", b, ")");

@@ -17,18 +17,30 @@ namespace lt::attn {
 
 enum class S2Mode : int32_t { None = 0, LeakFree = 1, Roll = 2 };
 
-// Per-launch constants (int64 positions everywhere).
+// Per-launch constants (int64 positions everywhere). The ops receive a mask as one `int[] mask`
+// argument (the encoding below, written by python/longtune/ops/mask.py:AttentionMask.to_list) and
+// parse it once on the host (attn_host.h:parse_mask), which validates every field.
 struct MaskSpec {
   bool causal = true;
   int64_t group = 0;          // S^2 group size G (0: no S^2); even, >= 2
   S2Mode mode = S2Mode::None;
-  int64_t window_left = -1;   // < 0: unbounded; visible iff pq - pk < window_left (or pk < n_global)
+  int64_t window_left = -1;   // < 0: unbounded; visible iff pq - pk < window_left (or 0 <= pk < n_global)
   int64_t window_right = -1;  // < 0: unbounded; visible iff pk - pq < window_right
-  int64_t n_global = 0;
+  int64_t n_global = 0;       // keys at positions [0, n_global) are global tokens
   int64_t q_offset = -1;      // < 0: bottom-right (q_pos0 = kv_offset + nk - nq)
-  int64_t kv_offset = 0;      // absolute position of key 0
-  int32_t shift_from = 0;     // output heads e >= shift_from are shifted by G/2
+  int64_t kv_offset = 0;      // absolute position of key 0 (< 0: keys before position 0, e.g. a halo)
+  int64_t head_offset = 0;    // global index of the first local output head
+  int64_t total_heads = 0;    // global number of output heads (0: the local heads are all of them)
+  int32_t shift_from = 0;     // local output heads e >= shift_from are shifted by G/2
 };
+
+// The `int[] mask` encoding: kMaskLen integers, element kVersion = kMaskVersion, then one integer
+// per field in this order (causal 0/1, s2_mode as S2Mode, the rest as in MaskSpec).
+enum MaskSlot : int32_t {
+  kVersion = 0, kCausal, kGroup, kMode, kWindowLeft, kWindowRight, kNGlobal, kQOffset, kKvOffset, kHeadOffset,
+  kTotalHeads, kMaskLen
+};
+constexpr int64_t kMaskVersion = 1;
 
 struct Ranges {
   int64_t lo[2] = {0, 0};
@@ -101,6 +113,7 @@ struct SeqMask {
   bool causal = true, roll = false;
 
   LT_HD int64_t group_of(int64_t p) const { return floor_div(p + shift, group); }
+  LT_HD bool is_global(int64_t p) const { return p >= 0 && p < n_global; }
 
   // The single-element truth (the reference's attention_mask).
   LT_HD bool visible(int64_t i, int64_t j) const {
@@ -111,7 +124,7 @@ struct SeqMask {
       return !causal || rk <= rq;
     }
     if (causal && pk > pq) return false;
-    if (wl >= 0 && !(pq - pk < wl) && !(pk < n_global)) return false;
+    if (wl >= 0 && !(pq - pk < wl) && !is_global(pk)) return false;
     if (wr >= 0 && !(pk - pq < wr)) return false;
     if (group > 0 && group_of(pq) != group_of(pk)) return false;
     return true;
@@ -137,7 +150,7 @@ struct SeqMask {
       hi = imin(hi, (g + 1) * group - shift - kpos0);
     }
     if (wl >= 0) {
-      add_range(r, lo, imin(hi, n_global - kpos0), nk);         // global tokens
+      add_range(r, imax(lo, -kpos0), imin(hi, n_global - kpos0), nk);  // global tokens
       add_range(r, imax(lo, pq - wl + 1 - kpos0), hi, nk);      // the window
     } else {
       add_range(r, lo, hi, nk);
@@ -158,7 +171,7 @@ struct SeqMask {
     int64_t lo = 0, hi = nq;  // query indices
     if (causal) lo = imax(lo, pk - qpos0);
     if (wr >= 0) lo = imax(lo, pk - wr + 1 - qpos0);
-    if (wl >= 0 && !(pk < n_global)) hi = imin(hi, pk + wl - qpos0);
+    if (wl >= 0 && !is_global(pk)) hi = imin(hi, pk + wl - qpos0);
     if (group > 0) {
       const int64_t g = group_of(pk);
       lo = imax(lo, g * group - shift - qpos0);

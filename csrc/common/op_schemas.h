@@ -44,21 +44,29 @@
 // the parameter set of csrc/common/attn_mask.h, never a tensor. Batched: q (B, Nq, Hq, D),
 // k/v (B, Nk, Hkv, D), key_padding_mask (B, Nk) bool or None; packed: cu_seqlens_q/_k (B+1) int32/64
 // and q (Tq, Hq, D), k/v (Tk, Hkv, D). Returns out (.., H, D) with H = max(Hq, Hkv) in q's dtype and
-// lse (B, H, Nq) / (H, Tq), float32 (float64 for float64 input). s2_mode: "none", "leakfree",
-// "longlora_roll"; window_left/right < 0: unbounded; q_offset < 0: bottom-right alignment.
-// softcap > 0: logit softcapping, every score s = softmax_scale * q.k becomes softcap * tanh(s / softcap)
-// before the mask and the softmax (Gemma-2's attn_logit_softcapping); 0: off.
+// lse (B, H, Nq) / (H, Tq), float32 (float64 for float64 input). mask: the integer encoding of
+// longtune.AttentionMask (AttentionMask.to_list(); layout MaskSlot in csrc/common/attn_mask.h:
+// version, causal, s2_group_size, s2_mode, window_left, window_right, n_global, q_offset, kv_offset,
+// head_offset, total_heads). softcap > 0: logit softcapping, every score s = softmax_scale * q.k
+// becomes softcap * tanh(s / softcap) before the mask and the softmax (Gemma-2's
+// attn_logit_softcapping); 0: off.
 #define LT_SCHEMA_ATTN_FWD                                                                               \
   "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "  \
-  "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, "         \
-  "int s2_group_size, str s2_mode, int window_left, int window_right, int n_global, int q_offset, "       \
-  "int kv_offset, float softcap=0.0) -> (Tensor, Tensor)"
+  "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int[] mask, "          \
+  "float softcap=0.0) -> (Tensor, Tensor)"
 // Its backward: (dq, dk, dv) with q's, k's and v's shapes and dtypes (P recomputed from lse).
 #define LT_SCHEMA_ATTN_BWD                                                                                \
   "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "          \
   "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "              \
-  "int max_seqlen_k, float softmax_scale, bool causal, int s2_group_size, str s2_mode, int window_left, " \
-  "int window_right, int n_global, int q_offset, int kv_offset, float softcap=0.0) -> (Tensor, Tensor, Tensor)"
+  "int max_seqlen_k, float softmax_scale, int[] mask, float softcap=0.0) -> (Tensor, Tensor, Tensor)"
+// The mask math of csrc/common/attn_mask.h on the host, for one sequence (nq queries, nk keys) and
+// local output head `head` of `heads`: per query row (cols: per key column) the <= 2 visible index
+// ranges as (n, 2, 2) int64 [[lo0, hi0], [lo1, hi1]] (empty ranges are [0, 0]); with tile > 0, the
+// tile ranges touched by rows/cols [i0, i1) as (2, 2). Used by the FLOP counter (unmasked pairs) and
+// by the mask tests. Not part of LT_FOR_EACH_SCHEMA: it has one CPU implementation, for every backend.
+#define LT_SCHEMA_ATTN_MASK_RANGES                                                                        \
+  "attention_mask_ranges(int nq, int nk, int head, int heads, int[] mask, bool cols=False, int i0=0, "    \
+  "int i1=0, int tile=0) -> Tensor"
 
 // Fused linear + cross-entropy (logits never materialised): per row t of x (T, d) with weight
 // (V, d), optional bias (V,), target (T,) int64: z = softcap > 0 ? softcap * tanh(l / softcap) : l

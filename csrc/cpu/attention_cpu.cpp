@@ -425,11 +425,10 @@ at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at:
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                        const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
                                        const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
-                                       double scale, bool causal, int64_t group, c10::string_view mode, int64_t wl,
-                                       int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off, double softcap) {
+                                       double scale, at::IntArrayRef mask, double softcap) {
   const char* op = "sparse_attention_fwd";
-  const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
-                                     std::string(mode), wl, wr, ng, q_off, kv_off, /*allow_f64=*/true, softcap);
+  const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, parse_mask(op, mask),
+                                     /*allow_f64=*/true, softcap);
   const auto ct = compute_type(q_);
   const at::Tensor q = last_dim_contiguous(q_.to(ct)), k = last_dim_contiguous(k_.to(ct)),
                    v = last_dim_contiguous(v_.to(ct));
@@ -443,11 +442,11 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& go_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse_, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
-    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, int64_t group,
-    c10::string_view mode, int64_t wl, int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off, double softcap) {
+    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, at::IntArrayRef mask,
+    double softcap) {
   const char* op = "sparse_attention_bwd";
-  const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
-                                     std::string(mode), wl, wr, ng, q_off, kv_off, /*allow_f64=*/true, softcap);
+  const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, parse_mask(op, mask),
+                                     /*allow_f64=*/true, softcap);
   check_bwd_tensors(op, a, q_, go_, out_, lse_);
   const auto ct = compute_type(q_);
   const at::Tensor q = last_dim_contiguous(q_.to(ct)), k = last_dim_contiguous(k_.to(ct)),
@@ -475,17 +474,16 @@ TORCH_LIBRARY_IMPL(longtune, CPU, m) {
 namespace lt::attn {
 namespace {
 
-at::Tensor mask_ranges(int64_t nq, int64_t nk, int64_t head, int64_t heads, bool causal, int64_t group,
-                       c10::string_view mode, int64_t wl, int64_t wr, int64_t ng, int64_t q_off, int64_t kv_off,
-                       bool cols, int64_t i0, int64_t i1, int64_t tile) {
+at::Tensor mask_ranges(int64_t nq, int64_t nk, int64_t head, int64_t heads, at::IntArrayRef mask, bool cols,
+                       int64_t i0, int64_t i1, int64_t tile) {
   const char* op = "attention_mask_ranges";
   LT_CHECK(op, nq >= 0 && nk >= 0 && heads >= 1 && head >= 0 && head < heads, "bad sizes nq=", nq, " nk=", nk,
            " head=", head, " heads=", heads);
   // Reuse the op's checks on a tiny meta problem so the mask is exactly the kernels'.
   const auto opts = at::TensorOptions().device(at::kMeta).dtype(at::kFloat);
   const at::Tensor q = at::empty({1, nq, heads, 1}, opts), k = at::empty({1, nk, heads, 1}, opts);
-  AttnArgs a = check_attn_args(op, q, k, k, std::nullopt, std::nullopt, std::nullopt, 0, 0, 1.0, causal, group,
-                               std::string(mode), wl, wr, ng, q_off, kv_off, false);
+  AttnArgs a = check_attn_args(op, q, k, k, std::nullopt, std::nullopt, std::nullopt, 0, 0, 1.0, parse_mask(op, mask),
+                               false);
   const SeqMask mk = bind(a.mask, nq, nk, int32_t(head));
   auto fill = [](int64_t* o, const Ranges& r) {
     for (int t = 0; t < 2; ++t) {
@@ -508,6 +506,6 @@ at::Tensor mask_ranges(int64_t nq, int64_t nk, int64_t head, int64_t heads, bool
 }  // namespace
 }  // namespace lt::attn
 
-TORCH_LIBRARY_IMPL(longtune_test, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(longtune, CompositeExplicitAutograd, m) {
   m.impl("attention_mask_ranges", &lt::attn::mask_ranges);
 }

@@ -10,6 +10,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.longtune.*)
 from . import ops, reference  # noqa: F401
 from .ops.attention import sparse_attention
+from .ops.mask import AttentionMask
 from .ops.cross_entropy import LinearCrossEntropyOutput, linear_cross_entropy
 from .ops.hadamard import hadamard_matrix, hadamard_transform
 from .ops.quant import dequantize, quantize, quantize_weight, rotate_fake_quant
@@ -21,7 +22,7 @@ from .integrations.hf import convert_to_sqa, patch, unpatch  # noqa: E402,F401
 from . import recipes  # noqa: E402,F401
 from . import compat  # noqa: E402,F401
 
-__all__ = ["sparse_attention", "linear_cross_entropy", "LinearCrossEntropyOutput", "hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
+__all__ = ["sparse_attention", "AttentionMask", "linear_cross_entropy", "LinearCrossEntropyOutput", "hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
            "quantize_weight", "nn", "quant", "train", "sparsify", "ops", "reference", "has_cuda_kernels", "has_emulator",
            "patch", "unpatch", "convert_to_sqa", "recipes", "compat"]
 

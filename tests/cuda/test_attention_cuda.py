@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from longtune import AttentionMask
+
 from .. import attn_device_cases as C
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -20,20 +22,20 @@ def test_forward_backward(case, dtype):
 def test_errors():
     q = torch.randn(1, 8, 1, 64, device="cuda")
     with pytest.raises(RuntimeError, match=C.BAD_DTYPE_MSG):
-        OPS.sparse_attention_fwd(q, q, q, None, None, None, 0, 0, 0.125, True, 0, "none", -1, -1, 0, -1, 0)
+        OPS.sparse_attention_fwd(q, q, q, None, None, None, 0, 0, 0.125, AttentionMask().to_list())
     q = torch.randn(1, 8, 1, 72, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match=C.BAD_HEAD_DIM_MSG):
-        OPS.sparse_attention_fwd(q, q, q, None, None, None, 0, 0, 0.125, True, 0, "none", -1, -1, 0, -1, 0)
+        OPS.sparse_attention_fwd(q, q, q, None, None, None, 0, 0, 0.125, AttentionMask().to_list())
 
 
 def test_query_chunk_equals_tail_rows():
     # a long sequence: its last 1024 query rows computed alone (explicit q_offset, all keys) give
     # bit-identical rows (same key tiles, same order)
     q = torch.randn(1, 8192, 16, 64, device="cuda", dtype=torch.bfloat16)
-    args = (None, None, None, 0, 0, 0.125, True, 0, "none", 256, -1, 0, -1, 0)
+    args = (None, None, None, 0, 0, 0.125, AttentionMask(window_left=256).to_list())
     out, lse = OPS.sparse_attention_fwd(q, q, q, *args)
     tail = q[:, -1024:].contiguous()
-    targs = (None, None, None, 0, 0, 0.125, True, 0, "none", 256, -1, 0, 8192 - 1024, 0)
+    targs = (None, None, None, 0, 0, 0.125, AttentionMask(window_left=256, q_offset=8192 - 1024).to_list())
     o2, l2 = OPS.sparse_attention_fwd(tail, q, q, *targs)
     torch.testing.assert_close(out[:, -1024:], o2, rtol=0, atol=0)
     torch.testing.assert_close(lse[:, :, -1024:], l2, rtol=0, atol=0)
@@ -61,7 +63,7 @@ def test_opcheck(varlen):
         q = torch.randn(2, 50, 2, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(2, 60, 1, d, device="cuda", dtype=torch.bfloat16)
         mask = (torch.rand(2, 60, device="cuda") > 0.2, None, None, 0, 0)
-    rest = (1.0 / math.sqrt(d), True, 16, "leakfree", -1, -1, 0, -1, 0)
+    rest = (1.0 / math.sqrt(d), AttentionMask(s2_group_size=16, s2_mode="leakfree").to_list())
     utils = None if _has_fake("sparse_attention_fwd") else ("test_schema",)
     kw = {} if utils is None else {"test_utils": utils}
     torch.library.opcheck(OPS.sparse_attention_fwd.default, (q, k, k) + mask + rest, **kw)

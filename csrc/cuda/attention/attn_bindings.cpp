@@ -20,21 +20,20 @@ auto cuda_launch(const at::Tensor& q, const char* op, L launcher) {
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
                                        const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
-                                       double scale, bool causal, int64_t group, c10::string_view mode, int64_t wl,
-                                       int64_t wr, int64_t n_global, int64_t q_offset, int64_t kv_offset, double softcap) {
+                                       double scale, at::IntArrayRef mask, double softcap) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return attn_fwd_device(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group, std::string(mode), wl, wr,
-                         n_global, q_offset, kv_offset, softcap, cuda_launch(q, "sparse_attention_fwd", &launch_attn_fwd_cuda));
+  return attn_fwd_device(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, parse_mask("sparse_attention_fwd", mask),
+                         softcap, cuda_launch(q, "sparse_attention_fwd", &launch_attn_fwd_cuda));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
-    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, int64_t group,
-    c10::string_view mode, int64_t wl, int64_t wr, int64_t n_global, int64_t q_offset, int64_t kv_offset, double softcap) {
+    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, at::IntArrayRef mask,
+    double softcap) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return attn_bwd_device(grad_out, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group,
-                         std::string(mode), wl, wr, n_global, q_offset, kv_offset, softcap,
+  return attn_bwd_device(grad_out, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale,
+                         parse_mask("sparse_attention_bwd", mask), softcap,
                          cuda_launch(q, "sparse_attention_bwd", &launch_attn_bwd_cuda));
 }
 

@@ -101,14 +101,13 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_device(const at::Tensor& q_, const a
                                                    const std::optional<at::Tensor>& kpm,
                                                    const std::optional<at::Tensor>& cu_q,
                                                    const std::optional<at::Tensor>& cu_k, int64_t max_q,
-                                                   int64_t max_k, double scale, bool causal, int64_t group,
-                                                   const std::string& mode, int64_t wl, int64_t wr, int64_t n_global,
-                                                   int64_t q_offset, int64_t kv_offset, double softcap, Launch&& launch) {
+                                                   int64_t max_k, double scale, const MaskSpec& mask, double softcap,
+                                                   Launch&& launch) {
   const char* op = "sparse_attention_fwd";
   check_device_dtype(op, q_);
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
-  const AttnArgs a = check_attn_args(op, q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group, mode, wl, wr,
-                                     n_global, q_offset, kv_offset, /*allow_f64=*/false, softcap);
+  const AttnArgs a = check_attn_args(op, q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, /*allow_f64=*/false,
+                                     softcap);
   check_device_args(op, a);
   at::Tensor out = empty_out(a, q), lse = empty_lse(a, q);
   if (out.numel() == 0) return {out, lse};
@@ -133,13 +132,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_device(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kpm,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
-    double scale, bool causal, int64_t group, const std::string& mode, int64_t wl, int64_t wr, int64_t n_global,
-    int64_t q_offset, int64_t kv_offset, double softcap, Launch&& launch) {
+    double scale, const MaskSpec& mask, double softcap, Launch&& launch) {
   const char* op = "sparse_attention_bwd";
   check_device_dtype(op, q_);
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
-  const AttnArgs a = check_attn_args(op, q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group, mode, wl, wr,
-                                     n_global, q_offset, kv_offset, /*allow_f64=*/false, softcap);
+  const AttnArgs a = check_attn_args(op, q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, /*allow_f64=*/false,
+                                     softcap);
   check_device_args(op, a);
   check_bwd_tensors(op, a, q, grad_out, out, lse);
   const auto cf = at::MemoryFormat::Contiguous;

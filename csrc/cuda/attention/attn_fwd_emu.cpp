@@ -31,11 +31,10 @@ void launch_fwd_emu(const AttnParams& s) {
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
                                        const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
-                                       double scale, bool causal, int64_t group, c10::string_view mode, int64_t wl,
-                                       int64_t wr, int64_t n_global, int64_t q_offset, int64_t kv_offset, double softcap) {
+                                       double scale, at::IntArrayRef mask, double softcap) {
   check_emu_input(kFwdOp, q);
-  return attn_fwd_device(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, group, std::string(mode), wl, wr,
-                         n_global, q_offset, kv_offset, softcap, launch_fwd_emu);
+  return attn_fwd_device(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, parse_mask("sparse_attention_fwd", mask),
+                         softcap, launch_fwd_emu);
 }
 
 }  // namespace

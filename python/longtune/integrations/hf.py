@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..nn.attention import s2_group_size
+from ..nn.attention import check_s2_options, s2_mask
 from ..ops.attention import sparse_attention
+from ..ops.mask import AttentionMask
 from ._common import PATCH_DEFAULTS as _DEFAULTS
 from ._common import ROSTE_PREFIX as _ROSTE_PREFIX
 from ._common import attention_modules as _attention_modules
@@ -54,20 +54,21 @@ def _packed(kwargs):
     return (cu_q, cu_k) if cu_q is not None else (None, None)
 
 
-def _run(module, query, key, value, attention_mask, scaling, kwargs, **mask):
-    cap = kwargs.get("softcap")
-    if cap and "softcap" not in mask:  # attention logit softcapping (Gemma-2's attn_logit_softcapping)
-        mask["softcap"] = float(cap)
+def _run(module, query, key, value, attention_mask, scaling, kwargs, mask: Optional[AttentionMask] = None):
+    mask = AttentionMask() if mask is None else mask
+    cap = kwargs.get("softcap")  # attention logit softcapping (Gemma-2's attn_logit_softcapping)
+    softcap = float(cap) if cap else None
     q, k, v = _to_bnhd(query), _to_bnhd(key), _to_bnhd(value)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if window is not None and "window" not in mask:
-        mask["window"] = int(window)
+    if window is not None and mask.window is None:
+        mask = mask.replace(window_left=int(window))
     cu_q, cu_k = _packed(kwargs)
     if cu_q is not None:  # padding-free packing (DataCollatorWithFlattening): (1, T, H, D)
-        out = sparse_attention(q[0], k[0], v[0], softmax_scale=scaling, cu_seqlens=cu_q, cu_seqlens_k=cu_k, **mask)
+        out = sparse_attention(q[0], k[0], v[0], softmax_scale=scaling, cu_seqlens=cu_q, cu_seqlens_k=cu_k,
+                               mask=mask, softcap=softcap)
         return out.unsqueeze(0)
     kpm = _padding_mask(attention_mask, k.shape[1])
-    return sparse_attention(q, k, v, softmax_scale=scaling, key_padding_mask=kpm, **mask)
+    return sparse_attention(q, k, v, softmax_scale=scaling, key_padding_mask=kpm, mask=mask, softcap=softcap)
 
 
 def longtune_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -93,32 +94,39 @@ def sequence_length(n: int):
         _SEQUENCE_LENGTH.reset(token)
 
 
-def _s2_mask(module, o, nq, nk, kwargs) -> dict:
-    """The S^2 mask arguments of one attention call (empty: plain causal attention)."""
-    if not (module.training or o["s2_in_eval"]) or nq <= 1:
-        return {}
+def _s2_mask(module, o, nq, nk, kwargs) -> AttentionMask:
+    """The mask of one attention call (S^2-Attn while training, plain causal attention otherwise)."""
+    if nq <= 1:  # one query (decoding)
+        return AttentionMask()
+
+    def rule(mode, seqlen):  # LongLoRA's train / eval rule, shared with S2Attention
+        return s2_mask(training=module.training, s2_in_eval=o["s2_in_eval"], mode=mode, group_size=o["group_size"],
+                       group_size_ratio=o["group_size_ratio"], seqlen=seqlen)
+
+    if not (module.training or o["s2_in_eval"]):
+        return rule(o["mode"], nq)
     total = _SEQUENCE_LENGTH.get()
     if total is None:
         if nq == nk:
-            if o["group_size"]:
-                return {"s2_group_size": o["group_size"], "s2_mode": o["mode"]}
-            cu_q, _ = _packed(kwargs)
-            n = nq
-            if cu_q is not None:  # packed: the longest sequence's length
-                n = kwargs.get("max_length_q")
+            def longest():
+                cu_q, _ = _packed(kwargs)
+                if cu_q is None:
+                    return nq
+                n = kwargs.get("max_length_q")  # packed: the longest sequence's length
                 if n is None:
                     n = (cu_q[1:] - cu_q[:-1]).max()
                 if torch.is_tensor(n) and torch.compiler.is_compiling():
                     raise ValueError("longtune S^2-Attn on packed sequences under torch.compile needs the longest "
                                      "sequence's length as a Python int (max_length_q) or a fixed group_size: a "
                                      "group size cannot come from tensor data inside a graph")
-                n = int(n)
-            return {"s2_group_size": s2_group_size(n, o["group_size_ratio"]), "s2_mode": o["mode"]}
+                return int(n)
+
+            return rule(o["mode"], longest)
         if o["group_size"] and o["mode"] == "leakfree":
             # a query chunk against a longer KV: groups are absolute positions and the queries are
             # the last nq of them (bottom-right), so a fixed group size gives exactly the rows of
             # the full sequence's S^2-Attn
-            return {"s2_group_size": o["group_size"], "s2_mode": "leakfree"}
+            return rule("leakfree", nq)
         raise ValueError(
             f"longtune S^2-Attn in training: {nq} queries attend to {nk} keys (a KV cache), and the group size of "
             "the whole sequence is unknown here. Patch with a fixed group size (longtune.patch(model, "
@@ -126,14 +134,14 @@ def _s2_mask(module, o, nq, nk, kwargs) -> dict:
             "(which passes the sequence length), or run the model in eval() for generation")
     # one chunk of a sequence of `total` tokens (chunk-wise training)
     if nq == nk == total:
-        return {"s2_group_size": o["group_size"] or s2_group_size(total, o["group_size_ratio"]), "s2_mode": o["mode"]}
+        return rule(o["mode"], total)
     if o["mode"] != "leakfree":
         raise ValueError("longtune S^2-Attn: mode='longlora_roll' cannot be trained chunk-wise (its last shifted group "
                          "wraps around to the end of the sequence, which a chunk has not seen yet); use "
                          "mode='leakfree' or full backprop")
     if nk > total:
         raise ValueError(f"longtune S^2-Attn: {nk} keys exceed the declared sequence length {total}")
-    return {"s2_group_size": o["group_size"] or s2_group_size(total, o["group_size_ratio"]), "s2_mode": "leakfree"}
+    return rule("leakfree", total)
 
 
 def longtune_s2_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -141,7 +149,7 @@ def longtune_s2_attention_forward(module: nn.Module, query, key, value, attentio
     """``attn_implementation="longtune_s2"``: S^2-Attn in training, causal in eval (LongLoRA)."""
     _check_dropout(module, dropout)
     mask = _s2_mask(module, _options(module, "s2"), query.shape[2], key.shape[2], kwargs)
-    return _run(module, query, key, value, attention_mask, scaling, kwargs, **mask), None
+    return _run(module, query, key, value, attention_mask, scaling, kwargs, mask=mask), None
 
 
 def _register():
@@ -265,21 +273,17 @@ def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **
         return self._longtune_orig_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..ops.cross_entropy import linear_cross_entropy
+    from ..nn.lm_head import causal_lm_loss
 
     num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("logits_to_keep", None)
     out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    if shift_labels is not None:
-        h = out.last_hidden_state
-        tgt = shift_labels.to(h.device)
-    else:
-        h = out.last_hidden_state[:, :-1]
-        tgt = labels[:, 1:].to(h.device)
+    h = out.last_hidden_state
+    tgt = (labels if shift_labels is None else shift_labels).to(h.device)
     weight, bias = _head_params(self.lm_head)
     cap = getattr(self.config, "final_logit_softcapping", None)
-    loss = linear_cross_entropy(h, weight, tgt, bias, ignore_index=-100,
-                                reduction="sum" if num_items is not None else "mean", softcap=cap)
+    loss = causal_lm_loss(h, weight, tgt, bias, shift=shift_labels is None, ignore_index=-100,
+                          reduction="sum" if num_items is not None else "mean", softcap=cap)
     if num_items is not None:
         loss = loss / num_items
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
@@ -349,11 +353,7 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
                          f"families {SUPPORTED_MODEL_TYPES}; pass strict=False to try anyway")
     opts = dict(_DEFAULTS[attention], **options)
     if attention == "s2":
-        r = opts["group_size_ratio"]
-        if not 0 < r <= 1:
-            raise ValueError(f"longtune.patch: group_size_ratio must be in (0, 1], got {r}")
-        if opts["mode"] not in ("leakfree", "longlora_roll"):
-            raise ValueError(f"longtune.patch: mode must be 'leakfree' or 'longlora_roll', got {opts['mode']!r}")
+        check_s2_options("longtune.patch", opts["group_size_ratio"], opts["mode"], opts["group_size"])
     if attention == "lambda":
         if opts["window"] < 1 or opts["n_global"] < 0:
             raise ValueError(f"longtune.patch: window must be >= 1 and n_global >= 0, got {opts['window']}, "

@@ -8,12 +8,13 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from ..ops.attention import sparse_attention
+from ..ops.mask import AttentionMask
 
 
 def s2_group_size(seqlen: int, ratio: float) -> int:
@@ -22,6 +23,30 @@ def s2_group_size(seqlen: int, ratio: float) -> int:
     g = int(seqlen * ratio)
     g -= g % 2
     return max(2, g)
+
+
+def check_s2_options(caller: str, group_size_ratio: float, mode: str, group_size: Optional[int] = None) -> None:
+    """Validates LongLoRA's options (``group_size_ratio`` in (0, 1]; ``mode`` and a fixed
+    ``group_size`` as :class:`AttentionMask` accepts them), errors prefixed with ``caller``."""
+    if not 0 < group_size_ratio <= 1:
+        raise ValueError(f"{caller}: group_size_ratio must be in (0, 1], got {group_size_ratio}")
+    try:
+        AttentionMask(s2_group_size=2 if group_size is None else group_size, s2_mode=mode)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{caller}: mode={mode!r}, group_size={group_size!r}: {e}") from None
+
+
+def s2_mask(*, training: bool, s2_in_eval: bool, mode: str, group_size: Optional[int], group_size_ratio: float,
+            seqlen: Union[int, Callable[[], int]], causal: bool = True) -> AttentionMask:
+    """LongLoRA's rule (shared by :class:`S2Attention` and ``longtune.patch(model, attention="s2")``):
+    S^2-Attn while training (or always with ``s2_in_eval``) with groups of ``group_size``, else of
+    ``s2_group_size(seqlen, group_size_ratio)``; plain (causal) attention in eval -- LongLoRA trains
+    sparse and infers dense. ``seqlen``: an int or a function returning it (called only when the
+    group size is taken from the ratio)."""
+    if not (training or s2_in_eval):
+        return AttentionMask(causal=causal)
+    g = group_size or s2_group_size(seqlen() if callable(seqlen) else seqlen, group_size_ratio)
+    return AttentionMask(causal=causal, s2_group_size=g, s2_mode=mode)
 
 
 class S2Attention(nn.Module):
@@ -42,10 +67,7 @@ class S2Attention(nn.Module):
                  causal: bool = True, group_size: Optional[int] = None, softmax_scale: Optional[float] = None,
                  softcap: Optional[float] = None):
         super().__init__()
-        if not 0 < group_size_ratio <= 1:
-            raise ValueError(f"S2Attention: group_size_ratio must be in (0, 1], got {group_size_ratio}")
-        if mode not in ("leakfree", "longlora_roll"):
-            raise ValueError(f"S2Attention: mode must be 'leakfree' or 'longlora_roll', got {mode!r}")
+        check_s2_options("S2Attention", group_size_ratio, mode, group_size)
         self.group_size_ratio = group_size_ratio
         self.mode = mode
         self.s2_in_eval = s2_in_eval
@@ -62,13 +84,12 @@ class S2Attention(nn.Module):
         return f"{g}, mode={self.mode!r}, s2_in_eval={self.s2_in_eval}, causal={self.causal}{cap}"
 
     def forward(self, q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
-        sparse = self.training or self.s2_in_eval
-        g = None
-        if sparse:
-            g = self.group_size or s2_group_size(self._longest(q, cu_seqlens, max_seqlen), self.group_size_ratio)
-        return sparse_attention(q, k, v, causal=self.causal, s2_group_size=g, s2_mode=self.mode,
-                                softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
-                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softcap=self.softcap)
+        mask = s2_mask(training=self.training, s2_in_eval=self.s2_in_eval, mode=self.mode,
+                       group_size=self.group_size, group_size_ratio=self.group_size_ratio, causal=self.causal,
+                       seqlen=lambda: self._longest(q, cu_seqlens, max_seqlen))
+        return sparse_attention(q, k, v, mask=mask, softmax_scale=self.softmax_scale,
+                                key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                softcap=self.softcap)
 
     @staticmethod
     def _longest(q, cu_seqlens, max_seqlen) -> int:

@@ -10,40 +10,32 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .mask import AttentionMask
+
 _FWD = torch.ops.longtune.sparse_attention_fwd
 _BWD = torch.ops.longtune.sparse_attention_bwd
-_RANGES = torch.ops.longtune_test.attention_mask_ranges
-
-S2_MODES = ("leakfree", "longlora_roll")
+_RANGES = torch.ops.longtune.attention_mask_ranges
 
 
 def mask_args(causal=True, s2_group_size=None, s2_mode="leakfree", window=None, n_global=0, q_offset=None,
-              kv_offset=0):
-    """The op's mask parameters (causal, s2_group_size, s2_mode, window_left, window_right, n_global,
-    q_offset, kv_offset) from the public keyword arguments, with Python-level validation."""
-    if s2_group_size is not None and s2_mode not in S2_MODES:
-        raise ValueError(f"longtune.sparse_attention: s2_mode must be one of {S2_MODES}, got {s2_mode!r}")
-    if window is None:
-        wl, wr = -1, -1
-    elif isinstance(window, int):
-        wl, wr = window, -1
-    else:
-        try:
-            left, right = window
-        except (TypeError, ValueError):
-            raise ValueError(f"longtune.sparse_attention: window must be an int, a (left, right) pair or None, "
-                             f"got {window!r}") from None
-        wl = -1 if left is None else int(left)
-        wr = -1 if right is None else int(right)
-        if left is not None and wl < 1 or right is not None and wr < 1:
-            raise ValueError(f"longtune.sparse_attention: window sizes must be >= 1, got {window!r}")
-    if isinstance(window, int) and window < 1:
-        raise ValueError(f"longtune.sparse_attention: window must be >= 1, got {window}")
-    g = 0 if s2_group_size is None else int(s2_group_size)
-    if s2_group_size is not None and (g < 2 or g % 2):
-        raise ValueError(f"longtune.sparse_attention: s2_group_size must be an even number >= 2, got {s2_group_size}")
-    mode = "none" if s2_group_size is None else s2_mode
-    return (bool(causal), g, mode, wl, wr, int(n_global), -1 if q_offset is None else int(q_offset), int(kv_offset))
+              kv_offset=0, head_offset=0, total_heads=0, *, mask: Optional[AttentionMask] = None) -> AttentionMask:
+    """The :class:`AttentionMask` of a call: ``mask`` itself, or built from the public keyword
+    arguments (:meth:`AttentionMask.from_keywords`); both at once is an error."""
+    if mask is not None:
+        if not isinstance(mask, AttentionMask):
+            raise TypeError(f"longtune.sparse_attention: mask must be a longtune.AttentionMask, got "
+                            f"{type(mask).__name__}")
+        keywords = (("causal", causal, True), ("s2_group_size", s2_group_size, None),
+                    ("s2_mode", s2_mode, "leakfree"), ("window", window, None), ("n_global", n_global, 0),
+                    ("q_offset", q_offset, None), ("kv_offset", kv_offset, 0), ("head_offset", head_offset, 0),
+                    ("total_heads", total_heads, 0))
+        given = [name for name, value, default in keywords if value is not default and value != default]
+        if given:
+            raise ValueError(f"longtune.sparse_attention: pass the mask either as mask=AttentionMask(...) or as "
+                             f"keywords, not both (got mask and {given})")
+        return mask
+    return AttentionMask.from_keywords(causal, s2_group_size, s2_mode, window, n_global, q_offset, kv_offset,
+                                       head_offset, total_heads)
 
 
 class _Fn:
@@ -74,7 +66,7 @@ def _heads(q, k):
 
 
 @torch.library.register_fake("longtune::sparse_attention_fwd")
-def _fake_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off, softcap=0.0):
+def _fake_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, softcap=0.0):
     for name, t in (("k", k), ("v", v), ("key_padding_mask", kpm), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         torch._check(t is None or t.device == q.device, lambda: f"longtune.sparse_attention_fwd: q and {name} must be "
                      f"on the same device, got {q.device} and {t.device}")
@@ -92,11 +84,15 @@ def _fake_bwd(go, q, k, v, out, lse, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def count_pairs(nq: int, nk: int, heads: int, *, causal=True, s2_group_size=None, s2_mode="leakfree", window=None,
-                n_global=0, q_offset=None, kv_offset=0, key_padding_mask=None) -> int:
+def count_pairs(nq: int, nk: int, heads: int, *, key_padding_mask=None, mask: Optional[AttentionMask] = None,
+                **mask_kw) -> int:
     """Number of unmasked (query, key) pairs of one sequence summed over ``heads`` output heads
-    (``key_padding_mask``: 1-D bool over the keys). FLOPs: forward 4 * pairs * head_dim."""
-    c, g, mode, wl, wr, ng, qo, ko = mask_args(causal, s2_group_size, s2_mode, window, n_global, q_offset, kv_offset)
+    (``key_padding_mask``: 1-D bool over the keys); the mask as ``mask=AttentionMask(...)`` or as
+    ``sparse_attention``'s keywords. FLOPs: forward 4 * pairs * head_dim."""
+    return _count_pairs(nq, nk, heads, mask_args(mask=mask, **mask_kw).to_list(), key_padding_mask)
+
+
+def _count_pairs(nq, nk, heads, enc, key_padding_mask=None) -> int:
     if nq == 0 or nk == 0:
         return 0
     pre = None
@@ -105,7 +101,7 @@ def count_pairs(nq: int, nk: int, heads: int, *, causal=True, s2_group_size=None
         pre[1:] = key_padding_mask.to("cpu", torch.long).cumsum(0)
     total = 0
     for h in range(heads):
-        r = _RANGES(nq, nk, h, heads, c, g, mode, wl, wr, ng, qo, ko, False, 0, 0, 0)
+        r = _RANGES(nq, nk, h, heads, enc)
         if pre is None:
             total += int((r[:, :, 1] - r[:, :, 0]).sum())
         else:
@@ -113,29 +109,26 @@ def count_pairs(nq: int, nk: int, heads: int, *, causal=True, s2_group_size=None
     return total
 
 
-def _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv_off):
+def _pairs_of_call(q, k, kpm, cu_q, cu_k, enc):
     h = _heads(q, k)
-    kw = dict(causal=causal, s2_group_size=g or None, s2_mode=mode if g else "leakfree",
-              window=None if wl < 0 and wr < 0 else (None if wl < 0 else wl, None if wr < 0 else wr),
-              n_global=ng, q_offset=None if q_off < 0 else q_off, kv_offset=kv_off)
+    enc = list(enc)
     if cu_q is not None:
         cq, ck = cu_q.tolist(), cu_k.tolist()
-        return sum(count_pairs(cq[b + 1] - cq[b], ck[b + 1] - ck[b], h, **kw) for b in range(len(cq) - 1))
-    return sum(count_pairs(q.shape[1], k.shape[1], h, key_padding_mask=None if kpm is None else kpm[b], **kw)
+        return sum(_count_pairs(cq[b + 1] - cq[b], ck[b + 1] - ck[b], h, enc) for b in range(len(cq) - 1))
+    return sum(_count_pairs(q.shape[1], k.shape[1], h, enc, None if kpm is None else kpm[b])
                for b in range(q.shape[0]))
 
 
 # FLOPs: the GEMMs only (as flash-attention counts them); softcapping's tanh per score is not counted.
 @register_flop_formula(torch.ops.longtune.sparse_attention_fwd, get_raw=True)
-def _flops_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off, kv_off, *args,
-               out_shape=None, **kwargs) -> int:
-    return 4 * q.shape[-1] * _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv_off)
+def _flops_fwd(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, *args, out_shape=None, **kwargs) -> int:
+    return 4 * q.shape[-1] * _pairs_of_call(q, k, kpm, cu_q, cu_k, mask)
 
 
 @register_flop_formula(torch.ops.longtune.sparse_attention_bwd, get_raw=True)
-def _flops_bwd(go, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale, causal, g, mode, wl, wr, ng, q_off,
-               kv_off, *args, out_shape=None, **kwargs) -> int:
-    return 10 * q.shape[-1] * _pairs_of_call(q, k, kpm, cu_q, cu_k, causal, g, mode, wl, wr, ng, q_off, kv_off)
+def _flops_bwd(go, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale, mask, *args, out_shape=None,
+               **kwargs) -> int:
+    return 10 * q.shape[-1] * _pairs_of_call(q, k, kpm, cu_q, cu_k, mask)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -144,7 +137,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
                      cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                      cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: Optional[int] = None,
                      q_offset: Optional[int] = None, kv_offset: int = 0, softcap: Optional[float] = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, mask: Optional[AttentionMask] = None):
     """Block-sparse flash attention (autograd-aware; CPU and CUDA kernels).
 
     q: (B, N_q, H_q, D), k/v: (B, N_k, H_kv, D); packed with ``cu_seqlens`` (B+1 offsets, int32/64):
@@ -162,12 +155,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     - ``window``: int w (key visible iff i - j < w) or (left, right); ``n_global``: the first
       n_global keys stay visible outside the window (LM-Infinite's Lambda-mask).
     - ``key_padding_mask``: (B, N_k) bool, True = keep. A query that sees no key outputs 0.
-    - ``kv_offset``: absolute position of key 0 (S^2 groups and global tokens are positions).
+    - ``kv_offset``: absolute position of key 0 (S^2 groups and global tokens are positions); may be
+      negative (keys before the first query's position, e.g. a neighbouring shard's halo).
+    - ``mask``: the whole mask as one :class:`longtune.AttentionMask` (also the only way to give
+      ``head_offset`` / ``total_heads``), instead of the mask keywords above.
     - ``softcap``: logit softcapping (Gemma-2's ``attn_logit_softcapping``, flash-attention's
       ``softcap``): every score s = softmax_scale * q.k becomes softcap * tanh(s / softcap) before
       the mask and the softmax; gradients flow through the tanh. None or 0: off.
     """
-    c, g, mode, wl, wr, ng, qo, ko = mask_args(causal, s2_group_size, s2_mode, window, n_global, q_offset, kv_offset)
+    enc = mask_args(causal, s2_group_size, s2_mode, window, n_global, q_offset, kv_offset, mask=mask).to_list()
     cap = 0.0 if softcap is None else float(softcap)
     if not (math.isfinite(cap) and cap >= 0.0):
         raise ValueError(f"longtune.sparse_attention: softcap must be a finite number > 0 (or None / 0 for no "
@@ -176,5 +172,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
     mq = int(max_seqlen) if max_seqlen is not None else 0
     mk = int(max_seqlen_k) if max_seqlen_k is not None else mq
-    out, lse = _FWD(q, k, v, key_padding_mask, cu_seqlens, cu_k, mq, mk, scale, c, g, mode, wl, wr, ng, qo, ko, cap)
+    out, lse = _FWD(q, k, v, key_padding_mask, cu_seqlens, cu_k, mq, mk, scale, enc, cap)
     return (out, lse) if return_lse else out

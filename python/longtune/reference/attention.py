@@ -12,11 +12,15 @@ Head map (``head_map``): the attention runs over H = max(H_q, H_kv) "output head
 
 Mask (``attention_mask``): positions pq = q_pos0 + i, pk = kv_offset + j with
 q_pos0 = kv_offset + (nk - nq if q_offset is None else q_offset) (bottom-right alignment by default,
-so a query chunk attends to a longer KV). Key j is visible to query i iff all of:
+so a query chunk attends to a longer KV; kv_offset may be negative: keys before position 0, e.g. the
+halo rows of a neighbouring shard). Key j is visible to query i iff all of:
  - causal: pk <= pq;
- - window (left, right) (an int w means (w, None)): pq - pk < left unless pk < n_global
-   (LM-Infinite Lambda-mask: global tokens are always in view), and pk - pq < right;
- - S^2 groups of size G (``s2_group_size``): output heads e >= H // 2 are "shifted" by s = G // 2.
+ - window (left, right) (an int w means (w, None)): pq - pk < left unless 0 <= pk < n_global
+   (LM-Infinite Lambda-mask: the global tokens, positions [0, n_global), are always in view), and
+   pk - pq < right;
+ - S^2 groups of size G (``s2_group_size``): output heads e >= H // 2 are "shifted" by s = G // 2
+   (a call holding heads [head_offset, head_offset + H) of ``total_heads``: the global heads
+   head_offset + e >= total_heads // 2).
    ``"leakfree"``: group(p) = floor((p + s) / G), q and k must share a group (so shifted groups are
    [0, G/2), [G/2, 3G/2), ..., the last one partial). ``"longlora_roll"`` (LongLoRA's torch.roll
    formulation, nq == nk == N, no offsets): rolled index r(p) = (p - s) mod N, groups of G over r,
@@ -77,7 +81,7 @@ def attention_mask(nq: int, nk: int, *, shifted: bool = False, causal: bool = Tr
     if causal and not roll:
         m &= pk <= pq
     if left is not None:
-        m &= ((pq - pk) < left) | (pk < n_global)
+        m &= ((pq - pk) < left) | ((pk >= 0) & (pk < n_global))
     if right is not None:
         m &= (pk - pq) < right
     if s2_group_size:
@@ -131,20 +135,27 @@ def _dense(q, k, v, mask, scale, softcap=None):
 
 def sparse_attention(q, k, v, *, causal=True, s2_group_size=None, s2_mode="leakfree", window=None, n_global=0,
                      softmax_scale=None, key_padding_mask=None, cu_seqlens=None, cu_seqlens_k=None,
-                     q_offset=None, kv_offset=0, softcap=None, return_lse=False):
+                     q_offset=None, kv_offset=0, softcap=None, return_lse=False, head_offset=0, total_heads=None):
     """Dense reference. Batched: q (B, N_q, H_q, D), k/v (B, N_k, H_kv, D) -> out (B, N_q, H, D),
     lse (B, H, N_q). Packed (``cu_seqlens``): q (T_q, H_q, D), k/v (T_k, H_kv, D) -> out (T_q, H, D),
-    lse (H, T_q). Computed in q's dtype (pass float64 tensors for the exact reference)."""
+    lse (H, T_q). Computed in q's dtype (pass float64 tensors for the exact reference).
+    ``head_offset`` / ``total_heads`` (None: H): the call's heads are [head_offset, head_offset + H)
+    of total_heads, which decides the S^2-shifted ones."""
     if s2_mode not in S2_MODES:
         raise ValueError(f"s2_mode must be one of {S2_MODES}, got {s2_mode!r}")
     h, qh, kh = head_map(q.shape[-2], k.shape[-2])
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    total = h if total_heads is None else total_heads
+    if not 0 <= head_offset <= total - h:
+        raise ValueError(f"heads [head_offset, head_offset + H) = [{head_offset}, {head_offset + h}) must lie within "
+                         f"total_heads={total}")
     qi = torch.tensor(qh, device=q.device)
     ki = torch.tensor(kh, device=q.device)
 
     def one(qs, ks, vs, kpm):
         nq, nk = qs.shape[0], ks.shape[0]
-        masks = [attention_mask(nq, nk, shifted=(e >= h // 2), causal=causal, s2_group_size=s2_group_size,
+        masks = [attention_mask(nq, nk, shifted=(head_offset + e >= total // 2), causal=causal,
+                                s2_group_size=s2_group_size,
                                 s2_mode=s2_mode, window=window, n_global=n_global, q_offset=q_offset,
                                 kv_offset=kv_offset, device=q.device) for e in range(h)]
         mask = torch.stack(masks)

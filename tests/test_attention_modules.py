@@ -135,7 +135,7 @@ def test_modules_pass_softcap():
 
 def test_causal_lm_loss_is_chunked_lm_heads():
     from longtune.nn import ChunkedLMHead
-    from longtune.nn.lm_head import causal_lm_loss
+    from longtune.nn.cross_entropy import causal_lm_loss
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50)
     h = torch.randn(2, 9, 16, generator=g)

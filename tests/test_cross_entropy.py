@@ -10,7 +10,7 @@ import longtune
 from longtune.reference.cross_entropy import linear_cross_entropy as ref_lce
 from longtune.testing import assert_within_2x
 
-from . import lce_cases as C
+from . import cross_entropy_cases as C
 
 
 def _data(T, d, V, dtype=torch.float64, bias=True, ignore_frac=0.2, seed=0):

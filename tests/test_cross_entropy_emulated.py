@@ -6,7 +6,7 @@ import torch
 
 from longtune.testing import emulated
 
-from . import lce_cases as C
+from . import cross_entropy_cases as C
 
 FWD = emulated("linear_cross_entropy_fwd")
 BWD = emulated("linear_cross_entropy_bwd")

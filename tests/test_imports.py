@@ -23,6 +23,7 @@ LIGHT_MODULES = [
     "longtune.train.chunkwise",
     "longtune.train.adapters",
     "longtune.train.s2ft",
+    "longtune.train.sparse_delta",
     "longtune.train.sparse",
     "longtune.compat",
     "longtune.compat.fast_hadamard_transform",
@@ -31,6 +32,7 @@ LIGHT_MODULES = [
     "longtune.integrations",
     "longtune.integrations.hf",
     "longtune.integrations.lm_infinite",
+    "longtune.integrations.quant",
     "longtune.integrations.roste",
 ]
 

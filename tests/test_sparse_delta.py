@@ -355,7 +355,7 @@ def test_reproducible_and_resumable():
 def test_growth_candidates_never_hold_dense_dw_and_are_inactive():
     torch.manual_seed(0)
     layer = longtune.nn.SparseDeltaLinear(torch.nn.Linear(40, 30), density=0.2, seed=0)
-    stats = longtune.train.sparse._GrowthStats(layer, n_cand=25, tile_rows=7)  # 7-row tiles
+    stats = longtune.train.sparse_delta._GrowthStats(layer, n_cand=25, tile_rows=7)  # 7-row tiles
     gy, x = torch.randn(16, 30), torch.randn(16, 40)
     stats(gy, x)
     dense = (gy.T @ x).abs().reshape(-1)

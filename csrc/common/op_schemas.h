@@ -77,14 +77,14 @@
 // lse float32 (float64 for float64 input), argmax int64: the first column of the row's largest z
 // (a NaN counts as the largest, as torch.argmax), taken in the same pass; the reduction is applied
 // by the caller.
-#define LT_SCHEMA_LCE_FWD                                                                                 \
+#define LT_SCHEMA_CROSS_ENTROPY_FWD                                                                                 \
   "linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "    \
   "float label_smoothing, float z_loss, float softcap, Tensor? class_weight=None) -> (Tensor, Tensor, Tensor)"
 // Its backward from per-row loss gradients: (dx, dweight, dbias) in x's / weight's / bias's dtype
 // (dbias is empty without bias), logits recomputed tile by tile, fp32 accumulation. filter_eps > 0
 // skips vocabulary tiles of a row block whose |d logits| are all below it (Cut Cross-Entropy's
 // filter; 0 = exact).
-#define LT_SCHEMA_LCE_BWD                                                                                   \
+#define LT_SCHEMA_CROSS_ENTROPY_BWD                                                                                   \
   "linear_cross_entropy_bwd(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor target, "      \
   "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, float filter_eps, "   \
   "Tensor? class_weight=None) -> (Tensor, Tensor, Tensor)"
@@ -94,7 +94,7 @@
 // 1). CPU: one pass, each row block's logits (rows x V) are formed once and turned into d logits in
 // place (no recompute); CUDA: the forward and backward kernels above, one after the other.
 // weight_grad=False (a frozen head, e.g. under LoRA): no dweight / dbias GEMM, both come back empty.
-#define LT_SCHEMA_LCE_FWD_BWD                                                                             \
+#define LT_SCHEMA_CROSS_ENTROPY_FWD_BWD                                                                             \
   "linear_cross_entropy_fwd_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor grad_rows, " \
   "int ignore_index, float label_smoothing, float z_loss, float softcap, bool weight_grad=True, "         \
   "Tensor? class_weight=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
@@ -110,6 +110,6 @@
   F(LT_SCHEMA_SPARSE_ADAMW);  \
   F(LT_SCHEMA_ATTN_FWD);      \
   F(LT_SCHEMA_ATTN_BWD);      \
-  F(LT_SCHEMA_LCE_FWD);       \
-  F(LT_SCHEMA_LCE_BWD);       \
-  F(LT_SCHEMA_LCE_FWD_BWD)
+  F(LT_SCHEMA_CROSS_ENTROPY_FWD);       \
+  F(LT_SCHEMA_CROSS_ENTROPY_BWD);       \
+  F(LT_SCHEMA_CROSS_ENTROPY_FWD_BWD)

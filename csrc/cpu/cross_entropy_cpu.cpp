@@ -16,11 +16,11 @@
 #include <limits>
 #include <vector>
 
-#include "common/lce_host.h"
+#include "common/cross_entropy_host.h"
 #include "common/nonfinite.h"
 #include "cpu/cpu_kernels.h"
 
-namespace lt::lce {
+namespace lt::cross_entropy {
 namespace {
 
 using cpu::exp_row;
@@ -57,7 +57,7 @@ struct Opts {
 };
 
 template <class T>
-Opts<T> make_opts(const LceArgs& a, const at::Tensor& cw) {
+Opts<T> make_opts(const CrossEntropyArgs& a, const at::Tensor& cw) {
   Opts<T> o{a.ignore_index, a.V, T(a.eps), T(a.z_loss), T(a.softcap), a.has_bias};
   if (a.has_cw) {
     o.cw = cw.data_ptr<T>();
@@ -147,7 +147,7 @@ void zero_ignored_rows(T* DX, int64_t T_, int64_t d, const int64_t* tg, int64_t 
 
 template <class T>
 void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target,
-              const at::Tensor& cw, const LceArgs& a, at::Tensor& loss, at::Tensor& lse, at::Tensor& amax) {
+              const at::Tensor& cw, const CrossEntropyArgs& a, at::Tensor& loss, at::Tensor& lse, at::Tensor& amax) {
   const Opts<T> o = make_opts<T>(a, cw);
   const T* X = x.data_ptr<T>();
   const T* W = w.data_ptr<T>();
@@ -225,7 +225,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, con
 
 template <class T>
 void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-              const at::Tensor& target, const at::Tensor& lse, const at::Tensor& cw, const LceArgs& a, at::Tensor& dx,
+              const at::Tensor& target, const at::Tensor& lse, const at::Tensor& cw, const CrossEntropyArgs& a, at::Tensor& dx,
               at::Tensor& dw, at::Tensor& db) {
   const Opts<T> o = make_opts<T>(a, cw);
   const T* X = x.data_ptr<T>();
@@ -298,7 +298,7 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
 // forward + recomputing backward; peak extra memory RB x V, never T x V.
 template <class T>
 void fwd_bwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& target,
-                  const at::Tensor& g, const at::Tensor& cw, const LceArgs& a, bool wgrad, at::Tensor& loss,
+                  const at::Tensor& g, const at::Tensor& cw, const CrossEntropyArgs& a, bool wgrad, at::Tensor& loss,
                   at::Tensor& lse, at::Tensor& dx, at::Tensor& dw, at::Tensor& db, at::Tensor& amax) {
   const Opts<T> o = make_opts<T>(a, cw);
   int64_t* AM = amax.data_ptr<int64_t>();
@@ -389,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x_, const a
                                                    int64_t ignore_index, double eps, double z_loss, double softcap,
                                                    const std::optional<at::Tensor>& cw_) {
   const char* op = "linear_cross_entropy_fwd";
-  LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
+  CrossEntropyArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
   const auto ct = ctype(x_);
   const at::Tensor cw = check_class_weight(op, a, x_, cw_, ct);
   const at::Tensor x = x_.to(ct).contiguous(), w = w_.to(ct).contiguous();
@@ -410,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const a
                                                    double z_loss, double softcap, double filter,
                                                    const std::optional<at::Tensor>& cw_) {
   const char* op = "linear_cross_entropy_bwd";
-  LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
+  CrossEntropyArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
   check_bwd(op, a, x_, g_, lse_, filter);
   a.filter = filter;
   const auto ct = ctype(x_);
@@ -435,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& g_, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad,
     const std::optional<at::Tensor>& cw_) {
   const char* op = "linear_cross_entropy_fwd_bwd";
-  LceArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
+  CrossEntropyArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
   check_fwd_bwd(op, a, x_, g_);
   const auto ct = ctype(x_);
   const at::Tensor cw = check_class_weight(op, a, x_, cw_, ct);
@@ -456,10 +456,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-}  // namespace lt::lce
+}  // namespace lt::cross_entropy
 
 TORCH_LIBRARY_IMPL(longtune, CPU, m) {
-  m.impl("linear_cross_entropy_fwd", &lt::lce::fwd);
-  m.impl("linear_cross_entropy_bwd", &lt::lce::bwd);
-  m.impl("linear_cross_entropy_fwd_bwd", &lt::lce::fwd_bwd);
+  m.impl("linear_cross_entropy_fwd", &lt::cross_entropy::fwd);
+  m.impl("linear_cross_entropy_bwd", &lt::cross_entropy::bwd);
+  m.impl("linear_cross_entropy_fwd_bwd", &lt::cross_entropy::fwd_bwd);
 }

@@ -17,7 +17,7 @@ from .ops.quant import dequantize, quantize, quantize_weight, rotate_fake_quant
 from . import nn  # noqa: E402,F401
 from . import quant  # noqa: E402,F401
 from . import train  # noqa: E402,F401
-from .train.sparse import sparsify  # noqa: E402,F401
+from .train.sparse_delta import sparsify  # noqa: E402,F401
 from .integrations.hf import convert_to_sqa, patch, unpatch  # noqa: E402,F401
 from . import recipes  # noqa: E402,F401
 from . import compat  # noqa: E402,F401

@@ -3,7 +3,7 @@ tests' cases plus larger shapes against the float64 reference (2x rule), filter_
 import pytest
 import torch
 
-from .. import lce_cases as C
+from .. import cross_entropy_cases as C
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 OPS = torch.ops.longtune

@@ -188,7 +188,7 @@ def _set_implementation(base, impl: str) -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        from .roste import roste_attention
+        from .quant import roste_attention
 
         name = _ROSTE_PREFIX + impl
         AttentionInterface.register(name, roste_attention)
@@ -273,7 +273,7 @@ def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **
         return self._longtune_orig_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..nn.lm_head import causal_lm_loss
+    from ..nn.cross_entropy import causal_lm_loss
 
     num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("logits_to_keep", None)

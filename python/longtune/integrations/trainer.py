@@ -13,7 +13,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from ..train.sparse import SpIELScheduler
+from ..train.sparse_delta import SpIELScheduler
 
 SCHEDULER_STATE_NAME = "spiel_scheduler.pt"
 

@@ -1,6 +1,6 @@
 """Drop-in nn.Modules."""
 from .attention import S2Attention, SparseQueryAttention  # noqa: F401
-from .lm_head import ChunkedLMHead  # noqa: F401
+from .cross_entropy import ChunkedLMHead  # noqa: F401
 from .quant import RotatedQuantLinear  # noqa: F401
 from .s2ft import S2FTLinear, S2FTMLP  # noqa: F401
 from .sparse_delta import SparseDeltaLinear  # noqa: F401

@@ -74,7 +74,7 @@ class SparseDeltaLinear(nn.Module):
         self.values = nn.Parameter(torch.zeros(num_deltas, dtype=base.weight.dtype, device=base.weight.device))
         self._orig = None      # original base-weight entries at `indices` (k values)
         self._snapshot = None  # the values last written into the base weight
-        self._collect = None  # set by longtune.train.sparse.SpIELScheduler during its window
+        self._collect = None  # set by longtune.train.sparse_delta.SpIELScheduler during its window
         self.register_buffer("_folded", None, persistent=False)
         self.register_state_dict_post_hook(_state_dict_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)

@@ -7,9 +7,9 @@
 
 #include "common/checks.h"
 
-namespace lt::lce {
+namespace lt::cross_entropy {
 
-struct LceArgs {
+struct CrossEntropyArgs {
   int64_t T = 0, d = 0, V = 0;
   bool has_bias = false;
   bool has_cw = false;  // class weights given
@@ -19,7 +19,7 @@ struct LceArgs {
 
 // x (T, d), weight (V, d), bias (V,) or None, target (T,) int64 with values in [0, V) or ==
 // ignore_index (checked with one device sync on CUDA, instead of a device-side assert).
-inline LceArgs check_args(const char* op, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+inline CrossEntropyArgs check_args(const char* op, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                           const at::Tensor& target, int64_t ignore_index, double eps, double z_loss, double softcap,
                           bool allow_f64) {
   check_floating(op, "x", x, allow_f64);
@@ -34,7 +34,7 @@ inline LceArgs check_args(const char* op, const at::Tensor& x, const at::Tensor&
   LT_CHECK(op, target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == x.size(0),
            "target must be an int64 tensor of shape (tokens,) = (", x.size(0), ",), got ", target.scalar_type(), " ",
            target.sizes());
-  LceArgs a;
+  CrossEntropyArgs a;
   a.T = x.size(0);
   a.d = x.size(1);
   a.V = w.size(0);
@@ -64,7 +64,7 @@ inline LceArgs check_args(const char* op, const at::Tensor& x, const at::Tensor&
   return a;
 }
 
-inline void check_bwd(const char* op, const LceArgs& a, const at::Tensor& x, const at::Tensor& grad,
+inline void check_bwd(const char* op, const CrossEntropyArgs& a, const at::Tensor& x, const at::Tensor& grad,
                       const at::Tensor& lse, double filter) {
   const auto ldt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   LT_CHECK(op, grad.dim() == 1 && grad.size(0) == a.T && grad.scalar_type() == ldt, "grad_loss must be ", ldt,
@@ -76,7 +76,7 @@ inline void check_bwd(const char* op, const LceArgs& a, const at::Tensor& x, con
   LT_CHECK(op, std::isfinite(filter) && filter >= 0, "filter_eps must be >= 0, got ", filter);
 }
 
-inline void check_fwd_bwd(const char* op, const LceArgs& a, const at::Tensor& x, const at::Tensor& grad_rows) {
+inline void check_fwd_bwd(const char* op, const CrossEntropyArgs& a, const at::Tensor& x, const at::Tensor& grad_rows) {
   const auto ldt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   LT_CHECK(op, grad_rows.dim() == 1 && grad_rows.size(0) == a.T && grad_rows.scalar_type() == ldt,
            "grad_rows must be ", ldt, " of shape (", a.T, ",), got ", grad_rows.scalar_type(), " ",
@@ -87,7 +87,7 @@ inline void check_fwd_bwd(const char* op, const LceArgs& a, const at::Tensor& x,
 // class_weight: (V,) floating, on x's device, one weight per vocabulary entry (F.cross_entropy's
 // `weight`). Returns it contiguous in the compute dtype `ct` (float32, float64 for float64 input),
 // or an undefined tensor without class weights; sets a.has_cw.
-inline at::Tensor check_class_weight(const char* op, LceArgs& a, const at::Tensor& x,
+inline at::Tensor check_class_weight(const char* op, CrossEntropyArgs& a, const at::Tensor& x,
                                      const std::optional<at::Tensor>& cw, at::ScalarType ct) {
   if (!cw.has_value()) return at::Tensor();
   LT_CHECK(op, at::isFloatingType(cw->scalar_type()), "class_weight must be a floating tensor, got ",
@@ -99,4 +99,4 @@ inline at::Tensor check_class_weight(const char* op, LceArgs& a, const at::Tenso
   return cw->to(ct).contiguous();
 }
 
-}  // namespace lt::lce
+}  // namespace lt::cross_entropy

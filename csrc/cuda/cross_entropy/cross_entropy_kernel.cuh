@@ -26,9 +26,9 @@
 #include "common/nonfinite.h"
 #include "common/simt/simt.h"
 #include "cuda/common/launch.h"
-#include "cuda/lce/lce_params.h"
+#include "cuda/cross_entropy/cross_entropy_params.h"
 
-namespace lt::lce {
+namespace lt::cross_entropy {
 
 constexpr int kXS = kBM + 1;  // shared x chunk: [kBK][kXS] (x transposed)
 constexpr int kWS = kBN + 1;  // shared W chunk: [kBK][kWS] (W transposed)
@@ -455,4 +455,4 @@ ConvK<T> make_conv(const float* in, void* out, int64_t n, const char* name) {
   return k;
 }
 
-}  // namespace lt::lce
+}  // namespace lt::cross_entropy

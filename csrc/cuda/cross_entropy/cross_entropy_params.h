@@ -1,14 +1,14 @@
 // Launch parameters of the fused linear + cross-entropy kernels (plain data; no torch, no CUDA types),
-// shared by the nvcc launcher (lce_launch.cu), the emulator launcher (lce_emu.cpp) and the host glue.
+// shared by the nvcc launcher (cross_entropy_launch.cu), the emulator launcher (cross_entropy_emu.cpp) and the host glue.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 
 #include "cuda/common/dtype.h"
 
-namespace lt::lce {
+namespace lt::cross_entropy {
 
-// Tile sizes shared by the kernels (lce_kernel.cuh) and the host-side planning below.
+// Tile sizes shared by the kernels (cross_entropy_kernel.cuh) and the host-side planning below.
 constexpr int kBM = 64;        // rows of x per block
 constexpr int kBN = 64;        // vocabulary columns per tile
 constexpr int kBK = 32;        // hidden-dimension chunk staged in shared memory
@@ -66,7 +66,7 @@ inline void plan_fwd(FwdParams& p) {
 }
 
 // nvcc-compiled launchers; return a CUDA error string or nullptr.
-const char* launch_lce_fwd_cuda(const FwdParams& p, void* stream);
-const char* launch_lce_bwd_cuda(const BwdParams& p, void* stream);
+const char* launch_cross_entropy_fwd_cuda(const FwdParams& p, void* stream);
+const char* launch_cross_entropy_bwd_cuda(const BwdParams& p, void* stream);
 
-}  // namespace lt::lce
+}  // namespace lt::cross_entropy

@@ -1,5 +1,5 @@
 // Host glue shared by the CUDA and the emulator bindings of the fused linear + cross-entropy:
-// argument checks (common/lce_host.h), contiguous inputs, outputs / fp32 scratch, params.
+// argument checks (common/cross_entropy_host.h), contiguous inputs, outputs / fp32 scratch, params.
 // lse is computed for every row, ignored ones included (their loss and gradients are 0).
 // Without bias, dbias is an empty tensor (shape (0,), x's dtype and device).
 #pragma once
@@ -8,14 +8,14 @@
 #include <optional>
 #include <tuple>
 
-#include "common/lce_host.h"
+#include "common/cross_entropy_host.h"
 #include "cuda/common/torch_glue.h"
-#include "cuda/lce/lce_params.h"
+#include "cuda/cross_entropy/cross_entropy_params.h"
 
-namespace lt::lce {
+namespace lt::cross_entropy {
 
 // Class weights as fp32 and their sum as a device scalar (no host sync); undefined without.
-inline std::pair<at::Tensor, at::Tensor> class_weight_f32(const char* op, LceArgs& a, const at::Tensor& x,
+inline std::pair<at::Tensor, at::Tensor> class_weight_f32(const char* op, CrossEntropyArgs& a, const at::Tensor& x,
                                                           const std::optional<at::Tensor>& cw) {
   const at::Tensor c = check_class_weight(op, a, x, cw, at::kFloat);
   if (!c.defined()) return {};
@@ -23,14 +23,14 @@ inline std::pair<at::Tensor, at::Tensor> class_weight_f32(const char* op, LceArg
 }
 
 template <class Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_fwd_device(const at::Tensor& x, const at::Tensor& w,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_device(const at::Tensor& x, const at::Tensor& w,
                                                               const std::optional<at::Tensor>& b,
                                                               const at::Tensor& target, int64_t ignore_index,
                                                               double eps, double z_loss, double softcap,
                                                               const std::optional<at::Tensor>& class_weight,
                                                               Launch&& launch) {
   const char* op = "linear_cross_entropy_fwd";
-  LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
+  CrossEntropyArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
   const auto [cw, wsum] = class_weight_f32(op, a, x, class_weight);
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor loss = at::zeros({a.T}, fopt), lse = at::zeros({a.T}, fopt);
@@ -63,12 +63,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_fwd_device(const at::Tensor& 
 }
 
 template <class Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_bwd_device(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
     const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index, double eps, double z_loss, double softcap,
     double filter, const std::optional<at::Tensor>& class_weight, Launch&& launch) {
   const char* op = "linear_cross_entropy_bwd";
-  LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
+  CrossEntropyArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
   check_bwd(op, a, x, grad, lse, filter);
   const auto [cw, wsum] = class_weight_f32(op, a, x, class_weight);
   const bool f32 = x.scalar_type() == at::kFloat;
@@ -117,12 +117,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_device(
 // per-row weights (the logits are recomputed; a one-pass device kernel is not written yet).
 // fwd / bwd: the registered linear_cross_entropy_{fwd,bwd} kernels of the same backend.
 template <auto fwd, auto bwd>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_bwd_composed(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_bwd_composed(
     const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
     const at::Tensor& target, const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss,
     double softcap, bool weight_grad, const std::optional<at::Tensor>& class_weight) {
   const char* op = "linear_cross_entropy_fwd_bwd";
-  const LceArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
+  const CrossEntropyArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
   check_fwd_bwd(op, a, x, grad_rows);
   auto [loss, lse, amax] = fwd(x, w, b, target, ignore_index, eps, z_loss, softcap, class_weight);
   auto [dx, dw, db] = bwd(grad_rows, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, 0.0, class_weight);
@@ -130,4 +130,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, lse, dx, dw, db, amax};
 }
 
-}  // namespace lt::lce
+}  // namespace lt::cross_entropy

@@ -1,14 +1,14 @@
 // Emulator launch file of the fused linear + cross-entropy kernels: torch.ops.longtune_emu.* on
-// CPU tensors (the same device code as lce_launch.cu).
+// CPU tensors (the same device code as cross_entropy_launch.cu).
 #include <torch/library.h>
 
 #include <type_traits>
 
 #include "cuda/common/emu_glue.h"
-#include "cuda/lce/lce_device_op.h"
-#include "cuda/lce/lce_kernel.cuh"
+#include "cuda/cross_entropy/cross_entropy_device_op.h"
+#include "cuda/cross_entropy/cross_entropy_kernel.cuh"
 
-namespace lt::lce {
+namespace lt::cross_entropy {
 namespace {
 constexpr const char* kFwdOp = "linear_cross_entropy_fwd";
 constexpr const char* kBwdOp = "linear_cross_entropy_bwd";
@@ -17,7 +17,7 @@ template <class T>
 void convert(const float* in, void* out, int64_t n, const char* name) {
   if (n <= 0) return;
   const ConvK<T> k = make_conv<T>(in, out, n, name);
-  emu_launch(kBwdOp, "lce_conv_kernel", conv_config(n), [&k] { conv_body<T>(k); });
+  emu_launch(kBwdOp, "cross_entropy_conv_kernel", conv_config(n), [&k] { conv_body<T>(k); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& w,
@@ -25,11 +25,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at
                                                    int64_t ignore_index, double eps, double z_loss, double softcap,
                                                    const std::optional<at::Tensor>& cw) {
   check_emu_input(kFwdOp, x);
-  return lce_fwd_device(x, w, b, target, ignore_index, eps, z_loss, softcap, cw, [](const FwdParams& fp) {
+  return cross_entropy_fwd_device(x, w, b, target, ignore_index, eps, z_loss, softcap, cw, [](const FwdParams& fp) {
     dispatch_dtype(fp.dtype, [&]<class T>() {
       const FwdK<T> k = make_fwd<T>(fp);
-      emu_launch(kFwdOp, "lce_fwd_kernel", fwd_config(fp), [&k] { fwd_body<T>(k); });
-      emu_launch(kFwdOp, "lce_merge_kernel", merge_config(fp.T), [&k] { merge_body<T>(k); });
+      emu_launch(kFwdOp, "cross_entropy_fwd_kernel", fwd_config(fp), [&k] { fwd_body<T>(k); });
+      emu_launch(kFwdOp, "cross_entropy_merge_kernel", merge_config(fp.T), [&k] { merge_body<T>(k); });
     });
   });
 }
@@ -40,10 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
                                                    double z_loss, double softcap, double filter,
                                                    const std::optional<at::Tensor>& cw) {
   check_emu_input(kBwdOp, x);
-  return lce_bwd_device(g, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, filter, cw, [](const BwdParams& bp) {
+  return cross_entropy_bwd_device(g, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, filter, cw, [](const BwdParams& bp) {
     dispatch_dtype(bp.dtype, [&]<class T>() {
       const BwdK<T> k = make_bwd<T>(bp);
-      emu_launch(kBwdOp, "lce_bwd_kernel", bwd_config(bp), [&k] { bwd_body<T>(k); });
+      emu_launch(kBwdOp, "cross_entropy_bwd_kernel", bwd_config(bp), [&k] { bwd_body<T>(k); });
       if constexpr (!std::is_same_v<T, float>) {
         convert<T>(bp.dx32, bp.dx, bp.T * bp.d, "dx");
         convert<T>(bp.dw32, bp.dw, bp.V * bp.d, "dweight");
@@ -53,10 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
   });
 }
 }  // namespace
-}  // namespace lt::lce
+}  // namespace lt::cross_entropy
 
 TORCH_LIBRARY_IMPL(longtune_emu, CPU, m) {
-  m.impl("linear_cross_entropy_fwd", &lt::lce::fwd);
-  m.impl("linear_cross_entropy_bwd", &lt::lce::bwd);
-  m.impl("linear_cross_entropy_fwd_bwd", (&lt::lce::lce_fwd_bwd_composed<&lt::lce::fwd, &lt::lce::bwd>));
+  m.impl("linear_cross_entropy_fwd", &lt::cross_entropy::fwd);
+  m.impl("linear_cross_entropy_bwd", &lt::cross_entropy::bwd);
+  m.impl("linear_cross_entropy_fwd_bwd", (&lt::cross_entropy::cross_entropy_fwd_bwd_composed<&lt::cross_entropy::fwd, &lt::cross_entropy::bwd>));
 }

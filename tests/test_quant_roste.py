@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import longtune  # noqa: E402
-from longtune.integrations import roste as RS  # noqa: E402
+from longtune.integrations import quant as RS  # noqa: E402
 from longtune.quant import RoSTEConfig, export, load_exported, prepare_roste, search_rotation_config  # noqa: E402
 
 

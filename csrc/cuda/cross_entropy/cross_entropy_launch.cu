@@ -1,0 +1,49 @@
+// nvcc launch file of the fused linear + cross-entropy kernels.
+#include <type_traits>
+
+#include "cuda/common/cuda_launch.cuh"
+#include "cuda/cross_entropy/cross_entropy_kernel.cuh"
+
+namespace lt::cross_entropy {
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(FwdK<T> p) { fwd_body<T>(p); }
+template <class T>
+__global__ void __launch_bounds__(kMergeThreads) cross_entropy_merge_kernel(FwdK<T> p) { merge_body<T>(p); }
+template <class T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(BwdK<T> p) { bwd_body<T>(p); }
+template <class T>
+__global__ void __launch_bounds__(kConvThreads) cross_entropy_conv_kernel(ConvK<T> p) { conv_body<T>(p); }
+
+namespace {
+template <class T>
+cudaError_t convert(const float* in, void* out, int64_t n, void* stream) {
+  if (n <= 0) return cudaSuccess;
+  return launch_kernel(&cross_entropy_conv_kernel<T>, conv_config(n), stream, make_conv<T>(in, out, n, "output"));
+}
+}  // namespace
+
+const char* launch_cross_entropy_fwd_cuda(const FwdParams& fp, void* stream) {
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(fp.dtype, [&]<class T>() {
+    const FwdK<T> k = make_fwd<T>(fp);
+    if ((err = launch_kernel(&cross_entropy_fwd_kernel<T>, fwd_config(fp), stream, k)) != cudaSuccess) return;
+    err = launch_kernel(&cross_entropy_merge_kernel<T>, merge_config(fp.T), stream, k);
+  });
+  return launch_error(err);
+}
+
+const char* launch_cross_entropy_bwd_cuda(const BwdParams& bp, void* stream) {
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(bp.dtype, [&]<class T>() {
+    if ((err = launch_kernel(&cross_entropy_bwd_kernel<T>, bwd_config(bp), stream, make_bwd<T>(bp))) != cudaSuccess) return;
+    if constexpr (!std::is_same_v<T, float>) {
+      if ((err = convert<T>(bp.dx32, bp.dx, bp.T * bp.d, stream)) != cudaSuccess) return;
+      if ((err = convert<T>(bp.dw32, bp.dw, bp.V * bp.d, stream)) != cudaSuccess) return;
+      if (bp.db32 != nullptr) err = convert<T>(bp.db32, bp.db, bp.V, stream);
+    }
+  });
+  return launch_error(err);
+}
+
+}  // namespace lt::cross_entropy

@@ -29,12 +29,10 @@ Run: ``python benchmarks/attention.py [--device cpu|cuda] [--out DIR] [--quick]`
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import longtune  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 from longtune.ops.attention import count_pairs  # noqa: E402

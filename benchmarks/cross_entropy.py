@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 import longtune  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 

@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import harness as H  # noqa: E402
 
 ORDER = ["attention", "cross_entropy", "chunkwise", "sparse_delta", "s2ft", "quant", "hadamard"]

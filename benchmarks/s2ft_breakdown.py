@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import harness as H  # noqa: E402
 from benchmarks.s2ft import MLP, s2ft_block, train_step  # noqa: E402
 

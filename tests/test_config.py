@@ -4,7 +4,6 @@ touched or run, idempotence, and the recorded setup restored after ``save_pretra
 ``from_pretrained`` in a fresh process."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os

@@ -38,7 +38,7 @@ from ..config import ChunkwiseConfig, SparseDeltaConfig, chunkwise_backward, get
 from ..train.sparse import SpIELScheduler
 from .hf import hf_model
 
-__all__ = ["LongtuneTrainerMixin", "LongtuneTrainer", "LongtuneSFTTrainer", "SpIELCallback"]
+__all__ = ["LongtuneTrainerMixin", "LongtuneTrainer", "SpIELCallback"]  # and LongtuneSFTTrainer (built on access)
 
 SCHEDULER_STATE_NAME = "spiel_scheduler.pt"
 

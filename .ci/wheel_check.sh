@@ -36,7 +36,7 @@ from longtune.reference.hadamard import hadamard_transform as ref
 where = pathlib.Path(longtune.__file__).resolve()
 assert pathlib.Path(sys.prefix).resolve() in where.parents, f"imported {where}, not the installed wheel"
 x = torch.randn(3, 64, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
-got = longtune.hadamard_transform(x)
+got = longtune.hadamard_transform(x, scale=1.0)
 torch.testing.assert_close(got, ref(x).to(got.dtype), rtol=1e-5, atol=1e-5)
 print(f"wheel-check: import longtune {longtune.__version__} from {where.parent}; hadamard_transform matches "
       f"the reference; CUDA kernels: {longtune.has_cuda_kernels()}")

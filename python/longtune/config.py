@@ -73,7 +73,8 @@ class AttentionConfig:
 
     def __post_init__(self):
         n = "AttentionConfig"
-        _check(self.kind in ("s2", "causal", "lambda"), n, f"kind must be 's2', 'causal' or 'lambda', got {self.kind!r}")
+        _check(self.kind in ("s2", "causal", "lambda"), n,
+               f"kind must be 's2', 'causal' or 'lambda', got {self.kind!r}")
         _check(isinstance(self.group_size_ratio, (int, float)) and 0 < self.group_size_ratio <= 1, n,
                f"group_size_ratio must be in (0, 1], got {self.group_size_ratio!r}")
         _check(self.group_size is None or (_is_int(self.group_size) and self.group_size >= 1), n,
@@ -362,8 +363,7 @@ def _validate(model, base, configs: dict) -> None:
 
 # ------------------------------------------------------------------ presence of the weight transforms
 def _present(model, base, cls) -> bool:
-    from torch import nn  # noqa: F401
-
+    """Whether the weight transform of ``cls`` is already in the model."""
     if cls is RoSTEConfig:
         return getattr(base, "longtune_roste_config", None) is not None
     if cls is SparseDeltaConfig:
@@ -483,5 +483,6 @@ def chunkwise_backward(model, input_ids, labels, *, attention_mask=None, num_ite
     n = input_ids.shape[-1]
     chunk = min(cfg.chunk_size, n)
     budget = None if cfg.budget is None else min(cfg.budget, -(-n // chunk))  # short sequences: every chunk
-    return seco_backward(model, input_ids, labels, chunk_size=chunk, budget=budget, cap=cfg.cap, attention_mask=attention_mask, generator=generator,
-                         num_items_in_batch=num_items_in_batch, full_loss=cfg.full_loss)
+    return seco_backward(model, input_ids, labels, chunk_size=chunk, budget=budget, cap=cfg.cap,
+                         attention_mask=attention_mask, generator=generator, num_items_in_batch=num_items_in_batch,
+                         full_loss=cfg.full_loss)

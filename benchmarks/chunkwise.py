@@ -30,7 +30,7 @@ Issue targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backp
 faster than SeCO. The CPU run uses a shorter sequence when a full-backprop step takes too long (the
 size used is in the case name and params). ``--quick``: 512 tokens, 2 layers, vocabulary 8000.
 
-Run: ``python benchmarks/chunkwise.py [--device cpu|cuda] [--out DIR] [--quick]``.
+Run: ``python -m benchmarks.chunkwise [--device cpu|cuda] [--out DIR] [--quick]``.
 """
 from __future__ import annotations
 

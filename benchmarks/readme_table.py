@@ -3,7 +3,7 @@
 folder): one table of every ratio with a target - median, 95% interval, target, verdict - with the
 measuring machine, torch and commit of each family, and the Hadamard transform's per-size table.
 
-Run: ``python benchmarks/readme_table.py [cpu|cuda] [--quick] [--dir DIR] [--all]`` (--all: the ratios
+Run: ``python -m benchmarks.readme_table [cpu|cuda] [--quick] [--dir DIR] [--all]`` (--all: the ratios
 without a target too)."""
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ def _progress(total: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longtune.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m longtune.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="output folder (default ./bench-results/<UTC stamp>/)")
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases (the whole suite in ~3 minutes)")

@@ -4,6 +4,8 @@
 #   make format     apply the formatters (scripts/format.sh)
 #   make bench      bootstrap, build, run the benchmarks -> bench-results/<stamp>/*.json|csv|png + a summary
 #   make bench-check  a quick benchmark run compared with benchmarks/baselines/ (fails on a regression)
+#   make wheel-check  build a CPU-only wheel (pip wheel --no-build-isolation), install it into a fresh venv
+#                   (seeing .venv's torch) and import it + run one op from outside the tree
 #   make gpu-check  on a GPU machine: build against its torch, CUDA tests, compute-sanitizer,
 #                   benchmarks vs GPU peers -> gpu-results/<stamp>/
 # Knobs: BENCH_ARGS (e.g. --quick, --only attention, --update-baseline), BENCH_CHECK_ARGS,
@@ -23,7 +25,7 @@ LINT_SPEC ?= ruff==0.17.6 clang-format==23.1.5
 LINT ?= 1
 export LONGTUNE_CUDA LONGTUNE_CUDA_ARCHS
 
-.PHONY: all setup build test lint format bench bench-check gpu-check clean
+.PHONY: all setup build test lint format bench bench-check wheel-check gpu-check clean
 
 all: test
 
@@ -32,7 +34,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pytest hypothesis scipy pybind11 ninja "cmake>=3.26" triton matplotlib tqdm \
-	  "transformers>=4.56" safetensors peft $(LINT_SPEC)
+	  "transformers>=4.56" safetensors peft trl $(LINT_SPEC)
 	@touch $@
 
 setup: $(VENV)/.deps-stamp
@@ -72,10 +74,13 @@ test: $(if $(filter 1,$(LINT)),lint) build
 BENCH_ARGS ?=
 BENCH_CHECK_ARGS ?= --quick
 bench: build
-	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+	$(PY) -m longtune.bench $(BENCH_ARGS)
 
 bench-check: build
-	$(PY) benchmarks/run_all.py --check $(BENCH_CHECK_ARGS)
+	$(PY) -m longtune.bench --check $(BENCH_CHECK_ARGS)
+
+wheel-check: setup
+	bash .ci/wheel_check.sh $(abspath $(PY)) build/wheel-check
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

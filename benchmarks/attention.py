@@ -24,17 +24,15 @@ time / ours >= 6 (fwd + bwd); SQA scaling: (t_MHA / t_variant) / (H / H_q) >= 0.
 GPU (bf16, B=1, H=8, d=128, N = 8k..32k (64k)): LongLoRA / ours >= 1.5, Flex / ours >= 1.3, ours
 TFLOP/s / dense flash TFLOP/s >= 1.0; SQA variants at 32k (and 64k) >= 0.9 of H / H_q.
 
-Run: ``python benchmarks/attention.py [--device cpu|cuda] [--out DIR] [--quick]``.
+Run: ``python -m benchmarks.attention [--device cpu|cuda] [--out DIR] [--quick]``.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import longtune  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 from longtune.ops.attention import count_pairs  # noqa: E402

@@ -9,12 +9,9 @@ GPU >= 1.2x fast-hadamard-transform and >= 85% of clone bandwidth in bf16, n = 1
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import longtune  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 from longtune.ops.hadamard import hadamard_flops  # noqa: E402

@@ -30,7 +30,7 @@ Targets (N = 16k tokens, 16 chunks): SeCO peak memory <= 1/8 of full backprop's 
 faster than SeCO. The CPU run uses a shorter sequence when a full-backprop step takes too long (the
 size used is in the case name and params). ``--quick``: 512 tokens, 2 layers, vocabulary 8000.
 
-Run: ``python benchmarks/chunkwise.py [--device cpu|cuda] [--out DIR] [--quick]``.
+Run: ``python -m benchmarks.chunkwise [--device cpu|cuda] [--out DIR] [--quick]``.
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 from benchmarks import harness as H  # noqa: E402
 
 FULL = "full backprop"
@@ -68,7 +67,6 @@ CPU_MAX_FULL_STEP_S = 120.0
 
 _CHILD = """
 import sys
-sys.path.insert(0, {root!r})
 from benchmarks.chunkwise import _child
 _child(sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 """
@@ -152,9 +150,10 @@ def _child(mem_impls: list, device: str, n: int, rounds: int) -> None:
 def _run_child(mem_impls: list, device: str, n: int, rounds: int = 0, timeout_s: float | None = None,
                quick: bool = False) -> dict:
     """Runs :func:`_child` in a fresh process; raises subprocess.TimeoutExpired past timeout_s."""
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), ",".join(mem_impls) or ",", device,
+    out = subprocess.run([sys.executable, "-c", _CHILD, ",".join(mem_impls) or ",", device,
                           str(n), str(rounds)],
-                         capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1", LT_CHUNKWISE_QUICK="1" if quick else "0"), timeout=timeout_s)
+                         capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1", LT_CHUNKWISE_QUICK="1" if quick else "0"), timeout=timeout_s,
+                         cwd=str(ROOT))  # `python -c` imports from its working directory: the benchmarks package
     if out.returncode != 0:
         raise RuntimeError(f"{mem_impls} at N={n} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ Targets. CPU (fp32, T=4096, d=1024, V=32000): naive peak / fused peak >= 8, fuse
 naive (reported as naive time / fused time >= 1/1.2). GPU (bf16, T=8192, d=4096, V=128000): peak
 <= 1/8 of naive (naive peak / fused peak >= 8), time <= 1.0x Liger (Liger time / fused time >= 1).
 
-Run: ``python benchmarks/cross_entropy.py [--device cpu|cuda] [--out DIR] [--quick]``.
+Run: ``python -m benchmarks.cross_entropy [--device cpu|cuda] [--out DIR] [--quick]``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 import longtune  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 

@@ -5,12 +5,12 @@
 # on the shared-memory kernels) over a small CUDA test subset, then the benchmarks against the GPU
 # peers. Everything lands in one folder (default gpu-results/<UTC stamp>/) plus a tarball of it.
 # GPU_BASELINE=1 also records the benchmark run as the GPU baselines (benchmarks/baselines/cuda/,
-# run_all.py --update-baseline): review and commit them.
+# python -m longtune.bench --update-baseline): review and commit them.
 # When GPU time comes in short slots (e.g. ~15 minutes in all, 10 per command), the steps can be run in separate calls
 # on the same warm machine (the build folder is kept between calls):
 #   GPU_CHECK_STEPS="build tests"  then  GPU_CHECK_STEPS="sanitizer bench" BENCH_ONLY="attention cross_entropy"
 # GPU_CHECK_STEPS: any of build tests sanitizer bench (default all); BENCH_ONLY: benchmark families
-# (benchmarks/run_all.py --only; default all).
+# (python -m longtune.bench --only; default all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -65,7 +65,7 @@ fi
 
 if want bench; then
   step "benchmarks vs GPU peers${BENCH_ONLY:+ ($BENCH_ONLY)}"
-  $PY benchmarks/run_all.py --device cuda --out "$OUT" ${BENCH_ONLY:+--only $BENCH_ONLY} \
+  $PY -m longtune.bench --device cuda --out "$OUT" ${BENCH_ONLY:+--only $BENCH_ONLY} \
     ${GPU_BASELINE:+--update-baseline} > "$OUT/bench.log" 2>&1 || status=1
   sed -n '/^== summary/,$p' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 fi

@@ -10,12 +10,9 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import longtune  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 from longtune.ops.quant import quant_flops  # noqa: E402

@@ -4,7 +4,7 @@ folder): one table of every ratio with a target - median, 95% interval, target, 
 measuring machine, torch and commit of each family (the README's results table, between its
 markers), and the Hadamard transform's per-size table (docs/benchmarks.md).
 
-Run: ``python benchmarks/readme_table.py [cpu|cuda] [--quick] [--dir DIR] [--all]`` (--all: the ratios
+Run: ``python -m benchmarks.readme_table [cpu|cuda] [--quick] [--dir DIR] [--all]`` (--all: the ratios
 without a target too)."""
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import harness as H  # noqa: E402
 
 ORDER = ["attention", "cross_entropy", "chunkwise", "sparse_delta", "s2ft", "quant", "hadamard"]

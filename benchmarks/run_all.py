@@ -10,6 +10,9 @@ with one summary: every target with its 95% interval and verdict, and the total 
   --compare RUN_DIR   the gate on an existing run's folder, without running anything
 
 One script per family; FAMILIES is the list. docs/benchmarks.md describes the figures.
+Run from the repository root as ``python -m benchmarks`` (this package) or, anywhere in a source
+checkout's environment, ``python -m longtune.bench`` / ``longtune-bench``; a progress bar over the
+families when tqdm is installed.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import attention as bench_attention  # noqa: E402
 from benchmarks import bench_hadamard  # noqa: E402
 from benchmarks import chunkwise as bench_chunkwise  # noqa: E402
@@ -44,7 +46,7 @@ def gate(run_dir, device: str, quick: bool, families, baseline: str | None, tol_
     run = {k: v for k, v in H.load_docs(run_dir, device).items() if k in families}
     if not base:
         print(f"\ngate: no baselines for {device} ({'quick' if quick else 'full'}) in {base_dir}; record them with "
-              f"`python benchmarks/run_all.py{' --quick' if quick else ''} --update-baseline`")
+              f"`python -m longtune.bench{' --quick' if quick else ''} --update-baseline`")
         return 2
     rows = H.compare(run, base, tol_time, tol_memory)
     for fam in sorted(run):
@@ -61,8 +63,29 @@ def gate(run_dir, device: str, quick: bool, families, baseline: str | None, tol_
     return 1 if H.gate_failed(rows) else 0
 
 
+class _NoProgress:
+    def set_description(self, text):
+        print(f"-- {text}", flush=True)
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int):
+    """A progress bar over the families (tqdm when installed, on stderr; TQDM_DISABLE=1 turns it off)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, unit="family", file=sys.stderr, dynamic_ncols=True)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m longtune.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="output folder (default ./bench-results/<UTC stamp>/)")
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases (the whole suite in ~3 minutes)")
@@ -86,17 +109,22 @@ def main(argv=None) -> int:
     print(f"longtune benchmarks ({'quick' if a.quick else 'full'}) on {H.device_name(a.device)} -> {out}")
     t0 = time.perf_counter()
     reports, failed = [], []
+    progress = _progress(len(a.only))
     for name in a.only:
+        progress.set_description(f"benchmarks: {name}")
         t1 = time.perf_counter()
         try:
             rep = FAMILIES[name](a.device, out, a.quick)
         except Exception:  # noqa: BLE001 -- one broken family must not hide the others' results
             traceback.print_exc()
             failed.append(name)
+            progress.update(1)
             continue
         H.print_table(rep)
         print(f"[{name}] {time.perf_counter() - t1:.0f} s")
         reports.append(rep)
+        progress.update(1)
+    progress.close()
     total = time.perf_counter() - t0
     text = H.summary(reports, total)
     print(f"\n== summary: targets, median [95% interval], verdict ==\n{text}")

@@ -10,13 +10,10 @@ speedup falls with the tokens per step (the GEMMs grow with them, full fine-tuni
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import harness as H  # noqa: E402
 from longtune.nn import S2FTLinear, S2FTMLP  # noqa: E402
 

@@ -4,17 +4,15 @@ step over the full block and a full fine-tuning step, timed round-robin (9 round
 paired ratios). S²FT cannot be cheaper than the three forward GEMMs, so full / 3 GEMMs bounds the
 speedup over full fine-tuning. Prints only (diagnostic for benchmarks/s2ft.py).
 
-Run: ``python benchmarks/s2ft_breakdown.py [tokens]`` (default 1024)."""
+Run: ``python -m benchmarks.s2ft_breakdown [tokens]`` (default 1024)."""
 from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import harness as H  # noqa: E402
 from benchmarks.s2ft import MLP, s2ft_block, train_step  # noqa: E402
 

@@ -7,12 +7,9 @@ backward, optimizer step; gradients unset at its start) + what persists between 
 optimizer's state; for SparseDeltaLinear also the kept original entries and the values snapshot)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import longtune  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 

@@ -4,8 +4,6 @@ gate's logic on synthetic runs. Fast: no real benchmark runs here."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ import torch.nn.functional as F
 
 import longtune
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import harness as H  # noqa: E402
+from benchmarks import harness as H  # noqa: E402  (the repository root is on the path under pytest)
 from benchmarks import run_all  # noqa: E402
 
 

@@ -29,6 +29,8 @@ LIGHT_MODULES = [
     "longtune.compat.fast_hadamard_transform",
     "longtune.recipes",
     "longtune.testing",
+    "longtune.config",
+    "longtune.bench",
     "longtune.integrations",
     "longtune.integrations.hf",
     "longtune.integrations.lm_infinite",

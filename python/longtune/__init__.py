@@ -21,10 +21,12 @@ from .train.sparse_delta import sparsify  # noqa: E402,F401
 from .integrations.hf import convert_to_sqa, patch, unpatch  # noqa: E402,F401
 from . import recipes  # noqa: E402,F401
 from . import compat  # noqa: E402,F401
+from . import config  # noqa: E402,F401
+from .config import apply  # noqa: E402,F401
 
 __all__ = ["sparse_attention", "AttentionMask", "linear_cross_entropy", "LinearCrossEntropyOutput", "hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
            "quantize_weight", "nn", "quant", "train", "sparsify", "ops", "reference", "has_cuda_kernels", "has_emulator",
-           "patch", "unpatch", "convert_to_sqa", "recipes", "compat"]
+           "patch", "unpatch", "convert_to_sqa", "recipes", "compat", "config", "apply"]
 
 
 def has_cuda_kernels() -> bool:

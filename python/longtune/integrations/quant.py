@@ -26,49 +26,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..config import RoSTEConfig  # noqa: F401  (defined with the other typed configs)
 from ..nn.quant import RotatedQuantLinear
 from ..ops.hadamard import hadamard_transform
 from ..ops.quant import rotate_fake_quant
 from ._common import ROSTE_PREFIX
-
-
-@dataclass
-class RoSTEConfig:
-    w_bits: int | None = 4
-    a_bits: int | None = 4
-    kv_bits: int | None = 4
-    w_group_size: int | None = None
-    w_clip_ratio: float = 1.0
-    a_clip_ratio: float = 1.0
-    kv_clip_ratio: float = 1.0
-    w_symmetric: bool = True
-    a_symmetric: bool = True
-    kv_symmetric: bool = False
-    ste: str = "identity"
-    r1: bool = True
-    seed: int = 0
-    layers: dict = field(default_factory=dict)  # {"<i>": {"r2": bool, "r3": bool, "r4": bool}}
-
-    def rotations(self, i: int) -> dict:
-        d = {"r2": True, "r3": True, "r4": True}
-        d.update(self.layers.get(str(i), {}))
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text_or_path) -> "RoSTEConfig":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        return cls(**json.loads(text))
 
 
 # ------------------------------------------------------------------ model access

@@ -1,4 +1,24 @@
-"""``SpIELCallback``: SpIEL prune / regrow inside a transformers ``Trainer``, resumable.
+"""longtune inside transformers' ``Trainer`` and TRL's ``SFTTrainer``.
+
+``LongtuneTrainer`` (a ``transformers.Trainer``) and ``LongtuneSFTTrainer`` (a ``trl.SFTTrainer``;
+built on first access, so trl is needed only by its users) train a model set up with
+:func:`longtune.apply`. Both are ``LongtuneTrainerMixin`` over the library's trainer:
+
+- with a :class:`~longtune.config.ChunkwiseConfig` applied, every ``training_step`` runs SeCO /
+  SpaCO chunk-wise training (:func:`longtune.train.seco_backward`) instead of one forward and
+  backward over the whole sequence: same gradient (SeCO), same loss normalisation as the
+  ordinary step (``num_items_in_batch`` over the accumulated micro-batches when the Trainer
+  counts it, else each micro-batch's mean divided by the accumulation steps), the model's
+  autocast (``bf16=True``) applies to every chunk's forward, and SpaCO's draw is seeded by the
+  config's ``seed``, the global step and the micro-batch, so a run resumed from a checkpoint
+  draws what the uninterrupted run draws; activation checkpointing is turned off (a chunk-wise
+  step keeps one chunk's activations; trl turns checkpointing on by default);
+- with a :class:`~longtune.config.SparseDeltaConfig` whose ``update_every`` is set, a
+  ``SpIELCallback`` runs the prune / regrow schedule (added unless one is passed).
+
+Without those configs they are the library's trainers.
+
+``SpIELCallback``: SpIEL prune / regrow inside a transformers ``Trainer``, resumable.
 
 ``Trainer`` checkpoints the model, its optimizer and its learning-rate scheduler; the SpIEL schedule
 is a fourth piece of state (step counter, growth statistics of an open window, SM3 accumulators).
@@ -9,11 +29,16 @@ checkpoint, so a resumed run continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
+from ..config import ChunkwiseConfig, SparseDeltaConfig, chunkwise_backward, get_config
 from ..train.sparse_delta import SpIELScheduler
+from ._common import hf_model
+
+__all__ = ["LongtuneTrainerMixin", "LongtuneTrainer", "SpIELCallback"]  # and LongtuneSFTTrainer (built on access)
 
 SCHEDULER_STATE_NAME = "spiel_scheduler.pt"
 
@@ -72,3 +97,114 @@ class SpIELCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         torch.save(self.scheduler.state_dict(), os.path.join(folder, SCHEDULER_STATE_NAME))
+
+
+# ------------------------------------------------------------------ the trainers
+# keys a chunk-wise step consumes or may ignore; anything else in a batch is refused, since the
+# chunked forward would drop it silently
+_CHUNKWISE_KEYS = {"input_ids", "labels", "attention_mask", "position_ids"}
+_IGNORED_KEYS = {"completion_mask", "assistant_masks", "use_cache"}
+
+
+def _chunkwise_inputs(inputs: dict):
+    ids, labels = inputs.get("input_ids"), inputs.get("labels")
+    if ids is None or labels is None:
+        raise ValueError("LongtuneTrainer: chunk-wise training (ChunkwiseConfig) needs batches with input_ids and "
+                         f"labels; got keys {sorted(inputs)}")
+    extra = sorted(set(inputs) - _CHUNKWISE_KEYS - _IGNORED_KEYS)
+    if extra:
+        raise ValueError(f"LongtuneTrainer: chunk-wise training takes input_ids, labels and attention_mask; the batch "
+                         f"also has {extra}, which it cannot pass to the chunks")
+    pos = inputs.get("position_ids")
+    if pos is not None:
+        want = torch.arange(ids.shape[-1], device=pos.device)
+        if not bool((pos == want).all()):
+            raise ValueError("LongtuneTrainer: chunk-wise training needs position_ids 0..N-1 in every row (packed "
+                             "sequences, e.g. padding-free collators, are not supported); got other position_ids")
+    return ids, labels, inputs.get("attention_mask")
+
+
+class LongtuneTrainerMixin:
+    """Put before a ``transformers.Trainer`` subclass (``class T(LongtuneTrainerMixin, SomeTrainer)``):
+    chunk-wise training steps under a :class:`~longtune.config.ChunkwiseConfig`, the SpIEL schedule
+    under a :class:`~longtune.config.SparseDeltaConfig` with ``update_every``. See the module
+    docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._longtune_step = (None, 0)  # (global step, micro-batches run in it)
+        sparse = get_config(self.model, SparseDeltaConfig)
+        if sparse is not None and sparse.update_every is not None and \
+                not any(isinstance(cb, SpIELCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(SpIELCallback(**sparse.scheduler_options()))
+
+    @property
+    def chunkwise_config(self):
+        """The model's applied ChunkwiseConfig, or None (ordinary training steps)."""
+        return get_config(self.model, ChunkwiseConfig)
+
+    def _spaco_generator(self, cfg: ChunkwiseConfig):
+        step, micro = self._longtune_step
+        if step != self.state.global_step:
+            step, micro = self.state.global_step, 0
+        self._longtune_step = (step, micro + 1)
+        if cfg.method != "spaco":
+            return None
+        return torch.Generator().manual_seed((int(cfg.seed) * 1_000_003 + int(step)) * 1_009 + micro)
+
+    def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        cfg = self.chunkwise_config
+        if cfg is None:
+            return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError("LongtuneTrainer: chunk-wise training does not support torch.nn.DataParallel (n_gpu > 1); "
+                             "launch one process per device (torchrun / accelerate launch)")
+        if getattr(self.accelerator, "scaler", None) is not None:
+            raise ValueError("LongtuneTrainer: chunk-wise training does not support fp16 loss scaling; use bf16=True "
+                             "or full precision")
+        base = hf_model(self.model, "LongtuneTrainer")
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
+            # transformers drops the cache under activation checkpointing, and a chunk-wise step keeps one
+            # chunk's activations anyway (trl's SFTConfig turns checkpointing on by default)
+            warnings.warn("LongtuneTrainer: activation checkpointing is turned off for chunk-wise training "
+                          "(ChunkwiseConfig); set gradient_checkpointing=False to silence this", stacklevel=2)
+            disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            disable()
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        ids, labels, mask = _chunkwise_inputs(inputs)
+        denom = num_items_in_batch
+        if denom is None:  # each micro-batch's mean loss, divided by the accumulation steps (as Trainer does)
+            denom = int((labels[..., 1:] != -100).sum()) * self.current_gradient_accumulation_steps
+        generator = self._spaco_generator(cfg)
+        with self.compute_loss_context_manager():
+            loss = chunkwise_backward(model, ids, labels, attention_mask=mask, num_items_in_batch=denom,
+                                      generator=generator, config=cfg)
+        return loss.detach()
+
+
+class LongtuneTrainer(LongtuneTrainerMixin, Trainer):
+    """``transformers.Trainer`` for models set up with :func:`longtune.apply` (see the module docstring)."""
+
+
+_SFT = None
+
+
+def __getattr__(name):  # trl is imported only when its trainer is asked for
+    global _SFT
+    if name == "LongtuneSFTTrainer":
+        if _SFT is None:
+            try:
+                from trl import SFTTrainer
+            except ImportError as e:
+                raise ImportError("longtune.integrations.trainer.LongtuneSFTTrainer needs trl (pip install trl)") from e
+
+            class LongtuneSFTTrainer(LongtuneTrainerMixin, SFTTrainer):
+                """``trl.SFTTrainer`` for models set up with :func:`longtune.apply` (see the module docstring)."""
+
+            LongtuneSFTTrainer.__module__ = __name__
+            _SFT = LongtuneSFTTrainer
+        return _SFT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

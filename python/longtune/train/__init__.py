@@ -7,8 +7,8 @@ from .adapters import load_sparse_adapter, merge_and_unload, save_sparse_adapter
 
 
 def __getattr__(name):  # transformers is imported only when the Trainer callback is asked for
-    if name == "SpIELCallback":
-        from ..integrations.trainer import SpIELCallback
+    if name in ("SpIELCallback", "LongtuneTrainer", "LongtuneSFTTrainer"):
+        from ..integrations import trainer
 
-        return SpIELCallback
+        return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

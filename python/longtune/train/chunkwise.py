@@ -292,6 +292,11 @@ def _check_attention(model, n_chunks: int) -> None:
     if stored.get("attention") == "lambda":
         raise ValueError("seco_backward: the model is patched with the Lambda-mask (attention='lambda'), which is "
                          "for inference only; train with attention='s2' or 'causal'")
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in _unwrap_ddp(model)[1].modules()):
+        raise ValueError("seco_backward: the model has activation (gradient) checkpointing enabled, under which "
+                         "transformers drops the cache that carries the earlier chunks' keys/values; disable it "
+                         "(model.activation_checkpointing_disable(), or gradient_checkpointing=False in the "
+                         "TrainingArguments): chunk-wise training already keeps one chunk's activations only")
 
 
 def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_size: int,

@@ -6,6 +6,7 @@ Environment knobs (forwarded to CMake): LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA
 LONGTUNE_EMU=ON|OFF, LONGTUNE_SELFTEST=ON|OFF (test-only kernels),
 LONGTUNE_BUILD_TYPE=Release|RelWithDebInfo|Debug, MAX_JOBS.
 """
+
 import os
 import shutil
 import subprocess
@@ -37,13 +38,24 @@ class CMakeBuild(build_ext):
         cfg = os.environ.get("LONGTUNE_BUILD_TYPE", "Release")
         cmake = _cmake()
         args = [
-            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DLONGTUNE_OUTPUT_DIR={out_dir}",
         ]
         # always pass every knob so a stale CMakeCache.txt cannot keep an old choice
-        defaults = {"LONGTUNE_CUDA": "AUTO", "LONGTUNE_CUDA_ARCHS": "80;90", "LONGTUNE_EMU": "ON", "LONGTUNE_SELFTEST": "ON"}
+        defaults = {
+            "LONGTUNE_CUDA": "AUTO",
+            "LONGTUNE_CUDA_ARCHS": "80;90",
+            "LONGTUNE_EMU": "ON",
+            "LONGTUNE_SELFTEST": "ON",
+        }
         for knob, default in defaults.items():
             args.append(f"-D{knob}={os.environ.get(knob) or default}")
         subprocess.run(args, check=True)

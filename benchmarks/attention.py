@@ -26,6 +26,7 @@ TFLOP/s / dense flash TFLOP/s >= 1.0; SQA variants at 32k (and 64k) >= 0.9 of H 
 
 Run: ``python -m benchmarks.attention [--device cpu|cuda] [--out DIR] [--quick]``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -94,11 +95,10 @@ def _fwd(f):
 
 def _flex_s2(n, h, g, device):
     """(compiled flex_attention, BlockMask) for S^2 leakfree on (B, H, N, D) tensors, or raises."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     # a fresh compile per N: the closures below differ per call, and piling recompiles up to dynamo's
     # limit would silently fall back to eager flex_attention (dense scores)
     import torch._dynamo
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     torch._dynamo.reset()
     half, s = h // 2, g // 2
@@ -125,27 +125,72 @@ def s2_cases(report, device, n, h, d, dtype, n_rounds, peers_bool, targets=True)
     got = go.transpose(1, 2).contiguous()
     pairs = count_pairs(n, n, h, causal=True, s2_group_size=g)
     pairs_causal = count_pairs(n, n, h, causal=True)
-    params = {"B": b, "N": n, "H": h, "d": d, "G": g, "dtype": str(dtype).replace("torch.", ""), "pairs": pairs,
-              "pairs_dense_causal": pairs_causal}
-    impls = [(OURS, lambda: longtune.sparse_attention(q, k, v, causal=True, s2_group_size=g), (q, k, v), go, pairs),
-             (LONGLORA, lambda: longlora_s2_sdpa(q, k, v, g), (q, k, v), go, pairs)]
+    params = {
+        "B": b,
+        "N": n,
+        "H": h,
+        "d": d,
+        "G": g,
+        "dtype": str(dtype).replace("torch.", ""),
+        "pairs": pairs,
+        "pairs_dense_causal": pairs_causal,
+    }
+    impls = [
+        (
+            OURS,
+            lambda: longtune.sparse_attention(q, k, v, causal=True, s2_group_size=g),
+            (q, k, v),
+            go,
+            pairs,
+        ),
+        (LONGLORA, lambda: longlora_s2_sdpa(q, k, v, g), (q, k, v), go, pairs),
+    ]
     if peers_bool:
-        mask = torch.stack([attention_mask(n, n, shifted=e >= h // 2, causal=True, s2_group_size=g, device=device)
-                            for e in range(h)]).unsqueeze(0)  # (1, H, N, N)
-        impls.append((BOOL, lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask), (qt, kt, vt), got,
-                      pairs))
+        mask = torch.stack(
+            [
+                attention_mask(
+                    n, n, shifted=e >= h // 2, causal=True, s2_group_size=g, device=device
+                )
+                for e in range(h)
+            ]
+        ).unsqueeze(0)  # (1, H, N, N)
+        impls.append(
+            (
+                BOOL,
+                lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask),
+                (qt, kt, vt),
+                got,
+                pairs,
+            )
+        )
     if device == "cuda":
         try:
             flex, bm = _flex_s2(n, h, g, device)
             impls.append((FLEX, lambda: flex(qt, kt, vt, block_mask=bm), (qt, kt, vt), got, pairs))
         except Exception as e:  # noqa: BLE001
-            print(f"[attention] FlexAttention unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                  file=sys.stderr)
-        impls.append((FLASH, lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), (qt, kt, vt), got,
-                      pairs_causal))
+            print(
+                f"[attention] FlexAttention unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                file=sys.stderr,
+            )
+        impls.append(
+            (
+                FLASH,
+                lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+                (qt, kt, vt),
+                got,
+                pairs_causal,
+            )
+        )
     else:
-        impls.append((DENSE, lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), (qt, kt, vt), got,
-                      pairs_causal))
+        impls.append(
+            (
+                DENSE,
+                lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+                (qt, kt, vt),
+                got,
+                pairs_causal,
+            )
+        )
 
     def flash(fn):
         def wrapped():
@@ -159,23 +204,42 @@ def s2_cases(report, device, n, h, d, dtype, n_rounds, peers_bool, targets=True)
     for mode in ("fwd+bwd", "fwd"):
         case = f"S2 N={n} G={g} H={h} d={d} {mode}"
         fb = mode == "fwd+bwd"
-        fns = [(name, *((_fwd_bwd(f, inputs, grad), 14 * p * d) if fb else (_fwd(f), 4 * p * d)))
-               for name, f, inputs, grad, p in impls]
+        fns = [
+            (name, *((_fwd_bwd(f, inputs, grad), 14 * p * d) if fb else (_fwd(f), 4 * p * d)))
+            for name, f, inputs, grad, p in impls
+        ]
         fns = [(name, flash(fn) if name == FLASH else fn, fl) for name, fn, fl in fns]
         # round-robin, compared round by round: a shared machine drifts by +-20% over the seconds
         # that timing one implementation after the other would take
-        times = H.measure_interleaved(report, case, [(nm, fn) for nm, fn, _ in fns], device, params,
-                                      rounds=n_rounds, flops={nm: fl for nm, _, fl in fns})
+        times = H.measure_interleaved(
+            report,
+            case,
+            [(nm, fn) for nm, fn, _ in fns],
+            device,
+            params,
+            rounds=n_rounds,
+            flops={nm: fl for nm, _, fl in fns},
+        )
         cpu_tgt = targets and fb and device == "cpu"
         gpu_tgt = targets and fb and device == "cuda"
-        for metric, num, tgt in (("LongLoRA time / ours", LONGLORA, 1.5 if (cpu_tgt or gpu_tgt) else None),
-                                 ("SDPA bool-mask time / ours", BOOL, 6.0 if cpu_tgt else None),
-                                 ("Flex time / ours", FLEX, 1.3 if gpu_tgt else None),
-                                 ("dense causal SDPA time / ours", DENSE, None)):
+        for metric, num, tgt in (
+            ("LongLoRA time / ours", LONGLORA, 1.5 if (cpu_tgt or gpu_tgt) else None),
+            ("SDPA bool-mask time / ours", BOOL, 6.0 if cpu_tgt else None),
+            ("Flex time / ours", FLEX, 1.3 if gpu_tgt else None),
+            ("dense causal SDPA time / ours", DENSE, None),
+        ):
             H.add_speed_ratio(report, case, metric, times, num, OURS, tgt)
         # TFLOP/s on unmasked pairs: (pairs / t_ours) / (pairs_causal / t_flash)
-        H.add_speed_ratio(report, case, "ours TFLOP/s / dense flash TFLOP/s", times, FLASH, OURS,
-                          1.0 if gpu_tgt else None, scale=pairs / pairs_causal)
+        H.add_speed_ratio(
+            report,
+            case,
+            "ours TFLOP/s / dense flash TFLOP/s",
+            times,
+            FLASH,
+            OURS,
+            1.0 if gpu_tgt else None,
+            scale=pairs / pairs_causal,
+        )
     del impls
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -194,23 +258,47 @@ def sqa_cases(report, device, n, d, dtype, n_rounds, targets=True):
         heads = max(hq, hkv)
         go = torch.randn(b, n, heads, d, device=device, dtype=dtype, generator=gen)
         pairs = count_pairs(n, n, heads, causal=True)
-        params = {"B": b, "N": n, "H_q": hq, "H_kv": hkv, "d": d, "dtype": str(dtype).replace("torch.", ""),
-                  "pairs": pairs}
-        fn = _fwd_bwd(lambda q=q, k=k, v=v: longtune.sparse_attention(q, k, v, causal=True), (q, k, v), go)
+        params = {
+            "B": b,
+            "N": n,
+            "H_q": hq,
+            "H_kv": hkv,
+            "d": d,
+            "dtype": str(dtype).replace("torch.", ""),
+            "pairs": pairs,
+        }
+        fn = _fwd_bwd(
+            lambda q=q, k=k, v=v: longtune.sparse_attention(q, k, v, causal=True), (q, k, v), go
+        )
         fns.append((name, f"{name} ({hq}q/{hkv}kv)", fn, params, 14 * pairs * d))
         keep.append((q, k, v, go))
     # round-robin and compared round by round (see s2_cases)
-    times = H.measure_interleaved(report, case, [(impl, fn) for _, impl, fn, _, _ in fns], device, None,
-                                  rounds=n_rounds, flops={impl: fl for _, impl, _, _, fl in fns},
-                                  impl_params={impl: pa for _, impl, _, pa, _ in fns})
+    times = H.measure_interleaved(
+        report,
+        case,
+        [(impl, fn) for _, impl, fn, _, _ in fns],
+        device,
+        None,
+        rounds=n_rounds,
+        flops={impl: fl for _, impl, _, _, fl in fns},
+        impl_params={impl: pa for _, impl, _, pa, _ in fns},
+    )
     times = {name: times[impl] for name, impl, *_ in fns if impl in times}
     del keep, fns
     if device == "cuda":
         torch.cuda.empty_cache()
     for name, hq, _ in SQA_VARIANTS[1:]:
         ideal = h_mha / hq
-        H.add_speed_ratio(report, case, f"{name} speedup / ideal (H/H_q={ideal:g})", times, "MHA", name,
-                          0.9 if targets else None, scale=1 / ideal)
+        H.add_speed_ratio(
+            report,
+            case,
+            f"{name} speedup / ideal (H/H_q={ideal:g})",
+            times,
+            "MHA",
+            name,
+            0.9 if targets else None,
+            scale=1 / ideal,
+        )
 
 
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:

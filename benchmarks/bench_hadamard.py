@@ -6,6 +6,7 @@ GPU: the `fast-hadamard-transform` package when importable, dense `x @ H` (cuBLA
 Targets: CPU >= 3x dense at n >= 1024 and >= 50% of clone bandwidth at n = 4096;
 GPU >= 1.2x fast-hadamard-transform and >= 85% of clone bandwidth in bf16, n = 128..32768.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ def plot(report, path, device_name):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     impls = sorted({r.impl for r in report.results})
     for impl in impls:
-        pts = [(r.params["n"], r.gbps) for r in report.results if r.impl == impl and r.params["pow2"]]
+        pts = [
+            (r.params["n"], r.gbps) for r in report.results if r.impl == impl and r.params["pow2"]
+        ]
         if pts:
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
@@ -68,12 +71,19 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     for n, rows, dtype in H.progress(list(cases(device, quick)), "hadamard"):
         x = torch.randn(rows, n, device=device, dtype=dtype)
         case = f"n={n} rows={rows}"
-        params = {"n": n, "rows": rows, "dtype": str(dtype).replace("torch.", ""), "pow2": n & (n - 1) == 0}
+        params = {
+            "n": n,
+            "rows": rows,
+            "dtype": str(dtype).replace("torch.", ""),
+            "pow2": n & (n - 1) == 0,
+        }
         nbytes = 2 * x.numel() * x.element_size()
         flops = hadamard_flops(x.shape)
         scale = 1 / math.sqrt(n)
-        impls = [("longtune", lambda x=x, scale=scale: longtune.hadamard_transform(x, scale)),
-                 ("torch.clone", lambda x=x: x.clone())]
+        impls = [
+            ("longtune", lambda x=x, scale=scale: longtune.hadamard_transform(x, scale)),
+            ("torch.clone", lambda x=x: x.clone()),
+        ]
         fl = {"longtune": flops, "fast-hadamard-transform": flops}
         if n <= 16384:
             Hm = longtune.hadamard_matrix(n, dtype=dtype, device=device)
@@ -81,14 +91,43 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             fl["torch dense x @ H"] = 2 * rows * n * n
         if peer is not None and params["pow2"]:
             impls.append(("fast-hadamard-transform", lambda x=x, scale=scale: peer(x, scale)))
-        t = H.measure_interleaved(report, case, impls, device, params, rounds=n_rounds, flops=fl,
-                                  nbytes={name: nbytes for name, _ in impls})
-        H.add_speed_ratio(report, case, "fraction of torch.clone bandwidth", t, "torch.clone", "longtune",
-                          (0.85 if device == "cuda" else (0.5 if n == 4096 else None)))
-        H.add_speed_ratio(report, case, "speedup vs dense x @ H", t, "torch dense x @ H", "longtune",
-                          3.0 if (device == "cpu" and n >= 1024) else None)
-        H.add_speed_ratio(report, case, "speedup vs fast-hadamard-transform", t, "fast-hadamard-transform", "longtune",
-                          1.2)
+        t = H.measure_interleaved(
+            report,
+            case,
+            impls,
+            device,
+            params,
+            rounds=n_rounds,
+            flops=fl,
+            nbytes={name: nbytes for name, _ in impls},
+        )
+        H.add_speed_ratio(
+            report,
+            case,
+            "fraction of torch.clone bandwidth",
+            t,
+            "torch.clone",
+            "longtune",
+            (0.85 if device == "cuda" else (0.5 if n == 4096 else None)),
+        )
+        H.add_speed_ratio(
+            report,
+            case,
+            "speedup vs dense x @ H",
+            t,
+            "torch dense x @ H",
+            "longtune",
+            3.0 if (device == "cpu" and n >= 1024) else None,
+        )
+        H.add_speed_ratio(
+            report,
+            case,
+            "speedup vs fast-hadamard-transform",
+            t,
+            "fast-hadamard-transform",
+            "longtune",
+            1.2,
+        )
         impls = Hm = None
     H.write(report, out_dir, device, plot)
     return report

@@ -32,6 +32,7 @@ size used is in the case name and params). ``--quick``: 512 tokens, 2 layers, vo
 
 Run: ``python -m benchmarks.chunkwise [--device cpu|cuda] [--out DIR] [--quick]``.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,15 @@ SECO = "SeCO (16 chunks)"
 SPACO = "SpaCO (K = N/4 chunks)"
 IMPLS = {FULL: "full", FULL_FUSED: "full_fused", SECO: "seco", SPACO: "spaco"}
 N_CHUNKS = 16
-CONFIG = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-              intermediate_size=1376, vocab_size=32000, max_position_embeddings=65536)
+CONFIG = dict(
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    intermediate_size=1376,
+    vocab_size=32000,
+    max_position_embeddings=65536,
+)
 # --quick: 2 layers, vocabulary 8000 (SeCO's per-chunk cost includes O(vocab x hidden) gradient
 # accumulation, which at a few hundred tokens would dominate)
 QUICK_CONFIG = dict(CONFIG, num_hidden_layers=2, vocab_size=8000)
@@ -61,6 +69,8 @@ QUICK_CONFIG = dict(CONFIG, num_hidden_layers=2, vocab_size=8000)
 def _config() -> dict:
     """The model's config: QUICK_CONFIG in a child started for --quick (LT_CHUNKWISE_QUICK=1)."""
     return QUICK_CONFIG if os.environ.get("LT_CHUNKWISE_QUICK") == "1" else CONFIG
+
+
 # the size tried first on CPU and the fallbacks when one full-backprop step takes longer than this
 CPU_SIZES = (16384, 8192, 4096)
 CPU_MAX_FULL_STEP_S = 120.0
@@ -73,8 +83,9 @@ _child(sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 
 
 def build_model(device: str, dtype=torch.float32, fused_head: bool = True):
-    import longtune  # noqa: F401 -- registers the ops
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import longtune  # noqa: F401 -- registers the ops
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**_config())).to(device=device, dtype=dtype)
@@ -97,12 +108,18 @@ def _step_fn(model, impl: str, n: int, device: str):
         return lambda: model(input_ids=ids, labels=labels).loss.backward()
     if impl == "seco":
         return lambda: seco_backward(model, ids, labels, chunk_size=chunk)
-    gen = torch.Generator().manual_seed(0)  # every step draws a new sample: timings average over them
+    gen = torch.Generator().manual_seed(
+        0
+    )  # every step draws a new sample: timings average over them
     k = max(1, N_CHUNKS // 4)
 
     def spaco():
-        spaco.samples.append(sorted(spaco_sample(N_CHUNKS, k, torch.Generator().set_state(gen.get_state()))))
-        return seco_backward(model, ids, labels, chunk_size=chunk, budget=k, generator=gen, full_loss=False)
+        spaco.samples.append(
+            sorted(spaco_sample(N_CHUNKS, k, torch.Generator().set_state(gen.get_state())))
+        )
+        return seco_backward(
+            model, ids, labels, chunk_size=chunk, budget=k, generator=gen, full_loss=False
+        )
 
     spaco.samples = []
     return spaco
@@ -130,7 +147,10 @@ def _child(mem_impls: list, device: str, n: int, rounds: int) -> None:
     models = {"full": build_model(device, fused_head=False), "fused": build_model(device)}
     for m in models.values():
         _warm(m, device)
-    steps = {i: _step_fn(models["full" if i == "full" else "fused"], i, n, device) for i in IMPLS.values()}
+    steps = {
+        i: _step_fn(models["full" if i == "full" else "fused"], i, n, device)
+        for i in IMPLS.values()
+    }
     out = {"memory": {}}
     for impl in filter(None, mem_impls):
         if device == "cuda":
@@ -140,20 +160,35 @@ def _child(mem_impls: list, device: str, n: int, rounds: int) -> None:
         out["memory"][impl] = dict(m, first_s=time.perf_counter() - t0)
     if rounds > 0:
         steps["spaco"].samples.clear()
-        got = H.timed_rounds("chunkwise", [(name, steps[i]) for name, i in IMPLS.items()], device, rounds,
-                             warmup=False)  # warmed up above; a full-size warm-up step would cost minutes
+        got = H.timed_rounds(
+            "chunkwise",
+            [(name, steps[i]) for name, i in IMPLS.items()],
+            device,
+            rounds,
+            warmup=False,
+        )  # warmed up above; a full-size warm-up step would cost minutes
         out["times_ms"] = {name: g["ms"] for name, g in got.items()}
         out["spaco_samples"] = steps["spaco"].samples
     print(json.dumps(out))
 
 
-def _run_child(mem_impls: list, device: str, n: int, rounds: int = 0, timeout_s: float | None = None,
-               quick: bool = False) -> dict:
+def _run_child(
+    mem_impls: list,
+    device: str,
+    n: int,
+    rounds: int = 0,
+    timeout_s: float | None = None,
+    quick: bool = False,
+) -> dict:
     """Runs :func:`_child` in a fresh process; raises subprocess.TimeoutExpired past timeout_s."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, ",".join(mem_impls) or ",", device,
-                          str(n), str(rounds)],
-                         capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1", LT_CHUNKWISE_QUICK="1" if quick else "0"), timeout=timeout_s,
-                         cwd=str(ROOT))  # `python -c` imports from its working directory: the benchmarks package
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, ",".join(mem_impls) or ",", device, str(n), str(rounds)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TQDM_DISABLE="1", LT_CHUNKWISE_QUICK="1" if quick else "0"),
+        timeout=timeout_s,
+        cwd=str(ROOT),
+    )  # `python -c` imports from its working directory: the benchmarks package
     if out.returncode != 0:
         raise RuntimeError(f"{mem_impls} at N={n} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -203,14 +238,24 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             last = i == len(sizes) - 1
             try:
                 # model build + warm-up take a few seconds; past that the step itself is too slow
-                mem = _run_child(["full"], device, n, 0, None if last else 2 * CPU_MAX_FULL_STEP_S + 30)["memory"]
+                mem = _run_child(
+                    ["full"], device, n, 0, None if last else 2 * CPU_MAX_FULL_STEP_S + 30
+                )["memory"]
             except subprocess.TimeoutExpired:
                 mem = {}
             if last or (mem and mem["full"]["first_s"] <= CPU_MAX_FULL_STEP_S):
                 break
-            print(f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on this machine, "
-                  f"trying a shorter sequence", file=sys.stderr, flush=True)
-    print(f"[chunkwise] N={n}: memory of every step, then {rounds} interleaved rounds ...", file=sys.stderr, flush=True)
+            print(
+                f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on this machine, "
+                f"trying a shorter sequence",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"[chunkwise] N={n}: memory of every step, then {rounds} interleaved rounds ...",
+        file=sys.stderr,
+        flush=True,
+    )
     got = _run_child([i for i in IMPLS.values() if i not in mem], device, n, rounds, quick=quick)
     mem.update(got["memory"])
     mem = {name: mem[impl] for name, impl in IMPLS.items()}
@@ -219,36 +264,82 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     chunk = max(1, n // N_CHUNKS)
     cfg = QUICK_CONFIG if quick else CONFIG
     case = f"tiny Llama N={n} chunks={N_CHUNKS}" + (" (2 layers, V=8000)" if quick else "")
-    params = dict(cfg, tokens=n, chunk_size=chunk, n_chunks=N_CHUNKS, spaco_budget=N_CHUNKS // 4,
-                  dtype="float32", attention="longtune causal", seco_lm_head="fused_ce", spaco_full_loss=False,
-                  timing=f"{rounds} rounds, the four steps round-robin in one process, order rotated per round",
-                  spaco_samples_timed=got["spaco_samples"])
+    params = dict(
+        cfg,
+        tokens=n,
+        chunk_size=chunk,
+        n_chunks=N_CHUNKS,
+        spaco_budget=N_CHUNKS // 4,
+        dtype="float32",
+        attention="longtune causal",
+        seco_lm_head="fused_ce",
+        spaco_full_loss=False,
+        timing=f"{rounds} rounds, the four steps round-robin in one process, order rotated per round",
+        spaco_samples_timed=got["spaco_samples"],
+    )
     if not quick and not cuda and n != CPU_SIZES[0]:
-        params["note"] = (f"target size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
-                          f"> {CPU_MAX_FULL_STEP_S:.0f} s")
+        params["note"] = (
+            f"target size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
+            f"> {CPU_MAX_FULL_STEP_S:.0f} s"
+        )
     # forward of the linear layers 2 * params_nonembed * tokens; backward twice that (attention not counted)
-    lin = cfg["num_hidden_layers"] * (4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"])
+    lin = cfg["num_hidden_layers"] * (
+        4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"]
+    )
     lin += cfg["vocab_size"] * cfg["hidden_size"]
     flops = 6 * lin * n
     for name, m in mem.items():
         med, p20, p80 = H._quantiles(times[name])
-        report.results.append(H.Result(case, name, dict(params, peak_memory_bytes=m["bytes"],
-                                                        peak_memory_method=m["method"],
-                                                        memory_step_ms=m["first_s"] * 1e3, step_times_ms=times[name]),
-                                       med, p20, p80, flops, 0, tflops=flops / (med * 1e-3) / 1e12))
-        print(f"[chunkwise] {case} / {name}: peak memory of the step {m['bytes'] / 2**20:.1f} MiB, "
-              f"step {med / 1e3:.2f} s (median of {len(times[name])})", file=sys.stderr)
+        report.results.append(
+            H.Result(
+                case,
+                name,
+                dict(
+                    params,
+                    peak_memory_bytes=m["bytes"],
+                    peak_memory_method=m["method"],
+                    memory_step_ms=m["first_s"] * 1e3,
+                    step_times_ms=times[name],
+                ),
+                med,
+                p20,
+                p80,
+                flops,
+                0,
+                tflops=flops / (med * 1e-3) / 1e12,
+            )
+        )
+        print(
+            f"[chunkwise] {case} / {name}: peak memory of the step {m['bytes'] / 2**20:.1f} MiB, "
+            f"step {med / 1e3:.2f} s (median of {len(times[name])})",
+            file=sys.stderr,
+        )
     mean = {name: sum(t) / len(t) for name, t in times.items()}
     tg = not quick  # the targets are for 16k tokens; --quick (512) reports the ratios without them
-    H.add_memory_ratio(report, case, "full / SeCO peak memory", mem[FULL], mem[SECO], 8.0 if tg else None)
+    H.add_memory_ratio(
+        report, case, "full / SeCO peak memory", mem[FULL], mem[SECO], 8.0 if tg else None
+    )
     H.add_memory_ratio(report, case, "full / SpaCO peak memory", mem[FULL], mem[SPACO])
-    H.add_memory_ratio(report, case, "full (fused CE head) / SeCO peak memory", mem[FULL_FUSED], mem[SECO])
+    H.add_memory_ratio(
+        report, case, "full (fused CE head) / SeCO peak memory", mem[FULL_FUSED], mem[SECO]
+    )
     # time ratios: median over rounds of the per-round ratio (the machine's speed drifts between
     # rounds); SpaCO draws a new sample every step, so its mean over the rounds is reported too
-    H.add_speed_ratio(report, case, "full time / SeCO time", times, FULL, SECO, round(1 / 1.5, 4) if tg else None)
-    H.add_speed_ratio(report, case, "SeCO time / SpaCO time", times, SECO, SPACO, 2.5 if tg else None)
-    H.add_ratio(report, case, "SeCO mean time / SpaCO mean time (samples averaged)", mean[SECO] / mean[SPACO])
-    H.add_speed_ratio(report, case, "full (fused CE head) time / SeCO time", times, FULL_FUSED, SECO)
+    H.add_speed_ratio(
+        report, case, "full time / SeCO time", times, FULL, SECO, round(1 / 1.5, 4) if tg else None
+    )
+    H.add_speed_ratio(
+        report, case, "SeCO time / SpaCO time", times, SECO, SPACO, 2.5 if tg else None
+    )
+    H.add_ratio(
+        report,
+        case,
+        "SeCO mean time / SpaCO mean time (samples averaged)",
+        mean[SECO] / mean[SPACO],
+    )
+    H.add_speed_ratio(
+        report, case, "full (fused CE head) time / SeCO time", times, FULL_FUSED, SECO
+    )
     H.write(report, out_dir, device, plot)
     return report
 

@@ -17,6 +17,7 @@ naive (reported as naive time / fused time >= 1/1.2). GPU (bf16, T=8192, d=4096,
 
 Run: ``python -m benchmarks.cross_entropy [--device cpu|cuda] [--out DIR] [--quick]``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,6 +33,7 @@ from benchmarks import harness as H  # noqa: E402
 FUSED = "longtune fused linear CE"
 NAIVE = "naive F.cross_entropy(x @ W.T)"
 LIGER = "Liger FusedLinearCrossEntropy"
+
 
 def plot(report, path, device_name):
     """Two panels: median step time and peak memory per implementation."""
@@ -67,7 +69,10 @@ def _liger_loss():
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as e:
-        print(f"\n[cross_entropy] {LIGER}: skipped (liger_kernel not importable: {e})", file=sys.stderr)
+        print(
+            f"\n[cross_entropy] {LIGER}: skipped (liger_kernel not importable: {e})",
+            file=sys.stderr,
+        )
         return None
     return LigerFusedLinearCrossEntropyLoss()
 
@@ -76,53 +81,90 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     report = H.Report("cross_entropy", quick=quick)
     cuda = device == "cuda"
     if cuda:
-        t, d, v, dtype = (8192, 4096, 128000, torch.bfloat16) if not quick else (2048, 1024, 32000, torch.bfloat16)
+        t, d, v, dtype = (
+            (8192, 4096, 128000, torch.bfloat16)
+            if not quick
+            else (2048, 1024, 32000, torch.bfloat16)
+        )
     else:
         # --quick: T >> the fused op's row block (2^23 / V rows), as at the targeted shape
-        t, d, v, dtype = (4096, 1024, 32000, torch.float32) if not quick else (2048, 128, 8000, torch.float32)
+        t, d, v, dtype = (
+            (4096, 1024, 32000, torch.float32) if not quick else (2048, 128, 8000, torch.float32)
+        )
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(t, d, device=device, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(v, d, device=device, generator=g) / d**0.5).to(dtype).requires_grad_()
     tgt = torch.randint(0, v, (t,), device=device, generator=g)
     x.grad, w.grad = torch.zeros_like(x), torch.zeros_like(w)
 
-    impls = {FUSED: lambda: longtune.linear_cross_entropy(x, w, tgt),
-             NAIVE: lambda: F.cross_entropy(x @ w.T, tgt)}
+    impls = {
+        FUSED: lambda: longtune.linear_cross_entropy(x, w, tgt),
+        NAIVE: lambda: F.cross_entropy(x @ w.T, tgt),
+    }
     if cuda:
         liger = _liger_loss()
         if liger is not None:
-            impls[LIGER] = lambda: liger(w, x, tgt)  # Liger's signature: (lin_weight, _input, target)
+            impls[LIGER] = lambda: liger(
+                w, x, tgt
+            )  # Liger's signature: (lin_weight, _input, target)
 
     case = f"T={t} d={d} V={v} {str(dtype).removeprefix('torch.')}"
     params = {"T": t, "d": d, "V": v, "dtype": str(dtype)}
     # fwd: 2TdV (logits); bwd: 4TdV (dx and dW) -- the useful work, credited to every implementation
     flops = 6 * t * d * v
-    steps = [(name, (lambda loss_fn=loss_fn: loss_fn().backward())) for name, loss_fn in impls.items()]
+    steps = [
+        (name, (lambda loss_fn=loss_fn: loss_fn().backward())) for name, loss_fn in impls.items()
+    ]
     n_rounds = H.rounds((7 if quick else 15) if not cuda else 30)
-    times = H.measure_interleaved(report, case, steps, device, params, rounds=n_rounds,
-                                  flops={name: flops for name in impls})
+    times = H.measure_interleaved(
+        report, case, steps, device, params, rounds=n_rounds, flops={name: flops for name in impls}
+    )
     mem = {}
-    for r in report.results[-len(times):]:
+    for r in report.results[-len(times) :]:
         step = dict(steps)[r.impl]
         try:  # after the timed (warm) calls: compilation / autotuning / workspaces are not charged
             mem[r.impl] = H.peak_memory(step, device)
         except Exception as e:  # noqa: BLE001 -- e.g. a peer that runs out of memory
-            print(f"\n[cross_entropy] {case} / {r.impl}: memory skipped ({type(e).__name__}: {str(e)[:200]})",
-                  file=sys.stderr)
+            print(
+                f"\n[cross_entropy] {case} / {r.impl}: memory skipped ({type(e).__name__}: {str(e)[:200]})",
+                file=sys.stderr,
+            )
             continue
         finally:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-        r.params = dict(r.params, peak_memory_bytes=mem[r.impl]["bytes"], peak_memory_method=mem[r.impl]["method"])
-        print(f"[cross_entropy] {case} / {r.impl}: peak memory of the step {mem[r.impl]['bytes'] / 2**20:.1f} MiB",
-              file=sys.stderr)
+        r.params = dict(
+            r.params,
+            peak_memory_bytes=mem[r.impl]["bytes"],
+            peak_memory_method=mem[r.impl]["method"],
+        )
+        print(
+            f"[cross_entropy] {case} / {r.impl}: peak memory of the step {mem[r.impl]['bytes'] / 2**20:.1f} MiB",
+            file=sys.stderr,
+        )
     tg = not quick  # the targets are for the full shapes; --quick reports its ratios without them
     if FUSED in mem and NAIVE in mem:
-        H.add_memory_ratio(report, case, "naive peak memory / fused peak", mem[NAIVE], mem[FUSED], 8.0 if tg else None)
-    H.add_speed_ratio(report, case, "naive time / fused time", times, NAIVE, FUSED,
-                      round(1 / 1.2, 4) if tg and not cuda else None)
-    H.add_speed_ratio(report, case, "Liger time / fused time", times, LIGER, FUSED, 1.0 if tg else None)
+        H.add_memory_ratio(
+            report,
+            case,
+            "naive peak memory / fused peak",
+            mem[NAIVE],
+            mem[FUSED],
+            8.0 if tg else None,
+        )
+    H.add_speed_ratio(
+        report,
+        case,
+        "naive time / fused time",
+        times,
+        NAIVE,
+        FUSED,
+        round(1 / 1.2, 4) if tg and not cuda else None,
+    )
+    H.add_speed_ratio(
+        report, case, "Liger time / fused time", times, LIGER, FUSED, 1.0 if tg else None
+    )
     if FUSED in mem and LIGER in mem:
         H.add_memory_ratio(report, case, "Liger peak memory / fused peak", mem[LIGER], mem[FUSED])
     H.write(report, out_dir, device, plot)

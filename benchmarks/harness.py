@@ -29,6 +29,7 @@ every sample of the matching implementation (``impl`` is an fnmatch pattern on i
 ``factor`` - a synthetic regression to check that the gate catches it. Never set it otherwise.
 ``LT_BENCH_ROUNDS=n`` overrides every family's number of rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,10 +80,19 @@ class Report:
 # ----------------------------------------------------------------------------- provenance
 def _commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=BENCH_DIR, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=BENCH_DIR).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=BENCH_DIR,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=BENCH_DIR,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
@@ -156,8 +166,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_rounds(family: str, impls, device: str, n_rounds: int, min_sample_ms: float = 0.0,
-                 warmup: bool = True) -> dict:
+def timed_rounds(
+    family: str, impls, device: str, n_rounds: int, min_sample_ms: float = 0.0, warmup: bool = True
+) -> dict:
     """The timing core: ``impls`` [(name, fn)] run round-robin, ``n_rounds`` rounds, the order
     rotated every round; one sample per implementation per round = the mean time of ``calls`` calls
     (calibrated on the warm-up so that a sample lasts >= min_sample_ms). Returns
@@ -176,10 +187,14 @@ def timed_rounds(family: str, impls, device: str, n_rounds: int, min_sample_ms: 
             _sync(device)
             once = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # noqa: BLE001
-            print(f"\n[{family}] {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                  file=sys.stderr)
+            print(
+                f"\n[{family}] {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                file=sys.stderr,
+            )
             continue
-        live.append((name, fn, max(1, math.ceil(min_sample_ms / max(once, 1e-6))) if min_sample_ms else 1))
+        live.append(
+            (name, fn, max(1, math.ceil(min_sample_ms / max(once, 1e-6))) if min_sample_ms else 1)
+        )
     slow = {name: injected_slowdown(family, name) for name, _, _ in live}
     out = {name: {"ms": [], "calls": calls} for name, _, calls in live}
     for r in range(n_rounds):
@@ -194,9 +209,18 @@ def timed_rounds(family: str, impls, device: str, n_rounds: int, min_sample_ms: 
     return out
 
 
-def measure_interleaved(report: Report, case: str, impls, device: str, params: dict | None, rounds: int = 7,
-                        flops: dict | None = None, impl_params: dict | None = None, nbytes: dict | None = None,
-                        min_sample_ms: float | None = None) -> dict:
+def measure_interleaved(
+    report: Report,
+    case: str,
+    impls,
+    device: str,
+    params: dict | None,
+    rounds: int = 7,
+    flops: dict | None = None,
+    impl_params: dict | None = None,
+    nbytes: dict | None = None,
+    min_sample_ms: float | None = None,
+) -> dict:
     """Time several implementations of one case round-robin (see :func:`timed_rounds`) and record
     (median, p20, p80) per implementation. Returns {name: [ms per round]}, aligned by round, for
     :func:`add_speed_ratio`. ``flops`` / ``nbytes`` ({name: int}) give TFLOP/s and GB/s;
@@ -208,15 +232,30 @@ def measure_interleaved(report: Report, case: str, impls, device: str, params: d
         med, p20, p80 = _quantiles(g["ms"])
         f = (flops or {}).get(name, 0)
         nb = (nbytes or {}).get(name, 0)
-        p = dict((impl_params or {}).get(name, params) or {}, rounds=rounds, calls_per_sample=g["calls"])
-        report.results.append(Result(case, name, p, med, p20, p80, f, nb,
-                                     tflops=f / (med * 1e-3) / 1e12 if f else 0.0,
-                                     gbps=nb / (med * 1e-3) / 1e9 if nb else 0.0))
+        p = dict(
+            (impl_params or {}).get(name, params) or {}, rounds=rounds, calls_per_sample=g["calls"]
+        )
+        report.results.append(
+            Result(
+                case,
+                name,
+                p,
+                med,
+                p20,
+                p80,
+                f,
+                nb,
+                tflops=f / (med * 1e-3) / 1e12 if f else 0.0,
+                gbps=nb / (med * 1e-3) / 1e9 if nb else 0.0,
+            )
+        )
     return {name: g["ms"] for name, g in got.items()}
 
 
 # ----------------------------------------------------------------------------- memory
-CPU_MEMORY_METHOD = "peak allocated bytes above the start, CPU allocator events (torch.profiler profile_memory)"
+CPU_MEMORY_METHOD = (
+    "peak allocated bytes above the start, CPU allocator events (torch.profiler profile_memory)"
+)
 CUDA_MEMORY_METHOD = "peak allocated bytes above the start, torch.cuda.max_memory_allocated"
 
 
@@ -234,14 +273,20 @@ def peak_memory(step: Callable[[], object], device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return {"bytes": int(torch.cuda.max_memory_allocated() - base), "method": CUDA_MEMORY_METHOD}
+        return {
+            "bytes": int(torch.cuda.max_memory_allocated() - base),
+            "method": CUDA_MEMORY_METHOD,
+        }
     from torch.profiler import ProfilerActivity, profile
 
     cpu = torch._C._autograd.DeviceType.CPU
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                 if e.name() == "[memory]" and e.device_type() == cpu)
+    evs = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == cpu
+    )
     live = peak = 0
     for _, nb in evs:
         live += nb
@@ -289,7 +334,7 @@ def median_interval(samples, level: float = LEVEL) -> tuple:
 
 
 def verdict(lo: float, hi: float, target: float | None) -> str | None:
-    """"met" when the whole interval is at or above the target, "not met" when it is below,
+    """ "met" when the whole interval is at or above the target, "not met" when it is below,
     "undecided" when it straddles it; None without a target."""
     if target is None:
         return None
@@ -300,17 +345,41 @@ def verdict(lo: float, hi: float, target: float | None) -> str | None:
     return "undecided"
 
 
-def add_ratio(report: Report, case: str, metric: str, value: float, target: float | None = None, *,
-              lo: float | None = None, hi: float | None = None, kind: str = "other", coverage: float | None = None,
-              rounds: int | None = None, method: str = "", **extra) -> dict:
+def add_ratio(
+    report: Report,
+    case: str,
+    metric: str,
+    value: float,
+    target: float | None = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    kind: str = "other",
+    coverage: float | None = None,
+    rounds: int | None = None,
+    method: str = "",
+    **extra,
+) -> dict:
     """Record a ratio (higher is better) with its interval [lo, hi] (a point when exact) and the
     verdict against ``target``."""
     lo = value if lo is None else lo
     hi = value if hi is None else hi
     v = verdict(lo, hi, target)
-    q = {"case": case, "metric": metric, "kind": kind, "value": value, "lo": lo, "hi": hi, "coverage": coverage,
-         "rounds": rounds, "method": method, "target": target, "verdict": v,
-         "met": None if v is None else v == "met", **extra}
+    q = {
+        "case": case,
+        "metric": metric,
+        "kind": kind,
+        "value": value,
+        "lo": lo,
+        "hi": hi,
+        "coverage": coverage,
+        "rounds": rounds,
+        "method": method,
+        "target": target,
+        "verdict": v,
+        "met": None if v is None else v == "met",
+        **extra,
+    }
     report.ratios.append(q)
     return q
 
@@ -324,8 +393,16 @@ def paired_ratio(times: dict, num: str, den: str) -> float:
     return statistics.median(paired_ratios(times, num, den))
 
 
-def add_speed_ratio(report: Report, case: str, metric: str, times: dict, num: str, den: str,
-                    target: float | None = None, scale: float = 1.0) -> dict | None:
+def add_speed_ratio(
+    report: Report,
+    case: str,
+    metric: str,
+    times: dict,
+    num: str,
+    den: str,
+    target: float | None = None,
+    scale: float = 1.0,
+) -> dict | None:
     """The speed ratio time(num) / time(den) (x ``scale``) as the median of the per-round ratios of
     interleaved rounds, with its rank-based 95% interval and verdict. None (nothing recorded)
     when either implementation is missing (skipped)."""
@@ -333,46 +410,91 @@ def add_speed_ratio(report: Report, case: str, metric: str, times: dict, num: st
         return None
     rs = [r * scale for r in paired_ratios(times, num, den)]
     med, lo, hi, cov = median_interval(rs)
-    return add_ratio(report, case, metric, med, target, lo=lo, hi=hi, kind="time", coverage=round(cov, 4),
-                     rounds=len(rs), method="median of per-round ratios, interleaved rounds; rank-based interval")
+    return add_ratio(
+        report,
+        case,
+        metric,
+        med,
+        target,
+        lo=lo,
+        hi=hi,
+        kind="time",
+        coverage=round(cov, 4),
+        rounds=len(rs),
+        method="median of per-round ratios, interleaved rounds; rank-based interval",
+    )
 
 
-def add_memory_ratio(report: Report, case: str, metric: str, num: dict, den: dict,
-                     target: float | None = None) -> dict:
+def add_memory_ratio(
+    report: Report, case: str, metric: str, num: dict, den: dict, target: float | None = None
+) -> dict:
     """num["bytes"] / den["bytes"] from :func:`peak_memory` figures: exact (the interval is the
     point), the two byte counts and the method recorded beside it."""
     if den["bytes"] <= 0:
-        raise ValueError(f"{report.benchmark} / {case} / {metric}: the denominator allocated nothing "
-                         f"({den}); a step that allocates never reads zero, so the measurement is broken")
-    return add_ratio(report, case, metric, num["bytes"] / den["bytes"], target, kind="memory",
-                     method=den["method"], num_bytes=num["bytes"], den_bytes=den["bytes"])
+        raise ValueError(
+            f"{report.benchmark} / {case} / {metric}: the denominator allocated nothing "
+            f"({den}); a step that allocates never reads zero, so the measurement is broken"
+        )
+    return add_ratio(
+        report,
+        case,
+        metric,
+        num["bytes"] / den["bytes"],
+        target,
+        kind="memory",
+        method=den["method"],
+        num_bytes=num["bytes"],
+        den_bytes=den["bytes"],
+    )
 
 
 # ----------------------------------------------------------------------------- output
 def default_out_dir() -> str:
     """Where a run writes unless told: ./bench-results/<UTC stamp>/ (ignored by git)."""
-    return str(Path("bench-results") / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    return str(
+        Path("bench-results") / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    )
 
 
-def write(report: Report, out_dir: str | os.PathLike, device: str, plot: Callable | None = None) -> Path:
+def write(
+    report: Report, out_dir: str | os.PathLike, device: str, plot: Callable | None = None
+) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{report.benchmark}_{device}"
     doc = {
-        "benchmark": report.benchmark, "schema": 2, "device": device_name(device), "device_kind": device,
-        "machine": machine(device), "torch": torch.__version__, "longtune_commit": _commit(),
+        "benchmark": report.benchmark,
+        "schema": 2,
+        "device": device_name(device),
+        "device_kind": device,
+        "machine": machine(device),
+        "torch": torch.__version__,
+        "longtune_commit": _commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "threads": torch.get_num_threads(), "mode": "quick" if report.quick else "full",
-        "load_avg_1min": _load(), "cpu_count": os.cpu_count(),
-        "results": [asdict(r) for r in report.results], "ratios": report.ratios,
+        "threads": torch.get_num_threads(),
+        "mode": "quick" if report.quick else "full",
+        "load_avg_1min": _load(),
+        "cpu_count": os.cpu_count(),
+        "results": [asdict(r) for r in report.results],
+        "ratios": report.ratios,
     }
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["case", "impl", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "params"])
         for r in report.results:
-            w.writerow([r.case, r.impl, f"{r.median_ms:.5f}", f"{r.p20_ms:.5f}", f"{r.p80_ms:.5f}",
-                        f"{r.tflops:.4f}", f"{r.gbps:.3f}", json.dumps(r.params)])
+            w.writerow(
+                [
+                    r.case,
+                    r.impl,
+                    f"{r.median_ms:.5f}",
+                    f"{r.p20_ms:.5f}",
+                    f"{r.p80_ms:.5f}",
+                    f"{r.tflops:.4f}",
+                    f"{r.gbps:.3f}",
+                    json.dumps(r.params),
+                ]
+            )
     if plot is not None:
         plot(report, out / f"{stem}.png", doc["device"])
     return out / f"{stem}.json"
@@ -416,12 +538,17 @@ def grouped_bars(title: str, log: bool = True) -> Callable:
 def load(path: str | os.PathLike) -> tuple:
     """(Report, device name) from a JSON written by :func:`write` (to re-plot it)."""
     doc = json.loads(Path(path).read_text())
-    rep = Report(doc["benchmark"], [Result(**r) for r in doc["results"]], doc["ratios"], doc.get("mode") == "quick")
+    rep = Report(
+        doc["benchmark"],
+        [Result(**r) for r in doc["results"]],
+        doc["ratios"],
+        doc.get("mode") == "quick",
+    )
     return rep, doc["device"]
 
 
 def fmt_ratio(q: dict) -> str:
-    """"1.52 [1.41, 1.63]" (a point when exact)."""
+    """ "1.52 [1.41, 1.63]" (a point when exact)."""
     v, lo, hi = q["value"], q.get("lo", q["value"]), q.get("hi", q["value"])
     if lo is None or hi is None or (lo == v == hi):
         return f"{v:.2f}"
@@ -430,12 +557,19 @@ def fmt_ratio(q: dict) -> str:
 
 def print_table(report: Report):
     print(f"\n== {report.benchmark} ==")
-    wc = max([4] + [len(r.case) for r in report.results] + [len(q["case"]) for q in report.ratios]) + 2
+    wc = (
+        max([4] + [len(r.case) for r in report.results] + [len(q["case"]) for q in report.ratios])
+        + 2
+    )
     wi = max([4] + [len(r.impl) for r in report.results]) + 2
-    print(f"{'case':<{wc}}{'impl':<{wi}}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}")
+    print(
+        f"{'case':<{wc}}{'impl':<{wi}}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}"
+    )
     for r in report.results:
-        print(f"{r.case:<{wc}}{r.impl:<{wi}}{r.median_ms:>11.4f}{r.p20_ms:>10.4f}{r.p80_ms:>10.4f}"
-              f"{r.gbps:>9.1f}{r.tflops:>9.3f}")
+        print(
+            f"{r.case:<{wc}}{r.impl:<{wi}}{r.median_ms:>11.4f}{r.p20_ms:>10.4f}{r.p80_ms:>10.4f}"
+            f"{r.gbps:>9.1f}{r.tflops:>9.3f}"
+        )
     if report.ratios:
         wm = max(len(q["metric"]) for q in report.ratios) + 2
         print("ratios (median [95% interval]; higher is better):")
@@ -446,15 +580,19 @@ def print_table(report: Report):
 
 def summary(reports, total_s: float) -> str:
     """The end-of-run summary: every ratio with a target, its interval and verdict; the total time."""
-    lines = [f"{'family':<14}{'case':<36}{'metric':<48}{'median [95% interval]':>24}  {'target':>8}  verdict"]
+    lines = [
+        f"{'family':<14}{'case':<36}{'metric':<48}{'median [95% interval]':>24}  {'target':>8}  verdict"
+    ]
     counts = {}
     for rep in reports:
         for q in rep.ratios:
             if q["target"] is None:
                 continue
             counts[q["verdict"]] = counts.get(q["verdict"], 0) + 1
-            lines.append(f"{rep.benchmark:<14}{q['case'][:35]:<36}{q['metric'][:47]:<48}{fmt_ratio(q):>24}  "
-                         f">= {q['target']:<5g}  {q['verdict']}")
+            lines.append(
+                f"{rep.benchmark:<14}{q['case'][:35]:<36}{q['metric'][:47]:<48}{fmt_ratio(q):>24}  "
+                f">= {q['target']:<5g}  {q['verdict']}"
+            )
     tally = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     lines.append(f"targets: {tally or 'none'}; total time {total_s:.0f} s")
     return "\n".join(lines)
@@ -473,7 +611,9 @@ def cli(run: Callable) -> None:
     """The command line every family's benchmark script shares: --device, --out, --quick."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="output folder (default ./bench-results/<UTC stamp>/)")
+    ap.add_argument(
+        "--out", default=None, help="output folder (default ./bench-results/<UTC stamp>/)"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     a = ap.parse_args()
     print_table(run(a.device, a.out or default_out_dir(), a.quick))
@@ -517,7 +657,9 @@ def _kind(q: dict) -> str:
     return "memory" if ("memory" in m or "peak" in m) else "time"
 
 
-def compare(run_docs: dict, base_docs: dict, tol_time: float = 0.10, tol_memory: float = 0.01) -> list:
+def compare(
+    run_docs: dict, base_docs: dict, tol_time: float = 0.10, tol_memory: float = 0.01
+) -> list:
     """The gate's comparison, ratio by ratio (family, case, metric), of a run with the baselines.
     Status of a time or memory ratio (higher is better), [lo, hi] the 95% intervals (a point for
     memory and for baselines recorded without one):
@@ -538,13 +680,18 @@ def compare(run_docs: dict, base_docs: dict, tol_time: float = 0.10, tol_memory:
         for key in list(run_q) + [k for k in base_q if k not in run_q]:
             q, b = run_q.get(key), base_q.get(key)
             kind = _kind(q or b)
-            row = {"family": fam, "case": key[0], "metric": key[1], "kind": kind,
-                   "base": None if b is None else b["value"],
-                   "base_lo": None if b is None else b.get("lo", b["value"]),
-                   "base_hi": None if b is None else b.get("hi", b["value"]),
-                   "value": None if q is None else q["value"],
-                   "lo": None if q is None else q.get("lo", q["value"]),
-                   "hi": None if q is None else q.get("hi", q["value"])}
+            row = {
+                "family": fam,
+                "case": key[0],
+                "metric": key[1],
+                "kind": kind,
+                "base": None if b is None else b["value"],
+                "base_lo": None if b is None else b.get("lo", b["value"]),
+                "base_hi": None if b is None else b.get("hi", b["value"]),
+                "value": None if q is None else q["value"],
+                "lo": None if q is None else q.get("lo", q["value"]),
+                "hi": None if q is None else q.get("hi", q["value"]),
+            }
             if b is None:
                 row["status"] = "new"
             elif q is None:
@@ -568,9 +715,19 @@ def compare(run_docs: dict, base_docs: dict, tol_time: float = 0.10, tol_memory:
 
 
 def gate_table(rows: list) -> str:
-    lines = [f"{'status':<15}{'family':<14}{'case':<36}{'metric':<48}{'baseline [95% interval]':>24}  {'this run [95% interval]':>24}"
-             f"{'change':>8}"]
-    order = {"REGRESSION": 0, "improved": 1, "method changed": 2, "missing": 3, "new": 4, "ok": 5, "-": 6}
+    lines = [
+        f"{'status':<15}{'family':<14}{'case':<36}{'metric':<48}{'baseline [95% interval]':>24}  {'this run [95% interval]':>24}"
+        f"{'change':>8}"
+    ]
+    order = {
+        "REGRESSION": 0,
+        "improved": 1,
+        "method changed": 2,
+        "missing": 3,
+        "new": 4,
+        "ok": 5,
+        "-": 6,
+    }
     for r in sorted(rows, key=lambda r: order.get(r["status"], 9)):
         if r["base"] is None:
             base = "-"
@@ -584,12 +741,18 @@ def gate_table(rows: list) -> str:
             cur = f"{r['value']:.2f}"
         else:
             cur = f"{r['value']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
-        chg = "" if r["base"] is None or r["value"] is None else f"{r['value'] / r['base'] - 1:+.0%}"
-        lines.append(f"{r['status']:<15}{r['family']:<14}{r['case'][:35]:<36}{r['metric'][:47]:<48}{base:>24}  "
-                     f"{cur:>24}{chg:>8}")
+        chg = (
+            "" if r["base"] is None or r["value"] is None else f"{r['value'] / r['base'] - 1:+.0%}"
+        )
+        lines.append(
+            f"{r['status']:<15}{r['family']:<14}{r['case'][:35]:<36}{r['metric'][:47]:<48}{base:>24}  "
+            f"{cur:>24}{chg:>8}"
+        )
     n_reg = sum(r["status"] == "REGRESSION" for r in rows)
     n_cmp = sum(r["status"] in ("ok", "improved", "REGRESSION") for r in rows)
-    lines.append(f"gate: {n_reg} regression(s) among {n_cmp} compared ratios -> {'FAIL' if n_reg else 'pass'}")
+    lines.append(
+        f"gate: {n_reg} regression(s) among {n_cmp} compared ratios -> {'FAIL' if n_reg else 'pass'}"
+    )
     return "\n".join(lines)
 
 
@@ -605,7 +768,9 @@ class LoRALinear(torch.nn.Module):
         super().__init__()
         self.base = base.requires_grad_(False)
         dev, dt = base.weight.device, base.weight.dtype
-        self.A = torch.nn.Parameter(torch.randn(r, base.in_features, device=dev, dtype=dt) / base.in_features**0.5)
+        self.A = torch.nn.Parameter(
+            torch.randn(r, base.in_features, device=dev, dtype=dt) / base.in_features**0.5
+        )
         self.B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
 
     def forward(self, x):

@@ -7,6 +7,7 @@
 - the R2/R4 rotation as the FWHT vs the dense float64 matrix product the official RoSTE code uses
   (target >= 10x at d = 4096 on CPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,6 @@ from benchmarks import harness as H  # noqa: E402
 from longtune.ops.quant import quant_flops  # noqa: E402
 from longtune.reference import quant as Q  # noqa: E402
 
-
 plot = H.grouped_bars("Rotated quantization")
 
 
@@ -28,14 +28,24 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     tokens = 8192 if not quick else 2048
     n_rounds = H.rounds(9 if quick else 15)
     tg = not quick  # the targets are for 8192 tokens; --quick reports its ratios without them
-    configs = [(4096, "per_token", None, True), (4096, "per_group", 128, False), (11008, "per_token", None, True)]
+    configs = [
+        (4096, "per_token", None, True),
+        (4096, "per_group", 128, False),
+        (11008, "per_token", None, True),
+    ]
     for n, gran, gsz, sym in H.progress(configs, "quant"):
         if device == "cpu" and n > 4096 and quick:
             continue
         x = torch.randn(tokens, n, device=device, dtype=dtype)
         case = f"n={n} {gran}{'/' + str(gsz) if gsz else ''} {'sym' if sym else 'asym'}"
-        params = {"n": n, "tokens": tokens, "granularity": gran, "group_size": gsz, "symmetric": sym,
-                  "dtype": str(dtype).replace("torch.", "")}
+        params = {
+            "n": n,
+            "tokens": tokens,
+            "granularity": gran,
+            "group_size": gsz,
+            "symmetric": sym,
+            "dtype": str(dtype).replace("torch.", ""),
+        }
         nbytes = 2 * x.numel() * x.element_size()
         flops = quant_flops(x.shape, True, 0)
         kw = dict(bits=4, granularity=gran, group_size=gsz, symmetric=sym)
@@ -44,26 +54,65 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             r = longtune.hadamard_transform(x.float())
             return Q.fake_quant(r, 4, gran, gsz, sym, 1.0).to(dtype)
 
-        impls = [("longtune fused", lambda x=x, kw=kw: longtune.rotate_fake_quant(x, **kw)),
-                 ("FWHT + torch quantizer", unfused), ("torch.clone", lambda x=x: x.clone())]
-        t = H.measure_interleaved(report, case, impls, device, params, rounds=n_rounds,
-                                  flops={"longtune fused": flops, "FWHT + torch quantizer": flops},
-                                  nbytes={name: nbytes for name, _ in impls})
-        H.add_speed_ratio(report, case, "speedup vs FWHT + torch quantizer", t, "FWHT + torch quantizer",
-                          "longtune fused", 2.0 if tg and device == "cpu" and n == 4096 else None)
-        H.add_speed_ratio(report, case, "fraction of torch.clone bandwidth", t, "torch.clone", "longtune fused",
-                          0.8 if tg and device == "cuda" else None)
+        impls = [
+            ("longtune fused", lambda x=x, kw=kw: longtune.rotate_fake_quant(x, **kw)),
+            ("FWHT + torch quantizer", unfused),
+            ("torch.clone", lambda x=x: x.clone()),
+        ]
+        t = H.measure_interleaved(
+            report,
+            case,
+            impls,
+            device,
+            params,
+            rounds=n_rounds,
+            flops={"longtune fused": flops, "FWHT + torch quantizer": flops},
+            nbytes={name: nbytes for name, _ in impls},
+        )
+        H.add_speed_ratio(
+            report,
+            case,
+            "speedup vs FWHT + torch quantizer",
+            t,
+            "FWHT + torch quantizer",
+            "longtune fused",
+            2.0 if tg and device == "cpu" and n == 4096 else None,
+        )
+        H.add_speed_ratio(
+            report,
+            case,
+            "fraction of torch.clone bandwidth",
+            t,
+            "torch.clone",
+            "longtune fused",
+            0.8 if tg and device == "cuda" else None,
+        )
     # R2 / R4 as a dense float64 product (official RoSTE) vs the FWHT
     d, rows = 4096, 1024 if not quick else 256
     x = torch.randn(rows, d, device=device, dtype=dtype)
     Hd = longtune.hadamard_matrix(d, dtype=torch.float64, device=device) / math.sqrt(d)
     case = f"R4 rotation d={d} rows={rows}"
     params = {"d": d, "rows": rows}
-    t = H.measure_interleaved(report, case, [("longtune FWHT", lambda: longtune.hadamard_transform(x)),
-                                             ("dense float64 x @ H", lambda: (x.double() @ Hd).to(dtype))],
-                              device, params, rounds=n_rounds)
-    H.add_speed_ratio(report, case, "speedup vs dense float64 matmul", t, "dense float64 x @ H", "longtune FWHT",
-                      10.0 if tg and device == "cpu" else None)
+    t = H.measure_interleaved(
+        report,
+        case,
+        [
+            ("longtune FWHT", lambda: longtune.hadamard_transform(x)),
+            ("dense float64 x @ H", lambda: (x.double() @ Hd).to(dtype)),
+        ],
+        device,
+        params,
+        rounds=n_rounds,
+    )
+    H.add_speed_ratio(
+        report,
+        case,
+        "speedup vs dense float64 matmul",
+        t,
+        "dense float64 x @ H",
+        "longtune FWHT",
+        10.0 if tg and device == "cpu" else None,
+    )
     _qat_step(report, device, quick, n_rounds)
     H.write(report, out_dir, device, plot)
     return report
@@ -83,9 +132,16 @@ def _qat_step(report, device, quick, n_rounds):
 
     torch.manual_seed(0)
     hidden, layers, seq, batch = (256, 4, 128, 4) if not quick else (128, 2, 64, 2)
-    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=3 * hidden,
-                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=seq, attn_implementation="sdpa")
+    cfg = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq,
+        attn_implementation="sdpa",
+    )
     base = transformers.LlamaForCausalLM(cfg).to(device).train()
     roste = prepare_roste(copy.deepcopy(base)).train()
     ids = torch.randint(0, 1024, (batch, seq), device=device)
@@ -103,8 +159,15 @@ def _qat_step(report, device, quick, n_rounds):
 
         steps.append((name, step))
     t = H.measure_interleaved(report, case, steps, device, params, rounds=n_rounds)
-    H.add_speed_ratio(report, case, "plain step time / RoSTE step time", t, "no quantization", "RoSTE W4A4KV4",
-                      None if quick else round(1 / 1.5, 4))
+    H.add_speed_ratio(
+        report,
+        case,
+        "plain step time / RoSTE step time",
+        t,
+        "no quantization",
+        "RoSTE W4A4KV4",
+        None if quick else round(1 / 1.5, 4),
+    )
 
 
 if __name__ == "__main__":

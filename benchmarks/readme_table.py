@@ -6,6 +6,7 @@ markers), and the Hadamard transform's per-size table (docs/benchmarks.md).
 
 Run: ``python -m benchmarks.readme_table [cpu|cuda] [--quick] [--dir DIR] [--all]`` (--all: the ratios
 without a target too)."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,19 @@ def _verdict(q: dict) -> str:
 
 
 def ratios_table(docs: dict, with_untargeted: bool = False) -> str:
-    lines = ["| family | case | ratio (higher is better) | median | 95% interval | target | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| family | case | ratio (higher is better) | median | 95% interval | target | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for fam in sorted(docs, key=lambda f: ORDER.index(f) if f in ORDER else len(ORDER)):
         for q in docs[fam]["ratios"]:
             if q.get("target") is None and not with_untargeted:
                 continue
             tgt = "" if q.get("target") is None else f"≥ {q['target']:g}"
-            lines.append(f"| {fam} | {q['case']} | {q['metric']} | {q['value']:.2f} | {_interval(q)} | {tgt} | "
-                         f"{_verdict(q)} |")
+            lines.append(
+                f"| {fam} | {q['case']} | {q['metric']} | {q['value']:.2f} | {_interval(q)} | {tgt} | "
+                f"{_verdict(q)} |"
+            )
     return "\n".join(lines)
 
 
@@ -51,8 +56,10 @@ def provenance(docs: dict) -> str:
     lines = []
     for fam in sorted(docs, key=lambda f: ORDER.index(f) if f in ORDER else len(ORDER)):
         d = docs[fam]
-        lines.append(f"- {fam}: {d.get('machine') or d['device']}, torch {d['torch']}, commit "
-                     f"{d['longtune_commit']}, {d['timestamp'][:10]}, {d.get('mode', 'full')} run")
+        lines.append(
+            f"- {fam}: {d.get('machine') or d['device']}, torch {d['torch']}, commit "
+            f"{d['longtune_commit']}, {d['timestamp'][:10]}, {d.get('mode', 'full')} run"
+        )
     return "\n".join(lines)
 
 
@@ -60,16 +67,36 @@ def hadamard_table(doc: dict) -> str:
     by = {}
     for r in doc["results"]:
         by.setdefault(r["params"]["n"], {})[r["impl"]] = r
-    lines = ["| n | longtune | dense `x @ H` | speedup vs dense | fraction of `torch.clone` bandwidth |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| n | longtune | dense `x @ H` | speedup vs dense | fraction of `torch.clone` bandwidth |",
+        "|---|---|---|---|---|",
+    ]
     ratio = {(q["case"], q["metric"]): q for q in doc["ratios"]}
     for n, impls in by.items():
         ours, dense = impls["longtune"], impls.get("torch dense x @ H")
         case = ours["case"]
         sp = ratio.get((case, "speedup vs dense x @ H"))
         bw = ratio.get((case, "fraction of torch.clone bandwidth"))
-        sp_s = "–" if sp is None else f"{sp['value']:.1f}×" + (f" [{sp['lo']:.1f}, {sp['hi']:.1f}]" if sp.get("lo") is not None and sp["lo"] != sp["hi"] else "")
-        bw_s = "–" if bw is None else f"{bw['value']:.0%}" + (f" [{bw['lo']:.0%}, {bw['hi']:.0%}]" if bw.get("lo") is not None and bw["lo"] != bw["hi"] else "")
+        sp_s = (
+            "–"
+            if sp is None
+            else f"{sp['value']:.1f}×"
+            + (
+                f" [{sp['lo']:.1f}, {sp['hi']:.1f}]"
+                if sp.get("lo") is not None and sp["lo"] != sp["hi"]
+                else ""
+            )
+        )
+        bw_s = (
+            "–"
+            if bw is None
+            else f"{bw['value']:.0%}"
+            + (
+                f" [{bw['lo']:.0%}, {bw['hi']:.0%}]"
+                if bw.get("lo") is not None and bw["lo"] != bw["hi"]
+                else ""
+            )
+        )
         dense_s = f"{dense['median_ms']:.1f} ms" if dense else "–"
         lines.append(f"| {n} | {ours['median_ms']:.1f} ms | {dense_s} | {sp_s} | {bw_s} |")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ gradients, temporaries) + the AdamW state kept between steps - counted at the al
 fine-tuning, memory <= 1/3 of it, faster than LoRA r=32. No token count is given by the target; the
 speedup falls with the tokens per step (the GEMMs grow with them, full fine-tuning's AdamW over
 34.6 M weights does not), so 512, 1024 and 2048 tokens are measured."""
+
 from __future__ import annotations
 
 import copy
@@ -15,13 +16,16 @@ import torch
 from torch import nn
 
 from benchmarks import harness as H  # noqa: E402
-from longtune.nn import S2FTLinear, S2FTMLP  # noqa: E402
+from longtune.nn import S2FTMLP, S2FTLinear  # noqa: E402
 
 
 class MLP(nn.Module):
     def __init__(self, d, inter):
         super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(d, inter, bias=False), nn.Linear(d, inter, bias=False)
+        self.gate_proj, self.up_proj = (
+            nn.Linear(d, inter, bias=False),
+            nn.Linear(d, inter, bias=False),
+        )
         self.down_proj = nn.Linear(inter, d, bias=False)
         self.act_fn = nn.SiLU()
 
@@ -51,7 +55,7 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     d, inter = (2048, 5632) if not quick else (512, 1408)
     # the step's GEMMs scale with the tokens, AdamW over the block's weights does not: the speedup
     # over full fine-tuning depends on the tokens per step, so several are measured
-    for tokens in ((512, 1024, 2048) if not quick else (256,)):
+    for tokens in (512, 1024, 2048) if not quick else (256,):
         _case(report, device, d, inter, tokens, quick)
     H.write(report, out_dir, device, H.grouped_bars("S2FT on a Llama MLP block: training step"))
     return report
@@ -83,20 +87,44 @@ def _case(report, device, d, inter, tokens, quick=False):
     n_rounds = H.rounds((7 if quick else 15) if device == "cpu" else 50)
     times = H.measure_interleaved(report, case, steps, device, params, rounds=n_rounds)
     mem = {}
-    for r, (name, step) in zip(report.results[-len(steps):], steps):
+    for r, (name, step) in zip(report.results[-len(steps) :], steps):
         # the timed steps built the optimizer state (persistent: added below); the gradients are unset
         # so that the step's peak counts them
         opts[name].zero_grad(set_to_none=True)
         m = H.peak_memory(step, device)
         mem[name] = dict(m, bytes=m["bytes"] + H.optimizer_state_bytes(opts[name]))
-        r.params = dict(r.params, training_memory_bytes=mem[name]["bytes"], training_memory_method=m["method"])
-    tg = not quick  # the targets are for d = 2048; --quick (d = 512) reports the ratios without them
-    H.add_speed_ratio(report, case, "step speedup of S2FT vs full fine-tuning", times, "full fine-tuning",
-                      "S2FT 3% channels", 2.7 if tg else None)
-    H.add_memory_ratio(report, case, "full FT memory / S2FT memory", mem["full fine-tuning"], mem["S2FT 3% channels"],
-                       3.0 if tg else None)
-    H.add_speed_ratio(report, case, "LoRA r=32 step time / S2FT step time", times, "LoRA r=32", "S2FT 3% channels",
-                      1.0 if tg else None)
+        r.params = dict(
+            r.params, training_memory_bytes=mem[name]["bytes"], training_memory_method=m["method"]
+        )
+    tg = (
+        not quick
+    )  # the targets are for d = 2048; --quick (d = 512) reports the ratios without them
+    H.add_speed_ratio(
+        report,
+        case,
+        "step speedup of S2FT vs full fine-tuning",
+        times,
+        "full fine-tuning",
+        "S2FT 3% channels",
+        2.7 if tg else None,
+    )
+    H.add_memory_ratio(
+        report,
+        case,
+        "full FT memory / S2FT memory",
+        mem["full fine-tuning"],
+        mem["S2FT 3% channels"],
+        3.0 if tg else None,
+    )
+    H.add_speed_ratio(
+        report,
+        case,
+        "LoRA r=32 step time / S2FT step time",
+        times,
+        "LoRA r=32",
+        "S2FT 3% channels",
+        1.0 if tg else None,
+    )
 
 
 if __name__ == "__main__":

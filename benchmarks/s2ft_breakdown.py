@@ -5,6 +5,7 @@ paired ratios). S²FT cannot be cheaper than the three forward GEMMs, so full / 
 speedup over full fine-tuning. Prints only (diagnostic for benchmarks/s2ft.py).
 
 Run: ``python -m benchmarks.s2ft_breakdown [tokens]`` (default 1024)."""
+
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,11 @@ def main(tokens: int) -> None:
     adam_opt = torch.optim.AdamW(adam_only.parameters(), lr=1e-4)
     for p in adam_only.parameters():
         p.grad = torch.randn_like(p)
-    w = [base.gate_proj.weight.detach(), base.up_proj.weight.detach(), base.down_proj.weight.detach()]
+    w = [
+        base.gate_proj.weight.detach(),
+        base.up_proj.weight.detach(),
+        base.down_proj.weight.detach(),
+    ]
     h = torch.randn(tokens, inter)
 
     def gemms():
@@ -43,13 +48,24 @@ def main(tokens: int) -> None:
         with torch.no_grad():
             s2(x)
 
-    impls = [("S2FT step", lambda: train_step(s2, s2_opt, x, target)), ("3 forward GEMMs", gemms), ("S2FT forward", s2_forward),
-             ("AdamW over the block", adam_opt.step), ("full FT step", lambda: train_step(full, full_opt, x, target))]
-    times = H.measure_interleaved(H.Report("s2ft_breakdown"), f"tokens={tokens}", impls, "cpu", {}, rounds=9)
+    impls = [
+        ("S2FT step", lambda: train_step(s2, s2_opt, x, target)),
+        ("3 forward GEMMs", gemms),
+        ("S2FT forward", s2_forward),
+        ("AdamW over the block", adam_opt.step),
+        ("full FT step", lambda: train_step(full, full_opt, x, target)),
+    ]
+    times = H.measure_interleaved(
+        H.Report("s2ft_breakdown"), f"tokens={tokens}", impls, "cpu", {}, rounds=9
+    )
     for name, t in times.items():
         print(f"{name:<22} {sorted(t)[len(t) // 2]:9.1f} ms")
-    for num, den in (("S2FT step", "3 forward GEMMs"), ("S2FT forward", "3 forward GEMMs"),
-                     ("full FT step", "3 forward GEMMs"), ("full FT step", "S2FT step")):
+    for num, den in (
+        ("S2FT step", "3 forward GEMMs"),
+        ("S2FT forward", "3 forward GEMMs"),
+        ("full FT step", "3 forward GEMMs"),
+        ("full FT step", "S2FT step"),
+    ):
         print(f"{num} / {den}: {H.paired_ratio(times, num, den):.3f}")
 
 

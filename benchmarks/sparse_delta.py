@@ -5,8 +5,8 @@ fine-tuning of the same layer. Targets: >= 1.4x the official formulation; <= 1.0
 memory not above LoRA's. Training memory = ``harness.peak_memory`` of one training step (forward,
 backward, optimizer step; gradients unset at its start) + what persists between steps (the
 optimizer's state; for SparseDeltaLinear also the kept original entries and the values snapshot)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 
@@ -65,15 +65,36 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     # the four are timed round-robin (one call each per round) and compared round by round: on a
     # shared CPU the machine's speed drifts by +-20% over the seconds one impl would otherwise get
     ours_name = "longtune SparseDeltaLinear"
-    impls = [(ours_name, ours), ("official SFT formulation", official), ("LoRA r=64", lora), ("full fine-tuning", full)]
+    impls = [
+        (ours_name, ours),
+        ("official SFT formulation", official),
+        ("LoRA r=64", lora),
+        ("full fine-tuning", full),
+    ]
     n_rounds = H.rounds((7 if quick else 15) if device == "cpu" else 50)
     t = H.measure_interleaved(report, case, impls, device, params, rounds=n_rounds)
-    layer_results = {r.impl: r for r in report.results[-len(t):]}
-    tg = not quick  # the targets are for the 4096 x 4096 layer; --quick reports its ratios without them
-    H.add_speed_ratio(report, case, "speedup vs official formulation", t, "official SFT formulation", ours_name,
-                      1.4 if tg else None)
-    H.add_speed_ratio(report, case, "LoRA r=64 time / ours (>= 1 means not slower)", t, "LoRA r=64", ours_name,
-                      1.0 if tg else None)
+    layer_results = {r.impl: r for r in report.results[-len(t) :]}
+    tg = (
+        not quick
+    )  # the targets are for the 4096 x 4096 layer; --quick reports its ratios without them
+    H.add_speed_ratio(
+        report,
+        case,
+        "speedup vs official formulation",
+        t,
+        "official SFT formulation",
+        ours_name,
+        1.4 if tg else None,
+    )
+    H.add_speed_ratio(
+        report,
+        case,
+        "LoRA r=64 time / ours (>= 1 means not slower)",
+        t,
+        "LoRA r=64",
+        ours_name,
+        1.0 if tg else None,
+    )
     # the fused sparse AdamW step over the k deltas vs torch.optim.AdamW (foreach) on the same values
     k = sd.values.numel()
     case_opt = f"AdamW step over k={k} deltas"
@@ -82,11 +103,22 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     pa.grad, pb.grad = torch.randn_like(pa), torch.randn_like(pb)
     oa = longtune.train.SparseAdamW([pa], lr=1e-4, weight_decay=0.01)
     ob = torch.optim.AdamW([pb], lr=1e-4, weight_decay=0.01, foreach=True)
-    topt = H.measure_interleaved(report, case_opt, [("longtune sparse_adamw_", oa.step),
-                                                    ("torch.optim.AdamW (foreach)", ob.step)], device, {"k": k},
-                                 rounds=H.rounds(15 if quick else 21))
-    H.add_speed_ratio(report, case_opt, "speedup vs torch.optim.AdamW", topt, "torch.optim.AdamW (foreach)",
-                      "longtune sparse_adamw_")
+    topt = H.measure_interleaved(
+        report,
+        case_opt,
+        [("longtune sparse_adamw_", oa.step), ("torch.optim.AdamW (foreach)", ob.step)],
+        device,
+        {"k": k},
+        rounds=H.rounds(15 if quick else 21),
+    )
+    H.add_speed_ratio(
+        report,
+        case_opt,
+        "speedup vs torch.optim.AdamW",
+        topt,
+        "torch.optim.AdamW (foreach)",
+        "longtune sparse_adamw_",
+    )
     # training memory on top of model + input: one step's peak + the state kept between steps
     xm = x.detach()
 
@@ -101,15 +133,30 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         m = H.peak_memory(step, device)
         return dict(m, bytes=m["bytes"] + H.optimizer_state_bytes(opt) + persistent_extra)
 
-    mem_ours = mem_of(sd, [sd.values], longtune.train.SparseAdamW([sd.values], lr=1e-4),
-                      2 * sd.values.numel() * sd.values.element_size())  # kept original entries + values snapshot
-    mem_lora = mem_of(lora_layer, [lora_layer.A, lora_layer.B],
-                      torch.optim.AdamW([lora_layer.A, lora_layer.B], lr=1e-4))
+    mem_ours = mem_of(
+        sd,
+        [sd.values],
+        longtune.train.SparseAdamW([sd.values], lr=1e-4),
+        2 * sd.values.numel() * sd.values.element_size(),
+    )  # kept original entries + values snapshot
+    mem_lora = mem_of(
+        lora_layer,
+        [lora_layer.A, lora_layer.B],
+        torch.optim.AdamW([lora_layer.A, lora_layer.B], lr=1e-4),
+    )
     for name, m in ((ours_name, mem_ours), ("LoRA r=64", mem_lora)):
         r = layer_results[name]
-        r.params = dict(r.params, training_memory_bytes=m["bytes"], training_memory_method=m["method"])
-    H.add_memory_ratio(report, case, "LoRA r=64 training memory / ours (>= 1: ours not larger)", mem_lora, mem_ours,
-                       1.0 if tg else None)
+        r.params = dict(
+            r.params, training_memory_bytes=m["bytes"], training_memory_method=m["method"]
+        )
+    H.add_memory_ratio(
+        report,
+        case,
+        "LoRA r=64 training memory / ours (>= 1: ours not larger)",
+        mem_lora,
+        mem_ours,
+        1.0 if tg else None,
+    )
     H.write(report, out_dir, device, H.grouped_bars("SpIEL sparse-delta fine-tuning"))
     return report
 

@@ -21,6 +21,7 @@ finetune_long_context_<tag>.json (accuracies, timing, the recipe's summary and `
     python examples/finetune_long_context.py --device cuda
     python examples/finetune_long_context.py --out examples/results   # refresh the committed results
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,7 +77,9 @@ def make_batch(batch, seqlen, gen, device, near=None):
     x = torch.randint(FILLER0, VOCAB, (batch, seqlen), generator=gen)
     x[:, 0] = BOS
     key = torch.randint(0, len(DIGITS), (batch,), generator=gen)
-    pos = torch.randint(1 if near is None else max(1, seqlen - 2 - near), seqlen - 2, (batch,), generator=gen)
+    pos = torch.randint(
+        1 if near is None else max(1, seqlen - 2 - near), seqlen - 2, (batch,), generator=gen
+    )
     x[torch.arange(batch), pos] = torch.tensor(DIGITS)[key]
     x[:, -2] = QUERY
     x[:, -1] = torch.tensor(DIGITS)[key]
@@ -112,7 +115,9 @@ def curriculum(steps, context):
     return [lens[min(i // per, len(lens) - 1)] for i in range(steps)]
 
 
-def train(model, steps, batch, seqlen, lr, device, desc, seed, losses, near=None, chunk=None, budget=None):
+def train(
+    model, steps, batch, seqlen, lr, device, desc, seed, losses, near=None, chunk=None, budget=None
+):
     """`seqlen`: an int or a per-step list of lengths."""
     lens = seqlen if isinstance(seqlen, list) else [seqlen] * steps
     params = [p for p in model.parameters() if p.requires_grad]
@@ -124,7 +129,9 @@ def train(model, steps, batch, seqlen, lr, device, desc, seed, losses, near=None
         x, labels = make_batch(batch, lens[step], gen, device, near)
         opt.zero_grad(set_to_none=True)
         if chunk:  # chunk-wise backward: SeCO (exact) or SpaCO (budget chunks)
-            loss = longtune.train.seco_backward(model, x, labels, chunk_size=chunk, budget=budget, generator=gen)
+            loss = longtune.train.seco_backward(
+                model, x, labels, chunk_size=chunk, budget=budget, generator=gen
+            )
         else:
             loss = model(input_ids=x, labels=labels).loss
             loss.backward()
@@ -145,16 +152,35 @@ def loss_curve(losses):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--attention", choices=["s2", "full"], default="s2", help="fine-tuning attention at 4x context")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--attention",
+        choices=["s2", "full"],
+        default="s2",
+        help="fine-tuning attention at 4x context",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--context", type=int, default=1024, help="pre-training context (extended 4x)")
     ap.add_argument("--pretrain-steps", type=int, default=200)
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--eval-samples", type=int, default=40)
-    ap.add_argument("--seco", action="store_true", help="fine-tune with chunk-wise backward (SeCO, 4 chunks)")
-    ap.add_argument("--spaco", type=int, default=None, metavar="K", help="with --seco: SpaCO, backward through K chunks")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="output folder for the JSON and the PNG (default: %(default)s)")
+    ap.add_argument(
+        "--seco", action="store_true", help="fine-tune with chunk-wise backward (SeCO, 4 chunks)"
+    )
+    ap.add_argument(
+        "--spaco",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --seco: SpaCO, backward through K chunks",
+    )
+    ap.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help="output folder for the JSON and the PNG (default: %(default)s)",
+    )
     a = ap.parse_args()
     if a.spaco is not None and not a.seco:
         raise SystemExit("--spaco K needs --seco")
@@ -163,25 +189,51 @@ def main():
     torch.manual_seed(0)
     dev = torch.device(a.device)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=a.context,
-                      attention_dropout=0.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=a.context,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).to(dev, dtype)
     longtune.patch(model, attention="causal")  # our flash kernel for pre-training too
     long_ctx = 4 * a.context
     losses, t0 = [], time.time()
     acc_untrained = accuracy(model, long_ctx, a.eval_samples, dev)
-    train(model, a.pretrain_steps, 8, curriculum(a.pretrain_steps, a.context), 3e-3, dev,
-          "pre-train @<=%d" % a.context, 0, losses)
+    train(
+        model,
+        a.pretrain_steps,
+        8,
+        curriculum(a.pretrain_steps, a.context),
+        3e-3,
+        dev,
+        "pre-train @<=%d" % a.context,
+        0,
+        losses,
+    )
     acc_short = accuracy(model, a.context, a.eval_samples, dev)
     acc_long_before = accuracy(model, long_ctx, a.eval_samples, dev)
-    print(f"pre-trained: passkey accuracy {acc_short:.0%} at {a.context} tokens, {acc_long_before:.0%} at "
-          f"{long_ctx} tokens (chance 10%)")
+    print(
+        f"pre-trained: passkey accuracy {acc_short:.0%} at {a.context} tokens, {acc_long_before:.0%} at "
+        f"{long_ctx} tokens (chance 10%)"
+    )
 
-    model, summary = longtune.recipes.longlora(model, target_context=long_ctx, lora_r=8, lora_alpha=16,
-                                               patch_attention=(a.attention == "s2"))
-    print(f"LongLoRA recipe: rope factor {summary['rope_factor']:.0f}, trainable {summary['trainable']:,} of "
-          f"{summary['total']:,} parameters {summary['by_kind']}")
+    model, summary = longtune.recipes.longlora(
+        model,
+        target_context=long_ctx,
+        lora_r=8,
+        lora_alpha=16,
+        patch_attention=(a.attention == "s2"),
+    )
+    print(
+        f"LongLoRA recipe: rope factor {summary['rope_factor']:.0f}, trainable {summary['trainable']:,} of "
+        f"{summary['total']:,} parameters {summary['by_kind']}"
+    )
     acc_interp = accuracy(model, long_ctx, a.eval_samples, dev)
     # S^2-Attn trains on groups of N/4 tokens (the query sees its own group), so the fine-tuning
     # passkeys sit in the last eighth (seen by the shifted heads too); evaluation uses full attention
@@ -189,23 +241,48 @@ def main():
     # (LongLoRA: train sparse and local, infer dense and global).
     near = long_ctx // 8 - 2 if a.attention == "s2" else None
     chunk = long_ctx // 4 if a.seco else None
-    if a.seco and a.attention == "s2":  # chunks see the past KV: S^2 needs a fixed group size (not N/4 of a chunk)
+    if (
+        a.seco and a.attention == "s2"
+    ):  # chunks see the past KV: S^2 needs a fixed group size (not N/4 of a chunk)
         longtune.patch(model, attention="s2", group_size=long_ctx // 4)
-    train(model, a.finetune_steps, 2, long_ctx, 1e-3, dev, f"fine-tune @{long_ctx} ({a.attention}"
-          f"{', SpaCO K=%d' % a.spaco if a.spaco else ', SeCO' if a.seco else ''})", 1, losses, near, chunk, a.spaco)
+    train(
+        model,
+        a.finetune_steps,
+        2,
+        long_ctx,
+        1e-3,
+        dev,
+        f"fine-tune @{long_ctx} ({a.attention}"
+        f"{', SpaCO K=%d' % a.spaco if a.spaco else ', SeCO' if a.seco else ''})",
+        1,
+        losses,
+        near,
+        chunk,
+        a.spaco,
+    )
     acc_after = accuracy(model, long_ctx, a.eval_samples, dev)
     elapsed = time.time() - t0
-    print(f"passkey accuracy at {long_ctx} tokens: {acc_untrained:.0%} untrained, {acc_long_before:.0%} after "
-          f"pre-training at {a.context}, {acc_interp:.0%} after position interpolation, {acc_after:.0%} after LongLoRA "
-          f"fine-tuning ({a.attention}); chance 10%; {elapsed:.0f} s total")
+    print(
+        f"passkey accuracy at {long_ctx} tokens: {acc_untrained:.0%} untrained, {acc_long_before:.0%} after "
+        f"pre-training at {a.context}, {acc_interp:.0%} after position interpolation, {acc_after:.0%} after LongLoRA "
+        f"fine-tuning ({a.attention}); chance 10%; {elapsed:.0f} s total"
+    )
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"attention": a.attention, "context": a.context, "long_context": long_ctx, "accuracy_untrained": acc_untrained,
-              "accuracy_short": acc_short, "accuracy_long_before": acc_long_before,
-              "accuracy_long_interpolated": acc_interp, "accuracy_long_after": acc_after, "seconds": elapsed,
-              "summary": {k: v for k, v in summary.items() if k != "attention"},
-              "loss_curve": loss_curve(losses)}
+    result = {
+        "attention": a.attention,
+        "context": a.context,
+        "long_context": long_ctx,
+        "accuracy_untrained": acc_untrained,
+        "accuracy_short": acc_short,
+        "accuracy_long_before": acc_long_before,
+        "accuracy_long_interpolated": acc_interp,
+        "accuracy_long_after": acc_after,
+        "seconds": elapsed,
+        "summary": {k: v for k, v in summary.items() if k != "attention"},
+        "loss_curve": loss_curve(losses),
+    }
     tag = a.attention + ("_spaco%d" % a.spaco if a.spaco else "_seco" if a.seco else "")
     (out / f"finetune_long_context_{tag}.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out}/finetune_long_context_{tag}.json")
@@ -222,7 +299,9 @@ def main():
         ax.text(a.pretrain_steps, max(ys) * 0.95, f" LongLoRA fine-tuning @{long_ctx}", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("passkey loss")
-        ax.set_title(f"tiny Llama, passkey at {long_ctx} tokens: {acc_untrained:.0%} untrained -> {acc_after:.0%}")
+        ax.set_title(
+            f"tiny Llama, passkey at {long_ctx} tokens: {acc_untrained:.0%} untrained -> {acc_after:.0%}"
+        )
         fig.tight_layout()
         fig.savefig(out / f"finetune_long_context_{tag}.png", dpi=120)
         print(f"wrote {out}/finetune_long_context_{tag}.png")

@@ -1,4 +1,5 @@
 """Shared cases of the sparse-attention tests (CPU kernel, emulated CUDA kernel, real GPU)."""
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 forward (loss rows, lse, argmax) and backward (dx, dweight, dbias) against the float64 reference
 (`linear_cross_entropy_rows` + autograd, random per-row loss gradient), 2x rule per output; the
 argmax holds a largest logit of the float64 reference (up to the dtype's rounding)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ GPU_CASES = [
 def make_inputs(c: Case, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(c.T, c.d, generator=g)
-    w = torch.randn(c.V, c.d, generator=g) / max(1.0, c.d ** 0.5) * 2
+    w = torch.randn(c.V, c.d, generator=g) / max(1.0, c.d**0.5) * 2
     b = torch.randn(c.V, generator=g) if c.bias else None
     target = torch.randint(0, c.V, (c.T,), generator=g)
     if c.ignore == "some":
@@ -90,9 +91,17 @@ def reference(c: Case, x, w, b, target, grad, dtype):
     xs, ws = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
     bs = None if b is None else b.to(dtype).requires_grad_()
     cw = class_weight(c, x.device)
-    loss, lse = linear_cross_entropy_rows(xs, ws, target, bs, ignore_index=c.ignore_index, label_smoothing=c.eps,
-                                          z_loss=c.z_loss, softcap=c.softcap or None,
-                                          class_weight=None if cw is None else cw.to(dtype))
+    loss, lse = linear_cross_entropy_rows(
+        xs,
+        ws,
+        target,
+        bs,
+        ignore_index=c.ignore_index,
+        label_smoothing=c.eps,
+        z_loss=c.z_loss,
+        softcap=c.softcap or None,
+        class_weight=None if cw is None else cw.to(dtype),
+    )
     (loss * grad.to(dtype)).sum().backward()
     return loss.detach(), lse.detach(), xs.grad, ws.grad, None if bs is None else bs.grad
 
@@ -101,7 +110,9 @@ def run_op(fwd, bwd, c: Case, x, w, b, target, grad, filter_eps=0.0):
     """(loss, lse, dx, dw, db, argmax) from the forward op then the backward op."""
     cw = class_weight(c, x.device)
     loss, lse, amax = fwd(x, w, b, target, c.ignore_index, c.eps, c.z_loss, c.softcap, cw)
-    dx, dw, db = bwd(grad, x, w, b, target, lse, c.ignore_index, c.eps, c.z_loss, c.softcap, filter_eps, cw)
+    dx, dw, db = bwd(
+        grad, x, w, b, target, lse, c.ignore_index, c.eps, c.z_loss, c.softcap, filter_eps, cw
+    )
     return loss, lse, dx, dw, db, amax
 
 
@@ -113,8 +124,19 @@ def check_case(fwd, bwd, device, c: Case, dtype, seed=0):
 def check_case_fused(fwd_bwd, device, c: Case, dtype, seed=0):
     """linear_cross_entropy_fwd_bwd (loss, lse and the gradients of sum grad * loss in one call)."""
     x, w, b, target, grad = make_inputs(c, dtype, device, seed)
-    outs = fwd_bwd(x, w, b, target, grad.float(), c.ignore_index, c.eps, c.z_loss, c.softcap, True,
-                   class_weight(c, x.device))
+    outs = fwd_bwd(
+        x,
+        w,
+        b,
+        target,
+        grad.float(),
+        c.ignore_index,
+        c.eps,
+        c.z_loss,
+        c.softcap,
+        True,
+        class_weight(c, x.device),
+    )
     _check_outputs(c, dtype, x, w, b, target, grad, outs)
 
 
@@ -125,7 +147,9 @@ def check_argmax(amax, x, w, b, c: Case, dtype):
     z = linear_logits(cpu(x), cpu(w), cpu(b), softcap=c.softcap or None)
     amax = amax.cpu()
     assert amax.dtype == torch.int64 and amax.shape == (c.T,)
-    tol = (8 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5) * (1 + z.abs().max().item())
+    tol = (8 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5) * (
+        1 + z.abs().max().item()
+    )
     assert torch.all((amax >= 0) & (amax < c.V))
     picked = z.gather(1, amax[:, None])[:, 0]
     assert torch.all(picked >= z.max(1).values - tol), f"{c} {dtype}: argmax is not a largest logit"
@@ -176,7 +200,12 @@ def check_empty(fwd, bwd, device, dtype):
     b = torch.randn(10, dtype=dtype, device=device)
     t = torch.zeros(0, dtype=torch.long, device=device)
     loss, lse, amax = fwd(x, w, b, t, -100, 0.0, 0.0, 0.0)
-    assert loss.shape == (0,) and lse.shape == (0,) and amax.shape == (0,) and amax.dtype == torch.int64
+    assert (
+        loss.shape == (0,)
+        and lse.shape == (0,)
+        and amax.shape == (0,)
+        and amax.dtype == torch.int64
+    )
     dx, dw, db = bwd(loss, x, w, b, t, lse, -100, 0.0, 0.0, 0.0, 0.0)
     assert dx.shape == (0, 8) and dw.shape == (10, 8) and db.shape == (10,)
     assert torch.all(dw == 0) and torch.all(db == 0)
@@ -188,22 +217,72 @@ def check_errors(fwd, bwd, device):
     x = torch.randn(3, 8, device=device)
     w = torch.randn(10, 8, device=device)
     t = torch.tensor([1, 10, 2], device=device)
-    with pytest.raises(RuntimeError, match=r"linear_cross_entropy_fwd: target\[1\] = 10 is out of range"):
+    with pytest.raises(
+        RuntimeError, match=r"linear_cross_entropy_fwd: target\[1\] = 10 is out of range"
+    ):
         fwd(x, w, None, t, -100, 0.0, 0.0, 0.0)
     t = torch.tensor([1, -5, 2], device=device)
     with pytest.raises(RuntimeError, match=r"target\[1\] = -5 is out of range"):
-        bwd(torch.ones(3, device=device), x, w, None, t, torch.zeros(3, device=device), -100, 0.0, 0.0, 0.0, 0.0)
+        bwd(
+            torch.ones(3, device=device),
+            x,
+            w,
+            None,
+            t,
+            torch.zeros(3, device=device),
+            -100,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+        )
     t = torch.tensor([1, 2, 3], device=device)
     with pytest.raises(RuntimeError, match="weight must have x's dtype"):
         fwd(x, w.half(), None, t, -100, 0.0, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
         fwd(x.double(), w.double(), None, t, -100, 0.0, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="lse must be"):
-        bwd(torch.ones(3, device=device), x, w, None, t, torch.zeros(2, device=device), -100, 0.0, 0.0, 0.0, 0.0)
+        bwd(
+            torch.ones(3, device=device),
+            x,
+            w,
+            None,
+            t,
+            torch.zeros(2, device=device),
+            -100,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+        )
     with pytest.raises(RuntimeError, match="filter_eps must be >= 0"):
-        bwd(torch.ones(3, device=device), x, w, None, t, torch.zeros(3, device=device), -100, 0.0, 0.0, 0.0, -1.0)
+        bwd(
+            torch.ones(3, device=device),
+            x,
+            w,
+            None,
+            t,
+            torch.zeros(3, device=device),
+            -100,
+            0.0,
+            0.0,
+            0.0,
+            -1.0,
+        )
     with pytest.raises(RuntimeError, match=r"class_weight must have shape \(vocab,\) = \(10,\)"):
         fwd(x, w, None, t, -100, 0.0, 0.0, 0.0, torch.ones(9, device=device))
     with pytest.raises(RuntimeError, match="class_weight must be a floating tensor"):
-        bwd(torch.ones(3, device=device), x, w, None, t, torch.zeros(3, device=device), -100, 0.0, 0.0, 0.0, 0.0,
-            torch.ones(10, dtype=torch.long, device=device))
+        bwd(
+            torch.ones(3, device=device),
+            x,
+            w,
+            None,
+            t,
+            torch.zeros(3, device=device),
+            -100,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            torch.ones(10, dtype=torch.long, device=device),
+        )

@@ -1,6 +1,7 @@
 """Fragment layouts of mma.sync / ldmatrix and shuffle semantics, written from the PTX ISA and CUDA
 C++ Programming Guide text independently of csrc/emu. The same checks run on the emulator (CPU
 tensors, tests/test_emu_layouts.py) and on a GPU (tests/cuda/test_probes_cuda.py)."""
+
 import torch
 
 MMA_F16_16816, MMA_BF16_16816, MMA_F16_1688 = 0, 1, 2
@@ -63,7 +64,10 @@ def run_mma_case(kind: int, device: str, seed: int = 0):
             lo, hi = b_map(lane, 2 * r), b_map(lane, 2 * r + 1)
             frags[lane, 4 + r] = _pack(Bb[lo], Bb[hi])
         for i in range(4):
-            frags[lane, 6 + i] = torch.tensor([C[c_16n8(lane, i)]], dtype=torch.float32).view(torch.int32).item() & 0xFFFFFFFF
+            frags[lane, 6 + i] = (
+                torch.tensor([C[c_16n8(lane, i)]], dtype=torch.float32).view(torch.int32).item()
+                & 0xFFFFFFFF
+            )
     frags32 = torch.where(frags >= 2**31, frags - 2**32, frags).to(torch.int32)
     d = torch.ops.longtune_test.mma_probe(frags32.to(device), kind).cpu().double()
     D = torch.full((16, 8), float("nan"), dtype=torch.float64)
@@ -84,7 +88,9 @@ def run_ldmatrix_case(nmat: int, trans: bool, device: str):
     for lane in range(32):
         m, j = (lane // 8) % nmat, lane % 8  # lanes beyond 8*nmat: any valid address
         rows[lane] = (m * 8 + j) * stride
-    out = torch.ops.longtune_test.ldmatrix_probe(tile16.to(device), rows.to(device), nmat, trans).cpu()
+    out = torch.ops.longtune_test.ldmatrix_probe(
+        tile16.to(device), rows.to(device), nmat, trans
+    ).cpu()
 
     def M(i, r, c):
         return int(tile[(i * 8 + r) * stride + c])
@@ -132,13 +138,19 @@ def run_shuffle_case(kind: str, width: int, device: str, seed: int = 0):
     elif kind == "xor":
         args = torch.full((32,), int(torch.randint(1, 32, (1,), generator=g)), dtype=torch.int32)
     else:
-        args = torch.full((32,), int(torch.randint(0, width + 1, (1,), generator=g)), dtype=torch.int32)
-    out = torch.ops.longtune_test.shfl_probe(values.to(device), args.to(device), SHFL_KINDS[kind], width).cpu()
+        args = torch.full(
+            (32,), int(torch.randint(0, width + 1, (1,), generator=g)), dtype=torch.int32
+        )
+    out = torch.ops.longtune_test.shfl_probe(
+        values.to(device), args.to(device), SHFL_KINDS[kind], width
+    ).cpu()
     assert out.tolist() == expected_shuffle(kind, values.tolist(), args.tolist(), width)
 
 
 def run_ballot_case(device: str):
     preds = torch.tensor([(i * 7) % 3 == 0 for i in range(32)], dtype=torch.int32)
-    out = torch.ops.longtune_test.shfl_probe(preds.to(device), torch.zeros(32, dtype=torch.int32).to(device), 4, 32).cpu()
+    out = torch.ops.longtune_test.shfl_probe(
+        preds.to(device), torch.zeros(32, dtype=torch.int32).to(device), 4, 32
+    ).cpu()
     expected = sum(1 << i for i in range(32) if preds[i])
     assert all((int(v) & 0xFFFFFFFF) == expected for v in out)

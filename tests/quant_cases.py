@@ -2,6 +2,7 @@
 or CUDA tensors) or torch.ops.longtune_emu (the emulated CUDA kernel on CPU tensors); `had` is the
 matching Hadamard op, so that "fused = rotation followed by the reference quantizer" compares the
 same rotated values bit for bit."""
+
 import math
 
 import torch
@@ -13,9 +14,9 @@ CASES = [  # (n, hadamard_size, granularity, group_size)
     (4096, 0, "per_token", 0),
     (256, 64, "per_group", 32),
     (2048, 128, "per_group", 64),
-    (12 * 8, 0, "per_group", 8),      # m = 12 factor
-    (76 * 64, 0, "per_token", 0),     # Qwen2.5 size 4864, m = 76
-    (60, 0, "per_token", 0),          # m = 60, 2^0
+    (12 * 8, 0, "per_group", 8),  # m = 12 factor
+    (76 * 64, 0, "per_token", 0),  # Qwen2.5 size 4864, m = 76
+    (60, 0, "per_token", 0),  # m = 60, 2^0
 ]
 
 
@@ -24,7 +25,9 @@ def rotated(x, n, hs, had):
     return had(x.float().reshape(*x.shape[:-1], n // h, h), 1 / math.sqrt(h)).reshape(x.shape)
 
 
-def check_fused_equals_rotation_then_reference(ops, had, device, n, hs, gran, gsz, sym, bits, dtype, rows=3):
+def check_fused_equals_rotation_then_reference(
+    ops, had, device, n, hs, gran, gsz, sym, bits, dtype, rows=3
+):
     x = (torch.randn(rows, n) * 3).to(dtype).to(device)
     clip = 0.9
     y = ops.rotate_fake_quant(x, bits, gran, gsz, sym, clip, True, hs, "identity")
@@ -36,7 +39,9 @@ def check_fused_equals_rotation_then_reference(ops, had, device, n, hs, gran, gs
     cr, sr, zr = Q.quantize(r, bits, gran, gsz or None, sym, clip)
     assert codes.dtype == (torch.int8 if sym else torch.uint8)
     assert torch.equal(codes.cpu().float(), cr)
-    assert torch.equal(scales.cpu(), sr.reshape(scales.shape)) and torch.equal(zeros.cpu(), zr.reshape(zeros.shape))
+    assert torch.equal(scales.cpu(), sr.reshape(scales.shape)) and torch.equal(
+        zeros.cpu(), zr.reshape(zeros.shape)
+    )
 
 
 def check_plain_quantizer(ops, device, n, gran, gsz, sym, bits, dtype):

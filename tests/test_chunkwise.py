@@ -2,6 +2,7 @@
 float64 (plain, peft LoRA, longtune-patched attention), S^2 attention, unbiasedness of SpaCO (exact
 enumeration of the sampled sets and a seeded Monte-Carlo check; the residual multi-hop bias), the cap, accumulation,
 reproducibility and bad inputs."""
+
 import itertools
 import math
 import warnings
@@ -32,9 +33,16 @@ def _one_thread():
 
 def tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                      attention_dropout=0.0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+    )
     return LlamaForCausalLM(cfg).double()
 
 
@@ -53,11 +61,17 @@ def full_loss(model, ids, labels):
     accurate; test_matches_hf_loss_path compares against it at that tolerance.)"""
     logits = model(input_ids=ids).logits
     shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100
+    )
 
 
 def grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return {
+        n: p.grad.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
 
 
 def full_grads(model, ids, labels):
@@ -77,8 +91,13 @@ def max_rel_err(got, ref):
 
 def lora(model):
     peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                          init_lora_weights=False)  # random B too: every LoRA gradient is non-zero
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )  # random B too: every LoRA gradient is non-zero
     return peft.get_peft_model(model, cfg)
 
 
@@ -91,7 +110,9 @@ def make(variant):
         m = lora(m)
     elif variant == "longtune_causal":
         longtune.patch(m, attention="causal")
-    elif variant == "fused_ce_head":  # chunk losses from hidden states through the fused linear + CE
+    elif (
+        variant == "fused_ce_head"
+    ):  # chunk losses from hidden states through the fused linear + CE
         longtune.patch(m, attention="causal", lm_head="fused_ce")
     return m
 
@@ -107,7 +128,11 @@ def test_seco_equals_full_backprop(variant):
         model.zero_grad(set_to_none=True)
         loss = seco_backward(model, ids, labels, chunk_size=chunk)
         assert not loss.requires_grad
-        assert abs(float(loss) - float(ref_loss)) <= 1e-12 * abs(float(ref_loss)), (chunk, loss, ref_loss)
+        assert abs(float(loss) - float(ref_loss)) <= 1e-12 * abs(float(ref_loss)), (
+            chunk,
+            loss,
+            ref_loss,
+        )
         err = max_rel_err(grads(model), ref)
         assert err <= 1e-10, (variant, chunk, err)
     if variant == "lora":  # only the adapters are trained
@@ -141,7 +166,15 @@ def test_full_budget_is_seco():
     model = tiny_llama()
     ids, labels = batch()
     _, ref = full_grads(model, ids, labels)
-    seco_backward(model, ids, labels, chunk_size=16, budget=3, cap=None, generator=torch.Generator().manual_seed(3))
+    seco_backward(
+        model,
+        ids,
+        labels,
+        chunk_size=16,
+        budget=3,
+        cap=None,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert max_rel_err(grads(model), ref) <= 1e-10
 
 
@@ -156,8 +189,12 @@ def test_s2_kernel_chunkable_with_bottom_right_alignment():
     for s, e in [(0, 16), (16, 32), (32, 48), (13, 26), (39, 48)]:
         part = longtune.sparse_attention(q[:, s:e], k[:, :e], v[:, :e], s2_group_size=8)
         torch.testing.assert_close(part, full[:, s:e], rtol=0, atol=1e-13)
-    with pytest.raises(RuntimeError, match="longlora_roll"):  # its wrap-around sees the future: not chunkable
-        longtune.sparse_attention(q[:, 16:32], k[:, :32], v[:, :32], s2_group_size=8, s2_mode="longlora_roll")
+    with pytest.raises(
+        RuntimeError, match="longlora_roll"
+    ):  # its wrap-around sees the future: not chunkable
+        longtune.sparse_attention(
+            q[:, 16:32], k[:, :32], v[:, :32], s2_group_size=8, s2_mode="longlora_roll"
+        )
 
 
 def _s2_grads(model, ids, labels, chunk=None):
@@ -263,8 +300,12 @@ def test_spaco_monte_carlo_mean_converges():
     parameters, and its squared deviation is of the order of the estimated variance of the mean."""
     model, ids, labels = _small(layers=1)
     _, ref = full_grads(model, ids, labels)
-    names = ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight",
-             "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"]
+    names = [
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ]
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(1234)
     m = 200
@@ -280,8 +321,8 @@ def test_spaco_monte_carlo_mean_converges():
         mean, se = s.mean(0), s.std(0) / math.sqrt(m)
         diff = (mean - ref[n]).abs()
         assert bool((diff <= 4.5 * se + 1e-12 * ref[n].abs().max()).all()), n
-        dev2 += float((diff ** 2).sum())
-        var2 += float((se ** 2).sum())
+        dev2 += float((diff**2).sum())
+        var2 += float((se**2).sum())
     assert dev2 <= 3.0 * var2, (dev2, var2)
 
 
@@ -290,28 +331,50 @@ def test_spaco_reproducible():
     runs = []
     for seed in (7, 7, 8):
         model.zero_grad(set_to_none=True)
-        loss = seco_backward(model, ids, labels, chunk_size=3, budget=2, generator=torch.Generator().manual_seed(seed))
+        loss = seco_backward(
+            model,
+            ids,
+            labels,
+            chunk_size=3,
+            budget=2,
+            generator=torch.Generator().manual_seed(seed),
+        )
         runs.append((loss, grads(model)))
     (l0, g0), (l1, g1), (_, g2) = runs
     assert float(l0) == float(l1)
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
-    assert any(not torch.equal(g0[n], g2[n]) for n in g0)  # seeds 7 and 8 draw different chunk pairs
+    assert any(
+        not torch.equal(g0[n], g2[n]) for n in g0
+    )  # seeds 7 and 8 draw different chunk pairs
     ref_loss, _ = full_grads(model, ids, labels)
-    assert abs(float(l0) - float(ref_loss)) <= 1e-12 * float(ref_loss)  # the loss is always the full loss
+    assert abs(float(l0) - float(ref_loss)) <= 1e-12 * float(
+        ref_loss
+    )  # the loss is always the full loss
 
 
 def test_spaco_full_loss_false_skips_the_head_and_estimates_the_loss():
     model, ids, labels = _small()
     n_chunks, k = math.ceil(ids.shape[1] / 3), 2
     model.zero_grad(set_to_none=True)
-    seco_backward(model, ids, labels, chunk_size=3, budget=k, generator=torch.Generator().manual_seed(7))
+    seco_backward(
+        model, ids, labels, chunk_size=3, budget=k, generator=torch.Generator().manual_seed(7)
+    )
     g_full = grads(model)
     model.zero_grad(set_to_none=True)
     head_calls = []
-    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: head_calls.append(inp[0].shape[1]))
+    hook = model.lm_head.register_forward_hook(
+        lambda mod, inp, out: head_calls.append(inp[0].shape[1])
+    )
     try:
-        est = seco_backward(model, ids, labels, chunk_size=3, budget=k, generator=torch.Generator().manual_seed(7),
-                            full_loss=False)
+        est = seco_backward(
+            model,
+            ids,
+            labels,
+            chunk_size=3,
+            budget=k,
+            generator=torch.Generator().manual_seed(7),
+            full_loss=False,
+        )
     finally:
         hook.remove()
     # same gradient; the head ran over a full chunk only in phase 2 of the k sampled chunks
@@ -323,10 +386,11 @@ def test_spaco_full_loss_false_skips_the_head_and_estimates_the_loss():
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100,
-                          reduction="none").view_as(shift)
+    tok = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100, reduction="none"
+    ).view_as(shift)
     n_t = int((shift != -100).sum())
-    expect = sum(float(tok[:, 3 * i:3 * i + 3].sum()) for i in sampled) / n_t * n_chunks / k
+    expect = sum(float(tok[:, 3 * i : 3 * i + 3].sum()) for i in sampled) / n_t * n_chunks / k
     assert abs(float(est) - expect) <= 1e-10 * abs(expect), (float(est), expect)
 
 
@@ -338,10 +402,16 @@ def test_phase1_stops_at_the_last_kv_write(variant):
     ids, labels = batch()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     calls = {"first_mlp": 0, "last_mlp": 0, "norm": 0, "head": 0}
-    mods = {"first_mlp": base.model.layers[0].mlp, "last_mlp": base.model.layers[-1].mlp,
-            "norm": base.model.norm, "head": base.lm_head}
-    hooks = [m.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
-             for key, m in mods.items()]
+    mods = {
+        "first_mlp": base.model.layers[0].mlp,
+        "last_mlp": base.model.layers[-1].mlp,
+        "norm": base.model.norm,
+        "head": base.lm_head,
+    }
+    hooks = [
+        m.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
+        for key, m in mods.items()
+    ]
     try:
         n_chunks = math.ceil(ids.shape[1] / 10)
         seco_backward(model, ids, labels, chunk_size=10)
@@ -349,7 +419,12 @@ def test_phase1_stops_at_the_last_kv_write(variant):
         for h in hooks:
             h.remove()
     # SeCO: phase 1 runs chunks 0..N-2, phase 2 all N
-    assert calls == {"first_mlp": 2 * n_chunks - 1, "last_mlp": n_chunks, "norm": n_chunks, "head": n_chunks}, calls
+    assert calls == {
+        "first_mlp": 2 * n_chunks - 1,
+        "last_mlp": n_chunks,
+        "norm": n_chunks,
+        "head": n_chunks,
+    }, calls
 
 
 def test_model_that_bypasses_the_cache_is_refused():

@@ -2,7 +2,6 @@
 their own sequence through the DDP-wrapped model. The gradient on every rank must equal the average
 of the two ranks' full-backprop gradients (float64), and DDP must all-reduce once per step (as many
 communication-hook calls as one ordinary backward makes), not once per chunk."""
-import os
 
 import pytest
 import torch
@@ -10,11 +9,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
-
-from .test_chunkwise import batch, full_grads, full_loss, tiny_llama  # noqa: E402
+pytestmark = pytest.mark.skipif(
+    not dist.is_available(), reason="torch.distributed is not available in this build"
+)
 
 from longtune.train import seco_backward  # noqa: E402
+
+from .test_chunkwise import batch, full_grads, full_loss, tiny_llama  # noqa: E402
 
 
 def _count_allreduce(state, bucket):
@@ -28,7 +29,9 @@ def _worker(rank, world, init_file, out_file, budget):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = tiny_llama()
-        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.05)  # several buckets
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, bucket_cap_mb=0.05
+        )  # several buckets
         state = {"calls": 0}
         ddp.register_comm_hook(state, _count_allreduce)
         ids, labels = batch(n=48, seed=10 + rank)
@@ -54,12 +57,15 @@ def _worker(rank, world, init_file, out_file, budget):
 def test_seco_under_ddp_syncs_once_and_averages(tmp_path, budget):
     world = 2
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(out), budget), nprocs=world, join=True)
+    mp.spawn(
+        _worker, args=(world, str(tmp_path / "init"), str(out), budget), nprocs=world, join=True
+    )
     res = torch.load(out)
     assert res["per_step"] >= 1
     assert res["calls"] == res["per_step"], (
         f"DDP all-reduced {res['calls']} buckets for one chunk-wise step; one synchronised backward makes "
-        f"{res['per_step']}")
+        f"{res['per_step']}"
+    )
     if budget is not None:
         return  # SpaCO: the estimate differs from full backprop; the sync count is what matters here
     threads = torch.get_num_threads()
@@ -76,4 +82,6 @@ def test_seco_under_ddp_syncs_once_and_averages(tmp_path, budget):
     for n, r in ref.items():
         r = r / world
         err = (res["grads"][n] - r).abs().max().item() / max(r.abs().max().item(), 1e-300)
-        assert err <= 1e-10, f"{n}: relative error {err:.2e} vs the average of the ranks' full backprop"
+        assert err <= 1e-10, (
+            f"{n}: relative error {err:.2e} vs the average of the ranks' full backprop"
+        )

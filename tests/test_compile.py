@@ -7,6 +7,7 @@ in the base weight's storage) is exercised under compile. Inductor compiles are 
 machines: the kernels compile in this process (``TORCHINDUCTOR_COMPILE_THREADS`` overrides it) and
 each case compiles once (``dynamic=False``).
 """
+
 import copy
 import os
 import warnings
@@ -16,15 +17,28 @@ import torch
 from torch import nn
 
 import longtune
-from longtune.nn import (ChunkedLMHead, RotatedQuantLinear, S2Attention, S2FTLinear, S2FTMLP, SparseDeltaLinear,
-                         SparseQueryAttention)
+from longtune.nn import (
+    S2FTMLP,
+    ChunkedLMHead,
+    RotatedQuantLinear,
+    S2Attention,
+    S2FTLinear,
+    SparseDeltaLinear,
+    SparseQueryAttention,
+)
+
 
 def close(actual, expected, name=""):
     """float32 agreement up to rounding: 1e-5 relative to each element or to the tensor's largest
     entry (inductor fuses and reorders float32 arithmetic; its sin / cos / pow differ by an ulp)."""
     scale = expected.detach().abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale,
-                               msg=(lambda m: f"{name}: {m}") if name else None)
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=1e-5,
+        atol=1e-5 * scale,
+        msg=(lambda m: f"{name}: {m}") if name else None,
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,8 +47,10 @@ def _compile_config():
     # more entry of that function's code object, beyond dynamo's default limit of 8. The kernels
     # are tiny: compiling them in this process beats starting a pool of compile workers.
     threads = int(os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1"))
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512), \
-            torch._inductor.config.patch(compile_threads=threads):
+    with (
+        torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512),
+        torch._inductor.config.patch(compile_threads=threads),
+    ):
         yield
 
 
@@ -65,8 +81,10 @@ def check_fn(fn, *args, compiled=None, **kw):
     compiled = _compile(fn) if compiled is None else compiled
     ea, ca = _leaves(*args), _leaves(*args)
     out_e, out_c = fn(*ea, **kw), compiled(*ca, **kw)
-    for oe, oc in zip(out_e if isinstance(out_e, tuple) else (out_e,),
-                      out_c if isinstance(out_c, tuple) else (out_c,)):
+    for oe, oc in zip(
+        out_e if isinstance(out_e, tuple) else (out_e,),
+        out_c if isinstance(out_c, tuple) else (out_c,),
+    ):
         close(oc, oe)
     if _first(out_e).requires_grad:
         _scalar(out_e).backward()
@@ -124,10 +142,16 @@ def check_module(make, inputs, *, steps=3, lr=0.1, between=None, train=True):
 def _qkv(b=2, n=24, hq=4, hkv=2, d=8, packed_total=None):
     g = torch.Generator().manual_seed(0)
     if packed_total is not None:
-        return (torch.randn(packed_total, hq, d, generator=g), torch.randn(packed_total, hkv, d, generator=g),
-                torch.randn(packed_total, hkv, d, generator=g))
-    return (torch.randn(b, n, hq, d, generator=g), torch.randn(b, n, hkv, d, generator=g),
-            torch.randn(b, n, hkv, d, generator=g))
+        return (
+            torch.randn(packed_total, hq, d, generator=g),
+            torch.randn(packed_total, hkv, d, generator=g),
+            torch.randn(packed_total, hkv, d, generator=g),
+        )
+    return (
+        torch.randn(b, n, hq, d, generator=g),
+        torch.randn(b, n, hkv, d, generator=g),
+        torch.randn(b, n, hkv, d, generator=g),
+    )
 
 
 ATTN_CASES = {
@@ -150,23 +174,52 @@ def test_sparse_attention_padding_mask_and_lse():
     kpm[1, 15:] = False
     kpm[0, :3] = False
     q, k, v = _qkv()
-    f = check_fn(lambda q, k, v, m: longtune.sparse_attention(q, k, v, key_padding_mask=m, s2_group_size=8,
-                                                             return_lse=True), q, k, v, kpm)
+    f = check_fn(
+        lambda q, k, v, m: longtune.sparse_attention(
+            q, k, v, key_padding_mask=m, s2_group_size=8, return_lse=True
+        ),
+        q,
+        k,
+        v,
+        kpm,
+    )
     kpm2 = torch.ones_like(kpm)
     kpm2[0, 20:] = False
-    check_fn(lambda q, k, v, m: longtune.sparse_attention(q, k, v, key_padding_mask=m, s2_group_size=8,
-                                                         return_lse=True), q, k, v, kpm2, compiled=f)
+    check_fn(
+        lambda q, k, v, m: longtune.sparse_attention(
+            q, k, v, key_padding_mask=m, s2_group_size=8, return_lse=True
+        ),
+        q,
+        k,
+        v,
+        kpm2,
+        compiled=f,
+    )
 
 
 def test_sparse_attention_packed():
     cu = torch.tensor([0, 7, 20, 32], dtype=torch.int32)
     q, k, v = _qkv(packed_total=32)
-    f = check_fn(lambda q, k, v, c: longtune.sparse_attention(q, k, v, cu_seqlens=c, max_seqlen=13, s2_group_size=4,
-                                                             return_lse=True), q, k, v, cu)
+    f = check_fn(
+        lambda q, k, v, c: longtune.sparse_attention(
+            q, k, v, cu_seqlens=c, max_seqlen=13, s2_group_size=4, return_lse=True
+        ),
+        q,
+        k,
+        v,
+        cu,
+    )
     # the offsets are data: other boundaries, same graph
-    check_fn(lambda q, k, v, c: longtune.sparse_attention(q, k, v, cu_seqlens=c, max_seqlen=13, s2_group_size=4,
-                                                         return_lse=True), q, k, v,
-             torch.tensor([0, 13, 19, 32], dtype=torch.int32), compiled=f)
+    check_fn(
+        lambda q, k, v, c: longtune.sparse_attention(
+            q, k, v, cu_seqlens=c, max_seqlen=13, s2_group_size=4, return_lse=True
+        ),
+        q,
+        k,
+        v,
+        torch.tensor([0, 13, 19, 32], dtype=torch.int32),
+        compiled=f,
+    )
 
 
 # ------------------------------------------------------------------ fused linear + cross-entropy
@@ -197,7 +250,9 @@ def test_linear_cross_entropy_mean_default():
 
 
 LCE_CASES = {
-    "sum_bias_smoothing_zloss_softcap": dict(reduction="sum", label_smoothing=0.1, z_loss=1e-3, softcap=4.0),
+    "sum_bias_smoothing_zloss_softcap": dict(
+        reduction="sum", label_smoothing=0.1, z_loss=1e-3, softcap=4.0
+    ),
     "mean_bias_smoothing": dict(label_smoothing=0.2),
     "none_bias_zloss": dict(reduction="none", z_loss=1e-2),
     "mean_filter": dict(filter_eps=1e-3, softcap=6.0),
@@ -217,24 +272,44 @@ def test_linear_cross_entropy_bool_rows(reduction):
     x, w, b, t = _lce_data()
     rows = torch.zeros(t.shape, dtype=torch.bool)
     rows[0, 2:7] = rows[1, 4:] = True
-    f = check_fn(lambda x, w, t, r: longtune.linear_cross_entropy(x, w, t, rows=r, reduction=reduction), x, w, t,
-                 rows)
+    f = check_fn(
+        lambda x, w, t, r: longtune.linear_cross_entropy(x, w, t, rows=r, reduction=reduction),
+        x,
+        w,
+        t,
+        rows,
+    )
     rows2 = torch.zeros_like(rows)
     rows2[1, :3] = True
-    check_fn(lambda x, w, t, r: longtune.linear_cross_entropy(x, w, t, rows=r, reduction=reduction), x, w, t,
-             rows2, compiled=f)
+    check_fn(
+        lambda x, w, t, r: longtune.linear_cross_entropy(x, w, t, rows=r, reduction=reduction),
+        x,
+        w,
+        t,
+        rows2,
+        compiled=f,
+    )
 
 
 def test_linear_cross_entropy_index_rows():
     x, w, b, t = _lce_data()
     rows = torch.tensor([1, 2, 5, 8, 9, 17])
     for reduction in ("none", "mean"):
-        check_fn(lambda x, w, t, b, r: longtune.linear_cross_entropy(x, w, t, b, rows=r, reduction=reduction), x, w,
-                 t, b, rows)
+        check_fn(
+            lambda x, w, t, b, r: longtune.linear_cross_entropy(
+                x, w, t, b, rows=r, reduction=reduction
+            ),
+            x,
+            w,
+            t,
+            b,
+            rows,
+        )
 
 
 def test_dynamic_shapes():
     """dynamic=True: the sequence length and the token count are symbols of one graph."""
+
     def attn(q, k, v):
         return longtune.sparse_attention(q, k, v, s2_group_size=8, window=10)
 
@@ -252,23 +327,43 @@ def test_dynamic_shapes():
 # ------------------------------------------------------------------ Hadamard / quantization
 def test_hadamard_transform():
     g = torch.Generator().manual_seed(0)
-    check_fn(lambda x: longtune.hadamard_transform(x) + longtune.hadamard_transform(x, scale=0.5) ** 2,
-             torch.randn(3, 5, 48, generator=g))  # 48 = 12 * 2^2
+    check_fn(
+        lambda x: longtune.hadamard_transform(x) + longtune.hadamard_transform(x, scale=0.5) ** 2,
+        torch.randn(3, 5, 48, generator=g),
+    )  # 48 = 12 * 2^2
 
 
 def test_hadamard_matrix():
     """A constant of n: built once while tracing, embedded in the graph."""
     g = torch.Generator().manual_seed(0)
-    check_fn(lambda x: x @ longtune.hadamard_matrix(x.shape[-1], normalized=True) + x @ longtune.hadamard_matrix(20),
-             torch.randn(3, 20, generator=g))
+    check_fn(
+        lambda x: (
+            x @ longtune.hadamard_matrix(x.shape[-1], normalized=True)
+            + x @ longtune.hadamard_matrix(20)
+        ),
+        torch.randn(3, 20, generator=g),
+    )
 
 
 def test_rotate_fake_quant():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 6, 64, generator=g)
-    check_fn(lambda x: (longtune.rotate_fake_quant(x, bits=4)
-                        + longtune.rotate_fake_quant(x, bits=3, granularity="per_group", group_size=16, symmetric=False,
-                                                     clip_ratio=0.9, hadamard_size=32, ste="clip")), x)
+    check_fn(
+        lambda x: (
+            longtune.rotate_fake_quant(x, bits=4)
+            + longtune.rotate_fake_quant(
+                x,
+                bits=3,
+                granularity="per_group",
+                group_size=16,
+                symmetric=False,
+                clip_ratio=0.9,
+                hadamard_size=32,
+                ste="clip",
+            )
+        ),
+        x,
+    )
 
 
 def test_quantize_dequantize_quantize_weight():
@@ -277,7 +372,9 @@ def test_quantize_dequantize_quantize_weight():
     w = torch.randn(24, 64, generator=g)
 
     def fn(x, w):
-        codes, scales, zeros = longtune.quantize(x, bits=4, granularity="per_group", group_size=16, symmetric=False)
+        codes, scales, zeros = longtune.quantize(
+            x, bits=4, granularity="per_group", group_size=16, symmetric=False
+        )
         xq = longtune.dequantize(codes, scales, zeros)
         return xq * x + longtune.quantize_weight(w, bits=4, group_size=32).sum(0)
 
@@ -367,12 +464,15 @@ def test_rotated_quant_linear_trainable():
         torch.manual_seed(5)
         return RotatedQuantLinear(32, 24, weight_group_size=16, act_clip_ratio=0.9)
 
-    check_module(make, (torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(0)),), steps=2)
+    check_module(
+        make, (torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(0)),), steps=2
+    )
 
 
 def test_rotated_quant_linear_frozen_weight_edited_between_calls():
     """Frozen weight: eager caches the rotated weight; under compile it is rotated in the graph,
     and in-place edits of the weight (optimizer-free, e.g. a merged adapter) are seen."""
+
     def make():
         torch.manual_seed(6)
         m = RotatedQuantLinear(32, 24, hadamard_size=16, weight_bits=8)
@@ -389,6 +489,7 @@ def test_rotated_quant_linear_frozen_weight_edited_between_calls():
 def test_sparse_delta_linear_optimizer_steps():
     """The deltas change every step: each call must see the current ones (eager patches the base
     weight when a snapshot differs; a graph patches the k entries on every call)."""
+
     def make():
         torch.manual_seed(7)
         return SparseDeltaLinear(nn.Linear(32, 24), density=0.1, seed=0)
@@ -411,7 +512,9 @@ def test_s2ft_linear(dim):
         torch.manual_seed(8)
         return S2FTLinear(nn.Linear(32, 24), 4, 12, dim=dim)
 
-    eager, comp = check_module(make, (torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(0)),), steps=2)
+    eager, comp = check_module(
+        make, (torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(0)),), steps=2
+    )
     close(comp.base.weight, eager.base.weight)  # the block is updated in place, in both
     assert not torch.equal(eager.part.detach(), eager.original_part)
 
@@ -435,6 +538,7 @@ def test_s2ft_mlp(input_grad):
     if input_grad:
         check_module(make, (x,), steps=2)
     else:  # the frozen-input path (in-place activation, channel slice saved)
+
         class Frozen(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -455,8 +559,14 @@ def test_hf_llama_patched_training_step():
 
     def make():
         torch.manual_seed(10)
-        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        cfg = transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
         m = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").float()
         longtune.patch(m, attention="s2", group_size=16)
         longtune.patch(m, lm_head="fused_ce")

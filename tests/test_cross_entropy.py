@@ -1,6 +1,5 @@
 """Fused linear + cross-entropy on CPU vs F.cross_entropy on materialised logits (loss and every
 gradient, every option), gradcheck, opcheck, compile, memory, bad input."""
-import warnings
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from . import cross_entropy_cases as C
 def _data(T, d, V, dtype=torch.float64, bias=True, ignore_frac=0.2, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, d, generator=g, dtype=torch.float64)
-    w = torch.randn(V, d, generator=g, dtype=torch.float64) / d ** 0.5
+    w = torch.randn(V, d, generator=g, dtype=torch.float64) / d**0.5
     b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
     t = torch.randint(0, V, (T,), generator=g)
     t[torch.rand(T, generator=g) < ignore_frac] = -100
@@ -47,7 +46,9 @@ OPTIONS = [dict(), dict(eps=0.1), dict(zl=1e-3), dict(cap=3.0), dict(eps=0.05, z
 @pytest.mark.parametrize("bias", [True, False])
 def test_equals_f_cross_entropy_float64(opts, reduction, bias):
     x, w, b, t = _data(37, 24, 1100, bias=bias)  # V not a multiple of the tile
-    kw = dict(label_smoothing=opts.get("eps", 0.0), z_loss=opts.get("zl", 0.0), softcap=opts.get("cap"))
+    kw = dict(
+        label_smoothing=opts.get("eps", 0.0), z_loss=opts.get("zl", 0.0), softcap=opts.get("cap")
+    )
     got = longtune.linear_cross_entropy(x, w, t, b, reduction=reduction, **kw)
     want = _torch(x, w, b, t, reduction, **opts)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -85,7 +86,9 @@ def test_all_ignored_and_single_row_and_none_with_ignored():
     loss.backward()
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
     x, w, b, t = _data(1, 8, 30, ignore_frac=0.0)
-    torch.testing.assert_close(longtune.linear_cross_entropy(x, w, t, b), _torch(x, w, b, t), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        longtune.linear_cross_entropy(x, w, t, b), _torch(x, w, b, t), rtol=1e-10, atol=1e-12
+    )
     x, w, b, t = _data(9, 8, 30, ignore_frac=0.5)
     none = longtune.linear_cross_entropy(x, w, t, b, reduction="none")
     assert torch.equal(none[t == -100], torch.zeros_like(none[t == -100]))  # Liger had this wrong
@@ -121,7 +124,9 @@ def test_filter_is_opt_in_and_close():
 
 def test_gradcheck():
     x, w, b, t = _data(6, 5, 1030)
-    fn = lambda x, w, b: longtune.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, z_loss=1e-2, softcap=4.0)  # noqa: E731
+    fn = lambda x, w, b: longtune.linear_cross_entropy(
+        x, w, t, b, label_smoothing=0.1, z_loss=1e-2, softcap=4.0
+    )  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
@@ -131,22 +136,29 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.longtune.linear_cross_entropy_fwd, args)
     loss, lse, _ = torch.ops.longtune.linear_cross_entropy_fwd(*args)
     g = torch.randn_like(loss)
-    torch.library.opcheck(torch.ops.longtune.linear_cross_entropy_bwd,
-                          (g, x.detach(), w.detach(), b.detach(), t, lse, -100, 0.1, 1e-3, 0.0, 0.0))
+    torch.library.opcheck(
+        torch.ops.longtune.linear_cross_entropy_bwd,
+        (g, x.detach(), w.detach(), b.detach(), t, lse, -100, 0.1, 1e-3, 0.0, 0.0),
+    )
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(x, w, b):
         return longtune.linear_cross_entropy(x, w, t, b, reduction="sum")
 
-    torch.testing.assert_close(f(x, w, b), longtune.linear_cross_entropy(x, w, t, b, reduction="sum"))
+    torch.testing.assert_close(
+        f(x, w, b), longtune.linear_cross_entropy(x, w, t, b, reduction="sum")
+    )
 
 
 FWD_BWD = torch.ops.longtune.linear_cross_entropy_fwd_bwd
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", C.CASES + [C.Case(300, 70, 24, bias=True, ignore="some", eps=0.1, z_loss=1e-3,
-                                                   softcap=5.0)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    C.CASES + [C.Case(300, 70, 24, bias=True, ignore="some", eps=0.1, z_loss=1e-3, softcap=5.0)],
+    ids=str,
+)
 def test_fwd_bwd_one_pass(case, dtype):
     # the CPU one-pass kernel (logits of a row block formed once, turned into d logits in place);
     # T = 300 spans two row blocks
@@ -159,7 +171,9 @@ def test_fwd_bwd_equals_fwd_then_bwd_float64_and_opcheck():
     opts = (c.ignore_index, c.eps, c.z_loss, c.softcap)
     one = FWD_BWD(x, w, b, t, g.double(), *opts)
     loss, lse, amax = torch.ops.longtune.linear_cross_entropy_fwd(x, w, b, t, *opts)
-    two = (loss, lse) + tuple(torch.ops.longtune.linear_cross_entropy_bwd(g.double(), x, w, b, t, lse, *opts, 0.0))
+    two = (loss, lse) + tuple(
+        torch.ops.longtune.linear_cross_entropy_bwd(g.double(), x, w, b, t, lse, *opts, 0.0)
+    )
     two = two + (amax,)
     for a, r in zip(one, two):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
@@ -170,7 +184,9 @@ def test_fwd_bwd_equals_fwd_then_bwd_float64_and_opcheck():
         FWD_BWD(x, w, b, t, g.float(), *opts)
 
 
-@pytest.mark.parametrize("op", [FWD_BWD, torch.ops.longtune_emu.linear_cross_entropy_fwd_bwd], ids=["cpu", "emulated"])
+@pytest.mark.parametrize(
+    "op", [FWD_BWD, torch.ops.longtune_emu.linear_cross_entropy_fwd_bwd], ids=["cpu", "emulated"]
+)
 def test_fwd_bwd_without_weight_grad(op):
     c = C.Case(9, 70, 16, bias=True, ignore="some", eps=0.1)
     x, w, b, t, g = C.make_inputs(c, torch.float32, "cpu")
@@ -221,7 +237,10 @@ def test_mean_and_sum_take_the_one_pass_path_on_cpu(reduction):
         loss.backward(g)
 
     seen = _ops_called(step)
-    assert "longtune.linear_cross_entropy_fwd_bwd" in seen and "longtune.linear_cross_entropy_bwd" not in seen
+    assert (
+        "longtune.linear_cross_entropy_fwd_bwd" in seen
+        and "longtune.linear_cross_entropy_bwd" not in seen
+    )
     got = (x.grad, w.grad, b.grad)
     for p in (x, w, b):
         p.grad = None
@@ -232,9 +251,11 @@ def test_mean_and_sum_take_the_one_pass_path_on_cpu(reduction):
     # without grad, and for reduction="none", the forward-only kernel runs (no gradient computed)
     with torch.no_grad():
         assert "longtune.linear_cross_entropy_fwd_bwd" not in _ops_called(
-            lambda: longtune.linear_cross_entropy(x, w, t, b, reduction=reduction))
+            lambda: longtune.linear_cross_entropy(x, w, t, b, reduction=reduction)
+        )
     assert "longtune.linear_cross_entropy_fwd_bwd" not in _ops_called(
-        lambda: longtune.linear_cross_entropy(x, w, t, b, reduction="none").sum().backward())
+        lambda: longtune.linear_cross_entropy(x, w, t, b, reduction="none").sum().backward()
+    )
 
 
 def test_peak_memory_does_not_grow_with_vocabulary():
@@ -246,7 +267,10 @@ def test_peak_memory_does_not_grow_with_vocabulary():
     x = torch.randn(T, d, requires_grad=True)
     w = torch.randn(V, d, requires_grad=True)
     t = torch.randint(0, V, (T,))
-    w.grad, x.grad = torch.zeros_like(w), torch.zeros_like(x)  # the gradients themselves are not extra
+    w.grad, x.grad = (
+        torch.zeros_like(w),
+        torch.zeros_like(x),
+    )  # the gradients themselves are not extra
 
     def fused():
         longtune.linear_cross_entropy(x, w, t).backward()
@@ -260,10 +284,13 @@ def test_peak_memory_does_not_grow_with_vocabulary():
     assert 0 < f < n / 8, (f, n)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(reduction="avg"), "reduction must be"),
-    (dict(filter_eps=-1.0), "filter_eps must be"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(reduction="avg"), "reduction must be"),
+        (dict(filter_eps=-1.0), "filter_eps must be"),
+    ],
+)
 def test_bad_python_args(kw, match):
     x, w, b, t = _data(4, 8, 20)
     with pytest.raises(ValueError, match=match):
@@ -274,7 +301,9 @@ def test_bad_tensors():
     x, w, b, t = _data(4, 8, 20)
     t2 = t.clone()
     t2[2] = 20
-    with pytest.raises(RuntimeError, match=r"target\[2\] = 20 is out of range for a vocabulary of 20"):
+    with pytest.raises(
+        RuntimeError, match=r"target\[2\] = 20 is out of range for a vocabulary of 20"
+    ):
         longtune.linear_cross_entropy(x, w, t2, b)
     with pytest.raises(RuntimeError, match="weight must have x's dtype"):
         longtune.linear_cross_entropy(x, w.float(), t, b)
@@ -299,7 +328,9 @@ def test_chunked_lm_head_module():
     labels[1, :3] = -100
     torch.testing.assert_close(head(h), lin(h))  # no labels: logits
     loss = head(h, labels)
-    want = F.cross_entropy(lin(h)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), label_smoothing=0.1)
+    want = F.cross_entropy(
+        lin(h)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), label_smoothing=0.1
+    )
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     g1 = torch.autograd.grad(loss, (h, lin.weight))
     g2 = torch.autograd.grad(want, (h, lin.weight))
@@ -319,18 +350,27 @@ def test_scaled_backward_rounds_once(dtype, reduction, gval):
     from longtune.testing import max_abs_err
 
     x64, w64, b64, t = _data(64, 48, 2100)
-    x64, w64, b64 = (z.detach().to(dtype).double().requires_grad_() for z in (x64, w64, b64))  # same inputs
+    x64, w64, b64 = (
+        z.detach().to(dtype).double().requires_grad_() for z in (x64, w64, b64)
+    )  # same inputs
     g = torch.tensor(gval, dtype=dtype)
-    want = torch.autograd.grad(ref_lce(x64, w64, t, b64, reduction=reduction), (x64, w64, b64), g.double())
+    want = torch.autograd.grad(
+        ref_lce(x64, w64, t, b64, reduction=reduction), (x64, w64, b64), g.double()
+    )
     x, w, b = (z.detach().to(dtype).requires_grad_() for z in (x64, w64, b64))
-    got = torch.autograd.grad(longtune.linear_cross_entropy(x, w, t, b, reduction=reduction), (x, w, b), g)
+    got = torch.autograd.grad(
+        longtune.linear_cross_entropy(x, w, t, b, reduction=reduction), (x, w, b), g
+    )
     xr, wr, br = (z.detach().to(dtype).requires_grad_() for z in (x64, w64, b64))
     same = torch.autograd.grad(ref_lce(xr, wr, t, br, reduction=reduction), (xr, wr, br), g)
     for name, a, e, s in zip(("dx", "dw", "db"), got, want, same):
         assert a.dtype == dtype
         assert_within_2x(a, e, s, name)
         rounded = max_abs_err(e.to(dtype), e)  # the correctly rounded result's error
-        assert max_abs_err(a, e) <= 1.1 * rounded + 1e-3 * torch.finfo(dtype).eps * e.abs().max().item(), name
+        assert (
+            max_abs_err(a, e)
+            <= 1.1 * rounded + 1e-3 * torch.finfo(dtype).eps * e.abs().max().item()
+        ), name
 
 
 def _class_weight(V, seed=3):
@@ -354,10 +394,16 @@ def test_class_weight_equals_f_cross_entropy_float64(eps, reduction, path):
             got = longtune.linear_cross_entropy(x, w, t, b, **kw)
         torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-10)
         return
-    got = longtune.linear_cross_entropy(x, w, t, b, filter_eps=1e-300 if path == "filtered" else 0.0, **kw)
+    got = longtune.linear_cross_entropy(
+        x, w, t, b, filter_eps=1e-300 if path == "filtered" else 0.0, **kw
+    )
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    gout = torch.randn_like(want) if reduction == "none" else torch.tensor(0.37, dtype=torch.float64)
-    for a, e in zip(torch.autograd.grad(got, (x, w, b), gout), torch.autograd.grad(want, (x, w, b), gout)):
+    gout = (
+        torch.randn_like(want) if reduction == "none" else torch.tensor(0.37, dtype=torch.float64)
+    )
+    for a, e in zip(
+        torch.autograd.grad(got, (x, w, b), gout), torch.autograd.grad(want, (x, w, b), gout)
+    ):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
 
@@ -376,11 +422,15 @@ def test_class_weight_with_z_loss_and_softcap(reduction):
     valid = t != -100
     ce = F.cross_entropy(z, t, weight=cw, reduction=reduction, label_smoothing=0.05)
     zr = torch.where(valid, 1e-2 * lse * lse, torch.zeros_like(lse))
-    direct = ce + (zr if reduction == "none" else zr.sum() if reduction == "sum" else zr.sum() / valid.sum())
+    direct = ce + (
+        zr if reduction == "none" else zr.sum() if reduction == "sum" else zr.sum() / valid.sum()
+    )
     torch.testing.assert_close(want, direct, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     gout = torch.randn_like(want)
-    for a, e in zip(torch.autograd.grad(got, (x, w, b), gout), torch.autograd.grad(want, (x, w, b), gout)):
+    for a, e in zip(
+        torch.autograd.grad(got, (x, w, b), gout), torch.autograd.grad(want, (x, w, b), gout)
+    ):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
 
@@ -389,7 +439,16 @@ def test_class_weight_gradcheck_and_opcheck():
     cw = _class_weight(1030)
     for reduction in ("mean", "none"):
         fn = lambda x, w, b: longtune.linear_cross_entropy(  # noqa: E731
-            x, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=4.0, class_weight=cw)
+            x,
+            w,
+            t,
+            b,
+            reduction=reduction,
+            label_smoothing=0.1,
+            z_loss=1e-2,
+            softcap=4.0,
+            class_weight=cw,
+        )
         assert torch.autograd.gradcheck(fn, (x, w, b))
     x, w, b, t = _data(10, 8, 40, dtype=torch.float32)
     x, w, b = x.detach(), w.detach(), b.detach()
@@ -397,9 +456,13 @@ def test_class_weight_gradcheck_and_opcheck():
     args = (x, w, b, t, -100, 0.1, 1e-3, 0.0, cw)
     torch.library.opcheck(torch.ops.longtune.linear_cross_entropy_fwd, args)
     loss, lse, _ = torch.ops.longtune.linear_cross_entropy_fwd(*args)
-    torch.library.opcheck(torch.ops.longtune.linear_cross_entropy_bwd,
-                          (torch.randn_like(loss), x, w, b, t, lse, -100, 0.1, 1e-3, 0.0, 0.0, cw))
-    torch.library.opcheck(FWD_BWD, (x, w, b, t, torch.rand_like(loss), -100, 0.1, 1e-3, 0.0, True, cw))
+    torch.library.opcheck(
+        torch.ops.longtune.linear_cross_entropy_bwd,
+        (torch.randn_like(loss), x, w, b, t, lse, -100, 0.1, 1e-3, 0.0, 0.0, cw),
+    )
+    torch.library.opcheck(
+        FWD_BWD, (x, w, b, t, torch.rand_like(loss), -100, 0.1, 1e-3, 0.0, True, cw)
+    )
     with pytest.raises(ValueError, match=r"class_weight must have shape \(vocab,\) = \(40,\)"):
         longtune.linear_cross_entropy(x, w, t, b, class_weight=cw[:5])
 
@@ -415,8 +478,9 @@ def test_extras_z_loss_accuracy_predictions(reduction):
         b[7] = b[3] = 60.0
     kw = dict(reduction=reduction, z_loss=1e-3, softcap=None)
     plain = longtune.linear_cross_entropy(x, w, t, b, **kw)
-    out = longtune.linear_cross_entropy(x, w, t, b, return_z_loss=True, return_accuracy=True,
-                                        return_predictions=True, **kw)
+    out = longtune.linear_cross_entropy(
+        x, w, t, b, return_z_loss=True, return_accuracy=True, return_predictions=True, **kw
+    )
     assert isinstance(out, longtune.LinearCrossEntropyOutput)
     torch.testing.assert_close(out.loss, plain, rtol=0, atol=0)
     logits = x @ w.T + b
@@ -427,7 +491,9 @@ def test_extras_z_loss_accuracy_predictions(reduction):
     torch.testing.assert_close(out.accuracy, ((pred == t) & valid).sum().double() / valid.sum())
     lse = torch.logsumexp(logits, -1).detach()
     zr = torch.where(valid, 1e-3 * lse * lse, torch.zeros_like(lse))
-    want_z = zr if reduction == "none" else zr.sum() if reduction == "sum" else zr.sum() / valid.sum()
+    want_z = (
+        zr if reduction == "none" else zr.sum() if reduction == "sum" else zr.sum() / valid.sum()
+    )
     torch.testing.assert_close(out.z_loss, want_z, rtol=1e-10, atol=1e-12)
     assert not out.z_loss.requires_grad and not out.accuracy.requires_grad
     out.loss.sum().backward()  # the loss is differentiable as before
@@ -463,13 +529,33 @@ def test_extras_and_class_weight_compile_fullgraph():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(x, w, b):
-        out = longtune.linear_cross_entropy(x, w, t, b, reduction="sum", z_loss=1e-3, class_weight=cw,
-                                            return_z_loss=True, return_accuracy=True, return_predictions=True)
+        out = longtune.linear_cross_entropy(
+            x,
+            w,
+            t,
+            b,
+            reduction="sum",
+            z_loss=1e-3,
+            class_weight=cw,
+            return_z_loss=True,
+            return_accuracy=True,
+            return_predictions=True,
+        )
         return out.loss, out.z_loss, out.accuracy, out.predictions
 
     got = f(x, w, b)
-    want = longtune.linear_cross_entropy(x, w, t, b, reduction="sum", z_loss=1e-3, class_weight=cw,
-                                         return_z_loss=True, return_accuracy=True, return_predictions=True)
+    want = longtune.linear_cross_entropy(
+        x,
+        w,
+        t,
+        b,
+        reduction="sum",
+        z_loss=1e-3,
+        class_weight=cw,
+        return_z_loss=True,
+        return_accuracy=True,
+        return_predictions=True,
+    )
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
     ga = torch.autograd.grad(got[0], (x, w, b))

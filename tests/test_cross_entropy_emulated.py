@@ -1,6 +1,7 @@
 """The CUDA kernels of the fused linear + cross-entropy, run on the CPU emulator: forward and
 backward against the float64 reference (2x rule) in fp32 / fp16 / bf16 with every option,
 filter_eps, empty input, non-contiguous input and argument errors."""
+
 import pytest
 import torch
 

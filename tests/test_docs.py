@@ -1,6 +1,7 @@
 """The documentation stays navigable: the README is a landing page, every relative link in the
 README and docs/ resolves (files and #anchors), and the op -> files table in docs/design.md lists
 every registered op and only files that exist."""
+
 import itertools
 import re
 from pathlib import Path
@@ -63,16 +64,31 @@ def test_slug_follows_github():
 
 def test_readme_is_a_landing_page():
     n = len(_text(ROOT / "README.md").splitlines())
-    assert n <= README_MAX_LINES, f"README.md has {n} lines; keep it <= {README_MAX_LINES} and move detail to docs/"
+    assert n <= README_MAX_LINES, (
+        f"README.md has {n} lines; keep it <= {README_MAX_LINES} and move detail to docs/"
+    )
 
 
 def test_docs_exist_and_are_linked_from_the_index():
     names = {p.name for p in DOCS}
-    expected = {"index.md", "attention.md", "cross_entropy.md", "chunkwise.md", "sparse_delta.md", "quant.md",
-                "huggingface.md", "benchmarks.md", "design.md", "emulator.md", "contributing.md"}
+    expected = {
+        "index.md",
+        "attention.md",
+        "cross_entropy.md",
+        "chunkwise.md",
+        "sparse_delta.md",
+        "quant.md",
+        "huggingface.md",
+        "benchmarks.md",
+        "design.md",
+        "emulator.md",
+        "contributing.md",
+    }
     assert expected <= names, f"missing in docs/: {sorted(expected - names)}"
     linked = {t.split("#")[0] for t in links(ROOT / "docs" / "index.md")}
-    assert expected - {"index.md"} <= linked, f"not linked from docs/index.md: {sorted(expected - {'index.md'} - linked)}"
+    assert expected - {"index.md"} <= linked, (
+        f"not linked from docs/index.md: {sorted(expected - {'index.md'} - linked)}"
+    )
     readme_links = set(links(ROOT / "README.md"))
     assert "docs/index.md" in readme_links and "docs/design.md" in readme_links
 
@@ -84,7 +100,9 @@ def test_relative_links_resolve(page):
         file_part, _, anchor = target.partition("#")
         dest = (page.parent / file_part).resolve() if file_part else page
         if not dest.exists():
-            bad.append(f"{target}: no file {dest.relative_to(ROOT) if ROOT in dest.parents else dest}")
+            bad.append(
+                f"{target}: no file {dest.relative_to(ROOT) if ROOT in dest.parents else dest}"
+            )
             continue
         if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             bad.append(f"{target}: no heading with anchor #{anchor} in {dest.relative_to(ROOT)}")
@@ -101,8 +119,11 @@ def _op_table() -> list:
 
 
 def registered_ops() -> set:
-    return {name.split("::", 1)[1].split(".", 1)[0] for name in torch._C._dispatch_get_all_op_names()
-            if name.startswith("longtune::")}
+    return {
+        name.split("::", 1)[1].split(".", 1)[0]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("longtune::")
+    }
 
 
 def test_every_registered_op_is_in_the_design_table():
@@ -112,7 +133,9 @@ def test_every_registered_op_is_in_the_design_table():
     missing = sorted(ops - listed)
     assert not missing, f"ops missing from the op -> files table in docs/design.md: {missing}"
     unknown = sorted(listed - ops)
-    assert not unknown, f"the op -> files table in docs/design.md lists ops that are not registered: {unknown}"
+    assert not unknown, (
+        f"the op -> files table in docs/design.md lists ops that are not registered: {unknown}"
+    )
 
 
 def _expand(name: str) -> list:
@@ -123,8 +146,11 @@ def _expand(name: str) -> list:
 
 
 def test_design_table_files_exist():
-    paths = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
-             if p.is_file() and not {".git", "build", ".venv"} & set(p.relative_to(ROOT).parts)}
+    paths = {
+        p.relative_to(ROOT).as_posix()
+        for p in ROOT.rglob("*")
+        if p.is_file() and not {".git", "build", ".venv"} & set(p.relative_to(ROOT).parts)
+    }
     names = {p.rsplit("/", 1)[-1] for p in paths}
     missing = []
     for row in _op_table():
@@ -133,7 +159,10 @@ def test_design_table_files_exist():
                 if not re.search(r"\.(py|h|cuh|cpp|cu)$", token):
                     continue
                 for name in _expand(token):
-                    if name.rsplit("/", 1)[-1] not in names or ("/" in name and not any(
-                            p == name or p.endswith("/" + name) for p in paths)):
+                    if name.rsplit("/", 1)[-1] not in names or (
+                        "/" in name and not any(p == name or p.endswith("/" + name) for p in paths)
+                    ):
                         missing.append(name)
-    assert not missing, f"docs/design.md's op table names files that do not exist: {sorted(set(missing))}"
+    assert not missing, (
+        f"docs/design.md's op table names files that do not exist: {sorted(set(missing))}"
+    )

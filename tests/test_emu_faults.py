@@ -1,5 +1,6 @@
 """Deliberately wrong kernels (csrc/cuda/selftest/probes.cuh): the emulator must report each one
 with a clear message naming the kernel, block and thread - never pass silently or hang."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """The emulator's mma.sync / ldmatrix fragment layouts and shuffle semantics against tables written
 from the PTX ISA documentation (tests/layout_cases.py)."""
+
 import pytest
 
 from . import layout_cases as L

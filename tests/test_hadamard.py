@@ -1,5 +1,6 @@
 """CPU kernel of longtune.hadamard_transform against the float64 reference, plus the op's
 registrations (fake, autograd, opcheck, torch.compile) and its bad-input errors."""
+
 import math
 
 import numpy as np
@@ -16,7 +17,11 @@ from .conftest import DTYPES, FACTORS, POW2
 
 
 def _check(x, scale, transpose=False):
-    op = torch.ops.longtune.hadamard_transform_backward if transpose else torch.ops.longtune.hadamard_transform
+    op = (
+        torch.ops.longtune.hadamard_transform_backward
+        if transpose
+        else torch.ops.longtune.hadamard_transform
+    )
     out = op(x, scale)
     ref = R.hadamard_transform(x.double(), scale, transpose=transpose)
     same = R.hadamard_transform_same_dtype(x, scale, transpose=transpose)
@@ -76,7 +81,9 @@ def test_cpp_factors_equal_python_construction():
     for m in FACTORS:
         n = R.plan(m)[0] if R.plan(m) else R.plan(4 * m)[0]
         eye = torch.eye(n, dtype=torch.float64)
-        torch.testing.assert_close(longtune.hadamard_transform(eye, 1.0), R.hadamard_matrix(n), rtol=0, atol=0)
+        torch.testing.assert_close(
+            longtune.hadamard_transform(eye, 1.0), R.hadamard_matrix(n), rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize("n", [16, 12, 76 * 4, 1024, 172 * 2])
@@ -84,7 +91,9 @@ def test_orthogonal_after_scaling(n):
     x = torch.randn(5, n, dtype=torch.float64)
     y = longtune.hadamard_transform(x)  # default scale 1/sqrt(n)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
-    torch.testing.assert_close(torch.ops.longtune.hadamard_transform_backward(y, 1 / math.sqrt(n)), x)
+    torch.testing.assert_close(
+        torch.ops.longtune.hadamard_transform_backward(y, 1 / math.sqrt(n)), x
+    )
 
 
 def test_leading_shapes_and_noncontiguous():
@@ -93,11 +102,19 @@ def test_leading_shapes_and_noncontiguous():
     ref = R.hadamard_transform(x.double(), 0.5).float()
     torch.testing.assert_close(longtune.hadamard_transform(x, 0.5), ref, rtol=1e-5, atol=1e-5)
     big = torch.randn(4, 256)[:, :128]  # row stride 256, unit inner stride
-    torch.testing.assert_close(longtune.hadamard_transform(big, 1.0),
-                               R.hadamard_transform(big.double(), 1.0).float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        longtune.hadamard_transform(big, 1.0),
+        R.hadamard_transform(big.double(), 1.0).float(),
+        rtol=1e-5,
+        atol=1e-4,
+    )
     one_d = torch.randn(32)
-    torch.testing.assert_close(longtune.hadamard_transform(one_d, 1.0),
-                               R.hadamard_transform(one_d.double(), 1.0).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        longtune.hadamard_transform(one_d, 1.0),
+        R.hadamard_transform(one_d.double(), 1.0).float(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_empty_leading_dims():
@@ -133,14 +150,19 @@ def test_torch_compile_fullgraph():
     y.sum().backward()
     ref = (R.hadamard_transform(x.detach().double() * 2, 0.25)).sum(-1)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), R.hadamard_transform(torch.full((4, 64), 2.0, dtype=torch.float64), 0.25, transpose=True))
+    torch.testing.assert_close(
+        x.grad.double(),
+        R.hadamard_transform(torch.full((4, 64), 2.0, dtype=torch.float64), 0.25, transpose=True),
+    )
 
 
 def test_torch_compile_inductor():
     torch._dynamo.reset()
     f = torch.compile(lambda t: longtune.hadamard_transform(t, 1.0) + 1, fullgraph=True)
     x = torch.randn(3, 32)
-    torch.testing.assert_close(f(x), R.hadamard_transform(x.double(), 1.0).float() + 1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        f(x), R.hadamard_transform(x.double(), 1.0).float() + 1, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_flop_counter():
@@ -183,7 +205,9 @@ def test_rejects_non_float(dtype):
         torch.ops.longtune.hadamard_transform(x, 1.0)
 
 
-@pytest.mark.parametrize("n,below,above", [(92, 88, 96), (116, 112, 120), (3, 2, 4), (23, 20, 24), (32769, 32768, None)])
+@pytest.mark.parametrize(
+    "n,below,above", [(92, 88, 96), (116, 112, 120), (3, 2, 4), (23, 20, 24), (32769, 32768, None)]
+)
 def test_rejects_unsupported_n_with_nearest(n, below, above):
     with pytest.raises(RuntimeError) as e:
         longtune.hadamard_transform(torch.randn(2, n))

@@ -4,6 +4,7 @@ The factor matrices are checked against an independent statement of the package'
 (digest of the +/- rows, first and last rows, entries quoted from its generated kernel source),
 and every transform against a dense float64 product written here from scratch.
 """
+
 import hashlib
 import inspect
 import math
@@ -17,8 +18,13 @@ from longtune.testing import assert_within_2x
 
 from .conftest import DTYPES
 
-FORMS = {1: fht.hadamard_transform, 12: fht.hadamard_transform_12N, 20: fht.hadamard_transform_20N,
-         28: fht.hadamard_transform_28N, 40: fht.hadamard_transform_40N}
+FORMS = {
+    1: fht.hadamard_transform,
+    12: fht.hadamard_transform_12N,
+    20: fht.hadamard_transform_20N,
+    28: fht.hadamard_transform_28N,
+    40: fht.hadamard_transform_40N,
+}
 
 # ------------------------------------------------------------------ the package's matrices, stated
 # sha256 of the m rows written as '+'/'-' strings joined by '\n' (no trailing newline), taken from
@@ -43,10 +49,31 @@ SECOND_ROWS = {
 }
 # (m, row, col, sign) read off the kernel source lines "out[row] = ... {sign} x[col] ..."
 QUOTED_ENTRIES = [
-    (12, 1, 0, -1), (12, 1, 2, +1), (12, 11, 4, -1), (12, 11, 5, +1), (12, 11, 8, +1), (12, 11, 10, -1),
-    (20, 0, 5, +1), (20, 0, 10, +1), (20, 0, 19, -1), (20, 19, 0, +1), (20, 19, 1, -1), (20, 19, 8, -1), (20, 19, 14, +1),
-    (28, 1, 7, +1), (28, 1, 9, +1), (28, 1, 10, -1), (28, 27, 2, -1), (28, 27, 7, +1), (28, 27, 6, -1),
-    (40, 0, 20, +1), (40, 0, 21, -1), (40, 1, 3, +1), (40, 39, 1, -1), (40, 39, 2, +1), (40, 39, 8, +1),
+    (12, 1, 0, -1),
+    (12, 1, 2, +1),
+    (12, 11, 4, -1),
+    (12, 11, 5, +1),
+    (12, 11, 8, +1),
+    (12, 11, 10, -1),
+    (20, 0, 5, +1),
+    (20, 0, 10, +1),
+    (20, 0, 19, -1),
+    (20, 19, 0, +1),
+    (20, 19, 1, -1),
+    (20, 19, 8, -1),
+    (20, 19, 14, +1),
+    (28, 1, 7, +1),
+    (28, 1, 9, +1),
+    (28, 1, 10, -1),
+    (28, 27, 2, -1),
+    (28, 27, 7, +1),
+    (28, 27, 6, -1),
+    (40, 0, 20, +1),
+    (40, 0, 21, -1),
+    (40, 1, 3, +1),
+    (40, 39, 1, -1),
+    (40, 39, 2, +1),
+    (40, 39, 8, +1),
 ]
 
 
@@ -84,7 +111,9 @@ def _fwht(x):
     h = 1
     while h < P:
         y = x.reshape(*x.shape[:-1], P // (2 * h), 2, h)
-        x = torch.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], dim=-2).reshape(x.shape)
+        x = torch.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], dim=-2).reshape(
+            x.shape
+        )
         h *= 2
     return x
 
@@ -117,8 +146,9 @@ def test_nform_equals_dense_kron(m, k):
     y = FORMS[m](x, 0.37)
     torch.testing.assert_close(y, x @ _dense_matrix(m, P) * 0.37, rtol=1e-12, atol=1e-11)
     torch.testing.assert_close(y, _kernel_order(x, m, P, 0.37), rtol=1e-12, atol=1e-11)
-    torch.testing.assert_close(fht.hadamard_matrix(n, m, dtype=torch.float64), _dense_matrix(m, P),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        fht.hadamard_matrix(n, m, dtype=torch.float64), _dense_matrix(m, P), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("m", [12, 20, 28, 40])
@@ -151,7 +181,9 @@ def test_defaults_and_signatures():
     for m, f in FORMS.items():
         params = inspect.signature(f).parameters
         assert list(params)[:2] == ["x", "scale"] and params["scale"].default == 1.0
-        assert params["pad"].default is False and params["pad"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert (
+            params["pad"].default is False and params["pad"].kind is inspect.Parameter.KEYWORD_ONLY
+        )
         n = 16 if m == 1 else m * 4
         x = torch.randn(2, n, dtype=torch.float64)
         torch.testing.assert_close(f(x), f(x, 1.0), rtol=0, atol=0)
@@ -161,7 +193,9 @@ def test_defaults_and_signatures():
     torch.testing.assert_close(fht.hadamard_transform(x), longtune.hadamard_transform(x, 1.0))
     torch.testing.assert_close(fht.hadamard_transform(x) / 8, longtune.hadamard_transform(x))
     # a 0-dim tensor scale (as some callers pass 1 / torch.tensor(n).sqrt()) is accepted
-    torch.testing.assert_close(fht.hadamard_transform(x, 1 / torch.tensor(64.0).sqrt()), x @ _sylvester(64) / 8)
+    torch.testing.assert_close(
+        fht.hadamard_transform(x, 1 / torch.tensor(64.0).sqrt()), x @ _sylvester(64) / 8
+    )
 
 
 def test_differs_from_longtune_factor_layout():
@@ -171,11 +205,26 @@ def test_differs_from_longtune_factor_layout():
 
 
 # ------------------------------------------------------------------ zero-padding (explicit only)
-@pytest.mark.parametrize("m,n,padded", [
-    (1, 3, 4), (1, 12, 16), (1, 137, 256), (1, 1000, 1024), (1, 32767, 32768),
-    (12, 12, 48), (12, 24, 48), (12, 100, 192), (12, 288, 384), (12, 12287, 12288),
-    (20, 1, 80), (20, 100, 160), (28, 300, 448), (40, 161, 320), (40, 40959, 40960),
-])
+@pytest.mark.parametrize(
+    "m,n,padded",
+    [
+        (1, 3, 4),
+        (1, 12, 16),
+        (1, 137, 256),
+        (1, 1000, 1024),
+        (1, 32767, 32768),
+        (12, 12, 48),
+        (12, 24, 48),
+        (12, 100, 192),
+        (12, 288, 384),
+        (12, 12287, 12288),
+        (20, 1, 80),
+        (20, 100, 160),
+        (28, 300, 448),
+        (40, 161, 320),
+        (40, 40959, 40960),
+    ],
+)
 def test_pad_matches_padded_dense(m, n, padded):
     x = torch.randn(3, n, dtype=torch.float64)
     f = FORMS[m]
@@ -232,8 +281,18 @@ def test_leading_shapes(m):
         assert y.shape == shape and y.numel() == 0
 
 
-@pytest.mark.parametrize("m,n,pad", [(1, 16, False), (12, 48, False), (20, 160, False), (28, 112, False),
-                                     (40, 160, False), (1, 11, True), (20, 50, True)])
+@pytest.mark.parametrize(
+    "m,n,pad",
+    [
+        (1, 16, False),
+        (12, 48, False),
+        (20, 160, False),
+        (28, 112, False),
+        (40, 160, False),
+        (1, 11, True),
+        (20, 50, True),
+    ],
+)
 def test_gradients_are_exact(m, n, pad):
     f = FORMS[m]
     x = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
@@ -261,19 +320,27 @@ def test_torch_compile_fullgraph():
     a = torch.randn(4, 80, requires_grad=True)
     b = torch.randn(2, 100)
     ya, yb = f(a, b)
-    torch.testing.assert_close(ya.double(), a.detach().double() @ _dense_matrix(20, 4), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        ya.double(), a.detach().double() @ _dense_matrix(20, 4), rtol=1e-5, atol=1e-4
+    )
     ref_b = (torch.nn.functional.pad(b.double(), (0, 28)) @ _sylvester(128))[:, :100]
     torch.testing.assert_close(yb.double(), ref_b, rtol=1e-5, atol=1e-4)
     ya.sum().backward()
-    torch.testing.assert_close(a.grad.double(), torch.ones(4, 80, dtype=torch.float64) @ _dense_matrix(20, 4).T,
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        a.grad.double(),
+        torch.ones(4, 80, dtype=torch.float64) @ _dense_matrix(20, 4).T,
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 def test_torch_compile_inductor():
     torch._dynamo.reset()
     f = torch.compile(lambda t: fht.hadamard_transform_28N(t) + 1, fullgraph=True)
     x = torch.randn(3, 112)
-    torch.testing.assert_close(f(x).double(), x.double() @ _dense_matrix(28, 4) + 1, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        f(x).double(), x.double() @ _dense_matrix(28, 4) + 1, rtol=1e-5, atol=1e-4
+    )
 
 
 # ------------------------------------------------------------------ bad input
@@ -282,7 +349,9 @@ def test_bad_input():
         fht.hadamard_transform([1.0, 2.0])
     with pytest.raises(ValueError, match="at least 1 dimension"):
         fht.hadamard_transform_12N(torch.tensor(1.0))
-    with pytest.raises(TypeError, match="x must be float32, float16, bfloat16 or float64, got torch.int64"):
+    with pytest.raises(
+        TypeError, match="x must be float32, float16, bfloat16 or float64, got torch.int64"
+    ):
         fht.hadamard_transform(torch.ones(2, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="must be at least 1, got 0"):
         fht.hadamard_transform(torch.randn(2, 0), pad=True)

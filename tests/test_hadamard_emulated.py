@@ -1,6 +1,7 @@
 """The CUDA kernel's device code of longtune.hadamard_transform, run on the CPU emulator, against
 the float64 reference: every size form (warp mode, block mode with each shared-memory radix,
 every factor m), every dtype, both directions, aligned and misaligned inputs."""
+
 import math
 
 import pytest

@@ -1,6 +1,5 @@
 """Hugging Face integration: longtune.patch / unpatch, the LongLoRA recipe, SQA conversion, LM-Infinite
 generation, save / load."""
-import math
 
 import pytest
 import torch
@@ -11,17 +10,37 @@ from longtune.integrations.lm_infinite import lambda_cache
 from longtune.reference import attention as ref
 
 transformers = pytest.importorskip("transformers")
-from transformers import (AttentionInterface, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (  # noqa: E402
+    AttentionInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask  # noqa: E402
 
-FAMILIES = [(LlamaConfig, LlamaForCausalLM), (Qwen2Config, Qwen2ForCausalLM), (MistralConfig, MistralForCausalLM)]
+FAMILIES = [
+    (LlamaConfig, LlamaForCausalLM),
+    (Qwen2Config, Qwen2ForCausalLM),
+    (MistralConfig, MistralForCausalLM),
+]
 
 
 def tiny(C, M, dtype=torch.float64, **kw):
     torch.manual_seed(0)
-    cfg = C(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0, **kw)
+    cfg = C(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+        **kw,
+    )
     return M(cfg).to(dtype).eval()
 
 
@@ -30,9 +49,11 @@ def _ref_s2_attention(group_size):
 
     def fwd(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        kpm = None if attention_mask is None else attention_mask[:, -k.shape[1]:].bool()
+        kpm = None if attention_mask is None else attention_mask[:, -k.shape[1] :].bool()
         g = group_size if module.training else None
-        return ref.sparse_attention(q, k, v, s2_group_size=g, softmax_scale=scaling, key_padding_mask=kpm), None
+        return ref.sparse_attention(
+            q, k, v, s2_group_size=g, softmax_scale=scaling, key_padding_mask=kpm
+        ), None
 
     return fwd
 
@@ -92,7 +113,7 @@ def test_batch_with_different_padding_equals_unbatched(train):
         am[i, :L] = 1
     batched = m(x, attention_mask=am).logits
     for i, L in enumerate(lens):
-        one = m(x[i:i + 1, :L]).logits
+        one = m(x[i : i + 1, :L]).logits
         torch.testing.assert_close(batched[i, :L], one[0], rtol=1e-10, atol=1e-10)
 
 
@@ -140,7 +161,11 @@ def test_longlora_recipe_trains_lora_embeddings_and_norms_only():
     model, summary = longtune.recipes.longlora(m, target_context=512, lora_r=4)
     assert summary["rope_factor"] == 4.0 and model.config.max_position_embeddings == 512
     assert model.config.rope_parameters["rope_type"] == "linear"
-    assert summary["by_kind"]["lora"] > 0 and summary["by_kind"]["embeddings"] > 0 and summary["by_kind"]["norms"] > 0
+    assert (
+        summary["by_kind"]["lora"] > 0
+        and summary["by_kind"]["embeddings"] > 0
+        and summary["by_kind"]["norms"] > 0
+    )
     assert summary["by_kind"]["other"] == 0
     model.train()
     torch.manual_seed(0)
@@ -170,7 +195,9 @@ def test_rope_interpolation_matches_linear_scaling():
     rot = m.model.rotary_emb
     x = torch.zeros(1, 4, 16, dtype=torch.float64)
     cos, _ = rot(x, torch.tensor([[0, 2, 4, 6]]))
-    cos_half, _ = tiny(LlamaConfig, LlamaForCausalLM).model.rotary_emb(x, torch.tensor([[0, 1, 2, 3]]))
+    cos_half, _ = tiny(LlamaConfig, LlamaForCausalLM).model.rotary_emb(
+        x, torch.tensor([[0, 1, 2, 3]])
+    )
     torch.testing.assert_close(cos, cos_half)  # positions are compressed by the factor 2
 
 
@@ -251,8 +278,15 @@ def test_lambda_generation_bounded_cache_and_finite_past_trained_length():
     cache = lambda_cache(m)
     x = torch.randint(0, 101, (1, 10))
     with torch.no_grad():
-        out = m.generate(x, max_new_tokens=160, do_sample=False, cache=cache, min_new_tokens=160,
-                         output_logits=True, return_dict_in_generate=True)
+        out = m.generate(
+            x,
+            max_new_tokens=160,
+            do_sample=False,
+            cache=cache,
+            min_new_tokens=160,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     assert out.sequences.shape[1] == 170  # past the trained length of 128
     assert all(torch.isfinite(s).all() for s in out.logits)
     for layer in cache.layers:
@@ -271,7 +305,7 @@ def test_lambda_cached_decoding_equals_uncached():
         cache = lambda_cache(m)
         m(x[:, :5], cache=cache, use_cache=True)
         for t in range(5, 20):
-            step = m(x[:, t:t + 1], cache=cache, use_cache=True).logits
+            step = m(x[:, t : t + 1], cache=cache, use_cache=True).logits
             torch.testing.assert_close(step[0, -1], full[0, t], rtol=1e-9, atol=1e-9)
 
 
@@ -290,7 +324,9 @@ def test_attn_implementation_by_name(tmp_path):
     x = torch.randint(0, 101, (1, 32))
     want = m(x).logits
     m.save_pretrained(tmp_path)
-    m2 = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="longtune_s2")
+    m2 = LlamaForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float64, attn_implementation="longtune_s2"
+    )
     assert m2.config._attn_implementation == "longtune_s2"
     torch.testing.assert_close(m2(x).logits, want, rtol=1e-10, atol=1e-10)  # eval: dense
     m2.train()
@@ -305,7 +341,9 @@ def test_fused_ce_lm_head_equals_hf_loss(C, M):
     labels[0, :5] = -100
     ref = tiny(C, M)
     logits = ref(x).logits
-    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1))
+    want = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1)
+    )
     want.backward()
     longtune.patch(m, attention="causal", lm_head="fused_ce")
     out = m(x, labels=labels)

@@ -1,6 +1,7 @@
 """Import hygiene: ``import longtune`` and its subpackages load torch only (transformers, peft,
 safetensors and accelerate are imported where they are used), and the package's modules import
 each other without cycles."""
+
 import ast
 import os
 import subprocess
@@ -40,12 +41,18 @@ LIGHT_MODULES = [
 
 
 def _loaded_heavy(module: str) -> list:
-    code = (f"import sys, {module}\n"
-            f"heavy = {HEAVY!r}\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))")
+    code = (
+        f"import sys, {module}\n"
+        f"heavy = {HEAVY!r}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))"
+    )
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PKG.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(PKG.parent)] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
@@ -91,7 +98,7 @@ def _imports(name: str, path: Path, known: dict) -> set:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
@@ -118,7 +125,7 @@ def test_no_import_cycles():
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                cycles.append(stack[stack.index(m):] + [m])
+                cycles.append(stack[stack.index(m) :] + [m])
             elif m not in state:
                 visit(m)
         stack.pop()
@@ -141,8 +148,13 @@ def test_no_private_names_across_integration_modules():
             if not isinstance(node, ast.ImportFrom) or not node.level:
                 continue
             base = package.split(".")
-            mod = ".".join(base[:len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+            mod = ".".join(
+                base[: len(base) - (node.level - 1)] + ([node.module] if node.module else [])
+            )
             if mod.startswith("longtune.integrations.") and mod != name:
-                bad += [f"{name}: from {mod} import {a.name}" for a in node.names
-                        if a.name.startswith("_") and f"{mod}.{a.name}" not in known]
+                bad += [
+                    f"{name}: from {mod} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and f"{mod}.{a.name}" not in known
+                ]
     assert not bad, bad

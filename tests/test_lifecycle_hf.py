@@ -3,6 +3,7 @@ process and loaded in a fresh one (``subprocess``), bit for bit -- the attention
 through ``save_pretrained`` -> ``from_pretrained`` + ``longtune.patch(model)``, a LongLoRA fine-tune
 through its peft adapter or merged, and ``transformers.Trainer`` resumed from a checkpoint in a new
 process continuing the uninterrupted loss curve."""
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,17 @@ COMMON = textwrap.dedent('''
 
 def _tiny(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      attention_dropout=0.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).double()
 
 
@@ -62,7 +71,9 @@ def _run(tmp_path, body: str, *args: str) -> None:
     script.write_text(COMMON + textwrap.dedent(body))
     # the same thread count as this process: CPU kernels split their reductions by thread
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    res = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=env
+    )
     assert res.returncode == 0, res.stderr[-4000:]
 
 
@@ -97,12 +108,17 @@ def test_patch_round_trips_through_save_pretrained_in_a_fresh_process(tmp_path):
     _one_step(m)
     m.save_pretrained(tmp_path / "model")
     here = _probe_here(m, tmp_path / "here.pt")
-    _run(tmp_path, '''
+    _run(
+        tmp_path,
+        """
         m = LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float64)
         longtune.patch(m)  # re-applies the stored patch: S^2 (ratio 0.5) and the fused-CE head
         assert m.config.longtune_patch["group_size_ratio"] == 0.5 and m.config.longtune_patch["lm_head"] == "fused_ce"
         probe(m, sys.argv[2])
-    ''', str(tmp_path / "model"), str(tmp_path / "there.pt"))
+    """,
+        str(tmp_path / "model"),
+        str(tmp_path / "there.pt"),
+    )
     _assert_identical(here, torch.load(tmp_path / "there.pt"))
 
 
@@ -120,7 +136,9 @@ def test_longlora_adapter_and_merged_model_round_trip_in_a_fresh_process(tmp_pat
     merged.requires_grad_(True)  # as from_pretrained gives it: every weight trainable
     merged.save_pretrained(tmp_path / "merged")
     here_merged = _probe_here(merged, tmp_path / "here_merged.pt")
-    _run(tmp_path, '''
+    _run(
+        tmp_path,
+        """
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
         base = LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float64)
@@ -132,8 +150,13 @@ def test_longlora_adapter_and_merged_model_round_trip_in_a_fresh_process(tmp_pat
         assert merged.config.max_position_embeddings == 256
         longtune.patch(merged)
         probe(merged, sys.argv[5])
-    ''', str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "there.pt"), str(tmp_path / "merged"),
-         str(tmp_path / "there_merged.pt"))
+    """,
+        str(tmp_path / "base"),
+        str(tmp_path / "adapter"),
+        str(tmp_path / "there.pt"),
+        str(tmp_path / "merged"),
+        str(tmp_path / "there_merged.pt"),
+    )
     _assert_identical(here, torch.load(tmp_path / "there.pt"))
     # the merged model computes the adapter model's function; its trainable set is every weight
     there_merged = torch.load(tmp_path / "there_merged.pt")
@@ -141,7 +164,7 @@ def test_longlora_adapter_and_merged_model_round_trip_in_a_fresh_process(tmp_pat
     torch.testing.assert_close(there_merged["logits"], here["logits"], rtol=1e-12, atol=1e-12)
 
 
-TRAINER_BODY = '''
+TRAINER_BODY = """
     import transformers
     from transformers import Trainer, TrainingArguments
 
@@ -194,7 +217,7 @@ TRAINER_BODY = '''
     else:
         losses = train(out_dir, 6, out_dir + "/checkpoint-3")
     json.dump(losses, open(out_dir + "/losses.json", "w"))
-'''
+"""
 
 
 def test_trainer_resume_in_a_fresh_process_continues_the_loss_curve(tmp_path):

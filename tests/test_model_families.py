@@ -5,6 +5,7 @@ final-logit softcapping in the fused CE head), Gemma-3 (alternating sliding-wind
 its own query scaling). Each: eval logits equal transformers' own attention (with padding), S^2-Attn
 in training equals the spec, greedy generation with a KV cache equals the unpatched model's,
 chunk-wise training is exact, and the patch survives save / load."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,20 +23,46 @@ from longtune.reference import attention as R  # noqa: E402
 VOCAB = 101
 FAMILIES = {
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {}),
-    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}),
-    "mixtral": (T.MixtralConfig, T.MixtralForCausalLM,
-                {"num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"}),
-    "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM,
-                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                   "experts_implementation": "eager"}),
+    "phi3": (
+        T.Phi3Config,
+        T.Phi3ForCausalLM,
+        {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1},
+    ),
+    "mixtral": (
+        T.MixtralConfig,
+        T.MixtralForCausalLM,
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"},
+    ),
+    "qwen3_moe": (
+        T.Qwen3MoeConfig,
+        T.Qwen3MoeForCausalLM,
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "experts_implementation": "eager",
+        },
+    ),
     "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1}),
     # small caps, so that the tanh bends the tiny model's scores and logits (the defaults are 50 / 30);
     # transformers' eager attention is Gemma-2's reference implementation of the softcap
-    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM,
-               {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 0.3,
-                "final_logit_softcapping": 0.5, "attn_implementation": "eager"}),
-    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM,
-               {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24}),
+    "gemma2": (
+        T.Gemma2Config,
+        T.Gemma2ForCausalLM,
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 0.3,
+            "final_logit_softcapping": 0.5,
+            "attn_implementation": "eager",
+        },
+    ),
+    "gemma3": (
+        T.Gemma3TextConfig,
+        T.Gemma3ForCausalLM,
+        {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24},
+    ),
 }
 NAMES = list(FAMILIES)
 # transformers' eager attention (Gemma-2's softcapping implementation) runs its softmax in float32
@@ -46,18 +73,36 @@ TOL = {"gemma2": 1e-6}
 def tiny(name, seed=0):
     C, M, kw = FAMILIES[name]
     torch.manual_seed(seed)
-    cfg = C(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0, **kw)
+    cfg = C(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+        **kw,
+    )
     return M(cfg).double().eval()
 
 
 def _ref_s2(group_size):
     def fwd(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        kpm = None if attention_mask is None else attention_mask[:, -k.shape[1]:].bool()
+        kpm = None if attention_mask is None else attention_mask[:, -k.shape[1] :].bool()
         w = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        return R.sparse_attention(q, k, v, s2_group_size=group_size, softmax_scale=scaling, key_padding_mask=kpm,
-                                  window=w, softcap=kwargs.get("softcap")), None
+        return R.sparse_attention(
+            q,
+            k,
+            v,
+            s2_group_size=group_size,
+            softmax_scale=scaling,
+            key_padding_mask=kpm,
+            window=w,
+            softcap=kwargs.get("softcap"),
+        ), None
+
     return fwd
 
 
@@ -114,8 +159,11 @@ def test_chunkwise_training_is_exact(name, monkeypatch):
         # Gemma-2/3's RMSNorm computes in float32 (x.float()) even in a float64 model, which turns the
         # last-bit differences between chunked and whole-sequence attention into 2e-7 gradient
         # differences; in the model's dtype the chunk-wise gradient is exact
-        norm = (T.models.gemma2.modeling_gemma2.Gemma2RMSNorm if name == "gemma2"
-                else T.models.gemma3.modeling_gemma3.Gemma3RMSNorm)
+        norm = (
+            T.models.gemma2.modeling_gemma2.Gemma2RMSNorm
+            if name == "gemma2"
+            else T.models.gemma3.modeling_gemma3.Gemma3RMSNorm
+        )
         monkeypatch.setattr(norm, "forward", _gemma_norm_in_model_dtype)
     m = tiny(name).train()
     longtune.patch(m, attention="s2")
@@ -139,7 +187,9 @@ def test_patch_survives_save_and_load(name, tmp_path):
     x = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(5))
     want = m(x).logits
     m.save_pretrained(tmp_path)
-    extra = {"experts_implementation": "eager"} if "experts_implementation" in FAMILIES[name][2] else {}
+    extra = (
+        {"experts_implementation": "eager"} if "experts_implementation" in FAMILIES[name][2] else {}
+    )
     m2 = FAMILIES[name][1].from_pretrained(tmp_path, dtype=torch.float64, **extra).train()
     longtune.patch(m2)
     assert torch.equal(m2(x).logits, want)
@@ -170,7 +220,9 @@ def test_gemma2_attention_softcap_reaches_the_kernel(monkeypatch):
 
 def test_gemma2_final_logit_softcap_reaches_the_fused_ce_head():
     m, ref = tiny("gemma2"), tiny("gemma2")
-    longtune.patch(ref, attention="causal")  # the same attention on both sides: only the head differs
+    longtune.patch(
+        ref, attention="causal"
+    )  # the same attention on both sides: only the head differs
     x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
     labels = x.clone()
     labels[0, :5] = -100
@@ -191,7 +243,11 @@ def test_gemma2_final_logit_softcap_reaches_the_fused_ce_head():
 
 
 def test_longlora_names_target_modules_a_model_lacks():
-    with pytest.raises(ValueError, match=r"\['q_proj', 'k_proj', 'v_proj'\] match no module.*qkv_proj"):
+    with pytest.raises(
+        ValueError, match=r"\['q_proj', 'k_proj', 'v_proj'\] match no module.*qkv_proj"
+    ):
         longtune.recipes.longlora(tiny("phi3"), 256)
-    pm, summary = longtune.recipes.longlora(tiny("phi3"), 256, target_modules=("qkv_proj", "o_proj"))
+    pm, summary = longtune.recipes.longlora(
+        tiny("phi3"), 256, target_modules=("qkv_proj", "o_proj")
+    )
     assert summary["by_kind"]["lora"] > 0

@@ -2,6 +2,7 @@
 non-finite inputs as the PyTorch reference does - the same torch.isfinite pattern, finite values
 close - while rows the mask leaves empty stay defined (output 0, lse -inf, zero gradients) and
 masked / ignored entries are never read."""
+
 import math
 
 import pytest
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 
 import longtune
 from longtune.reference import attention as RA
-from longtune.reference import cross_entropy as RCE
 from longtune.reference import hadamard as RH
 from longtune.reference import quant as RQ
 from longtune.reference import sparse_delta as RSD
@@ -24,8 +24,10 @@ def same_pattern(out, ref, what, atol=1e-3, rtol=1e-3):
     """Equal isfinite masks, finite values close (NaN vs inf does not matter: both diverged)."""
     out, ref = out.double(), ref.double()
     fo, fr = torch.isfinite(out), torch.isfinite(ref)
-    assert torch.equal(fo, fr), (f"{what}: finiteness differs at {(fo != fr).nonzero()[:8].tolist()} "
-                                 f"(kernel finite {int(fo.sum())}, reference finite {int(fr.sum())})")
+    assert torch.equal(fo, fr), (
+        f"{what}: finiteness differs at {(fo != fr).nonzero()[:8].tolist()} "
+        f"(kernel finite {int(fo.sum())}, reference finite {int(fr.sum())})"
+    )
     if fo.any():
         torch.testing.assert_close(out[fo], ref[fr], atol=atol, rtol=rtol, msg=what)
 
@@ -77,7 +79,9 @@ def _run(backend, q, k, v, dt, mask_kw, kpm=None):
     dq, dk, dv = ATTN_BWD[backend](go, qd, kd, vd, out, lse, *args)
     # the reference in float64 on the same (rounded) inputs
     q6, k6, v6 = (t.double().requires_grad_() for t in (qd, kd, vd))
-    ro, rl = RA.sparse_attention(q6, k6, v6, key_padding_mask=kpm, softmax_scale=scale, return_lse=True, **mask_kw)
+    ro, rl = RA.sparse_attention(
+        q6, k6, v6, key_padding_mask=kpm, softmax_scale=scale, return_lse=True, **mask_kw
+    )
     rdq, rdk, rdv = torch.autograd.grad(ro, (q6, k6, v6), go.double())
     return (out, lse, dq, dk, dv), (ro, rl, rdq, rdk, rdv)
 
@@ -98,7 +102,9 @@ def test_attention_forward_pattern(backend, mask, case):
 # The device backward (emulated CUDA) still multiplies a masked pair's dS = 0 by the other operand's
 # row inside a partially masked tile (dQ += dS K, dK += dS^T Q), so a NaN key / query row that the
 # mask hides can reach dq / dk of rows in the same 64 x 64 tile. Known gap, marked strict xfail.
-DEVICE_BWD_LEAK = "device backward: masked pairs in a partial tile still multiply a non-finite row (0 * NaN)"
+DEVICE_BWD_LEAK = (
+    "device backward: masked pairs in a partial tile still multiply a non-finite row (0 * NaN)"
+)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "emu"])
@@ -148,8 +154,15 @@ def test_attention_padded_rows_stay_defined(backend, where, request):
         v[1] = INF
     else:
         q[1] = NAN
-    (out, lse, dq, dk, dv), (ro, rl, rdq, rdk, rdv) = _run(backend, q, k, v, dt, MASKS["full"], kpm=kpm)
-    assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    (out, lse, dq, dk, dv), (ro, rl, rdq, rdk, rdv) = _run(
+        backend, q, k, v, dt, MASKS["full"], kpm=kpm
+    )
+    assert (
+        torch.isfinite(out).all()
+        and torch.isfinite(dq).all()
+        and torch.isfinite(dk).all()
+        and torch.isfinite(dv).all()
+    )
     assert (out[1] == 0).all() and (lse[1] == -INF).all() and (dq[1] == 0).all()
     assert (dk[1] == 0).all() and (dv[1] == 0).all()
     tol = 5e-2 if dt == torch.bfloat16 else 1e-3
@@ -167,12 +180,15 @@ def test_attention_public_function_matches_sdpa_where_sdpa_does_not_leak():
         else:
             kk[0, 0, 7, 3] = NAN
         ref = F.scaled_dot_product_attention(qq, kk, v, is_causal=True)
-        out = longtune.sparse_attention(qq.transpose(1, 2), kk.transpose(1, 2), v.transpose(1, 2), causal=True)
+        out = longtune.sparse_attention(
+            qq.transpose(1, 2), kk.transpose(1, 2), v.transpose(1, 2), causal=True
+        )
         same_pattern(out.transpose(1, 2), ref, f"sdpa {case}")
 
 
 def test_attention_module_propagates_nan():
     from longtune.nn import SparseQueryAttention
+
     m = SparseQueryAttention(128, 4, 4, 2, causal=True)
     x = torch.randn(1, 32, 128)
     x[0, 5, 3] = NAN
@@ -262,6 +278,7 @@ def test_linear_cross_entropy_public_function(reduction):
 
 def test_chunked_lm_head_propagates_nan():
     from longtune.nn import ChunkedLMHead
+
     head = ChunkedLMHead(torch.nn.Linear(16, 50))
     h = torch.randn(2, 7, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 7))
@@ -269,7 +286,11 @@ def test_chunked_lm_head_propagates_nan():
     hn[1, 3, 2] = NAN
     hn.requires_grad_()
     loss = head(hn, labels, reduction="none")
-    assert torch.isnan(loss[1, 3]) and torch.isfinite(loss[0]).all() and torch.isfinite(loss[1, :3]).all()
+    assert (
+        torch.isnan(loss[1, 3])
+        and torch.isfinite(loss[0]).all()
+        and torch.isfinite(loss[1, :3]).all()
+    )
     total = head(hn, labels)
     assert torch.isnan(total)
     total.backward()
@@ -326,7 +347,11 @@ def test_quant_nan_group_is_nan(backend):
     x[0, 17] = NAN
     y = QFQ[backend](x, 4, "per_group", 16, True, 1.0, False, 0, "identity")
     assert torch.isnan(y[0, 16:32]).all()
-    assert torch.isfinite(y[0, :16]).all() and torch.isfinite(y[0, 32:]).all() and torch.isfinite(y[1]).all()
+    assert (
+        torch.isfinite(y[0, :16]).all()
+        and torch.isfinite(y[0, 32:]).all()
+        and torch.isfinite(y[1]).all()
+    )
 
 
 def test_quantize_weight_and_module_propagate_nan():
@@ -335,6 +360,7 @@ def test_quantize_weight_and_module_propagate_nan():
     wq = longtune.ops.quant.quantize_weight(w, bits=4, group_size=16)
     assert torch.isnan(wq[3, :16]).all() and torch.isfinite(wq[3, 16:]).all()
     from longtune.nn import RotatedQuantLinear
+
     m = RotatedQuantLinear(64, 16, weight_group_size=16)
     x = torch.randn(3, 64)
     x[1, 0] = NAN
@@ -378,6 +404,7 @@ def test_sparse_adamw_pattern(backend, val):
 
 def test_sparse_delta_linear_forward_propagates_nan():
     from longtune.nn import SparseDeltaLinear
+
     m = SparseDeltaLinear(torch.nn.Linear(16, 8), num_deltas=10, seed=0)
     x = torch.randn(3, 16)
     x[2, 1] = NAN
@@ -387,4 +414,6 @@ def test_sparse_delta_linear_forward_propagates_nan():
         m.values[0] = NAN  # a NaN delta: its output channel, for every token
     y = m(torch.randn(3, 16))
     r = int(m.indices[0]) // 16
-    assert torch.isnan(y[:, r]).all() and torch.isfinite(y[:, [c for c in range(8) if c != r]]).all()
+    assert (
+        torch.isnan(y[:, r]).all() and torch.isfinite(y[:, [c for c in range(8) if c != r]]).all()
+    )

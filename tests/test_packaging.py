@@ -1,4 +1,5 @@
 """Packaging metadata: one version, a LICENSE that matches the declared license, the extras."""
+
 import ast
 import re
 from pathlib import Path
@@ -17,7 +18,9 @@ def _pyproject() -> dict:
 def _package_version() -> str:
     tree = ast.parse((ROOT / "python" / "longtune" / "__init__.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) == "__version__" for t in node.targets
+        ):
             return ast.literal_eval(node.value)
     raise AssertionError("python/longtune/__init__.py defines no __version__")
 
@@ -49,4 +52,6 @@ def test_extras():
     assert {"pytest", "hypothesis", "scipy"} <= names["test"]
     assert {"ruff", "clang-format"} <= names["lint"]
     runtime = {re.split(r"[<>=\[ ]", d)[0] for d in _pyproject()["project"]["dependencies"]}
-    assert not runtime & {"transformers", "peft", "safetensors", "accelerate"}, "the HF stack is an extra"
+    assert not runtime & {"transformers", "peft", "safetensors", "accelerate"}, (
+        "the HF stack is an extra"
+    )

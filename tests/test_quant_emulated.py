@@ -1,6 +1,7 @@
 """The CUDA kernel's device code of the rotated-quantization ops, run on the CPU emulator: fused
 result = the emulated Hadamard rotation followed by the reference quantizer, bit for bit; codes,
 scales, zeros; STE gradients; the plain quantizer; agreement with the CPU kernel."""
+
 import pytest
 import torch
 
@@ -14,8 +15,9 @@ EMU = torch.ops.longtune_emu
 def test_fused_equals_rotation_then_reference(case, sym):
     n, hs, gran, gsz = case
     dtype = [torch.float32, torch.bfloat16, torch.float16][(n + hs + gsz) % 3]
-    C.check_fused_equals_rotation_then_reference(EMU, EMU.hadamard_transform, "cpu", n, hs, gran, gsz, sym, 4, dtype,
-                                                 rows=2)
+    C.check_fused_equals_rotation_then_reference(
+        EMU, EMU.hadamard_transform, "cpu", n, hs, gran, gsz, sym, 4, dtype, rows=2
+    )
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])
@@ -37,14 +39,18 @@ def test_matches_cpu_kernel_for_power_of_two_rotations(n):
     x = torch.randn(3, n, dtype=torch.bfloat16)
     for sym in [True, False]:
         args = (4, "per_group", 32, sym, 0.9, True, 0, "identity")
-        assert torch.equal(EMU.rotate_fake_quant(x, *args), torch.ops.longtune.rotate_fake_quant(x, *args))
+        assert torch.equal(
+            EMU.rotate_fake_quant(x, *args), torch.ops.longtune.rotate_fake_quant(x, *args)
+        )
 
 
 def test_misaligned_rows_and_constant_rows():
     big = torch.randn(3, 129)
     x = big[:, 1:]  # odd element offset: scalar loads
     args = (4, "per_token", 0, True, 1.0, True, 0, "identity")
-    assert torch.equal(EMU.rotate_fake_quant(x, *args), torch.ops.longtune.rotate_fake_quant(x, *args))
+    assert torch.equal(
+        EMU.rotate_fake_quant(x, *args), torch.ops.longtune.rotate_fake_quant(x, *args)
+    )
     z = torch.zeros(2, 64)
     assert torch.equal(EMU.rotate_fake_quant(z, *args), z)
 
@@ -53,4 +59,6 @@ def test_errors():
     with pytest.raises(RuntimeError, match="bits must be 2, 3, 4 or 8"):
         EMU.rotate_fake_quant(torch.randn(2, 64), 5, "per_token", 0, True, 1.0, True, 0, "identity")
     with pytest.raises(RuntimeError, match="needs .* bytes .* use a larger group_size"):
-        EMU.rotate_fake_quant(torch.randn(1, 32768), 4, "per_group", 1, True, 1.0, False, 0, "identity")
+        EMU.rotate_fake_quant(
+            torch.randn(1, 32768), 4, "per_group", 1, True, 1.0, False, 0, "identity"
+        )

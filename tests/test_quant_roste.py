@@ -1,6 +1,7 @@
 """Model-level RoSTE on tiny random Hugging Face Llama / Qwen2 models: norm folding + R1/R2/R4
 merges preserve the function, QAT trains, the rotation search decides by the numbers, export ->
 load reproduces the fake-quant model exactly."""
+
 import copy
 import json
 
@@ -17,14 +18,30 @@ from longtune.quant import RoSTEConfig, export, load_exported, prepare_roste, se
 def tiny(kind="llama", attn="sdpa", dtype=torch.float64, tie=True, inter=96, seed=0):
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=inter, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                       tie_word_embeddings=tie, attn_implementation=attn)
+        cfg = transformers.LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=inter,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie,
+            attn_implementation=attn,
+        )
         m = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=inter, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                       tie_word_embeddings=tie, attn_implementation=attn)
+        cfg = transformers.Qwen2Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=inter,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie,
+            attn_implementation=attn,
+        )
         m = transformers.Qwen2ForCausalLM(cfg)
     for mod in m.modules():  # non-trivial norm weights, so that folding is exercised
         if "RMSNorm" in type(mod).__name__:
@@ -88,7 +105,9 @@ def test_search_decides_by_the_numbers(tmp_path):
         # a moderate outlier channel into layer 0's down_proj: it sets the per-token activation
         # scale and crushes the other channels unless rotated away (measured: ~0.018 vs ~0.053)
         m.model.layers[0].mlp.up_proj.weight[5] *= 10
-    calib = [torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    calib = [
+        torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
     cfg = search_rotation_config(m, calib, n_samples=8, save_to=str(tmp_path / "rot.json"))
     saved = json.loads((tmp_path / "rot.json").read_text())
     assert saved["layers"] == json.loads(cfg.to_json())["layers"]
@@ -175,7 +194,9 @@ def test_peft_lora_on_prepared_model():
     assert losses[-1] < losses[0]
     # quantizers off: merging the LoRA deltas into the (online-rotated) weights keeps the function
     f = prepare_roste(tiny(dtype=torch.float64), w_bits=None, a_bits=None, kv_bits=None)
-    pf = peft.get_peft_model(f, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    pf = peft.get_peft_model(
+        f, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
     with torch.no_grad():
         before = pf(IDS).logits
         merged = pf.merge_and_unload()

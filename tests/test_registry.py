@@ -1,5 +1,6 @@
 """Every op has a schema, a CPU kernel, a CUDA kernel (when built with nvcc - CI forces that) and
 an emulated CUDA kernel; fake and autograd kernels are registered from Python."""
+
 import pytest
 import torch
 
@@ -7,10 +8,20 @@ import longtune
 
 from .conftest import require_cuda_build
 
-OPS = ["hadamard_transform", "hadamard_transform_backward", "rotate_fake_quant", "rotate_fake_quant_backward",
-       "rotate_quantize", "sparse_delta_grad", "sparse_adamw_", "sparse_attention_fwd",
-       "sparse_attention_bwd", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd",
-       "linear_cross_entropy_fwd_bwd"]
+OPS = [
+    "hadamard_transform",
+    "hadamard_transform_backward",
+    "rotate_fake_quant",
+    "rotate_fake_quant_backward",
+    "rotate_quantize",
+    "sparse_delta_grad",
+    "sparse_adamw_",
+    "sparse_attention_fwd",
+    "sparse_attention_bwd",
+    "linear_cross_entropy_fwd",
+    "linear_cross_entropy_bwd",
+    "linear_cross_entropy_fwd_bwd",
+]
 TEST_OPS = ["mma_probe", "ldmatrix_probe", "shfl_probe"]
 
 
@@ -27,7 +38,9 @@ def test_cpu_kernel_registered(op):
 def test_cuda_kernel_registered(op):
     if not longtune.has_cuda_kernels():
         if require_cuda_build():
-            pytest.fail("LONGTUNE_REQUIRE_CUDA=1 but this build has no CUDA kernels (nvcc missing?)")
+            pytest.fail(
+                "LONGTUNE_REQUIRE_CUDA=1 but this build has no CUDA kernels (nvcc missing?)"
+            )
         pytest.skip("built without CUDA (LONGTUNE_CUDA=OFF or no nvcc)")
     assert _has(f"longtune::{op}", "CUDA")
 

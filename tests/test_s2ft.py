@@ -1,12 +1,13 @@
 """S²FT: partial-backprop layer gradients vs dense autograd, in-place block updates, gradient
 accumulation, and head / channel selection with co-permutation on tiny Llama / Qwen2 (GQA)."""
+
 import copy
 
 import pytest
 import torch
 
 import longtune
-from longtune.nn import S2FTLinear, S2FTMLP
+from longtune.nn import S2FTMLP, S2FTLinear
 from longtune.nn.s2ft import _S2FTMLPFn
 from longtune.train.s2ft import select_and_permute
 
@@ -33,17 +34,25 @@ def test_gradcheck_and_accumulation_and_in_place_update():
     lin = torch.nn.Linear(6, 4).double()
     m = S2FTLinear(lin, 1, 4, "in")
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, p: longtune.nn.s2ft._S2FTFn.apply(a, p, lin.weight, lin.bias, 1, 4, "in"),
-                                    (x, m.part))
+    assert torch.autograd.gradcheck(
+        lambda a, p: longtune.nn.s2ft._S2FTFn.apply(a, p, lin.weight, lin.bias, 1, 4, "in"),
+        (x, m.part),
+    )
     a, b = torch.randn(3, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     m(a).sum().backward()
     m(b).sum().backward()  # micro-batches accumulate (the official code overwrote)
-    full = (torch.ones(3, 4, dtype=torch.float64).T @ a + torch.ones(5, 4, dtype=torch.float64).T @ b)[:, 1:4]
+    full = (
+        torch.ones(3, 4, dtype=torch.float64).T @ a + torch.ones(5, 4, dtype=torch.float64).T @ b
+    )[:, 1:4]
     torch.testing.assert_close(m.part.grad, full)
     w_before = lin.weight.detach().clone()
     torch.optim.SGD([m.part], lr=0.1).step()
-    assert torch.equal(lin.weight[:, 0], w_before[:, 0]) and torch.equal(lin.weight[:, 4:], w_before[:, 4:])
-    assert not torch.equal(lin.weight[:, 1:4], w_before[:, 1:4])  # updated in place, in the layer's weight
+    assert torch.equal(lin.weight[:, 0], w_before[:, 0]) and torch.equal(
+        lin.weight[:, 4:], w_before[:, 4:]
+    )
+    assert not torch.equal(
+        lin.weight[:, 1:4], w_before[:, 1:4]
+    )  # updated in place, in the layer's weight
 
 
 def test_bad_input():
@@ -60,10 +69,20 @@ transformers = pytest.importorskip("transformers")
 
 def _tiny(kind, kv_heads):
     torch.manual_seed(0)
-    Cfg, Model = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if kind == "llama"
-                  else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
-    cfg = Cfg(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=kv_heads, max_position_embeddings=64)
+    Cfg, Model = (
+        (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+        if kind == "llama"
+        else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
+    )
+    cfg = Cfg(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+    )
     return Model(cfg).double().eval()
 
 
@@ -75,7 +94,10 @@ def test_permuted_model_computes_the_same_function(kind, kv_heads):
     ref = m(ids).logits
     picks = select_and_permute(m, head_ratio=0.5, channel_ratio=0.1, seed=1)
     torch.testing.assert_close(m(ids).logits, ref, rtol=0, atol=1e-12)
-    assert len(picks[0]["kv_heads"]) == max(1, round(0.5 * kv_heads)) and len(picks[0]["channels"]) == 10
+    assert (
+        len(picks[0]["kv_heads"]) == max(1, round(0.5 * kv_heads))
+        and len(picks[0]["channels"]) == 10
+    )
     trainable = sorted({n.split(".")[-2] for n, p in m.named_parameters() if p.requires_grad})
     assert trainable == ["down_proj", "o_proj", "up_proj", "v_proj"]
 
@@ -158,11 +180,16 @@ def test_fused_mlp_matches_the_module_composition(x_grad, n):
 def test_fused_mlp_gradcheck_and_saves_only_the_block():
     m = S2FTMLP(_s2_mlp(3))
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, u, d: _S2FTMLPFn.apply(x, u, d, m.gate_proj.weight,
-                                                                     m.up_proj.base.weight, m.down_proj.base.weight, 3),
-                                    (x, m.up_proj.part, m.down_proj.part))
+    assert torch.autograd.gradcheck(
+        lambda x, u, d: _S2FTMLPFn.apply(
+            x, u, d, m.gate_proj.weight, m.up_proj.base.weight, m.down_proj.base.weight, 3
+        ),
+        (x, m.up_proj.part, m.down_proj.part),
+    )
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
         m(torch.randn(5, 12, dtype=torch.float64))
     # frozen input: x plus two (tokens x n) slices, never a tokens x intermediate tensor
     assert all(s[-1] in (12, 3) or s == m.down_proj.base.weight.shape for s in saved), saved

@@ -2,6 +2,7 @@
 something that is not a model, S^2-Attn against a KV cache in training, S^2 group size under
 chunk-wise training, RoSTE's attention wrapper combined with longtune.patch, and vocabulary heads
 the fused loss cannot or can represent."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,9 +22,17 @@ VOCAB = 128
 
 def _llama(dtype=torch.float64, seed=0, tie=False):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      attention_dropout=0.0, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attention_dropout=0.0,
+        tie_word_embeddings=tie,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -40,14 +49,22 @@ def _max_rel(a, b):
     return max(float((a[n] - b[n]).norm() / b[n].norm()) for n in b)
 
 
-@pytest.mark.parametrize("call", [
-    lambda m: longtune.patch(m, attention="s2"),
-    lambda m: longtune.unpatch(m),
-    lambda m: longtune.convert_to_sqa(m, 2),
-    lambda m: longtune.recipes.longlora(m, 1024),
-    lambda m: longtune.train.seco_backward(m, torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long),
-                                           chunk_size=4),
-], ids=["patch", "unpatch", "convert_to_sqa", "longlora", "seco_backward"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: longtune.patch(m, attention="s2"),
+        lambda m: longtune.unpatch(m),
+        lambda m: longtune.convert_to_sqa(m, 2),
+        lambda m: longtune.recipes.longlora(m, 1024),
+        lambda m: longtune.train.seco_backward(
+            m,
+            torch.zeros(1, 8, dtype=torch.long),
+            torch.zeros(1, 8, dtype=torch.long),
+            chunk_size=4,
+        ),
+    ],
+    ids=["patch", "unpatch", "convert_to_sqa", "longlora", "seco_backward"],
+)
 def test_model_entry_points_name_what_they_expect(call):
     with pytest.raises(TypeError, match="Hugging Face transformers model.*got Linear"):
         call(nn.Linear(2, 2))
@@ -113,7 +130,9 @@ def test_fused_ce_with_a_lora_vocabulary_head_is_exact():
     from peft import LoraConfig, get_peft_model
 
     m = _llama().train()
-    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"]))
+    pm = get_peft_model(
+        m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"])
+    )
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:

@@ -1,5 +1,6 @@
 """SpIEL core: the gather-only delta gradient (CPU kernel and the emulated CUDA kernel) against the
 dense-then-gather reference, and SparseDeltaLinear's forward / backward / merge / save-load."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,8 +10,10 @@ import longtune
 from longtune.reference import sparse_delta as R
 from longtune.testing import assert_within_2x
 
-OPS = [pytest.param(torch.ops.longtune.sparse_delta_grad, id="cpu"),
-       pytest.param(torch.ops.longtune_emu.sparse_delta_grad, id="emulated-cuda")]
+OPS = [
+    pytest.param(torch.ops.longtune.sparse_delta_grad, id="cpu"),
+    pytest.param(torch.ops.longtune_emu.sparse_delta_grad, id="emulated-cuda"),
+]
 
 
 def _case(T, out, inp, k, dtype, seed=0):
@@ -23,7 +26,9 @@ def _case(T, out, inp, k, dtype, seed=0):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,out,inp,k", [(37, 24, 40, 50), (64, 16, 16, 256), (5, 7, 3, 1), (128, 33, 17, 0)])
+@pytest.mark.parametrize(
+    "T,out,inp,k", [(37, 24, 40, 50), (64, 16, 16, 256), (5, 7, 3, 1), (128, 33, 17, 0)]
+)
 def test_grad_matches_dense_then_gather(op, dtype, T, out, inp, k):
     gy, x, idx = _case(T, out, inp, k, dtype)
     got = op(gy, x, idx, inp)
@@ -44,8 +49,11 @@ def test_gradcheck_and_opcheck():
     gy, x, idx = _case(6, 5, 4, 7, torch.float64)
     f = lambda a, b: torch.ops.longtune.sparse_delta_grad(a, b, idx, 4)  # noqa: E731  (bilinear: exact)
     torch.testing.assert_close(f(gy, x), R.sparse_delta_grad(gy, x, idx, 4))
-    torch.library.opcheck(torch.ops.longtune.sparse_delta_grad.default, (gy.float(), x.float(), idx, 4),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.longtune.sparse_delta_grad.default,
+        (gy.float(), x.float(), idx, 4),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -53,13 +61,19 @@ def test_gradcheck_and_opcheck():
 def test_random_shapes(T, out, inp, frac):
     k = int(frac * out * inp)
     gy, x, idx = _case(T, out, inp, k, torch.float64, seed=T * 1000 + out * 10 + inp)
-    torch.testing.assert_close(torch.ops.longtune.sparse_delta_grad(gy, x, idx, inp),
-                               R.sparse_delta_grad(gy, x, idx, inp))
+    torch.testing.assert_close(
+        torch.ops.longtune.sparse_delta_grad(gy, x, idx, inp), R.sparse_delta_grad(gy, x, idx, inp)
+    )
 
 
 @settings(max_examples=30, deadline=None)
-@given(T=st.integers(1, 300), out=st.integers(1, 70), inp=st.integers(1, 70), frac=st.floats(0, 1),
-       threads=st.sampled_from([1, 2, 3]))
+@given(
+    T=st.integers(1, 300),
+    out=st.integers(1, 70),
+    inp=st.integers(1, 70),
+    frac=st.floats(0, 1),
+    threads=st.sampled_from([1, 2, 3]),
+)
 def test_random_shapes_float32_vector_paths(T, out, inp, frac, threads):
     # float32 takes the AVX2 paths (16-token blocks, 8 x 8 transposes with feature tails, four
     # indices at a time with and without a shared row) and splits tokens over threads
@@ -82,7 +96,9 @@ def test_bad_indices(op):
         op(gy, x, torch.tensor([3, 1]), 5)
     with pytest.raises(RuntimeError, match="strictly increasing"):
         op(gy, x, torch.tensor([1, 1]), 5)
-    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, out_features \* in_features\) = \[0, 15\)"):
+    with pytest.raises(
+        RuntimeError, match=r"indices must lie in \[0, out_features \* in_features\) = \[0, 15\)"
+    ):
         op(gy, x, torch.tensor([0, 15]), 5)
     with pytest.raises(RuntimeError, match="indices must be a 1-D int64 tensor"):
         op(gy, x, torch.tensor([0, 1], dtype=torch.int32), 5)
@@ -147,7 +163,9 @@ def test_merged_weight_is_patched_after_optimizer_steps():
         losses.append(loss.item())
         expect = w0.reshape(-1).index_add(0, m.indices, m.values.detach()).reshape(16, 32)
         torch.testing.assert_close(m.merged_weight(), expect)
-        assert m.merged_weight() is lin.weight  # the deltas live in the base weight: no second copy of W
+        assert (
+            m.merged_weight() is lin.weight
+        )  # the deltas live in the base weight: no second copy of W
     assert losses[-1] < losses[0]
 
 
@@ -193,8 +211,12 @@ def test_density_edges_and_bad_input():
         m.load_delta_state_dict({"indices": torch.tensor([5, 12]), "values": torch.zeros(2)})
     with pytest.raises(RuntimeError, match="nothing merged"):
         m.unmerge()
-    with pytest.raises(TypeError, match="values are torch.float64 but the base weight is torch.float32"):
-        m.load_delta_state_dict({"indices": torch.tensor([1, 2]), "values": torch.zeros(2, dtype=torch.float64)})
+    with pytest.raises(
+        TypeError, match="values are torch.float64 but the base weight is torch.float32"
+    ):
+        m.load_delta_state_dict(
+            {"indices": torch.tensor([1, 2]), "values": torch.zeros(2, dtype=torch.float64)}
+        )
 
 
 def test_randomized_indices_are_sorted_unique_and_seeded():
@@ -206,16 +228,20 @@ def test_randomized_indices_are_sorted_unique_and_seeded():
 # ------------------------------------------------------------------ fused sparse AdamW
 def _adamw_reference(values, grad, m, v, age, lr, b1, b2, eps, wd):
     # the kernel receives the hyper-parameters as float32: 1 - 0.999 is 1.0000467e-3 there
-    lr, b1, b2, eps, wd = (float(torch.tensor(h, dtype=torch.float32)) for h in (lr, b1, b2, eps, wd))
+    lr, b1, b2, eps, wd = (
+        float(torch.tensor(h, dtype=torch.float32)) for h in (lr, b1, b2, eps, wd)
+    )
     age = age + 1
     m = b1 * m + (1 - b1) * grad
     v = b2 * v + (1 - b2) * grad * grad
-    upd = (m / (1 - b1 ** age)) / (torch.sqrt(v / (1 - b2 ** age)) + eps)
+    upd = (m / (1 - b1**age)) / (torch.sqrt(v / (1 - b2**age)) + eps)
     return values - lr * (upd + wd * values), m, v, age
 
 
-ADAMW_OPS = [pytest.param(torch.ops.longtune.sparse_adamw_, id="cpu"),
-             pytest.param(torch.ops.longtune_emu.sparse_adamw_, id="emulated-cuda")]
+ADAMW_OPS = [
+    pytest.param(torch.ops.longtune.sparse_adamw_, id="cpu"),
+    pytest.param(torch.ops.longtune_emu.sparse_adamw_, id="emulated-cuda"),
+]
 
 
 @pytest.mark.parametrize("op", ADAMW_OPS)
@@ -225,8 +251,18 @@ def test_sparse_adamw_matches_reference(op):
     values, m, v = torch.randn(n), torch.randn(n) * 0.1, torch.rand(n) * 0.01
     age = torch.randint(0, 5, (n,), dtype=torch.int32)  # mixed ages: some deltas just regrown
     grad = torch.randn(n)
-    ref = _adamw_reference(values.double(), grad.double(), m.double(), v.double(), age.double(), 1e-2, 0.9, 0.999,
-                           1e-8, 0.01)
+    ref = _adamw_reference(
+        values.double(),
+        grad.double(),
+        m.double(),
+        v.double(),
+        age.double(),
+        1e-2,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+    )
     op(values, grad, m, v, age, 1e-2, 0.9, 0.999, 1e-8, 0.01)
     torch.testing.assert_close(values.double(), ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.double(), ref[1], rtol=1e-5, atol=1e-7)
@@ -251,20 +287,30 @@ def test_sparse_adamw_matches_torch_adamw_and_bad_input():
     vals, st = torch.zeros(4), torch.zeros(4)
     age = torch.zeros(4, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="age must be int32"):
-        torch.ops.longtune.sparse_adamw_(vals, vals, st, st.clone(), age.long(), 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        torch.ops.longtune.sparse_adamw_(
+            vals, vals, st, st.clone(), age.long(), 1e-3, 0.9, 0.999, 1e-8, 0.0
+        )
     with pytest.raises(RuntimeError, match=r"beta1 and beta2 must be in \[0, 1\)"):
-        torch.ops.longtune.sparse_adamw_(vals, vals, st, st.clone(), age, 1e-3, 1.0, 0.999, 1e-8, 0.0)
+        torch.ops.longtune.sparse_adamw_(
+            vals, vals, st, st.clone(), age, 1e-3, 1.0, 0.999, 1e-8, 0.0
+        )
     with pytest.raises(RuntimeError, match="must have values' shape"):
-        torch.ops.longtune.sparse_adamw_(vals, torch.zeros(3), st, st.clone(), age, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        torch.ops.longtune.sparse_adamw_(
+            vals, torch.zeros(3), st, st.clone(), age, 1e-3, 0.9, 0.999, 1e-8, 0.0
+        )
     with pytest.raises(RuntimeError, match="exp_avg and exp_avg_sq must be float32"):
-        torch.ops.longtune.sparse_adamw_(vals, vals, st.double(), st.clone(), age, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        torch.ops.longtune.sparse_adamw_(
+            vals, vals, st.double(), st.clone(), age, 1e-3, 0.9, 0.999, 1e-8, 0.0
+        )
 
 
 def test_sparsify_a_model_and_train():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     longtune.sparsify(model, density=0.2, target_modules=["2"], seed=0)
-    assert isinstance(model[2], longtune.nn.SparseDeltaLinear) and isinstance(model[0], torch.nn.Linear)
+    assert isinstance(model[2], longtune.nn.SparseDeltaLinear) and isinstance(
+        model[0], torch.nn.Linear
+    )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["2.values"]
     opt = longtune.train.SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -287,7 +333,11 @@ def _spiel_setup(seed=0, optimizer="sparse"):
     model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
     longtune.sparsify(model, density=0.1, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = longtune.train.SparseAdamW(params, lr=1e-2) if optimizer == "sparse" else torch.optim.AdamW(params, lr=1e-2)
+    opt = (
+        longtune.train.SparseAdamW(params, lr=1e-2)
+        if optimizer == "sparse"
+        else torch.optim.AdamW(params, lr=1e-2)
+    )
     sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, drop_fraction=0.3)
     return model, opt, sched
 
@@ -317,7 +367,9 @@ def test_prune_regrow_keeps_k_sorted_unique_and_trains(optimizer):
         assert l.values.numel() == k and l.indices.numel() == k
         assert bool((l.indices[1:] > l.indices[:-1]).all())
         assert not torch.equal(l.indices, b)  # something was regrown
-        assert any(p is l.values for g in opt.param_groups for p in g["params"])  # optimizer follows
+        assert any(
+            p is l.values for g in opt.param_groups for p in g["params"]
+        )  # optimizer follows
     assert losses[-1] < losses[0]
 
 
@@ -381,10 +433,19 @@ def test_scheduler_bad_input():
 def test_spiel_on_a_tiny_llama_lowers_the_loss():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(cfg)
-    longtune.sparsify(model, density=0.05, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], seed=0)
+    longtune.sparsify(
+        model, density=0.05, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], seed=0
+    )
     opt = longtune.train.SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     sched = longtune.train.SpIELScheduler(model, opt, update_every=5, window=2)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -424,7 +485,9 @@ def test_spiel_ma_growth():
     model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
     longtune.sparsify(model, density=0.1, seed=0)
     opt = longtune.train.SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, growth="ma", tile_rows=5)
+    sched = longtune.train.SpIELScheduler(
+        model, opt, update_every=4, window=2, growth="ma", tile_rows=5
+    )
     layer = sched.layers[1]
     k, before = layer.values.numel(), layer.indices.clone()
     losses = _train(model, opt, sched, 8)
@@ -450,7 +513,20 @@ def test_spiel_ma_growth():
 
 def test_sparse_adamw_opcheck():
     n = 33
-    args = (torch.randn(n), torch.randn(n), torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.int32),
-            1e-3, 0.9, 0.999, 1e-8, 0.01)
-    torch.library.opcheck(torch.ops.longtune.sparse_adamw_.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    args = (
+        torch.randn(n),
+        torch.randn(n),
+        torch.zeros(n),
+        torch.zeros(n),
+        torch.zeros(n, dtype=torch.int32),
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+    )
+    torch.library.opcheck(
+        torch.ops.longtune.sparse_adamw_.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )

@@ -3,6 +3,7 @@ produces survives save -> load -> resume bit for bit (torch.equal, float64 and f
 state dicts at any point of training, optimizer and SpIEL schedule state, sparse adapters,
 merge-and-unload to a plain transformers model, and transformers ``Trainer`` checkpoints. The
 loading side runs in a fresh Python process wherever a file is involved."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,14 @@ from longtune.nn import RotatedQuantLinear, S2FTLinear, SparseDeltaLinear
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=128)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+)
 
 # shared by this file and the fresh processes it starts
 PRELUDE = f"""
@@ -61,12 +68,22 @@ exec(PRELUDE)  # noqa: S102  (tiny_llama, train_steps, batches)
 def run_fresh(tmp_path, body: str, name: str = "fresh"):
     """Run PRELUDE + body in a new Python process (cwd = tmp_path); return what it json-dumped to out.json."""
     script = tmp_path / f"{name}.py"
-    script.write_text(PRELUDE + "\nOUT = {}\n" + textwrap.dedent(body) +
-                      "\njson.dump(OUT, open('out.json', 'w'))\n")
+    script.write_text(
+        PRELUDE
+        + "\nOUT = {}\n"
+        + textwrap.dedent(body)
+        + "\njson.dump(OUT, open('out.json', 'w'))\n"
+    )
     # the same thread count as this process: CPU kernels split their reductions by thread
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS=str(torch.get_num_threads()))
-    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, f"fresh process failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return json.loads((tmp_path / "out.json").read_text())
 
@@ -107,7 +124,9 @@ def _sparse_at(point: str, dtype):
     elif point == "regrown":
         keep = torch.ones(m.values.numel(), dtype=torch.bool)
         keep[::3] = False
-        free = torch.tensor([i for i in range(128) if i not in set(m.indices.tolist())][: int((~keep).sum())])
+        free = torch.tensor(
+            [i for i in range(128) if i not in set(m.indices.tolist())][: int((~keep).sum())]
+        )
         m.replace_deltas(keep, free, opt)
         with torch.no_grad():
             m.values.add_(0.25)
@@ -127,7 +146,9 @@ def test_sparse_delta_state_dict_holds_the_base_weight_and_reloads_exactly(point
     base = w0.clone()
     if point == "merged":
         base.view(-1)[sd["indices"]] += sd["folded"]
-    assert torch.equal(sd["base.weight"], base)  # without the deltas: applying them once gives the layer
+    assert torch.equal(
+        sd["base.weight"], base
+    )  # without the deltas: applying them once gives the layer
     fresh = SparseDeltaLinear(torch.nn.Linear(16, 8).to(dtype), density=0.25, seed=123)
     values = fresh.values
     assert fresh.load_state_dict(sd) is not None
@@ -165,7 +186,9 @@ def test_sparse_delta_state_dict_through_safetensors_and_bad_input(tmp_path):
     bad["indices"] = bad["indices"] + 1000
     with pytest.raises(RuntimeError, match="out of range"):
         fresh.load_state_dict(bad)
-    with torch.no_grad():  # a failed load leaves the module usable and unchanged in what it computes
+    with (
+        torch.no_grad()
+    ):  # a failed load leaves the module usable and unchanged in what it computes
         assert torch.equal(fresh(x), m(x))
     only_values = {k: v for k, v in m.state_dict().items() if k != "indices"}
     with pytest.raises(RuntimeError, match="loaded together"):
@@ -184,7 +207,9 @@ def test_sparse_delta_partial_loads_keep_the_base():
     own_base = fresh.base_weight()
     fresh.load_state_dict({"indices": sd["indices"], "values": sd["values"]}, strict=False)
     assert torch.equal(fresh.base_weight(), own_base)
-    fresh.load_state_dict({"base.weight": sd["base.weight"], "base.bias": sd["base.bias"]}, strict=False)
+    fresh.load_state_dict(
+        {"base.weight": sd["base.weight"], "base.bias": sd["base.bias"]}, strict=False
+    )
     x = torch.randn(4, 16, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(fresh(x), m(x))
@@ -198,8 +223,11 @@ def test_sparse_delta_dtype_conversion_after_training():
     sd = m.state_dict()
     assert sd["base.weight"].dtype == torch.float64 and torch.equal(sd["base.weight"], w0.double())
     x = torch.randn(3, 16, dtype=torch.float64)
-    expect = torch.nn.functional.linear(x, w0.double().reshape(-1).index_add(0, m.indices, m.values.detach())
-                                        .reshape(8, 16), m.base.bias)
+    expect = torch.nn.functional.linear(
+        x,
+        w0.double().reshape(-1).index_add(0, m.indices, m.values.detach()).reshape(8, 16),
+        m.base.bias,
+    )
     with torch.no_grad():
         assert torch.equal(m(x), expect)
 
@@ -234,8 +262,16 @@ def test_s2ft_linear_state_dict_saves_through_safetensors_with_its_adapter(tmp_p
 
 def test_rotated_quant_linear_state_dict_carries_its_quantizer():
     torch.manual_seed(0)
-    m = RotatedQuantLinear(64, 16, act_bits=8, weight_bits=4, weight_group_size=32, act_clip_ratio=0.9,
-                           weight_symmetric=False, ste="clip")
+    m = RotatedQuantLinear(
+        64,
+        16,
+        act_bits=8,
+        weight_bits=4,
+        weight_group_size=32,
+        act_clip_ratio=0.9,
+        weight_symmetric=False,
+        ste="clip",
+    )
     m.prerotated_weight, m.weight_is_quantized = True, True
     sd = roundtrip(m.state_dict())
     fresh = RotatedQuantLinear(64, 16)
@@ -249,13 +285,26 @@ def test_rotated_quant_linear_state_dict_carries_its_quantizer():
 # ------------------------------------------------------------------ optimizer + SpIEL schedule, resume
 def _spiel(seed, optimizer, growth, dtype):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(dtype)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)
+    ).to(dtype)
     longtune.sparsify(model, density=0.1, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = longtune.train.SparseAdamW(params, lr=1e-2, weight_decay=0.01) if optimizer == "sparse" else \
-        torch.optim.AdamW(params, lr=1e-2)
-    sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, drop_fraction=0.3, total_steps=20,
-                                          growth=growth, tile_rows=5)
+    opt = (
+        longtune.train.SparseAdamW(params, lr=1e-2, weight_decay=0.01)
+        if optimizer == "sparse"
+        else torch.optim.AdamW(params, lr=1e-2)
+    )
+    sched = longtune.train.SpIELScheduler(
+        model,
+        opt,
+        update_every=4,
+        window=2,
+        drop_fraction=0.3,
+        total_steps=20,
+        growth=growth,
+        tile_rows=5,
+    )
     return model, opt, sched
 
 
@@ -263,7 +312,10 @@ def _spiel_train(model, opt, sched, steps, start=0, dtype=torch.float64):
     losses = []
     for s in range(start, start + steps):
         g = torch.Generator().manual_seed(100 + s)
-        x, y = torch.randn(16, 24, generator=g, dtype=dtype), torch.randn(16, 8, generator=g, dtype=dtype)
+        x, y = (
+            torch.randn(16, 24, generator=g, dtype=dtype),
+            torch.randn(16, 8, generator=g, dtype=dtype),
+        )
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -275,7 +327,9 @@ def _spiel_train(model, opt, sched, steps, start=0, dtype=torch.float64):
 
 @pytest.mark.parametrize("optimizer,dtype", [("sparse", torch.float32), ("torch", torch.float64)])
 @pytest.mark.parametrize("growth", ["ag", "ma"])
-@pytest.mark.parametrize("stop", [7, 8])  # 7: inside a growth window (stats collected); 8: right after a regrow
+@pytest.mark.parametrize(
+    "stop", [7, 8]
+)  # 7: inside a growth window (stats collected); 8: right after a regrow
 def test_spiel_resume_is_bit_exact(optimizer, dtype, growth, stop):
     total = 13
     model, opt, sched = _spiel(0, optimizer, growth, dtype)
@@ -286,7 +340,9 @@ def test_spiel_resume_is_bit_exact(optimizer, dtype, growth, stop):
     first = _spiel_train(model, opt, sched, stop, dtype=dtype)
     if growth == "ag" and stop == 7:
         assert any(l._collect is not None and l._collect.cand is not None for l in sched.layers)
-    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    saved = roundtrip(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    )
 
     model, opt, sched = _spiel(5, optimizer, growth, dtype)  # other weights, other initial indices
     model.load_state_dict(saved["model"])
@@ -313,8 +369,10 @@ def test_sparse_llama_resume_adapter_and_merge_in_a_fresh_process(tmp_path):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, drop_fraction=0.5)
     losses = train_steps(model, opt, sched, data[:5])
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
-               tmp_path / "state.pt")
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+        tmp_path / "state.pt",
+    )
     longtune.train.save_sparse_adapter(model, tmp_path / "adapter")
     with torch.no_grad():
         logits = model(data[0]).logits
@@ -327,10 +385,19 @@ def test_sparse_llama_resume_adapter_and_merge_in_a_fresh_process(tmp_path):
     losses += train_steps(model, opt, sched, data[5:])
 
     cfg = json.loads((tmp_path / "adapter" / "sparse_adapter_config.json").read_text())
-    assert cfg["format"] == "longtune.sparse_delta" and cfg["format_version"] == 1 and cfg["dtype"] == "float64"
-    assert len(cfg["target_modules"]) == 2 * 7 + 1 and cfg["modules"]["lm_head"]["shape"] == [128, 32]
+    assert (
+        cfg["format"] == "longtune.sparse_delta"
+        and cfg["format_version"] == 1
+        and cfg["dtype"] == "float64"
+    )
+    assert len(cfg["target_modules"]) == 2 * 7 + 1 and cfg["modules"]["lm_head"]["shape"] == [
+        128,
+        32,
+    ]
 
-    out = run_fresh(tmp_path, """
+    out = run_fresh(
+        tmp_path,
+        """
         data = batches(9)
         st = torch.load("state.pt", weights_only=True)
         model = LlamaForCausalLM.from_pretrained("base", dtype=torch.float64)
@@ -356,7 +423,8 @@ def test_sparse_llama_resume_adapter_and_merge_in_a_fresh_process(tmp_path):
                                      if n.endswith(("proj", "lm_head")))
         with torch.no_grad():
             OUT["merged_logits"] = torch.equal(plain(data[0]).logits, logits)
-    """)
+    """,
+    )
     assert out["state_dict_logits"]
     assert losses[5:] == out["resumed"]
     assert out["adapter_logits"] and out["adapter_trainable"] == ["values"]
@@ -367,20 +435,32 @@ def test_sparse_adapter_refuses_a_mismatched_base(tmp_path):
     model = tiny_llama(0)
     longtune.sparsify(model, density=0.05, seed=0, target_modules=["q_proj", "down_proj"])
     longtune.train.save_sparse_adapter(model, tmp_path / "a")
-    wide = tiny_llama(0).__class__(transformers.LlamaConfig(**dict(TINY, intermediate_size=96))).double()
+    wide = (
+        tiny_llama(0)
+        .__class__(transformers.LlamaConfig(**dict(TINY, intermediate_size=96)))
+        .double()
+    )
     before = {k: v.clone() for k, v in wide.state_dict().items()}
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.down_proj' has a weight of shape \[32, 96\]"):
+    with pytest.raises(
+        ValueError, match=r"'model\.layers\.0\.mlp\.down_proj' has a weight of shape \[32, 96\]"
+    ):
         longtune.train.load_sparse_adapter(wide, tmp_path / "a")
     assert states_equal(wide.state_dict(), before)  # checked before anything changed
     assert not any(isinstance(m, SparseDeltaLinear) for m in wide.modules())
-    shallow = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(TINY, num_hidden_layers=1))).double()
-    with pytest.raises(ValueError, match=r"module 'model\.layers\.1\.self_attn\.q_proj', which the model"):
+    shallow = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**dict(TINY, num_hidden_layers=1))
+    ).double()
+    with pytest.raises(
+        ValueError, match=r"module 'model\.layers\.1\.self_attn\.q_proj', which the model"
+    ):
         longtune.train.load_sparse_adapter(shallow, tmp_path / "a")
     (tmp_path / "b").mkdir()
     with pytest.raises(FileNotFoundError, match="sparse_adapter_config.json not found"):
         longtune.train.load_sparse_adapter(model, tmp_path / "b")
     cfg = json.loads((tmp_path / "a" / "sparse_adapter_config.json").read_text())
-    (tmp_path / "a" / "sparse_adapter_config.json").write_text(json.dumps(dict(cfg, format_version=99)))
+    (tmp_path / "a" / "sparse_adapter_config.json").write_text(
+        json.dumps(dict(cfg, format_version=99))
+    )
     with pytest.raises(ValueError, match="format version 99 is newer"):
         longtune.train.load_sparse_adapter(model, tmp_path / "a")
     with pytest.raises(ValueError, match="no SparseDeltaLinear"):
@@ -428,9 +508,14 @@ def test_s2ft_and_roste_llama_state_in_a_fresh_process(tmp_path):
     loaded = load_exported(tiny_llama(3, torch.float32), str(tmp_path / "roste_export.safetensors"))
     torch.save(loaded.state_dict(), tmp_path / "roste_loaded.pt")
     with torch.no_grad():
-        torch.save({"trained": rq(data[0]).logits, "exported": loaded(data[0]).logits}, tmp_path / "roste_logits.pt")
+        torch.save(
+            {"trained": rq(data[0]).logits, "exported": loaded(data[0]).logits},
+            tmp_path / "roste_logits.pt",
+        )
 
-    out = run_fresh(tmp_path, """
+    out = run_fresh(
+        tmp_path,
+        """
         from safetensors.torch import load_file
         from longtune.quant import load_exported, prepare_roste
         from longtune.train.s2ft import select_and_permute
@@ -461,7 +546,8 @@ def test_s2ft_and_roste_llama_state_in_a_fresh_process(tmp_path):
             OUT["roste_loaded_export_state"] = torch.equal(again(data[0]).logits, ref["exported"])
         OUT["flags"] = [again.model.layers[0].self_attn.q_proj.weight_is_quantized,
                         again.model.layers[0].mlp.down_proj.prerotated_weight]
-    """)
+    """,
+    )
     assert out["s2ft_logits"] and out["s2ft_merged"]
     assert out["s2ft_next"] == s2_next
     assert torch.equal(torch.load(tmp_path / "adapter_fresh.pt", weights_only=True), adapter)
@@ -522,17 +608,25 @@ def test_trainer_save_and_resume_reproduce_the_uninterrupted_run(tmp_path):
             assert os.path.isfile(tmp_path / kind / "checkpoint-3" / "spiel_scheduler.pt")
             start = longtune.sparsify(tiny_llama(0), density=0.05, seed=0)
             layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
-            assert any(not torch.equal(a.indices, b.indices) for a, b in
-                       zip(layers, [m for m in start.modules() if isinstance(m, SparseDeltaLinear)]))  # regrown
+            assert any(
+                not torch.equal(a.indices, b.indices)
+                for a, b in zip(
+                    layers, [m for m in start.modules() if isinstance(m, SparseDeltaLinear)]
+                )
+            )  # regrown
         ref[kind] = losses
         torch.save(trained, tmp_path / f"{kind}_trained.pt")
-    out = run_fresh(tmp_path, TRAINER_CODE + """
+    out = run_fresh(
+        tmp_path,
+        TRAINER_CODE
+        + """
 for kind in ("sparse", "sparse_adamw", "s2ft"):
     losses, trained, _ = run(kind, kind, resume=os.path.join(kind, "checkpoint-3"))
     ref = torch.load(f"{kind}_trained.pt", weights_only=True)
     OUT[kind] = {"losses": losses, "params": trained.keys() == ref.keys() and
                  all(torch.equal(trained[k], ref[k]) for k in ref)}
-""")
+""",
+    )
     for kind in ("sparse", "sparse_adamw", "s2ft"):
         assert out[kind]["losses"] == ref[kind][3:], kind
         assert out[kind]["params"], kind

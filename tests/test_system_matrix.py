@@ -25,6 +25,7 @@ relative (1e-9 where the fused loss sums in another order), and the loss too.
 Refused (clear error, before any compute): the Lambda-mask in training; ``longlora_roll`` under
 chunk-wise training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,11 +56,13 @@ REF_IMPL = "longtune_matrix_reference"
 
 
 # ---------------------------------------------------------------- the reference attention
-def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _reference_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
     """The S^2 / causal mask of the patched model, computed densely by the spec."""
     kind, mode = module._matrix_reference
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    kpm = None if attention_mask is None else attention_mask[:, -k.shape[1]:].bool()
+    kpm = None if attention_mask is None else attention_mask[:, -k.shape[1] :].bool()
     mask = {}
     if kind == "s2" and module.training and q.shape[1] > 1:
         total = hf._SEQUENCE_LENGTH.get() or k.shape[1]
@@ -74,9 +77,17 @@ AttentionMaskInterface.register(REF_IMPL, flash_attention_mask)
 # ---------------------------------------------------------------- models
 def _tiny_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      attention_dropout=0.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).double().train()
 
 
@@ -111,9 +122,12 @@ def _pair(attention, loss, trainable):
     """(model under test, reference model): the same weights; the test model patched."""
     base = _trainable_base(trainable)
     test, ref = copy.deepcopy(base), copy.deepcopy(base)
-    kind, opts = {"causal": ("causal", {}), "s2": ("s2", {"group_size_ratio": RATIO}),
-                  "s2_roll": ("s2", {"group_size_ratio": RATIO, "mode": "longlora_roll"}),
-                  "lambda": ("lambda", {"window": 32, "n_global": 4})}[attention]
+    kind, opts = {
+        "causal": ("causal", {}),
+        "s2": ("s2", {"group_size_ratio": RATIO}),
+        "s2_roll": ("s2", {"group_size_ratio": RATIO, "mode": "longlora_roll"}),
+        "lambda": ("lambda", {"window": 32, "n_global": 4}),
+    }[attention]
     longtune.patch(test, attention=kind, **opts)
     if loss == "fused":
         longtune.patch(test, lm_head="fused_ce")
@@ -138,14 +152,16 @@ def _batch(variant):
         mask[1, -20:] = 0
     labels[mask == 0] = -100
     n_targets = int((labels[:, 1:] != -100).sum())
-    num_items = 3 * n_targets if variant == "num_items" else (n_targets if variant == "accum" else None)
+    num_items = (
+        3 * n_targets if variant == "num_items" else (n_targets if variant == "accum" else None)
+    )
     return ids, labels, (mask if variant.endswith("pad") else None), num_items
 
 
 def _micro_batches(variant):
     ids, labels, mask, num_items = _batch(variant)
     if variant == "accum":
-        return [(ids[i:i + 1], labels[i:i + 1], None) for i in range(2)], num_items
+        return [(ids[i : i + 1], labels[i : i + 1], None) for i in range(2)], num_items
     return [(ids, labels, mask)], num_items
 
 
@@ -175,9 +191,19 @@ def _train(model, training, loss, variant, *, reference=False):
         else:
             budget = None if training == "seco" else 2
             gen = torch.Generator().manual_seed(3)
-            total += float(longtune.train.seco_backward(model, ids, labels, chunk_size=CHUNK, budget=budget, cap=None,
-                                                        attention_mask=mask, generator=gen,
-                                                        num_items_in_batch=num_items))
+            total += float(
+                longtune.train.seco_backward(
+                    model,
+                    ids,
+                    labels,
+                    chunk_size=CHUNK,
+                    budget=budget,
+                    cap=None,
+                    attention_mask=mask,
+                    generator=gen,
+                    num_items_in_batch=num_items,
+                )
+            )
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
     return total, grads
@@ -196,11 +222,19 @@ def _refusal(attention, training, variant):
     return None
 
 
-CELLS = [(a, t, lo, tr, b) for a in ATTENTION for t in TRAINING for lo in LOSS for tr in TRAINABLE for b in BATCH]
+CELLS = [
+    (a, t, lo, tr, b)
+    for a in ATTENTION
+    for t in TRAINING
+    for lo in LOSS
+    for tr in TRAINABLE
+    for b in BATCH
+]
 
 
-@pytest.mark.parametrize("attention,training,loss,trainable,batch", CELLS,
-                         ids=["-".join(c) for c in CELLS])
+@pytest.mark.parametrize(
+    "attention,training,loss,trainable,batch", CELLS, ids=["-".join(c) for c in CELLS]
+)
 def test_cell(attention, training, loss, trainable, batch):
     test, ref = _pair(attention, loss, trainable)
     refused = _refusal(attention, training, batch)

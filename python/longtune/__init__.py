@@ -3,30 +3,58 @@
 Importing the package loads the compiled ops into ``torch.ops.longtune`` and registers their
 fake (meta) kernels, autograd formulas and FLOP counters.
 """
+
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 import torch  # noqa: F401  (must be imported before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.longtune.*)
-from . import ops, reference  # noqa: F401
+from . import (  # noqa: F401
+    _C,  # noqa: F401  (registers torch.ops.longtune.*)
+    compat,  # noqa: E402,F401
+    config,  # noqa: E402,F401
+    nn,  # noqa: E402,F401
+    ops,
+    quant,  # noqa: E402,F401
+    recipes,  # noqa: E402,F401
+    reference,
+    train,  # noqa: E402,F401
+)
+from .config import apply  # noqa: E402,F401
+from .integrations.hf import convert_to_sqa, patch, unpatch  # noqa: E402,F401
 from .ops.attention import sparse_attention
-from .ops.mask import AttentionMask
 from .ops.cross_entropy import LinearCrossEntropyOutput, linear_cross_entropy
 from .ops.hadamard import hadamard_matrix, hadamard_transform
+from .ops.mask import AttentionMask
 from .ops.quant import dequantize, quantize, quantize_weight, rotate_fake_quant
-from . import nn  # noqa: E402,F401
-from . import quant  # noqa: E402,F401
-from . import train  # noqa: E402,F401
 from .train.sparse_delta import sparsify  # noqa: E402,F401
-from .integrations.hf import convert_to_sqa, patch, unpatch  # noqa: E402,F401
-from . import recipes  # noqa: E402,F401
-from . import compat  # noqa: E402,F401
-from . import config  # noqa: E402,F401
-from .config import apply  # noqa: E402,F401
 
-__all__ = ["sparse_attention", "AttentionMask", "linear_cross_entropy", "LinearCrossEntropyOutput", "hadamard_transform", "hadamard_matrix", "rotate_fake_quant", "quantize", "dequantize",
-           "quantize_weight", "nn", "quant", "train", "sparsify", "ops", "reference", "has_cuda_kernels", "has_emulator",
-           "patch", "unpatch", "convert_to_sqa", "recipes", "compat", "config", "apply"]
+__all__ = [
+    "sparse_attention",
+    "AttentionMask",
+    "linear_cross_entropy",
+    "LinearCrossEntropyOutput",
+    "hadamard_transform",
+    "hadamard_matrix",
+    "rotate_fake_quant",
+    "quantize",
+    "dequantize",
+    "quantize_weight",
+    "nn",
+    "quant",
+    "train",
+    "sparsify",
+    "ops",
+    "reference",
+    "has_cuda_kernels",
+    "has_emulator",
+    "patch",
+    "unpatch",
+    "convert_to_sqa",
+    "recipes",
+    "compat",
+    "config",
+    "apply",
+]
 
 
 def has_cuda_kernels() -> bool:
@@ -36,5 +64,6 @@ def has_cuda_kernels() -> bool:
 
 def has_emulator() -> bool:
     """True when this build carries the CPU emulator of the CUDA kernels (torch.ops.longtune_emu)."""
-    return hasattr(torch.ops, "longtune_emu") and hasattr(torch.ops.longtune_emu,
-                                                          "hadamard_transform")
+    return hasattr(torch.ops, "longtune_emu") and hasattr(
+        torch.ops.longtune_emu, "hadamard_transform"
+    )

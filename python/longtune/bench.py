@@ -7,6 +7,7 @@ every option.
 The suite is the ``benchmarks`` package of a longtune source checkout (its baselines live there
 too). It is imported as installed or from the working directory, else from the checkout this
 ``longtune`` is imported from (an in-tree or editable build)."""
+
 from __future__ import annotations
 
 import importlib
@@ -25,9 +26,13 @@ def _load_benchmarks():
     pkg = Path(__file__).resolve().parents[2] / "benchmarks"  # <checkout>/python/longtune/bench.py
     init = pkg / "__init__.py"
     if not init.is_file():
-        raise SystemExit("longtune.bench: the benchmark suite (the `benchmarks` package of a longtune source checkout) "
-                         "was not found; run from the repository root, or use an in-tree / editable install")
-    spec = importlib.util.spec_from_file_location("benchmarks", init, submodule_search_locations=[str(pkg)])
+        raise SystemExit(
+            "longtune.bench: the benchmark suite (the `benchmarks` package of a longtune source checkout) "
+            "was not found; run from the repository root, or use an in-tree / editable install"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks", init, submodule_search_locations=[str(pkg)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["benchmarks"] = module
     spec.loader.exec_module(module)

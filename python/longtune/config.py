@@ -24,6 +24,7 @@ same setup. Applying the same configs again changes nothing.
 This module imports only the standard library; transformers / peft are imported when a config is
 applied.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,9 +33,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["AttentionConfig", "FusedCrossEntropyConfig", "LongLoRAConfig", "SparseDeltaConfig", "S2FTConfig",
-           "RoSTEConfig", "ChunkwiseConfig", "apply", "applied", "get_config", "chunkwise_backward",
-           "CONFIG_TYPES", "RECORD_KEY"]
+__all__ = [
+    "AttentionConfig",
+    "FusedCrossEntropyConfig",
+    "LongLoRAConfig",
+    "SparseDeltaConfig",
+    "S2FTConfig",
+    "RoSTEConfig",
+    "ChunkwiseConfig",
+    "apply",
+    "applied",
+    "get_config",
+    "chunkwise_backward",
+    "CONFIG_TYPES",
+    "RECORD_KEY",
+]
 
 RECORD_KEY = "longtune_apply"  # model.config attribute holding the applied configs (a JSON-serialisable list)
 
@@ -61,6 +74,7 @@ class AttentionConfig:
     ``kind="lambda"``: LM-Infinite's Lambda-mask (``n_global`` first tokens + a ``window``, rotary
     distance capped when ``cap_distance``), for inference beyond the trained length only.
     ``strict=False`` tries model families outside the tested list."""
+
     kind: str = "s2"
     group_size_ratio: float = 0.25
     group_size: Optional[int] = None
@@ -73,23 +87,51 @@ class AttentionConfig:
 
     def __post_init__(self):
         n = "AttentionConfig"
-        _check(self.kind in ("s2", "causal", "lambda"), n,
-               f"kind must be 's2', 'causal' or 'lambda', got {self.kind!r}")
-        _check(isinstance(self.group_size_ratio, (int, float)) and 0 < self.group_size_ratio <= 1, n,
-               f"group_size_ratio must be in (0, 1], got {self.group_size_ratio!r}")
-        _check(self.group_size is None or (_is_int(self.group_size) and self.group_size >= 1), n,
-               f"group_size must be a positive int or None, got {self.group_size!r}")
-        _check(self.s2_mode in ("leakfree", "longlora_roll"), n,
-               f"s2_mode must be 'leakfree' or 'longlora_roll', got {self.s2_mode!r}")
-        _check(_is_int(self.window) and self.window >= 1, n, f"window must be an int >= 1, got {self.window!r}")
-        _check(_is_int(self.n_global) and self.n_global >= 0, n, f"n_global must be an int >= 0, got {self.n_global!r}")
+        _check(
+            self.kind in ("s2", "causal", "lambda"),
+            n,
+            f"kind must be 's2', 'causal' or 'lambda', got {self.kind!r}",
+        )
+        _check(
+            isinstance(self.group_size_ratio, (int, float)) and 0 < self.group_size_ratio <= 1,
+            n,
+            f"group_size_ratio must be in (0, 1], got {self.group_size_ratio!r}",
+        )
+        _check(
+            self.group_size is None or (_is_int(self.group_size) and self.group_size >= 1),
+            n,
+            f"group_size must be a positive int or None, got {self.group_size!r}",
+        )
+        _check(
+            self.s2_mode in ("leakfree", "longlora_roll"),
+            n,
+            f"s2_mode must be 'leakfree' or 'longlora_roll', got {self.s2_mode!r}",
+        )
+        _check(
+            _is_int(self.window) and self.window >= 1,
+            n,
+            f"window must be an int >= 1, got {self.window!r}",
+        )
+        _check(
+            _is_int(self.n_global) and self.n_global >= 0,
+            n,
+            f"n_global must be an int >= 0, got {self.n_global!r}",
+        )
 
     def patch_options(self) -> dict:
         if self.kind == "s2":
-            return {"group_size_ratio": float(self.group_size_ratio), "mode": self.s2_mode,
-                    "s2_in_eval": bool(self.s2_in_eval), "group_size": self.group_size}
+            return {
+                "group_size_ratio": float(self.group_size_ratio),
+                "mode": self.s2_mode,
+                "s2_in_eval": bool(self.s2_in_eval),
+                "group_size": self.group_size,
+            }
         if self.kind == "lambda":
-            return {"window": self.window, "n_global": self.n_global, "cap_distance": bool(self.cap_distance)}
+            return {
+                "window": self.window,
+                "n_global": self.n_global,
+                "cap_distance": bool(self.cap_distance),
+            }
         return {}
 
 
@@ -108,6 +150,7 @@ class LongLoRAConfig:
     ``use_dora``) on ``target_modules``, and the modules named by ``trainable`` (embeddings, norms)
     trained in full. S^2-Attn comes from an :class:`AttentionConfig` (``apply`` adds
     ``AttentionConfig(kind="s2")`` when none is given). ``apply`` returns the peft model."""
+
     target_context: int = 0
     lora_r: int = 8
     lora_alpha: int = 16
@@ -120,13 +163,27 @@ class LongLoRAConfig:
     def __post_init__(self):
         n = "LongLoRAConfig"
         self.target_modules, self.trainable = tuple(self.target_modules), tuple(self.trainable)
-        _check(_is_int(self.target_context) and self.target_context >= 1, n,
-               f"target_context must be an int >= 1 (the context length to train for), got {self.target_context!r}")
-        _check(_is_int(self.lora_r) and self.lora_r >= 1, n, f"lora_r must be an int >= 1, got {self.lora_r!r}")
-        _check(0 <= self.lora_dropout < 1, n, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check(
+            _is_int(self.target_context) and self.target_context >= 1,
+            n,
+            f"target_context must be an int >= 1 (the context length to train for), got {self.target_context!r}",
+        )
+        _check(
+            _is_int(self.lora_r) and self.lora_r >= 1,
+            n,
+            f"lora_r must be an int >= 1, got {self.lora_r!r}",
+        )
+        _check(
+            0 <= self.lora_dropout < 1,
+            n,
+            f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}",
+        )
         _check(len(self.target_modules) > 0, n, "target_modules must name at least one module")
-        _check(self.rope_type in ("linear", "dynamic", "yarn"), n,
-               f"rope_type must be 'linear', 'dynamic' or 'yarn', got {self.rope_type!r}")
+        _check(
+            self.rope_type in ("linear", "dynamic", "yarn"),
+            n,
+            f"rope_type must be 'linear', 'dynamic' or 'yarn', got {self.rope_type!r}",
+        )
 
 
 @dataclass
@@ -137,6 +194,7 @@ class SparseDeltaConfig:
     prune / regrow schedule (``SpIELScheduler``: ``window``, ``drop_fraction``, ``decay``,
     ``total_steps``, ``growth``), which :class:`~longtune.integrations.trainer.LongtuneTrainer`
     runs after every optimizer step."""
+
     density: float = 0.01
     target_modules: Union[tuple, str, None] = None
     seed: Optional[int] = None
@@ -151,21 +209,43 @@ class SparseDeltaConfig:
         n = "SparseDeltaConfig"
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
-        _check(isinstance(self.density, (int, float)) and 0 < self.density <= 1, n,
-               f"density must be in (0, 1], got {self.density!r}")
-        _check(self.update_every is None or (_is_int(self.update_every) and self.update_every >= 1), n,
-               f"update_every must be a positive int or None, got {self.update_every!r}")
+        _check(
+            isinstance(self.density, (int, float)) and 0 < self.density <= 1,
+            n,
+            f"density must be in (0, 1], got {self.density!r}",
+        )
+        _check(
+            self.update_every is None or (_is_int(self.update_every) and self.update_every >= 1),
+            n,
+            f"update_every must be a positive int or None, got {self.update_every!r}",
+        )
         if self.update_every is not None:
-            _check(_is_int(self.window) and 1 <= self.window <= self.update_every, n,
-                   f"window must be in [1, update_every={self.update_every}], got {self.window!r}")
-        _check(0 <= self.drop_fraction <= 1, n, f"drop_fraction must be in [0, 1], got {self.drop_fraction!r}")
-        _check(self.decay in ("cosine", "linear", "constant"), n,
-               f"decay must be 'cosine', 'linear' or 'constant', got {self.decay!r}")
+            _check(
+                _is_int(self.window) and 1 <= self.window <= self.update_every,
+                n,
+                f"window must be in [1, update_every={self.update_every}], got {self.window!r}",
+            )
+        _check(
+            0 <= self.drop_fraction <= 1,
+            n,
+            f"drop_fraction must be in [0, 1], got {self.drop_fraction!r}",
+        )
+        _check(
+            self.decay in ("cosine", "linear", "constant"),
+            n,
+            f"decay must be 'cosine', 'linear' or 'constant', got {self.decay!r}",
+        )
         _check(self.growth in ("ag", "ma"), n, f"growth must be 'ag' or 'ma', got {self.growth!r}")
 
     def scheduler_options(self) -> dict:
-        return {"update_every": self.update_every, "window": self.window, "drop_fraction": self.drop_fraction,
-                "decay": self.decay, "total_steps": self.total_steps, "growth": self.growth}
+        return {
+            "update_every": self.update_every,
+            "window": self.window,
+            "drop_fraction": self.drop_fraction,
+            "decay": self.decay,
+            "total_steps": self.total_steps,
+            "growth": self.growth,
+        }
 
 
 @dataclass
@@ -173,14 +253,18 @@ class S2FTConfig:
     """S^2FT (``longtune.train.s2ft.select_and_permute``): ``head_ratio`` of the key/value heads and
     ``channel_ratio`` of the FFN channels per block trainable, picked with ``seed``; ``fuse_mlp``
     fuses SiLU-gated MLPs into one autograd function."""
+
     head_ratio: float = 0.03
     channel_ratio: float = 0.03
     seed: int = 0
     fuse_mlp: bool = True
 
     def __post_init__(self):
-        _check(0 < self.head_ratio <= 1 and 0 < self.channel_ratio <= 1, "S2FTConfig",
-               f"head_ratio and channel_ratio must be in (0, 1], got {self.head_ratio!r} and {self.channel_ratio!r}")
+        _check(
+            0 < self.head_ratio <= 1 and 0 < self.channel_ratio <= 1,
+            "S2FTConfig",
+            f"head_ratio and channel_ratio must be in (0, 1], got {self.head_ratio!r} and {self.channel_ratio!r}",
+        )
 
 
 @dataclass
@@ -190,6 +274,7 @@ class RoSTEConfig:
     the R1 rotation and its seed, and per-layer R2/R3/R4 switches
     (``layers={"<i>": {"r2": bool, "r3": bool, "r4": bool}}``, e.g. from
     ``longtune.quant.search_rotation_config``)."""
+
     w_bits: int | None = 4
     a_bits: int | None = 4
     kv_bits: int | None = 4
@@ -229,6 +314,7 @@ class ChunkwiseConfig:
     ``full_loss=False`` (SpaCO) reports the unbiased loss estimate and skips the head of the
     chunks that are not drawn. Applying it only records it: the training loop
     (:class:`~longtune.integrations.trainer.LongtuneTrainer`, or :func:`chunkwise_backward`) runs it."""
+
     method: str = "seco"
     chunk_size: int = 0
     budget: Optional[int] = None
@@ -238,26 +324,56 @@ class ChunkwiseConfig:
 
     def __post_init__(self):
         n = "ChunkwiseConfig"
-        _check(self.method in ("seco", "spaco"), n, f"method must be 'seco' or 'spaco', got {self.method!r}")
-        _check(_is_int(self.chunk_size) and self.chunk_size >= 1, n,
-               f"chunk_size must be an int >= 1 (tokens per chunk), got {self.chunk_size!r}")
+        _check(
+            self.method in ("seco", "spaco"),
+            n,
+            f"method must be 'seco' or 'spaco', got {self.method!r}",
+        )
+        _check(
+            _is_int(self.chunk_size) and self.chunk_size >= 1,
+            n,
+            f"chunk_size must be an int >= 1 (tokens per chunk), got {self.chunk_size!r}",
+        )
         if self.method == "spaco":
-            _check(_is_int(self.budget) and self.budget >= 1, n,
-                   f"method='spaco' needs budget (the number of chunks backpropagated) as an int >= 1, "
-                   f"got {self.budget!r}")
+            _check(
+                _is_int(self.budget) and self.budget >= 1,
+                n,
+                f"method='spaco' needs budget (the number of chunks backpropagated) as an int >= 1, "
+                f"got {self.budget!r}",
+            )
         else:
-            _check(self.budget is None, n, f"method='seco' backpropagates every chunk; budget must be None, "
-                   f"got {self.budget!r} (use method='spaco')")
-        _check(self.cap is None or self.cap > 0, n, f"cap must be positive or None, got {self.cap!r}")
+            _check(
+                self.budget is None,
+                n,
+                f"method='seco' backpropagates every chunk; budget must be None, "
+                f"got {self.budget!r} (use method='spaco')",
+            )
+        _check(
+            self.cap is None or self.cap > 0, n, f"cap must be positive or None, got {self.cap!r}"
+        )
 
 
-CONFIG_TYPES = (AttentionConfig, FusedCrossEntropyConfig, LongLoRAConfig, SparseDeltaConfig, S2FTConfig, RoSTEConfig,
-                ChunkwiseConfig)
+CONFIG_TYPES = (
+    AttentionConfig,
+    FusedCrossEntropyConfig,
+    LongLoRAConfig,
+    SparseDeltaConfig,
+    S2FTConfig,
+    RoSTEConfig,
+    ChunkwiseConfig,
+)
 _BY_NAME = {c.__name__: c for c in CONFIG_TYPES}
 # the order in which apply() applies them: weights first (RoSTE on the plain model), then the
 # trainable selection, then LoRA, then the runtime patches
-_ORDER = (RoSTEConfig, S2FTConfig, SparseDeltaConfig, LongLoRAConfig, AttentionConfig, FusedCrossEntropyConfig,
-          ChunkwiseConfig)
+_ORDER = (
+    RoSTEConfig,
+    S2FTConfig,
+    SparseDeltaConfig,
+    LongLoRAConfig,
+    AttentionConfig,
+    FusedCrossEntropyConfig,
+    ChunkwiseConfig,
+)
 _TRAINABLE = (LongLoRAConfig, SparseDeltaConfig, S2FTConfig)
 
 
@@ -274,8 +390,10 @@ def _from_record(rec: dict):
     rec = dict(rec)
     name = rec.pop("type", None)
     if name not in _BY_NAME:
-        raise ValueError(f"longtune.apply: model.config.{RECORD_KEY} holds an unknown config type {name!r}; "
-                         f"known: {sorted(_BY_NAME)}")
+        raise ValueError(
+            f"longtune.apply: model.config.{RECORD_KEY} holds an unknown config type {name!r}; "
+            f"known: {sorted(_BY_NAME)}"
+        )
     return _BY_NAME[name](**rec)
 
 
@@ -309,42 +427,66 @@ def _validate(model, base, configs: dict) -> None:
     chunk = configs.get(ChunkwiseConfig)
     trainable = [c.__name__ for c in _TRAINABLE if c in configs]
     if len(trainable) > 1:
-        raise ValueError(f"longtune.apply: {' and '.join(trainable)} both choose the trainable parameters; "
-                         "apply one of them")
+        raise ValueError(
+            f"longtune.apply: {' and '.join(trainable)} both choose the trainable parameters; "
+            "apply one of them"
+        )
     if RoSTEConfig in configs and (SparseDeltaConfig in configs or S2FTConfig in configs):
         other = "SparseDeltaConfig" if SparseDeltaConfig in configs else "S2FTConfig"
-        raise ValueError(f"longtune.apply: RoSTEConfig with {other} is not supported (the quantized "
-                         "RotatedQuantLinear projections cannot carry sparse deltas or an S2FT selection); "
-                         "combine RoSTE with LongLoRAConfig or train the quantized model in full")
+        raise ValueError(
+            f"longtune.apply: RoSTEConfig with {other} is not supported (the quantized "
+            "RotatedQuantLinear projections cannot carry sparse deltas or an S2FT selection); "
+            "combine RoSTE with LongLoRAConfig or train the quantized model in full"
+        )
     stored = dict(getattr(base.config, "longtune_patch", None) or {})
     kind = att.kind if att is not None else stored.get("attention")
     mode = att.s2_mode if att is not None else stored.get("mode")
     if kind == "lambda":
         training = [c.__name__ for c in (ChunkwiseConfig, *_TRAINABLE) if c in configs]
         if training:
-            raise ValueError(f"longtune.apply: AttentionConfig(kind='lambda') is for inference only (LM-Infinite "
-                             f"generation beyond the trained length) and cannot be combined with "
-                             f"{', '.join(training)}; train with kind='s2' or 'causal'")
+            raise ValueError(
+                f"longtune.apply: AttentionConfig(kind='lambda') is for inference only (LM-Infinite "
+                f"generation beyond the trained length) and cannot be combined with "
+                f"{', '.join(training)}; train with kind='s2' or 'causal'"
+            )
     if chunk is not None and kind == "s2" and mode == "longlora_roll":
-        raise ValueError("longtune.apply: ChunkwiseConfig with AttentionConfig(s2_mode='longlora_roll') is refused: "
-                         "its last shifted group wraps around to the end of the sequence, which a chunk has not "
-                         "seen yet; use s2_mode='leakfree' or train without ChunkwiseConfig")
-    if att is not None and att.strict and getattr(base.config, "model_type", None) not in hf.SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"longtune.apply: AttentionConfig: model_type {getattr(base.config, 'model_type', None)!r} "
-                         f"is not one of the tested families {hf.SUPPORTED_MODEL_TYPES}; pass "
-                         "AttentionConfig(strict=False) to try anyway")
+        raise ValueError(
+            "longtune.apply: ChunkwiseConfig with AttentionConfig(s2_mode='longlora_roll') is refused: "
+            "its last shifted group wraps around to the end of the sequence, which a chunk has not "
+            "seen yet; use s2_mode='leakfree' or train without ChunkwiseConfig"
+        )
+    if (
+        att is not None
+        and att.strict
+        and getattr(base.config, "model_type", None) not in hf.SUPPORTED_MODEL_TYPES
+    ):
+        raise ValueError(
+            f"longtune.apply: AttentionConfig: model_type {getattr(base.config, 'model_type', None)!r} "
+            f"is not one of the tested families {hf.SUPPORTED_MODEL_TYPES}; pass "
+            "AttentionConfig(strict=False) to try anyway"
+        )
     if att is not None and not list(hf._attention_modules(base)):
-        raise ValueError("longtune.apply: AttentionConfig: the model has no attention modules with q_proj (or "
-                         "qkv_proj), o_proj and layer_idx")
+        raise ValueError(
+            "longtune.apply: AttentionConfig: the model has no attention modules with q_proj (or "
+            "qkv_proj), o_proj and layer_idx"
+        )
     if FusedCrossEntropyConfig in configs:
         if not hasattr(base, "lm_head") or not hasattr(base, "model"):
-            raise ValueError("longtune.apply: FusedCrossEntropyConfig needs a *ForCausalLM with lm_head and model")
+            raise ValueError(
+                "longtune.apply: FusedCrossEntropyConfig needs a *ForCausalLM with lm_head and model"
+            )
         lora = configs.get(LongLoRAConfig)
-        if lora is not None and "lm_head" in lora.target_modules and (lora.lora_dropout > 0 or lora.use_dora):
+        if (
+            lora is not None
+            and "lm_head" in lora.target_modules
+            and (lora.lora_dropout > 0 or lora.use_dora)
+        ):
             what = "LoRA dropout" if lora.lora_dropout > 0 else "DoRA"
-            raise ValueError(f"longtune.apply: FusedCrossEntropyConfig with LongLoRAConfig targeting lm_head with "
-                             f"{what} is refused: the fused loss needs the head to be a weight-space update "
-                             "(set lora_dropout=0 / use_dora=False, or leave lm_head out of target_modules)")
+            raise ValueError(
+                f"longtune.apply: FusedCrossEntropyConfig with LongLoRAConfig targeting lm_head with "
+                f"{what} is refused: the fused loss needs the head to be a weight-space update "
+                "(set lora_dropout=0 / use_dora=False, or leave lm_head out of target_modules)"
+            )
         import torch
 
         try:
@@ -404,8 +546,10 @@ def apply(model, *configs):
     base = hf_model(model, "longtune.apply")
     for c in configs:
         if not isinstance(c, CONFIG_TYPES):
-            raise TypeError(f"longtune.apply: expected configs from longtune.config ({', '.join(_BY_NAME)}), "
-                            f"got {type(c).__name__}")
+            raise TypeError(
+                f"longtune.apply: expected configs from longtune.config ({', '.join(_BY_NAME)}), "
+                f"got {type(c).__name__}"
+            )
     new: dict = {}
     for c in configs:
         if type(c) in new:
@@ -413,18 +557,28 @@ def apply(model, *configs):
         new[type(c)] = c
     recorded = {type(c): c for c in applied(model)}
     if not configs and not recorded:
-        raise ValueError("longtune.apply: pass one or more configs (AttentionConfig, FusedCrossEntropyConfig, "
-                         "LongLoRAConfig, SparseDeltaConfig, S2FTConfig, RoSTEConfig, ChunkwiseConfig); the model "
-                         f"carries no recorded configs (model.config.{RECORD_KEY}) to re-apply")
+        raise ValueError(
+            "longtune.apply: pass one or more configs (AttentionConfig, FusedCrossEntropyConfig, "
+            "LongLoRAConfig, SparseDeltaConfig, S2FTConfig, RoSTEConfig, ChunkwiseConfig); the model "
+            f"carries no recorded configs (model.config.{RECORD_KEY}) to re-apply"
+        )
     for cls in (RoSTEConfig, S2FTConfig, SparseDeltaConfig, LongLoRAConfig):
-        if cls in new and cls in recorded and asdict(new[cls]) != asdict(recorded[cls]) and \
-                _present(model, base, cls):
-            raise ValueError(f"longtune.apply: the model already has {cls.__name__} applied with other settings "
-                             f"({recorded[cls]}); a weight transform cannot be changed in place, start from the "
-                             "original model")
+        if (
+            cls in new
+            and cls in recorded
+            and asdict(new[cls]) != asdict(recorded[cls])
+            and _present(model, base, cls)
+        ):
+            raise ValueError(
+                f"longtune.apply: the model already has {cls.__name__} applied with other settings "
+                f"({recorded[cls]}); a weight transform cannot be changed in place, start from the "
+                "original model"
+            )
     if RoSTEConfig in new and RoSTEConfig not in recorded and _present(model, base, RoSTEConfig):
         if asdict(base.longtune_roste_config) != asdict(new[RoSTEConfig]):
-            raise ValueError("longtune.apply: the model is already RoSTE-prepared with another configuration")
+            raise ValueError(
+                "longtune.apply: the model is already RoSTE-prepared with another configuration"
+            )
     eff = {**recorded, **new}
     if LongLoRAConfig in eff and AttentionConfig not in eff:
         eff[AttentionConfig] = AttentionConfig(kind="s2")
@@ -442,8 +596,13 @@ def apply(model, *configs):
         elif cls is S2FTConfig and not _present(model, base, cls):
             from .train.s2ft import select_and_permute
 
-            select_and_permute(base, head_ratio=cfg.head_ratio, channel_ratio=cfg.channel_ratio, seed=cfg.seed,
-                               fuse_mlp=cfg.fuse_mlp)
+            select_and_permute(
+                base,
+                head_ratio=cfg.head_ratio,
+                channel_ratio=cfg.channel_ratio,
+                seed=cfg.seed,
+                fuse_mlp=cfg.fuse_mlp,
+            )
         elif cls is SparseDeltaConfig and not _present(model, base, cls):
             from .train.sparse_delta import sparsify
 
@@ -451,10 +610,18 @@ def apply(model, *configs):
         elif cls is LongLoRAConfig and not _present(model, base, cls):
             from .recipes import longlora
 
-            model, _ = longlora(model, cfg.target_context, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
-                                trainable=cfg.trainable, rope_type=cfg.rope_type, patch_attention=False,
-                                lora_config_kwargs={"use_dora": True} if cfg.use_dora else None)
+            model, _ = longlora(
+                model,
+                cfg.target_context,
+                lora_r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=cfg.target_modules,
+                trainable=cfg.trainable,
+                rope_type=cfg.rope_type,
+                patch_attention=False,
+                lora_config_kwargs={"use_dora": True} if cfg.use_dora else None,
+            )
             base = hf_model(model, "longtune.apply")
         elif cls is AttentionConfig:
             patch(model, attention=cfg.kind, strict=cfg.strict, **cfg.patch_options())
@@ -465,8 +632,16 @@ def apply(model, *configs):
 
 
 # ------------------------------------------------------------------ chunk-wise training
-def chunkwise_backward(model, input_ids, labels, *, attention_mask=None, num_items_in_batch=None, generator=None,
-                       config: Optional[ChunkwiseConfig] = None):
+def chunkwise_backward(
+    model,
+    input_ids,
+    labels,
+    *,
+    attention_mask=None,
+    num_items_in_batch=None,
+    generator=None,
+    config: Optional[ChunkwiseConfig] = None,
+):
     """``longtune.train.seco_backward`` with the model's applied :class:`ChunkwiseConfig` (or
     ``config``): accumulates the gradient of the causal-LM loss into ``.grad`` and returns the
     detached loss. SpaCO draws from ``generator`` (default: seeded with the config's ``seed``)."""
@@ -474,15 +649,28 @@ def chunkwise_backward(model, input_ids, labels, *, attention_mask=None, num_ite
 
     cfg = config if config is not None else get_config(model, ChunkwiseConfig)
     if cfg is None:
-        raise ValueError("longtune.config.chunkwise_backward: the model has no ChunkwiseConfig applied; "
-                         "longtune.apply(model, ChunkwiseConfig(...)) or pass config=")
+        raise ValueError(
+            "longtune.config.chunkwise_backward: the model has no ChunkwiseConfig applied; "
+            "longtune.apply(model, ChunkwiseConfig(...)) or pass config="
+        )
     if cfg.method == "spaco" and generator is None:
         import torch
 
         generator = torch.Generator().manual_seed(cfg.seed)
     n = input_ids.shape[-1]
     chunk = min(cfg.chunk_size, n)
-    budget = None if cfg.budget is None else min(cfg.budget, -(-n // chunk))  # short sequences: every chunk
-    return seco_backward(model, input_ids, labels, chunk_size=chunk, budget=budget, cap=cfg.cap,
-                         attention_mask=attention_mask, generator=generator, num_items_in_batch=num_items_in_batch,
-                         full_loss=cfg.full_loss)
+    budget = (
+        None if cfg.budget is None else min(cfg.budget, -(-n // chunk))
+    )  # short sequences: every chunk
+    return seco_backward(
+        model,
+        input_ids,
+        labels,
+        chunk_size=chunk,
+        budget=budget,
+        cap=cfg.cap,
+        attention_mask=attention_mask,
+        generator=generator,
+        num_items_in_batch=num_items_in_batch,
+        full_loss=cfg.full_loss,
+    )

@@ -5,6 +5,7 @@ new context, LoRA (peft) on the attention projections, embeddings and norms trai
 finding: LoRA alone does not adapt to long context), and S^2-Attn in training (full attention in
 eval) through ``longtune.patch(model, attention="s2")``.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -39,11 +40,21 @@ def _rope_interpolate(model, target_context: int, rope_type: str) -> float:
     return factor
 
 
-def longlora(model, target_context: int, *, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-             target_modules: Iterable[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-             trainable: Iterable[str] = ("embed_tokens", "norm"), rope_type: str = "linear",
-             group_size_ratio: float = 0.25, mode: str = "leakfree", patch_attention: bool = True,
-             lora_config_kwargs: Optional[dict] = None):
+def longlora(
+    model,
+    target_context: int,
+    *,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: Iterable[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    trainable: Iterable[str] = ("embed_tokens", "norm"),
+    rope_type: str = "linear",
+    group_size_ratio: float = 0.25,
+    mode: str = "leakfree",
+    patch_attention: bool = True,
+    lora_config_kwargs: Optional[dict] = None,
+):
     """LongLoRA: returns ``(peft_model, summary)``.
 
     - rotary position interpolation: ``rope_type="linear"`` with factor target_context / the
@@ -62,18 +73,31 @@ def longlora(model, target_context: int, *, lora_r: int = 8, lora_alpha: int = 1
         raise ValueError(f"longlora: target_context must be >= 1, got {target_context}")
     base = hf_model(model, "longtune.recipes.longlora")
     if not list(attention_modules(base)):
-        raise ValueError("longlora: the model has no attention modules with q_proj / o_proj (Llama, Qwen2, Mistral)")
+        raise ValueError(
+            "longlora: the model has no attention modules with q_proj / o_proj (Llama, Qwen2, Mistral)"
+        )
     target_modules = list(target_modules)
     present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
     missing = [t for t in target_modules if t not in present]
     if missing:
-        raise ValueError(f"longlora: target_modules {missing} match no module of {type(base).__name__} (e.g. Phi-3 "
-                         "fuses q/k/v into qkv_proj: pass target_modules=('qkv_proj', 'o_proj'))")
+        raise ValueError(
+            f"longlora: target_modules {missing} match no module of {type(base).__name__} (e.g. Phi-3 "
+            "fuses q/k/v into qkv_proj: pass target_modules=('qkv_proj', 'o_proj'))"
+        )
     factor = _rope_interpolate(base, target_context, rope_type)
     trainable = tuple(trainable)
-    names = sorted({n.rsplit(".", 1)[-1] for n, _ in base.named_modules() if n and n.endswith(trainable)})
-    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                     modules_to_save=names or None, task_type="CAUSAL_LM", **(lora_config_kwargs or {}))
+    names = sorted(
+        {n.rsplit(".", 1)[-1] for n, _ in base.named_modules() if n and n.endswith(trainable)}
+    )
+    cfg = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=names or None,
+        task_type="CAUSAL_LM",
+        **(lora_config_kwargs or {}),
+    )
     peft_model = get_peft_model(base, cfg)
     if patch_attention:
         patch(peft_model, attention="s2", group_size_ratio=group_size_ratio, mode=mode)
@@ -84,9 +108,23 @@ def longlora(model, target_context: int, *, lora_r: int = 8, lora_alpha: int = 1
         if not p.requires_grad:
             continue
         trainable_n += p.numel()
-        kind = "lora" if "lora_" in n else "embeddings" if "embed" in n else "norms" if "norm" in n else "other"
+        kind = (
+            "lora"
+            if "lora_" in n
+            else "embeddings"
+            if "embed" in n
+            else "norms"
+            if "norm" in n
+            else "other"
+        )
         counts[kind] += p.numel()
-    summary = {"trainable": trainable_n, "total": total, "trainable_fraction": trainable_n / max(total, 1),
-               "by_kind": counts, "rope_factor": factor, "target_context": int(target_context),
-               "attention": getattr(base.config, "longtune_patch", None)}
+    summary = {
+        "trainable": trainable_n,
+        "total": total,
+        "trainable_fraction": trainable_n / max(total, 1),
+        "by_kind": counts,
+        "rope_factor": factor,
+        "target_context": int(target_context),
+        "attention": getattr(base.config, "longtune_patch", None),
+    }
     return peft_model, summary

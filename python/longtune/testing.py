@@ -1,4 +1,5 @@
 """Test helpers: the emulated CUDA kernels and the error rule every kernel test uses."""
+
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,9 @@ def emulated(op: str):
     emulator (csrc/emu), called on CPU tensors. Raises if this build has no emulator."""
     ns = getattr(torch.ops, "longtune_emu", None)
     if ns is None or not hasattr(ns, op):
-        raise RuntimeError(f"longtune was built without the emulator (LONGTUNE_EMU=OFF): no emulated {op}")
+        raise RuntimeError(
+            f"longtune was built without the emulator (LONGTUNE_EMU=OFF): no emulated {op}"
+        )
     return getattr(ns, op)
 
 
@@ -17,13 +20,19 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_within_2x(out: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor, what: str = ""):
+def assert_within_2x(
+    out: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor, what: str = ""
+):
     """The kernel's error against the float64 reference must be at most twice the error of the
     PyTorch reference computed in the same dtype (plus one unit in the last place of the result's
     magnitude, so that exact small cases where PyTorch's error is 0 still compare)."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert out.dtype == torch_same_dtype.dtype, f"{what}: dtype {out.dtype} != {torch_same_dtype.dtype}"
+    assert out.dtype == torch_same_dtype.dtype, (
+        f"{what}: dtype {out.dtype} != {torch_same_dtype.dtype}"
+    )
     err = max_abs_err(out, ref64)
     base = max_abs_err(torch_same_dtype, ref64)
     ulp = torch.finfo(out.dtype).eps * (ref64.abs().max().item() if ref64.numel() else 0.0)
-    assert err <= 2 * base + ulp, f"{what}: kernel error {err:.3e} > 2 x PyTorch error {base:.3e} (+ulp {ulp:.1e})"
+    assert err <= 2 * base + ulp, (
+        f"{what}: kernel error {err:.3e} > 2 x PyTorch error {base:.3e} (+ulp {ulp:.1e})"
+    )

@@ -1,5 +1,6 @@
 """The sparse-attention CUDA kernels on a real GPU (skipped without one): the emulated tests' cases
 plus larger shapes against the float64 reference (2x rule), and torch.library.opcheck."""
+
 import math
 
 import pytest
@@ -35,7 +36,15 @@ def test_query_chunk_equals_tail_rows():
     args = (None, None, None, 0, 0, 0.125, AttentionMask(window_left=256).to_list())
     out, lse = OPS.sparse_attention_fwd(q, q, q, *args)
     tail = q[:, -1024:].contiguous()
-    targs = (None, None, None, 0, 0, 0.125, AttentionMask(window_left=256, q_offset=8192 - 1024).to_list())
+    targs = (
+        None,
+        None,
+        None,
+        0,
+        0,
+        0.125,
+        AttentionMask(window_left=256, q_offset=8192 - 1024).to_list(),
+    )
     o2, l2 = OPS.sparse_attention_fwd(tail, q, q, *targs)
     torch.testing.assert_close(out[:, -1024:], o2, rtol=0, atol=0)
     torch.testing.assert_close(lse[:, :, -1024:], l2, rtol=0, atol=0)
@@ -44,6 +53,7 @@ def test_query_chunk_equals_tail_rows():
 def _has_fake(op):
     try:
         from torch._library.simple_registry import singleton
+
         return singleton.find(f"longtune::{op}").fake_impl.kernel is not None
     except Exception:  # noqa: BLE001
         return False
@@ -52,6 +62,7 @@ def _has_fake(op):
 @pytest.mark.parametrize("varlen", [False, True])
 def test_opcheck(varlen):
     import longtune.ops  # noqa: F401  (fake kernels, if registered)
+
     d = 64
     if varlen:
         q = torch.randn(50, 2, d, device="cuda", dtype=torch.bfloat16)
@@ -70,5 +81,8 @@ def test_opcheck(varlen):
     out, lse = OPS.sparse_attention_fwd(q, k, k, *mask, *rest)
     utils = None if _has_fake("sparse_attention_bwd") else ("test_schema",)
     kw = {} if utils is None else {"test_utils": utils}
-    torch.library.opcheck(OPS.sparse_attention_bwd.default, (torch.randn_like(out), q, k, k, out, lse) + mask + rest,
-                          **kw)
+    torch.library.opcheck(
+        OPS.sparse_attention_bwd.default,
+        (torch.randn_like(out), q, k, k, out, lse) + mask + rest,
+        **kw,
+    )

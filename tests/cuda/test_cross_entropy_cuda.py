@@ -1,5 +1,6 @@
 """The fused linear + cross-entropy CUDA kernels on a real GPU (skipped without one): the emulated
 tests' cases plus larger shapes against the float64 reference (2x rule), filter_eps, errors."""
+
 import pytest
 import torch
 
@@ -37,23 +38,48 @@ def test_public_mean_loss_and_grads_on_cuda():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
 def test_filter(dtype):
-    C.check_filter(OPS.linear_cross_entropy_fwd, OPS.linear_cross_entropy_bwd, "cuda",
-                   C.Case(100, 3000, 64, bias=True, eps=0.1), dtype)
+    C.check_filter(
+        OPS.linear_cross_entropy_fwd,
+        OPS.linear_cross_entropy_bwd,
+        "cuda",
+        C.Case(100, 3000, 64, bias=True, eps=0.1),
+        dtype,
+    )
 
 
 def test_empty():
-    C.check_empty(OPS.linear_cross_entropy_fwd, OPS.linear_cross_entropy_bwd, "cuda", torch.bfloat16)
+    C.check_empty(
+        OPS.linear_cross_entropy_fwd, OPS.linear_cross_entropy_bwd, "cuda", torch.bfloat16
+    )
 
 
 def test_matches_emulator():
     c = C.Case(20, 70, 40, bias=True, ignore="some", eps=0.1, z_loss=1e-3, softcap=4.0)
     x, w, b, target, grad = C.make_inputs(c, torch.bfloat16, "cpu")
-    emu = C.run_op(torch.ops.longtune_emu.linear_cross_entropy_fwd, torch.ops.longtune_emu.linear_cross_entropy_bwd,
-                   c, x, w, b, target, grad)
-    dev = C.run_op(OPS.linear_cross_entropy_fwd, OPS.linear_cross_entropy_bwd, c, x.cuda(), w.cuda(), b.cuda(),
-                   target.cuda(), grad.cuda())
+    emu = C.run_op(
+        torch.ops.longtune_emu.linear_cross_entropy_fwd,
+        torch.ops.longtune_emu.linear_cross_entropy_bwd,
+        c,
+        x,
+        w,
+        b,
+        target,
+        grad,
+    )
+    dev = C.run_op(
+        OPS.linear_cross_entropy_fwd,
+        OPS.linear_cross_entropy_bwd,
+        c,
+        x.cuda(),
+        w.cuda(),
+        b.cuda(),
+        target.cuda(),
+        grad.cuda(),
+    )
     for e, d in zip(emu, dev):
-        torch.testing.assert_close(d.cpu().float(), e.float(), rtol=1e-2, atol=1e-3)  # bf16 outputs: an ulp may flip
+        torch.testing.assert_close(
+            d.cpu().float(), e.float(), rtol=1e-2, atol=1e-3
+        )  # bf16 outputs: an ulp may flip
 
 
 def test_errors():

@@ -1,5 +1,6 @@
 """The CUDA kernel of longtune.hadamard_transform on a real GPU (skipped without one): the same
 cases as the emulated tests, plus agreement with the emulator bit for bit where both round once."""
+
 import math
 
 import pytest
@@ -14,7 +15,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 
 
 def _check(x, scale, transpose=False):
-    op = torch.ops.longtune.hadamard_transform_backward if transpose else torch.ops.longtune.hadamard_transform
+    op = (
+        torch.ops.longtune.hadamard_transform_backward
+        if transpose
+        else torch.ops.longtune.hadamard_transform
+    )
     out = op(x, scale)
     ref = R.hadamard_transform(x.double().cpu(), scale, transpose=transpose)
     same = R.hadamard_transform_same_dtype(x, scale, transpose=transpose).cpu()
@@ -56,23 +61,38 @@ def test_matches_emulator(n):
 
 
 def test_many_rows_grid_stride():
-    x = torch.randn(1 << 21, 16, device="cuda", dtype=torch.bfloat16)  # more blocks than the grid cap
+    x = torch.randn(
+        1 << 21, 16, device="cuda", dtype=torch.bfloat16
+    )  # more blocks than the grid cap
     _check(x[:4096], 0.25)
     y = torch.ops.longtune.hadamard_transform(x, 0.25)
-    torch.testing.assert_close(y[-4096:].float().cpu(),
-                               R.hadamard_transform(x[-4096:].double().cpu(), 0.25).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        y[-4096:].float().cpu(),
+        R.hadamard_transform(x[-4096:].double().cpu(), 0.25).float(),
+        rtol=2e-2,
+        atol=2e-2,
+    )
 
 
 def test_autograd_and_compile():
     x = torch.randn(4, 256, device="cuda", requires_grad=True)
-    f = torch.compile(lambda t: torch.ops.longtune.hadamard_transform(t, 0.5).square().sum(), fullgraph=True)
+    f = torch.compile(
+        lambda t: torch.ops.longtune.hadamard_transform(t, 0.5).square().sum(), fullgraph=True
+    )
     f(x).backward()
     y = R.hadamard_transform(x.detach().double().cpu(), 0.5)
-    torch.testing.assert_close(x.grad.cpu().double(), R.hadamard_transform(2 * y, 0.5, transpose=True), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        x.grad.cpu().double(),
+        R.hadamard_transform(2 * y, 0.5, transpose=True),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_bad_input_on_cuda():
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16 on this device"):
-        torch.ops.longtune.hadamard_transform(torch.randn(2, 16, device="cuda", dtype=torch.float64), 1.0)
+        torch.ops.longtune.hadamard_transform(
+            torch.randn(2, 16, device="cuda", dtype=torch.float64), 1.0
+        )
     with pytest.raises(RuntimeError, match="n=92 is not a supported"):
         torch.ops.longtune.hadamard_transform(torch.randn(2, 92, device="cuda"), 1.0)

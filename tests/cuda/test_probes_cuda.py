@@ -1,5 +1,6 @@
 """The real GPU's mma.sync / ldmatrix / shuffle results against the same PTX-derived tables the
 emulator is tested with (skipped without a GPU): a mismatch would mean the emulator is wrong too."""
+
 import pytest
 import torch
 

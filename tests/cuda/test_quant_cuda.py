@@ -1,4 +1,5 @@
 """The rotated-quantization CUDA kernels on a real GPU (skipped without one)."""
+
 import pytest
 import torch
 
@@ -8,13 +9,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 OPS = torch.ops.longtune
 
 
-@pytest.mark.parametrize("case", C.CASES + [(18944, 0, "per_token", 0), (32768, 0, "per_group", 128)])
+@pytest.mark.parametrize(
+    "case", C.CASES + [(18944, 0, "per_token", 0), (32768, 0, "per_group", 128)]
+)
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_equals_rotation_then_reference(case, sym, dtype):
     n, hs, gran, gsz = case
-    C.check_fused_equals_rotation_then_reference(OPS, OPS.hadamard_transform, "cuda", n, hs, gran, gsz, sym, 4, dtype,
-                                                 rows=17)
+    C.check_fused_equals_rotation_then_reference(
+        OPS, OPS.hadamard_transform, "cuda", n, hs, gran, gsz, sym, 4, dtype, rows=17
+    )
 
 
 @pytest.mark.parametrize("case", [C.CASES[1], C.CASES[2], C.CASES[5]])
@@ -27,7 +31,10 @@ def test_ste_backward(case, ste):
 def test_matches_emulator():
     x = torch.randn(5, 2048, dtype=torch.bfloat16)
     args = (4, "per_group", 64, False, 0.9, True, 128, "identity")
-    assert torch.equal(OPS.rotate_fake_quant(x.cuda(), *args).cpu(), torch.ops.longtune_emu.rotate_fake_quant(x, *args))
+    assert torch.equal(
+        OPS.rotate_fake_quant(x.cuda(), *args).cpu(),
+        torch.ops.longtune_emu.rotate_fake_quant(x, *args),
+    )
 
 
 def test_many_rows():
@@ -35,4 +42,7 @@ def test_many_rows():
     y = OPS.rotate_fake_quant(x, 4, "per_token", 0, True, 1.0, True, 0, "identity")
     assert torch.isfinite(y.float()).all()
     tail = x[-8:]
-    assert torch.equal(y[-8:], OPS.rotate_fake_quant(tail.contiguous(), 4, "per_token", 0, True, 1.0, True, 0, "identity"))
+    assert torch.equal(
+        y[-8:],
+        OPS.rotate_fake_quant(tail.contiguous(), 4, "per_token", 0, True, 1.0, True, 0, "identity"),
+    )

@@ -1,4 +1,5 @@
 """The sparse-delta gradient CUDA kernel on a real GPU (skipped without one)."""
+
 import pytest
 import torch
 
@@ -9,7 +10,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,out,inp,density", [(4096, 512, 512, 0.01), (77, 33, 65, 0.5), (1, 8, 8, 1.0)])
+@pytest.mark.parametrize(
+    "T,out,inp,density", [(4096, 512, 512, 0.01), (77, 33, 65, 0.5), (1, 8, 8, 1.0)]
+)
 def test_grad(dtype, T, out, inp, density):
     g = torch.Generator().manual_seed(0)
     gy = torch.randn(T, out, generator=g).to(dtype).cuda()

@@ -4,6 +4,7 @@
 package (``hadamard_transform`` and ``hadamard_transform_12N / _20N / _28N / _40N``) with its
 defaults, its fixed factor matrices and its composition order.
 """
+
 from . import fast_hadamard_transform  # noqa: F401
 
 __all__ = ["fast_hadamard_transform"]

@@ -36,6 +36,7 @@ and the result is rounded once to the input dtype, as in the package. The ``F_m`
 float32 matrix product, so ``torch.set_float32_matmul_precision("high")`` (TF32) on a GPU lowers
 its precision; the package adds and subtracts in full float32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,30 +58,112 @@ __all__ = [
 # F_m[i, j] == -1 (and clear when it is +1). Row 0 of F_12 is therefore 0x002: "+-++++++++++".
 _FACTOR_ROWS = {
     12: (
-        0x002, 0xaab, 0x3c8, 0x96e, 0xf20, 0x5ba,
-        0xc8c, 0x6e6, 0x23c, 0xb96, 0x8f0, 0xe5a,
+        0x002,
+        0xAAB,
+        0x3C8,
+        0x96E,
+        0xF20,
+        0x5BA,
+        0xC8C,
+        0x6E6,
+        0x23C,
+        0xB96,
+        0x8F0,
+        0xE5A,
     ),
     20: (
-        0x933de, 0x2e3bd, 0x5477b, 0xa0ef7, 0x499ef, 0x637c1,
-        0xc6ba2, 0x8d764, 0x1aee8, 0x359f0, 0x0fa53, 0x174a7,
-        0x26d4e, 0x45e9c, 0x83d39, 0xf7a6d, 0xef4fa, 0xdedd5,
-        0xbdf8b, 0x7bf36,
+        0x933DE,
+        0x2E3BD,
+        0x5477B,
+        0xA0EF7,
+        0x499EF,
+        0x637C1,
+        0xC6BA2,
+        0x8D764,
+        0x1AEE8,
+        0x359F0,
+        0x0FA53,
+        0x174A7,
+        0x26D4E,
+        0x45E9C,
+        0x83D39,
+        0xF7A6D,
+        0xEF4FA,
+        0xDEDD5,
+        0xBDF8B,
+        0x7BF36,
     ),
     28: (
-        0xcd69e7e, 0x9ad7c7d, 0x37ab8fb, 0x6d571f7, 0xd8ae3ef, 0xb3587df,
-        0x66b4f3f, 0xb467f43, 0x6acbe87, 0xd593d8e, 0xab27b9c, 0x564f7b8,
-        0xac9aff0, 0x5b31fe1, 0x87fb325, 0x0ff66ca, 0x1decd95, 0x39ddb2a,
-        0x71bf654, 0xe17eca9, 0xc2fd9d2, 0xfcf1299, 0xfbe2532, 0xf7c4ae4,
-        0xef8d549, 0xdf1ea13, 0xbe3d4a6, 0x7e7a94c,
+        0xCD69E7E,
+        0x9AD7C7D,
+        0x37AB8FB,
+        0x6D571F7,
+        0xD8AE3EF,
+        0xB3587DF,
+        0x66B4F3F,
+        0xB467F43,
+        0x6ACBE87,
+        0xD593D8E,
+        0xAB27B9C,
+        0x564F7B8,
+        0xAC9AFF0,
+        0x5B31FE1,
+        0x87FB325,
+        0x0FF66CA,
+        0x1DECD95,
+        0x39DDB2A,
+        0x71BF654,
+        0xE17ECA9,
+        0xC2FD9D2,
+        0xFCF1299,
+        0xFBE2532,
+        0xF7C4AE4,
+        0xEF8D549,
+        0xDF1EA13,
+        0xBE3D4A6,
+        0x7E7A94C,
     ),
     40: (
-        0xffffeffffe, 0x615e4615e4, 0xc2bc8c2bc8, 0x8579285792, 0x0af260af26, 0x15e4c15e4c,
-        0x2bc982bc98, 0x5793057930, 0xaf260af260, 0x5e4c25e4c2, 0xbc984bc984, 0x7930a7930a,
-        0xf2614f2614, 0xe4c2ae4c2a, 0xc9856c9856, 0x930ae930ae, 0x2615e2615e, 0x4c2bc4c2bc,
-        0x9857898578, 0x30af230af2, 0x00001ffffe, 0x9ea1b615e4, 0x3d437c2bc8, 0x7a86d85792,
-        0xf50d90af26, 0xea1b315e4c, 0xd43672bc98, 0xa86cf57930, 0x50d9faf260, 0xa1b3d5e4c2,
-        0x4367bbc984, 0x86cf57930a, 0x0d9ebf2614, 0x1b3d5e4c2a, 0x367a9c9856, 0x6cf51930ae,
-        0xd9ea12615e, 0xb3d434c2bc, 0x67a8798578, 0xcf50d30af2,
+        0xFFFFEFFFFE,
+        0x615E4615E4,
+        0xC2BC8C2BC8,
+        0x8579285792,
+        0x0AF260AF26,
+        0x15E4C15E4C,
+        0x2BC982BC98,
+        0x5793057930,
+        0xAF260AF260,
+        0x5E4C25E4C2,
+        0xBC984BC984,
+        0x7930A7930A,
+        0xF2614F2614,
+        0xE4C2AE4C2A,
+        0xC9856C9856,
+        0x930AE930AE,
+        0x2615E2615E,
+        0x4C2BC4C2BC,
+        0x9857898578,
+        0x30AF230AF2,
+        0x00001FFFFE,
+        0x9EA1B615E4,
+        0x3D437C2BC8,
+        0x7A86D85792,
+        0xF50D90AF26,
+        0xEA1B315E4C,
+        0xD43672BC98,
+        0xA86CF57930,
+        0x50D9FAF260,
+        0xA1B3D5E4C2,
+        0x4367BBC984,
+        0x86CF57930A,
+        0x0D9EBF2614,
+        0x1B3D5E4C2A,
+        0x367A9C9856,
+        0x6CF51930AE,
+        0xD9EA12615E,
+        0xB3D434C2BC,
+        0x67A8798578,
+        0xCF50D30AF2,
     ),
 }
 
@@ -89,15 +172,17 @@ def _decode(rows: tuple[int, ...]) -> torch.Tensor:
     m = len(rows)
     bits = torch.tensor([[(r >> j) & 1 for j in range(m)] for r in rows], dtype=torch.int64)
     F_m = 1 - 2 * bits
-    assert torch.equal(F_m @ F_m.T, m * torch.eye(m, dtype=torch.int64)), f"F_{m} is not a Hadamard matrix"
+    assert torch.equal(F_m @ F_m.T, m * torch.eye(m, dtype=torch.int64)), (
+        f"F_{m} is not a Hadamard matrix"
+    )
     return F_m
 
 
 _FACTORS = {m: _decode(rows) for m, rows in _FACTOR_ROWS.items()}
 
-_MAX_POW2 = 32768       # hadamard_transform: n <= 2^15
-_MIN_INNER = 4          # {m}N forms: the power-of-two part is at least 4 ...
-_MAX_INNER = 1024       # ... and at most 1024 (n <= m * 1024)
+_MAX_POW2 = 32768  # hadamard_transform: n <= 2^15
+_MIN_INNER = 4  # {m}N forms: the power-of-two part is at least 4 ...
+_MAX_INNER = 1024  # ... and at most 1024 (n <= m * 1024)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -120,15 +205,20 @@ def _padded_inner(name: str, n: int, m: int, pad: bool) -> int:
         raise ValueError(f"{name}: the last dimension of x must be at least 1, got {n}")
     P = _next_pow2(max(lo, -(-n // m)))
     if P > hi:
-        raise ValueError(f"{name}: the last dimension of x is {n}; supported sizes are {exact}, "
-                         f"at most {m * hi}")
+        raise ValueError(
+            f"{name}: the last dimension of x is {n}; supported sizes are {exact}, at most {m * hi}"
+        )
     if m * P != n and not pad:
         below = [m * (1 << k) for k in range(hi.bit_length()) if lo * m <= m * (1 << k) < n]
-        msg = (f"{name}: the last dimension of x is {n}, not an exact size ({exact}; nearest: "
-               f"{below[-1] if below else 'none'} below, {m * P} above).")
+        msg = (
+            f"{name}: the last dimension of x is {n}, not an exact size ({exact}; nearest: "
+            f"{below[-1] if below else 'none'} below, {m * P} above)."
+        )
         if name != "hadamard_matrix":
-            msg += (f" Pass pad=True to zero-pad each row to {m * P} and keep the first {n} outputs, "
-                    f"as fast-hadamard-transform does implicitly; that map is not orthogonal.")
+            msg += (
+                f" Pass pad=True to zero-pad each row to {m * P} and keep the first {n} outputs, "
+                f"as fast-hadamard-transform does implicitly; that map is not orthogonal."
+            )
         raise ValueError(msg)
     return P
 
@@ -178,7 +268,9 @@ def hadamard_transform(x: torch.Tensor, scale: float = 1.0, *, pad: bool = False
     return _transform("hadamard_transform", x, scale, 1, pad)
 
 
-def hadamard_transform_12N(x: torch.Tensor, scale: float = 1.0, *, pad: bool = False) -> torch.Tensor:
+def hadamard_transform_12N(
+    x: torch.Tensor, scale: float = 1.0, *, pad: bool = False
+) -> torch.Tensor:
     """``x @ kron(F_12.T, H_{2^k}) * scale``, dim = 12 * 2^k with 2 <= k <= 10 (48 ... 12288).
 
     ``pad=True`` accepts any dim <= 12288: zero-padded to 12 * 2^k (2^k >= 4) and truncated back
@@ -187,7 +279,9 @@ def hadamard_transform_12N(x: torch.Tensor, scale: float = 1.0, *, pad: bool = F
     return _transform("hadamard_transform_12N", x, scale, 12, pad)
 
 
-def hadamard_transform_20N(x: torch.Tensor, scale: float = 1.0, *, pad: bool = False) -> torch.Tensor:
+def hadamard_transform_20N(
+    x: torch.Tensor, scale: float = 1.0, *, pad: bool = False
+) -> torch.Tensor:
     """``x @ kron(F_20.T, H_{2^k}) * scale``, dim = 20 * 2^k with 2 <= k <= 10 (80 ... 20480).
 
     ``pad=True``: as for ``hadamard_transform_12N`` (not orthogonal).
@@ -195,7 +289,9 @@ def hadamard_transform_20N(x: torch.Tensor, scale: float = 1.0, *, pad: bool = F
     return _transform("hadamard_transform_20N", x, scale, 20, pad)
 
 
-def hadamard_transform_28N(x: torch.Tensor, scale: float = 1.0, *, pad: bool = False) -> torch.Tensor:
+def hadamard_transform_28N(
+    x: torch.Tensor, scale: float = 1.0, *, pad: bool = False
+) -> torch.Tensor:
     """``x @ kron(F_28.T, H_{2^k}) * scale``, dim = 28 * 2^k with 2 <= k <= 10 (112 ... 28672).
 
     ``pad=True``: as for ``hadamard_transform_12N`` (not orthogonal).
@@ -203,7 +299,9 @@ def hadamard_transform_28N(x: torch.Tensor, scale: float = 1.0, *, pad: bool = F
     return _transform("hadamard_transform_28N", x, scale, 28, pad)
 
 
-def hadamard_transform_40N(x: torch.Tensor, scale: float = 1.0, *, pad: bool = False) -> torch.Tensor:
+def hadamard_transform_40N(
+    x: torch.Tensor, scale: float = 1.0, *, pad: bool = False
+) -> torch.Tensor:
     """``x @ kron(F_40.T, H_{2^k}) * scale``, dim = 40 * 2^k with 2 <= k <= 10 (160 ... 40960).
 
     ``pad=True``: as for ``hadamard_transform_12N`` (not orthogonal).
@@ -211,7 +309,9 @@ def hadamard_transform_40N(x: torch.Tensor, scale: float = 1.0, *, pad: bool = F
     return _transform("hadamard_transform_40N", x, scale, 40, pad)
 
 
-def hadamard_matrix(n: int, m: int = 1, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def hadamard_matrix(
+    n: int, m: int = 1, dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
     """The dense n x n matrix M of the exact-size transform: ``transform(x, 1.0) == x @ M``.
 
     m = 1: ``hadamard_transform`` (n = 2^k); m in 12, 20, 28, 40: ``hadamard_transform_{m}N``
@@ -227,4 +327,3 @@ def hadamard_matrix(n: int, m: int = 1, dtype: torch.dtype = torch.float32, devi
     if m != 1:
         H = torch.kron(_FACTORS[m].T.contiguous(), H)
     return H.to(dtype=dtype, device=device)
-

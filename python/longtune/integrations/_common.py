@@ -5,6 +5,7 @@
 This module imports neither transformers nor any other integration module, so every integration
 can import it at module level without an import cycle.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -12,8 +13,15 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["PATCH_DEFAULTS", "ROSTE_PREFIX", "attention_modules", "base_model", "hf_model", "padding_mask",
-           "patch_options"]
+__all__ = [
+    "PATCH_DEFAULTS",
+    "ROSTE_PREFIX",
+    "attention_modules",
+    "base_model",
+    "hf_model",
+    "padding_mask",
+    "patch_options",
+]
 
 # the options each ``longtune.patch(model, attention=...)`` kind accepts, with their defaults
 PATCH_DEFAULTS = {
@@ -35,10 +43,15 @@ def base_model(model):
 def hf_model(model, caller: str):
     """The transformers model inside ``model`` (peft-wrapped or not); a clear error for anything else."""
     base = base_model(model)
-    if not isinstance(base, nn.Module) or getattr(base, "config", None) is None or \
-            not callable(getattr(base, "set_attn_implementation", None)):
-        raise TypeError(f"{caller}: expected a Hugging Face transformers model (a PreTrainedModel such as "
-                        f"LlamaForCausalLM, optionally wrapped by peft), got {type(model).__name__}")
+    if (
+        not isinstance(base, nn.Module)
+        or getattr(base, "config", None) is None
+        or not callable(getattr(base, "set_attn_implementation", None))
+    ):
+        raise TypeError(
+            f"{caller}: expected a Hugging Face transformers model (a PreTrainedModel such as "
+            f"LlamaForCausalLM, optionally wrapped by peft), got {type(model).__name__}"
+        )
     return base
 
 
@@ -46,7 +59,11 @@ def attention_modules(model) -> Iterator[nn.Module]:
     """The attention blocks of a transformers model: modules with ``q_proj`` (or a fused
     ``qkv_proj``), ``o_proj`` and a ``layer_idx``."""
     for mod in model.modules():
-        if (hasattr(mod, "q_proj") or hasattr(mod, "qkv_proj")) and hasattr(mod, "o_proj") and hasattr(mod, "layer_idx"):
+        if (
+            (hasattr(mod, "q_proj") or hasattr(mod, "qkv_proj"))
+            and hasattr(mod, "o_proj")
+            and hasattr(mod, "layer_idx")
+        ):
             yield mod
 
 
@@ -57,7 +74,9 @@ def patch_options(module, kind: str) -> dict:
     opts = getattr(module, "_longtune_options", None)
     if opts is None:
         stored = getattr(getattr(module, "config", None), "longtune_patch", None) or {}
-        opts = dict(PATCH_DEFAULTS[kind], **{k: v for k, v in stored.items() if k in PATCH_DEFAULTS[kind]})
+        opts = dict(
+            PATCH_DEFAULTS[kind], **{k: v for k, v in stored.items() if k in PATCH_DEFAULTS[kind]}
+        )
     return opts
 
 
@@ -67,7 +86,9 @@ def padding_mask(attention_mask, kv_len: int):
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
-        raise ValueError("longtune attention expects the 2-D padding mask that transformers builds for it (the "
-                         f"implementation's mask function); got a {attention_mask.dim()}-D mask")
+        raise ValueError(
+            "longtune attention expects the 2-D padding mask that transformers builds for it (the "
+            f"implementation's mask function); got a {attention_mask.dim()}-D mask"
+        )
     m = attention_mask[:, -kv_len:]
     return m if m.dtype == torch.bool else m.bool()

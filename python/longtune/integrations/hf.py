@@ -14,6 +14,7 @@ registry (``AttentionInterface``), no copied model code.
 attention modules and in ``model.config.longtune_patch`` (saved by ``save_pretrained``), so that
 after ``from_pretrained`` one ``patch(model)`` re-applies the same patch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,18 @@ from ._common import padding_mask as _padding_mask
 from ._common import patch_options as _options
 from .lm_infinite import lambda_attention_forward
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen3_moe", "olmo2", "gemma2",
-                         "gemma3_text")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "qwen2",
+    "mistral",
+    "qwen3",
+    "phi3",
+    "mixtral",
+    "qwen3_moe",
+    "olmo2",
+    "gemma2",
+    "gemma3_text",
+)
 IMPLEMENTATIONS = {"causal": "longtune", "s2": "longtune_s2", "lambda": "longtune_lambda"}
 
 
@@ -45,8 +56,10 @@ def _to_bnhd(t):
 
 def _check_dropout(module, dropout):
     if dropout and module.training:
-        raise ValueError(f"longtune attention has no attention dropout; set the config's attention_dropout to 0 "
-                         f"(got {dropout})")
+        raise ValueError(
+            f"longtune attention has no attention dropout; set the config's attention_dropout to 0 "
+            f"(got {dropout})"
+        )
 
 
 def _packed(kwargs):
@@ -54,7 +67,9 @@ def _packed(kwargs):
     return (cu_q, cu_k) if cu_q is not None else (None, None)
 
 
-def _run(module, query, key, value, attention_mask, scaling, kwargs, mask: Optional[AttentionMask] = None):
+def _run(
+    module, query, key, value, attention_mask, scaling, kwargs, mask: Optional[AttentionMask] = None
+):
     mask = AttentionMask() if mask is None else mask
     cap = kwargs.get("softcap")  # attention logit softcapping (Gemma-2's attn_logit_softcapping)
     softcap = float(cap) if cap else None
@@ -64,21 +79,41 @@ def _run(module, query, key, value, attention_mask, scaling, kwargs, mask: Optio
         mask = mask.replace(window_left=int(window))
     cu_q, cu_k = _packed(kwargs)
     if cu_q is not None:  # padding-free packing (DataCollatorWithFlattening): (1, T, H, D)
-        out = sparse_attention(q[0], k[0], v[0], softmax_scale=scaling, cu_seqlens=cu_q, cu_seqlens_k=cu_k,
-                               mask=mask, softcap=softcap)
+        out = sparse_attention(
+            q[0],
+            k[0],
+            v[0],
+            softmax_scale=scaling,
+            cu_seqlens=cu_q,
+            cu_seqlens_k=cu_k,
+            mask=mask,
+            softcap=softcap,
+        )
         return out.unsqueeze(0)
     kpm = _padding_mask(attention_mask, k.shape[1])
-    return sparse_attention(q, k, v, softmax_scale=scaling, key_padding_mask=kpm, mask=mask, softcap=softcap)
+    return sparse_attention(
+        q, k, v, softmax_scale=scaling, key_padding_mask=kpm, mask=mask, softcap=softcap
+    )
 
 
-def longtune_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
-                               scaling: Optional[float] = None, **kwargs):
+def longtune_attention_forward(
+    module: nn.Module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs,
+):
     """``attn_implementation="longtune"``: causal flash attention."""
     _check_dropout(module, dropout)
     return _run(module, query, key, value, attention_mask, scaling, kwargs), None
 
 
-_SEQUENCE_LENGTH: contextvars.ContextVar = contextvars.ContextVar("longtune_sequence_length", default=None)
+_SEQUENCE_LENGTH: contextvars.ContextVar = contextvars.ContextVar(
+    "longtune_sequence_length", default=None
+)
 
 
 @contextlib.contextmanager
@@ -100,14 +135,21 @@ def _s2_mask(module, o, nq, nk, kwargs) -> AttentionMask:
         return AttentionMask()
 
     def rule(mode, seqlen):  # LongLoRA's train / eval rule, shared with S2Attention
-        return s2_mask(training=module.training, s2_in_eval=o["s2_in_eval"], mode=mode, group_size=o["group_size"],
-                       group_size_ratio=o["group_size_ratio"], seqlen=seqlen)
+        return s2_mask(
+            training=module.training,
+            s2_in_eval=o["s2_in_eval"],
+            mode=mode,
+            group_size=o["group_size"],
+            group_size_ratio=o["group_size_ratio"],
+            seqlen=seqlen,
+        )
 
     if not (module.training or o["s2_in_eval"]):
         return rule(o["mode"], nq)
     total = _SEQUENCE_LENGTH.get()
     if total is None:
         if nq == nk:
+
             def longest():
                 cu_q, _ = _packed(kwargs)
                 if cu_q is None:
@@ -116,9 +158,11 @@ def _s2_mask(module, o, nq, nk, kwargs) -> AttentionMask:
                 if n is None:
                     n = (cu_q[1:] - cu_q[:-1]).max()
                 if torch.is_tensor(n) and torch.compiler.is_compiling():
-                    raise ValueError("longtune S^2-Attn on packed sequences under torch.compile needs the longest "
-                                     "sequence's length as a Python int (max_length_q) or a fixed group_size: a "
-                                     "group size cannot come from tensor data inside a graph")
+                    raise ValueError(
+                        "longtune S^2-Attn on packed sequences under torch.compile needs the longest "
+                        "sequence's length as a Python int (max_length_q) or a fixed group_size: a "
+                        "group size cannot come from tensor data inside a graph"
+                    )
                 return int(n)
 
             return rule(o["mode"], longest)
@@ -131,21 +175,34 @@ def _s2_mask(module, o, nq, nk, kwargs) -> AttentionMask:
             f"longtune S^2-Attn in training: {nq} queries attend to {nk} keys (a KV cache), and the group size of "
             "the whole sequence is unknown here. Patch with a fixed group size (longtune.patch(model, "
             "attention='s2', group_size=G), mode='leakfree'), train chunk-wise through longtune.train.seco_backward "
-            "(which passes the sequence length), or run the model in eval() for generation")
+            "(which passes the sequence length), or run the model in eval() for generation"
+        )
     # one chunk of a sequence of `total` tokens (chunk-wise training)
     if nq == nk == total:
         return rule(o["mode"], total)
     if o["mode"] != "leakfree":
-        raise ValueError("longtune S^2-Attn: mode='longlora_roll' cannot be trained chunk-wise (its last shifted group "
-                         "wraps around to the end of the sequence, which a chunk has not seen yet); use "
-                         "mode='leakfree' or full backprop")
+        raise ValueError(
+            "longtune S^2-Attn: mode='longlora_roll' cannot be trained chunk-wise (its last shifted group "
+            "wraps around to the end of the sequence, which a chunk has not seen yet); use "
+            "mode='leakfree' or full backprop"
+        )
     if nk > total:
-        raise ValueError(f"longtune S^2-Attn: {nk} keys exceed the declared sequence length {total}")
+        raise ValueError(
+            f"longtune S^2-Attn: {nk} keys exceed the declared sequence length {total}"
+        )
     return rule("leakfree", total)
 
 
-def longtune_s2_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
-                                  scaling: Optional[float] = None, **kwargs):
+def longtune_s2_attention_forward(
+    module: nn.Module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs,
+):
     """``attn_implementation="longtune_s2"``: S^2-Attn in training, causal in eval (LongLoRA)."""
     _check_dropout(module, dropout)
     mask = _s2_mask(module, _options(module, "s2"), query.shape[2], key.shape[2], kwargs)
@@ -156,8 +213,11 @@ def _register():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    for name, fn in (("longtune", longtune_attention_forward), ("longtune_s2", longtune_s2_attention_forward),
-                     ("longtune_lambda", lambda_attention_forward)):
+    for name, fn in (
+        ("longtune", longtune_attention_forward),
+        ("longtune_s2", longtune_s2_attention_forward),
+        ("longtune_lambda", lambda_attention_forward),
+    ):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, flash_attention_mask)  # 2-D padding mask or None
 
@@ -177,7 +237,7 @@ def register() -> None:
 def _current_implementation(base) -> str:
     """The model's attention implementation, seen through a RoSTE wrapper (which stays in place)."""
     impl = getattr(base.config, "_attn_implementation", None) or "sdpa"
-    return impl[len(_ROSTE_PREFIX):] if impl.startswith(_ROSTE_PREFIX) else impl
+    return impl[len(_ROSTE_PREFIX) :] if impl.startswith(_ROSTE_PREFIX) else impl
 
 
 def _set_implementation(base, impl: str) -> None:
@@ -232,30 +292,42 @@ def _head_params(head):
     if isinstance(head, RotatedQuantLinear) or not isinstance(head, nn.Linear):
         if hasattr(head, "base_layer") and hasattr(head, "lora_A"):
             return _lora_head_params(head)
-        raise ValueError(f"longtune.patch(lm_head='fused_ce'): the vocabulary head is a {type(head).__name__}, whose "
-                         "output is not x @ weight.T + bias; the fused loss supports nn.Linear, SparseDeltaLinear, "
-                         "S2FTLinear and peft LoRA heads (without dropout or DoRA)")
+        raise ValueError(
+            f"longtune.patch(lm_head='fused_ce'): the vocabulary head is a {type(head).__name__}, whose "
+            "output is not x @ weight.T + bias; the fused loss supports nn.Linear, SparseDeltaLinear, "
+            "S2FTLinear and peft LoRA heads (without dropout or DoRA)"
+        )
     return head.weight, head.bias
 
 
 def _lora_head_params(head):
     """A peft LoRA ``Linear`` head: W + sum of scaling * B @ A over the active adapters."""
     base = head.base_layer
-    if type(base) is not nn.Linear or getattr(head, "fan_in_fan_out", False) or getattr(head, "merged", False):
-        raise ValueError(f"longtune.patch(lm_head='fused_ce'): unsupported peft head over {type(base).__name__} "
-                         "(fan_in_fan_out or merged adapters); merge_and_unload() it or drop lm_head from the "
-                         "LoRA targets")
+    if (
+        type(base) is not nn.Linear
+        or getattr(head, "fan_in_fan_out", False)
+        or getattr(head, "merged", False)
+    ):
+        raise ValueError(
+            f"longtune.patch(lm_head='fused_ce'): unsupported peft head over {type(base).__name__} "
+            "(fan_in_fan_out or merged adapters); merge_and_unload() it or drop lm_head from the "
+            "LoRA targets"
+        )
     w = base.weight
     for name in head.active_adapters:
         if name not in head.lora_A:
             continue
         drop = head.lora_dropout[name]
         if head.training and not isinstance(drop, nn.Identity) and getattr(drop, "p", 0.0) > 0:
-            raise ValueError("longtune.patch(lm_head='fused_ce'): LoRA dropout on the vocabulary head is not "
-                             "supported by the fused loss (it is not a weight-space update); set lora_dropout=0 "
-                             "or leave lm_head out of the LoRA targets")
+            raise ValueError(
+                "longtune.patch(lm_head='fused_ce'): LoRA dropout on the vocabulary head is not "
+                "supported by the fused loss (it is not a weight-space update); set lora_dropout=0 "
+                "or leave lm_head out of the LoRA targets"
+            )
         if getattr(head, "use_dora", {}).get(name, False):
-            raise ValueError("longtune.patch(lm_head='fused_ce'): DoRA on the vocabulary head is not supported")
+            raise ValueError(
+                "longtune.patch(lm_head='fused_ce'): DoRA on the vocabulary head is not supported"
+            )
         a, b = head.lora_A[name].weight, head.lora_B[name].weight
         w = w + (b @ a).to(w.dtype) * head.scaling[name]
     return w, base.bias
@@ -270,7 +342,9 @@ def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **
     given instead of ``labels``."""
     shift_labels = kwargs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
-        return self._longtune_orig_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self._longtune_orig_forward(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from ..nn.cross_entropy import causal_lm_loss
@@ -282,21 +356,38 @@ def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **
     tgt = (labels if shift_labels is None else shift_labels).to(h.device)
     weight, bias = _head_params(self.lm_head)
     cap = getattr(self.config, "final_logit_softcapping", None)
-    loss = causal_lm_loss(h, weight, tgt, bias, shift=shift_labels is None, ignore_index=-100,
-                          reduction="sum" if num_items is not None else "mean", softcap=cap)
+    loss = causal_lm_loss(
+        h,
+        weight,
+        tgt,
+        bias,
+        shift=shift_labels is None,
+        ignore_index=-100,
+        reduction="sum" if num_items is not None else "mean",
+        softcap=cap,
+    )
     if num_items is not None:
         loss = loss / num_items
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                  hidden_states=out.hidden_states, attentions=out.attentions)
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=out.past_key_values,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+    )
 
 
 def _patch_lm_head(base):
     import types
 
     if not hasattr(base, "lm_head") or not hasattr(base, "model"):
-        raise ValueError("longtune.patch(lm_head='fused_ce'): the model has no lm_head / model (a *ForCausalLM)")
+        raise ValueError(
+            "longtune.patch(lm_head='fused_ce'): the model has no lm_head / model (a *ForCausalLM)"
+        )
     with torch.no_grad():
-        _head_params(base.lm_head)  # a head the fused loss cannot represent is refused here, before any compute
+        _head_params(
+            base.lm_head
+        )  # a head the fused loss cannot represent is refused here, before any compute
     if getattr(base, "_longtune_orig_forward", None) is None:
         base._longtune_orig_forward = base.forward
         base.forward = types.MethodType(_fused_ce_forward, base)
@@ -309,7 +400,14 @@ def _unpatch_lm_head(base):
         del base._longtune_orig_forward
 
 
-def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_head: Optional[str] = None, **options):
+def patch(
+    model,
+    *,
+    attention: Optional[str] = None,
+    strict: bool = True,
+    lm_head: Optional[str] = None,
+    **options,
+):
     """Routes a transformers causal LM's attention through longtune (in place; returns the model).
 
     ``attention="s2"`` (LongLoRA: S^2-Attn while training; options ``group_size_ratio=0.25``,
@@ -330,7 +428,9 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
     if lm_head is not None or (attention is None and stored.get("lm_head")):
         lm_head = lm_head or stored.get("lm_head")
         if lm_head != "fused_ce":
-            raise ValueError(f"longtune.patch: lm_head must be 'fused_ce' (or None), got {lm_head!r}")
+            raise ValueError(
+                f"longtune.patch: lm_head must be 'fused_ce' (or None), got {lm_head!r}"
+            )
         _patch_lm_head(base)
         stored["lm_head"] = lm_head
         cfg.longtune_patch = stored
@@ -338,38 +438,59 @@ def patch(model, *, attention: Optional[str] = None, strict: bool = True, lm_hea
             return model
     if attention is None:
         if not stored:
-            raise ValueError("longtune.patch: pass attention='s2' | 'causal' | 'lambda' (the model carries no stored "
-                             "longtune patch to re-apply)")
+            raise ValueError(
+                "longtune.patch: pass attention='s2' | 'causal' | 'lambda' (the model carries no stored "
+                "longtune patch to re-apply)"
+            )
         attention = stored["attention"]
-        options = {**{k: v for k, v in stored.items() if k in _DEFAULTS.get(attention, {})}, **options}
+        options = {
+            **{k: v for k, v in stored.items() if k in _DEFAULTS.get(attention, {})},
+            **options,
+        }
     if attention not in IMPLEMENTATIONS:
-        raise ValueError(f"longtune.patch: attention must be one of {sorted(IMPLEMENTATIONS)}, got {attention!r}")
+        raise ValueError(
+            f"longtune.patch: attention must be one of {sorted(IMPLEMENTATIONS)}, got {attention!r}"
+        )
     unknown = set(options) - set(_DEFAULTS[attention])
     if unknown:
-        raise ValueError(f"longtune.patch: unknown option(s) {sorted(unknown)} for attention={attention!r}; "
-                         f"valid: {sorted(_DEFAULTS[attention])}")
+        raise ValueError(
+            f"longtune.patch: unknown option(s) {sorted(unknown)} for attention={attention!r}; "
+            f"valid: {sorted(_DEFAULTS[attention])}"
+        )
     if strict and getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"longtune.patch: model_type {getattr(cfg, 'model_type', None)!r} is not one of the tested "
-                         f"families {SUPPORTED_MODEL_TYPES}; pass strict=False to try anyway")
+        raise ValueError(
+            f"longtune.patch: model_type {getattr(cfg, 'model_type', None)!r} is not one of the tested "
+            f"families {SUPPORTED_MODEL_TYPES}; pass strict=False to try anyway"
+        )
     opts = dict(_DEFAULTS[attention], **options)
     if attention == "s2":
-        check_s2_options("longtune.patch", opts["group_size_ratio"], opts["mode"], opts["group_size"])
+        check_s2_options(
+            "longtune.patch", opts["group_size_ratio"], opts["mode"], opts["group_size"]
+        )
     if attention == "lambda":
         if opts["window"] < 1 or opts["n_global"] < 0:
-            raise ValueError(f"longtune.patch: window must be >= 1 and n_global >= 0, got {opts['window']}, "
-                             f"{opts['n_global']}")
+            raise ValueError(
+                f"longtune.patch: window must be >= 1 and n_global >= 0, got {opts['window']}, "
+                f"{opts['n_global']}"
+            )
     previous = stored.get("previous", _current_implementation(base))
     if previous in IMPLEMENTATIONS.values():
         previous = "sdpa"
     mods = list(_attention_modules(base))
     if not mods:
-        raise ValueError("longtune.patch: found no attention modules (with q_proj or qkv_proj, o_proj and layer_idx) "
-                         "in the model")
+        raise ValueError(
+            "longtune.patch: found no attention modules (with q_proj or qkv_proj, o_proj and layer_idx) "
+            "in the model"
+        )
     _set_implementation(base, IMPLEMENTATIONS[attention])
     for m in mods:
         m._longtune_options = dict(opts)
-    cfg.longtune_patch = {"attention": attention, **opts, "previous": previous,
-                          **({"lm_head": stored["lm_head"]} if stored.get("lm_head") else {})}
+    cfg.longtune_patch = {
+        "attention": attention,
+        **opts,
+        "previous": previous,
+        **({"lm_head": stored["lm_head"]} if stored.get("lm_head") else {}),
+    }
     return model
 
 
@@ -391,8 +512,14 @@ def unpatch(model):
 
 # ------------------------------------------------------------------ SQA conversion
 @torch.no_grad()
-def convert_to_sqa(model, num_query_heads: Optional[int] = None, *, variant: Optional[str] = None,
-                   num_kv_heads: Optional[int] = None, rule: str = "select"):
+def convert_to_sqa(
+    model,
+    num_query_heads: Optional[int] = None,
+    *,
+    variant: Optional[str] = None,
+    num_kv_heads: Optional[int] = None,
+    rule: str = "select",
+):
     """Converts a Llama / Qwen2 / Mistral model's attention blocks to Sparse Query Attention in place:
     H_q < H query heads (fewer score FLOPs), initialised from the original weights, attention through
     longtune (which maps query heads to key/value heads, including H_kv > H_q).
@@ -425,8 +552,10 @@ def convert_to_sqa(model, num_query_heads: Optional[int] = None, *, variant: Opt
     if hkv > hkv0:
         raise ValueError(f"convert_to_sqa: the model has {hkv0} key/value heads; cannot make {hkv}")
     if hkv0 % hkv or h % hq or (hq % hkv and hkv % hq):
-        raise ValueError(f"convert_to_sqa: H={h}, H_kv={hkv0} -> H_q={hq}, H_kv={hkv} needs H % H_q == 0, "
-                         f"H_kv % new H_kv == 0 and H_q, H_kv dividing one another")
+        raise ValueError(
+            f"convert_to_sqa: H={h}, H_kv={hkv0} -> H_q={hq}, H_kv={hkv} needs H % H_q == 0, "
+            f"H_kv % new H_kv == 0 and H_q, H_kv dividing one another"
+        )
 
     def reduce_rows(w, n_old, n_new, d, groups, how):
         """w (n_old * d, ...) -> (n_new * d, ...): inside each of `groups` groups, n_old/groups heads
@@ -442,21 +571,35 @@ def convert_to_sqa(model, num_query_heads: Optional[int] = None, *, variant: Opt
 
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
     if any(not hasattr(m, "q_proj") for m in _attention_modules(base)):
-        raise ValueError("convert_to_sqa: the attention blocks have a fused qkv_proj (Phi-3); separate q_proj / "
-                         "k_proj / v_proj projections are needed")
+        raise ValueError(
+            "convert_to_sqa: the attention blocks have a fused qkv_proj (Phi-3); separate q_proj / "
+            "k_proj / v_proj projections are needed"
+        )
     for m in _attention_modules(base):
         dev, dt = m.q_proj.weight.device, m.q_proj.weight.dtype
         # queries: stay inside their kv group (groups = min(hkv0, hq) keeps the sharing for hq >= hkv)
         gq = min(hkv0, hq) if hq >= hkv else hq
         newq = reduce_rows(m.q_proj.weight, h, hq, d, gq, rule)
-        qb = reduce_rows(m.q_proj.bias.view(-1, 1), h, hq, d, gq, rule).view(-1) if m.q_proj.bias is not None else None
+        qb = (
+            reduce_rows(m.q_proj.bias.view(-1, 1), h, hq, d, gq, rule).view(-1)
+            if m.q_proj.bias is not None
+            else None
+        )
         # o_proj columns: select, or sum over the run
         wo = m.o_proj.weight.T.contiguous()  # (h*d, hidden)
         newo = reduce_rows(wo, h, hq, d, gq, rule)
         if rule == "average":
             newo = newo * (h // hq)
-        nk = reduce_rows(m.k_proj.weight, hkv0, hkv, d, hkv, rule) if hkv != hkv0 else m.k_proj.weight
-        nv = reduce_rows(m.v_proj.weight, hkv0, hkv, d, hkv, rule) if hkv != hkv0 else m.v_proj.weight
+        nk = (
+            reduce_rows(m.k_proj.weight, hkv0, hkv, d, hkv, rule)
+            if hkv != hkv0
+            else m.k_proj.weight
+        )
+        nv = (
+            reduce_rows(m.v_proj.weight, hkv0, hkv, d, hkv, rule)
+            if hkv != hkv0
+            else m.v_proj.weight
+        )
         kb = m.k_proj.bias
         vb = m.v_proj.bias
         if hkv != hkv0 and kb is not None:

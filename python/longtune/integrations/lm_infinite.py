@@ -9,6 +9,7 @@ log-sum-exps: (A) the non-global keys, causal with the window (i - j < window), 
 min(p, window) -- RoPE rotations compose, so q is turned by (min(p, window) - p) in place of a
 second projection. Inference only (the merge uses lse, which carries no gradient).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,10 @@ def _inv_freq(module, device):
     if rope_type == "default":
         base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / d))
+        inv = 1.0 / (
+            base
+            ** (torch.arange(0, d, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / d)
+        )
     else:
         inv, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, device)
     module._longtune_inv_freq = inv
@@ -43,7 +47,7 @@ def _turn(q, delta, inv_freq):
     cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None].to(q.dtype)
     sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None].to(q.dtype)
     d = q.shape[-1]
-    q1, q2 = q[..., : d // 2], q[..., d // 2:]
+    q1, q2 = q[..., : d // 2], q[..., d // 2 :]
     return q * cos + torch.cat([-q2, q1], -1) * sin
 
 
@@ -59,12 +63,15 @@ def _merge(o1, l1, o2, l2):
     return o1 * w1 + o2 * w2
 
 
-def lambda_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                             **kwargs):
+def lambda_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
+):
     """``attn_implementation="longtune_lambda"`` (see the module docstring)."""
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        raise RuntimeError("longtune_lambda attention is for inference (generation beyond the trained length); "
-                           "run it under torch.no_grad() / inference_mode, or train with attention='s2' or 'causal'")
+        raise RuntimeError(
+            "longtune_lambda attention is for inference (generation beyond the trained length); "
+            "run it under torch.no_grad() / inference_mode, or train with attention='s2' or 'causal'"
+        )
     o = patch_options(module, "lambda")
     window, n_g, cap = int(o["window"]), int(o["n_global"]), bool(o["cap_distance"])
     softcap = kwargs.get("softcap") or None  # attention logit softcapping (Gemma-2)
@@ -83,10 +90,19 @@ def lambda_attention_forward(module, query, key, value, attention_mask, dropout:
     # (A) recent (non-global) keys, window + causal on absolute positions
     ka, va = k[:, g:], v[:, g:]
     skip = max(0, rec_pos0 - first_q)  # queries before the first recent key see none of them
-    oa, la = sparse_attention(q[:, skip:], ka, va, causal=True, window=window, softmax_scale=scaling,
-                              key_padding_mask=None if kpm is None else kpm[:, g:],
-                              q_offset=first_q + skip - rec_pos0, kv_offset=rec_pos0, softcap=softcap,
-                              return_lse=True)
+    oa, la = sparse_attention(
+        q[:, skip:],
+        ka,
+        va,
+        causal=True,
+        window=window,
+        softmax_scale=scaling,
+        key_padding_mask=None if kpm is None else kpm[:, g:],
+        q_offset=first_q + skip - rec_pos0,
+        kv_offset=rec_pos0,
+        softcap=softcap,
+        return_lse=True,
+    )
     if skip:
         oa = torch.cat([torch.zeros_like(q[:, :skip, :1]).expand(-1, -1, oa.shape[2], -1), oa], 1)
         la = torch.cat([torch.full_like(la[:, :, :1], float("-inf")).expand(-1, -1, skip), la], 2)
@@ -99,9 +115,18 @@ def lambda_attention_forward(module, query, key, value, attention_mask, dropout:
         delta = torch.clamp(p, max=window) - p
         if bool((delta != 0).any()):
             qb = _turn(q, delta, _inv_freq(module, q.device))
-    ob, lb = sparse_attention(qb, k[:, :g], v[:, :g], causal=True, softmax_scale=scaling,
-                              key_padding_mask=None if kpm is None else kpm[:, :g],
-                              q_offset=first_q, kv_offset=0, softcap=softcap, return_lse=True)
+    ob, lb = sparse_attention(
+        qb,
+        k[:, :g],
+        v[:, :g],
+        causal=True,
+        softmax_scale=scaling,
+        key_padding_mask=None if kpm is None else kpm[:, :g],
+        q_offset=first_q,
+        kv_offset=0,
+        softcap=softcap,
+        return_lse=True,
+    )
     return _merge(oa, la, ob, lb), None
 
 
@@ -125,8 +150,12 @@ def _layer_class():
             keep = self.n_global + self.window - 1
             if full_k.shape[-2] > keep:
                 g, r = self.n_global, self.window - 1
-                self.keys = torch.cat([full_k[..., :g, :], full_k[..., full_k.shape[-2] - r:, :]], dim=-2)
-                self.values = torch.cat([full_v[..., :g, :], full_v[..., full_v.shape[-2] - r:, :]], dim=-2)
+                self.keys = torch.cat(
+                    [full_k[..., :g, :], full_k[..., full_k.shape[-2] - r :, :]], dim=-2
+                )
+                self.values = torch.cat(
+                    [full_v[..., :g, :], full_v[..., full_v.shape[-2] - r :, :]], dim=-2
+                )
             else:
                 self.keys, self.values = full_k, full_v
             return full_k, full_v
@@ -157,7 +186,9 @@ def lambda_cache(model, window=None, n_global=None):
     cfg = base_model(model).config
     stored = getattr(cfg, "longtune_patch", None) or {}
     if stored.get("attention") != "lambda":
-        raise ValueError("lambda_cache: patch the model first with longtune.patch(model, attention='lambda', ...)")
+        raise ValueError(
+            "lambda_cache: patch the model first with longtune.patch(model, attention='lambda', ...)"
+        )
     window = int(window or stored["window"])
     n_global = int(n_global if n_global is not None else stored["n_global"])
     layer = _layer_class()

@@ -22,6 +22,7 @@ With every quantizer off (``w_bits=a_bits=kv_bits=None``) the prepared model com
 function as the original (tested in float64). Rotations R2/R3/R4 can be switched per layer with a
 configuration from ``search_rotation_config`` (JSON: ``{"layers": {"0": {"r2": true, ...}}}``).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,25 +44,40 @@ from ._common import ROSTE_PREFIX
 def _decoder(model):
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
-        raise TypeError("longtune.quant.prepare_roste: expected a Hugging Face *ForCausalLM with .model.layers and "
-                        f".lm_head (Llama / Qwen2 family), got {type(model).__name__}")
+        raise TypeError(
+            "longtune.quant.prepare_roste: expected a Hugging Face *ForCausalLM with .model.layers and "
+            f".lm_head (Llama / Qwen2 family), got {type(model).__name__}"
+        )
     for i, layer in enumerate(inner.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         names = ["q_proj", "k_proj", "v_proj", "o_proj"]
-        if attn is None or mlp is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in names) or \
-                not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ["gate_proj", "up_proj", "down_proj"]):
-            raise TypeError(f"longtune.quant.prepare_roste: layer {i} is not a Llama/Qwen2-style block "
-                            "(self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj as nn.Linear)")
+        if (
+            attn is None
+            or mlp is None
+            or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in names)
+            or not all(
+                isinstance(getattr(mlp, n, None), nn.Linear)
+                for n in ["gate_proj", "up_proj", "down_proj"]
+            )
+        ):
+            raise TypeError(
+                f"longtune.quant.prepare_roste: layer {i} is not a Llama/Qwen2-style block "
+                "(self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj as nn.Linear)"
+            )
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            raise TypeError("longtune.quant.prepare_roste: per-head q/k norms (Qwen3-style) are not supported")
+            raise TypeError(
+                "longtune.quant.prepare_roste: per-head q/k norms (Qwen3-style) are not supported"
+            )
     return inner
 
 
 def _rms_weight(norm) -> torch.Tensor:
     w = getattr(norm, "weight", None)
     if w is None or "Gemma" in type(norm).__name__:
-        raise TypeError(f"longtune.quant.prepare_roste: unsupported norm {type(norm).__name__} "
-                        "(needs an RMSNorm computing x / rms(x) * weight)")
+        raise TypeError(
+            f"longtune.quant.prepare_roste: unsupported norm {type(norm).__name__} "
+            "(needs an RMSNorm computing x / rms(x) * weight)"
+        )
     return w
 
 
@@ -88,8 +104,10 @@ def _fold_norms(inner, model):
 
 
 def _untie(model, inner):
-    if model.lm_head.weight is inner.embed_tokens.weight or model.lm_head.weight.data_ptr() == \
-            inner.embed_tokens.weight.data_ptr():
+    if (
+        model.lm_head.weight is inner.embed_tokens.weight
+        or model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+    ):
         model.lm_head.weight = nn.Parameter(inner.embed_tokens.weight.detach().clone())
         if hasattr(model.config, "tie_word_embeddings"):
             model.config.tie_word_embeddings = False
@@ -99,12 +117,16 @@ def _untie(model, inner):
 def _merge_r1(inner, model, seed: int):
     d = inner.embed_tokens.weight.shape[1]
     gen = torch.Generator().manual_seed(seed)
-    sign = (torch.randint(0, 2, (d,), generator=gen) * 2 - 1).double().to(inner.embed_tokens.weight.device)
+    sign = (
+        (torch.randint(0, 2, (d,), generator=gen) * 2 - 1)
+        .double()
+        .to(inner.embed_tokens.weight.device)
+    )
 
     def right(w):  # w @ (D H s)   (rows of w live in the residual basis)
         return _had(w.double() * sign)
 
-    def left(w):   # (D H s)^T w  (columns of w ... i.e. w's output lives in the residual basis)
+    def left(w):  # (D H s)^T w  (columns of w ... i.e. w's output lives in the residual basis)
         return _had(w.double().T * sign).T
 
     inner.embed_tokens.weight.copy_(right(inner.embed_tokens.weight))
@@ -126,16 +148,29 @@ def _merge_r2(layer, head_dim: int):
     a.v_proj.weight.copy_(_had(wv.T.reshape(wv.shape[1], -1, head_dim)).reshape(wv.shape[1], -1).T)
     if a.v_proj.bias is not None:
         a.v_proj.bias.copy_(_had(a.v_proj.bias.double().reshape(-1, head_dim)).reshape(-1))
-    wo = a.o_proj.weight.double()  # [hidden, heads * hd]; input rotated per head -> Wo @ blockdiag(H2)
+    wo = (
+        a.o_proj.weight.double()
+    )  # [hidden, heads * hd]; input rotated per head -> Wo @ blockdiag(H2)
     a.o_proj.weight.copy_(_had(wo.reshape(wo.shape[0], -1, head_dim)).reshape(wo.shape))
 
 
 def _quant_linear(lin: nn.Linear, cfg: RoSTEConfig, rotate: bool) -> RotatedQuantLinear:
-    q = RotatedQuantLinear(lin.in_features, lin.out_features, lin.bias is not None, act_bits=cfg.a_bits,
-                           weight_bits=cfg.w_bits, weight_group_size=cfg.w_group_size,
-                           act_clip_ratio=cfg.a_clip_ratio, weight_clip_ratio=cfg.w_clip_ratio,
-                           act_symmetric=cfg.a_symmetric, weight_symmetric=cfg.w_symmetric, rotate=rotate,
-                           ste=cfg.ste, device=lin.weight.device, dtype=lin.weight.dtype)
+    q = RotatedQuantLinear(
+        lin.in_features,
+        lin.out_features,
+        lin.bias is not None,
+        act_bits=cfg.a_bits,
+        weight_bits=cfg.w_bits,
+        weight_group_size=cfg.w_group_size,
+        act_clip_ratio=cfg.a_clip_ratio,
+        weight_clip_ratio=cfg.w_clip_ratio,
+        act_symmetric=cfg.a_symmetric,
+        weight_symmetric=cfg.w_symmetric,
+        rotate=rotate,
+        ste=cfg.ste,
+        device=lin.weight.device,
+        dtype=lin.weight.dtype,
+    )
     with torch.no_grad():
         q.weight.copy_(lin.weight)
         if lin.bias is not None:
@@ -154,9 +189,17 @@ def roste_attention(module, query, key, value, attention_mask, **kwargs):
     if st["r3"]:
         query, key = hadamard_transform(query), hadamard_transform(key)  # per head, orthonormal
     if st["kv_bits"] is not None:
-        kw = dict(bits=st["kv_bits"], symmetric=st["kv_symmetric"], clip_ratio=st["kv_clip_ratio"], rotate=False,
-                  ste=st["ste"])
-        key, value = rotate_fake_quant(key, **kw), rotate_fake_quant(value, **kw)  # per token, per head
+        kw = dict(
+            bits=st["kv_bits"],
+            symmetric=st["kv_symmetric"],
+            clip_ratio=st["kv_clip_ratio"],
+            rotate=False,
+            ste=st["ste"],
+        )
+        key, value = (
+            rotate_fake_quant(key, **kw),
+            rotate_fake_quant(value, **kw),
+        )  # per token, per head
     base = st["base"]
     fn = ALL_ATTENTION_FUNCTIONS[base] if base != "eager" else st["eager"]
     return fn(module, query, key, value, attention_mask, **kwargs)
@@ -176,15 +219,27 @@ def _install_attention(model, inner, cfg: RoSTEConfig):
     if base == "eager":
         import importlib
 
-        eager = getattr(importlib.import_module(type(inner.layers[0].self_attn).__module__), "eager_attention_forward")
+        eager = importlib.import_module(
+            type(inner.layers[0].self_attn).__module__
+        ).eager_attention_forward
     for i, layer in enumerate(inner.layers):
         rot = cfg.rotations(i)
-        layer.self_attn.longtune_roste = {"r3": rot["r3"], "kv_bits": cfg.kv_bits, "kv_symmetric": cfg.kv_symmetric,
-                                          "kv_clip_ratio": cfg.kv_clip_ratio, "ste": cfg.ste, "base": base,
-                                          "eager": eager}
+        layer.self_attn.longtune_roste = {
+            "r3": rot["r3"],
+            "kv_bits": cfg.kv_bits,
+            "kv_symmetric": cfg.kv_symmetric,
+            "kv_clip_ratio": cfg.kv_clip_ratio,
+            "ste": cfg.ste,
+            "base": base,
+            "eager": eager,
+        }
     model.config._attn_implementation = name
     for mod in model.modules():
-        if hasattr(mod, "config") and mod.config is not model.config and hasattr(mod.config, "_attn_implementation"):
+        if (
+            hasattr(mod, "config")
+            and mod.config is not model.config
+            and hasattr(mod.config, "_attn_implementation")
+        ):
             mod.config._attn_implementation = name
 
 
@@ -218,9 +273,22 @@ def prepare_roste(model, config: RoSTEConfig | dict | str | None = None, **overr
         if rot["r2"]:
             _merge_r2(layer, head_dim)
         a, m = layer.self_attn, layer.mlp
-        for parent, name in [(a, "q_proj"), (a, "k_proj"), (a, "v_proj"), (a, "o_proj"), (m, "gate_proj"),
-                             (m, "up_proj"), (m, "down_proj")]:
-            setattr(parent, name, _quant_linear(getattr(parent, name), cfg, rotate=(name == "down_proj" and rot["r4"])))
+        for parent, name in [
+            (a, "q_proj"),
+            (a, "k_proj"),
+            (a, "v_proj"),
+            (a, "o_proj"),
+            (m, "gate_proj"),
+            (m, "up_proj"),
+            (m, "down_proj"),
+        ]:
+            setattr(
+                parent,
+                name,
+                _quant_linear(
+                    getattr(parent, name), cfg, rotate=(name == "down_proj" and rot["r4"])
+                ),
+            )
     _install_attention(model, inner, cfg)
     model.longtune_roste_config = cfg
     return model
@@ -232,8 +300,15 @@ def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def _fq(x, bits, symmetric, clip, granularity="per_token", group_size=None):
-    return rotate_fake_quant(x.float(), bits=bits, symmetric=symmetric, clip_ratio=clip, rotate=False,
-                             granularity=granularity, group_size=group_size).double()
+    return rotate_fake_quant(
+        x.float(),
+        bits=bits,
+        symmetric=symmetric,
+        clip_ratio=clip,
+        rotate=False,
+        granularity=granularity,
+        group_size=group_size,
+    ).double()
 
 
 def _linear_error(x, w, rot, cfg: RoSTEConfig) -> float:
@@ -242,7 +317,11 @@ def _linear_error(x, w, rot, cfg: RoSTEConfig) -> float:
     xr, wr = (rot(x), rot(w)) if rot is not None else (x, w)
     xq = _fq(xr, cfg.a_bits, cfg.a_symmetric, cfg.a_clip_ratio) if cfg.a_bits else xr
     gran = "per_group" if cfg.w_group_size else "per_token"
-    wq = _fq(wr, cfg.w_bits, cfg.w_symmetric, cfg.w_clip_ratio, gran, cfg.w_group_size) if cfg.w_bits else wr
+    wq = (
+        _fq(wr, cfg.w_bits, cfg.w_symmetric, cfg.w_clip_ratio, gran, cfg.w_group_size)
+        if cfg.w_bits
+        else wr
+    )
     return _rel_err(xq @ wq.T, x @ w.T)
 
 
@@ -257,8 +336,14 @@ def _kv_error(t, rot, inv, cfg: RoSTEConfig) -> float:
 
 
 @torch.no_grad()
-def search_rotation_config(model, calib_batches, *, n_samples: int = 128, config: RoSTEConfig | None = None,
-                           save_to: str | None = None) -> RoSTEConfig:
+def search_rotation_config(
+    model,
+    calib_batches,
+    *,
+    n_samples: int = 128,
+    config: RoSTEConfig | None = None,
+    save_to: str | None = None,
+) -> RoSTEConfig:
     """Calibrate which of R2 / R3 / R4 to use per layer: for each layer and rotation, the weight +
     activation (and K/V) quantization error with and without it, measured on up to ``n_samples``
     calibration sequences; the lower error wins (compared as numbers). Returns a RoSTEConfig with
@@ -276,13 +361,16 @@ def search_rotation_config(model, calib_batches, *, n_samples: int = 128, config
         def hook(mod, inp, out):
             t = (inp[0] if kind == "in" else out).detach()
             captured.setdefault(key, []).append(t.reshape(-1, t.shape[-1]).double().cpu())
+
         return hook
 
     for i, layer in enumerate(inner.layers):
-        hooks += [layer.mlp.down_proj.register_forward_hook(grab((i, "down_in"), "in")),
-                  layer.self_attn.o_proj.register_forward_hook(grab((i, "o_in"), "in")),
-                  layer.self_attn.k_proj.register_forward_hook(grab((i, "k"), "out")),
-                  layer.self_attn.v_proj.register_forward_hook(grab((i, "v"), "out"))]
+        hooks += [
+            layer.mlp.down_proj.register_forward_hook(grab((i, "down_in"), "in")),
+            layer.self_attn.o_proj.register_forward_hook(grab((i, "o_in"), "in")),
+            layer.self_attn.k_proj.register_forward_hook(grab((i, "k"), "out")),
+            layer.self_attn.v_proj.register_forward_hook(grab((i, "v"), "out")),
+        ]
     seen = 0
     try:
         for batch in calib_batches:
@@ -305,17 +393,30 @@ def search_rotation_config(model, calib_batches, *, n_samples: int = 128, config
 
     def per_head_inv(t):
         return torch.ops.longtune.hadamard_transform_backward(
-            t.reshape(*t.shape[:-1], -1, head_dim).contiguous(), 1 / math.sqrt(head_dim)).reshape(t.shape)
+            t.reshape(*t.shape[:-1], -1, head_dim).contiguous(), 1 / math.sqrt(head_dim)
+        ).reshape(t.shape)
 
     layers = {}
     for i, layer in enumerate(inner.layers):
         cat = {k: torch.cat(captured[(i, k)]) for k in ("down_in", "o_in", "k", "v")}
-        wo, wd = layer.self_attn.o_proj.weight.double().cpu(), layer.mlp.down_proj.weight.double().cpu()
+        wo, wd = (
+            layer.self_attn.o_proj.weight.double().cpu(),
+            layer.mlp.down_proj.weight.double().cpu(),
+        )
         err = {
-            "r2": (_linear_error(cat["o_in"], wo, per_head, cfg) + _kv_error(cat["v"], per_head, per_head_inv, cfg),
-                   _linear_error(cat["o_in"], wo, None, cfg) + _kv_error(cat["v"], None, None, cfg)),
-            "r3": (_kv_error(cat["k"], per_head, per_head_inv, cfg), _kv_error(cat["k"], None, None, cfg)),
-            "r4": (_linear_error(cat["down_in"], wd, _had, cfg), _linear_error(cat["down_in"], wd, None, cfg)),
+            "r2": (
+                _linear_error(cat["o_in"], wo, per_head, cfg)
+                + _kv_error(cat["v"], per_head, per_head_inv, cfg),
+                _linear_error(cat["o_in"], wo, None, cfg) + _kv_error(cat["v"], None, None, cfg),
+            ),
+            "r3": (
+                _kv_error(cat["k"], per_head, per_head_inv, cfg),
+                _kv_error(cat["k"], None, None, cfg),
+            ),
+            "r4": (
+                _linear_error(cat["down_in"], wd, _had, cfg),
+                _linear_error(cat["down_in"], wd, None, cfg),
+            ),
         }
         layers[str(i)] = {r: bool(w < wo_) for r, (w, wo_) in err.items()}
         layers[str(i)]["errors"] = {r: {"with": w, "without": wo_} for r, (w, wo_) in err.items()}
@@ -362,7 +463,9 @@ def export(model, path: str) -> dict:
 
     cfg = getattr(model, "longtune_roste_config", None)
     if cfg is None:
-        raise ValueError("longtune.quant.export: the model was not prepared with longtune.quant.prepare_roste")
+        raise ValueError(
+            "longtune.quant.export: the model was not prepared with longtune.quant.prepare_roste"
+        )
     qlin = _quant_linears(model)
     tensors, layout = {}, {}
     for name, mod in qlin.items():
@@ -371,18 +474,31 @@ def export(model, path: str) -> dict:
         w = mod.rotated_weight()
         gran = "per_group" if mod.weight_group_size else "per_token"
         codes, scales, zeros = torch.ops.longtune.rotate_quantize(
-            w.detach().float().contiguous(), mod.weight_bits, gran, mod.weight_group_size or 0, mod.weight_symmetric,
-            mod.weight_clip_ratio, False, 0)
+            w.detach().float().contiguous(),
+            mod.weight_bits,
+            gran,
+            mod.weight_group_size or 0,
+            mod.weight_symmetric,
+            mod.weight_clip_ratio,
+            False,
+            0,
+        )
         tensors[f"{name}.qweight"] = _pack(codes.cpu(), mod.weight_bits)
         tensors[f"{name}.scales"] = scales.cpu()
         tensors[f"{name}.zeros"] = zeros.cpu()
-        layout[name] = {"bits": mod.weight_bits, "shape": list(w.shape), "symmetric": mod.weight_symmetric,
-                        "dtype": str(w.dtype).replace("torch.", "")}
+        layout[name] = {
+            "bits": mod.weight_bits,
+            "shape": list(w.shape),
+            "symmetric": mod.weight_symmetric,
+            "dtype": str(w.dtype).replace("torch.", ""),
+        }
     skip = {f"{n}.weight" for n in layout}
     for name, t in model.state_dict().items():
         if name not in skip:
             tensors[name] = t.detach().cpu().contiguous()
-    save_file(tensors, path, metadata={"longtune_roste": cfg.to_json(), "layout": json.dumps(layout)})
+    save_file(
+        tensors, path, metadata={"longtune_roste": cfg.to_json(), "layout": json.dumps(layout)}
+    )
     nbytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith(".qweight"))
     return {"quantized_layers": len(layout), "packed_weight_bytes": nbytes, "path": path}
 
@@ -408,8 +524,10 @@ def load_exported(model, path: str):
     # files written before the quantizer state was part of the state dict have no `_extra_state`
     expected_missing = {f"{n}.weight" for n in layout} | {f"{n}._extra_state" for n in qlin}
     if set(missing) - expected_missing or unexpected:
-        raise ValueError(f"longtune.quant.load_exported: state mismatch (missing {sorted(set(missing) - expected_missing)},"
-                         f" unexpected {sorted(unexpected)})")
+        raise ValueError(
+            f"longtune.quant.load_exported: state mismatch (missing {sorted(set(missing) - expected_missing)},"
+            f" unexpected {sorted(unexpected)})"
+        )
     for name, info in layout.items():
         mod = qlin[name]
         codes = _unpack(tensors[f"{name}.qweight"], info["bits"], info["shape"], info["symmetric"])

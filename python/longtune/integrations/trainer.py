@@ -26,6 +26,7 @@ The callback steps ``SpIELScheduler`` after every optimizer step, writes its ``s
 ``spiel_scheduler.pt`` into every checkpoint folder, and restores it when training resumes from a
 checkpoint, so a resumed run continues exactly like an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,11 @@ from ..config import ChunkwiseConfig, SparseDeltaConfig, chunkwise_backward, get
 from ..train.sparse_delta import SpIELScheduler
 from ._common import hf_model
 
-__all__ = ["LongtuneTrainerMixin", "LongtuneTrainer", "SpIELCallback"]  # and LongtuneSFTTrainer (built on access)
+__all__ = [
+    "LongtuneTrainerMixin",
+    "LongtuneTrainer",
+    "SpIELCallback",
+]  # and LongtuneSFTTrainer (built on access)
 
 SCHEDULER_STATE_NAME = "spiel_scheduler.pt"
 
@@ -60,12 +65,21 @@ class SpIELCallback(TrainerCallback):
     ``resume_from`` if given, else from ``<output_dir>/checkpoint-<global step>`` (the folder the
     Trainer wrote at that step); a missing file is an error, not a silent restart of the schedule."""
 
-    def __init__(self, scheduler: SpIELScheduler | None = None, *, resume_from: str | os.PathLike | None = None,
-                 **scheduler_options):
+    def __init__(
+        self,
+        scheduler: SpIELScheduler | None = None,
+        *,
+        resume_from: str | os.PathLike | None = None,
+        **scheduler_options,
+    ):
         if scheduler is not None and scheduler_options:
-            raise TypeError("SpIELCallback: pass either a SpIELScheduler or the options to build one, not both")
+            raise TypeError(
+                "SpIELCallback: pass either a SpIELScheduler or the options to build one, not both"
+            )
         if scheduler is not None and not isinstance(scheduler, SpIELScheduler):
-            raise TypeError(f"SpIELCallback: expected a SpIELScheduler, got {type(scheduler).__name__}")
+            raise TypeError(
+                f"SpIELCallback: expected a SpIELScheduler, got {type(scheduler).__name__}"
+            )
         self.scheduler = scheduler
         self.scheduler_options = scheduler_options
         self.resume_from = resume_from
@@ -77,15 +91,21 @@ class SpIELCallback(TrainerCallback):
         elif self.scheduler.optimizer is None:
             self.scheduler.optimizer = opt
         elif opt is not None and self.scheduler.optimizer is not opt:
-            raise ValueError("SpIELCallback: the SpIELScheduler was built over another optimizer than the Trainer's; "
-                             "pass the same optimizer to the Trainer (optimizers=(opt, None)) or build the "
-                             "scheduler without one")
+            raise ValueError(
+                "SpIELCallback: the SpIELScheduler was built over another optimizer than the Trainer's; "
+                "pass the same optimizer to the Trainer (optimizers=(opt, None)) or build the "
+                "scheduler without one"
+            )
         if state.global_step > 0:  # resumed from a checkpoint
-            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            folder = self.resume_from or os.path.join(
+                args.output_dir, f"checkpoint-{state.global_step}"
+            )
             path = os.path.join(folder, SCHEDULER_STATE_NAME)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"SpIELCallback: resuming at step {state.global_step}, but {path} does not "
-                                        "exist; pass SpIELCallback(..., resume_from=<checkpoint folder>)")
+                raise FileNotFoundError(
+                    f"SpIELCallback: resuming at step {state.global_step}, but {path} does not "
+                    "exist; pass SpIELCallback(..., resume_from=<checkpoint folder>)"
+                )
             self.scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -109,18 +129,24 @@ _IGNORED_KEYS = {"completion_mask", "assistant_masks", "use_cache"}
 def _chunkwise_inputs(inputs: dict):
     ids, labels = inputs.get("input_ids"), inputs.get("labels")
     if ids is None or labels is None:
-        raise ValueError("LongtuneTrainer: chunk-wise training (ChunkwiseConfig) needs batches with input_ids and "
-                         f"labels; got keys {sorted(inputs)}")
+        raise ValueError(
+            "LongtuneTrainer: chunk-wise training (ChunkwiseConfig) needs batches with input_ids and "
+            f"labels; got keys {sorted(inputs)}"
+        )
     extra = sorted(set(inputs) - _CHUNKWISE_KEYS - _IGNORED_KEYS)
     if extra:
-        raise ValueError(f"LongtuneTrainer: chunk-wise training takes input_ids, labels and attention_mask; the batch "
-                         f"also has {extra}, which it cannot pass to the chunks")
+        raise ValueError(
+            f"LongtuneTrainer: chunk-wise training takes input_ids, labels and attention_mask; the batch "
+            f"also has {extra}, which it cannot pass to the chunks"
+        )
     pos = inputs.get("position_ids")
     if pos is not None:
         want = torch.arange(ids.shape[-1], device=pos.device)
         if not bool((pos == want).all()):
-            raise ValueError("LongtuneTrainer: chunk-wise training needs position_ids 0..N-1 in every row (packed "
-                             "sequences, e.g. padding-free collators, are not supported); got other position_ids")
+            raise ValueError(
+                "LongtuneTrainer: chunk-wise training needs position_ids 0..N-1 in every row (packed "
+                "sequences, e.g. padding-free collators, are not supported); got other position_ids"
+            )
     return ids, labels, inputs.get("attention_mask")
 
 
@@ -134,8 +160,11 @@ class LongtuneTrainerMixin:
         super().__init__(*args, **kwargs)
         self._longtune_step = (None, 0)  # (global step, micro-batches run in it)
         sparse = get_config(self.model, SparseDeltaConfig)
-        if sparse is not None and sparse.update_every is not None and \
-                not any(isinstance(cb, SpIELCallback) for cb in self.callback_handler.callbacks):
+        if (
+            sparse is not None
+            and sparse.update_every is not None
+            and not any(isinstance(cb, SpIELCallback) for cb in self.callback_handler.callbacks)
+        ):
             self.add_callback(SpIELCallback(**sparse.scheduler_options()))
 
     @property
@@ -150,25 +179,37 @@ class LongtuneTrainerMixin:
         self._longtune_step = (step, micro + 1)
         if cfg.method != "spaco":
             return None
-        return torch.Generator().manual_seed((int(cfg.seed) * 1_000_003 + int(step)) * 1_009 + micro)
+        return torch.Generator().manual_seed(
+            (int(cfg.seed) * 1_000_003 + int(step)) * 1_009 + micro
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
         cfg = self.chunkwise_config
         if cfg is None:
             return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         if self.args.n_gpu > 1:
-            raise ValueError("LongtuneTrainer: chunk-wise training does not support torch.nn.DataParallel (n_gpu > 1); "
-                             "launch one process per device (torchrun / accelerate launch)")
+            raise ValueError(
+                "LongtuneTrainer: chunk-wise training does not support torch.nn.DataParallel (n_gpu > 1); "
+                "launch one process per device (torchrun / accelerate launch)"
+            )
         if getattr(self.accelerator, "scaler", None) is not None:
-            raise ValueError("LongtuneTrainer: chunk-wise training does not support fp16 loss scaling; use bf16=True "
-                             "or full precision")
+            raise ValueError(
+                "LongtuneTrainer: chunk-wise training does not support fp16 loss scaling; use bf16=True "
+                "or full precision"
+            )
         base = hf_model(self.model, "LongtuneTrainer")
         if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
             # transformers drops the cache under activation checkpointing, and a chunk-wise step keeps one
             # chunk's activations anyway (trl's SFTConfig turns checkpointing on by default)
-            warnings.warn("LongtuneTrainer: activation checkpointing is turned off for chunk-wise training "
-                          "(ChunkwiseConfig); set gradient_checkpointing=False to silence this", stacklevel=2)
-            disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            warnings.warn(
+                "LongtuneTrainer: activation checkpointing is turned off for chunk-wise training "
+                "(ChunkwiseConfig); set gradient_checkpointing=False to silence this",
+                stacklevel=2,
+            )
+            disable = (
+                getattr(base, "activation_checkpointing_disable", None)
+                or base.gradient_checkpointing_disable
+            )
             disable()
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
@@ -176,12 +217,21 @@ class LongtuneTrainerMixin:
         inputs = self._prepare_inputs(inputs)
         ids, labels, mask = _chunkwise_inputs(inputs)
         denom = num_items_in_batch
-        if denom is None:  # each micro-batch's mean loss, divided by the accumulation steps (as Trainer does)
+        if (
+            denom is None
+        ):  # each micro-batch's mean loss, divided by the accumulation steps (as Trainer does)
             denom = int((labels[..., 1:] != -100).sum()) * self.current_gradient_accumulation_steps
         generator = self._spaco_generator(cfg)
         with self.compute_loss_context_manager():
-            loss = chunkwise_backward(model, ids, labels, attention_mask=mask, num_items_in_batch=denom,
-                                      generator=generator, config=cfg)
+            loss = chunkwise_backward(
+                model,
+                ids,
+                labels,
+                attention_mask=mask,
+                num_items_in_batch=denom,
+                generator=generator,
+                config=cfg,
+            )
         return loss.detach()
 
 
@@ -199,7 +249,9 @@ def __getattr__(name):  # trl is imported only when its trainer is asked for
             try:
                 from trl import SFTTrainer
             except ImportError as e:
-                raise ImportError("longtune.integrations.trainer.LongtuneSFTTrainer needs trl (pip install trl)") from e
+                raise ImportError(
+                    "longtune.integrations.trainer.LongtuneSFTTrainer needs trl (pip install trl)"
+                ) from e
 
             class LongtuneSFTTrainer(LongtuneTrainerMixin, SFTTrainer):
                 """``trl.SFTTrainer`` for models set up with :func:`longtune.apply` (see the module docstring)."""

@@ -6,6 +6,7 @@
   (SQA), GQA/MQA key/value sharing, optional rotary embedding, and factory helpers for the SQA
   variants (``sqa``, ``ssqa``, ``xsqa``, ``xsmqa``, ``rsqa``) relative to a baseline head count.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Union
@@ -25,7 +26,9 @@ def s2_group_size(seqlen: int, ratio: float) -> int:
     return max(2, g)
 
 
-def check_s2_options(caller: str, group_size_ratio: float, mode: str, group_size: Optional[int] = None) -> None:
+def check_s2_options(
+    caller: str, group_size_ratio: float, mode: str, group_size: Optional[int] = None
+) -> None:
     """Validates LongLoRA's options (``group_size_ratio`` in (0, 1]; ``mode`` and a fixed
     ``group_size`` as :class:`AttentionMask` accepts them), errors prefixed with ``caller``."""
     if not 0 < group_size_ratio <= 1:
@@ -36,8 +39,16 @@ def check_s2_options(caller: str, group_size_ratio: float, mode: str, group_size
         raise type(e)(f"{caller}: mode={mode!r}, group_size={group_size!r}: {e}") from None
 
 
-def s2_mask(*, training: bool, s2_in_eval: bool, mode: str, group_size: Optional[int], group_size_ratio: float,
-            seqlen: Union[int, Callable[[], int]], causal: bool = True) -> AttentionMask:
+def s2_mask(
+    *,
+    training: bool,
+    s2_in_eval: bool,
+    mode: str,
+    group_size: Optional[int],
+    group_size_ratio: float,
+    seqlen: Union[int, Callable[[], int]],
+    causal: bool = True,
+) -> AttentionMask:
     """LongLoRA's rule (shared by :class:`S2Attention` and ``longtune.patch(model, attention="s2")``):
     S^2-Attn while training (or always with ``s2_in_eval``) with groups of ``group_size``, else of
     ``s2_group_size(seqlen, group_size_ratio)``; plain (causal) attention in eval -- LongLoRA trains
@@ -63,9 +74,16 @@ class S2Attention(nn.Module):
     ``softcap``: logit softcapping of the scores (c * tanh(s / c), as Gemma-2), in train and eval.
     """
 
-    def __init__(self, group_size_ratio: float = 0.25, mode: str = "leakfree", s2_in_eval: bool = False,
-                 causal: bool = True, group_size: Optional[int] = None, softmax_scale: Optional[float] = None,
-                 softcap: Optional[float] = None):
+    def __init__(
+        self,
+        group_size_ratio: float = 0.25,
+        mode: str = "leakfree",
+        s2_in_eval: bool = False,
+        causal: bool = True,
+        group_size: Optional[int] = None,
+        softmax_scale: Optional[float] = None,
+        softcap: Optional[float] = None,
+    ):
         super().__init__()
         check_s2_options("S2Attention", group_size_ratio, mode, group_size)
         self.group_size_ratio = group_size_ratio
@@ -75,21 +93,41 @@ class S2Attention(nn.Module):
         self.group_size = group_size
         self.softmax_scale = softmax_scale
         if softcap is not None and not softcap >= 0:
-            raise ValueError(f"S2Attention: softcap must be > 0 (or None for no capping), got {softcap}")
+            raise ValueError(
+                f"S2Attention: softcap must be > 0 (or None for no capping), got {softcap}"
+            )
         self.softcap = softcap or None
 
     def extra_repr(self) -> str:
-        g = f"group_size={self.group_size}" if self.group_size else f"group_size_ratio={self.group_size_ratio}"
+        g = (
+            f"group_size={self.group_size}"
+            if self.group_size
+            else f"group_size_ratio={self.group_size_ratio}"
+        )
         cap = f", softcap={self.softcap}" if self.softcap else ""
         return f"{g}, mode={self.mode!r}, s2_in_eval={self.s2_in_eval}, causal={self.causal}{cap}"
 
     def forward(self, q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
-        mask = s2_mask(training=self.training, s2_in_eval=self.s2_in_eval, mode=self.mode,
-                       group_size=self.group_size, group_size_ratio=self.group_size_ratio, causal=self.causal,
-                       seqlen=lambda: self._longest(q, cu_seqlens, max_seqlen))
-        return sparse_attention(q, k, v, mask=mask, softmax_scale=self.softmax_scale,
-                                key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                softcap=self.softcap)
+        mask = s2_mask(
+            training=self.training,
+            s2_in_eval=self.s2_in_eval,
+            mode=self.mode,
+            group_size=self.group_size,
+            group_size_ratio=self.group_size_ratio,
+            causal=self.causal,
+            seqlen=lambda: self._longest(q, cu_seqlens, max_seqlen),
+        )
+        return sparse_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            softmax_scale=self.softmax_scale,
+            key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            softcap=self.softcap,
+        )
 
     @staticmethod
     def _longest(q, cu_seqlens, max_seqlen) -> int:
@@ -100,8 +138,10 @@ class S2Attention(nn.Module):
             return int(max_seqlen)
         if torch.compiler.is_compiling():
             # the kernel's group size is a plain int; a compiled graph cannot read it from data
-            raise ValueError("S2Attention: with cu_seqlens under torch.compile, pass max_seqlen (the longest "
-                             "sequence) or construct the module with a fixed group_size")
+            raise ValueError(
+                "S2Attention: with cu_seqlens under torch.compile, pass max_seqlen (the longest "
+                "sequence) or construct the module with a fixed group_size"
+            )
         return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
@@ -113,7 +153,7 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.
     ang = positions.to(torch.float32)[:, None] * inv[None]
     cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None].to(x.dtype)
     sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None].to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
@@ -132,29 +172,54 @@ class SparseQueryAttention(nn.Module):
     ``forward(x, key_padding_mask=None, positions=None)`` with x (B, N, d_model).
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_query_heads: int, num_kv_heads: int,
-                 head_dim: Optional[int] = None, *, bias: bool = False, rotary: bool = True,
-                 rope_theta: float = 10000.0, causal: bool = True, s2_group_size: Optional[int] = None,
-                 s2_mode: str = "leakfree", window=None, n_global: int = 0, softcap: Optional[float] = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_query_heads: int,
+        num_kv_heads: int,
+        head_dim: Optional[int] = None,
+        *,
+        bias: bool = False,
+        rotary: bool = True,
+        rope_theta: float = 10000.0,
+        causal: bool = True,
+        s2_group_size: Optional[int] = None,
+        s2_mode: str = "leakfree",
+        window=None,
+        n_global: int = 0,
+        softcap: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if head_dim is None:
             if num_heads < 1 or d_model % num_heads:
-                raise ValueError(f"SparseQueryAttention: d_model={d_model} is not divisible by num_heads={num_heads} "
-                                 "(or pass head_dim)")
+                raise ValueError(
+                    f"SparseQueryAttention: d_model={d_model} is not divisible by num_heads={num_heads} "
+                    "(or pass head_dim)"
+                )
             head_dim = d_model // num_heads
         if head_dim < 1:
             raise ValueError(f"SparseQueryAttention: head_dim must be >= 1, got {head_dim}")
         if num_query_heads < 1 or num_kv_heads < 1:
-            raise ValueError("SparseQueryAttention: num_query_heads and num_kv_heads must be >= 1, got "
-                             f"{num_query_heads} and {num_kv_heads}")
+            raise ValueError(
+                "SparseQueryAttention: num_query_heads and num_kv_heads must be >= 1, got "
+                f"{num_query_heads} and {num_kv_heads}"
+            )
         if num_query_heads % num_kv_heads and num_kv_heads % num_query_heads:
-            raise ValueError(f"SparseQueryAttention: num_query_heads={num_query_heads} and num_kv_heads="
-                             f"{num_kv_heads} must divide one another")
+            raise ValueError(
+                f"SparseQueryAttention: num_query_heads={num_query_heads} and num_kv_heads="
+                f"{num_kv_heads} must divide one another"
+            )
         if softcap is not None and not softcap >= 0:
-            raise ValueError(f"SparseQueryAttention: softcap must be > 0 (or None for no capping), got {softcap}")
+            raise ValueError(
+                f"SparseQueryAttention: softcap must be > 0 (or None for no capping), got {softcap}"
+            )
         if rotary and head_dim % 2:
-            raise ValueError(f"SparseQueryAttention: rotary embedding needs an even head_dim, got {head_dim}")
+            raise ValueError(
+                f"SparseQueryAttention: rotary embedding needs an even head_dim, got {head_dim}"
+            )
         kw = dict(device=device, dtype=dtype)
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.num_query_heads, self.num_kv_heads = num_query_heads, num_kv_heads
@@ -164,8 +229,14 @@ class SparseQueryAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias, **kw)
         self.o_proj = nn.Linear(self.out_heads * head_dim, d_model, bias=bias, **kw)
         self.rotary, self.rope_theta = rotary, rope_theta
-        self.attn_kwargs = dict(causal=causal, s2_group_size=s2_group_size, s2_mode=s2_mode, window=window,
-                                n_global=n_global, softcap=softcap or None)
+        self.attn_kwargs = dict(
+            causal=causal,
+            s2_group_size=s2_group_size,
+            s2_mode=s2_mode,
+            window=window,
+            n_global=n_global,
+            softcap=softcap or None,
+        )
 
     # ---- the SQA variants, relative to a baseline of `num_heads` heads
     VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "rsqa")
@@ -178,20 +249,34 @@ class SparseQueryAttention(nn.Module):
         h = num_heads
         if h < 4 or h % 4:
             raise ValueError(f"SQA variants need a baseline head count divisible by 4, got {h}")
-        table = {"mha": (h, h), "gqa": (h, h // 4), "mqa": (h, 1), "sqa": (h // 2, h // 4), "ssqa": (h // 2, h // 2),
-                 "xsqa": (h // 4, h // 4), "xsmqa": (h // 4, 1), "rsqa": (h // 4, h // 2)}
+        table = {
+            "mha": (h, h),
+            "gqa": (h, h // 4),
+            "mqa": (h, 1),
+            "sqa": (h // 2, h // 4),
+            "ssqa": (h // 2, h // 2),
+            "xsqa": (h // 4, h // 4),
+            "xsmqa": (h // 4, 1),
+            "rsqa": (h // 4, h // 2),
+        }
         if variant not in table:
-            raise ValueError(f"unknown SQA variant {variant!r}; one of {SparseQueryAttention.VARIANTS}")
+            raise ValueError(
+                f"unknown SQA variant {variant!r}; one of {SparseQueryAttention.VARIANTS}"
+            )
         hq, hkv = table[variant]
         if num_query_heads is not None and variant in ("xsqa", "xsmqa"):
             if num_query_heads > h // 4:
-                raise ValueError(f"{variant}: num_query_heads must be <= H/4 = {h // 4}, got {num_query_heads}")
+                raise ValueError(
+                    f"{variant}: num_query_heads must be <= H/4 = {h // 4}, got {num_query_heads}"
+                )
             hq = num_query_heads
             hkv = hq if variant == "xsqa" else 1
         return hq, hkv
 
     @classmethod
-    def from_variant(cls, variant: str, d_model: int, num_heads: int, **kwargs) -> "SparseQueryAttention":
+    def from_variant(
+        cls, variant: str, d_model: int, num_heads: int, **kwargs
+    ) -> "SparseQueryAttention":
         hq, hkv = cls.variant_heads(variant, num_heads, kwargs.pop("num_query_heads", None))
         return cls(d_model, num_heads, hq, hkv, **kwargs)
 
@@ -216,13 +301,21 @@ class SparseQueryAttention(nn.Module):
         return cls.from_variant("rsqa", d_model, num_heads, **kw)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_query_heads={self.num_query_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rotary={self.rotary}")
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, num_query_heads={self.num_query_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rotary={self.rotary}"
+        )
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"SparseQueryAttention: x must be (batch, seqlen, {self.d_model}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"SparseQueryAttention: x must be (batch, seqlen, {self.d_model}), got {tuple(x.shape)}"
+            )
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_query_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)

@@ -1,5 +1,6 @@
 """``ChunkedLMHead``: a drop-in for ``lm_head`` + cross-entropy whose memory does not grow with the
 vocabulary (``longtune.linear_cross_entropy``: the logits are never materialised)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -10,10 +11,20 @@ from torch import nn
 from ..ops.cross_entropy import linear_cross_entropy
 
 
-def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   bias: Optional[torch.Tensor] = None, *, shift: bool = True, rows: Optional[torch.Tensor] = None,
-                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                   z_loss: float = 0.0, softcap: Optional[float] = None):
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    shift: bool = True,
+    rows: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+):
     """The causal-LM loss through :func:`longtune.linear_cross_entropy` (logits never materialised),
     shared by :class:`ChunkedLMHead` and ``longtune.patch(model, lm_head="fused_ce")``: with ``shift``
     position t of ``hidden`` (.., N, d) predicts ``labels[..., t + 1]`` (the last position has no
@@ -23,8 +34,18 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
         if rows is not None:
             rows = rows[..., 1:]
-    return linear_cross_entropy(hidden, weight, labels, bias, ignore_index=ignore_index, reduction=reduction,
-                                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, rows=rows)
+    return linear_cross_entropy(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        rows=rows,
+    )
 
 
 class ChunkedLMHead(nn.Module):
@@ -35,24 +56,53 @@ class ChunkedLMHead(nn.Module):
     materialising the logits. Options as in :func:`longtune.linear_cross_entropy`; ``rows`` selects
     positions (e.g. answer tokens only)."""
 
-    def __init__(self, lm_head: nn.Linear, *, ignore_index: int = -100, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: Optional[float] = None, shift: bool = True):
+    def __init__(
+        self,
+        lm_head: nn.Linear,
+        *,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        shift: bool = True,
+    ):
         super().__init__()
         if not isinstance(lm_head, nn.Linear):
             raise TypeError(f"ChunkedLMHead wraps an nn.Linear, got {type(lm_head).__name__}")
         self.head = lm_head
-        self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = ignore_index, label_smoothing, z_loss, softcap
+        self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = (
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+        )
         self.shift = shift
 
     @property
     def weight(self):
         return self.head.weight
 
-    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, *, reduction: str = "mean",
-                rows: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        reduction: str = "mean",
+        rows: Optional[torch.Tensor] = None,
+    ):
         if labels is None:
             logits = self.head(hidden)
             return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
-        return causal_lm_loss(hidden, self.head.weight, labels, self.head.bias, shift=self.shift, rows=rows,
-                              ignore_index=self.ignore_index, reduction=reduction,
-                              label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
+        return causal_lm_loss(
+            hidden,
+            self.head.weight,
+            labels,
+            self.head.bias,
+            shift=self.shift,
+            rows=rows,
+            ignore_index=self.ignore_index,
+            reduction=reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+        )

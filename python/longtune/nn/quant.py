@@ -17,6 +17,7 @@ State dict: ``weight``, ``bias`` and ``_extra_state``, the quantizer configurati
 ``prerotated_weight`` / ``weight_is_quantized`` flags as UTF-8 JSON in a uint8 tensor (a tensor, so
 that safetensors and ``save_pretrained`` store it); loading it sets them on the module.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,26 @@ from ..ops.quant import rotate_fake_quant
 
 
 class RotatedQuantLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, act_bits: int = 4,
-                 weight_bits: int = 4, weight_group_size: int | None = None, act_clip_ratio: float = 1.0,
-                 weight_clip_ratio: float = 1.0, act_symmetric: bool = True, weight_symmetric: bool = True,
-                 rotate: bool = True, hadamard_size: int | None = None, ste: str = "identity",
-                 prerotated_weight: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        act_bits: int = 4,
+        weight_bits: int = 4,
+        weight_group_size: int | None = None,
+        act_clip_ratio: float = 1.0,
+        weight_clip_ratio: float = 1.0,
+        act_symmetric: bool = True,
+        weight_symmetric: bool = True,
+        rotate: bool = True,
+        hadamard_size: int | None = None,
+        ste: str = "identity",
+        prerotated_weight: bool = False,
+        device=None,
+        dtype=None,
+    ):
         # an nn.Linear subclass: peft (LoRA & co.) and other Linear-aware tools accept it
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.act_bits, self.weight_bits = act_bits, weight_bits
@@ -48,9 +64,20 @@ class RotatedQuantLinear(nn.Linear):
             # fail early, with the Hadamard op's message, when in_features has no supported factor
             hadamard_transform(torch.zeros(1, hadamard_size or in_features), 1.0)
 
-    _STATE_FIELDS = ("act_bits", "weight_bits", "weight_group_size", "act_clip_ratio", "weight_clip_ratio",
-                     "act_symmetric", "weight_symmetric", "rotate", "hadamard_size", "ste", "prerotated_weight",
-                     "weight_is_quantized")
+    _STATE_FIELDS = (
+        "act_bits",
+        "weight_bits",
+        "weight_group_size",
+        "act_clip_ratio",
+        "weight_clip_ratio",
+        "act_symmetric",
+        "weight_symmetric",
+        "rotate",
+        "hadamard_size",
+        "ste",
+        "prerotated_weight",
+        "weight_is_quantized",
+    )
 
     def get_extra_state(self) -> torch.Tensor:
         cfg = {"format_version": 1, **{k: getattr(self, k) for k in self._STATE_FIELDS}}
@@ -60,10 +87,14 @@ class RotatedQuantLinear(nn.Linear):
         if torch.is_tensor(state):
             state = json.loads(bytes(state.to(torch.uint8).cpu().tolist()).decode())
         if not isinstance(state, dict):
-            raise TypeError(f"RotatedQuantLinear: unreadable _extra_state of type {type(state).__name__}")
+            raise TypeError(
+                f"RotatedQuantLinear: unreadable _extra_state of type {type(state).__name__}"
+            )
         unknown = set(state) - set(self._STATE_FIELDS) - {"format_version"}
         if unknown:
-            raise ValueError(f"RotatedQuantLinear: unknown fields {sorted(unknown)} in _extra_state")
+            raise ValueError(
+                f"RotatedQuantLinear: unknown fields {sorted(unknown)} in _extra_state"
+            )
         for k in self._STATE_FIELDS:
             if k in state:
                 setattr(self, k, state[k])
@@ -71,8 +102,14 @@ class RotatedQuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "RotatedQuantLinear":
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **kwargs,
+        )
         with torch.no_grad():
             m.weight.copy_(linear.weight)
             if linear.bias is not None:
@@ -82,7 +119,9 @@ class RotatedQuantLinear(nn.Linear):
     def _rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
         # W R^T: rows of W rotated like activations (block-diagonal when hadamard_size is set)
         h = self.hadamard_size or self.in_features
-        return hadamard_transform(w.reshape(self.out_features, self.in_features // h, h)).reshape(w.shape)
+        return hadamard_transform(w.reshape(self.out_features, self.in_features // h, h)).reshape(
+            w.shape
+        )
 
     def rotated_weight(self) -> torch.Tensor:
         if not self.rotate or self.prerotated_weight:
@@ -113,22 +152,41 @@ class RotatedQuantLinear(nn.Linear):
         w = self.rotated_weight()
         if self.weight_bits is None or self.weight_is_quantized:
             return w
-        return rotate_fake_quant(w, bits=self.weight_bits,
-                                 granularity="per_group" if self.weight_group_size else "per_token",
-                                 group_size=self.weight_group_size, symmetric=self.weight_symmetric,
-                                 clip_ratio=self.weight_clip_ratio, rotate=False, ste=self.ste)
+        return rotate_fake_quant(
+            w,
+            bits=self.weight_bits,
+            granularity="per_group" if self.weight_group_size else "per_token",
+            group_size=self.weight_group_size,
+            symmetric=self.weight_symmetric,
+            clip_ratio=self.weight_clip_ratio,
+            rotate=False,
+            ste=self.ste,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
-            xq = hadamard_transform(x.reshape(*x.shape[:-1], -1, self.hadamard_size or self.in_features)).reshape(
-                x.shape) if self.rotate else x
+            xq = (
+                hadamard_transform(
+                    x.reshape(*x.shape[:-1], -1, self.hadamard_size or self.in_features)
+                ).reshape(x.shape)
+                if self.rotate
+                else x
+            )
         else:
-            xq = rotate_fake_quant(x, bits=self.act_bits, symmetric=self.act_symmetric,
-                                   clip_ratio=self.act_clip_ratio, rotate=self.rotate,
-                                   hadamard_size=self.hadamard_size, ste=self.ste)
+            xq = rotate_fake_quant(
+                x,
+                bits=self.act_bits,
+                symmetric=self.act_symmetric,
+                clip_ratio=self.act_clip_ratio,
+                rotate=self.rotate,
+                hadamard_size=self.hadamard_size,
+                ste=self.ste,
+            )
         return nn.functional.linear(xq, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"W{self.weight_bits}A{self.act_bits}, rotate={self.rotate}, prerotated_weight={self.prerotated_weight}, "
-                f"ste={self.ste!r}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"W{self.weight_bits}A{self.act_bits}, rotate={self.rotate}, prerotated_weight={self.prerotated_weight}, "
+            f"ste={self.ste!r}"
+        )

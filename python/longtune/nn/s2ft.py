@@ -12,6 +12,7 @@ trained block, so that safetensors and ``save_pretrained`` see no shared storage
 ``original_part`` (the block before training: ``adapter()`` / ``unfuse()`` still work after
 loading). Loading writes ``part`` into the block of ``base.weight`` and keeps ``part`` a view of it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,7 @@ class _S2FTFn(torch.autograd.Function):
         gx = gy @ weight if ctx.needs_input_grad[0] else None
         gpart = None
         if ctx.needs_input_grad[1]:
-            gpart = g2[:, ctx.lo:ctx.hi].T @ x2 if ctx.dim == "out" else g2.T @ x2
+            gpart = g2[:, ctx.lo : ctx.hi].T @ x2 if ctx.dim == "out" else g2.T @ x2
         gb = g2.sum(0) if ctx.bias_grad else None
         return gx, gpart, None, gb, None, None, None
 
@@ -49,8 +50,10 @@ class S2FTLinear(nn.Module):
             raise ValueError(f"S2FTLinear: dim must be 'out' (rows) or 'in' (columns), got {dim!r}")
         size = base.out_features if dim == "out" else base.in_features
         if not (0 <= lo < hi <= size):
-            raise ValueError(f"S2FTLinear: the trainable block [{lo}, {hi}) must be a non-empty range inside "
-                             f"[0, {size}) ({'out' if dim == 'out' else 'in'}_features)")
+            raise ValueError(
+                f"S2FTLinear: the trainable block [{lo}, {hi}) must be a non-empty range inside "
+                f"[0, {size}) ({'out' if dim == 'out' else 'in'}_features)"
+            )
         self.base, self.lo, self.hi, self.dim = base, lo, hi, dim
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -63,7 +66,7 @@ class S2FTLinear(nn.Module):
 
     def _block(self) -> torch.Tensor:
         w = self.base.weight.data
-        return w[self.lo:self.hi] if self.dim == "out" else w[:, self.lo:self.hi]
+        return w[self.lo : self.hi] if self.dim == "out" else w[:, self.lo : self.hi]
 
     @property
     def in_features(self):
@@ -89,11 +92,15 @@ class S2FTLinear(nn.Module):
     def fuse(self, delta: torch.Tensor) -> None:
         """Apply an adapter (from ``unfuse`` / ``adapter``) to the block, in place."""
         if delta.shape != self.part.shape:
-            raise ValueError(f"S2FTLinear.fuse: adapter shape {tuple(delta.shape)} != block {tuple(self.part.shape)}")
+            raise ValueError(
+                f"S2FTLinear.fuse: adapter shape {tuple(delta.shape)} != block {tuple(self.part.shape)}"
+            )
         self.part.copy_(self.original_part + delta.to(self.part))
 
     def forward(self, x):
-        return _S2FTFn.apply(x, self.part, self.base.weight, self.base.bias, self.lo, self.hi, self.dim)
+        return _S2FTFn.apply(
+            x, self.part, self.base.weight, self.base.bias, self.lo, self.hi, self.dim
+        )
 
     def extra_repr(self):
         return f"{self.base.in_features} -> {self.base.out_features}, trainable {self.dim} [{self.lo}, {self.hi})"
@@ -174,27 +181,59 @@ class S2FTMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
-        up, down, gate = getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None), getattr(mlp, "gate_proj", None)
-        if not (isinstance(up, S2FTLinear) and isinstance(down, S2FTLinear) and isinstance(gate, nn.Linear)):
-            raise TypeError("S2FTMLP: expected an MLP with gate_proj (nn.Linear) and up_proj / down_proj (S2FTLinear)")
-        if not (up.dim == "out" and down.dim == "in" and up.lo == 0 and down.lo == 0 and up.hi == down.hi):
-            raise ValueError("S2FTMLP: up_proj must train rows [0, n) and down_proj columns [0, n) with the same n, got "
-                             f"up {up.dim} [{up.lo}, {up.hi}), down {down.dim} [{down.lo}, {down.hi})")
-        if gate.weight.requires_grad or any(m.base.bias is not None for m in (up, down)) or gate.bias is not None:
+        up, down, gate = (
+            getattr(mlp, "up_proj", None),
+            getattr(mlp, "down_proj", None),
+            getattr(mlp, "gate_proj", None),
+        )
+        if not (
+            isinstance(up, S2FTLinear)
+            and isinstance(down, S2FTLinear)
+            and isinstance(gate, nn.Linear)
+        ):
+            raise TypeError(
+                "S2FTMLP: expected an MLP with gate_proj (nn.Linear) and up_proj / down_proj (S2FTLinear)"
+            )
+        if not (
+            up.dim == "out"
+            and down.dim == "in"
+            and up.lo == 0
+            and down.lo == 0
+            and up.hi == down.hi
+        ):
+            raise ValueError(
+                "S2FTMLP: up_proj must train rows [0, n) and down_proj columns [0, n) with the same n, got "
+                f"up {up.dim} [{up.lo}, {up.hi}), down {down.dim} [{down.lo}, {down.hi})"
+            )
+        if (
+            gate.weight.requires_grad
+            or any(m.base.bias is not None for m in (up, down))
+            or gate.bias is not None
+        ):
             raise ValueError("S2FTMLP: gate_proj must be frozen and the projections bias-free")
         act = getattr(mlp, "act_fn", None)
-        hf_silu = type(act).__name__ == "SiLUActivation" and type(act).__module__.startswith("transformers")
+        hf_silu = type(act).__name__ == "SiLUActivation" and type(act).__module__.startswith(
+            "transformers"
+        )
         if not (isinstance(act, nn.SiLU) or act is nn.functional.silu or hf_silu):
-            raise ValueError(f"S2FTMLP: only SiLU gated MLPs are fused, got activation {type(act).__name__}")
+            raise ValueError(
+                f"S2FTMLP: only SiLU gated MLPs are fused, got activation {type(act).__name__}"
+            )
         self.gate_proj, self.up_proj, self.down_proj = gate, up, down
         self.__dict__["_mlp"] = mlp  # the module it replaces (not a submodule), for ``unload``
 
     def unload(self) -> nn.Module:
         """The plain MLP it replaced, with plain linear layers holding the trained weights."""
         mlp = self.__dict__["_mlp"]
-        mlp.gate_proj, mlp.up_proj, mlp.down_proj = self.gate_proj, self.up_proj.base, self.down_proj.base
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+            self.gate_proj,
+            self.up_proj.base,
+            self.down_proj.base,
+        )
         return mlp
 
     def forward(self, x):
         up, down = self.up_proj, self.down_proj
-        return _S2FTMLPFn.apply(x, up.part, down.part, self.gate_proj.weight, up.base.weight, down.base.weight, up.hi)
+        return _S2FTMLPFn.apply(
+            x, up.part, down.part, self.gate_proj.weight, up.base.weight, down.base.weight, up.hi
+        )

@@ -16,6 +16,7 @@ Loading accepts any number of deltas (the indices may differ from the module's o
 replaced, and ``values`` keeps its Parameter identity, so an optimizer built over the module stays
 attached) and re-patches the base weight.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,11 @@ class _SparseDeltaFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, merged, indices = ctx.saved_tensors
         gx = gy @ merged if ctx.needs_input_grad[0] else None
-        gv = sparse_delta_grad(gy.contiguous(), x.contiguous(), indices, x.shape[-1]) if ctx.needs_input_grad[1] \
+        gv = (
+            sparse_delta_grad(gy.contiguous(), x.contiguous(), indices, x.shape[-1])
+            if ctx.needs_input_grad[1]
             else None
+        )
         gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.bias_grad else None
         collect = getattr(ctx.owner, "_collect", None)
         if collect is not None:  # growth statistics for a prune / regrow schedule
@@ -46,13 +50,22 @@ class _SparseDeltaFn(torch.autograd.Function):
 
 
 class SparseDeltaLinear(nn.Module):
-    def __init__(self, base: nn.Linear, *, density: float = 0.01, num_deltas: int | None = None,
-                 lora_rank: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        density: float = 0.01,
+        num_deltas: int | None = None,
+        lora_rank: int | None = None,
+        seed: int | None = None,
+    ):
         """Budget: ``num_deltas``, else ``lora_rank`` (as many deltas as a LoRA of that rank has
         parameters: r * (in + out)), else ``density`` of the weight (default 1%)."""
         super().__init__()
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"SparseDeltaLinear: base must be an nn.Linear, got {type(base).__name__}")
+            raise TypeError(
+                f"SparseDeltaLinear: base must be an nn.Linear, got {type(base).__name__}"
+            )
         numel = base.weight.numel()
         if num_deltas is None and lora_rank is not None:
             if lora_rank < 0:
@@ -63,7 +76,9 @@ class SparseDeltaLinear(nn.Module):
                 raise ValueError(f"SparseDeltaLinear: density must be in (0, 1], got {density}")
             num_deltas = max(1, round(density * numel))
         if not (0 <= num_deltas <= numel):
-            raise ValueError(f"SparseDeltaLinear: num_deltas must be in [0, {numel}], got {num_deltas}")
+            raise ValueError(
+                f"SparseDeltaLinear: num_deltas must be in [0, {numel}], got {num_deltas}"
+            )
         self.base = base
         base.weight.requires_grad_(False)  # the base layer is frozen: only the deltas train
         if base.bias is not None:
@@ -71,8 +86,10 @@ class SparseDeltaLinear(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         idx = torch.randperm(numel, generator=gen)[:num_deltas].sort().values
         self.register_buffer("indices", idx.to(base.weight.device))
-        self.values = nn.Parameter(torch.zeros(num_deltas, dtype=base.weight.dtype, device=base.weight.device))
-        self._orig = None      # original base-weight entries at `indices` (k values)
+        self.values = nn.Parameter(
+            torch.zeros(num_deltas, dtype=base.weight.dtype, device=base.weight.device)
+        )
+        self._orig = None  # original base-weight entries at `indices` (k values)
         self._snapshot = None  # the values last written into the base weight
         self._collect = None  # set by longtune.train.sparse_delta.SpIELScheduler during its window
         self.register_buffer("_folded", None, persistent=False)
@@ -122,7 +139,9 @@ class SparseDeltaLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SparseDeltaFn.apply(x, self.values, self.merged_weight(), self.base.bias, self.indices, self)
+        return _SparseDeltaFn.apply(
+            x, self.values, self.merged_weight(), self.base.bias, self.indices, self
+        )
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -157,22 +176,29 @@ class SparseDeltaLinear(nn.Module):
         v = self.values.detach()
         return v + self._folded if self._folded is not None else v.clone()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        with torch.no_grad():  # the base storage goes back to W: the load may replace it, or only the deltas
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        with (
+            torch.no_grad()
+        ):  # the base storage goes back to W: the load may replace it, or only the deltas
             self._restore_base()
         ik, vk, fk = prefix + "indices", prefix + "values", prefix + "folded"
         idx, val, folded = state_dict.get(ik), state_dict.get(vk), state_dict.get(fk)
         rest = {k: v for k, v in state_dict.items() if k not in (ik, vk, fk)}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         for key, t in ((ik, idx), (vk, val)):  # handled here, not by the default loader
             if t is not None and key in missing_keys:
                 missing_keys.remove(key)
         if idx is None and val is None:
             return
         if idx is None or val is None:
-            error_msgs.append(f"{prefix}indices and {prefix}values must be loaded together (got only "
-                              f"{ik if idx is not None else vk})")
+            error_msgs.append(
+                f"{prefix}indices and {prefix}values must be loaded together (got only "
+                f"{ik if idx is not None else vk})"
+            )
             return
         err = self._check_deltas(idx, val)
         if err is None and folded is not None and folded.shape != val.shape:
@@ -190,21 +216,27 @@ class SparseDeltaLinear(nn.Module):
             else:  # another number of deltas: same Parameter object, new data
                 self.values.data = val.clone()
             self.indices = idx.detach().to(device=self.indices.device, dtype=torch.long).clone()
-            self._folded = None if folded is None else folded.detach().to(device=dev, dtype=dt).clone()
+            self._folded = (
+                None if folded is None else folded.detach().to(device=dev, dtype=dt).clone()
+            )
 
     def _check_deltas(self, idx: torch.Tensor, val: torch.Tensor):
         """None, or what is wrong with a set of deltas for this layer."""
         numel = self.base.weight.numel()
         if idx.dim() != 1 or val.dim() != 1 or idx.numel() != val.numel():
-            return (f"indices and values must be 1-D of equal size, got shapes {tuple(idx.shape)} and "
-                    f"{tuple(val.shape)}")
+            return (
+                f"indices and values must be 1-D of equal size, got shapes {tuple(idx.shape)} and "
+                f"{tuple(val.shape)}"
+            )
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             return f"indices must be integers, got {idx.dtype}"
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             return "indices must be strictly increasing"
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-            return (f"indices out of range for a {self.out_features} x {self.in_features} weight "
-                    f"(flat indices must be in [0, {numel}))")
+            return (
+                f"indices out of range for a {self.out_features} x {self.in_features} weight "
+                f"(flat indices must be in [0, {numel}))"
+            )
         return None
 
     @torch.no_grad()
@@ -215,23 +247,31 @@ class SparseDeltaLinear(nn.Module):
         SparseAdamW's exp_avg / exp_avg_sq / age, or torch.optim.AdamW's) follows the kept deltas;
         grown deltas start from zero state."""
         if keep.dtype != torch.bool or keep.shape != self.values.shape:
-            raise ValueError("SparseDeltaLinear.replace_deltas: keep must be a bool mask over the deltas")
+            raise ValueError(
+                "SparseDeltaLinear.replace_deltas: keep must be a bool mask over the deltas"
+            )
         if self._folded is not None:
-            raise RuntimeError("SparseDeltaLinear.replace_deltas: the deltas are merged into the base weight; "
-                               "call unmerge() before changing the indices")
+            raise RuntimeError(
+                "SparseDeltaLinear.replace_deltas: the deltas are merged into the base weight; "
+                "call unmerge() before changing the indices"
+            )
         grow = grow.to(self.indices.device, torch.long)
         if grow.numel():
             if int(grow.min()) < 0 or int(grow.max()) >= self.base.weight.numel():
                 raise ValueError("SparseDeltaLinear.replace_deltas: grow indices out of range")
             if torch.unique(grow).numel() != grow.numel() or torch.isin(grow, self.indices).any():
-                raise ValueError("SparseDeltaLinear.replace_deltas: grow indices must be unique and inactive")
+                raise ValueError(
+                    "SparseDeltaLinear.replace_deltas: grow indices must be unique and inactive"
+                )
         self._restore_base()
         new_idx = torch.cat([self.indices[keep], grow])
         order = torch.argsort(new_idx)
         n_keep = int(keep.sum())
 
         def remap(t, fill=0):
-            z = torch.full((grow.numel(),) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            z = torch.full(
+                (grow.numel(),) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device
+            )
             return torch.cat([t[keep], z])[order]
 
         old = self.values
@@ -244,8 +284,10 @@ class SparseDeltaLinear(nn.Module):
                         group["params"][i] = new_values
             st = optimizer.state.pop(old, None)
             if st:
-                optimizer.state[new_values] = {k: (remap(v) if torch.is_tensor(v) and v.shape[:1] == old.shape
-                                                   else v) for k, v in st.items()}
+                optimizer.state[new_values] = {
+                    k: (remap(v) if torch.is_tensor(v) and v.shape[:1] == old.shape else v)
+                    for k, v in st.items()
+                }
         self.values = new_values
         assert self.values.numel() == n_keep + grow.numel()
 
@@ -263,11 +305,15 @@ class SparseDeltaLinear(nn.Module):
         if err is not None:
             raise ValueError(f"SparseDeltaLinear.load_delta_state_dict: {err}")
         if val.dtype != self.base.weight.dtype:
-            raise TypeError(f"SparseDeltaLinear.load_delta_state_dict: values are {val.dtype} but the base weight is "
-                            f"{self.base.weight.dtype}; convert one of them explicitly")
+            raise TypeError(
+                f"SparseDeltaLinear.load_delta_state_dict: values are {val.dtype} but the base weight is "
+                f"{self.base.weight.dtype}; convert one of them explicitly"
+            )
         if self._folded is not None:
-            raise RuntimeError("SparseDeltaLinear.load_delta_state_dict: the deltas are merged into the base weight; "
-                               "call unmerge() first")
+            raise RuntimeError(
+                "SparseDeltaLinear.load_delta_state_dict: the deltas are merged into the base weight; "
+                "call unmerge() first"
+            )
         self._restore_base()
         self.indices = idx.long()
         self.values = nn.Parameter(val.to(self.base.weight.device).clone())

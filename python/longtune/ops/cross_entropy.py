@@ -1,6 +1,7 @@
 """Fused linear + cross-entropy: ``torch.ops.longtune.linear_cross_entropy_fwd/_bwd`` (fake kernels,
 autograd, FLOPs) and the public ``linear_cross_entropy``. The logits (T x V) are never
 materialised; the reference is :mod:`longtune.reference.cross_entropy`."""
+
 from __future__ import annotations
 
 import warnings
@@ -20,25 +21,59 @@ def _ldt(x):
 
 
 @torch.library.register_fake("longtune::linear_cross_entropy_fwd")
-def _fake_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, class_weight=None):
-    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
-                 lambda: "longtune.linear_cross_entropy_fwd: x (T, d) and weight (V, d) expected")
-    return (x.new_empty((x.shape[0],), dtype=_ldt(x)), x.new_empty((x.shape[0],), dtype=_ldt(x)),
-            target.new_empty((x.shape[0],)))
+def _fake_fwd(
+    x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, class_weight=None
+):
+    torch._check(
+        x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+        lambda: "longtune.linear_cross_entropy_fwd: x (T, d) and weight (V, d) expected",
+    )
+    return (
+        x.new_empty((x.shape[0],), dtype=_ldt(x)),
+        x.new_empty((x.shape[0],), dtype=_ldt(x)),
+        target.new_empty((x.shape[0],)),
+    )
 
 
 @torch.library.register_fake("longtune::linear_cross_entropy_bwd")
-def _fake_bwd(grad, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap, filter_eps,
-              class_weight=None):
+def _fake_bwd(
+    grad,
+    x,
+    weight,
+    bias,
+    target,
+    lse,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    filter_eps,
+    class_weight=None,
+):
     db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
     return torch.empty_like(x), torch.empty_like(weight), db
 
 
 @torch.library.register_fake("longtune::linear_cross_entropy_fwd_bwd")
-def _fake_fwd_bwd(x, weight, bias, target, grad_rows, ignore_index, label_smoothing, z_loss, softcap,
-                  weight_grad=True, class_weight=None):
-    loss, lse, amax = _fake_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap)
-    dx, dw, db = _fake_bwd(grad_rows, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap, 0.0)
+def _fake_fwd_bwd(
+    x,
+    weight,
+    bias,
+    target,
+    grad_rows,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    weight_grad=True,
+    class_weight=None,
+):
+    loss, lse, amax = _fake_fwd(
+        x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap
+    )
+    dx, dw, db = _fake_bwd(
+        grad_rows, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap, 0.0
+    )
     if not weight_grad:
         dw, db = x.new_empty((0,)), x.new_empty((0,))
     return loss, lse, dx, dw, db, amax
@@ -65,7 +100,9 @@ class _Fn:
         return (dx, dw, (db if bias is not None else None)) + rest
 
 
-torch.library.register_autograd("longtune::linear_cross_entropy_fwd", _Fn.backward, setup_context=_Fn.setup_context)
+torch.library.register_autograd(
+    "longtune::linear_cross_entropy_fwd", _Fn.backward, setup_context=_Fn.setup_context
+)
 
 
 @register_flop_formula(torch.ops.longtune.linear_cross_entropy_fwd)
@@ -81,7 +118,9 @@ def _flops_bwd(grad, x, weight, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.longtune.linear_cross_entropy_fwd_bwd)
 def _flops_fwd_bwd(x, weight, *args, out_shape=None, **kwargs) -> int:
     weight_grad = kwargs.get("weight_grad", args[7] if len(args) > 7 else True)
-    return (6 if weight_grad else 4) * x[0] * x[1] * weight[0]  # logits, dx[, dW] (CPU: no recompute)
+    return (
+        (6 if weight_grad else 4) * x[0] * x[1] * weight[0]
+    )  # logits, dx[, dW] (CPU: no recompute)
 
 
 class _GradInForward(torch.autograd.Function):
@@ -104,9 +143,12 @@ class _GradInForward(torch.autograd.Function):
             # float32 inputs it returns float32 gradients (a tensor of another dtype than x's is
             # passed as it is, for the op's dtype check)
             up = lambda t: t.to(ct) if t is not None and t.dtype == x.dtype else t  # noqa: E731
-            loss, lse, dx, dw, db, amax = _FWD_BWD(up(x), up(weight), up(bias), target, grad_rows, *opts, weight_grad,
-                                                   class_weight)
-        ctx.save_for_backward(dx, dw if weight_grad else None, db if bias is not None and weight_grad else None)
+            loss, lse, dx, dw, db, amax = _FWD_BWD(
+                up(x), up(weight), up(bias), target, grad_rows, *opts, weight_grad, class_weight
+            )
+        ctx.save_for_backward(
+            dx, dw if weight_grad else None, db if bias is not None and weight_grad else None
+        )
         ctx.mark_non_differentiable(lse, amax)
         return loss.sum() / n, lse, amax
 
@@ -118,7 +160,15 @@ class _GradInForward(torch.autograd.Function):
         if float(grad) != 1.0:  # scaled in float32, then rounded once
             g = grad.to(dx.dtype)
             dx, dw, db = (None if t is None else t * g for t in (dx, dw, db))
-        return (dx.to(tx), None if dw is None else dw.to(tw), None if db is None else db.to(tb), None, None, None, None)
+        return (
+            dx.to(tx),
+            None if dw is None else dw.to(tw),
+            None if db is None else db.to(tb),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class _Filtered(torch.autograd.Function):
@@ -136,7 +186,9 @@ class _Filtered(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_lse, _grad_amax):
         x, weight, bias, target, lse, cw = ctx.saved_tensors
-        dx, dw, db = _BWD(grad.contiguous(), x, weight, bias, target, lse, *ctx.opts, ctx.filter_eps, cw)
+        dx, dw, db = _BWD(
+            grad.contiguous(), x, weight, bias, target, lse, *ctx.opts, ctx.filter_eps, cw
+        )
         return dx, dw, (db if bias is not None else None), None, None, None, None
 
 
@@ -146,16 +198,30 @@ class LinearCrossEntropyOutput(NamedTuple):
 
     loss: torch.Tensor
     z_loss: Optional[torch.Tensor] = None  # the z-loss part of ``loss``, reduced as the loss
-    accuracy: Optional[torch.Tensor] = None  # fraction of non-ignored rows whose argmax logit is the target
+    accuracy: Optional[torch.Tensor] = (
+        None  # fraction of non-ignored rows whose argmax logit is the target
+    )
     predictions: Optional[torch.Tensor] = None  # argmax logit per row (int64, target's shape)
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                         *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                         z_loss: float = 0.0, softcap: Optional[float] = None, rows: Optional[torch.Tensor] = None,
-                         filter_eps: float = 0.0, class_weight: Optional[torch.Tensor] = None,
-                         return_z_loss: bool = False, return_accuracy: bool = False,
-                         return_predictions: bool = False):
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    rows: Optional[torch.Tensor] = None,
+    filter_eps: float = 0.0,
+    class_weight: Optional[torch.Tensor] = None,
+    return_z_loss: bool = False,
+    return_accuracy: bool = False,
+    return_predictions: bool = False,
+):
     """``F.cross_entropy(x @ weight.T + bias, target, ...)`` without materialising the logits.
 
     x (..., d), weight (V, d), bias (V,) or None, target (...) int64 (``ignore_index`` rows count
@@ -179,26 +245,39 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     the lowest index as torch.argmax). With any of them the result is a
     :class:`LinearCrossEntropyOutput` (loss, z_loss, accuracy, predictions); otherwise the loss."""
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        raise ValueError(
+            f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}"
+        )
     if x.shape[:-1] != target.shape:
-        raise ValueError(f"linear_cross_entropy: target shape {tuple(target.shape)} must equal x's leading shape "
-                         f"{tuple(x.shape[:-1])}")
+        raise ValueError(
+            f"linear_cross_entropy: target shape {tuple(target.shape)} must equal x's leading shape "
+            f"{tuple(x.shape[:-1])}"
+        )
     x2 = x.reshape(-1, x.shape[-1])
     t2 = target.reshape(-1)
     if rows is not None:
         rows = rows.reshape(-1)
         if rows.dtype == torch.bool:
             if rows.numel() != t2.numel():
-                raise ValueError(f"linear_cross_entropy: a bool rows mask needs {t2.numel()} entries, got {rows.numel()}")
+                raise ValueError(
+                    f"linear_cross_entropy: a bool rows mask needs {t2.numel()} entries, got {rows.numel()}"
+                )
             rows = rows.nonzero().squeeze(1)
         x2, t2 = x2.index_select(0, rows), t2.index_select(0, rows)
-    opts = (int(ignore_index), float(label_smoothing), float(z_loss), float(softcap) if softcap else 0.0)
+    opts = (
+        int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        float(softcap) if softcap else 0.0,
+    )
     if filter_eps < 0:
         raise ValueError(f"linear_cross_entropy: filter_eps must be >= 0, got {filter_eps}")
     cw = class_weight
     if cw is not None and (cw.dim() != 1 or cw.shape[0] != weight.shape[0]):
-        raise ValueError(f"linear_cross_entropy: class_weight must have shape (vocab,) = ({weight.shape[0]},), "
-                         f"got {tuple(cw.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: class_weight must have shape (vocab,) = ({weight.shape[0]},), "
+            f"got {tuple(cw.shape)}"
+        )
     cw = None if cw is None else cw.detach()
     extras = return_z_loss or return_accuracy or return_predictions
     out_dtype = x.dtype
@@ -213,22 +292,61 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
         if n_ > 0:
             opts = opts[:2] + (float(z_loss) * float(wden) / n_,) + opts[3:]
         zsplit = False
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias))
-    if (reduction != "none" and filter_eps == 0 and needs_grad and x2.device.type == "cpu"
-            and not torch.compiler.is_compiling()):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2, weight, bias)
+    )
+    if (
+        reduction != "none"
+        and filter_eps == 0
+        and needs_grad
+        and x2.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+    ):
         n = (int(valid.sum()) if cw is None else float(wden)) if reduction == "mean" else 1
         if int(valid.sum()) > 0 and n != 0:
             loss, lse, amax = _GradInForward.apply(x2, weight, bias, t2, opts, n, cw)
-            return _finish(loss.to(out_dtype), lse, amax, t2, valid, out_shape, reduction, float(z_loss),
-                           return_z_loss, return_accuracy, return_predictions) if extras else loss.to(out_dtype)
+            return (
+                _finish(
+                    loss.to(out_dtype),
+                    lse,
+                    amax,
+                    t2,
+                    valid,
+                    out_shape,
+                    reduction,
+                    float(z_loss),
+                    return_z_loss,
+                    return_accuracy,
+                    return_predictions,
+                )
+                if extras
+                else loss.to(out_dtype)
+            )
     if zsplit:  # compiled: the z-loss rows come from a second call (below)
         opts = opts[:2] + (0.0,) + opts[3:]
     if filter_eps > 0:
         loss, lse, amax = _Filtered.apply(x2, weight, bias, t2, opts, float(filter_eps), cw)
     else:
         loss, lse, amax = _FWD(x2, weight, bias, t2, *opts, cw)
-    fin = (lambda l: _finish(l, lse, amax, t2, valid, out_shape, reduction, float(z_loss), return_z_loss,  # noqa: E731
-                             return_accuracy, return_predictions)) if extras else (lambda l: l)
+    fin = (
+        (
+            lambda l: _finish(
+                l,
+                lse,
+                amax,
+                t2,
+                valid,
+                out_shape,
+                reduction,
+                float(z_loss),
+                return_z_loss,  # noqa: E731
+                return_accuracy,
+                return_predictions,
+            )
+        )
+        if extras
+        else (lambda l: l)
+    )
     if reduction == "none":
         return fin(loss.view(out_shape).to(out_dtype))
     total = loss.sum()
@@ -238,26 +356,46 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     # is 0 and so is the mean and its gradient (eager also warns)
     n = (t2 != ignore_index).sum()
     if not torch.compiler.is_compiling() and int(n) == 0:
-        warnings.warn("linear_cross_entropy: every target is ignore_index; the mean loss is 0", stacklevel=2)
+        warnings.warn(
+            "linear_cross_entropy: every target is ignore_index; the mean loss is 0", stacklevel=2
+        )
     if cw is not None:
         # the weights of the targets (0 when every row is ignored: the total is 0 too)
         mean = total / torch.where(wden != 0, wden, torch.ones_like(wden)).to(total.dtype)
         if zsplit:  # class weights 0: the rows' z-loss alone
-            zrows = _FWD(x2, weight, bias, t2, opts[0], 0.0, float(z_loss), opts[3], torch.zeros_like(cw))[0]
+            zrows = _FWD(
+                x2, weight, bias, t2, opts[0], 0.0, float(z_loss), opts[3], torch.zeros_like(cw)
+            )[0]
             mean = mean + zrows.sum() / n.clamp_min(1).to(zrows.dtype)
         return fin(mean.to(out_dtype))
     return fin((total / n.clamp_min(1).to(total.dtype)).to(out_dtype))
 
 
-def _finish(loss, lse, amax, t2, valid, out_shape, reduction, z_loss, return_z_loss, return_accuracy,
-            return_predictions):
+def _finish(
+    loss,
+    lse,
+    amax,
+    t2,
+    valid,
+    out_shape,
+    reduction,
+    z_loss,
+    return_z_loss,
+    return_accuracy,
+    return_predictions,
+):
     """The detached extras of linear_cross_entropy from the op's lse and argmax rows."""
     zl = acc = pred = None
     if return_z_loss:
         zr = torch.where(valid, z_loss * lse.detach() * lse.detach(), torch.zeros_like(lse))
         n = valid.sum()
-        zl = (zr.view(out_shape) if reduction == "none" else zr.sum() if reduction == "sum"
-              else zr.sum() / n.clamp(min=1)).to(loss.dtype)
+        zl = (
+            zr.view(out_shape)
+            if reduction == "none"
+            else zr.sum()
+            if reduction == "sum"
+            else zr.sum() / n.clamp(min=1)
+        ).to(loss.dtype)
     if return_accuracy:
         hits = ((amax == t2) & valid).sum()
         acc = hits.to(_ldt(lse)) / valid.sum().clamp(min=1)

@@ -8,6 +8,7 @@ After scaling by 1/sqrt(n) the transform is exactly orthogonal for every support
 That package's exact contract (its defaults, its fixed 12/20/28/40 factors and composition, its
 zero-padding) is ``longtune.compat.fast_hadamard_transform``.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,24 +35,31 @@ def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Ten
     transform (``torch.ops.longtune.hadamard_transform_backward``).
     """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"longtune.hadamard_transform: x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(
+            f"longtune.hadamard_transform: x must be a torch.Tensor, got {type(x).__name__}"
+        )
     if scale is None:
         if x.dim() == 0:
-            raise ValueError("longtune.hadamard_transform: x must have at least 1 dimension, got a 0-dim tensor")
+            raise ValueError(
+                "longtune.hadamard_transform: x must have at least 1 dimension, got a 0-dim tensor"
+            )
         scale = 1.0 / math.sqrt(x.shape[-1]) if x.shape[-1] > 0 else 1.0
     return _OP(x, float(scale))
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None,
-                    normalized: bool = False) -> torch.Tensor:
+def hadamard_matrix(
+    n: int, dtype: torch.dtype = torch.float32, device=None, normalized: bool = False
+) -> torch.Tensor:
     """The n x n Hadamard matrix used by ``hadamard_transform`` (entries +-1, or +-1/sqrt(n)).
 
     ``hadamard_transform(x, s) == x @ hadamard_matrix(n) * s`` (up to rounding).
     """
     n = int(n)
     if not _ref.is_supported(n):
-        raise ValueError(f"longtune.hadamard_matrix: n={n} is not a supported size: n = 2^k or "
-                         f"m*2^k with a constructible factor m, n <= {_ref.MAX_N}")
+        raise ValueError(
+            f"longtune.hadamard_matrix: n={n} is not a supported size: n = 2^k or "
+            f"m*2^k with a constructible factor m, n <= {_ref.MAX_N}"
+        )
     H = _matrix64(n)
     if normalized:
         H = H / math.sqrt(n)
@@ -67,9 +75,13 @@ def _matrix64(n: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------ fake (meta) kernels
 def _fake(x: torch.Tensor, scale: float) -> torch.Tensor:
-    torch._check(x.dim() >= 1, lambda: "longtune.hadamard_transform: x must have at least 1 dimension")
-    torch._check(x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-                 lambda: f"longtune.hadamard_transform: x must be a floating tensor, got {x.dtype}")
+    torch._check(
+        x.dim() >= 1, lambda: "longtune.hadamard_transform: x must have at least 1 dimension"
+    )
+    torch._check(
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        lambda: f"longtune.hadamard_transform: x must be a floating tensor, got {x.dtype}",
+    )
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -90,9 +102,12 @@ def _backward_of_backward(ctx, grad):
     return _OP(grad.contiguous(), ctx.scale), None
 
 
-torch.library.register_autograd("longtune::hadamard_transform", _backward, setup_context=_setup_context)
-torch.library.register_autograd("longtune::hadamard_transform_backward", _backward_of_backward,
-                                setup_context=_setup_context)
+torch.library.register_autograd(
+    "longtune::hadamard_transform", _backward, setup_context=_setup_context
+)
+torch.library.register_autograd(
+    "longtune::hadamard_transform_backward", _backward_of_backward, setup_context=_setup_context
+)
 
 
 # ------------------------------------------------------------------ FLOP formula

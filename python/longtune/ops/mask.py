@@ -4,6 +4,7 @@ The ops ``torch.ops.longtune.sparse_attention_fwd/_bwd`` (and ``attention_mask_r
 one ``int[] mask`` argument, :meth:`AttentionMask.to_list` (layout ``MaskSlot`` in
 csrc/common/attn_mask.h, parsed once in C++ into ``MaskSpec``). The semantics of every field are
 those of :mod:`longtune.reference.attention`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,11 @@ MASK_LEN = 11  # version + 10 fields
 def _int(name: str, value, *, none=None) -> int:
     if value is None and none is not None:
         return none
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) and not hasattr(value, "__index__"):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, torch.SymInt))
+        and not hasattr(value, "__index__")
+    ):
         raise TypeError(f"longtune.AttentionMask: {name} must be an int, got {value!r}")
     return int(value)
 
@@ -69,24 +74,32 @@ class AttentionMask:
         g = _int("s2_group_size", self.s2_group_size, none=0)
         mode = self.s2_mode
         if mode is not None and mode not in S2_MODES:
-            raise ValueError(f"longtune.AttentionMask: s2_mode must be one of {S2_MODES[1:]} (or 'none' without "
-                             f"S^2), got {mode!r}")
+            raise ValueError(
+                f"longtune.AttentionMask: s2_mode must be one of {S2_MODES[1:]} (or 'none' without "
+                f"S^2), got {mode!r}"
+            )
         if g != 0 and (g < 2 or g % 2):
-            raise ValueError(f"longtune.AttentionMask: s2_group_size must be an even number >= 2 (the shift is half "
-                             f"a group) or 0 (no S^2), got {self.s2_group_size}")
+            raise ValueError(
+                f"longtune.AttentionMask: s2_group_size must be an even number >= 2 (the shift is half "
+                f"a group) or 0 (no S^2), got {self.s2_group_size}"
+            )
         if g == 0:
             mode = "none"
         elif mode is None:
             mode = "leakfree"
         elif mode == "none":
-            raise ValueError(f"longtune.AttentionMask: s2_group_size={g} needs s2_mode 'leakfree' or "
-                             f"'longlora_roll' (got 'none')")
+            raise ValueError(
+                f"longtune.AttentionMask: s2_group_size={g} needs s2_mode 'leakfree' or "
+                f"'longlora_roll' (got 'none')"
+            )
         put("s2_group_size", g)
         put("s2_mode", mode)
         for name in ("window_left", "window_right"):
             w = _int(name, getattr(self, name), none=-1)
             if w == 0:
-                raise ValueError(f"longtune.AttentionMask: {name} must be >= 1 (or < 0 / None: unbounded), got 0")
+                raise ValueError(
+                    f"longtune.AttentionMask: {name} must be >= 1 (or < 0 / None: unbounded), got 0"
+                )
             put(name, -1 if w < 0 else w)
         ng = _int("n_global", self.n_global)
         if ng < 0:
@@ -97,23 +110,46 @@ class AttentionMask:
         put("kv_offset", _int("kv_offset", self.kv_offset))
         ho, th = _int("head_offset", self.head_offset), _int("total_heads", self.total_heads)
         if ho < 0 or th < 0:
-            raise ValueError(f"longtune.AttentionMask: head_offset and total_heads must be >= 0, got {ho} and {th}")
+            raise ValueError(
+                f"longtune.AttentionMask: head_offset and total_heads must be >= 0, got {ho} and {th}"
+            )
         if ho > 0 and th == 0:
-            raise ValueError(f"longtune.AttentionMask: head_offset={ho} needs total_heads (the global number of "
-                             f"heads)")
+            raise ValueError(
+                f"longtune.AttentionMask: head_offset={ho} needs total_heads (the global number of "
+                f"heads)"
+            )
         if th and ho >= th:
-            raise ValueError(f"longtune.AttentionMask: head_offset must be < total_heads, got {ho} and {th}")
+            raise ValueError(
+                f"longtune.AttentionMask: head_offset must be < total_heads, got {ho} and {th}"
+            )
         put("head_offset", ho)
         put("total_heads", th)
-        if mode == "longlora_roll" and (self.window_left >= 0 or self.window_right >= 0 or ng or self.kv_offset
-                                        or self.q_offset > 0):
-            raise ValueError("longtune.AttentionMask: s2_mode='longlora_roll' reproduces LongLoRA's torch.roll "
-                             "formulation and takes no window, n_global or offsets (use 'leakfree')")
+        if mode == "longlora_roll" and (
+            self.window_left >= 0
+            or self.window_right >= 0
+            or ng
+            or self.kv_offset
+            or self.q_offset > 0
+        ):
+            raise ValueError(
+                "longtune.AttentionMask: s2_mode='longlora_roll' reproduces LongLoRA's torch.roll "
+                "formulation and takes no window, n_global or offsets (use 'leakfree')"
+            )
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_keywords(cls, causal=True, s2_group_size=None, s2_mode="leakfree", window=None, n_global=0,
-                      q_offset=None, kv_offset=0, head_offset=0, total_heads=0) -> "AttentionMask":
+    def from_keywords(
+        cls,
+        causal=True,
+        s2_group_size=None,
+        s2_mode="leakfree",
+        window=None,
+        n_global=0,
+        q_offset=None,
+        kv_offset=0,
+        head_offset=0,
+        total_heads=0,
+    ) -> "AttentionMask":
         """From ``longtune.sparse_attention``'s keyword arguments (``s2_group_size=None``: no S^2, then
         ``s2_mode`` is not read; ``window``: None, an int w (= (w, None)) or a (left, right) pair)."""
         if window is None:
@@ -126,30 +162,49 @@ class AttentionMask:
             try:
                 left, right = window
             except (TypeError, ValueError):
-                raise ValueError(f"longtune.AttentionMask: window must be an int, a (left, right) pair or None, "
-                                 f"got {window!r}") from None
+                raise ValueError(
+                    f"longtune.AttentionMask: window must be an int, a (left, right) pair or None, "
+                    f"got {window!r}"
+                ) from None
             if left is not None and int(left) < 1 or right is not None and int(right) < 1:
-                raise ValueError(f"longtune.AttentionMask: window sizes must be >= 1, got {window!r}")
+                raise ValueError(
+                    f"longtune.AttentionMask: window sizes must be >= 1, got {window!r}"
+                )
             wl, wr = left, right
         if s2_group_size is None:
             g, mode = 0, None
         else:
             g, mode = s2_group_size, s2_mode
             if g == 0:  # the keyword API has no "0 = off": None is off
-                raise ValueError("longtune.AttentionMask: s2_group_size must be an even number >= 2, got 0")
+                raise ValueError(
+                    "longtune.AttentionMask: s2_group_size must be an even number >= 2, got 0"
+                )
             if mode == "none":
-                raise ValueError(f"longtune.AttentionMask: s2_mode must be one of {S2_MODES[1:]}, got 'none'")
-        return cls(causal=bool(causal), s2_group_size=g, s2_mode=mode, window_left=wl, window_right=wr,
-                   n_global=n_global, q_offset=q_offset, kv_offset=kv_offset, head_offset=head_offset,
-                   total_heads=total_heads)
+                raise ValueError(
+                    f"longtune.AttentionMask: s2_mode must be one of {S2_MODES[1:]}, got 'none'"
+                )
+        return cls(
+            causal=bool(causal),
+            s2_group_size=g,
+            s2_mode=mode,
+            window_left=wl,
+            window_right=wr,
+            n_global=n_global,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            head_offset=head_offset,
+            total_heads=total_heads,
+        )
 
     @classmethod
     def from_list(cls, enc) -> "AttentionMask":
         """The inverse of :meth:`to_list`."""
         enc = [int(x) for x in enc]
         if len(enc) != MASK_LEN or enc[0] != MASK_VERSION:
-            raise ValueError(f"longtune.AttentionMask: an encoded mask has {MASK_LEN} integers and starts with the "
-                             f"version {MASK_VERSION}, got {enc}")
+            raise ValueError(
+                f"longtune.AttentionMask: an encoded mask has {MASK_LEN} integers and starts with the "
+                f"version {MASK_VERSION}, got {enc}"
+            )
         modes = {c: m for m, c in _MODE_CODE.items()}
         if enc[1] not in (0, 1) or enc[3] not in modes:
             raise ValueError(f"longtune.AttentionMask: bad encoded causal / s2_mode in {enc}")
@@ -162,8 +217,19 @@ class AttentionMask:
     # ------------------------------------------------------------------ views
     def to_list(self) -> list:
         """The ops' ``int[] mask`` argument."""
-        return [MASK_VERSION, int(self.causal), self.s2_group_size, _MODE_CODE[self.s2_mode], self.window_left,
-                self.window_right, self.n_global, self.q_offset, self.kv_offset, self.head_offset, self.total_heads]
+        return [
+            MASK_VERSION,
+            int(self.causal),
+            self.s2_group_size,
+            _MODE_CODE[self.s2_mode],
+            self.window_left,
+            self.window_right,
+            self.n_global,
+            self.q_offset,
+            self.kv_offset,
+            self.head_offset,
+            self.total_heads,
+        ]
 
     @property
     def window(self):
@@ -176,8 +242,13 @@ class AttentionMask:
 
     def to_keywords(self) -> dict:
         """Keyword arguments of ``longtune.sparse_attention`` / the reference describing this mask."""
-        kw = dict(causal=self.causal, window=self.window, n_global=self.n_global,
-                  q_offset=None if self.q_offset < 0 else self.q_offset, kv_offset=self.kv_offset)
+        kw = dict(
+            causal=self.causal,
+            window=self.window,
+            n_global=self.n_global,
+            q_offset=None if self.q_offset < 0 else self.q_offset,
+            kv_offset=self.kv_offset,
+        )
         if self.s2_group_size:
             kw.update(s2_group_size=self.s2_group_size, s2_mode=self.s2_mode)
         if self.total_heads:

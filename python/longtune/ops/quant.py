@@ -11,6 +11,7 @@ Backward (straight-through estimator): ``grad_x = R^T (mask * grad)`` with ``mas
 (``ste="identity"``, as in RoSTE) or ``mask = [the element's code was inside the code range]``
 (``ste="clip"``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,19 +29,39 @@ _STE = ("identity", "clip")
 
 def _normalize(x, bits, granularity, group_size, clip_ratio, rotate, hadamard_size, ste):
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"longtune.rotate_fake_quant: x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(
+            f"longtune.rotate_fake_quant: x must be a torch.Tensor, got {type(x).__name__}"
+        )
     if granularity not in _GRANULARITIES:
-        raise ValueError(f"longtune.rotate_fake_quant: granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+        raise ValueError(
+            f"longtune.rotate_fake_quant: granularity must be one of {_GRANULARITIES}, got {granularity!r}"
+        )
     if granularity == "per_group" and group_size is None:
         raise ValueError("longtune.rotate_fake_quant: granularity='per_group' needs group_size")
     if ste not in _STE:
         raise ValueError(f"longtune.rotate_fake_quant: ste must be one of {_STE}, got {ste!r}")
-    return int(bits), granularity, int(group_size or 0), float(clip_ratio), bool(rotate), int(hadamard_size or 0)
+    return (
+        int(bits),
+        granularity,
+        int(group_size or 0),
+        float(clip_ratio),
+        bool(rotate),
+        int(hadamard_size or 0),
+    )
 
 
-def rotate_fake_quant(x: torch.Tensor, *, bits: int = 4, granularity: str = "per_token",
-                      group_size: int | None = None, symmetric: bool = True, clip_ratio: float = 1.0,
-                      rotate: bool = True, hadamard_size: int | None = None, ste: str = "identity") -> torch.Tensor:
+def rotate_fake_quant(
+    x: torch.Tensor,
+    *,
+    bits: int = 4,
+    granularity: str = "per_token",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip_ratio: float = 1.0,
+    rotate: bool = True,
+    hadamard_size: int | None = None,
+    ste: str = "identity",
+) -> torch.Tensor:
     """Quantize-dequantize ``x`` after an orthonormal Hadamard rotation of its last dimension.
 
     Args:
@@ -54,36 +75,63 @@ def rotate_fake_quant(x: torch.Tensor, *, bits: int = 4, granularity: str = "per
         hadamard_size: rotate in blocks of this size (block-diagonal); default the whole dimension.
         ste: ``"identity"`` or ``"clip"`` straight-through gradient.
     """
-    b, g, gs, c, r, hs = _normalize(x, bits, granularity, group_size, clip_ratio, rotate, hadamard_size, ste)
+    b, g, gs, c, r, hs = _normalize(
+        x, bits, granularity, group_size, clip_ratio, rotate, hadamard_size, ste
+    )
     return _OP(x, b, g, gs, bool(symmetric), c, r, hs, ste)
 
 
-def quantize(x: torch.Tensor, *, bits: int = 4, granularity: str = "per_token", group_size: int | None = None,
-             symmetric: bool = True, clip_ratio: float = 1.0, rotate: bool = True,
-             hadamard_size: int | None = None):
+def quantize(
+    x: torch.Tensor,
+    *,
+    bits: int = 4,
+    granularity: str = "per_token",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip_ratio: float = 1.0,
+    rotate: bool = True,
+    hadamard_size: int | None = None,
+):
     """The integer side of ``rotate_fake_quant``: ``(codes, scales, zeros)``.
 
     codes: int8 (symmetric) or uint8 (asymmetric), x's shape; scales / zeros: float32 of shape
     ``x.shape[:-1] + (groups,)``. ``(codes - zeros) * scales`` (per group) reproduces
     ``rotate_fake_quant`` in float32.
     """
-    b, g, gs, c, r, hs = _normalize(x, bits, granularity, group_size, clip_ratio, rotate, hadamard_size, "identity")
+    b, g, gs, c, r, hs = _normalize(
+        x, bits, granularity, group_size, clip_ratio, rotate, hadamard_size, "identity"
+    )
     return _OP_CODES(x, b, g, gs, bool(symmetric), c, r, hs)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32
+) -> torch.Tensor:
     """Inverse of ``quantize`` up to the quantization error (still in the rotated basis)."""
     groups = scales.shape[-1]
     cg = codes.to(torch.float32).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups)
     return ((cg - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(codes.shape).to(dtype)
 
 
-def quantize_weight(w: torch.Tensor, *, bits: int = 4, group_size: int | None = None, symmetric: bool = True,
-                    clip_ratio: float = 1.0) -> torch.Tensor:
+def quantize_weight(
+    w: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip_ratio: float = 1.0,
+) -> torch.Tensor:
     """Fake-quantize a weight [out, in] per output channel (group_size None) or per group of
     ``group_size`` input channels (no rotation: rotate frozen weights once, beforehand)."""
-    return rotate_fake_quant(w, bits=bits, granularity="per_group" if group_size else "per_token",
-                             group_size=group_size, symmetric=symmetric, clip_ratio=clip_ratio, rotate=False)
+    return rotate_fake_quant(
+        w,
+        bits=bits,
+        granularity="per_group" if group_size else "per_token",
+        group_size=group_size,
+        symmetric=symmetric,
+        clip_ratio=clip_ratio,
+        rotate=False,
+    )
 
 
 # ------------------------------------------------------------------ fake (meta) kernels
@@ -93,12 +141,16 @@ def _groups(x, granularity, group_size):
 
 @torch.library.register_fake("longtune::rotate_fake_quant")
 def _fake(x, bits, granularity, group_size, symmetric, clip_ratio, rotate, hadamard_size, ste_mode):
-    torch._check(x.dim() >= 1, lambda: "longtune.rotate_fake_quant: x must have at least 1 dimension")
+    torch._check(
+        x.dim() >= 1, lambda: "longtune.rotate_fake_quant: x must have at least 1 dimension"
+    )
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @torch.library.register_fake("longtune::rotate_fake_quant_backward")
-def _fake_bwd(grad, x, bits, granularity, group_size, symmetric, clip_ratio, rotate, hadamard_size, ste_mode):
+def _fake_bwd(
+    grad, x, bits, granularity, group_size, symmetric, clip_ratio, rotate, hadamard_size, ste_mode
+):
     return torch.empty(x.shape, dtype=grad.dtype, device=grad.device)
 
 
@@ -106,8 +158,11 @@ def _fake_bwd(grad, x, bits, granularity, group_size, symmetric, clip_ratio, rot
 def _fake_codes(x, bits, granularity, group_size, symmetric, clip_ratio, rotate, hadamard_size):
     codes = torch.empty(x.shape, dtype=torch.int8 if symmetric else torch.uint8, device=x.device)
     gshape = (*x.shape[:-1], _groups(x, granularity, group_size))
-    return codes, torch.empty(gshape, dtype=torch.float32, device=x.device), \
-        torch.empty(gshape, dtype=torch.float32, device=x.device)
+    return (
+        codes,
+        torch.empty(gshape, dtype=torch.float32, device=x.device),
+        torch.empty(gshape, dtype=torch.float32, device=x.device),
+    )
 
 
 # ------------------------------------------------------------------ autograd (straight-through)
@@ -123,7 +178,9 @@ def _backward(ctx, grad):
     return (gx,) + (None,) * len(ctx.rest)
 
 
-torch.library.register_autograd("longtune::rotate_fake_quant", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "longtune::rotate_fake_quant", _backward, setup_context=_setup_context
+)
 
 
 # rotate_quantize: integer codes and their scales / zeros carry no gradient (the differentiable
@@ -136,7 +193,9 @@ def _codes_backward(ctx, *grads):
     return (None,) * 8
 
 
-torch.library.register_autograd("longtune::rotate_quantize", _codes_backward, setup_context=_codes_setup_context)
+torch.library.register_autograd(
+    "longtune::rotate_quantize", _codes_backward, setup_context=_codes_setup_context
+)
 
 
 # ------------------------------------------------------------------ FLOP formula
@@ -157,5 +216,17 @@ def quant_flops(shape, rotate: bool, hadamard_size: int) -> int:
 
 
 @register_flop_formula(_OP)
-def _flops(x_shape, bits, granularity, group_size, symmetric, clip_ratio, rotate, hadamard_size, ste_mode, *a, **k):
+def _flops(
+    x_shape,
+    bits,
+    granularity,
+    group_size,
+    symmetric,
+    clip_ratio,
+    rotate,
+    hadamard_size,
+    ste_mode,
+    *a,
+    **k,
+):
     return quant_flops(x_shape, rotate, hadamard_size)

@@ -38,6 +38,7 @@ in the softmax), has output and lse NaN (lse +inf for +inf, as ``torch.logsumexp
 v at a visible key makes the output non-finite. (A dense matmul would let masked pairs through:
 0 * NaN = NaN; the reference switches to a pairwise formulation when an input is non-finite.)
 """
+
 from __future__ import annotations
 
 import math
@@ -67,9 +68,20 @@ def _norm_window(window):
     return left, right
 
 
-def attention_mask(nq: int, nk: int, *, shifted: bool = False, causal: bool = True, s2_group_size=None,
-                   s2_mode: str = "leakfree", window=None, n_global: int = 0, q_offset=None, kv_offset: int = 0,
-                   device=None) -> torch.Tensor:
+def attention_mask(
+    nq: int,
+    nk: int,
+    *,
+    shifted: bool = False,
+    causal: bool = True,
+    s2_group_size=None,
+    s2_mode: str = "leakfree",
+    window=None,
+    n_global: int = 0,
+    q_offset=None,
+    kv_offset: int = 0,
+    device=None,
+) -> torch.Tensor:
     """Boolean (nq, nk) mask of one sequence and one output head (``shifted``: the head is in the
     second half). True = visible."""
     left, right = _norm_window(window)
@@ -94,7 +106,9 @@ def attention_mask(nq: int, nk: int, *, shifted: bool = False, causal: bool = Tr
             if causal:
                 m &= rk <= rq
         else:
-            m &= torch.div(pq + s, g, rounding_mode="floor") == torch.div(pk + s, g, rounding_mode="floor")
+            m &= torch.div(pq + s, g, rounding_mode="floor") == torch.div(
+                pk + s, g, rounding_mode="floor"
+            )
     return m
 
 
@@ -114,7 +128,9 @@ def _dense_pairwise(q, k, v, mask, scale, softcap=None):
     s = _softcap((qm * km).sum(-1) * scale, softcap)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (H, nq)
-    p = torch.exp(s - torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse).unsqueeze(-1))
+    p = torch.exp(
+        s - torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse).unsqueeze(-1)
+    )
     p = torch.where(mask, p, torch.zeros_like(p))
     o = (p.unsqueeze(-1) * vm).sum(-2).permute(1, 0, 2)  # (nq, H, D)
     return o, lse
@@ -133,9 +149,27 @@ def _dense(q, k, v, mask, scale, softcap=None):
     return o, lse
 
 
-def sparse_attention(q, k, v, *, causal=True, s2_group_size=None, s2_mode="leakfree", window=None, n_global=0,
-                     softmax_scale=None, key_padding_mask=None, cu_seqlens=None, cu_seqlens_k=None,
-                     q_offset=None, kv_offset=0, softcap=None, return_lse=False, head_offset=0, total_heads=None):
+def sparse_attention(
+    q,
+    k,
+    v,
+    *,
+    causal=True,
+    s2_group_size=None,
+    s2_mode="leakfree",
+    window=None,
+    n_global=0,
+    softmax_scale=None,
+    key_padding_mask=None,
+    cu_seqlens=None,
+    cu_seqlens_k=None,
+    q_offset=None,
+    kv_offset=0,
+    softcap=None,
+    return_lse=False,
+    head_offset=0,
+    total_heads=None,
+):
     """Dense reference. Batched: q (B, N_q, H_q, D), k/v (B, N_k, H_kv, D) -> out (B, N_q, H, D),
     lse (B, H, N_q). Packed (``cu_seqlens``): q (T_q, H_q, D), k/v (T_k, H_kv, D) -> out (T_q, H, D),
     lse (H, T_q). Computed in q's dtype (pass float64 tensors for the exact reference).
@@ -147,28 +181,49 @@ def sparse_attention(q, k, v, *, causal=True, s2_group_size=None, s2_mode="leakf
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     total = h if total_heads is None else total_heads
     if not 0 <= head_offset <= total - h:
-        raise ValueError(f"heads [head_offset, head_offset + H) = [{head_offset}, {head_offset + h}) must lie within "
-                         f"total_heads={total}")
+        raise ValueError(
+            f"heads [head_offset, head_offset + H) = [{head_offset}, {head_offset + h}) must lie within "
+            f"total_heads={total}"
+        )
     qi = torch.tensor(qh, device=q.device)
     ki = torch.tensor(kh, device=q.device)
 
     def one(qs, ks, vs, kpm):
         nq, nk = qs.shape[0], ks.shape[0]
-        masks = [attention_mask(nq, nk, shifted=(head_offset + e >= total // 2), causal=causal,
-                                s2_group_size=s2_group_size,
-                                s2_mode=s2_mode, window=window, n_global=n_global, q_offset=q_offset,
-                                kv_offset=kv_offset, device=q.device) for e in range(h)]
+        masks = [
+            attention_mask(
+                nq,
+                nk,
+                shifted=(head_offset + e >= total // 2),
+                causal=causal,
+                s2_group_size=s2_group_size,
+                s2_mode=s2_mode,
+                window=window,
+                n_global=n_global,
+                q_offset=q_offset,
+                kv_offset=kv_offset,
+                device=q.device,
+            )
+            for e in range(h)
+        ]
         mask = torch.stack(masks)
         if kpm is not None:
             mask = mask & kpm.view(1, 1, -1)
-        return _dense(qs.index_select(1, qi), ks.index_select(1, ki), vs.index_select(1, ki), mask, scale, softcap)
+        return _dense(
+            qs.index_select(1, qi),
+            ks.index_select(1, ki),
+            vs.index_select(1, ki),
+            mask,
+            scale,
+            softcap,
+        )
 
     if cu_seqlens is not None:
         cq = [int(x) for x in cu_seqlens]
         ck = [int(x) for x in (cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens)]
         outs, lses = [], []
         for b in range(len(cq) - 1):
-            o, l = one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], None)
+            o, l = one(q[cq[b] : cq[b + 1]], k[ck[b] : ck[b + 1]], v[ck[b] : ck[b + 1]], None)
             outs.append(o)
             lses.append(l)
         out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
@@ -194,7 +249,7 @@ def longlora_roll_attention(q, k, v, group_size: int, softmax_scale=None):
 
     def shift(t):
         t = t.transpose(1, 2).clone()  # (B, H, N, D) as in LongLoRA
-        t[:, h // 2:] = t[:, h // 2:].roll(-g // 2, dims=2)
+        t[:, h // 2 :] = t[:, h // 2 :].roll(-g // 2, dims=2)
         return t.transpose(1, 2).reshape(b * (n // g), g, h, d).transpose(1, 2)
 
     qs, ks, vs = shift(q), shift(k), shift(v)
@@ -202,7 +257,7 @@ def longlora_roll_attention(q, k, v, group_size: int, softmax_scale=None):
     causal = torch.full((g, g), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
     w = torch.softmax(w + causal, dim=-1)
     o = torch.matmul(w, vs).transpose(1, 2).reshape(b, n, h, d).clone()
-    o[:, :, h // 2:] = o[:, :, h // 2:].roll(g // 2, dims=1)
+    o[:, :, h // 2 :] = o[:, :, h // 2 :].roll(g // 2, dims=1)
     return o
 
 

@@ -1,11 +1,22 @@
 """Pure-PyTorch reference of the fused linear + cross-entropy (materialises the logits)."""
+
 from __future__ import annotations
 
 import torch
 
 
-def linear_cross_entropy_rows(x, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                              softcap=None, class_weight=None):
+def linear_cross_entropy_rows(
+    x,
+    weight,
+    target,
+    bias=None,
+    *,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    class_weight=None,
+):
     """Per-row loss and lse (the op's forward), computed in x's dtype:
     z = softcap * tanh(l / softcap) (if softcap) with l = x W^T + b;
     loss = (1 - eps) w[target] (lse - z[target]) + eps / V sum_c w_c (lse - z_c) + z_loss * lse^2
@@ -38,12 +49,28 @@ def linear_logits(x, weight, bias=None, *, softcap=None):
     return logits
 
 
-def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         z_loss=0.0, softcap=None, class_weight=None):
+def linear_cross_entropy(
+    x,
+    weight,
+    target,
+    bias=None,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    class_weight=None,
+):
     """``F.cross_entropy(x @ W.T + b, target, weight=class_weight)`` with the same options as the
     fused op: "mean" divides the cross-entropy by the non-ignored targets' weight sum (their count
     without class weights) and the z-loss term by the count of non-ignored rows."""
-    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap, class_weight=class_weight)
+    kw = dict(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        softcap=softcap,
+        class_weight=class_weight,
+    )
     loss, lse = linear_cross_entropy_rows(x, weight, target, bias, **kw)
     valid = target != ignore_index
     zrows = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse)) if z_loss else None

@@ -5,6 +5,7 @@ product, where ``H_n = kron(H_m, H_{2^k})`` and ``H_{2^k}`` is the Sylvester-ord
 (``scipy.linalg.hadamard``). The factor ``H_m`` comes from the constructions below, written
 independently of the C++ ones in ``csrc/common/hadamard_factors.cpp``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,10 +17,18 @@ MAX_N = 32768
 
 # Williamson quadruples (first rows of symmetric circulant A, B, C, D), order 4t.
 _WILLIAMSON = {
-    39: ("+++--+-+-----+--++----++--+-----+-+--++", "+++--++-+---+-+--+----+--+-+---+-++--++",
-         "++++---+--++----+-+--+-+----++--+---+++", "+---++-+-+-----+++-++-+++-----+-+-++---"),
-    43: ("++---++++-+--+--++--------++--+--+-++++---+", "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
-         "++-++++++----+-+--++-++-++--+-+----++++++-+", "+---++--++++-+-+++-++--++-+++-+-++++--++---"),
+    39: (
+        "+++--+-+-----+--++----++--+-----+-+--++",
+        "+++--++-+---+-+--+----+--+-+---+-++--++",
+        "++++---+--++----+-+--+-+----++--+---+++",
+        "+---++-+-+-----+++-++-+++-----+-+-++---",
+    ),
+    43: (
+        "++---++++-+--+--++--------++--+--+-++++---+",
+        "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
+        "++-++++++----+-+--++-++-++--+-+----++++++-+",
+        "+---++--++++-+-+++-++--++-+++-+-++++--++---",
+    ),
 }
 
 
@@ -107,12 +116,15 @@ def _williamson(t: int) -> torch.Tensor:
         return row[idx]
 
     A, B, C, D = (circ(s) for s in _WILLIAMSON[t])
-    return torch.cat([
-        torch.cat([A, B, C, D], 1),
-        torch.cat([-B, A, -D, C], 1),
-        torch.cat([-C, D, A, -B], 1),
-        torch.cat([-D, -C, B, A], 1),
-    ], 0)
+    return torch.cat(
+        [
+            torch.cat([A, B, C, D], 1),
+            torch.cat([-B, A, -D, C], 1),
+            torch.cat([-C, D, A, -B], 1),
+            torch.cat([-D, -C, B, A], 1),
+        ],
+        0,
+    )
 
 
 def construction(m: int):
@@ -159,8 +171,12 @@ def hadamard_factor(m: int) -> torch.Tensor:
     if c is None:
         raise ValueError(f"no Hadamard construction for m={m}")
     name, q = c
-    H = {"sylvester": lambda _: torch.ones(1, 1, dtype=torch.int64), "paley1": _paley1,
-         "paley2": _paley2, "williamson": _williamson}[name](q)
+    H = {
+        "sylvester": lambda _: torch.ones(1, 1, dtype=torch.int64),
+        "paley1": _paley1,
+        "paley2": _paley2,
+        "williamson": _williamson,
+    }[name](q)
     assert torch.equal(H @ H.T, m * torch.eye(m, dtype=torch.int64)), f"H_{m} is not Hadamard"
     return H
 
@@ -198,12 +214,16 @@ def _apply(x: torch.Tensor, n: int, transpose: bool) -> torch.Tensor:
     return torch.einsum("...abc,ai,bj,ck->...ijk", X, *mats).reshape(x.shape)
 
 
-def hadamard_transform(x: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
+def hadamard_transform(
+    x: torch.Tensor, scale: float = 1.0, transpose: bool = False
+) -> torch.Tensor:
     """(x @ H_n) * scale in float64 (x @ H_n^T with transpose=True), cast back to x.dtype."""
     return (_apply(x.to(torch.float64), x.shape[-1], transpose) * scale).to(x.dtype)
 
 
-def hadamard_transform_same_dtype(x: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
+def hadamard_transform_same_dtype(
+    x: torch.Tensor, scale: float = 1.0, transpose: bool = False
+) -> torch.Tensor:
     """The same matrix product in x's own dtype: the PyTorch baseline whose error sets the bar
     (kernel error vs float64 <= 2x this one's)."""
     return _apply(x, x.shape[-1], transpose) * scale

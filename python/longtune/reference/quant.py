@@ -5,6 +5,7 @@ compared bit for bit); ``fake_quant(..., compute_dtype=torch.float64)`` is the f
 the same formula (differs only where a float32 rounding of x / scale crosses a .5 boundary).
 Rounding is round-half-to-even (torch.round), not half-away-from-zero.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,30 +58,68 @@ def _unclamped_codes(x, bits, granularity, group_size, symmetric, clip_ratio, co
     return torch.round(xg / scale) + zero, scale, zero
 
 
-def quantize(x, bits=4, granularity="per_token", group_size=None, symmetric=True, clip_ratio=1.0,
-             compute_dtype=torch.float32):
+def quantize(
+    x,
+    bits=4,
+    granularity="per_token",
+    group_size=None,
+    symmetric=True,
+    clip_ratio=1.0,
+    compute_dtype=torch.float32,
+):
     """(codes, scales, zeros): codes in the signed / unsigned range, one scale / zero per group."""
-    u, scale, zero = _unclamped_codes(x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype)
+    u, scale, zero = _unclamped_codes(
+        x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype
+    )
     qmin, qmax = qrange(bits, symmetric)
     return torch.clamp(u, qmin, qmax).reshape(x.shape), scale.squeeze(-1), zero.squeeze(-1)
 
 
-def fake_quant(x, bits=4, granularity="per_token", group_size=None, symmetric=True, clip_ratio=1.0,
-               compute_dtype=torch.float32):
-    codes, scale, zero = quantize(x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype)
+def fake_quant(
+    x,
+    bits=4,
+    granularity="per_token",
+    group_size=None,
+    symmetric=True,
+    clip_ratio=1.0,
+    compute_dtype=torch.float32,
+):
+    codes, scale, zero = quantize(
+        x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype
+    )
     cg = _groups(codes, granularity, group_size)
     return ((cg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(x.shape)
 
 
-def in_range_mask(x, bits=4, granularity="per_token", group_size=None, symmetric=True, clip_ratio=1.0,
-                  compute_dtype=torch.float32):
-    u, _, _ = _unclamped_codes(x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype)
+def in_range_mask(
+    x,
+    bits=4,
+    granularity="per_token",
+    group_size=None,
+    symmetric=True,
+    clip_ratio=1.0,
+    compute_dtype=torch.float32,
+):
+    u, _, _ = _unclamped_codes(
+        x, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype
+    )
     qmin, qmax = qrange(bits, symmetric)
     return ((u >= qmin) & (u <= qmax)).reshape(x.shape)
 
 
-def rotate_fake_quant(x, bits=4, granularity="per_token", group_size=None, symmetric=True, clip_ratio=1.0,
-                      rotate_input=True, hadamard_size=None, compute_dtype=torch.float32):
+def rotate_fake_quant(
+    x,
+    bits=4,
+    granularity="per_token",
+    group_size=None,
+    symmetric=True,
+    clip_ratio=1.0,
+    rotate_input=True,
+    hadamard_size=None,
+    compute_dtype=torch.float32,
+):
     """Q(R x) with R the orthonormal (block) Hadamard rotation, in x's dtype."""
     r = rotate(x.to(torch.float32), hadamard_size) if rotate_input else x.to(torch.float32)
-    return fake_quant(r, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype).to(x.dtype)
+    return fake_quant(r, bits, granularity, group_size, symmetric, clip_ratio, compute_dtype).to(
+        x.dtype
+    )

@@ -15,6 +15,7 @@ every ``SparseDeltaLinear`` becomes its ``nn.Linear`` holding W + Δ, every ``S2
 replaced. The result's outputs are bit-identical, and a transformers model saves with
 ``save_pretrained`` and loads with ``from_pretrained`` like any other.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from ..nn.quant import RotatedQuantLinear
-from ..nn.s2ft import S2FTLinear, S2FTMLP
+from ..nn.s2ft import S2FTMLP, S2FTLinear
 from ..nn.sparse_delta import SparseDeltaLinear
 
 ADAPTER_CONFIG_NAME = "sparse_adapter_config.json"
@@ -50,29 +51,49 @@ def save_sparse_adapter(model: nn.Module, save_directory: str | os.PathLike) -> 
 
     layers = _sparse_layers(model)
     if not layers:
-        raise ValueError("longtune.train.save_sparse_adapter: the model has no SparseDeltaLinear layers "
-                         "(sparsify it first with longtune.sparsify)")
+        raise ValueError(
+            "longtune.train.save_sparse_adapter: the model has no SparseDeltaLinear layers "
+            "(sparsify it first with longtune.sparsify)"
+        )
     tensors, modules = {}, {}
     for name, m in layers.items():
         if not name:
-            raise ValueError("longtune.train.save_sparse_adapter: pass the model that contains the "
-                             "SparseDeltaLinear, not the layer itself")
+            raise ValueError(
+                "longtune.train.save_sparse_adapter: pass the model that contains the "
+                "SparseDeltaLinear, not the layer itself"
+            )
         tensors[f"{name}.indices"] = m.indices.detach().to("cpu", torch.long).contiguous()
         tensors[f"{name}.values"] = m.delta().cpu().contiguous()
-        modules[name] = {"shape": [m.out_features, m.in_features], "num_deltas": int(m.values.numel()),
-                         "dtype": _dtype_name(m.values.dtype), "bias": m.base.bias is not None}
+        modules[name] = {
+            "shape": [m.out_features, m.in_features],
+            "num_deltas": int(m.values.numel()),
+            "dtype": _dtype_name(m.values.dtype),
+            "bias": m.base.bias is not None,
+        }
     dtypes = {info["dtype"] for info in modules.values()}
     total = sum(info["num_deltas"] for info in modules.values())
     size = sum(info["shape"][0] * info["shape"][1] for info in modules.values())
-    config = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
-              "target_modules": list(modules), "density": total / size if size else 0.0,
-              "num_deltas": total, "dtype": dtypes.pop() if len(dtypes) == 1 else None,
-              "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-              "modules": modules}
+    config = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "target_modules": list(modules),
+        "density": total / size if size else 0.0,
+        "num_deltas": total,
+        "dtype": dtypes.pop() if len(dtypes) == 1 else None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
+        or None,
+        "modules": modules,
+    }
     os.makedirs(save_directory, exist_ok=True)
-    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME),
-              metadata={"format": "pt", "longtune_format": ADAPTER_FORMAT,
-                        "format_version": str(ADAPTER_FORMAT_VERSION)})
+    save_file(
+        tensors,
+        os.path.join(save_directory, ADAPTER_WEIGHTS_NAME),
+        metadata={
+            "format": "pt",
+            "longtune_format": ADAPTER_FORMAT,
+            "format_version": str(ADAPTER_FORMAT_VERSION),
+        },
+    )
     with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=1)
     return config
@@ -85,22 +106,30 @@ def _read_adapter(load_directory) -> tuple[dict, dict]:
     w_path = os.path.join(load_directory, ADAPTER_WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"longtune.train.load_sparse_adapter: {p} not found (a directory written by "
-                                    f"longtune.train.save_sparse_adapter holds {ADAPTER_CONFIG_NAME} and "
-                                    f"{ADAPTER_WEIGHTS_NAME})")
+            raise FileNotFoundError(
+                f"longtune.train.load_sparse_adapter: {p} not found (a directory written by "
+                f"longtune.train.save_sparse_adapter holds {ADAPTER_CONFIG_NAME} and "
+                f"{ADAPTER_WEIGHTS_NAME})"
+            )
     with open(cfg_path) as f:
         cfg = json.load(f)
     if cfg.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"longtune.train.load_sparse_adapter: {cfg_path} is not a sparse-delta adapter "
-                         f"(format {cfg.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+        raise ValueError(
+            f"longtune.train.load_sparse_adapter: {cfg_path} is not a sparse-delta adapter "
+            f"(format {cfg.get('format')!r}, expected {ADAPTER_FORMAT!r})"
+        )
     if int(cfg.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
-        raise ValueError(f"longtune.train.load_sparse_adapter: adapter format version {cfg['format_version']} is "
-                         f"newer than this longtune reads ({ADAPTER_FORMAT_VERSION}); upgrade longtune")
+        raise ValueError(
+            f"longtune.train.load_sparse_adapter: adapter format version {cfg['format_version']} is "
+            f"newer than this longtune reads ({ADAPTER_FORMAT_VERSION}); upgrade longtune"
+        )
     return cfg, load_file(w_path)
 
 
 @torch.no_grad()
-def load_sparse_adapter(model: nn.Module, load_directory: str | os.PathLike, *, trainable: bool = True) -> nn.Module:
+def load_sparse_adapter(
+    model: nn.Module, load_directory: str | os.PathLike, *, trainable: bool = True
+) -> nn.Module:
     """Load ``save_sparse_adapter``'s deltas onto ``model`` (in place; returns it). Each target module
     must exist and be an ``nn.Linear`` (or ``SparseDeltaLinear``) of the saved shape, else a
     ``ValueError`` naming it is raised before anything changes. Plain linear layers are wrapped in
@@ -113,22 +142,32 @@ def load_sparse_adapter(model: nn.Module, load_directory: str | os.PathLike, *, 
         try:
             mod = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"longtune.train.load_sparse_adapter: the adapter has deltas for module {name!r}, which "
-                             f"the model ({type(model).__name__}) does not have") from None
+            raise ValueError(
+                f"longtune.train.load_sparse_adapter: the adapter has deltas for module {name!r}, which "
+                f"the model ({type(model).__name__}) does not have"
+            ) from None
         if type(mod) is not nn.Linear and not isinstance(mod, SparseDeltaLinear):
-            raise ValueError(f"longtune.train.load_sparse_adapter: module {name!r} is a {type(mod).__name__}; the "
-                             "adapter's deltas go onto an nn.Linear (or SparseDeltaLinear)")
+            raise ValueError(
+                f"longtune.train.load_sparse_adapter: module {name!r} is a {type(mod).__name__}; the "
+                "adapter's deltas go onto an nn.Linear (or SparseDeltaLinear)"
+            )
         shape = [mod.out_features, mod.in_features]
         if shape != list(info["shape"]):
-            raise ValueError(f"longtune.train.load_sparse_adapter: module {name!r} has a weight of shape {shape}, the "
-                             f"adapter was trained on {list(info['shape'])}")
+            raise ValueError(
+                f"longtune.train.load_sparse_adapter: module {name!r} has a weight of shape {shape}, the "
+                f"adapter was trained on {list(info['shape'])}"
+            )
         if isinstance(mod, SparseDeltaLinear) and mod._folded is not None:
-            raise ValueError(f"longtune.train.load_sparse_adapter: module {name!r} has merged deltas; unmerge() "
-                             "them first")
+            raise ValueError(
+                f"longtune.train.load_sparse_adapter: module {name!r} has merged deltas; unmerge() "
+                "them first"
+            )
         idx, val = tensors.get(f"{name}.indices"), tensors.get(f"{name}.values")
         if idx is None or val is None:
-            raise ValueError(f"longtune.train.load_sparse_adapter: {ADAPTER_WEIGHTS_NAME} lacks the indices or values "
-                             f"of module {name!r}")
+            raise ValueError(
+                f"longtune.train.load_sparse_adapter: {ADAPTER_WEIGHTS_NAME} lacks the indices or values "
+                f"of module {name!r}"
+            )
         probe = mod if isinstance(mod, SparseDeltaLinear) else None
         numel = shape[0] * shape[1]
         if probe is None:
@@ -166,10 +205,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     one is refused before anything changes (use ``longtune.quant.export`` for it)."""
     quant = [n for n, m in model.named_modules() if isinstance(m, RotatedQuantLinear)]
     if quant:
-        raise ValueError(f"longtune.train.merge_and_unload: {quant[0]!r} is a RotatedQuantLinear (RoSTE), which has "
-                         "no plain equivalent; export a quantized model with longtune.quant.export instead")
+        raise ValueError(
+            f"longtune.train.merge_and_unload: {quant[0]!r} is a RotatedQuantLinear (RoSTE), which has "
+            "no plain equivalent; export a quantized model with longtune.quant.export instead"
+        )
     if isinstance(model, (SparseDeltaLinear, S2FTLinear, S2FTMLP)):
-        raise ValueError("longtune.train.merge_and_unload: pass the model that contains the layer, not the layer")
+        raise ValueError(
+            "longtune.train.merge_and_unload: pass the model that contains the layer, not the layer"
+        )
     with torch.no_grad():
         for mod in list(model.modules()):
             for name, child in list(mod.named_children()):

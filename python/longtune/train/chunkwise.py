@@ -65,6 +65,7 @@ backward for it. As with any DDP gradient accumulation, the last chunk's backwar
 parameter that DDP tracks (it does for a causal LM: chunk 0 uses all of them); models with unused
 parameters need ``find_unused_parameters=True`` as usual.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,7 +135,7 @@ class _SlotCat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         ctx.store.add_grad(ctx.grads, g, ctx.s)
-        return g[..., ctx.s:, :], None, None, None, None
+        return g[..., ctx.s :, :], None, None, None, None
 
 
 class _KVDone(Exception):
@@ -151,7 +152,9 @@ class _ChunkLayerMixin:
     chunk's layers; with ``stop_after`` = the number of layers, the write that completes the set
     raises :class:`_KVDone`."""
 
-    def __init__(self, store: _KVStore, past_len: int, grad: bool, written: list, stop_after: int = 0):
+    def __init__(
+        self, store: _KVStore, past_len: int, grad: bool, written: list, stop_after: int = 0
+    ):
         super().__init__()
         self.store, self.past_len, self.grad = store, past_len, grad
         self.written, self.stop_after = written, stop_after
@@ -168,7 +171,11 @@ class _ChunkLayerMixin:
         if self.grad and torch.is_grad_enabled():
             st = self.store
             k = _SlotCat.apply(key_states, kb, st, st.gk, s) if key_states.requires_grad else None
-            v = _SlotCat.apply(value_states, vb, st, st.gv, s) if value_states.requires_grad else None
+            v = (
+                _SlotCat.apply(value_states, vb, st, st.gv, s)
+                if value_states.requires_grad
+                else None
+            )
         else:
             k = v = None
         with torch.no_grad():
@@ -216,7 +223,9 @@ def _unwrap_ddp(model):
 
 def _forward_params(model) -> set:
     base = base_model(model)
-    fwd = getattr(base, "_longtune_orig_forward", None) or base.forward  # the model's own, under a fused-CE patch
+    fwd = (
+        getattr(base, "_longtune_orig_forward", None) or base.forward
+    )  # the model's own, under a fused-CE patch
     try:
         return set(inspect.signature(fwd).parameters)
     except (TypeError, ValueError):
@@ -257,52 +266,82 @@ def _check(input_ids, labels, chunk_size, budget, cap, attention_mask):
     if labels.dim() == 1:
         labels = labels.unsqueeze(0)
     if input_ids.dim() != 2:
-        raise ValueError(f"seco_backward: input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"seco_backward: input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}"
+        )
     if labels.shape != input_ids.shape:
-        raise ValueError(f"seco_backward: labels shape {tuple(labels.shape)} does not match input_ids shape "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"seco_backward: labels shape {tuple(labels.shape)} does not match input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
     n = input_ids.shape[1]
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"seco_backward: chunk_size must be an int, got {chunk_size!r}")
     if not 1 <= chunk_size <= n:
-        raise ValueError(f"seco_backward: chunk_size must be in [1, seq_len={n}], got chunk_size={chunk_size}")
+        raise ValueError(
+            f"seco_backward: chunk_size must be in [1, seq_len={n}], got chunk_size={chunk_size}"
+        )
     n_chunks = math.ceil(n / chunk_size)
     if budget is not None:
         if isinstance(budget, bool) or not isinstance(budget, int):
             raise TypeError(f"seco_backward: budget must be an int or None, got {budget!r}")
         if not 1 <= budget <= n_chunks:
-            raise ValueError(f"seco_backward: budget must be in [1, number of chunks={n_chunks}] (seq_len={n}, "
-                             f"chunk_size={chunk_size}), got budget={budget}")
+            raise ValueError(
+                f"seco_backward: budget must be in [1, number of chunks={n_chunks}] (seq_len={n}, "
+                f"chunk_size={chunk_size}), got budget={budget}"
+            )
     if cap is not None and not cap > 0:
         raise ValueError(f"seco_backward: cap must be positive or None, got cap={cap}")
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"seco_backward: attention_mask shape {tuple(attention_mask.shape)} does not match "
-                             f"input_ids shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"seco_backward: attention_mask shape {tuple(attention_mask.shape)} does not match "
+                f"input_ids shape {tuple(input_ids.shape)}"
+            )
     return input_ids, labels, n, n_chunks
 
 
 def _check_attention(model, n_chunks: int) -> None:
     """Refuses, before any compute, models and attention patches that cannot be chunked."""
-    stored = getattr(hf_model(_unwrap_ddp(model)[1], "seco_backward").config, "longtune_patch", None) or {}
+    stored = (
+        getattr(hf_model(_unwrap_ddp(model)[1], "seco_backward").config, "longtune_patch", None)
+        or {}
+    )
     if n_chunks > 1 and stored.get("attention") == "s2" and stored.get("mode") == "longlora_roll":
-        raise ValueError("seco_backward: the model is patched with S^2-Attn mode='longlora_roll', whose last shifted "
-                         "group wraps around to the end of the sequence; it cannot be trained chunk-wise. Use "
-                         "mode='leakfree' (longtune.patch(model, attention='s2', mode='leakfree')) or full backprop")
+        raise ValueError(
+            "seco_backward: the model is patched with S^2-Attn mode='longlora_roll', whose last shifted "
+            "group wraps around to the end of the sequence; it cannot be trained chunk-wise. Use "
+            "mode='leakfree' (longtune.patch(model, attention='s2', mode='leakfree')) or full backprop"
+        )
     if stored.get("attention") == "lambda":
-        raise ValueError("seco_backward: the model is patched with the Lambda-mask (attention='lambda'), which is "
-                         "for inference only; train with attention='s2' or 'causal'")
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in _unwrap_ddp(model)[1].modules()):
-        raise ValueError("seco_backward: the model has activation (gradient) checkpointing enabled, under which "
-                         "transformers drops the cache that carries the earlier chunks' keys/values; disable it "
-                         "(model.activation_checkpointing_disable(), or gradient_checkpointing=False in the "
-                         "TrainingArguments): chunk-wise training already keeps one chunk's activations only")
+        raise ValueError(
+            "seco_backward: the model is patched with the Lambda-mask (attention='lambda'), which is "
+            "for inference only; train with attention='s2' or 'causal'"
+        )
+    if any(
+        getattr(m, "gradient_checkpointing", False) is True for m in _unwrap_ddp(model)[1].modules()
+    ):
+        raise ValueError(
+            "seco_backward: the model has activation (gradient) checkpointing enabled, under which "
+            "transformers drops the cache that carries the earlier chunks' keys/values; disable it "
+            "(model.activation_checkpointing_disable(), or gradient_checkpointing=False in the "
+            "TrainingArguments): chunk-wise training already keeps one chunk's activations only"
+        )
 
 
-def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_size: int,
-                  budget: Optional[int] = None, cap: Optional[float] = 2.0,
-                  attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                  num_items_in_batch=None, full_loss: bool = True) -> torch.Tensor:
+def seco_backward(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int,
+    budget: Optional[int] = None,
+    cap: Optional[float] = 2.0,
+    attention_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    num_items_in_batch=None,
+    full_loss: bool = True,
+) -> torch.Tensor:
     """Chunk-wise backward of the causal-LM loss of ``model`` on ``input_ids`` / ``labels`` (B, N).
 
     Accumulates into ``.grad`` what ``model(input_ids, labels=labels).loss.backward()`` would
@@ -318,7 +357,9 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
     With ``longtune.patch(model, lm_head="fused_ce")`` every chunk's loss comes from the hidden
     states through the fused linear + cross-entropy (no chunk x vocabulary logits).
     See the module docstring for the algorithm and scope."""
-    input_ids, labels, n, n_chunks = _check(input_ids, labels, chunk_size, budget, cap, attention_mask)
+    input_ids, labels, n, n_chunks = _check(
+        input_ids, labels, chunk_size, budget, cap, attention_mask
+    )
     _check_attention(model, n_chunks)
     dev = input_ids.device
     labels = labels.to(dev)
@@ -326,7 +367,10 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
     shift = torch.cat([labels[:, 1:], labels.new_full((bsz, 1), IGNORE_INDEX)], dim=1)
     n_targets = int((shift != IGNORE_INDEX).sum())
     if n_targets == 0:
-        warnings.warn("seco_backward: every label is ignored (-100); returning a zero loss, no gradient", stacklevel=2)
+        warnings.warn(
+            "seco_backward: every label is ignored (-100); returning a zero loss, no gradient",
+            stacklevel=2,
+        )
         return torch.zeros((), device=dev)
     denom = n_targets if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(denom):
@@ -343,14 +387,35 @@ def seco_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk
     else:
         skip_loss, scale = set(), 1.0
     with sequence_length(n):  # S^2-Attn: the group size of the whole sequence in every chunk
-        loss = _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss,
-                                   None if attention_mask is None or bool((attention_mask != 0).all()) else
-                                   attention_mask.to(dev))
+        loss = _chunkwise_backward(
+            model,
+            input_ids,
+            shift,
+            chunk_size,
+            sampled,
+            local_w,
+            relay_w,
+            denom,
+            skip_loss,
+            None
+            if attention_mask is None or bool((attention_mask != 0).all())
+            else attention_mask.to(dev),
+        )
     return loss * scale if scale != 1.0 else loss
 
 
-def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, relay_w, denom, skip_loss=(),
-                        attention_mask=None):
+def _chunkwise_backward(
+    model,
+    input_ids,
+    shift,
+    chunk_size,
+    sampled,
+    local_w,
+    relay_w,
+    denom,
+    skip_loss=(),
+    attention_mask=None,
+):
     """Phases 1 and 2 for the chunks in ``sampled`` (indices), their local losses weighted by
     ``local_w`` and the k/v gradients relayed to them by ``relay_w`` (0: no relay); ``shift``: the
     globally shifted labels; ``denom``: the loss normaliser; ``attention_mask``: the (B, N) padding
@@ -360,7 +425,9 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     n_chunks = math.ceil(n / chunk_size)
     bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
     sampled = sorted(set(int(i) for i in sampled))
-    last_needed = max(sampled)  # the k/v of chunks from this one on are never attended to in phase 2
+    last_needed = max(
+        sampled
+    )  # the k/v of chunks from this one on are never attended to in phase 2
 
     ddp, inner = _unwrap_ddp(model)
     n_layers = _num_layers(inner)
@@ -378,10 +445,15 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
         # a phase-1 forward that only wants the k/v stops at the last layer's cache write
         kv_only = not with_loss and not grad
         written = [0]
-        layers = [chunk_layer(stores[layer], s, grad, written, n_layers if kv_only else 0) for layer in range(n_layers)]
+        layers = [
+            chunk_layer(stores[layer], s, grad, written, n_layers if kv_only else 0)
+            for layer in range(n_layers)
+        ]
         cache = Cache(layers=layers)
         pos = torch.arange(s, e, device=dev).unsqueeze(0).expand(bsz, -1)
-        kw = dict(input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache})
+        kw = dict(
+            input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_kw: cache}
+        )
         if attention_mask is not None:
             kw["attention_mask"] = attention_mask[:, :e]
         if with_loss and fused_head:
@@ -399,17 +471,28 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
         if not grad:  # phase 1 collects every layer's k/v
             for layer, lay in enumerate(layers):
                 if lay.new_k is None:
-                    raise RuntimeError(f"seco_backward: layer {layer} of {type(model).__name__} did not write its "
-                                       "keys/values through the cache interface (cache.update)")
+                    raise RuntimeError(
+                        f"seco_backward: layer {layer} of {type(model).__name__} did not write its "
+                        "keys/values through the cache interface (cache.update)"
+                    )
         return loss, layers
 
     def chunk_loss(i, logits):
         s, e = bounds[i]
         if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # as transformers' ForCausalLMLoss; fp32 / fp64 stay as they are
+            logits = (
+                logits.float()
+            )  # as transformers' ForCausalLMLoss; fp32 / fp64 stay as they are
         tgt = shift[:, s:e].reshape(-1)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt, ignore_index=IGNORE_INDEX,
-                               reduction="sum") / denom
+        return (
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                tgt,
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            / denom
+        )
 
     # ---------------------------------------------------------------- phase 1: forward, no grad
     # k/v of every layer in one buffer each; gradients for the chunks whose k/v gradient is relayed
@@ -468,15 +551,37 @@ def _chunkwise_backward(model, input_ids, shift, chunk_size, sampled, local_w, r
     return total.to(loss_dtype)
 
 
-def seco_train_step(model, optimizer, input_ids, labels, *, chunk_size: int, budget: Optional[int] = None,
-                    cap: Optional[float] = 2.0, attention_mask=None, generator=None, max_grad_norm=None,
-                    full_loss: bool = True):
+def seco_train_step(
+    model,
+    optimizer,
+    input_ids,
+    labels,
+    *,
+    chunk_size: int,
+    budget: Optional[int] = None,
+    cap: Optional[float] = 2.0,
+    attention_mask=None,
+    generator=None,
+    max_grad_norm=None,
+    full_loss: bool = True,
+):
     """One optimizer step with chunk-wise backward: ``zero_grad``, :func:`seco_backward`, optional
     gradient clipping at ``max_grad_norm``, ``optimizer.step()``. Returns the (detached) loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss = seco_backward(model, input_ids, labels, chunk_size=chunk_size, budget=budget, cap=cap,
-                         attention_mask=attention_mask, generator=generator, full_loss=full_loss)
+    loss = seco_backward(
+        model,
+        input_ids,
+        labels,
+        chunk_size=chunk_size,
+        budget=budget,
+        cap=cap,
+        attention_mask=attention_mask,
+        generator=generator,
+        full_loss=full_loss,
+    )
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], max_grad_norm
+        )
     optimizer.step()
     return loss

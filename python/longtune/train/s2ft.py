@@ -4,12 +4,13 @@ channels (up / down) per block, co-permute the coupled weights so that the picks
 ``S2FTLinear`` with the picked block trainable. GQA is handled at the granularity of key/value
 heads: a picked kv head brings the query heads of its group with it (q/k/v rows and o columns are
 permuted together), unlike the official code, which indexes kv heads with query-head indices."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..nn.s2ft import S2FTLinear, S2FTMLP
+from ..nn.s2ft import S2FTMLP, S2FTLinear
 
 
 def _perm_rows(lin: nn.Linear, perm: torch.Tensor):
@@ -27,20 +28,34 @@ def _head_rows(head_order: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_and_permute(model, *, head_ratio: float = 0.03, channel_ratio: float = 0.03, seed: int = 0,
-                       freeze_others: bool = True, fuse_mlp: bool = True) -> dict:
+def select_and_permute(
+    model,
+    *,
+    head_ratio: float = 0.03,
+    channel_ratio: float = 0.03,
+    seed: int = 0,
+    freeze_others: bool = True,
+    fuse_mlp: bool = True,
+) -> dict:
     """In place. Returns {layer index: {"kv_heads": [...], "channels": [...]}} (original ids).
     ``fuse_mlp``: SiLU-gated MLPs with a frozen gate become ``S2FTMLP`` (one autograd function for
     the block, partial backprop through it; same parameters and state-dict keys)."""
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers"):
-        raise TypeError(f"longtune.train.s2ft.select_and_permute: expected a Hugging Face *ForCausalLM with "
-                        f".model.layers, got {type(model).__name__}")
+        raise TypeError(
+            f"longtune.train.s2ft.select_and_permute: expected a Hugging Face *ForCausalLM with "
+            f".model.layers, got {type(model).__name__}"
+        )
     if not (0 < head_ratio <= 1) or not (0 < channel_ratio <= 1):
-        raise ValueError(f"select_and_permute: head_ratio and channel_ratio must be in (0, 1], got {head_ratio} and "
-                         f"{channel_ratio}")
+        raise ValueError(
+            f"select_and_permute: head_ratio and channel_ratio must be in (0, 1], got {head_ratio} and "
+            f"{channel_ratio}"
+        )
     c = model.config
-    hq, hkv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    hq, hkv = (
+        c.num_attention_heads,
+        getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+    )
     hd = getattr(c, "head_dim", None) or c.hidden_size // hq
     group = hq // hkv
     if freeze_others:

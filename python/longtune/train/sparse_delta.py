@@ -3,6 +3,7 @@
 ``SpIELScheduler`` (prune / regrow: SpIEL-AG with accumulated-gradient growth, or SpIEL-MA with
 SM3 row / column accumulators as memory-lean growth scores). Quantized (8-/4-bit) base layers are
 not supported."""
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,9 @@ from ..nn.sparse_delta import SparseDeltaLinear
 from ..ops.sparse_delta import sparse_adamw_, sparse_delta_grad
 
 
-def sparsify(model: nn.Module, *, density: float = 0.01, target_modules=None, seed: int | None = None) -> nn.Module:
+def sparsify(
+    model: nn.Module, *, density: float = 0.01, target_modules=None, seed: int | None = None
+) -> nn.Module:
     """Replace every ``nn.Linear`` whose qualified name matches ``target_modules`` (a list of name
     suffixes, or a regex string; default: all linear layers) by a SparseDeltaLinear wrapping it, and
     freeze every other parameter. In place; returns the model.
@@ -26,6 +29,7 @@ def sparsify(model: nn.Module, *, density: float = 0.01, target_modules=None, se
     ``longtune.train.save_sparse_adapter`` saves only the deltas, for ``load_sparse_adapter`` onto
     the base model; ``longtune.train.merge_and_unload`` gives the plain model (W + Δ) for
     ``save_pretrained`` / ``from_pretrained``."""
+
     def wanted(name):
         if target_modules is None:
             return True
@@ -39,12 +43,23 @@ def sparsify(model: nn.Module, *, density: float = 0.01, target_modules=None, se
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not isinstance(child, SparseDeltaLinear) and wanted(full):
-                setattr(mod, child_name, SparseDeltaLinear(child, density=density,
-                                                           seed=None if seed is None else seed + replaced))
+            if (
+                isinstance(child, nn.Linear)
+                and not isinstance(child, SparseDeltaLinear)
+                and wanted(full)
+            ):
+                setattr(
+                    mod,
+                    child_name,
+                    SparseDeltaLinear(
+                        child, density=density, seed=None if seed is None else seed + replaced
+                    ),
+                )
                 replaced += 1
     if replaced == 0:
-        raise ValueError(f"longtune.sparsify: no nn.Linear matched target_modules={target_modules!r}")
+        raise ValueError(
+            f"longtune.sparsify: no nn.Linear matched target_modules={target_modules!r}"
+        )
     return model
 
 
@@ -72,14 +87,27 @@ class SparseAdamW(torch.optim.Optimizer):
                     st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                     st["age"] = torch.zeros_like(p, dtype=torch.int32)
-                sparse_adamw_(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["age"], lr=group["lr"],
-                              betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+                sparse_adamw_(
+                    p.data,
+                    p.grad,
+                    st["exp_avg"],
+                    st["exp_avg_sq"],
+                    st["age"],
+                    lr=group["lr"],
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
         return loss
 
 
 def _sparse_adamw_state_dtypes(optimizer: SparseAdamW) -> None:
     for st in optimizer.state.values():
-        for key, dt in (("exp_avg", torch.float32), ("exp_avg_sq", torch.float32), ("age", torch.int32)):
+        for key, dt in (
+            ("exp_avg", torch.float32),
+            ("exp_avg_sq", torch.float32),
+            ("age", torch.int32),
+        ):
             if key in st and st[key].dtype != dt:
                 st[key] = st[key].to(dt)
 
@@ -142,7 +170,10 @@ class _SM3Stats:
         new_col = torch.zeros_like(self.col)
         for r0 in range(0, out, self.tile_rows):
             r1 = min(out, r0 + self.tile_rows)
-            v = torch.minimum(self.row[r0:r1, None], self.col[None, :]) + (g[:, r0:r1].T @ xx).square()
+            v = (
+                torch.minimum(self.row[r0:r1, None], self.col[None, :])
+                + (g[:, r0:r1].T @ xx).square()
+            )
             new_row[r0:r1] = v.amax(1)
             new_col = torch.maximum(new_col, v.amax(0))
         self.row, self.col = new_row, new_col
@@ -181,9 +212,20 @@ class SpIELScheduler:
     exactly like an uninterrupted one.
     """
 
-    def __init__(self, model_or_layers, optimizer=None, *, update_every: int = 20, window: int = 5,
-                 drop_fraction: float = 0.2, decay: str = "cosine", total_steps: int | None = None,
-                 candidates_factor: float = 2.0, tile_rows: int = 256, growth: str = "ag"):
+    def __init__(
+        self,
+        model_or_layers,
+        optimizer=None,
+        *,
+        update_every: int = 20,
+        window: int = 5,
+        drop_fraction: float = 0.2,
+        decay: str = "cosine",
+        total_steps: int | None = None,
+        candidates_factor: float = 2.0,
+        tile_rows: int = 256,
+        growth: str = "ag",
+    ):
         if isinstance(model_or_layers, nn.Module):
             self.layers = [m for m in model_or_layers.modules() if isinstance(m, SparseDeltaLinear)]
         else:
@@ -191,13 +233,21 @@ class SpIELScheduler:
         if not self.layers:
             raise ValueError("SpIELScheduler: no SparseDeltaLinear layers to schedule")
         if not (1 <= window <= update_every):
-            raise ValueError(f"SpIELScheduler: window must be in [1, update_every={update_every}], got {window}")
+            raise ValueError(
+                f"SpIELScheduler: window must be in [1, update_every={update_every}], got {window}"
+            )
         if not (0 <= drop_fraction <= 1):
-            raise ValueError(f"SpIELScheduler: drop_fraction must be in [0, 1], got {drop_fraction}")
+            raise ValueError(
+                f"SpIELScheduler: drop_fraction must be in [0, 1], got {drop_fraction}"
+            )
         if decay not in ("cosine", "linear", "constant"):
-            raise ValueError(f"SpIELScheduler: decay must be 'cosine', 'linear' or 'constant', got {decay!r}")
+            raise ValueError(
+                f"SpIELScheduler: decay must be 'cosine', 'linear' or 'constant', got {decay!r}"
+            )
         if growth not in ("ag", "ma"):
-            raise ValueError(f"SpIELScheduler: growth must be 'ag' (accumulated gradients) or 'ma' (SM3), got {growth!r}")
+            raise ValueError(
+                f"SpIELScheduler: growth must be 'ag' (accumulated gradients) or 'ma' (SM3), got {growth!r}"
+            )
         self.growth = growth
         self._sm3 = {id(l): _SM3Stats(l, tile_rows) for l in self.layers} if growth == "ma" else {}
         self.optimizer = optimizer
@@ -226,7 +276,9 @@ class SpIELScheduler:
         for layer in self.layers:
             if in_window and layer._collect is None:
                 n_drop = round(self.current_drop_fraction() * layer.values.numel())
-                layer._collect = _GrowthStats(layer, max(1, int(self.candidates_factor * n_drop)), self.tile_rows)
+                layer._collect = _GrowthStats(
+                    layer, max(1, int(self.candidates_factor * n_drop)), self.tile_rows
+                )
             elif not in_window:
                 layer._collect = None
 
@@ -262,20 +314,34 @@ class SpIELScheduler:
         ``self.layers`` order) the candidates / accumulated scores / candidate budget of an open
         SpIEL-AG window (None outside a window), or the SM3 row / column accumulators (``growth="ma"``).
         Tensors are copies; the dict is torch.save-able."""
-        st = {"step_count": self.step_count, "update_every": self.update_every, "window": self.window,
-              "drop_fraction": self.drop_fraction, "decay": self.decay, "total_steps": self.total_steps,
-              "growth": self.growth, "candidates_factor": self.candidates_factor, "tile_rows": self.tile_rows,
-              "num_layers": len(self.layers)}
+        st = {
+            "step_count": self.step_count,
+            "update_every": self.update_every,
+            "window": self.window,
+            "drop_fraction": self.drop_fraction,
+            "decay": self.decay,
+            "total_steps": self.total_steps,
+            "growth": self.growth,
+            "candidates_factor": self.candidates_factor,
+            "tile_rows": self.tile_rows,
+            "num_layers": len(self.layers),
+        }
         if self.growth == "ma":
-            st["sm3"] = [(self._sm3[id(l)].row.clone(), self._sm3[id(l)].col.clone()) for l in self.layers]
+            st["sm3"] = [
+                (self._sm3[id(l)].row.clone(), self._sm3[id(l)].col.clone()) for l in self.layers
+            ]
         else:
             windows = []
             for layer in self.layers:
                 c = layer._collect
                 if isinstance(c, _GrowthStats):
-                    windows.append({"n_cand": c.n_cand,
-                                    "cand": None if c.cand is None else c.cand.clone(),
-                                    "score": None if c.score is None else c.score.clone()})
+                    windows.append(
+                        {
+                            "n_cand": c.n_cand,
+                            "cand": None if c.cand is None else c.cand.clone(),
+                            "score": None if c.score is None else c.score.clone(),
+                        }
+                    )
                 else:
                     windows.append(None)
             st["growth_stats"] = windows
@@ -290,15 +356,20 @@ class SpIELScheduler:
         windows = state.pop("growth_stats", None)
         n = state.pop("num_layers", None)
         if n is not None and n != len(self.layers):
-            raise ValueError(f"SpIELScheduler.load_state_dict: the state is for {n} SparseDeltaLinear layers, this "
-                             f"scheduler has {len(self.layers)}")
+            raise ValueError(
+                f"SpIELScheduler.load_state_dict: the state is for {n} SparseDeltaLinear layers, this "
+                f"scheduler has {len(self.layers)}"
+            )
         for k, v in state.items():
             setattr(self, k, v)
         if self.growth == "ma":
             self._sm3 = {id(l): _SM3Stats(l, self.tile_rows) for l in self.layers}
             for l, (row, col) in zip(self.layers, sm3 or []):
                 dev = l.values.device
-                self._sm3[id(l)].row, self._sm3[id(l)].col = row.to(dev).clone(), col.to(dev).clone()
+                self._sm3[id(l)].row, self._sm3[id(l)].col = (
+                    row.to(dev).clone(),
+                    col.to(dev).clone(),
+                )
         else:
             self._sm3 = {}
         for layer in self.layers:

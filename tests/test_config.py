@@ -127,7 +127,7 @@ def _seco_vs_full(model, chunk):
     model(input_ids=ids, labels=labels).loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    longtune.config.chunkwise_backward(model, ids, labels)
+    longtune.integrations.apply.chunkwise_backward(model, ids, labels)
     assert ref
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -321,7 +321,7 @@ WORKER = textwrap.dedent("""
     m.train()
     loss = m(input_ids=ids, labels=ids).loss
     m.zero_grad(set_to_none=True)
-    chunked = longtune.config.chunkwise_backward(m, ids, ids)
+    chunked = longtune.integrations.apply.chunkwise_backward(m, ids, ids)
     torch.save({"logits": logits, "loss": loss.detach(), "chunked": chunked,
                 "patch": m.config.longtune_patch, "impl": m.config._attn_implementation,
                 "grads": {n: p.grad for n, p in m.named_parameters()}}, out)
@@ -359,7 +359,7 @@ def test_save_pretrained_from_pretrained_apply_restores_the_setup_in_a_fresh_pro
     m.train()
     loss = m(input_ids=ids, labels=ids).loss
     m.zero_grad(set_to_none=True)
-    chunked = longtune.config.chunkwise_backward(m, ids, ids)
+    chunked = longtune.integrations.apply.chunkwise_backward(m, ids, ids)
     assert there["impl"] == m.config._attn_implementation == "longtune_s2"
     assert there["patch"] == m.config.longtune_patch
     assert torch.equal(there["logits"], logits)

@@ -35,6 +35,7 @@ LIGHT_MODULES = [
     "longtune.integrations",
     "longtune.integrations.hf",
     "longtune.integrations.lm_infinite",
+    "longtune.integrations.apply",
     "longtune.integrations.quant",
     "longtune.integrations.roste",
 ]

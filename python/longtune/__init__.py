@@ -19,7 +19,7 @@ from . import (  # noqa: F401
     reference,
     train,  # noqa: E402,F401
 )
-from .config import apply  # noqa: E402,F401
+from .integrations.apply import apply  # noqa: E402,F401
 from .integrations.hf import convert_to_sqa, patch, unpatch  # noqa: E402,F401
 from .ops.attention import sparse_attention
 from .ops.cross_entropy import LinearCrossEntropyOutput, linear_cross_entropy

@@ -2,8 +2,8 @@
 ``prepare_roste``, ``search_rotation_config``, ``export`` / ``load_exported``, ``RoSTEConfig``.
 The kernels are ``longtune.rotate_fake_quant`` / ``longtune.quantize``."""
 
+from .config import RoSTEConfig  # noqa: F401
 from .integrations.quant import (  # noqa: F401
-    RoSTEConfig,
     export,
     load_exported,
     prepare_roste,

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import RoSTEConfig  # noqa: F401  (defined with the other typed configs)
+from ..config import RoSTEConfig
 from ..nn.quant import RotatedQuantLinear
 from ..ops.hadamard import hadamard_transform
 from ..ops.quant import rotate_fake_quant
@@ -41,7 +41,7 @@ from ._common import ROSTE_PREFIX
 
 
 # ------------------------------------------------------------------ model access
-def _decoder(model):
+def decoder(model):
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         raise TypeError(
@@ -261,7 +261,7 @@ def prepare_roste(model, config: RoSTEConfig | dict | str | None = None, **overr
         if not hasattr(cfg, k):
             raise TypeError(f"longtune.quant.prepare_roste: unknown option {k!r}")
         setattr(cfg, k, v)
-    inner = _decoder(model)
+    inner = decoder(model)
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     _untie(model, inner)
@@ -351,7 +351,7 @@ def search_rotation_config(
     ``save_to`` when given. Run it on the model before ``prepare_roste`` (K is measured before RoPE).
     """
     cfg = RoSTEConfig(**asdict(config)) if config is not None else RoSTEConfig()
-    inner = _decoder(model)
+    inner = decoder(model)
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     captured: dict = {}

@@ -35,9 +35,10 @@ import warnings
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..config import ChunkwiseConfig, SparseDeltaConfig, chunkwise_backward, get_config
+from ..config import ChunkwiseConfig, SparseDeltaConfig, get_config
 from ..train.sparse_delta import SpIELScheduler
 from ._common import hf_model
+from .apply import chunkwise_backward
 
 __all__ = [
     "LongtuneTrainerMixin",

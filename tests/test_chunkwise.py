@@ -1,8 +1,7 @@
 """SeCO / SpaCO chunk-wise training (longtune.train.chunkwise): exactness against full backprop in
 float64 (plain, peft LoRA, longtune-patched attention), S^2 attention, unbiasedness of SpaCO (exact
 enumeration of the sampled sets and a seeded Monte-Carlo check; the residual multi-hop bias), the
-cap, accumulation,
-reproducibility and bad inputs."""
+cap, accumulation, reproducibility and bad inputs."""
 
 import itertools
 import math
@@ -58,9 +57,8 @@ def batch(n=48, b=1, seed=1, ignore_prefix=5):
 
 def full_loss(model, ids, labels):
     """The HF causal-LM loss in float64. (transformers' ForCausalLMLoss upcasts logits with
-    .float(),
-    which *down*casts float64 logits to float32, so model(ids, labels=labels).loss is only ~1e-7
-    accurate; test_matches_hf_loss_path compares against it at that tolerance.)"""
+    .float(), which *down*casts float64 logits to float32, so model(ids, labels=labels).loss is only
+    ~1e-7 accurate; test_matches_hf_loss_path compares against it at that tolerance.)"""
     logits = model(input_ids=ids).logits
     shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     return F.cross_entropy(

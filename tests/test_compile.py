@@ -1,6 +1,6 @@
 """Every public function and module under ``torch.compile(fullgraph=True)`` with the default
-(inductor)
-backend: forward and backward, compiled against eager (values and gradients, float32, CPU).
+(inductor) backend: forward and backward, compiled against eager (values and gradients, float32,
+CPU).
 
 A graph break fails the test (fullgraph). Modules run several optimizer steps so that state kept
 between calls (rotated-weight cache, deltas patched into the base weight, trainable blocks living

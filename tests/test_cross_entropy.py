@@ -472,8 +472,7 @@ def test_class_weight_gradcheck_and_opcheck():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_extras_z_loss_accuracy_predictions(reduction):
     """return_z_loss / return_accuracy / return_predictions: a NamedTuple, computed in the same
-    pass;
-    the loss is unchanged (it still includes the z-loss)."""
+    pass; the loss is unchanged (it still includes the z-loss)."""
     x, w, b, t = _data(50, 16, 2100)  # several vocabulary tiles
     with torch.no_grad():  # rows 0 and 1: logits = bias, an exact tie of columns 7 and 3
         x[0] = 0

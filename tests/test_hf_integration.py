@@ -1,6 +1,5 @@
 """Hugging Face integration: longtune.patch / unpatch, the LongLoRA recipe, SQA conversion,
-LM-Infinite
-generation, save / load."""
+LM-Infinite generation, save / load."""
 
 import pytest
 import torch

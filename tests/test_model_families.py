@@ -1,11 +1,10 @@
 """longtune.patch on the model families beyond Llama / Qwen2 / Mistral
-(tests/test_hf_integration.py):
-Qwen3 (q/k norms), Phi-3 (fused qkv_proj), Mixtral and Qwen3-MoE (attention unchanged, router
-untouched), OLMo-2, Gemma-2 (attention logit softcapping in the kernels, sliding-window layers,
-final-logit softcapping in the fused CE head), Gemma-3 (alternating sliding-window / global layers,
-its own query scaling). Each: eval logits equal transformers' own attention (with padding), S^2-Attn
-in training equals the spec, greedy generation with a KV cache equals the unpatched model's,
-chunk-wise training is exact, and the patch survives save / load."""
+(tests/test_hf_integration.py): Qwen3 (q/k norms), Phi-3 (fused qkv_proj), Mixtral and Qwen3-MoE
+(attention unchanged, router untouched), OLMo-2, Gemma-2 (attention logit softcapping in the
+kernels, sliding-window layers, final-logit softcapping in the fused CE head), Gemma-3 (alternating
+sliding-window / global layers, its own query scaling). Each: eval logits equal transformers' own
+attention (with padding), S^2-Attn in training equals the spec, greedy generation with a KV cache
+equals the unpatched model's, chunk-wise training is exact, and the patch survives save / load."""
 
 from __future__ import annotations
 

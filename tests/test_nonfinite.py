@@ -1,8 +1,7 @@
 """NaN / Inf are never hidden: every kernel (CPU, and the CUDA device code on the emulator)
-propagates
-non-finite inputs as the PyTorch reference does - the same torch.isfinite pattern, finite values
-close - while rows the mask leaves empty stay defined (output 0, lse -inf, zero gradients) and
-masked / ignored entries are never read."""
+propagates non-finite inputs as the PyTorch reference does - the same torch.isfinite pattern, finite
+values close - while rows the mask leaves empty stay defined (output 0, lse -inf, zero gradients)
+and masked / ignored entries are never read."""
 
 import math
 

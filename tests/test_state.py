@@ -361,8 +361,7 @@ def test_spiel_resume_is_bit_exact(optimizer, dtype, growth, stop):
 # ------------------------------------------------------------------ sparse Llama: fresh process
 def test_sparse_llama_resume_adapter_and_merge_in_a_fresh_process(tmp_path):
     """float64 tiny Llama, SpIEL with torch AdamW: model / optimizer / schedule state saved at step
-    5
-    (inside a growth window, after a regrow at 4) resume in a fresh process exactly; the sparse
+    5 (inside a growth window, after a regrow at 4) resume in a fresh process exactly; the sparse
     adapter loads onto the base model; the merged plain model loads with from_pretrained."""
     data = batches(9)
     base = tiny_llama(0)

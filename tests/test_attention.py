@@ -316,8 +316,8 @@ def test_softcap_matches_reference(name, kw, hq, hkv, dtype):
 
 
 def test_softcap_reference_is_gemma2s_formula():
-    # Gemma-2 (transformers eager_attention_forward): w = q k^T * scaling; w = tanh(w / c) * c; causal
-    # mask; softmax; w v
+    # Gemma-2 (transformers eager_attention_forward): w = q k^T * scaling; w = tanh(w / c) * c;
+    # causal mask; softmax; w v
     q, k, v = make_qkv(2, 30, 30, 4, 2, 16, torch.float64)
     c, scale = 2.0, 0.3
     qh, kh, vh = (
@@ -544,7 +544,7 @@ def test_fuzz_against_reference(
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
 
 
-# ------------------------------------------------------------------ AttentionMask and sequence-parallel shards
+# ------------------------------------------------------- AttentionMask and sequence-parallel shards
 def test_attention_mask_value_type():
     m = AttentionMask(s2_group_size=8, window_left=None, q_offset=None, kv_offset=-3)
     assert (m.s2_mode, m.window_left, m.q_offset) == ("leakfree", -1, -1)
@@ -639,8 +639,8 @@ def test_head_shard_equals_head_slice_of_full_run(hq, hkv, kw):
 @pytest.mark.parametrize("start,halo", [(32, 20), (48, 48), (16, 10)])
 def test_query_shard_with_negative_offset_halo_equals_rows_of_full_run(kw, start, halo):
     # positions local to the shard: its queries at 0.., the halo keys before them (a neighbour's
-    # rows) at -halo..-1, so kv_offset = -halo; S^2 groups line up (start is a multiple of G) and the
-    # halo covers every earlier key a shard row sees
+    # rows) at -halo..-1, so kv_offset = -halo; S^2 groups line up (start is a multiple of G) and
+    # the halo covers every earlier key a shard row sees
     n, shard = 96, 16
     q, k, v = make_qkv(1, n, n, 4, 2, 8, torch.float64)
     full = longtune.sparse_attention(q, k, v, **kw)

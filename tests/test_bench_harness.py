@@ -26,8 +26,8 @@ def _ce_inputs(t, d, v):
 
 
 def test_fused_ce_peak_memory_is_an_eighth_of_naive_exact_and_repeatable():
-    # T well above the fused op's row block (2^23 / V = 1024 -> 512 rows at V = 8192): at T <= 512 the
-    # block is the whole T x V logits and the fused op saves only the naive path's extra copies
+    # T well above the fused op's row block (2^23 / V = 1024 -> 512 rows at V = 8192): at T <= 512
+    # the block is the whole T x V logits and the fused op saves only the naive path's extra copies
     x, w, tgt = _ce_inputs(4096, 64, 8192)
 
     def fused():
@@ -82,7 +82,7 @@ def test_memory_ratio_is_exact_and_refuses_a_zero_denominator():
         )
 
 
-# ----------------------------------------------------------------------------- intervals and verdicts
+# --------------------------------------------------------------------------- intervals and verdicts
 def test_median_interval_order_statistics():
     med, lo, hi, cov = H.median_interval(list(range(1, 16)))  # n = 15: [x_4, x_12], 96.5%
     assert (med, lo, hi) == (8, 4, 12) and cov == pytest.approx(0.96484375)
@@ -192,7 +192,8 @@ def test_gate_compares_ratios_not_times():
     assert H.gate_failed(list(rows.values()))
     table = H.gate_table(list(rows.values()))
     assert "REGRESSION" in table.splitlines()[1] and "FAIL" in table.splitlines()[-1]
-    # within the tolerance: [1.34, 1.40] vs the baseline's [1.48, 1.62]: not below 1.48 x 0.9 = 1.332
+    # within the tolerance: [1.34, 1.40] vs the baseline's [1.48, 1.62]: not below 1.48 x 0.9 =
+    # 1.332
     run["attention"]["ratios"][0] = _q("LongLoRA / ours", 1.37, 1.34, 1.40)
     assert not H.gate_failed(H.compare(run, base))
     assert H.gate_failed(H.compare(run, base, tol_time=0.05))  # 1.40 < 1.48 x 0.95

@@ -1,7 +1,7 @@
 """SeCO / SpaCO chunk-wise training (longtune.train.chunkwise): exactness against full backprop in
 float64 (plain, peft LoRA, longtune-patched attention), S^2 attention, unbiasedness of SpaCO (exact
-enumeration of the sampled sets and a seeded Monte-Carlo check; the residual multi-hop bias), the cap, accumulation,
-reproducibility and bad inputs."""
+enumeration of the sampled sets and a seeded Monte-Carlo check; the residual multi-hop bias), the
+cap, accumulation, reproducibility and bad inputs."""
 
 import itertools
 import math
@@ -56,9 +56,9 @@ def batch(n=48, b=1, seed=1, ignore_prefix=5):
 
 
 def full_loss(model, ids, labels):
-    """The HF causal-LM loss in float64. (transformers' ForCausalLMLoss upcasts logits with .float(),
-    which *down*casts float64 logits to float32, so model(ids, labels=labels).loss is only ~1e-7
-    accurate; test_matches_hf_loss_path compares against it at that tolerance.)"""
+    """The HF causal-LM loss in float64. (transformers' ForCausalLMLoss upcasts logits with
+    .float(), which *down*casts float64 logits to float32, so model(ids, labels=labels).loss is only
+    ~1e-7 accurate; test_matches_hf_loss_path compares against it at that tolerance.)"""
     logits = model(input_ids=ids).logits
     shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     return F.cross_entropy(
@@ -117,13 +117,14 @@ def make(variant):
     return m
 
 
-# ------------------------------------------------------------------------------------ SeCO exactness
+# ----------------------------------------------------------------------------------- SeCO exactness
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_seco_equals_full_backprop(variant):
     model = make(variant)
     ids, labels = batch()
     ref_loss, ref = full_grads(model, ids, labels)
-    # 13: last chunk partial (48 = 3 * 13 + 9); 48: a single chunk (fewer sizes for the slower variants)
+    # 13: last chunk partial (48 = 3 * 13 + 9); 48: a single chunk (fewer sizes for the slower
+    # variants)
     for chunk in (8, 16, 13, 48) if variant == "plain" else (16, 13):
         model.zero_grad(set_to_none=True)
         loss = seco_backward(model, ids, labels, chunk_size=chunk)
@@ -140,7 +141,8 @@ def test_seco_equals_full_backprop(variant):
 
 
 def test_matches_hf_loss_path():
-    """Against model(ids, labels=labels).loss.backward() itself (its cross-entropy runs in float32)."""
+    """Against model(ids, labels=labels).loss.backward() itself (its cross-entropy runs in
+    float32)."""
     model = tiny_llama()
     ids, labels = batch()
     out = model(input_ids=ids, labels=labels)
@@ -397,7 +399,8 @@ def test_spaco_full_loss_false_skips_the_head_and_estimates_the_loss():
 @pytest.mark.parametrize("variant", ["plain", "lora"])
 def test_phase1_stops_at_the_last_kv_write(variant):
     """Phase 1 wants only the k/v: the last layer's MLP, the final norm and the head never run there
-    (its attention stops at the cache write); phase 2 runs every sampled chunk through all of them."""
+    (its attention stops at the cache write); phase 2 runs every sampled chunk through all of
+    them."""
     model = make(variant)
     ids, labels = batch()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -428,7 +431,8 @@ def test_phase1_stops_at_the_last_kv_write(variant):
 
 
 def test_model_that_bypasses_the_cache_is_refused():
-    """A layer whose attention never calls cache.update: phase 1 cannot collect its k/v -> a clear error."""
+    """A layer whose attention never calls cache.update: phase 1 cannot collect its k/v -> a clear
+    error."""
     model = tiny_llama()
     attn = model.model.layers[-1].self_attn
     orig = attn.forward

@@ -63,11 +63,13 @@ def test_seco_under_ddp_syncs_once_and_averages(tmp_path, budget):
     res = torch.load(out)
     assert res["per_step"] >= 1
     assert res["calls"] == res["per_step"], (
-        f"DDP all-reduced {res['calls']} buckets for one chunk-wise step; one synchronised backward makes "
+        f"DDP all-reduced {res['calls']} buckets for one chunk-wise step; "
+        "one synchronised backward makes "
         f"{res['per_step']}"
     )
     if budget is not None:
-        return  # SpaCO: the estimate differs from full backprop; the sync count is what matters here
+        # SpaCO: the estimate differs from full backprop; the sync count is what matters here
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers
     try:

@@ -1,5 +1,6 @@
-"""Every public function and module under ``torch.compile(fullgraph=True)`` with the default (inductor)
-backend: forward and backward, compiled against eager (values and gradients, float32, CPU).
+"""Every public function and module under ``torch.compile(fullgraph=True)`` with the default
+(inductor) backend: forward and backward, compiled against eager (values and gradients, float32,
+CPU).
 
 A graph break fails the test (fullgraph). Modules run several optimizer steps so that state kept
 between calls (rotated-weight cache, deltas patched into the base weight, trainable blocks living
@@ -77,7 +78,8 @@ def _scalar(out, seed=1):
 
 def check_fn(fn, *args, compiled=None, **kw):
     """fn(*args, **kw) eager vs compiled: outputs (all of a tuple) and the gradients of every
-    floating argument. Returns the compiled callable so that cases with equal shapes can share it."""
+    floating argument. Returns the compiled callable so that cases with equal shapes can share
+    it."""
     compiled = _compile(fn) if compiled is None else compiled
     ea, ca = _leaves(*args), _leaves(*args)
     out_e, out_c = fn(*ea, **kw), compiled(*ca, **kw)

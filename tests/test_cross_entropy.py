@@ -260,7 +260,8 @@ def test_mean_and_sum_take_the_one_pass_path_on_cpu(reduction):
 
 def test_peak_memory_does_not_grow_with_vocabulary():
     """Peak bytes allocated by a training step, counted at the allocator (profiler allocation
-    events, exact and repeatable, unlike the process's RSS): the fused op never holds T x V logits."""
+    events, exact and repeatable, unlike the process's RSS): the fused op never holds T x V
+    logits."""
     from benchmarks import harness as H
 
     T, d, V = 2048, 64, 32768
@@ -346,7 +347,8 @@ def test_chunked_lm_head_module():
 def test_scaled_backward_rounds_once(dtype, reduction, gval):
     """An incoming gradient other than 1 (loss scaling, accumulation, loss * k): the gradients are
     scaled in float32 and rounded to the input dtype once -- within the 2x rule and as accurate as
-    the float64 gradient rounded to the dtype (rounding before the scaling gives up to twice that)."""
+    the float64 gradient rounded to the dtype (rounding before the scaling gives up to twice
+    that)."""
     from longtune.testing import max_abs_err
 
     x64, w64, b64, t = _data(64, 48, 2100)
@@ -469,8 +471,8 @@ def test_class_weight_gradcheck_and_opcheck():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_extras_z_loss_accuracy_predictions(reduction):
-    """return_z_loss / return_accuracy / return_predictions: a NamedTuple, computed in the same pass;
-    the loss is unchanged (it still includes the z-loss)."""
+    """return_z_loss / return_accuracy / return_predictions: a NamedTuple, computed in the same
+    pass; the loss is unchanged (it still includes the z-loss)."""
     x, w, b, t = _data(50, 16, 2100)  # several vocabulary tiles
     with torch.no_grad():  # rows 0 and 1: logits = bias, an exact tie of columns 7 and 3
         x[0] = 0

@@ -5,11 +5,23 @@ import pytest
 import torch
 
 FAULTS = {
-    0: r"shared memory race \((read-after-write|write-after-read)\).*sync_block\(\) \(or sync_warp\(\)\) is missing",
+    0: (
+        r"shared memory race \((read-after-write|write-after-read)\)"
+        r".*sync_block\(\) \(or sync_warp\(\)\) is missing"
+    ),
     2: r"deadlock.*sync_block\(\) was reached by 32 of 64 threads.*exited: 32,33",
-    3: r"thread \(5,0,0\).*shared memory write of 4 bytes at byte offset 256 is outside the 256 bytes",
-    4: r"deadlock.*shfl_xor with mask 0xffffffff was reached only by lanes 0x0000ffff \(missing 0xffff0000\)",
-    5: r"thread \(63,0,0\).*global memory access of 4 bytes at byte offset 256 is outside tensor 'x'",
+    3: (
+        r"thread \(5,0,0\).*shared memory write of 4 bytes at byte offset 256"
+        r" is outside the 256 bytes"
+    ),
+    4: (
+        r"deadlock.*shfl_xor with mask 0xffffffff was reached only by lanes 0x0000ffff"
+        r" \(missing 0xffff0000\)"
+    ),
+    5: (
+        r"thread \(63,0,0\).*global memory access of 4 bytes at byte offset 256"
+        r" is outside tensor 'x'"
+    ),
     6: r"cp.async issued by thread \d+ that has not been waited for",
     7: r"vector load from global memory .* not aligned to 16 bytes",
 }

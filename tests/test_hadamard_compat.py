@@ -251,7 +251,7 @@ def test_pad_is_identity_at_exact_sizes():
         torch.testing.assert_close(f(x, pad=True), f(x), rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------ dtypes, shapes, autograd, compile
+# ---------------------------------------------------------------- dtypes, shapes, autograd, compile
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 12, 20, 28, 40])
 def test_dtypes_within_2x_of_torch(m, dtype):

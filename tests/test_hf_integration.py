@@ -1,5 +1,5 @@
-"""Hugging Face integration: longtune.patch / unpatch, the LongLoRA recipe, SQA conversion, LM-Infinite
-generation, save / load."""
+"""Hugging Face integration: longtune.patch / unpatch, the LongLoRA recipe, SQA conversion,
+LM-Infinite generation, save / load."""
 
 import pytest
 import torch
@@ -45,7 +45,8 @@ def tiny(C, M, dtype=torch.float64, **kw):
 
 
 def _ref_s2_attention(group_size):
-    """A transformers attention function computing S^2-Attn with longtune.reference (float64 spec)."""
+    """A transformers attention function computing S^2-Attn with longtune.reference (float64
+    spec)."""
 
     def fwd(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))

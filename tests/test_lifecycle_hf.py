@@ -113,7 +113,8 @@ def test_patch_round_trips_through_save_pretrained_in_a_fresh_process(tmp_path):
         """
         m = LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float64)
         longtune.patch(m)  # re-applies the stored patch: S^2 (ratio 0.5) and the fused-CE head
-        assert m.config.longtune_patch["group_size_ratio"] == 0.5 and m.config.longtune_patch["lm_head"] == "fused_ce"
+        assert m.config.longtune_patch["group_size_ratio"] == 0.5
+        assert m.config.longtune_patch["lm_head"] == "fused_ce"
         probe(m, sys.argv[2])
     """,
         str(tmp_path / "model"),
@@ -179,7 +180,8 @@ TRAINER_BODY = """
 
     def make_model():
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                           attention_dropout=0.0, tie_word_embeddings=False)
         m = LlamaForCausalLM(cfg).double()
@@ -188,13 +190,17 @@ TRAINER_BODY = """
         return pm
 
     def train(out_dir, max_steps, resume):
-        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                                 max_steps=max_steps, save_steps=3, learning_rate=1e-2, logging_steps=1,
+        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2,
+                                 max_steps=max_steps, save_steps=3, learning_rate=1e-2,
+                                 logging_steps=1,
                                  report_to=[], use_cpu=True, seed=0, data_seed=0,
-                                 dataloader_num_workers=0, lr_scheduler_type="linear", warmup_steps=1)
+                                 dataloader_num_workers=0, lr_scheduler_type="linear",
+                                 warmup_steps=1)
         t = Trainer(model=make_model(), args=args, train_dataset=Rows())
         t.train(resume_from_checkpoint=resume)
-        torch.save({n: p.detach() for n, p in t.model.named_parameters() if p.requires_grad}, out_dir + "/final.pt")
+        torch.save({n: p.detach() for n, p in t.model.named_parameters() if p.requires_grad},
+                   out_dir + "/final.pt")
         return [h["loss"] for h in t.state.log_history if "loss" in h]
 
     mode, out_dir = sys.argv[1], sys.argv[2]
@@ -207,8 +213,10 @@ TRAINER_BODY = """
             def on_step_end(self, args, state, control, **kw):
                 if state.global_step == 3:
                     control.should_training_stop = True
-        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                                 max_steps=6, save_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[],
+        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2,
+                                 max_steps=6, save_steps=3, learning_rate=1e-2, logging_steps=1,
+                                 report_to=[],
                                  use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
                                  lr_scheduler_type="linear", warmup_steps=1)
         t = Trainer(model=make_model(), args=args, train_dataset=Rows(), callbacks=[Stop()])

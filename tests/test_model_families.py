@@ -1,10 +1,10 @@
-"""longtune.patch on the model families beyond Llama / Qwen2 / Mistral (tests/test_hf_integration.py):
-Qwen3 (q/k norms), Phi-3 (fused qkv_proj), Mixtral and Qwen3-MoE (attention unchanged, router
-untouched), OLMo-2, Gemma-2 (attention logit softcapping in the kernels, sliding-window layers,
-final-logit softcapping in the fused CE head), Gemma-3 (alternating sliding-window / global layers,
-its own query scaling). Each: eval logits equal transformers' own attention (with padding), S^2-Attn
-in training equals the spec, greedy generation with a KV cache equals the unpatched model's,
-chunk-wise training is exact, and the patch survives save / load."""
+"""longtune.patch on the model families beyond Llama / Qwen2 / Mistral
+(tests/test_hf_integration.py): Qwen3 (q/k norms), Phi-3 (fused qkv_proj), Mixtral and Qwen3-MoE
+(attention unchanged, router untouched), OLMo-2, Gemma-2 (attention logit softcapping in the
+kernels, sliding-window layers, final-logit softcapping in the fused CE head), Gemma-3 (alternating
+sliding-window / global layers, its own query scaling). Each: eval logits equal transformers' own
+attention (with padding), S^2-Attn in training equals the spec, greedy generation with a KV cache
+equals the unpatched model's, chunk-wise training is exact, and the patch survives save / load."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ FAMILIES = {
         },
     ),
     "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1}),
-    # small caps, so that the tanh bends the tiny model's scores and logits (the defaults are 50 / 30);
-    # transformers' eager attention is Gemma-2's reference implementation of the softcap
+    # small caps, so that the tanh bends the tiny model's scores and logits (the defaults are 50 /
+    # 30); transformers' eager attention is Gemma-2's reference implementation of the softcap
     "gemma2": (
         T.Gemma2Config,
         T.Gemma2ForCausalLM,
@@ -114,8 +114,8 @@ def test_eval_with_padding_equals_the_models_own_attention(name):
     am[1, 28:] = 0
     want = m(x, attention_mask=am).logits
     if name == "gemma2":
-        # transformers' float64 eager Gemma-2 returns NaN for the whole padded row; with right padding
-        # the real rows equal the unpadded sequence's
+        # transformers' float64 eager Gemma-2 returns NaN for the whole padded row; with right
+        # padding the real rows equal the unpadded sequence's
         want = torch.cat([want[:1], torch.nn.functional.pad(m(x[1:, :28]).logits, (0, 0, 0, 12))])
     longtune.patch(m, attention="s2")
     got = m(x, attention_mask=am).logits
@@ -156,8 +156,8 @@ def _gemma_norm_in_model_dtype(self, x):
 @pytest.mark.parametrize("name", NAMES)
 def test_chunkwise_training_is_exact(name, monkeypatch):
     if name in ("gemma2", "gemma3"):
-        # Gemma-2/3's RMSNorm computes in float32 (x.float()) even in a float64 model, which turns the
-        # last-bit differences between chunked and whole-sequence attention into 2e-7 gradient
+        # Gemma-2/3's RMSNorm computes in float32 (x.float()) even in a float64 model, which turns
+        # the last-bit differences between chunked and whole-sequence attention into 2e-7 gradient
         # differences; in the model's dtype the chunk-wise gradient is exact
         norm = (
             T.models.gemma2.modeling_gemma2.Gemma2RMSNorm
@@ -196,8 +196,8 @@ def test_patch_survives_save_and_load(name, tmp_path):
 
 
 def test_gemma2_attention_softcap_reaches_the_kernel(monkeypatch):
-    # the model's attn_logit_softcapping arrives as the kernel's softcap (and matters: without it the
-    # logits differ)
+    # the model's attn_logit_softcapping arrives as the kernel's softcap (and matters: without it
+    # the logits differ)
     m = tiny("gemma2")
     x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
     want = m(x).logits

@@ -1,7 +1,7 @@
-"""NaN / Inf are never hidden: every kernel (CPU, and the CUDA device code on the emulator) propagates
-non-finite inputs as the PyTorch reference does - the same torch.isfinite pattern, finite values
-close - while rows the mask leaves empty stay defined (output 0, lse -inf, zero gradients) and
-masked / ignored entries are never read."""
+"""NaN / Inf are never hidden: every kernel (CPU, and the CUDA device code on the emulator)
+propagates non-finite inputs as the PyTorch reference does - the same torch.isfinite pattern, finite
+values close - while rows the mask leaves empty stay defined (output 0, lse -inf, zero gradients)
+and masked / ignored entries are never read."""
 
 import math
 
@@ -220,7 +220,8 @@ def _lce_inputs(poison, T=9, V=70, d=24):
 
 
 def _lce_reference(x, w, b, t, g):
-    """F.cross_entropy over the kept rows only (ignored rows read nothing); per-row losses, grads."""
+    """F.cross_entropy over the kept rows only (ignored rows read nothing); per-row losses,
+    grads."""
     keep = t != -100
     x6, w6, b6 = (a.double().requires_grad_() for a in (x, w, b))
     rows = F.cross_entropy(x6[keep] @ w6.T + b6, t[keep], reduction="none")

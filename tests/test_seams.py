@@ -71,8 +71,8 @@ def test_model_entry_points_name_what_they_expect(call):
 
 
 def test_s2_chunkwise_group_size_comes_from_the_whole_sequence():
-    """group_size_ratio (no fixed group size) under SeCO: every chunk uses ratio x the sequence length,
-    so the gradient is full backprop's."""
+    """group_size_ratio (no fixed group size) under SeCO: every chunk uses ratio x the sequence
+    length, so the gradient is full backprop's."""
     m = _llama().train()
     longtune.patch(m, attention="s2")  # group_size_ratio=0.25 -> G = 32 at N = 128
     ids = torch.randint(0, VOCAB, (1, 128), generator=torch.Generator().manual_seed(1))

@@ -66,7 +66,8 @@ exec(PRELUDE)  # noqa: S102  (tiny_llama, train_steps, batches)
 
 
 def run_fresh(tmp_path, body: str, name: str = "fresh"):
-    """Run PRELUDE + body in a new Python process (cwd = tmp_path); return what it json-dumped to out.json."""
+    """Run PRELUDE + body in a new Python process (cwd = tmp_path); return what it json-dumped to
+    out.json."""
     script = tmp_path / f"{name}.py"
     script.write_text(
         PRELUDE
@@ -101,7 +102,8 @@ def states_equal(a: dict, b: dict) -> bool:
 
 # ------------------------------------------------------------------ SparseDeltaLinear
 def _sparse_at(point: str, dtype):
-    """A SparseDeltaLinear (16 -> 8, density 0.25) at a point of training, and its original weight."""
+    """A SparseDeltaLinear (16 -> 8, density 0.25) at a point of training, and its original
+    weight."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8).to(dtype)
     w0 = lin.weight.detach().clone()
@@ -282,7 +284,7 @@ def test_rotated_quant_linear_state_dict_carries_its_quantizer():
     assert torch.equal(fresh(x), m(x))
 
 
-# ------------------------------------------------------------------ optimizer + SpIEL schedule, resume
+# --------------------------------------------------------------- optimizer + SpIEL schedule, resume
 def _spiel(seed, optimizer, growth, dtype):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
@@ -358,8 +360,8 @@ def test_spiel_resume_is_bit_exact(optimizer, dtype, growth, stop):
 
 # ------------------------------------------------------------------ sparse Llama: fresh process
 def test_sparse_llama_resume_adapter_and_merge_in_a_fresh_process(tmp_path):
-    """float64 tiny Llama, SpIEL with torch AdamW: model / optimizer / schedule state saved at step 5
-    (inside a growth window, after a regrow at 4) resume in a fresh process exactly; the sparse
+    """float64 tiny Llama, SpIEL with torch AdamW: model / optimizer / schedule state saved at step
+    5 (inside a growth window, after a regrow at 4) resume in a fresh process exactly; the sparse
     adapter loads onto the base model; the merged plain model loads with from_pretrained."""
     data = batches(9)
     base = tiny_llama(0)
@@ -403,7 +405,8 @@ def test_sparse_llama_resume_adapter_and_merge_in_a_fresh_process(tmp_path):
         model = LlamaForCausalLM.from_pretrained("base", dtype=torch.float64)
         longtune.sparsify(model, density=0.05, seed=1)   # other initial indices
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, drop_fraction=0.5)
+        sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2,
+                                              drop_fraction=0.5)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -416,7 +419,8 @@ def test_sparse_llama_resume_adapter_and_merge_in_a_fresh_process(tmp_path):
         longtune.train.load_sparse_adapter(fresh, "adapter")
         with torch.no_grad():
             OUT["adapter_logits"] = torch.equal(fresh(data[0]).logits, logits)
-        OUT["adapter_trainable"] = sorted({n.rsplit(".", 1)[-1] for n, p in fresh.named_parameters() if p.requires_grad})
+        OUT["adapter_trainable"] = sorted({n.rsplit(".", 1)[-1] for n, p in fresh.named_parameters()
+                                           if p.requires_grad})
 
         plain = LlamaForCausalLM.from_pretrained("merged", dtype=torch.float64)
         OUT["merged_is_plain"] = all(type(m) is torch.nn.Linear for n, m in plain.named_modules()
@@ -475,7 +479,7 @@ def test_merge_and_unload_refuses_rotated_quant_layers():
         longtune.train.merge_and_unload(model)
 
 
-# ------------------------------------------------------------------ S2FT and RoSTE Llama: fresh process
+# -------------------------------------------------------------- S2FT and RoSTE Llama: fresh process
 def test_s2ft_and_roste_llama_state_in_a_fresh_process(tmp_path):
     from safetensors.torch import save_file
 
@@ -521,17 +525,20 @@ def test_s2ft_and_roste_llama_state_in_a_fresh_process(tmp_path):
         from longtune.train.s2ft import select_and_permute
         data = batches(4)
         s2 = tiny_llama(7)
-        select_and_permute(s2, head_ratio=0.5, channel_ratio=0.25, seed=5)   # other picks, same block sizes
+        # other picks, same block sizes
+        select_and_permute(s2, head_ratio=0.5, channel_ratio=0.25, seed=5)
         opt = torch.optim.AdamW([p for p in s2.parameters() if p.requires_grad], lr=1e-2)
         s2.load_state_dict(load_file("s2ft.safetensors"))
         opt.load_state_dict(torch.load("s2ft_opt.pt", weights_only=True))
         with torch.no_grad():
-            OUT["s2ft_logits"] = torch.equal(s2(data[0]).logits, torch.load("s2ft_logits.pt", weights_only=True))
+            OUT["s2ft_logits"] = torch.equal(s2(data[0]).logits,
+                                             torch.load("s2ft_logits.pt", weights_only=True))
         OUT["s2ft_next"] = train_steps(s2, opt, None, data[2:])
         torch.save(s2.model.layers[1].mlp.up_proj.adapter(), "adapter_fresh.pt")
         plain = LlamaForCausalLM.from_pretrained("s2ft_merged", dtype=torch.float64)
         with torch.no_grad():
-            OUT["s2ft_merged"] = torch.equal(plain(data[0]).logits, torch.load("s2ft_logits.pt", weights_only=True))
+            OUT["s2ft_merged"] = torch.equal(plain(data[0]).logits,
+                                             torch.load("s2ft_logits.pt", weights_only=True))
 
         ref = torch.load("roste_logits.pt", weights_only=True)
         cfg = dict(w_bits=4, a_bits=8, kv_bits=8, w_group_size=16)
@@ -555,7 +562,7 @@ def test_s2ft_and_roste_llama_state_in_a_fresh_process(tmp_path):
     assert out["flags"] == [True, True]
 
 
-# ------------------------------------------------------------------ transformers Trainer save / resume
+# --------------------------------------------------------------- transformers Trainer save / resume
 TRAINER_CODE = """
 import shutil
 from transformers import Trainer, TrainingArguments, default_data_collator
@@ -569,27 +576,35 @@ class LossTrainer(Trainer):
 
 def dataset():
     g = torch.Generator().manual_seed(1)
-    return [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, TINY["vocab_size"], (24, 10), generator=g)]
+    return [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, TINY["vocab_size"], (24, 10), generator=g)]
 
 def run(kind, out_dir, resume=None):
     if kind == "sparse":   # SparseAdamW (float32) + the SpIEL schedule through the callback
         model = tiny_llama(0, torch.float32)
         longtune.sparsify(model, density=0.05, seed=0 if resume is None else 3)
-        opt = longtune.train.SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2, drop_fraction=0.5)
+        opt = longtune.train.SparseAdamW([p for p in model.parameters() if p.requires_grad],
+                                         lr=1e-2)
+        sched = longtune.train.SpIELScheduler(model, opt, update_every=4, window=2,
+                                              drop_fraction=0.5)
         extra = dict(optimizers=(opt, None), callbacks=[longtune.train.SpIELCallback(sched)])
-    elif kind == "sparse_adamw":  # the Trainer's default AdamW, the schedule built by the callback, float64
+    # the Trainer's default AdamW, the schedule built by the callback, float64
+    elif kind == "sparse_adamw":
         model = tiny_llama(0)
         longtune.sparsify(model, density=0.05, seed=0 if resume is None else 3)
-        extra = dict(callbacks=[longtune.train.SpIELCallback(update_every=4, window=2, drop_fraction=0.5)])
+        extra = dict(callbacks=[longtune.train.SpIELCallback(update_every=4, window=2,
+                                                             drop_fraction=0.5)])
     else:                  # S2FT with the Trainer's default AdamW, float64
         model = tiny_llama(0)
-        select_and_permute(model, head_ratio=0.5, channel_ratio=0.25, seed=0 if resume is None else 3)
+        select_and_permute(model, head_ratio=0.5, channel_ratio=0.25,
+                           seed=0 if resume is None else 3)
         extra = {}
     args = TrainingArguments(output_dir=out_dir, max_steps=6, save_steps=3, logging_steps=1,
-                             per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
-                             seed=0, disable_tqdm=True, save_only_model=False, dataloader_num_workers=0)
-    tr = LossTrainer(model=model, args=args, train_dataset=dataset(), data_collator=default_data_collator, **extra)
+                             per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                             use_cpu=True, seed=0, disable_tqdm=True, save_only_model=False,
+                             dataloader_num_workers=0)
+    tr = LossTrainer(model=model, args=args, train_dataset=dataset(),
+                     data_collator=default_data_collator, **extra)
     tr.step_losses = []
     tr.train(resume_from_checkpoint=resume)
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -630,7 +645,8 @@ for kind in ("sparse", "sparse_adamw", "s2ft"):
     for kind in ("sparse", "sparse_adamw", "s2ft"):
         assert out[kind]["losses"] == ref[kind][3:], kind
         assert out[kind]["params"], kind
-    # a resume whose checkpoint lacks the schedule's state is an error, not a silent restart of the schedule
+    # a resume whose checkpoint lacks the schedule's state is an error, not a silent restart of the
+    # schedule
     os.remove(tmp_path / "sparse" / "checkpoint-3" / "spiel_scheduler.pt")
     with pytest.raises(FileNotFoundError, match="resuming at step 3"):
         run("sparse", str(tmp_path / "sparse"), resume=str(tmp_path / "sparse" / "checkpoint-3"))  # noqa: F821

@@ -167,7 +167,8 @@ def _micro_batches(variant):
 
 # ---------------------------------------------------------------- training
 def _head_loss(model, ids, labels, mask, num_items):
-    """Causal-LM loss from the model's float64 logits (transformers' formula without its float32 cast)."""
+    """Causal-LM loss from the model's float64 logits (transformers' formula without its float32
+    cast)."""
     logits = model(input_ids=ids, attention_mask=mask).logits
     tgt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1).reshape(-1)
     s = F.cross_entropy(logits.reshape(-1, VOCAB), tgt, ignore_index=-100, reduction="sum")

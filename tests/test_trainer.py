@@ -1,4 +1,5 @@
-"""``LongtuneTrainer`` / ``LongtuneSFTTrainer``: chunk-wise training inside transformers' Trainer and
+"""``LongtuneTrainer`` / ``LongtuneSFTTrainer``: chunk-wise training inside transformers' Trainer
+and
 TRL's SFTTrainer on a tiny float64 Llama on the CPU.
 
 - SeCO under the Trainer with gradient accumulation 2 equals the hand-written loop
@@ -243,8 +244,8 @@ def test_spaco_with_spiel_resumes_from_a_checkpoint_like_an_uninterrupted_run(tm
 def test_seco_trainer_under_bf16_autocast_on_cpu(tmp_path):
     def run(cls, chunked):
         m = _tiny(torch.float32)
-        # transformers' sdpa: longtune's CPU attention takes q, k, v of one dtype, and under CPU autocast
-        # the rotary embedding leaves q, k in float32 and v in bfloat16
+        # transformers' sdpa: longtune's CPU attention takes q, k, v of one dtype, and under CPU
+        # autocast the rotary embedding leaves q, k in float32 and v in bfloat16
         if chunked:
             longtune.apply(m, ChunkwiseConfig(chunk_size=CHUNK))
         opt = torch.optim.SGD(

@@ -26,7 +26,8 @@ w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
 t = torch.randint(0, 50, (70,), generator=g)
 loss = longtune.linear_cross_entropy(x, w, t)
 loss.backward()
-print(json.dumps([o.tolist(), q.grad.tolist(), k.grad.tolist(), loss.item(), x.grad.tolist(), w.grad.tolist()]))
+print(json.dumps([o.tolist(), q.grad.tolist(), k.grad.tolist(), loss.item(), x.grad.tolist(),
+                  w.grad.tolist()]))
 """
 
 

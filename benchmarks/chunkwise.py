@@ -282,7 +282,8 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             f"target size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
             f"> {CPU_MAX_FULL_STEP_S:.0f} s"
         )
-    # forward of the linear layers 2 * params_nonembed * tokens; backward twice that (attention not counted)
+    # forward of the linear layers 2 * params_nonembed * tokens; backward twice that (attention not
+    # counted)
     lin = cfg["num_hidden_layers"] * (
         4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"]
     )

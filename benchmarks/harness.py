@@ -619,7 +619,8 @@ def cli(run: Callable) -> None:
     print_table(run(a.device, a.out or default_out_dir(), a.quick))
 
 
-# ----------------------------------------------------------------------------- baselines and the gate
+# ----------------------------------------------------------------------------- baselines and the
+# gate
 def baseline_dir(device: str, quick: bool) -> Path:
     """benchmarks/baselines/<device_kind>/ (full runs) or .../<device_kind>/quick/ (--quick runs)."""
     d = BASELINES / device

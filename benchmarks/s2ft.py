@@ -88,8 +88,8 @@ def _case(report, device, d, inter, tokens, quick=False):
     times = H.measure_interleaved(report, case, steps, device, params, rounds=n_rounds)
     mem = {}
     for r, (name, step) in zip(report.results[-len(steps) :], steps):
-        # the timed steps built the optimizer state (persistent: added below); the gradients are unset
-        # so that the step's peak counts them
+        # the timed steps built the optimizer state (persistent: added below); the gradients are
+        # unset so that the step's peak counts them
         opts[name].zero_grad(set_to_none=True)
         m = H.peak_memory(step, device)
         mem[name] = dict(m, bytes=m["bytes"] + H.optimizer_state_bytes(opts[name]))

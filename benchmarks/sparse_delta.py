@@ -95,7 +95,8 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         ours_name,
         1.0 if tg else None,
     )
-    # the fused sparse AdamW step over the k deltas vs torch.optim.AdamW (foreach) on the same values
+    # the fused sparse AdamW step over the k deltas vs torch.optim.AdamW (foreach) on the same
+    # values
     k = sd.values.numel()
     case_opt = f"AdamW step over k={k} deltas"
     pa = torch.nn.Parameter(torch.randn(k, device=device, dtype=dtype))

@@ -236,9 +236,9 @@ def main():
     )
     acc_interp = accuracy(model, long_ctx, a.eval_samples, dev)
     # S^2-Attn trains on groups of N/4 tokens (the query sees its own group), so the fine-tuning
-    # passkeys sit in the last eighth (seen by the shifted heads too); evaluation uses full attention
-    # with the passkey anywhere
-    # (LongLoRA: train sparse and local, infer dense and global).
+    # passkeys sit in the last eighth (seen by the shifted heads too); evaluation uses full
+    # attention with the passkey anywhere (LongLoRA: train sparse and local, infer dense and
+    # global).
     near = long_ctx // 8 - 2 if a.attention == "s2" else None
     chunk = long_ctx // 4 if a.seco else None
     if (

@@ -503,7 +503,8 @@ def _validate(model, base, configs: dict) -> None:
             raise ValueError(f"longtune.apply: RoSTEConfig: {e}") from None
 
 
-# ------------------------------------------------------------------ presence of the weight transforms
+# ------------------------------------------------------------------ presence of the weight
+# transforms
 def _present(model, base, cls) -> bool:
     """Whether the weight transform of ``cls`` is already in the model."""
     if cls is RoSTEConfig:

@@ -30,7 +30,8 @@ PATCH_DEFAULTS = {
     "lambda": {"window": 2048, "n_global": 4, "cap_distance": True},
 }
 
-# RoSTE's attention implementation wraps another one; its registered name is this prefix + the wrapped name
+# RoSTE's attention implementation wraps another one; its registered name is this prefix + the
+# wrapped name
 ROSTE_PREFIX = "longtune_roste_"
 
 

@@ -577,7 +577,8 @@ def convert_to_sqa(
         )
     for m in _attention_modules(base):
         dev, dt = m.q_proj.weight.device, m.q_proj.weight.dtype
-        # queries: stay inside their kv group (groups = min(hkv0, hq) keeps the sharing for hq >= hkv)
+        # queries: stay inside their kv group (groups = min(hkv0, hq) keeps the sharing for hq >=
+        # hkv)
         gq = min(hkv0, hq) if hq >= hkv else hq
         newq = reduce_rows(m.q_proj.weight, h, hq, d, gq, rule)
         qb = (

@@ -49,7 +49,8 @@ SCHEDULER_STATE_NAME = "spiel_scheduler.pt"
 
 
 def _unwrap_optimizer(opt):
-    # accelerate's AcceleratedOptimizer (and similar wrappers) keep the real optimizer in `.optimizer`
+    # accelerate's AcceleratedOptimizer (and similar wrappers) keep the real optimizer in
+    # `.optimizer`
     while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
         opt = opt.optimizer
     return opt
@@ -199,8 +200,9 @@ class LongtuneTrainerMixin:
             )
         base = hf_model(self.model, "LongtuneTrainer")
         if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
-            # transformers drops the cache under activation checkpointing, and a chunk-wise step keeps one
-            # chunk's activations anyway (trl's SFTConfig turns checkpointing on by default)
+            # transformers drops the cache under activation checkpointing, and a chunk-wise step
+            # keeps one chunk's activations anyway (trl's SFTConfig turns checkpointing on by
+            # default)
             warnings.warn(
                 "LongtuneTrainer: activation checkpointing is turned off for chunk-wise training "
                 "(ChunkwiseConfig); set gradient_checkpointing=False to silence this",

@@ -182,7 +182,8 @@ def _pairs_of_call(q, k, kpm, cu_q, cu_k, enc):
     )
 
 
-# FLOPs: the GEMMs only (as flash-attention counts them); softcapping's tanh per score is not counted.
+# FLOPs: the GEMMs only (as flash-attention counts them); softcapping's tanh per score is not
+# counted.
 @register_flop_formula(torch.ops.longtune.sparse_attention_fwd, get_raw=True)
 def _flops_fwd(
     q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, *args, out_shape=None, **kwargs

@@ -502,7 +502,8 @@ def _chunkwise_backward(
     rng = []
     total = torch.zeros((), device=dev, dtype=torch.float64)
     # phase 1 stops after the last chunk whose k/v (for a sampled chunk) or loss is still wanted:
-    # SeCO's last chunk, or SpaCO's chunks after the last sampled one with full_loss=False, never run here
+    # SeCO's last chunk, or SpaCO's chunks after the last sampled one with full_loss=False, never
+    # run here
     loss_chunks = [i for i in range(n_chunks) if i not in sampled and i not in skip_loss]
     phase1_end = max(last_needed, 1 + max(loss_chunks, default=-1))
     with torch.no_grad():

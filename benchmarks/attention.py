@@ -1,4 +1,5 @@
-"""Block-sparse attention (``longtune.sparse_attention``), side by side in one run, layout (B, N, H, D).
+"""Block-sparse attention (``longtune.sparse_attention``), side by side in one run, layout (B, N, H,
+D).
 
 S^2-Attn (LongLoRA's shifted sparse attention, G = N/4, causal), forward + backward (the timed
 function runs the forward and ``torch.autograd.grad`` of a fixed random output gradient w.r.t. q, k,

@@ -1,6 +1,7 @@
 """Chunk-wise training (``longtune.train.seco_backward``) vs full backprop, side by side, on a tiny
-Llama (4 layers, hidden 512, 8 heads, intermediate 1376, vocab 32000) built from a config in code and
-patched with ``longtune.patch(model, attention="causal")``. One training step of a (1, N) sequence:
+Llama (4 layers, hidden 512, 8 heads, intermediate 1376, vocab 32000) built from a config in code
+and patched with ``longtune.patch(model, attention="causal")``. One training step of a (1, N)
+sequence:
  - full backprop with the model's own head: ``model(input_ids, labels=labels).loss.backward()`` (the
    N x vocabulary logits materialised, as in a plain Hugging Face training step);
  - full backprop with ``lm_head="fused_ce"`` (the loss from the hidden states through the fused

@@ -42,7 +42,8 @@ def base_model(model):
 
 
 def hf_model(model, caller: str):
-    """The transformers model inside ``model`` (peft-wrapped or not); a clear error for anything else."""
+    """The transformers model inside ``model`` (peft-wrapped or not); a clear error for anything
+    else."""
     base = base_model(model)
     if (
         not isinstance(base, nn.Module)

@@ -1,4 +1,5 @@
-"""Sparse attention ops: ``torch.ops.longtune.sparse_attention_fwd/_bwd`` with fake kernels, autograd,
+"""Sparse attention ops: ``torch.ops.longtune.sparse_attention_fwd/_bwd`` with fake kernels,
+autograd,
 FLOP formulas (unmasked pairs only), and the public ``sparse_attention`` function.
 
 The semantics are those of :mod:`longtune.reference.attention` (the spec)."""

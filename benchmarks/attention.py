@@ -1,4 +1,5 @@
-"""Block-sparse attention (``longtune.sparse_attention``), side by side in one run, layout (B, N, H, D).
+"""Block-sparse attention (``longtune.sparse_attention``), side by side in one run, layout (B, N, H,
+D).
 
 S^2-Attn (LongLoRA's shifted sparse attention, G = N/4, causal), forward + backward (the timed
 function runs the forward and ``torch.autograd.grad`` of a fixed random output gradient w.r.t. q, k,
@@ -95,8 +96,8 @@ def _fwd(f):
 
 def _flex_s2(n, h, g, device):
     """(compiled flex_attention, BlockMask) for S^2 leakfree on (B, H, N, D) tensors, or raises."""
-    # a fresh compile per N: the closures below differ per call, and piling recompiles up to dynamo's
-    # limit would silently fall back to eager flex_attention (dense scores)
+    # a fresh compile per N: the closures below differ per call, and piling recompiles up to
+    # dynamo's limit would silently fall back to eager flex_attention (dense scores)
     import torch._dynamo
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -120,7 +121,8 @@ def s2_cases(report, device, n, h, d, dtype, n_rounds, peers_bool, targets=True)
 
     q, k, v = (rnd(b, n, h, d).requires_grad_() for _ in range(3))
     go = rnd(b, n, h, d)
-    # the peers that take (B, H, N, D) get their own contiguous leaves: no layout cost is charged to them
+    # the peers that take (B, H, N, D) get their own contiguous leaves: no layout cost is charged to
+    # them
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     got = go.transpose(1, 2).contiguous()
     pairs = count_pairs(n, n, h, causal=True, s2_group_size=g)

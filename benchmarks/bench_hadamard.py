@@ -2,7 +2,8 @@
 
 CPU: dense `x @ H` (torch, the same dtype) and a `torch.clone` of the input (the bandwidth
 ceiling: one read + one write, like the transform).
-GPU: the `fast-hadamard-transform` package when importable, dense `x @ H` (cuBLAS) and `torch.clone`.
+GPU: the `fast-hadamard-transform` package when importable, dense `x @ H` (cuBLAS) and
+`torch.clone`.
 Targets: CPU >= 3x dense at n >= 1024 and >= 50% of clone bandwidth at n = 4096;
 GPU >= 1.2x fast-hadamard-transform and >= 85% of clone bandwidth in bf16, n = 128..32768.
 """

@@ -1,6 +1,7 @@
 """Chunk-wise training (``longtune.train.seco_backward``) vs full backprop, side by side, on a tiny
-Llama (4 layers, hidden 512, 8 heads, intermediate 1376, vocab 32000) built from a config in code and
-patched with ``longtune.patch(model, attention="causal")``. One training step of a (1, N) sequence:
+Llama (4 layers, hidden 512, 8 heads, intermediate 1376, vocab 32000) built from a config in code
+and patched with ``longtune.patch(model, attention="causal")``. One training step of a (1, N)
+sequence:
  - full backprop with the model's own head: ``model(input_ids, labels=labels).loss.backward()`` (the
    N x vocabulary logits materialised, as in a plain Hugging Face training step);
  - full backprop with ``lm_head="fused_ce"`` (the loss from the hidden states through the fused
@@ -282,7 +283,8 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             f"target size is N={CPU_SIZES[0]}; one CPU full-backprop step at the larger sizes took "
             f"> {CPU_MAX_FULL_STEP_S:.0f} s"
         )
-    # forward of the linear layers 2 * params_nonembed * tokens; backward twice that (attention not counted)
+    # forward of the linear layers 2 * params_nonembed * tokens; backward twice that (attention not
+    # counted)
     lin = cfg["num_hidden_layers"] * (
         4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"]
     )

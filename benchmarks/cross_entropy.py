@@ -3,8 +3,8 @@ eager path ``F.cross_entropy(x @ weight.T, target)``, side by side: one training
 backward of x (T, d) and weight (V, d) (their ``.grad`` buffers pre-allocated, so the gradients
 themselves are not charged to either implementation).
 
-Time: the implementations round-robin in one process (``harness.measure_interleaved``), the ratio the
-median of the per-round ratios with its 95% interval (``harness.add_speed_ratio``).
+Time: the implementations round-robin in one process (``harness.measure_interleaved``), the ratio
+the median of the per-round ratios with its 95% interval (``harness.add_speed_ratio``).
 Peak memory: ``harness.peak_memory`` over one training step, after the timed (warm) calls: the peak
 of bytes allocated above the level at the step's start (CPU: the allocator's events through the
 profiler; GPU: ``torch.cuda.max_memory_allocated``), exact and the same on every call.

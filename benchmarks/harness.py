@@ -579,7 +579,8 @@ def print_table(report: Report):
 
 
 def summary(reports, total_s: float) -> str:
-    """The end-of-run summary: every ratio with a target, its interval and verdict; the total time."""
+    """The end-of-run summary: every ratio with a target, its interval and verdict; the total
+    time."""
     lines = [
         f"{'family':<14}{'case':<36}{'metric':<48}{'median [95% interval]':>24}  {'target':>8}  verdict"
     ]
@@ -619,9 +620,11 @@ def cli(run: Callable) -> None:
     print_table(run(a.device, a.out or default_out_dir(), a.quick))
 
 
-# ----------------------------------------------------------------------------- baselines and the gate
+# ----------------------------------------------------------------------------- baselines and the
+# gate
 def baseline_dir(device: str, quick: bool) -> Path:
-    """benchmarks/baselines/<device_kind>/ (full runs) or .../<device_kind>/quick/ (--quick runs)."""
+    """benchmarks/baselines/<device_kind>/ (full runs) or .../<device_kind>/quick/ (--quick
+    runs)."""
     d = BASELINES / device
     return d / "quick" if quick else d
 

@@ -4,8 +4,8 @@ folder): one table of every ratio with a target - median, 95% interval, target, 
 measuring machine, torch and commit of each family (the README's results table, between its
 markers), and the Hadamard transform's per-size table (docs/benchmarks.md).
 
-Run: ``python -m benchmarks.readme_table [cpu|cuda] [--quick] [--dir DIR] [--all]`` (--all: the ratios
-without a target too)."""
+Run: ``python -m benchmarks.readme_table [cpu|cuda] [--quick] [--dir DIR] [--all]`` (--all: the
+ratios without a target too)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ class _NoProgress:
 
 
 def _progress(total: int):
-    """A progress bar over the families (tqdm when installed, on stderr; TQDM_DISABLE=1 turns it off)."""
+    """A progress bar over the families (tqdm when installed, on stderr; TQDM_DISABLE=1 turns it
+    off)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:

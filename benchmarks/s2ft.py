@@ -3,9 +3,10 @@ training memory vs full fine-tuning of the block and vs LoRA r=32 on its three p
 side (round-robin, paired ratios). The S²FT block is ``S2FTMLP`` (what ``select_and_permute``
 builds): its input is frozen here, so its backward needs only the trainable channels of dH.
 Memory = ``harness.peak_memory`` of one training step (gradients unset at its start: activations,
-gradients, temporaries) + the AdamW state kept between steps - counted at the allocator, exact. Targets: step >= 2.7x faster than full
-fine-tuning, memory <= 1/3 of it, faster than LoRA r=32. No token count is given by the target; the
-speedup falls with the tokens per step (the GEMMs grow with them, full fine-tuning's AdamW over
+gradients, temporaries) + the AdamW state kept between steps - counted at the allocator, exact.
+Targets: step >= 2.7x faster than full fine-tuning, memory <= 1/3 of it, faster than LoRA r=32. No
+token count is given by the target; the speedup falls with the tokens per step (the GEMMs grow with
+them, full fine-tuning's AdamW over
 34.6 M weights does not), so 512, 1024 and 2048 tokens are measured."""
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def _case(report, device, d, inter, tokens, quick=False):
     times = H.measure_interleaved(report, case, steps, device, params, rounds=n_rounds)
     mem = {}
     for r, (name, step) in zip(report.results[-len(steps) :], steps):
-        # the timed steps built the optimizer state (persistent: added below); the gradients are unset
-        # so that the step's peak counts them
+        # the timed steps built the optimizer state (persistent: added below); the gradients are
+        # unset so that the step's peak counts them
         opts[name].zero_grad(set_to_none=True)
         m = H.peak_memory(step, device)
         mem[name] = dict(m, bytes=m["bytes"] + H.optimizer_state_bytes(opts[name]))

@@ -1,9 +1,9 @@
 """SpIEL sparse-delta linear layer, fwd + bwd, side by side (target: layer 4096 x 4096, 4096
 tokens, density 1%): longtune's SparseDeltaLinear vs the official formulation (clone W, scatter
 the deltas, dense dW = dY^T X, gather k entries - reproduced here), peft-style LoRA r=64 and full
-fine-tuning of the same layer. Targets: >= 1.4x the official formulation; <= 1.0x LoRA's time; training
-memory not above LoRA's. Training memory = ``harness.peak_memory`` of one training step (forward,
-backward, optimizer step; gradients unset at its start) + what persists between steps (the
+fine-tuning of the same layer. Targets: >= 1.4x the official formulation; <= 1.0x LoRA's time;
+training memory not above LoRA's. Training memory = ``harness.peak_memory`` of one training step
+(forward, backward, optimizer step; gradients unset at its start) + what persists between steps (the
 optimizer's state; for SparseDeltaLinear also the kept original entries and the values snapshot)."""
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         ours_name,
         1.0 if tg else None,
     )
-    # the fused sparse AdamW step over the k deltas vs torch.optim.AdamW (foreach) on the same values
+    # the fused sparse AdamW step over the k deltas vs torch.optim.AdamW (foreach) on the same
+    # values
     k = sd.values.numel()
     case_opt = f"AdamW step over k={k} deltas"
     pa = torch.nn.Parameter(torch.randn(k, device=device, dtype=dtype))

@@ -1,8 +1,8 @@
 """Long-context fine-tuning with longtune, end to end on a CPU in a few minutes (no downloads).
 
 1. Build a small Llama from a config in code (context 1024) and pre-train it briefly (sequence
-   lengths 32 -> 1024) on a synthetic passkey-retrieval task: a single digit hidden somewhere in a stream of filler tokens must be
-   repeated after the query marker at the end (chance: 10%).
+   lengths 32 -> 1024) on a synthetic passkey-retrieval task: a single digit hidden somewhere in a
+   stream of filler tokens must be repeated after the query marker at the end (chance: 10%).
 2. Extend its context 4x (4096) with the LongLoRA recipe (``longtune.recipes.longlora``: rotary
    position interpolation, LoRA on the attention projections, trainable embeddings and norms,
    shifted sparse attention S^2-Attn in training through longtune's kernels).
@@ -236,9 +236,9 @@ def main():
     )
     acc_interp = accuracy(model, long_ctx, a.eval_samples, dev)
     # S^2-Attn trains on groups of N/4 tokens (the query sees its own group), so the fine-tuning
-    # passkeys sit in the last eighth (seen by the shifted heads too); evaluation uses full attention
-    # with the passkey anywhere
-    # (LongLoRA: train sparse and local, infer dense and global).
+    # passkeys sit in the last eighth (seen by the shifted heads too); evaluation uses full
+    # attention with the passkey anywhere (LongLoRA: train sparse and local, infer dense and
+    # global).
     near = long_ctx // 8 - 2 if a.attention == "s2" else None
     chunk = long_ctx // 4 if a.seco else None
     if (

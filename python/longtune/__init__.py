@@ -63,7 +63,8 @@ def has_cuda_kernels() -> bool:
 
 
 def has_emulator() -> bool:
-    """True when this build carries the CPU emulator of the CUDA kernels (torch.ops.longtune_emu)."""
+    """True when this build carries the CPU emulator of the CUDA kernels
+    (torch.ops.longtune_emu)."""
     return hasattr(torch.ops, "longtune_emu") and hasattr(
         torch.ops.longtune_emu, "hadamard_transform"
     )

@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 def _load_benchmarks():
-    """The ``benchmarks`` package: importable as is, or the one next to this package's source tree."""
+    """The ``benchmarks`` package: importable as is, or the one next to this package's source
+    tree."""
     try:
         return importlib.import_module("benchmarks.run_all")
     except ModuleNotFoundError as e:

@@ -313,7 +313,8 @@ class ChunkwiseConfig:
     clipped at ``cap``; ``seed`` seeds the draw of every step), in chunks of ``chunk_size`` tokens.
     ``full_loss=False`` (SpaCO) reports the unbiased loss estimate and skips the head of the
     chunks that are not drawn. Applying it only records it: the training loop
-    (:class:`~longtune.integrations.trainer.LongtuneTrainer`, or :func:`chunkwise_backward`) runs it."""
+    (:class:`~longtune.integrations.trainer.LongtuneTrainer`, or :func:`chunkwise_backward`) runs
+    it."""
 
     method: str = "seco"
     chunk_size: int = 0
@@ -404,7 +405,8 @@ def _base_config(model):
 
 
 def applied(model) -> list:
-    """The configs recorded on ``model`` by :func:`apply` (in application order), as config objects."""
+    """The configs recorded on ``model`` by :func:`apply` (in application order), as config
+    objects."""
     cfg = _base_config(model)
     recs = getattr(cfg, RECORD_KEY, None) or []
     return [_from_record(r) for r in recs]

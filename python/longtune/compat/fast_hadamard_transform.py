@@ -1,4 +1,5 @@
-"""The ``fast-hadamard-transform`` package's Python interface, reproduced exactly on longtune's kernels.
+"""The ``fast-hadamard-transform`` package's Python interface, reproduced exactly on longtune's
+kernels.
 
 Replace ``from fast_hadamard_transform import hadamard_transform`` (or the ``_12N / _20N / _28N /
 _40N`` forms from ``fast_hadamard_transform.fast_hadamard_transform_interface``) by

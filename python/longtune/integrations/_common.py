@@ -30,7 +30,8 @@ PATCH_DEFAULTS = {
     "lambda": {"window": 2048, "n_global": 4, "cap_distance": True},
 }
 
-# RoSTE's attention implementation wraps another one; its registered name is this prefix + the wrapped name
+# RoSTE's attention implementation wraps another one; its registered name is this prefix + the
+# wrapped name
 ROSTE_PREFIX = "longtune_roste_"
 
 
@@ -41,7 +42,8 @@ def base_model(model):
 
 
 def hf_model(model, caller: str):
-    """The transformers model inside ``model`` (peft-wrapped or not); a clear error for anything else."""
+    """The transformers model inside ``model`` (peft-wrapped or not); a clear error for anything
+    else."""
     base = base_model(model)
     if (
         not isinstance(base, nn.Module)

@@ -1,5 +1,5 @@
-"""Hugging Face transformers integration: longtune attention through transformers' attention-function
-registry (``AttentionInterface``), no copied model code.
+"""Hugging Face transformers integration: longtune attention through transformers'
+attention-function registry (``AttentionInterface``), no copied model code.
 
 - ``attn_implementation="longtune"``: causal attention through ``longtune.sparse_attention``
   (sliding windows of Mistral / Qwen2 configs honoured, padding masks from the tokenizer as a key
@@ -130,7 +130,8 @@ def sequence_length(n: int):
 
 
 def _s2_mask(module, o, nq, nk, kwargs) -> AttentionMask:
-    """The mask of one attention call (S^2-Attn while training, plain causal attention otherwise)."""
+    """The mask of one attention call (S^2-Attn while training, plain causal attention
+    otherwise)."""
     if nq <= 1:  # one query (decoding)
         return AttentionMask()
 
@@ -334,12 +335,12 @@ def _lora_head_params(head):
 
 
 def _fused_ce_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-    """CausalLM forward with the vocabulary head fused into the loss (``patch(model, lm_head="fused_ce")``):
-    with ``labels`` the logits are never materialised (``output.logits`` is None); without labels,
-    the model's own forward (generation, evaluation of logits). ``shift_labels`` (as in
-    transformers' loss functions: targets already aligned with the positions, no shift inside;
-    used by chunk-wise training, whose chunks take their last target from the next chunk) may be
-    given instead of ``labels``."""
+    """CausalLM forward with the vocabulary head fused into the loss (``patch(model,
+    lm_head="fused_ce")``): with ``labels`` the logits are never materialised (``output.logits`` is
+    None); without labels, the model's own forward (generation, evaluation of logits).
+    ``shift_labels`` (as in transformers' loss functions: targets already aligned with the
+    positions, no shift inside; used by chunk-wise training, whose chunks take their last target
+    from the next chunk) may be given instead of ``labels``."""
     shift_labels = kwargs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
         return self._longtune_orig_forward(
@@ -418,9 +419,10 @@ def patch(
     ``longtune.linear_cross_entropy`` from the hidden states (logits never materialised,
     ``output.logits`` is None); without labels the model's own forward runs.
     With no arguments, re-applies the patch stored in ``model.config.longtune_patch`` (after
-    ``from_pretrained``). Supported: Llama, Qwen2, Mistral, Qwen3, Phi-3, Mixtral, Qwen3-MoE, OLMo-2, Gemma-2
-    (attention logit softcapping in the kernels) and Gemma-3 (``strict=False`` tries any model whose
-    attention uses transformers' attention-function registry). Works on peft-wrapped models."""
+    ``from_pretrained``). Supported: Llama, Qwen2, Mistral, Qwen3, Phi-3, Mixtral, Qwen3-MoE,
+    OLMo-2, Gemma-2 (attention logit softcapping in the kernels) and Gemma-3 (``strict=False`` tries
+    any model whose attention uses transformers' attention-function registry). Works on peft-wrapped
+    models."""
     base = hf_model(model, "longtune.patch")
     register()
     cfg = base.config
@@ -520,9 +522,10 @@ def convert_to_sqa(
     num_kv_heads: Optional[int] = None,
     rule: str = "select",
 ):
-    """Converts a Llama / Qwen2 / Mistral model's attention blocks to Sparse Query Attention in place:
-    H_q < H query heads (fewer score FLOPs), initialised from the original weights, attention through
-    longtune (which maps query heads to key/value heads, including H_kv > H_q).
+    """Converts a Llama / Qwen2 / Mistral model's attention blocks to Sparse Query Attention in
+    place:
+    H_q < H query heads (fewer score FLOPs), initialised from the original weights, attention
+    through longtune (which maps query heads to key/value heads, including H_kv > H_q).
 
     ``variant`` ("sqa", "ssqa", "xsqa", "xsmqa", "rsqa", relative to the model's H heads) or
     explicit ``num_query_heads`` / ``num_kv_heads`` (default: keep H_kv unless the variant says).
@@ -558,8 +561,8 @@ def convert_to_sqa(
         )
 
     def reduce_rows(w, n_old, n_new, d, groups, how):
-        """w (n_old * d, ...) -> (n_new * d, ...): inside each of `groups` groups, n_old/groups heads
-        become n_new/groups heads by runs."""
+        """w (n_old * d, ...) -> (n_new * d, ...): inside each of `groups` groups, n_old/groups
+        heads become n_new/groups heads by runs."""
         per_old, per_new = n_old // groups, max(1, n_new // groups)
         w = w.view(groups, per_old, d, *w.shape[1:])
         if how == "select":
@@ -577,7 +580,8 @@ def convert_to_sqa(
         )
     for m in _attention_modules(base):
         dev, dt = m.q_proj.weight.device, m.q_proj.weight.dtype
-        # queries: stay inside their kv group (groups = min(hkv0, hq) keeps the sharing for hq >= hkv)
+        # queries: stay inside their kv group (groups = min(hkv0, hq) keeps the sharing for hq >=
+        # hkv)
         gq = min(hkv0, hq) if hq >= hkv else hq
         newq = reduce_rows(m.q_proj.weight, h, hq, d, gq, rule)
         qb = (

@@ -1,7 +1,7 @@
-"""LM-Infinite for Hugging Face causal LMs: generation beyond the trained length with the Lambda-mask
-(the first ``n_global`` tokens + a window of ``window`` recent tokens) and the rotary distance cap
-(a global token further than the window is seen at the capped distance), plus a KV cache that keeps
-only the global tokens and the window (memory O(n_global + window)).
+"""LM-Infinite for Hugging Face causal LMs: generation beyond the trained length with the
+Lambda-mask (the first ``n_global`` tokens + a window of ``window`` recent tokens) and the rotary
+distance cap (a global token further than the window is seen at the capped distance), plus a KV
+cache that keeps only the global tokens and the window (memory O(n_global + window)).
 
 The attention of a query at position p is split in two longtune calls merged by their
 log-sum-exps: (A) the non-global keys, causal with the window (i - j < window), rotary as is;
@@ -52,7 +52,8 @@ def _turn(q, delta, inv_freq):
 
 
 def _merge(o1, l1, o2, l2):
-    """Combine two partial attentions over disjoint key sets from their outputs and lse (B, H, N)."""
+    """Combine two partial attentions over disjoint key sets from their outputs and lse (B, H,
+    N)."""
     m = torch.maximum(l1, l2)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
@@ -177,10 +178,10 @@ def _layer_class():
 
 
 def lambda_cache(model, window=None, n_global=None):
-    """A KV cache for ``model.generate(..., past_key_values=lambda_cache(model))`` on a model patched
-    with ``longtune.patch(model, attention="lambda", ...)``: per layer it keeps the first n_global
-    tokens and the last window - 1, so memory stays O(n_global + window) however long generation
-    goes. ``window`` / ``n_global`` default to the patch's."""
+    """A KV cache for ``model.generate(..., past_key_values=lambda_cache(model))`` on a model
+    patched with ``longtune.patch(model, attention="lambda", ...)``: per layer it keeps the first
+    n_global tokens and the last window - 1, so memory stays O(n_global + window) however long
+    generation goes. ``window`` / ``n_global`` default to the patch's."""
     from transformers.cache_utils import Cache
 
     cfg = base_model(model).config

@@ -348,7 +348,8 @@ def search_rotation_config(
     activation (and K/V) quantization error with and without it, measured on up to ``n_samples``
     calibration sequences; the lower error wins (compared as numbers). Returns a RoSTEConfig with
     ``layers`` filled (and ``layers[i]["errors"]`` recording the measurements); writes it as JSON to
-    ``save_to`` when given. Run it on the model before ``prepare_roste`` (K is measured before RoPE).
+    ``save_to`` when given. Run it on the model before ``prepare_roste`` (K is measured before
+    RoPE).
     """
     cfg = RoSTEConfig(**asdict(config)) if config is not None else RoSTEConfig()
     inner = decoder(model)

@@ -1,4 +1,5 @@
-"""Alias of ``longtune.integrations.quant`` (the family's module); kept so existing imports keep working."""
+"""Alias of ``longtune.integrations.quant`` (the family's module); kept so existing imports keep
+working."""
 
 import sys
 

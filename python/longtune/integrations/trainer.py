@@ -50,7 +50,8 @@ SCHEDULER_STATE_NAME = "spiel_scheduler.pt"
 
 
 def _unwrap_optimizer(opt):
-    # accelerate's AcceleratedOptimizer (and similar wrappers) keep the real optimizer in `.optimizer`
+    # accelerate's AcceleratedOptimizer (and similar wrappers) keep the real optimizer in
+    # `.optimizer`
     while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
         opt = opt.optimizer
     return opt
@@ -59,12 +60,14 @@ def _unwrap_optimizer(opt):
 class SpIELCallback(TrainerCallback):
     """``SpIELCallback(scheduler)`` with a ``SpIELScheduler`` built over the model and the optimizer
     given to the Trainer (``optimizers=(opt, None)``), or ``SpIELCallback(**scheduler_options)``
-    (``update_every=...``, ``window=...``, ...): the scheduler is then built at the start of training
-    over the Trainer's own optimizer (e.g. its default AdamW), available as ``callback.scheduler``.
+    (``update_every=...``, ``window=...``, ...): the scheduler is then built at the start of
+    training over the Trainer's own optimizer (e.g. its default AdamW), available as
+    ``callback.scheduler``.
 
     When training resumes (``trainer.train(resume_from_checkpoint=...)``) the state is read from
     ``resume_from`` if given, else from ``<output_dir>/checkpoint-<global step>`` (the folder the
-    Trainer wrote at that step); a missing file is an error, not a silent restart of the schedule."""
+    Trainer wrote at that step); a missing file is an error, not a silent restart of the
+    schedule."""
 
     def __init__(
         self,
@@ -152,10 +155,10 @@ def _chunkwise_inputs(inputs: dict):
 
 
 class LongtuneTrainerMixin:
-    """Put before a ``transformers.Trainer`` subclass (``class T(LongtuneTrainerMixin, SomeTrainer)``):
-    chunk-wise training steps under a :class:`~longtune.config.ChunkwiseConfig`, the SpIEL schedule
-    under a :class:`~longtune.config.SparseDeltaConfig` with ``update_every``. See the module
-    docstring."""
+    """Put before a ``transformers.Trainer`` subclass (``class T(LongtuneTrainerMixin,
+    SomeTrainer)``): chunk-wise training steps under a :class:`~longtune.config.ChunkwiseConfig`,
+    the SpIEL schedule under a :class:`~longtune.config.SparseDeltaConfig` with ``update_every``.
+    See the module docstring."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -200,8 +203,9 @@ class LongtuneTrainerMixin:
             )
         base = hf_model(self.model, "LongtuneTrainer")
         if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
-            # transformers drops the cache under activation checkpointing, and a chunk-wise step keeps one
-            # chunk's activations anyway (trl's SFTConfig turns checkpointing on by default)
+            # transformers drops the cache under activation checkpointing, and a chunk-wise step
+            # keeps one chunk's activations anyway (trl's SFTConfig turns checkpointing on by
+            # default)
             warnings.warn(
                 "LongtuneTrainer: activation checkpointing is turned off for chunk-wise training "
                 "(ChunkwiseConfig); set gradient_checkpointing=False to silence this",
@@ -237,7 +241,8 @@ class LongtuneTrainerMixin:
 
 
 class LongtuneTrainer(LongtuneTrainerMixin, Trainer):
-    """``transformers.Trainer`` for models set up with :func:`longtune.apply` (see the module docstring)."""
+    """``transformers.Trainer`` for models set up with :func:`longtune.apply` (see the module
+    docstring)."""
 
 
 _SFT = None
@@ -255,7 +260,8 @@ def __getattr__(name):  # trl is imported only when its trainer is asked for
                 ) from e
 
             class LongtuneSFTTrainer(LongtuneTrainerMixin, SFTTrainer):
-                """``trl.SFTTrainer`` for models set up with :func:`longtune.apply` (see the module docstring)."""
+                """``trl.SFTTrainer`` for models set up with :func:`longtune.apply` (see the module
+                docstring)."""
 
             LongtuneSFTTrainer.__module__ = __name__
             _SFT = LongtuneSFTTrainer

@@ -19,8 +19,8 @@ from ..ops.mask import AttentionMask
 
 
 def s2_group_size(seqlen: int, ratio: float) -> int:
-    """LongLoRA's group size for a sequence of ``seqlen`` tokens: int(seqlen * ratio) rounded down to
-    an even number (the shift is half a group), at least 2."""
+    """LongLoRA's group size for a sequence of ``seqlen`` tokens: int(seqlen * ratio) rounded down
+    to an even number (the shift is half a group), at least 2."""
     g = int(seqlen * ratio)
     g -= g % 2
     return max(2, g)
@@ -49,7 +49,8 @@ def s2_mask(
     seqlen: Union[int, Callable[[], int]],
     causal: bool = True,
 ) -> AttentionMask:
-    """LongLoRA's rule (shared by :class:`S2Attention` and ``longtune.patch(model, attention="s2")``):
+    """LongLoRA's rule (shared by :class:`S2Attention` and ``longtune.patch(model,
+    attention="s2")``):
     S^2-Attn while training (or always with ``s2_in_eval``) with groups of ``group_size``, else of
     ``s2_group_size(seqlen, group_size_ratio)``; plain (causal) attention in eval -- LongLoRA trains
     sparse and infers dense. ``seqlen``: an int or a function returning it (called only when the

@@ -26,10 +26,10 @@ def causal_lm_loss(
     softcap: Optional[float] = None,
 ):
     """The causal-LM loss through :func:`longtune.linear_cross_entropy` (logits never materialised),
-    shared by :class:`ChunkedLMHead` and ``longtune.patch(model, lm_head="fused_ce")``: with ``shift``
-    position t of ``hidden`` (.., N, d) predicts ``labels[..., t + 1]`` (the last position has no
-    target, ``rows`` is shifted with the labels); without, ``labels`` are already aligned with the
-    positions (transformers' ``shift_labels``)."""
+    shared by :class:`ChunkedLMHead` and ``longtune.patch(model, lm_head="fused_ce")``: with
+    ``shift`` position t of ``hidden`` (.., N, d) predicts ``labels[..., t + 1]`` (the last position
+    has no target, ``rows`` is shifted with the labels); without, ``labels`` are already aligned
+    with the positions (transformers' ``shift_labels``)."""
     if shift:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
         if rows is not None:

@@ -1,4 +1,5 @@
-"""Alias of ``longtune.nn.cross_entropy`` (the family's module); kept so existing imports keep working."""
+"""Alias of ``longtune.nn.cross_entropy`` (the family's module); kept so existing imports keep
+working."""
 
 import sys
 

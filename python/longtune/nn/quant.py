@@ -8,10 +8,11 @@ loader) says the stored weight already is the dequantized integer weight.
 ``y = Q_a(R x) @ Q_w(W R^T)^T + b``: the input is rotated by the orthonormal Hadamard R and
 fake-quantized per token (one fused kernel); the weight is rotated once (R is orthogonal, so
 without quantization the layer computes exactly ``x @ W^T + b``) and fake-quantized per output
-channel or per group. While the weight is frozen (LoRA / peft, evaluation) the rotated weight is computed once and
-cached; the cache is dropped when the weight changes (version counter, storage, or a 1024-entry
-fingerprint that catches `.data` edits such as peft's merge). A trainable weight is rotated
-differentiably on every forward. Gradients reach ``weight`` through the straight-through estimators.
+channel or per group. While the weight is frozen (LoRA / peft, evaluation) the rotated weight is
+computed once and cached; the cache is dropped when the weight changes (version counter, storage, or
+a 1024-entry fingerprint that catches `.data` edits such as peft's merge). A trainable weight is
+rotated differentiably on every forward. Gradients reach ``weight`` through the straight-through
+estimators.
 
 State dict: ``weight``, ``bias`` and ``_extra_state``, the quantizer configuration and the
 ``prerotated_weight`` / ``weight_is_quantized`` flags as UTF-8 JSON in a uint8 tensor (a tensor, so
@@ -145,7 +146,8 @@ class RotatedQuantLinear(nn.Linear):
         return flat[::step].clone()
 
     def invalidate_rotation_cache(self) -> None:
-        """Forget the cached rotated weight (after sparse in-place edits the fingerprint may miss)."""
+        """Forget the cached rotated weight (after sparse in-place edits the fingerprint may
+        miss)."""
         self._cache = None
 
     def quantized_weight(self) -> torch.Tensor:

@@ -129,11 +129,12 @@ def _silu_grad(g: torch.Tensor) -> torch.Tensor:
 
 
 class _S2FTMLPFn(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)) with FFN channels [0, n) trainable in up (rows) and down (columns),
-    everything else frozen. Structured partial backprop across the whole block: the weight gradients
-    need only channels [0, n) of dH, so when x needs no gradient (the block's input is frozen) the
-    backward is three T x d x n products - the dense dH = dY W_down is never formed; when x needs
-    one, dX takes the dense path (dH, then dG, dU through the frozen gate / up weights)."""
+    """down(silu(gate(x)) * up(x)) with FFN channels [0, n) trainable in up (rows) and down
+    (columns), everything else frozen. Structured partial backprop across the whole block: the
+    weight gradients need only channels [0, n) of dH, so when x needs no gradient (the block's input
+    is frozen) the backward is three T x d x n products - the dense dH = dY W_down is never formed;
+    when x needs one, dX takes the dense path (dH, then dG, dU through the frozen gate / up
+    weights)."""
 
     @staticmethod
     def forward(ctx, x, up_part, down_part, w_gate, w_up, w_down, n):
@@ -173,9 +174,9 @@ class _S2FTMLPFn(torch.autograd.Function):
 
 
 class S2FTMLP(nn.Module):
-    """A Llama-style gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, SiLU) whose ``up_proj`` and
-    ``down_proj`` are ``S2FTLinear`` with the same trainable channel block ``[0, n)`` (rows of up,
-    columns of down - what ``select_and_permute`` builds) and a frozen ``gate_proj``, run as one
+    """A Llama-style gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, SiLU) whose ``up_proj``
+    and ``down_proj`` are ``S2FTLinear`` with the same trainable channel block ``[0, n)`` (rows of
+    up, columns of down - what ``select_and_permute`` builds) and a frozen ``gate_proj``, run as one
     fused autograd function with block-level partial backprop (see ``_S2FTMLPFn``). The trainable
     parameters stay ``mlp.up_proj.part`` / ``mlp.down_proj.part`` (optimizer state is unchanged)."""
 

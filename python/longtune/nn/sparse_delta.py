@@ -1,11 +1,11 @@
 """``SparseDeltaLinear`` (SpIEL): a frozen ``nn.Linear`` plus k trainable deltas at sorted flat
 indices of its weight.
 
-The deltas live inside the frozen base weight's own storage (``W + scatter(values)``, patched in O(k)
-whenever the values changed; only the k original entries are kept aside), so there is no second
-copy of W and no per-call clone; backward computes ``dX = dY (W + Δ)`` with
-one dense product and ``d(values)`` with the gather-only kernel ``sparse_delta_grad`` (one
-length-T dot per index; the dense dW is never formed).
+The deltas live inside the frozen base weight's own storage (``W + scatter(values)``, patched in
+O(k) whenever the values changed; only the k original entries are kept aside), so there is no second
+copy of W and no per-call clone; backward computes ``dX = dY (W + Δ)`` with one dense product and
+``d(values)`` with the gather-only kernel ``sparse_delta_grad`` (one length-T dot per index; the
+dense dW is never formed).
 
 State dict (exact at any point: before the first forward, after optimizer steps, after ``merge()``,
 after prune / regrow changed the indices): ``base.weight`` is the base weight WITHOUT the deltas
@@ -106,10 +106,10 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The base weight itself, kept equal to W + scatter(values): the deltas live inside the frozen
-        weight's storage and only the k original entries are remembered (O(k) memory - no second
-        copy of W, no per-call clone). Patched in O(k) whenever the values changed (compared with a
-        snapshot, so `.data` edits and fused optimizers are seen too)."""
+        """The base weight itself, kept equal to W + scatter(values): the deltas live inside the
+        frozen weight's storage and only the k original entries are remembered (O(k) memory - no
+        second copy of W, no per-call clone). Patched in O(k) whenever the values changed (compared
+        with a snapshot, so `.data` edits and fused optimizers are seen too)."""
         w = self.base.weight
         v = self.values.detach()
         if self._orig is None:
@@ -145,7 +145,8 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the deltas into the base weight permanently (values become 0; ``unmerge`` undoes it)."""
+        """Fold the deltas into the base weight permanently (values become 0; ``unmerge`` undoes
+        it)."""
         self.merged_weight()
         v = self.values.detach().clone()
         self._orig += v
@@ -171,8 +172,8 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
-        """The deltas at ``indices`` relative to the base weight the module was built on: ``values``,
-        plus what ``merge()`` folded into the base."""
+        """The deltas at ``indices`` relative to the base weight the module was built on:
+        ``values``, plus what ``merge()`` folded into the base."""
         v = self.values.detach()
         return v + self._folded if self._folded is not None else v.clone()
 
@@ -241,9 +242,10 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def replace_deltas(self, keep: torch.Tensor, grow: torch.Tensor, optimizer=None) -> None:
-        """Prune / regrow in place: keep the deltas where ``keep`` (bool [k]) is true, add zero deltas at
-        the flat indices ``grow`` (must be inactive, unique). The number of deltas stays whatever
-        keep.sum() + grow.numel() is. Optimizer state (any per-element tensor state of ``values``, e.g.
+        """Prune / regrow in place: keep the deltas where ``keep`` (bool [k]) is true, add zero
+        deltas at the flat indices ``grow`` (must be inactive, unique). The number of deltas stays
+        whatever keep.sum() + grow.numel() is. Optimizer state (any per-element tensor state of
+        ``values``, e.g.
         SparseAdamW's exp_avg / exp_avg_sq / age, or torch.optim.AdamW's) follows the kept deltas;
         grown deltas start from zero state."""
         if keep.dtype != torch.bool or keep.shape != self.values.shape:
@@ -292,14 +294,14 @@ class SparseDeltaLinear(nn.Module):
         assert self.values.numel() == n_keep + grow.numel()
 
     def delta_state_dict(self) -> dict:
-        """Only what the fine-tuning changed: {"indices", "values"} (values relative to the base weight
-        the module was built on, i.e. including anything ``merge()`` folded in)."""
+        """Only what the fine-tuning changed: {"indices", "values"} (values relative to the base
+        weight the module was built on, i.e. including anything ``merge()`` folded in)."""
         return {"indices": self.indices.detach().cpu(), "values": self.delta().cpu()}
 
     @torch.no_grad()
     def load_delta_state_dict(self, state: dict) -> None:
-        """Replace the deltas by {"indices", "values"} (as from ``delta_state_dict``) over the current
-        base weight. ``values`` becomes a new Parameter."""
+        """Replace the deltas by {"indices", "values"} (as from ``delta_state_dict``) over the
+        current base weight. ``values`` becomes a new Parameter."""
         idx, val = state["indices"].to(self.indices.device), state["values"]
         err = self._check_deltas(idx, val)
         if err is not None:
@@ -324,7 +326,8 @@ class SparseDeltaLinear(nn.Module):
 
 @torch.no_grad()
 def _state_dict_hook(module: SparseDeltaLinear, state: dict, prefix: str, local_metadata) -> None:
-    """``base.weight`` without the deltas (the live storage holds W + Δ); ``folded`` after merge()."""
+    """``base.weight`` without the deltas (the live storage holds W + Δ); ``folded`` after
+    merge()."""
     key = prefix + "base.weight"
     if key in state and module._orig is not None:
         w = state[key].detach().clone()

@@ -1,4 +1,5 @@
-"""Sparse attention ops: ``torch.ops.longtune.sparse_attention_fwd/_bwd`` with fake kernels, autograd,
+"""Sparse attention ops: ``torch.ops.longtune.sparse_attention_fwd/_bwd`` with fake kernels,
+autograd,
 FLOP formulas (unmasked pairs only), and the public ``sparse_attention`` function.
 
 The semantics are those of :mod:`longtune.reference.attention` (the spec)."""
@@ -182,7 +183,8 @@ def _pairs_of_call(q, k, kpm, cu_q, cu_k, enc):
     )
 
 
-# FLOPs: the GEMMs only (as flash-attention counts them); softcapping's tanh per score is not counted.
+# FLOPs: the GEMMs only (as flash-attention counts them); softcapping's tanh per score is not
+# counted.
 @register_flop_formula(torch.ops.longtune.sparse_attention_fwd, get_raw=True)
 def _flops_fwd(
     q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, *args, out_shape=None, **kwargs

@@ -127,9 +127,9 @@ class _GradInForward(torch.autograd.Function):
     """reduction "mean" / "sum" on CPU: the per-row loss weights (1/n or 1) are known before the
     backward, so one pass of ``linear_cross_entropy_fwd_bwd`` returns the loss and the gradients
     (three GEMMs instead of forward + recomputing backward's four); backward scales them by the
-    incoming scalar gradient. dx and dW are kept in float32 (float64 for float64 inputs) from forward
-    to backward and rounded to the inputs' dtypes once, after the scaling (rounding before it would
-    round float16 / bfloat16 gradients twice under loss scaling or ``loss * k``)."""
+    incoming scalar gradient. dx and dW are kept in float32 (float64 for float64 inputs) from
+    forward to backward and rounded to the inputs' dtypes once, after the scaling (rounding before
+    it would round float16 / bfloat16 gradients twice under loss scaling or ``loss * k``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, opts, n, class_weight):
@@ -226,7 +226,8 @@ def linear_cross_entropy(
 
     x (..., d), weight (V, d), bias (V,) or None, target (...) int64 (``ignore_index`` rows count
     nothing). ``reduction``: "mean" (over non-ignored targets; 0 when every target is ignored, with
-    a warning outside torch.compile), "sum" or "none" (per row, 0 for ignored rows). ``label_smoothing`` as in
+    a warning outside torch.compile), "sum" or "none" (per row, 0 for ignored rows).
+    ``label_smoothing`` as in
     F.cross_entropy; ``z_loss``: + z_loss * lse^2 per row (PaLM); ``softcap``: logits
     softcap * tanh(logits / softcap) (Gemma 2). ``rows``: compute only at these positions (an index
     tensor or a bool mask over the flattened tokens; the Long-VITA "logits-masked LM head": prompt
@@ -240,9 +241,9 @@ def linear_cross_entropy(
     "mean" averages it over the non-ignored rows.
 
     Extras, computed in the same pass and detached: ``return_z_loss`` (the z-loss part of the loss,
-    reduced like it), ``return_accuracy`` (fraction of non-ignored rows whose argmax logit equals the
-    target; 0 when every row is ignored), ``return_predictions`` (the argmax logit per row, ties to
-    the lowest index as torch.argmax). With any of them the result is a
+    reduced like it), ``return_accuracy`` (fraction of non-ignored rows whose argmax logit equals
+    the target; 0 when every row is ignored), ``return_predictions`` (the argmax logit per row, ties
+    to the lowest index as torch.argmax). With any of them the result is a
     :class:`LinearCrossEntropyOutput` (loss, z_loss, accuracy, predictions); otherwise the loss."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(

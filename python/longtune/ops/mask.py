@@ -33,14 +33,16 @@ def _int(name: str, value, *, none=None) -> int:
 
 @dataclass(frozen=True)
 class AttentionMask:
-    """Which keys each query of ``longtune.sparse_attention`` sees (frozen, validated on construction).
+    """Which keys each query of ``longtune.sparse_attention`` sees (frozen, validated on
+    construction).
 
     - ``causal``: key position pk visible to query position pq only if pk <= pq.
-    - ``s2_group_size`` G (0: no S^2): LongLoRA S^2-Attn, attention inside groups of G positions; the
-      second half of the heads is shifted by G/2. ``s2_mode``: ``"leakfree"`` (the default when G > 0;
-      no token sees a later one) or ``"longlora_roll"`` (LongLoRA's torch.roll formulation, whose last
-      shifted group wraps around); ``"none"`` iff G == 0 (a mode given with G == 0 is normalised to
-      ``"none"``).
+    - ``s2_group_size`` G (0: no S^2): LongLoRA S^2-Attn, attention inside groups of G positions;
+      the second half of the heads is shifted by G/2. ``s2_mode``: ``"leakfree"`` (the default when
+      G >
+      0; no token sees a later one) or ``"longlora_roll"`` (LongLoRA's torch.roll formulation, whose
+      last shifted group wraps around); ``"none"`` iff G == 0 (a mode given with G == 0 is
+      normalised to ``"none"``).
     - ``window_left`` / ``window_right`` (< 0 or None: unbounded): visible iff pq - pk < window_left
       (unless the key is one of the ``n_global`` global tokens, positions [0, n_global)) and
       pk - pq < window_right.
@@ -150,8 +152,9 @@ class AttentionMask:
         head_offset=0,
         total_heads=0,
     ) -> "AttentionMask":
-        """From ``longtune.sparse_attention``'s keyword arguments (``s2_group_size=None``: no S^2, then
-        ``s2_mode`` is not read; ``window``: None, an int w (= (w, None)) or a (left, right) pair)."""
+        """From ``longtune.sparse_attention``'s keyword arguments (``s2_group_size=None``: no S^2,
+        then ``s2_mode`` is not read; ``window``: None, an int w (= (w, None)) or a (left, right)
+        pair)."""
         if window is None:
             wl, wr = -1, -1
         elif isinstance(window, int) and not isinstance(window, bool):
@@ -233,7 +236,8 @@ class AttentionMask:
 
     @property
     def window(self):
-        """The keyword form: None, an int (left only) or a (left, right) pair with None for unbounded."""
+        """The keyword form: None, an int (left only) or a (left, right) pair with None for
+        unbounded."""
         if self.window_left < 0 and self.window_right < 0:
             return None
         if self.window_right < 0:
@@ -241,7 +245,8 @@ class AttentionMask:
         return (None if self.window_left < 0 else self.window_left, self.window_right)
 
     def to_keywords(self) -> dict:
-        """Keyword arguments of ``longtune.sparse_attention`` / the reference describing this mask."""
+        """Keyword arguments of ``longtune.sparse_attention`` / the reference describing this
+        mask."""
         kw = dict(
             causal=self.causal,
             window=self.window,

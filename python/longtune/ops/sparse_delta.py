@@ -10,8 +10,8 @@ _OP = torch.ops.longtune.sparse_delta_grad
 def sparse_delta_grad(
     grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int
 ) -> torch.Tensor:
-    """Gradient of sparse deltas at flat ``indices`` (r * in_features + c) of a linear layer's weight,
-    without forming the dense dW: ``out[k] = sum_t grad_out[t, r_k] * x[t, c_k]``.
+    """Gradient of sparse deltas at flat ``indices`` (r * in_features + c) of a linear layer's
+    weight, without forming the dense dW: ``out[k] = sum_t grad_out[t, r_k] * x[t, c_k]``.
     ``indices`` must be int64, strictly increasing, in range (checked)."""
     return _OP(grad_out, x, indices, int(in_features))
 
@@ -26,7 +26,8 @@ def sparse_adamw_(
     values, grad, exp_avg, exp_avg_sq, age, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
 ):
     """Fused in-place AdamW step over sparse deltas with a per-element step count ``age`` (int32),
-    so deltas regrown later get their own bias correction. ``exp_avg``/``exp_avg_sq`` are float32."""
+    so deltas regrown later get their own bias correction. ``exp_avg``/``exp_avg_sq`` are
+    float32."""
     torch.ops.longtune.sparse_adamw_(
         values,
         grad,

@@ -171,8 +171,8 @@ def sparse_attention(
     total_heads=None,
 ):
     """Dense reference. Batched: q (B, N_q, H_q, D), k/v (B, N_k, H_kv, D) -> out (B, N_q, H, D),
-    lse (B, H, N_q). Packed (``cu_seqlens``): q (T_q, H_q, D), k/v (T_k, H_kv, D) -> out (T_q, H, D),
-    lse (H, T_q). Computed in q's dtype (pass float64 tensors for the exact reference).
+    lse (B, H, N_q). Packed (``cu_seqlens``): q (T_q, H_q, D), k/v (T_k, H_kv, D) -> out (T_q, H,
+    D), lse (H, T_q). Computed in q's dtype (pass float64 tensors for the exact reference).
     ``head_offset`` / ``total_heads`` (None: H): the call's heads are [head_offset, head_offset + H)
     of total_heads, which decides the S^2-shifted ones."""
     if s2_mode not in S2_MODES:
@@ -262,8 +262,9 @@ def longlora_roll_attention(q, k, v, group_size: int, softmax_scale=None):
 
 
 def longlora_s2_sdpa(q, k, v, group_size: int):
-    """LongLoRA's S^2-Attn as its users run it (the benchmark baseline): roll half the heads, reshape
-    into groups, causal ``scaled_dot_product_attention`` per group, roll back. (B, N, H, D)."""
+    """LongLoRA's S^2-Attn as its users run it (the benchmark baseline): roll half the heads,
+    reshape into groups, causal ``scaled_dot_product_attention`` per group, roll back. (B, N, H,
+    D)."""
     b, n, h, d = q.shape
     g = group_size
     hh = h // 2

@@ -10,7 +10,8 @@ def sparse_delta_grad(
     in_features: int,
     compute_dtype=torch.float64,
 ) -> torch.Tensor:
-    """The dense dW = grad_out^T x gathered at the flat indices (what the official code computes)."""
+    """The dense dW = grad_out^T x gathered at the flat indices (what the official code
+    computes)."""
     g = grad_out.reshape(-1, grad_out.shape[-1]).to(compute_dtype)
     xx = x.reshape(-1, in_features).to(compute_dtype)
     return (g.T @ xx).reshape(-1)[indices].to(grad_out.dtype)

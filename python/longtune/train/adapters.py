@@ -5,9 +5,9 @@ save a LoRA): ``dir/sparse_adapter.safetensors`` holds ``<module>.indices`` (int
 indices into the module's weight) and ``<module>.values`` (the deltas, relative to the base weight
 the layer was built on) per module; ``dir/sparse_adapter_config.json`` holds the format name and
 version, the target modules, the overall density, the dtype, and per module its weight shape
-``[out, in]``, number of deltas, dtype and whether it has a bias. ``load_sparse_adapter(model, dir)``
-puts them on a base model (plain ``nn.Linear`` layers become ``SparseDeltaLinear``; already sparse
-layers get their deltas replaced), after checking every module before changing any.
+``[out, in]``, number of deltas, dtype and whether it has a bias. ``load_sparse_adapter(model,
+dir)`` puts them on a base model (plain ``nn.Linear`` layers become ``SparseDeltaLinear``; already
+sparse layers get their deltas replaced), after checking every module before changing any.
 
 ``merge_and_unload(model)`` turns a sparse / S²FT fine-tuned model into the plain model it computes:
 every ``SparseDeltaLinear`` becomes its ``nn.Linear`` holding W + Δ, every ``S2FTLinear`` its
@@ -44,8 +44,8 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 @torch.no_grad()
 def save_sparse_adapter(model: nn.Module, save_directory: str | os.PathLike) -> dict:
-    """Write the deltas of every ``SparseDeltaLinear`` in ``model`` to ``save_directory`` (created if
-    needed; see the module docstring for the format). Module names are relative to ``model``.
+    """Write the deltas of every ``SparseDeltaLinear`` in ``model`` to ``save_directory`` (created
+    if needed; see the module docstring for the format). Module names are relative to ``model``.
     Returns the configuration written."""
     from safetensors.torch import save_file
 
@@ -130,8 +130,8 @@ def _read_adapter(load_directory) -> tuple[dict, dict]:
 def load_sparse_adapter(
     model: nn.Module, load_directory: str | os.PathLike, *, trainable: bool = True
 ) -> nn.Module:
-    """Load ``save_sparse_adapter``'s deltas onto ``model`` (in place; returns it). Each target module
-    must exist and be an ``nn.Linear`` (or ``SparseDeltaLinear``) of the saved shape, else a
+    """Load ``save_sparse_adapter``'s deltas onto ``model`` (in place; returns it). Each target
+    module must exist and be an ``nn.Linear`` (or ``SparseDeltaLinear``) of the saved shape, else a
     ``ValueError`` naming it is raised before anything changes. Plain linear layers are wrapped in
     ``SparseDeltaLinear``; every other parameter is frozen as ``longtune.sparsify`` does; the deltas
     train when ``trainable``. Values are cast to each layer's weight dtype (bit-exact when the
@@ -199,8 +199,9 @@ def load_sparse_adapter(
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """In place (returns ``model``): ``SparseDeltaLinear`` -> its ``nn.Linear`` with W + Δ in the weight,
-    ``S2FTLinear`` -> its ``nn.Linear``, ``S2FTMLP`` -> the MLP it replaced with those linear layers.
+    """In place (returns ``model``): ``SparseDeltaLinear`` -> its ``nn.Linear`` with W + Δ in the
+    weight, ``S2FTLinear`` -> its ``nn.Linear``, ``S2FTMLP`` -> the MLP it replaced with those
+    linear layers.
     Outputs stay bit-identical. ``RotatedQuantLinear`` (RoSTE) has no plain equivalent: a model with
     one is refused before anything changes (use ``longtune.quant.export`` for it)."""
     quant = [n for n, m in model.named_modules() if isinstance(m, RotatedQuantLinear)]

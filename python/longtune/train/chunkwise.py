@@ -45,16 +45,18 @@ then shrinks). ``cap=None`` lifts the clipping. With ``K = N`` all factors are 1
 Scope: a batch of rows (B >= 1), padded or not: ``attention_mask`` (B, N) is the model's padding
 mask, and chunk i is run with its columns [0, e_i) -- the keys it sees -- as a cached forward is;
 the positions are ``arange(N)`` as in the whole-sequence forward without ``position_ids`` (label
-padded positions -100, as for full backprop). Models: HF causal LMs whose attention writes k/v through ``cache.update(k, v, layer_idx)``
-(Llama, Qwen2, Mistral, ..., also peft-wrapped, also ``longtune.patch(model, attention="causal")``).
+padded positions -100, as for full backprop). Models: HF causal LMs whose attention writes k/v
+through ``cache.update(k, v, layer_idx)`` (Llama, Qwen2, Mistral, ..., also peft-wrapped, also
+``longtune.patch(model, attention="causal")``).
 Dropout is replayed identically in phase 2 (the RNG state of each chunk's phase-1 forward is
-restored). S^2 attention (``longtune.patch(model, attention="s2")``) is reproduced chunk-wise exactly:
-``seco_backward`` declares the whole sequence's length (:func:`longtune.integrations.hf.sequence_length`),
-so every chunk uses the group size full backprop would use (``group_size``, or
-``group_size_ratio`` times the sequence length, never the chunk's), and a query chunk against the
-longer past KV gets exactly the full sequence's S^2 rows (groups are absolute positions, queries
-bottom-right aligned; tested). ``mode="longlora_roll"`` (its last group wraps around to the end of
-the sequence) and the inference-only Lambda-mask are refused before any compute.
+restored). S^2 attention (``longtune.patch(model, attention="s2")``) is reproduced chunk-wise
+exactly: ``seco_backward`` declares the whole sequence's length
+(:func:`longtune.integrations.hf.sequence_length`), so every chunk uses the group size full backprop
+would use (``group_size``, or ``group_size_ratio`` times the sequence length, never the chunk's),
+and a query chunk against the longer past KV gets exactly the full sequence's S^2 rows (groups are
+absolute positions, queries bottom-right aligned; tested). ``mode="longlora_roll"`` (its last group
+wraps around to the end of the sequence) and the inference-only Lambda-mask are refused before any
+compute.
 Sliding-window models keep the whole past (the mask applies the window).
 
 DDP: pass the ``DistributedDataParallel``-wrapped model. Every chunk's forward + backward in phase
@@ -106,8 +108,8 @@ class _KVStore:
         return self.k, self.v
 
     def add_grad(self, grads: dict, g: torch.Tensor, s: int) -> None:
-        """Adds the part of ``g`` (the gradient of ``buffer[..., :e]``) that belongs to relayed chunks
-        before position ``s``."""
+        """Adds the part of ``g`` (the gradient of ``buffer[..., :e]``) that belongs to relayed
+        chunks before position ``s``."""
         for j in self.relayed:
             sj, ej = self.bounds[j]
             if ej > s:
@@ -347,13 +349,13 @@ def seco_backward(
     Accumulates into ``.grad`` what ``model(input_ids, labels=labels).loss.backward()`` would
     (``budget=None``: SeCO, exact) or an estimate of it (``budget=K``: SpaCO, K of the
     ``ceil(N / chunk_size)`` chunks backpropagated, factors clipped at ``cap``; with
-    ``cap=None`` unbiased up to the multi-hop terms described above; ``generator`` seeds the sampling). Returns the detached full-sequence loss
-    (unscaled). ``num_items_in_batch``: divide the summed token losses by this instead of the
-    number of target tokens (as transformers' Trainer does over accumulation steps).
-    ``full_loss=False`` (SpaCO only): the chunks that are not sampled skip the vocabulary head in
-    phase 1 (for small models the head is a large share of the forward), and the returned loss is
-    the unbiased estimate ``N/K * sum of the sampled chunks' losses`` instead of the exact
-    full-sequence loss; the gradient is the same either way.
+    ``cap=None`` unbiased up to the multi-hop terms described above; ``generator`` seeds the
+    sampling). Returns the detached full-sequence loss (unscaled). ``num_items_in_batch``: divide
+    the summed token losses by this instead of the number of target tokens (as transformers' Trainer
+    does over accumulation steps). ``full_loss=False`` (SpaCO only): the chunks that are not sampled
+    skip the vocabulary head in phase 1 (for small models the head is a large share of the forward),
+    and the returned loss is the unbiased estimate ``N/K * sum of the sampled chunks' losses``
+    instead of the exact full-sequence loss; the gradient is the same either way.
     With ``longtune.patch(model, lm_head="fused_ce")`` every chunk's loss comes from the hidden
     states through the fused linear + cross-entropy (no chunk x vocabulary logits).
     See the module docstring for the algorithm and scope."""
@@ -502,7 +504,8 @@ def _chunkwise_backward(
     rng = []
     total = torch.zeros((), device=dev, dtype=torch.float64)
     # phase 1 stops after the last chunk whose k/v (for a sampled chunk) or loss is still wanted:
-    # SeCO's last chunk, or SpaCO's chunks after the last sampled one with full_loss=False, never run here
+    # SeCO's last chunk, or SpaCO's chunks after the last sampled one with full_loss=False, never
+    # run here
     loss_chunks = [i for i in range(n_chunks) if i not in sampled and i not in skip_loss]
     phase1_end = max(last_needed, 1 + max(loss_chunks, default=-1))
     with torch.no_grad():

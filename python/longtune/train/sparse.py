@@ -1,4 +1,5 @@
-"""Alias of ``longtune.train.sparse_delta`` (the family's module); kept so existing imports keep working."""
+"""Alias of ``longtune.train.sparse_delta`` (the family's module); kept so existing imports keep
+working."""
 
 import sys
 

@@ -66,8 +66,8 @@ def sparsify(
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW for 1-D delta tensors (SparseDeltaLinear.values) through the fused kernel.
 
-    Per-parameter state: ``exp_avg`` / ``exp_avg_sq`` (float32) and ``age`` (int32, the step count of
-    each delta, so that regrown deltas get their own bias correction). ``load_state_dict`` keeps
+    Per-parameter state: ``exp_avg`` / ``exp_avg_sq`` (float32) and ``age`` (int32, the step count
+    of each delta, so that regrown deltas get their own bias correction). ``load_state_dict`` keeps
     those dtypes (torch's default loader would cast them to the parameter's dtype); state saved
     after a prune / regrow loads into an optimizer over the re-loaded model like any other."""
 
@@ -152,8 +152,9 @@ class _GrowthStats:
 
 class _SM3Stats:
     """SpIEL-MA: SM3 accumulators (one per row, one per column of the weight) of squared gradients,
-    updated every step tile by tile (v = min(row[r], col[c]) + g^2; row = max_c v; col = max_r v); the
-    growth score of an inactive entry is min(row[r], col[c]). O(out + in) memory, dense dW never held."""
+    updated every step tile by tile (v = min(row[r], col[c]) + g^2; row = max_c v; col = max_r v);
+    the growth score of an inactive entry is min(row[r], col[c]). O(out + in) memory, dense dW never
+    held."""
 
     def __init__(self, layer: SparseDeltaLinear, tile_rows: int):
         self.layer, self.tile_rows = layer, tile_rows
@@ -202,14 +203,14 @@ class SpIELScheduler:
     """SpIEL-AG prune / regrow. Call ``step()`` after every ``optimizer.step()``.
 
     Every ``update_every`` steps, the ``window`` backward passes before the update collect growth
-    scores (accumulated |grad| of inactive candidates); the update then drops the ``p * k`` deltas of
-    smallest magnitude and grows the same number of candidates with the largest scores (new deltas
-    start at 0 with fresh optimizer state), so every layer keeps exactly k deltas.
-    ``p = drop_fraction`` decays to 0 over ``total_steps`` (cosine or linear; constant without
-    ``total_steps``). ``growth="ma"`` (SpIEL-MA) scores growth with SM3 accumulators updated at every step instead.
-    ``state_dict()`` / ``load_state_dict()`` also carry the growth statistics of an open window and
-    the SM3 accumulators: a run resumed from the model's, the optimizer's and this state continues
-    exactly like an uninterrupted one.
+    scores (accumulated |grad| of inactive candidates); the update then drops the ``p * k`` deltas
+    of smallest magnitude and grows the same number of candidates with the largest scores (new
+    deltas start at 0 with fresh optimizer state), so every layer keeps exactly k deltas. ``p =
+    drop_fraction`` decays to 0 over ``total_steps`` (cosine or linear; constant without
+    ``total_steps``). ``growth="ma"`` (SpIEL-MA) scores growth with SM3 accumulators updated at
+    every step instead. ``state_dict()`` / ``load_state_dict()`` also carry the growth statistics of
+    an open window and the SM3 accumulators: a run resumed from the model's, the optimizer's and
+    this state continues exactly like an uninterrupted one.
     """
 
     def __init__(
@@ -312,7 +313,8 @@ class SpIELScheduler:
     def state_dict(self) -> dict:
         """The step counter, the options, and the growth statistics collected so far: per layer (in
         ``self.layers`` order) the candidates / accumulated scores / candidate budget of an open
-        SpIEL-AG window (None outside a window), or the SM3 row / column accumulators (``growth="ma"``).
+        SpIEL-AG window (None outside a window), or the SM3 row / column accumulators
+        (``growth="ma"``).
         Tensors are copies; the dict is torch.save-able."""
         st = {
             "step_count": self.step_count,

@@ -1,6 +1,7 @@
 """The sparse-attention CUDA kernels' device code (forward and backward), run on the CPU emulator,
 against the float64 reference (error <= 2x the PyTorch reference's in the same dtype)."""
 import math
+import re
 
 import pytest
 import torch
@@ -34,10 +35,18 @@ def test_rejects_float32():
         BWD(q, q, q, q, q, torch.zeros(1, 1, 8), *_args())
 
 
-def test_rejects_head_dim_72():
-    q = torch.randn(1, 8, 1, 72, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match=r"head_dim must be one of 64, 80, 96, 128 on this device, got 72"):
-        FWD(q, q, q, *_args(72))
+def test_head_dim_list():
+    assert C.HEAD_DIMS == (32, 64, 80, 96, 128, 160, 192, 256)
+
+
+@pytest.mark.parametrize("d", [16, 48, 72, 512])
+def test_rejects_unsupported_head_dim(d):
+    # refused with the list (never computed with another head dim's kernel), forward and backward
+    q = torch.randn(1, 8, 1, d, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=re.escape(C.BAD_HEAD_DIM_MSG + f", got {d}")):
+        FWD(q, q, q, *_args(d))
+    with pytest.raises(RuntimeError, match=re.escape(C.BAD_HEAD_DIM_MSG + f", got {d}")):
+        BWD(q, q, q, q, q, torch.zeros(1, 1, 8), *_args(d))
 
 
 def test_shared_checks_name_the_argument():

@@ -17,16 +17,17 @@ void launch_bwd_emu(const AttnParams& s) {
     const AKParams<T> k = make_akparams<T>(s);
     const std::string sfx = "<D=" + std::to_string(D) + ">";
     const simt::Dim3 block{kThreads, 1, 1};
-    const simt::Dim3 grid{static_cast<uint32_t>((s.nk + kBK - 1) / kBK), static_cast<uint32_t>(s.hm.hkv),
-                          static_cast<uint32_t>(s.batch)};
+    using Sh = AttnShape<D>;
+    const simt::Dim3 grid{static_cast<uint32_t>((s.nk + Sh::kBwdBK - 1) / Sh::kBwdBK),
+                          static_cast<uint32_t>(s.hm.hkv), static_cast<uint32_t>(s.batch)};
     try {
       emu::launch(("attn_dsum" + sfx).c_str(), flat(s.total_q * s.hm.heads), block, 0,
                   [&k] { attn_dsum_body<T, D>(k); });
       if (s.softcap > 0.f)
-        emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
+        emu::launch(("attn_bwd" + sfx).c_str(), grid, simt::Dim3{Sh::kBwdThreads, 1, 1}, Sh::kBwdSmem,
                     [&k] { attn_bwd_body<T, D, true>(k); });
       else
-        emu::launch(("attn_bwd" + sfx).c_str(), grid, block, attn_bwd_smem_bytes(D),
+        emu::launch(("attn_bwd" + sfx).c_str(), grid, simt::Dim3{Sh::kBwdThreads, 1, 1}, Sh::kBwdSmem,
                     [&k] { attn_bwd_body<T, D, false>(k); });
       emu::launch(("attn_dq_convert" + sfx).c_str(), flat(s.total_q * s.hm.hq * D / 8), block, 0,
                   [&k] { attn_dq_convert_body<T, D>(k); });

@@ -22,10 +22,10 @@ inline void check_device_dtype(const char* op, const at::Tensor& q) {
 }
 
 inline void check_device_args(const char* op, const AttnArgs& a) {
-  LT_CHECK(op, attn_head_dim_ok(a.d), "head_dim must be one of 64, 80, 96, 128 on this device, got ", a.d);
+  LT_CHECK(op, attn_head_dim_ok(a.d), "head_dim must be one of ", attn_head_dims_str(), " on this device, got ", a.d);
   LT_CHECK(op, a.batch <= 65535, "the batch (number of sequences) must be <= 65535 on this device, got ", a.batch);
   LT_CHECK(op, a.heads <= 65535, "the number of heads must be <= 65535 on this device, got ", a.heads);
-  const int64_t tiles = (std::max(a.nq, a.nk) + kBQ - 1) / kBQ;
+  const int64_t tiles = (std::max(a.nq, a.nk) + kAttnMinTile - 1) / kAttnMinTile;
   LT_CHECK(op, tiles <= std::numeric_limits<int32_t>::max(), "the sequence is too long for this device's grid (",
            std::max(a.nq, a.nk), " rows)");
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/attn_mask.h"
+#include "cuda/attention/attn_head_dims.h"
 
 namespace lt::attn {
 
@@ -54,19 +55,9 @@ struct AttnParams {
   DType dtype = DType::F16;
 };
 
-// Tile shape shared by the launchers and the kernel bodies: 4 warps, 16 query rows (forward) or
-// 16 key rows (backward) per warp; shared-memory rows padded by 8 elements (16 bytes) so the 8 row
-// addresses of one ldmatrix hit distinct banks.
-constexpr int kBQ = 64, kBK = 64, kThreads = 128;
-constexpr size_t attn_smem_row(int32_t d) { return static_cast<size_t>(d) + 8; }
-// forward: Q tile + double-buffered K and V tiles
-constexpr size_t attn_fwd_smem_bytes(int32_t d) { return (kBQ + 4 * kBK) * attn_smem_row(d) * 2; }
-// backward: K, V tiles, double-buffered Q, dO tiles, dS^T (kBK x (kBQ + 8)), double-buffered lse
-// and Dsum of the query tile
-constexpr size_t attn_bwd_smem_bytes(int32_t d) {
-  return (2 * kBK + 4 * kBQ) * attn_smem_row(d) * 2 + kBK * (kBQ + 8) * 2 + 4 * kBQ * sizeof(float);
-}
-constexpr bool attn_head_dim_ok(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128; }
+// Threads per block of the flat (one thread per element) kernels: Dsum and the dq conversion. The
+// tile shapes of the attention kernels are per head dim (attn_head_dims.h).
+constexpr int kThreads = 128;
 
 // nvcc launchers (csrc/cuda/attention/*.cu): nullptr on success, else the CUDA error string.
 const char* launch_attn_fwd_cuda(const AttnParams& p, void* stream);

@@ -64,9 +64,11 @@ const char* launch_attn_bwd_d(const AttnParams& s, void* stream) {
     const AKParams<T> p = make_akparams<T>(s);
     attn_dsum_kernel<T, D><<<flat_grid(s.total_q * s.hm.heads), kThreads, 0, st>>>(p);
     if ((err = cudaGetLastError()) != cudaSuccess) return;
-    auto* kernel = AttnShape<D>::kBwdOneBlockPerSm
-                       ? (s.softcap > 0.f ? &attn_bwd_kernel_1<T, D, true> : &attn_bwd_kernel_1<T, D, false>)
-                       : (s.softcap > 0.f ? &attn_bwd_kernel<T, D, true> : &attn_bwd_kernel<T, D, false>);
+    void (*kernel)(AKParams<T>);
+    if constexpr (AttnShape<D>::kBwdOneBlockPerSm)
+      kernel = s.softcap > 0.f ? &attn_bwd_kernel_1<T, D, true> : &attn_bwd_kernel_1<T, D, false>;
+    else
+      kernel = s.softcap > 0.f ? &attn_bwd_kernel<T, D, true> : &attn_bwd_kernel<T, D, false>;
     const size_t smem = AttnShape<D>::kBwdSmem;
     if ((err = set_smem(kernel, smem)) != cudaSuccess) return;
     kernel<<<attn_grid(s.nk, s, s.hm.hkv, AttnShape<D>::kBwdBK), AttnShape<D>::kBwdThreads, smem, st>>>(p);

@@ -93,7 +93,8 @@ struct AttnShape : AttnTraits<D> {
   // backward: K, V tiles, double-buffered Q, dO tiles, dS^T (kBwdBK x (kBwdBQ + 8)), double-buffered
   // lse and Dsum of the query tile
   static constexpr size_t kBwdSmem = static_cast<size_t>(2 * kBwdBK + 4 * Tr::kBwdBQ) * kRow * 2 +
-                                     static_cast<size_t>(kBwdBK) * (Tr::kBwdBQ + 8) * 2 + 4 * Tr::kBwdBQ * sizeof(float);
+                                     static_cast<size_t>(kBwdBK) * (Tr::kBwdBQ + 8) * 2 +
+                                     4 * Tr::kBwdBQ * sizeof(float);
   static_assert(D % 16 == 0, "head_dim: a multiple of 16");
   static_assert(Tr::kFwdBK % 32 == 0 && Tr::kBwdBQ % 16 == 0, "tile rows");
   static_assert((D / 8 / Tr::kBwdColSplit) % 2 == 0, "dK / dV column split: pairs of 8-column blocks per warp");

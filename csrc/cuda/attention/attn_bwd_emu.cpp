@@ -12,7 +12,7 @@ namespace {
 
 simt::Dim3 flat(int64_t n) { return simt::Dim3{static_cast<uint32_t>((n + kThreads - 1) / kThreads), 1, 1}; }
 
-void launch_bwd_emu(const AttnParams& s) {
+void launch_bwd_emu(const AttnBwdParams& s) {
   attn_dispatch(s, [&]<class T, int D>() {
     const AKParams<T> k = make_akparams<T>(s);
     const std::string sfx = "<D=" + std::to_string(D) + ">";

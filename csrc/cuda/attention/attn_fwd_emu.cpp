@@ -10,7 +10,7 @@
 namespace lt::attn {
 namespace {
 
-void launch_fwd_emu(const AttnParams& s) {
+void launch_fwd_emu(const AttnFwdParams& s) {
   attn_dispatch(s, [&]<class T, int D>() {
     const AKParams<T> k = make_akparams<T>(s);
     const std::string name = "attn_fwd<D=" + std::to_string(D) + ">";

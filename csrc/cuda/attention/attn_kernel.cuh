@@ -34,11 +34,11 @@ struct AKParams {
   simt::gptr<float> lse, dq_acc, dsum;
   simt::gptr<const int64_t> cu_q, cu_k;
   simt::gptr<const uint8_t> kpm;
-  AttnParams s;  // sizes, strides, mask, head map, scale
+  AttnBwdParams s;  // sizes, strides, mask, head map, scale (the forward leaves the backward part empty)
 };
 
 template <class T>
-AKParams<T> make_akparams(const AttnParams& s) {
+AKParams<T> make_akparams(const AttnBwdParams& s) {
   AKParams<T> p;
   p.s = s;
   p.q = simt::make_gptr(static_cast<const T*>(s.q), s.q_span, "q");
@@ -57,6 +57,12 @@ AKParams<T> make_akparams(const AttnParams& s) {
   p.cu_k = simt::make_gptr(s.cu_k, s.cu_k ? s.batch + 1 : 0, "cu_seqlens_k");
   p.kpm = simt::make_gptr(s.kpm, s.kpm_span, "key_padding_mask");
   return p;
+}
+template <class T>
+AKParams<T> make_akparams(const AttnFwdParams& f) {
+  AttnBwdParams s;
+  static_cast<AttnFwdParams&>(s) = f;
+  return make_akparams<T>(s);
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -156,13 +162,14 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   constexpr int RP = q_regs ? R : kBK + 8;
   simt::sptr<T> sP = q_regs ? sQ : sV + 2 * kBK * R;
 
-  const simt::gptr<const T> qbase = p.q + (b * p.s.q_sb + (sq.q0 + i0) * p.s.q_st + qh * p.s.q_sh);
-  const simt::gptr<const T> kbase = p.k + (b * p.s.k_sb + sq.k0 * p.s.k_st + kh * p.s.k_sh);
-  const simt::gptr<const T> vbase = p.v + (b * p.s.v_sb + sq.k0 * p.s.v_st + kh * p.s.v_sh);
+  const simt::gptr<const T> qbase =
+      p.q + (b * p.s.q_batch_stride + (sq.q0 + i0) * p.s.q_row_stride + qh * p.s.q_head_stride);
+  const simt::gptr<const T> kbase = p.k + (b * p.s.k_batch_stride + sq.k0 * p.s.k_row_stride + kh * p.s.k_head_stride);
+  const simt::gptr<const T> vbase = p.v + (b * p.s.v_batch_stride + sq.k0 * p.s.v_row_stride + kh * p.s.v_head_stride);
   auto load_kv = [&](int64_t kt, int buf) {
     const int64_t j0 = kt * kBK;
-    load_rows<T, D, R, NT>(sK + buf * kBK * R, kbase + j0 * p.s.k_st, p.s.k_st, kBK, sq.nk - j0);
-    load_rows<T, D, R, NT>(sV + buf * kBK * R, vbase + j0 * p.s.v_st, p.s.v_st, kBK, sq.nk - j0);
+    load_rows<T, D, R, NT>(sK + buf * kBK * R, kbase + j0 * p.s.k_row_stride, p.s.k_row_stride, kBK, sq.nk - j0);
+    load_rows<T, D, R, NT>(sV + buf * kBK * R, vbase + j0 * p.s.v_row_stride, p.s.v_row_stride, kBK, sq.nk - j0);
   };
 
   // this thread's rows: w*16 + g and + 8
@@ -178,7 +185,7 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   if (nt > 0) {
-    load_rows<T, D, R, NT>(sQ, qbase, p.s.q_st, kBQ, sq.nq - i0);
+    load_rows<T, D, R, NT>(sQ, qbase, p.s.q_row_stride, kBQ, sq.nq - i0);
     load_kv(tile_at(tiles, 0), 0);
     simt::cp_async_commit();
   }
@@ -326,13 +333,15 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     const bool empty = lt == 0.f;  // no visible key: output 0, lse -inf (a NaN row has lt NaN)
     const float inv = empty ? 0.f : 1.f / lt;
     const int64_t row = sq.q0 + qi[r];
-    const simt::gptr<T> orow = p.out + (b * p.s.o_sb + row * p.s.o_st + int64_t(e) * p.s.o_sh);
+    const simt::gptr<T> orow =
+        p.out + (b * p.s.o_batch_stride + row * p.s.o_row_stride + int64_t(e) * p.s.o_head_stride);
     LT_UNROLL for (int db = 0; db < DB; ++db) {
       const T pair[2] = {simt::from_float<T>(o[db][2 * r] * inv), simt::from_float<T>(o[db][2 * r + 1] * inv)};
       simt::st_vec<2>(orow, db * 8 + 2 * c4, pair);
     }
     if (c4 == 0) {
-      p.lse[b * p.s.l_sb + int64_t(e) * p.s.l_sh + row] = empty ? -INFINITY : mx[r] * kLn2 + ::logf(lt);
+      p.lse[b * p.s.lse_batch_stride + int64_t(e) * p.s.lse_head_stride + row] =
+          empty ? -INFINITY : mx[r] * kLn2 + ::logf(lt);
     }
   }
 }
@@ -346,8 +355,8 @@ LT_DEV void attn_dsum_body(const AKParams<T>& p) {
   const int64_t rows_per_b = p.s.cu_q != nullptr ? p.s.total_q : p.s.nq;
   if (idx >= p.s.total_q * H) return;
   const int64_t t = idx / H, e = idx % H, b = t / rows_per_b, i = t % rows_per_b;
-  const simt::gptr<const T> o = p.out_c + (b * p.s.o_sb + i * p.s.o_st + e * p.s.o_sh);
-  const simt::gptr<const T> go = p.dout + (b * p.s.do_sb + i * p.s.do_st + e * p.s.do_sh);
+  const simt::gptr<const T> o = p.out_c + (b * p.s.o_batch_stride + i * p.s.o_row_stride + e * p.s.o_head_stride);
+  const simt::gptr<const T> go = p.dout + (b * p.s.do_batch_stride + i * p.s.do_row_stride + e * p.s.do_head_stride);
   float acc = 0.f;
   LT_UNROLL for (int d0 = 0; d0 < D; d0 += 8) {
     T ov[8], gv[8];
@@ -355,7 +364,7 @@ LT_DEV void attn_dsum_body(const AKParams<T>& p) {
     simt::ld_vec<8>(go, d0, gv);
     LT_UNROLL for (int t2 = 0; t2 < 8; ++t2) acc += simt::to_float(ov[t2]) * simt::to_float(gv[t2]);
   }
-  p.dsum[b * p.s.l_sb + e * p.s.l_sh + i] = acc;
+  p.dsum[b * p.s.lse_batch_stride + e * p.s.lse_head_stride + i] = acc;
 }
 
 // dq = dq_acc * scale in dq's dtype (both contiguous, total_q * hq * D elements).
@@ -407,8 +416,10 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   simt::sptr<float> sLb = simt::sptr<float>(reinterpret_cast<float*>(simt::raw(sS + kBK * RS)));  // 2 x kBQ
   simt::sptr<float> sDb = sLb + 2 * kBQ;                                                          // 2 x kBQ
 
-  load_rows<T, D, R, NT>(sK, p.k + (b * p.s.k_sb + (sq.k0 + j0) * p.s.k_st + h * p.s.k_sh), p.s.k_st, kBK, sq.nk - j0);
-  load_rows<T, D, R, NT>(sV, p.v + (b * p.s.v_sb + (sq.k0 + j0) * p.s.v_st + h * p.s.v_sh), p.s.v_st, kBK, sq.nk - j0);
+  load_rows<T, D, R, NT>(sK, p.k + (b * p.s.k_batch_stride + (sq.k0 + j0) * p.s.k_row_stride + h * p.s.k_head_stride),
+                         p.s.k_row_stride, kBK, sq.nk - j0);
+  load_rows<T, D, R, NT>(sV, p.v + (b * p.s.v_batch_stride + (sq.k0 + j0) * p.s.v_row_stride + h * p.s.v_head_stride),
+                         p.s.v_row_stride, kBK, sq.nk - j0);
   simt::cp_async_commit();
 
   // this thread's key rows (of S^T): wr*16 + g and + 8
@@ -442,14 +453,16 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   auto prefetch = [&](const Cursor& cur, int buf) {
     const int32_t e = e_first + cur.mem, qh = hm.q_head(e);
     const int64_t i0 = tile_at(cur.tiles, cur.it) * kBQ;
-    load_rows<T, D, R, NT>(sQb + buf * kBQ * R, p.q + (b * p.s.q_sb + (sq.q0 + i0) * p.s.q_st + qh * p.s.q_sh), p.s.q_st,
-                       kBQ, sq.nq - i0);
+    load_rows<T, D, R, NT>(sQb + buf * kBQ * R,
+                           p.q + (b * p.s.q_batch_stride + (sq.q0 + i0) * p.s.q_row_stride + qh * p.s.q_head_stride),
+                           p.s.q_row_stride, kBQ, sq.nq - i0);
     load_rows<T, D, R, NT>(sOb + buf * kBQ * R,
-                       p.dout + (b * p.s.do_sb + (sq.q0 + i0) * p.s.do_st + int64_t(e) * p.s.do_sh), p.s.do_st, kBQ,
-                       sq.nq - i0);
+                           p.dout + (b * p.s.do_batch_stride + (sq.q0 + i0) * p.s.do_row_stride +
+                                     int64_t(e) * p.s.do_head_stride),
+                           p.s.do_row_stride, kBQ, sq.nq - i0);
     simt::cp_async_commit();
     for (int t = static_cast<int>(tid); t < kBQ; t += NT) {
-      const int64_t i = i0 + t, l = b * p.s.l_sb + int64_t(e) * p.s.l_sh + sq.q0 + i;
+      const int64_t i = i0 + t, l = b * p.s.lse_batch_stride + int64_t(e) * p.s.lse_head_stride + sq.q0 + i;
       sLb[buf * kBQ + t] = i < sq.nq ? p.lse[l] : 0.f;
       sDb[buf * kBQ + t] = i < sq.nq ? p.dsum[l] : 0.f;
     }
@@ -553,7 +566,8 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
           simt::ldmatrix_x4<true>(sa[ks], sS + ((ks * 16 + (mi / 2) * 8 + lane % 8) * RS + qg * 16 + (mi % 2) * 8));
         }
         const int64_t iq0 = i0 + qg * 16 + g;
-        const simt::gptr<float> drow = p.dq_acc + (b * p.s.g_sb + (sq.q0 + iq0) * p.s.g_st + qh * p.s.g_sh);
+        const simt::gptr<float> drow =
+            p.dq_acc + (b * p.s.dq_batch_stride + (sq.q0 + iq0) * p.s.dq_row_stride + qh * p.s.dq_head_stride);
         LT_UNROLL for (int nc = 0; nc < NC; ++nc) {
           const int db2 = QW == 1 ? nc : nc * QW + static_cast<int>(w / QG);
           if (QW > 1 && db2 >= DB / 2) continue;
@@ -567,7 +581,7 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
           LT_UNROLL for (int r = 0; r < 2; ++r) {
             if (iq0 + 8 * r >= sq.nq) continue;
             LT_UNROLL for (int h2 = 0; h2 < 2; ++h2) {
-              const int64_t col = 8 * r * p.s.g_st + db2 * 16 + h2 * 8 + 2 * c4;
+              const int64_t col = 8 * r * p.s.dq_row_stride + db2 * 16 + h2 * 8 + 2 * c4;
               simt::atomic_add(drow + col, acc[h2][2 * r]);
               simt::atomic_add(drow + (col + 1), acc[h2][2 * r + 1]);
             }
@@ -581,7 +595,7 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   simt::cp_async_wait<0>();  // (no tile at all: the K/V copies are still pending)
   LT_UNROLL for (int r = 0; r < 2; ++r) {
     if (kj[r] >= sq.nk) continue;
-    const int64_t row = (b * p.s.gk_sb + (sq.k0 + kj[r]) * p.s.gk_st + h * p.s.gk_sh);
+    const int64_t row = (b * p.s.dk_batch_stride + (sq.k0 + kj[r]) * p.s.dk_row_stride + h * p.s.dk_head_stride);
     LT_UNROLL for (int db = 0; db < DBW; ++db) {
       const T kp[2] = {simt::from_float<T>(dk[db][2 * r] * p.s.scale), simt::from_float<T>(dk[db][2 * r + 1] * p.s.scale)};
       const T vp[2] = {simt::from_float<T>(dv[db][2 * r]), simt::from_float<T>(dv[db][2 * r + 1])};
@@ -594,7 +608,7 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
 // Calls f.template operator()<T, D>() for the params' dtype and head dim; a head dim outside
 // LT_ATTN_HEAD_DIMS (refused by the host checks before) throws std::invalid_argument naming it.
 template <class F>
-void attn_dispatch(const AttnParams& s, F&& f) {
+void attn_dispatch(const AttnFwdParams& s, F&& f) {
   auto by_d = [&]<class T>() {
     const bool ok = attn_head_dim_switch(s.d, [&]<int D>() { f.template operator()<T, D>(); });
     if (!ok)

@@ -12,13 +12,13 @@ const char* unsupported_head_dim() {
 }
 }  // namespace
 
-const char* launch_attn_fwd_cuda(const AttnParams& s, void* stream) {
+const char* launch_attn_fwd_cuda(const AttnFwdParams& s, void* stream) {
   const char* err = unsupported_head_dim();
   attn_head_dim_switch(s.d, [&]<int D>() { err = launch_attn_fwd_d<D>(s, stream); });
   return err;
 }
 
-const char* launch_attn_bwd_cuda(const AttnParams& s, void* stream) {
+const char* launch_attn_bwd_cuda(const AttnBwdParams& s, void* stream) {
   const char* err = unsupported_head_dim();
   attn_head_dim_switch(s.d, [&]<int D>() { err = launch_attn_bwd_d<D>(s, stream); });
   return err;

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(AttnShape<D>::kBwdThreads, 1) attn_bwd_kernel_
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attn_dq_convert_kernel(AKParams<T> p) { attn_dq_convert_body<T, D>(p); }
 
-inline dim3 attn_grid(int64_t tiles_len, const AttnParams& s, int32_t heads, int64_t tile) {
+inline dim3 attn_grid(int64_t tiles_len, const AttnFwdParams& s, int32_t heads, int64_t tile) {
   return dim3(static_cast<unsigned>((tiles_len + tile - 1) / tile), static_cast<unsigned>(heads),
               static_cast<unsigned>(s.batch));
 }
@@ -40,7 +40,7 @@ cudaError_t set_smem(K* kernel, size_t smem) {
 }
 
 template <int D>
-const char* launch_attn_fwd_d(const AttnParams& s, void* stream) {
+const char* launch_attn_fwd_d(const AttnFwdParams& s, void* stream) {
   cudaError_t err = cudaSuccess;
   auto run = [&]<class T>() {
     auto* kernel = s.softcap > 0.f ? &attn_fwd_kernel<T, D, true> : &attn_fwd_kernel<T, D, false>;
@@ -57,7 +57,7 @@ const char* launch_attn_fwd_d(const AttnParams& s, void* stream) {
 }
 
 template <int D>
-const char* launch_attn_bwd_d(const AttnParams& s, void* stream) {
+const char* launch_attn_bwd_d(const AttnBwdParams& s, void* stream) {
   cudaError_t err = cudaSuccess;
   auto run = [&]<class T>() {
     const auto st = static_cast<cudaStream_t>(stream);
@@ -82,8 +82,8 @@ const char* launch_attn_bwd_d(const AttnParams& s, void* stream) {
 }
 
 #define LT_ATTN_EXTERN(D)                                                  \
-  extern template const char* launch_attn_fwd_d<D>(const AttnParams&, void*); \
-  extern template const char* launch_attn_bwd_d<D>(const AttnParams&, void*);
+  extern template const char* launch_attn_fwd_d<D>(const AttnFwdParams&, void*); \
+  extern template const char* launch_attn_bwd_d<D>(const AttnBwdParams&, void*);
 LT_ATTN_HEAD_DIMS(LT_ATTN_EXTERN)
 #undef LT_ATTN_EXTERN
 

@@ -44,7 +44,9 @@ bool attn_head_dim_switch(int64_t d, F&& f) {
 // Tile shape per head dim (as flash-attention chooses per head dim).
 //  forward:  kFwdWarps warps of 16 query rows (kFwdBQ rows per block), key tiles of kFwdBK rows;
 //            kFwdQInRegs: the Q fragments stay in registers for the whole key loop (else they are
-//            re-read from shared memory per key tile, which frees D / 4 registers).
+//            re-read from shared memory per key tile, which frees D / 4 registers);
+//            kFwdOneBlockPerSm: the kernel declares 1 block per SM as its minimum (ptxas may then
+//            use all 255 registers per thread instead of aiming at fewer and spilling).
 //  backward: kBwdRowWarps warps of 16 key rows (kBwdBK rows per block), each row group's dK / dV
 //            columns split across kBwdColSplit warps; query tiles of kBwdBQ rows;
 //            kBwdOneBlockPerSm: the kernel declares 1 block per SM as its minimum (all 255
@@ -52,28 +54,35 @@ bool attn_head_dim_switch(int64_t d, F&& f) {
 template <int D>
 struct AttnTraits {
   static constexpr int kFwdWarps = 4, kFwdBK = 64;
-  static constexpr bool kFwdQInRegs = true;
+  static constexpr bool kFwdQInRegs = true, kFwdOneBlockPerSm = false;
   static constexpr int kBwdRowWarps = 4, kBwdColSplit = 1, kBwdBQ = 64;
   static constexpr bool kBwdOneBlockPerSm = false;
 };
 template <>
+struct AttnTraits<32> {
+  static constexpr int kFwdWarps = 4, kFwdBK = 64;
+  static constexpr bool kFwdQInRegs = true, kFwdOneBlockPerSm = true;
+  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 1, kBwdBQ = 64;
+  static constexpr bool kBwdOneBlockPerSm = true;
+};
+template <>
 struct AttnTraits<160> {
   static constexpr int kFwdWarps = 4, kFwdBK = 64;
-  static constexpr bool kFwdQInRegs = true;
-  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 64;
+  static constexpr bool kFwdQInRegs = true, kFwdOneBlockPerSm = false;
+  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 32;
   static constexpr bool kBwdOneBlockPerSm = true;
 };
 template <>
 struct AttnTraits<192> {
   static constexpr int kFwdWarps = 4, kFwdBK = 64;
-  static constexpr bool kFwdQInRegs = true;
+  static constexpr bool kFwdQInRegs = false, kFwdOneBlockPerSm = false;
   static constexpr int kBwdRowWarps = 2, kBwdColSplit = 2, kBwdBQ = 64;
   static constexpr bool kBwdOneBlockPerSm = false;
 };
 template <>
 struct AttnTraits<256> {
   static constexpr int kFwdWarps = 4, kFwdBK = 32;
-  static constexpr bool kFwdQInRegs = false;
+  static constexpr bool kFwdQInRegs = false, kFwdOneBlockPerSm = false;
   static constexpr int kBwdRowWarps = 2, kBwdColSplit = 4, kBwdBQ = 32;
   static constexpr bool kBwdOneBlockPerSm = true;
 };

@@ -461,10 +461,11 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
                                      int64_t(e) * p.s.do_head_stride),
                            p.s.do_row_stride, kBQ, sq.nq - i0);
     simt::cp_async_commit();
-    for (int t = static_cast<int>(tid); t < kBQ; t += NT) {
-      const int64_t i = i0 + t, l = b * p.s.lse_batch_stride + int64_t(e) * p.s.lse_head_stride + sq.q0 + i;
-      sLb[buf * kBQ + t] = i < sq.nq ? p.lse[l] : 0.f;
-      sDb[buf * kBQ + t] = i < sq.nq ? p.dsum[l] : 0.f;
+    static_assert(NT >= kBQ, "one lse / Dsum entry per thread");
+    if (tid < kBQ) {
+      const int64_t i = i0 + tid, l = b * p.s.lse_batch_stride + int64_t(e) * p.s.lse_head_stride + sq.q0 + i;
+      sLb[buf * kBQ + tid] = i < sq.nq ? p.lse[l] : 0.f;
+      sDb[buf * kBQ + tid] = i < sq.nq ? p.dsum[l] : 0.f;
     }
   };
   Cursor cur{-1, 0, 0, Ranges{}};

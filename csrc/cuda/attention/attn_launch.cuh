@@ -12,14 +12,18 @@ template <class T, int D, bool Cap>
 __global__ void __launch_bounds__(AttnShape<D>::kFwdThreads) attn_fwd_kernel(AKParams<T> p) {
   attn_fwd_body<T, D, Cap>(p);
 }
+// k{Fwd,Bwd}OneBlockPerSm: declares 1 block per SM as the minimum, so that ptxas may use up to 255
+// registers per thread (otherwise it may aim at fewer, for occupancy, and spill)
+template <class T, int D, bool Cap>
+__global__ void __launch_bounds__(AttnShape<D>::kFwdThreads, 1) attn_fwd_kernel_1(AKParams<T> p) {
+  attn_fwd_body<T, D, Cap>(p);
+}
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attn_dsum_kernel(AKParams<T> p) { attn_dsum_body<T, D>(p); }
 template <class T, int D, bool Cap>
 __global__ void __launch_bounds__(AttnShape<D>::kBwdThreads) attn_bwd_kernel(AKParams<T> p) {
   attn_bwd_body<T, D, Cap>(p);
 }
-// kBwdOneBlockPerSm: declares 1 block per SM as the minimum, so that ptxas may use up to 255
-// registers per thread (for 256 threads it otherwise aims at 128 and spills)
 template <class T, int D, bool Cap>
 __global__ void __launch_bounds__(AttnShape<D>::kBwdThreads, 1) attn_bwd_kernel_1(AKParams<T> p) {
   attn_bwd_body<T, D, Cap>(p);
@@ -43,7 +47,11 @@ template <int D>
 const char* launch_attn_fwd_d(const AttnFwdParams& s, void* stream) {
   cudaError_t err = cudaSuccess;
   auto run = [&]<class T>() {
-    auto* kernel = s.softcap > 0.f ? &attn_fwd_kernel<T, D, true> : &attn_fwd_kernel<T, D, false>;
+    void (*kernel)(AKParams<T>);
+    if constexpr (AttnShape<D>::kFwdOneBlockPerSm)
+      kernel = s.softcap > 0.f ? &attn_fwd_kernel_1<T, D, true> : &attn_fwd_kernel_1<T, D, false>;
+    else
+      kernel = s.softcap > 0.f ? &attn_fwd_kernel<T, D, true> : &attn_fwd_kernel<T, D, false>;
     const size_t smem = AttnShape<D>::kFwdSmem;
     if ((err = set_smem(kernel, smem)) != cudaSuccess) return;
     kernel<<<attn_grid(s.nq, s, s.hm.heads, AttnShape<D>::kFwdBQ), AttnShape<D>::kFwdThreads, smem,

@@ -95,10 +95,12 @@ struct AttnShape : AttnTraits<D> {
   static constexpr int kFwdBQ = 16 * Tr::kFwdWarps, kFwdThreads = 32 * Tr::kFwdWarps;
   static constexpr int kBwdBK = 16 * Tr::kBwdRowWarps, kBwdThreads = 32 * Tr::kBwdRowWarps * Tr::kBwdColSplit;
   static constexpr int kRow = D + 8;
-  // forward: Q tile + double-buffered K and V tiles (+ a P tile when Q is not kept in registers,
-  // else P reuses the Q rows)
+  // the forward's slow path stages P (kFwdBQ x kFwdBK) in the Q rows when Q is in registers and
+  // a Q row holds a P row, else in a tile of its own
+  static constexpr bool kFwdPInQ = Tr::kFwdQInRegs && kRow >= Tr::kFwdBK;
+  // forward: Q tile + double-buffered K and V tiles (+ the P tile)
   static constexpr size_t kFwdSmem =
-      (static_cast<size_t>(kFwdBQ + 4 * Tr::kFwdBK) * kRow + (Tr::kFwdQInRegs ? 0 : kFwdBQ * (Tr::kFwdBK + 8))) * 2;
+      (static_cast<size_t>(kFwdBQ + 4 * Tr::kFwdBK) * kRow + (kFwdPInQ ? 0 : kFwdBQ * (Tr::kFwdBK + 8))) * 2;
   // backward: K, V tiles, double-buffered Q, dO tiles, dS^T (kBwdBK x (kBwdBQ + 8)), double-buffered
   // lse and Dsum of the query tile
   static constexpr size_t kBwdSmem = static_cast<size_t>(2 * kBwdBK + 4 * Tr::kBwdBQ) * kRow * 2 +

@@ -157,10 +157,10 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   simt::sptr<T> sQ = simt::dynamic_smem<T>();
   simt::sptr<T> sK = sQ + kBQ * R;        // 2 buffers of kBK * R
   simt::sptr<T> sV = sK + 2 * kBK * R;    // 2 buffers
-  // P of the slow path below: the warp's own rows of sQ when the Q fragments are in registers, else
-  // a tile of its own (kBQ x (kBK + 8))
-  constexpr int RP = q_regs ? R : kBK + 8;
-  simt::sptr<T> sP = q_regs ? sQ : sV + 2 * kBK * R;
+  // P of the slow path below: the warp's own rows of sQ when the Q fragments are in registers and
+  // a Q row holds kBK elements, else a tile of its own (kBQ x (kBK + 8))
+  constexpr int RP = Sh::kFwdPInQ ? R : kBK + 8;
+  simt::sptr<T> sP = Sh::kFwdPInQ ? sQ : sV + 2 * kBK * R;
 
   const simt::gptr<const T> qbase =
       p.q + (b * p.s.q_batch_stride + (sq.q0 + i0) * p.s.q_row_stride + qh * p.s.q_head_stride);
@@ -230,11 +230,10 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     bool partial = false;  // some row of this warp does not see some key of the tile
     bool kpm_tile = true;  // no padded key in the tile
     if (has_kpm) {
-      bool keep = true;
-      LT_UNROLL for (int u = 0; u < kBK / 32; ++u) {
-        const int64_t j = j0 + lane + 32 * u;
-        keep = keep && (j >= sq.nk || p.kpm[b * p.s.nk + j] != 0);
-      }
+      static_assert(kBK == 32 || kBK == 64, "key tile: one or two keys per lane");
+      const int64_t ja = j0 + lane, jb = j0 + lane + 32;
+      const bool keep = (ja >= sq.nk || p.kpm[b * p.s.nk + ja] != 0) &&
+                        (kBK < 64 || jb >= sq.nk || p.kpm[b * p.s.nk + jb] != 0);
       kpm_tile = simt::all(simt::kFullMask, keep);
     }
     LT_UNROLL for (int r = 0; r < 2; ++r) {

@@ -49,8 +49,7 @@ bool attn_head_dim_switch(int64_t d, F&& f) {
 //            use all 255 registers per thread instead of aiming at fewer and spilling).
 //  backward: kBwdRowWarps warps of 16 key rows (kBwdBK rows per block), each row group's dK / dV
 //            columns split across kBwdColSplit warps; query tiles of kBwdBQ rows;
-//            kBwdOneBlockPerSm: the kernel declares 1 block per SM as its minimum (all 255
-//            registers per thread for 256 threads).
+//            kBwdOneBlockPerSm: as kFwdOneBlockPerSm, for the backward kernel.
 template <int D>
 struct AttnTraits {
   static constexpr int kFwdWarps = 4, kFwdBK = 64;

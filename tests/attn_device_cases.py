@@ -5,7 +5,9 @@ and backward (dq, dk, dv) against the float64 reference, with the error rule of 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -122,6 +124,31 @@ def check_case(fwd, bwd, device, c: Case, dtype, backward=True):
         assert_within_2x(got.cpu(), ref.grad.cpu(), same.grad.cpu(), f"{c.name} {name}")
 
 
+def _head_dims():
+    """The head dims the CUDA kernels are compiled for, read from their single definition
+    (LT_ATTN_HEAD_DIMS in csrc/cuda/attention/attn_head_dims.h, as CMakeLists.txt reads it)."""
+    header = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "attention" / "attn_head_dims.h"
+    line = next(ln for ln in header.read_text().splitlines() if ln.startswith("#define LT_ATTN_HEAD_DIMS(X)"))
+    return tuple(int(x) for x in re.findall(r"X\((\d+)\)", line))
+
+
+HEAD_DIMS = _head_dims()
+# the tile shapes differ from d = 64's at these (attn_head_dims.h: AttnTraits)
+NEW_SHAPE_HEAD_DIMS = (32, 160, 192, 256)
+
+
+def _head_dim_cases(d):
+    """Each mask family at head dim d: several query and key tiles, partial last tiles."""
+    return [
+        Case(f"hd{d}_causal_gqa", nq=70, hq=4, hkv=2, d=d),
+        Case(f"hd{d}_s2_leakfree", nq=72, hq=2, hkv=2, group=16, mode="leakfree", d=d),
+        Case(f"hd{d}_s2_roll", nq=72, hq=2, hkv=2, group=16, mode="longlora_roll", d=d),
+        Case(f"hd{d}_window_global", nq=100, wl=40, n_global=4, d=d),
+        Case(f"hd{d}_key_padding", nq=70, batch=2, causal=False, pad=[(0, 13), (20, 3)], d=d),
+        Case(f"hd{d}_varlen", cu_q=[0, 30, 50, 120], cu_k=[0, 40, 40, 130], nq=0, hq=2, hkv=1, d=d),
+    ]
+
+
 # Small cases (the emulator runs every warp collective as a thread rendezvous).
 CASES = [
     Case("causal", nq=70, hq=2, hkv=2),
@@ -157,6 +184,9 @@ CASES = [
     Case("halo_negative_kv_offset", nq=40, nk=70, hq=2, hkv=2, group=16, mode="leakfree", kv_offset=-30),
     Case("halo_window_global", nq=40, nk=100, kv_offset=-20, q_offset=60, wl=24, n_global=3),
 ]
+# head dims with their own tile shapes: every mask family, and softcapping at 256 (Gemma)
+CASES += [c for d in NEW_SHAPE_HEAD_DIMS for c in _head_dim_cases(d)]
+CASES += [Case("hd256_softcap_s2_gqa", nq=72, hq=4, hkv=2, group=16, mode="leakfree", softcap=2.0, d=256)]
 
 # Larger cases for a real GPU (several tiles per sequence, both tile-range pieces, many blocks).
 GPU_CASES = [
@@ -175,7 +205,13 @@ GPU_CASES = [
          mode="leakfree", softcap=3.0),
     Case("head_offset_s2_long", nq=1000, hq=4, hkv=2, group=128, mode="leakfree", head_offset=6, total_heads=16),
     Case("halo_s2_long", nq=1024, nk=1536, hq=4, hkv=4, group=256, mode="leakfree", kv_offset=-512),
+    Case("causal_gqa_hd256", nq=1000, hq=4, hkv=2, d=256, batch=2),
+    Case("softcap_window_hd256", nq=1500, hq=4, hkv=2, d=256, wl=400, softcap=2.0),
+    Case("s2_roll_hd192", nq=1500, hq=4, hkv=2, group=200, mode="longlora_roll", d=192),
+    Case("varlen_hd160", cu_q=[0, 300, 301, 1000], cu_k=[0, 400, 500, 1200], nq=0, hq=4, hkv=2, d=160),
+    Case("key_padding_hd32", nq=500, batch=3, hq=2, hkv=2, causal=False, pad=[(0, 100), (130, 7), (0, 0)], d=32),
+    Case("s2_leakfree_hd32", nq=2000, hq=4, hkv=4, group=256, mode="leakfree", d=32),
 ]
 
 BAD_DTYPE_MSG = "float16 or bfloat16"
-BAD_HEAD_DIM_MSG = "head_dim must be one of 64, 80, 96, 128"
+BAD_HEAD_DIM_MSG = "head_dim must be one of " + ", ".join(map(str, HEAD_DIMS)) + " on this device"

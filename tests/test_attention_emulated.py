@@ -1,11 +1,13 @@
 """The sparse-attention CUDA kernels' device code (forward and backward), run on the CPU emulator,
 against the float64 reference (error <= 2x the PyTorch reference's in the same dtype)."""
 import math
+import re
 
 import pytest
 import torch
 
 from longtune import AttentionMask
+from longtune.reference.attention import sparse_attention
 from longtune.testing import emulated
 
 from . import attn_device_cases as C
@@ -32,10 +34,18 @@ def test_rejects_float32():
         BWD(q, q, q, q, q, torch.zeros(1, 1, 8), *_args())
 
 
-def test_rejects_head_dim_72():
-    q = torch.randn(1, 8, 1, 72, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match=r"head_dim must be one of 64, 80, 96, 128 on this device, got 72"):
-        FWD(q, q, q, *_args(72))
+def test_head_dim_list():
+    assert C.HEAD_DIMS == (32, 64, 80, 96, 128, 160, 192, 256)
+
+
+@pytest.mark.parametrize("d", [16, 48, 72, 512])
+def test_rejects_unsupported_head_dim(d):
+    # refused with the list (never computed with another head dim's kernel), forward and backward
+    q = torch.randn(1, 8, 1, d, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=re.escape(C.BAD_HEAD_DIM_MSG + f", got {d}")):
+        FWD(q, q, q, *_args(d))
+    with pytest.raises(RuntimeError, match=re.escape(C.BAD_HEAD_DIM_MSG + f", got {d}")):
+        BWD(q, q, q, q, q, torch.zeros(1, 1, 8), *_args(d))
 
 
 def test_shared_checks_name_the_argument():
@@ -80,3 +90,23 @@ def test_query_chunk_equals_tail_rows():
     out, lse = FWD(q, q, q, *_args(window_left=50))
     o2, l2 = FWD(q[:, -72:].contiguous(), q, q, *_args(window_left=50, q_offset=128))
     assert torch.equal(out[:, -72:], o2) and torch.equal(lse[:, :, -72:], l2)
+
+
+@pytest.mark.parametrize("d", C.NEW_SHAPE_HEAD_DIMS)
+def test_nonfinite_value_in_partial_tile(d):
+    # a NaN in one value element inside a causally partial key tile: the forward's per-row slow
+    # path (at d = 256 P goes through its own shared tile, Q staying in shared memory) keeps it to
+    # the rows that see that key, in that column
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(1, 80, 1, d, generator=g).to(torch.bfloat16) for _ in range(3))
+    v[0, 30, 0, 7] = float("nan")
+    out, lse = FWD(q, k, v, *_args(d))
+    assert torch.isnan(out[0, 30:, 0, 7]).all()
+    bad = torch.zeros_like(out, dtype=torch.bool)
+    bad[0, 30:, 0, 7] = True
+    assert torch.isfinite(out[~bad]).all() and torch.isfinite(lse).all()
+    q6, k6, v6 = (t.double() for t in (q, k, v))
+    v6[0, 30, 0, 7] = 0.0
+    ref = sparse_attention(q6, k6, v6, causal=True, softmax_scale=1.0 / math.sqrt(d))
+    ok = ~bad
+    torch.testing.assert_close(out[ok].double(), ref[ok], atol=2e-2, rtol=2e-2)

@@ -10,7 +10,7 @@ namespace {
 
 template <class L>
 auto cuda_launch(const at::Tensor& q, const char* op, L launcher) {
-  return [dev = q.device(), op, launcher](const AttnParams& p) {
+  return [dev = q.device(), op, launcher](const auto& p) {
     const c10::cuda::CUDAGuard guard(dev);
     const char* err = launcher(p, at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == nullptr, "longtune.", op, ": CUDA kernel launch failed: ", err ? err : "");

@@ -23,10 +23,10 @@ inline void check_device_dtype(const char* op, const at::Tensor& q) {
 }
 
 inline void check_device_args(const char* op, const AttnArgs& a) {
-  LT_CHECK(op, attn_head_dim_ok(a.d), "head_dim must be one of 64, 80, 96, 128 on this device, got ", a.d);
+  LT_CHECK(op, attn_head_dim_ok(a.d), "head_dim must be one of ", attn_head_dims_str(), " on this device, got ", a.d);
   LT_CHECK(op, a.batch <= 65535, "the batch (number of sequences) must be <= 65535 on this device, got ", a.batch);
   LT_CHECK(op, a.heads <= 65535, "the number of heads must be <= 65535 on this device, got ", a.heads);
-  const int64_t tiles = (std::max(a.nq, a.nk) + kBQ - 1) / kBQ;
+  const int64_t tiles = (std::max(a.nq, a.nk) + kAttnMinTile - 1) / kAttnMinTile;
   LT_CHECK(op, tiles <= std::numeric_limits<int32_t>::max(), "the sequence is too long for this device's grid (",
            std::max(a.nq, a.nk), " rows)");
 }
@@ -56,14 +56,14 @@ inline void bth_strides(const AttnArgs& a, const at::Tensor& t, int64_t& sb, int
   }
 }
 
-inline AttnParams base_params(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  AttnParams p;
+inline AttnFwdParams base_params(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  AttnFwdParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  bth_strides(a, q, p.q_sb, p.q_st, p.q_sh);
-  bth_strides(a, k, p.k_sb, p.k_st, p.k_sh);
-  bth_strides(a, v, p.v_sb, p.v_st, p.v_sh);
+  bth_strides(a, q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  bth_strides(a, k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  bth_strides(a, v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
   p.q_span = span_of(q);
   p.k_span = span_of(k);
   p.v_span = span_of(v);
@@ -89,10 +89,10 @@ inline AttnParams base_params(const AttnArgs& a, const at::Tensor& q, const at::
   return p;
 }
 
-inline void set_lse(const AttnArgs& a, AttnParams& p, const at::Tensor& lse) {
+inline void set_lse(const AttnArgs& a, AttnFwdParams& p, const at::Tensor& lse) {
   // lse is contiguous: (B, H, Nq) or (H, Tq)
-  p.l_sb = a.varlen ? 0 : int64_t(a.heads) * a.nq;
-  p.l_sh = a.varlen ? a.total_q : a.nq;
+  p.lse_batch_stride = a.varlen ? 0 : int64_t(a.heads) * a.nq;
+  p.lse_head_stride = a.varlen ? a.total_q : a.nq;
   p.l_span = lse.numel();
 }
 
@@ -117,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_device(const at::Tensor& q_, const a
     return {out, lse};
   }
   const at::Tensor qa = rows_aligned16(q), ka = rows_aligned16(k), va = rows_aligned16(v);
-  AttnParams p = base_params(a, qa, ka, va);
+  AttnFwdParams p = base_params(a, qa, ka, va);
   p.out = out.data_ptr();
-  bth_strides(a, out, p.o_sb, p.o_st, p.o_sh);
+  bth_strides(a, out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   p.o_span = out.numel();
   p.lse = lse.data_ptr<float>();
   set_lse(a, p, lse);
@@ -155,12 +155,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_device(
   const at::Tensor lc = lse.contiguous();
   at::Tensor dsum = at::empty(lc.sizes(), lc.options());
   at::Tensor dq_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat).memory_format(cf));
-  AttnParams p = base_params(a, qa, ka, va);
+  AttnBwdParams p;
+  static_cast<AttnFwdParams&>(p) = base_params(a, qa, ka, va);
   p.out = const_cast<void*>(oa.data_ptr());
-  bth_strides(a, oa, p.o_sb, p.o_st, p.o_sh);
+  bth_strides(a, oa, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   p.o_span = span_of(oa);
   p.dout = ga.data_ptr();
-  bth_strides(a, ga, p.do_sb, p.do_st, p.do_sh);
+  bth_strides(a, ga, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
   p.do_span = span_of(ga);
   p.lse = const_cast<float*>(lc.data_ptr<float>());
   set_lse(a, p, lc);
@@ -169,8 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_device(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dq_acc = dq_acc.data_ptr<float>();
-  bth_strides(a, dq, p.g_sb, p.g_st, p.g_sh);
-  bth_strides(a, dk, p.gk_sb, p.gk_st, p.gk_sh);
+  bth_strides(a, dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  bth_strides(a, dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
   p.dq_span = dq.numel();
   p.dk_span = dk.numel();
   launch(p);

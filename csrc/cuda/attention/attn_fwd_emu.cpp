@@ -13,18 +13,17 @@ namespace {
 
 constexpr const char* kFwdOp = "sparse_attention_fwd";
 
-void launch_fwd_emu(const AttnParams& s) {
+void launch_fwd_emu(const AttnFwdParams& s) {
   attn_dispatch(s, [&]<class T, int D>() {
     const AKParams<T> k = make_akparams<T>(s);
     const std::string name = "attn_fwd<D=" + std::to_string(D) + ">";
-    const simt::Dim3 grid{static_cast<uint32_t>((s.nq + kBQ - 1) / kBQ), static_cast<uint32_t>(s.hm.heads),
-                          static_cast<uint32_t>(s.batch)};
+    using Sh = AttnShape<D>;
+    const simt::Dim3 grid{static_cast<uint32_t>((s.nq + Sh::kFwdBQ - 1) / Sh::kFwdBQ),
+                          static_cast<uint32_t>(s.hm.heads), static_cast<uint32_t>(s.batch)};
+    const simt::Dim3 block{Sh::kFwdThreads, 1, 1};
     if (s.softcap > 0.f)
-      emu_launch(kFwdOp, name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
-                 [&k] { attn_fwd_body<T, D, true>(k); });
-    else
-      emu_launch(kFwdOp, name.c_str(), grid, simt::Dim3{kThreads, 1, 1}, attn_fwd_smem_bytes(D),
-                 [&k] { attn_fwd_body<T, D, false>(k); });
+      emu_launch(kFwdOp, name.c_str(), grid, block, Sh::kFwdSmem, [&k] { attn_fwd_body<T, D, true>(k); });
+    else emu_launch(kFwdOp, name.c_str(), grid, block, Sh::kFwdSmem, [&k] { attn_fwd_body<T, D, false>(k); });
   });
 }
 

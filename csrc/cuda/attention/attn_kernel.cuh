@@ -16,6 +16,8 @@
 //  B (16x8):  b0 (k = 2c..2c+1, n = g), b1 (k + 8)          C/D (16x8): (g, 2c..2c+1), (g+8, ..)
 #pragma once
 #include <cmath>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "common/attn_mask.h"
@@ -32,11 +34,11 @@ struct AKParams {
   simt::gptr<float> lse, dq_acc, dsum;
   simt::gptr<const int64_t> cu_q, cu_k;
   simt::gptr<const uint8_t> kpm;
-  AttnParams s;  // sizes, strides, mask, head map, scale
+  AttnBwdParams s;  // sizes, strides, mask, head map, scale (the forward leaves the backward part empty)
 };
 
 template <class T>
-AKParams<T> make_akparams(const AttnParams& s) {
+AKParams<T> make_akparams(const AttnBwdParams& s) {
   AKParams<T> p;
   p.s = s;
   p.q = simt::make_gptr(static_cast<const T*>(s.q), s.q_span, "q");
@@ -55,6 +57,12 @@ AKParams<T> make_akparams(const AttnParams& s) {
   p.cu_k = simt::make_gptr(s.cu_k, s.cu_k ? s.batch + 1 : 0, "cu_seqlens_k");
   p.kpm = simt::make_gptr(s.kpm, s.kpm_span, "key_padding_mask");
   return p;
+}
+template <class T>
+AKParams<T> make_akparams(const AttnFwdParams& f) {
+  AttnBwdParams s;
+  static_cast<AttnFwdParams&>(s) = f;
+  return make_akparams<T>(s);
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -103,11 +111,11 @@ LT_DEV bool nonfinite16(T v) {
 }
 
 // Copies `rows` rows of D elements (row r at src + r * stride) into shared rows of `R` elements with
-// 16-byte cp.async; rows >= valid are zero-filled instead of read.
-template <class T, int D, int R>
+// 16-byte cp.async (NT threads); rows >= valid are zero-filled instead of read.
+template <class T, int D, int R, int NT>
 LT_DEV void load_rows(simt::sptr<T> dst, simt::gptr<const T> src, int64_t stride, int rows, int64_t valid) {
   constexpr int C = D / 8;  // 16-byte chunks per row
-  for (int idx = static_cast<int>(simt::thread_linear()); idx < rows * C; idx += kThreads) {
+  for (int idx = static_cast<int>(simt::thread_linear()); idx < rows * C; idx += NT) {
     const int r = idx / C, c = (idx % C) * 8;
     if (r < valid) {
       simt::cp_async_16(dst + (r * R + c), src + (int64_t(r) * stride + c));
@@ -124,6 +132,9 @@ LT_DEV void load_rows(simt::sptr<T> dst, simt::gptr<const T> src, int64_t stride
 // uncapped kernels carry none of its registers.
 template <class T, int D, bool Cap = false>
 LT_DEV void attn_fwd_body(const AKParams<T>& p) {
+  using Sh = AttnShape<D>;
+  constexpr int kBQ = Sh::kFwdBQ, kBK = Sh::kFwdBK, NT = Sh::kFwdThreads;
+  constexpr bool q_regs = Sh::kFwdQInRegs;
   constexpr int R = D + 8, KS = D / 16, NB = kBK / 8, DB = D / 8;
   const uint32_t lane = simt::lane_id(), w = simt::warp_id(), g = lane / 4, c4 = lane % 4;
   const int64_t qt = simt::block_idx().x;
@@ -146,14 +157,19 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   simt::sptr<T> sQ = simt::dynamic_smem<T>();
   simt::sptr<T> sK = sQ + kBQ * R;        // 2 buffers of kBK * R
   simt::sptr<T> sV = sK + 2 * kBK * R;    // 2 buffers
+  // P of the slow path below: the warp's own rows of sQ when the Q fragments are in registers and
+  // a Q row holds kBK elements, else a tile of its own (kBQ x (kBK + 8))
+  constexpr int RP = Sh::kFwdPInQ ? R : kBK + 8;
+  simt::sptr<T> sP = Sh::kFwdPInQ ? sQ : sV + 2 * kBK * R;
 
-  const simt::gptr<const T> qbase = p.q + (b * p.s.q_sb + (sq.q0 + i0) * p.s.q_st + qh * p.s.q_sh);
-  const simt::gptr<const T> kbase = p.k + (b * p.s.k_sb + sq.k0 * p.s.k_st + kh * p.s.k_sh);
-  const simt::gptr<const T> vbase = p.v + (b * p.s.v_sb + sq.k0 * p.s.v_st + kh * p.s.v_sh);
+  const simt::gptr<const T> qbase =
+      p.q + (b * p.s.q_batch_stride + (sq.q0 + i0) * p.s.q_row_stride + qh * p.s.q_head_stride);
+  const simt::gptr<const T> kbase = p.k + (b * p.s.k_batch_stride + sq.k0 * p.s.k_row_stride + kh * p.s.k_head_stride);
+  const simt::gptr<const T> vbase = p.v + (b * p.s.v_batch_stride + sq.k0 * p.s.v_row_stride + kh * p.s.v_head_stride);
   auto load_kv = [&](int64_t kt, int buf) {
     const int64_t j0 = kt * kBK;
-    load_rows<T, D, R>(sK + buf * kBK * R, kbase + j0 * p.s.k_st, p.s.k_st, kBK, sq.nk - j0);
-    load_rows<T, D, R>(sV + buf * kBK * R, vbase + j0 * p.s.v_st, p.s.v_st, kBK, sq.nk - j0);
+    load_rows<T, D, R, NT>(sK + buf * kBK * R, kbase + j0 * p.s.k_row_stride, p.s.k_row_stride, kBK, sq.nk - j0);
+    load_rows<T, D, R, NT>(sV + buf * kBK * R, vbase + j0 * p.s.v_row_stride, p.s.v_row_stride, kBK, sq.nk - j0);
   };
 
   // this thread's rows: w*16 + g and + 8
@@ -169,11 +185,11 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   if (nt > 0) {
-    load_rows<T, D, R>(sQ, qbase, p.s.q_st, kBQ, sq.nq - i0);
+    load_rows<T, D, R, NT>(sQ, qbase, p.s.q_row_stride, kBQ, sq.nq - i0);
     load_kv(tile_at(tiles, 0), 0);
     simt::cp_async_commit();
   }
-  uint32_t qf[KS][4];
+  uint32_t qf[q_regs ? KS : 1][4];
   for (int64_t it = 0; it < nt; ++it) {
     const int buf = static_cast<int>(it & 1);
     const int64_t kt = tile_at(tiles, it), j0 = kt * kBK;
@@ -185,8 +201,8 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
       simt::cp_async_wait<0>();
     }
     simt::sync_block();
-    if (it == 0) {
-      LT_UNROLL for (int ks = 0; ks < KS; ++ks)
+    if (q_regs && it == 0) {
+      LT_UNROLL for (int ks = 0; ks < (q_regs ? KS : 0); ++ks)
         simt::ldmatrix_x4(qf[ks], sQ + ((w * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
     }
     const simt::sptr<T> kb = sK + buf * kBK * R, vb = sV + buf * kBK * R;
@@ -195,11 +211,14 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     LT_UNROLL for (int nb = 0; nb < NB; ++nb)
       LT_UNROLL for (int t = 0; t < 4; ++t) s[nb][t] = 0.f;
     LT_UNROLL for (int ks = 0; ks < KS; ++ks) {
+      const int kq = q_regs ? ks : 0;
+      if constexpr (!q_regs)
+        simt::ldmatrix_x4(qf[0], sQ + ((w * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
       LT_UNROLL for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
         uint32_t bb[4];
         simt::ldmatrix_x4(bb, kb + ((nb2 * 16 + (lane / 16) * 8 + lane % 8) * R + ks * 16 + ((lane / 8) % 2) * 8));
-        mma<T>(s[2 * nb2], qf[ks], bb[0], bb[1]);
-        mma<T>(s[2 * nb2 + 1], qf[ks], bb[2], bb[3]);
+        mma<T>(s[2 * nb2], qf[kq], bb[0], bb[1]);
+        mma<T>(s[2 * nb2 + 1], qf[kq], bb[2], bb[3]);
       }
     }
     if constexpr (capped) {
@@ -211,8 +230,10 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     bool partial = false;  // some row of this warp does not see some key of the tile
     bool kpm_tile = true;  // no padded key in the tile
     if (has_kpm) {
+      static_assert(kBK == 32 || kBK == 64, "key tile: one or two keys per lane");
       const int64_t ja = j0 + lane, jb = j0 + lane + 32;
-      const bool keep = (ja >= sq.nk || p.kpm[b * p.s.nk + ja] != 0) && (jb >= sq.nk || p.kpm[b * p.s.nk + jb] != 0);
+      const bool keep = (ja >= sq.nk || p.kpm[b * p.s.nk + ja] != 0) &&
+                        (kBK < 64 || jb >= sq.nk || p.kpm[b * p.s.nk + jb] != 0);
       kpm_tile = simt::all(simt::kFullMask, keep);
     }
     LT_UNROLL for (int r = 0; r < 2; ++r) {
@@ -266,13 +287,13 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
       slow = simt::any(simt::kFullMask, bad);
     }
     if (slow) {
-      // this warp's P (rounded as the MMA reads it) into its own rows of sQ (free once the Q
-      // fragments are in registers)
+      // this warp's P (rounded as the MMA reads it) into its own rows of sP (sQ's rows are free
+      // once the Q fragments are in registers)
       simt::sync_warp(simt::kFullMask);
       LT_UNROLL for (int r = 0; r < 2; ++r) {
         LT_UNROLL for (int nb = 0; nb < NB; ++nb) {
           const T pair[2] = {simt::from_float<T>(s[nb][2 * r]), simt::from_float<T>(s[nb][2 * r + 1])};
-          simt::st_vec<2>(sQ, (w * 16 + g + 8 * r) * R + nb * 8 + 2 * c4, pair);
+          simt::st_vec<2>(sP, (w * 16 + g + 8 * r) * RP + nb * 8 + 2 * c4, pair);
         }
       }
       simt::sync_warp(simt::kFullMask);
@@ -280,7 +301,7 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
         for (int jl = 0; jl < kBK; ++jl) {
           const int64_t j = j0 + jl;
           if (!(in_ranges(rr[r], j) && (!has_kpm || p.kpm[b * p.s.nk + j] != 0))) continue;
-          const float pj = simt::to_float(static_cast<T>(sQ[(w * 16 + g + 8 * r) * R + jl]));
+          const float pj = simt::to_float(static_cast<T>(sP[(w * 16 + g + 8 * r) * RP + jl]));
           LT_UNROLL for (int db = 0; db < DB; ++db) {
             LT_UNROLL for (int cc = 0; cc < 2; ++cc)
               o[db][2 * r + cc] += pj * simt::to_float(static_cast<T>(vb[jl * R + db * 8 + 2 * c4 + cc]));
@@ -311,13 +332,15 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
     const bool empty = lt == 0.f;  // no visible key: output 0, lse -inf (a NaN row has lt NaN)
     const float inv = empty ? 0.f : 1.f / lt;
     const int64_t row = sq.q0 + qi[r];
-    const simt::gptr<T> orow = p.out + (b * p.s.o_sb + row * p.s.o_st + int64_t(e) * p.s.o_sh);
+    const simt::gptr<T> orow =
+        p.out + (b * p.s.o_batch_stride + row * p.s.o_row_stride + int64_t(e) * p.s.o_head_stride);
     LT_UNROLL for (int db = 0; db < DB; ++db) {
       const T pair[2] = {simt::from_float<T>(o[db][2 * r] * inv), simt::from_float<T>(o[db][2 * r + 1] * inv)};
       simt::st_vec<2>(orow, db * 8 + 2 * c4, pair);
     }
     if (c4 == 0) {
-      p.lse[b * p.s.l_sb + int64_t(e) * p.s.l_sh + row] = empty ? -INFINITY : mx[r] * kLn2 + ::logf(lt);
+      p.lse[b * p.s.lse_batch_stride + int64_t(e) * p.s.lse_head_stride + row] =
+          empty ? -INFINITY : mx[r] * kLn2 + ::logf(lt);
     }
   }
 }
@@ -331,8 +354,8 @@ LT_DEV void attn_dsum_body(const AKParams<T>& p) {
   const int64_t rows_per_b = p.s.cu_q != nullptr ? p.s.total_q : p.s.nq;
   if (idx >= p.s.total_q * H) return;
   const int64_t t = idx / H, e = idx % H, b = t / rows_per_b, i = t % rows_per_b;
-  const simt::gptr<const T> o = p.out_c + (b * p.s.o_sb + i * p.s.o_st + e * p.s.o_sh);
-  const simt::gptr<const T> go = p.dout + (b * p.s.do_sb + i * p.s.do_st + e * p.s.do_sh);
+  const simt::gptr<const T> o = p.out_c + (b * p.s.o_batch_stride + i * p.s.o_row_stride + e * p.s.o_head_stride);
+  const simt::gptr<const T> go = p.dout + (b * p.s.do_batch_stride + i * p.s.do_row_stride + e * p.s.do_head_stride);
   float acc = 0.f;
   LT_UNROLL for (int d0 = 0; d0 < D; d0 += 8) {
     T ov[8], gv[8];
@@ -340,7 +363,7 @@ LT_DEV void attn_dsum_body(const AKParams<T>& p) {
     simt::ld_vec<8>(go, d0, gv);
     LT_UNROLL for (int t2 = 0; t2 < 8; ++t2) acc += simt::to_float(ov[t2]) * simt::to_float(gv[t2]);
   }
-  p.dsum[b * p.s.l_sb + e * p.s.l_sh + i] = acc;
+  p.dsum[b * p.s.lse_batch_stride + e * p.s.lse_head_stride + i] = acc;
 }
 
 // dq = dq_acc * scale in dq's dtype (both contiguous, total_q * hq * D elements).
@@ -358,8 +381,14 @@ LT_DEV void attn_dq_convert_body(const AKParams<T>& p) {
 
 template <class T, int D, bool Cap = false>
 LT_DEV void attn_bwd_body(const AKParams<T>& p) {
+  using Sh = AttnShape<D>;
+  constexpr int kBQ = Sh::kBwdBQ, kBK = Sh::kBwdBK, NT = Sh::kBwdThreads;
   constexpr int R = D + 8, RS = kBQ + 8, NB = kBQ / 8, DB = D / 8, KS = D / 16;
+  // warp w: key rows wr*16 .. wr*16+15 of the tile (S^T, dP^T), dK / dV columns of part wc
+  // (DBW blocks of 8)
+  constexpr int RW = Sh::kBwdRowWarps, CS = Sh::kBwdColSplit, NW = NT / 32, DBW = DB / CS;
   const uint32_t lane = simt::lane_id(), w = simt::warp_id(), g = lane / 4, c4 = lane % 4;
+  const uint32_t wr = CS == 1 ? w : w % RW, wc = CS == 1 ? 0 : w / RW;
   const uint32_t tid = simt::thread_linear();
   const int64_t kt = simt::block_idx().x;
   const int32_t h = static_cast<int32_t>(simt::block_idx().y);  // kv head
@@ -386,19 +415,21 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   simt::sptr<float> sLb = simt::sptr<float>(reinterpret_cast<float*>(simt::raw(sS + kBK * RS)));  // 2 x kBQ
   simt::sptr<float> sDb = sLb + 2 * kBQ;                                                          // 2 x kBQ
 
-  load_rows<T, D, R>(sK, p.k + (b * p.s.k_sb + (sq.k0 + j0) * p.s.k_st + h * p.s.k_sh), p.s.k_st, kBK, sq.nk - j0);
-  load_rows<T, D, R>(sV, p.v + (b * p.s.v_sb + (sq.k0 + j0) * p.s.v_st + h * p.s.v_sh), p.s.v_st, kBK, sq.nk - j0);
+  load_rows<T, D, R, NT>(sK, p.k + (b * p.s.k_batch_stride + (sq.k0 + j0) * p.s.k_row_stride + h * p.s.k_head_stride),
+                         p.s.k_row_stride, kBK, sq.nk - j0);
+  load_rows<T, D, R, NT>(sV, p.v + (b * p.s.v_batch_stride + (sq.k0 + j0) * p.s.v_row_stride + h * p.s.v_head_stride),
+                         p.s.v_row_stride, kBK, sq.nk - j0);
   simt::cp_async_commit();
 
-  // this thread's key rows (of S^T): w*16 + g and + 8
+  // this thread's key rows (of S^T): wr*16 + g and + 8
   int64_t kj[2];
   bool kvalid[2];
   LT_UNROLL for (int r = 0; r < 2; ++r) {
-    kj[r] = j0 + w * 16 + g + 8 * r;
+    kj[r] = j0 + wr * 16 + g + 8 * r;
     kvalid[r] = kj[r] < sq.nk && (!has_kpm || p.kpm[b * p.s.nk + kj[r]] != 0);
   }
-  float dk[DB][4], dv[DB][4];
-  LT_UNROLL for (int db = 0; db < DB; ++db)
+  float dk[DBW][4], dv[DBW][4];
+  LT_UNROLL for (int db = 0; db < DBW; ++db)
     LT_UNROLL for (int t = 0; t < 4; ++t) dk[db][t] = dv[db][t] = 0.f;
 
   // The work list: (member head, query tile) pairs, members in order, each member's tiles from
@@ -421,14 +452,17 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   auto prefetch = [&](const Cursor& cur, int buf) {
     const int32_t e = e_first + cur.mem, qh = hm.q_head(e);
     const int64_t i0 = tile_at(cur.tiles, cur.it) * kBQ;
-    load_rows<T, D, R>(sQb + buf * kBQ * R, p.q + (b * p.s.q_sb + (sq.q0 + i0) * p.s.q_st + qh * p.s.q_sh), p.s.q_st,
-                       kBQ, sq.nq - i0);
-    load_rows<T, D, R>(sOb + buf * kBQ * R,
-                       p.dout + (b * p.s.do_sb + (sq.q0 + i0) * p.s.do_st + int64_t(e) * p.s.do_sh), p.s.do_st, kBQ,
-                       sq.nq - i0);
+    load_rows<T, D, R, NT>(sQb + buf * kBQ * R,
+                           p.q + (b * p.s.q_batch_stride + (sq.q0 + i0) * p.s.q_row_stride + qh * p.s.q_head_stride),
+                           p.s.q_row_stride, kBQ, sq.nq - i0);
+    load_rows<T, D, R, NT>(sOb + buf * kBQ * R,
+                           p.dout + (b * p.s.do_batch_stride + (sq.q0 + i0) * p.s.do_row_stride +
+                                     int64_t(e) * p.s.do_head_stride),
+                           p.s.do_row_stride, kBQ, sq.nq - i0);
     simt::cp_async_commit();
+    static_assert(NT >= kBQ, "one lse / Dsum entry per thread");
     if (tid < kBQ) {
-      const int64_t i = i0 + tid, l = b * p.s.l_sb + int64_t(e) * p.s.l_sh + sq.q0 + i;
+      const int64_t i = i0 + tid, l = b * p.s.lse_batch_stride + int64_t(e) * p.s.lse_head_stride + sq.q0 + i;
       sLb[buf * kBQ + tid] = i < sq.nq ? p.lse[l] : 0.f;
       sDb[buf * kBQ + tid] = i < sq.nq ? p.dsum[l] : 0.f;
     }
@@ -460,8 +494,8 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
         LT_UNROLL for (int t = 0; t < 4; ++t) st[nb][t] = dp[nb][t] = 0.f;
       LT_UNROLL for (int ks = 0; ks < KS; ++ks) {
         uint32_t ka[4], va[4];
-        simt::ldmatrix_x4(ka, sK + ((w * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
-        simt::ldmatrix_x4(va, sV + ((w * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
+        simt::ldmatrix_x4(ka, sK + ((wr * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
+        simt::ldmatrix_x4(va, sV + ((wr * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
         LT_UNROLL for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
           const int off = (nb2 * 16 + (lane / 16) * 8 + lane % 8) * R + ks * 16 + ((lane / 8) % 2) * 8;
           uint32_t bb[4];
@@ -491,11 +525,13 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
             st[nb][2 * r + cc] = pv;
             dp[nb][2 * r + cc] = vis ? pv * (dp[nb][2 * r + cc] - sD[ql]) * f : 0.f;  // masked: 0 even if Dsum is NaN
           }
-          const T pair[2] = {simt::from_float<T>(dp[nb][2 * r]), simt::from_float<T>(dp[nb][2 * r + 1])};
-          simt::st_vec<2>(sS, (w * 16 + g + 8 * r) * RS + nb * 8 + 2 * c4, pair);
+          if (CS == 1 || wc == 0) {  // (the warps of one row group hold the same dS^T)
+            const T pair[2] = {simt::from_float<T>(dp[nb][2 * r]), simt::from_float<T>(dp[nb][2 * r + 1])};
+            simt::st_vec<2>(sS, (wr * 16 + g + 8 * r) * RS + nb * 8 + 2 * c4, pair);
+          }
         }
       }
-      // dV += P^T dO, dK += dS^T Q
+      // dV += P^T dO, dK += dS^T Q (this warp's columns)
       LT_UNROLL for (int ks = 0; ks < kBQ / 16; ++ks) {
         const uint32_t pa[4] = {pack_f2<T>(st[2 * ks][0], st[2 * ks][1]), pack_f2<T>(st[2 * ks][2], st[2 * ks][3]),
                                 pack_f2<T>(st[2 * ks + 1][0], st[2 * ks + 1][1]),
@@ -503,8 +539,8 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
         const uint32_t da[4] = {pack_f2<T>(dp[2 * ks][0], dp[2 * ks][1]), pack_f2<T>(dp[2 * ks][2], dp[2 * ks][3]),
                                 pack_f2<T>(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
                                 pack_f2<T>(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
-        LT_UNROLL for (int db2 = 0; db2 < DB / 2; ++db2) {
-          const int off = (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + db2 * 16 + (lane / 16) * 8;
+        LT_UNROLL for (int db2 = 0; db2 < DBW / 2; ++db2) {
+          const int off = (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + (wc * DBW / 2 + db2) * 16 + (lane / 16) * 8;
           uint32_t bb[4];
           simt::ldmatrix_x4<true>(bb, sO + off);
           mma<T>(dv[2 * db2], pa, bb[0], bb[1]);
@@ -515,29 +551,40 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
         }
       }
       simt::sync_block();  // dS^T complete
-      // dQ (warp w: query rows w*16 .. w*16+15 of the tile) = dS K, 16 columns at a time (the dS
-      // fragments stay in registers; each chunk goes straight to dq_acc)
-      uint32_t sa[kBK / 16][4];
-      LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
-        const uint32_t mi = lane / 8;
-        simt::ldmatrix_x4<true>(sa[ks], sS + ((ks * 16 + (mi / 2) * 8 + lane % 8) * RS + w * 16 + (mi % 2) * 8));
-      }
-      const int64_t iq0 = i0 + w * 16 + g;
-      const simt::gptr<float> drow = p.dq_acc + (b * p.s.g_sb + (sq.q0 + iq0) * p.s.g_st + qh * p.s.g_sh);
-      LT_UNROLL for (int db2 = 0; db2 < DB / 2; ++db2) {
-        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      // dQ (query rows qg*16 .. qg*16+15 of the tile) = dS K, 16 columns at a time (the dS
+      // fragments stay in registers; each chunk goes straight to dq_acc). QG row groups over NW
+      // warps: with NW >= QG each row group's columns are split across NW / QG warps.
+      constexpr int QG = kBQ / 16, QW = NW >= QG ? NW / QG : 1, QN = NW >= QG ? 1 : (QG + NW - 1) / NW;
+      constexpr int NC = (DB / 2 + QW - 1) / QW;  // column chunks per warp
+      static_assert(NW < QG || NW % QG == 0, "dQ: warps per query row group");
+      LT_UNROLL for (int qn = 0; qn < QN; ++qn) {
+        const uint32_t qg = NW == QG ? w : NW > QG ? w % QG : w + qn * NW;
+        if (NW < QG && qg >= QG) continue;
+        uint32_t sa[kBK / 16][4];
         LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
-          uint32_t bb[4];
-          simt::ldmatrix_x4<true>(bb, sK + ((ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + db2 * 16 + (lane / 16) * 8));
-          mma<T>(acc[0], sa[ks], bb[0], bb[1]);
-          mma<T>(acc[1], sa[ks], bb[2], bb[3]);
+          const uint32_t mi = lane / 8;
+          simt::ldmatrix_x4<true>(sa[ks], sS + ((ks * 16 + (mi / 2) * 8 + lane % 8) * RS + qg * 16 + (mi % 2) * 8));
         }
-        LT_UNROLL for (int r = 0; r < 2; ++r) {
-          if (iq0 + 8 * r >= sq.nq) continue;
-          LT_UNROLL for (int h2 = 0; h2 < 2; ++h2) {
-            const int64_t col = 8 * r * p.s.g_st + db2 * 16 + h2 * 8 + 2 * c4;
-            simt::atomic_add(drow + col, acc[h2][2 * r]);
-            simt::atomic_add(drow + (col + 1), acc[h2][2 * r + 1]);
+        const int64_t iq0 = i0 + qg * 16 + g;
+        const simt::gptr<float> drow =
+            p.dq_acc + (b * p.s.dq_batch_stride + (sq.q0 + iq0) * p.s.dq_row_stride + qh * p.s.dq_head_stride);
+        LT_UNROLL for (int nc = 0; nc < NC; ++nc) {
+          const int db2 = QW == 1 ? nc : nc * QW + static_cast<int>(w / QG);
+          if (QW > 1 && db2 >= DB / 2) continue;
+          float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+          LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
+            uint32_t bb[4];
+            simt::ldmatrix_x4<true>(bb, sK + ((ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + db2 * 16 + (lane / 16) * 8));
+            mma<T>(acc[0], sa[ks], bb[0], bb[1]);
+            mma<T>(acc[1], sa[ks], bb[2], bb[3]);
+          }
+          LT_UNROLL for (int r = 0; r < 2; ++r) {
+            if (iq0 + 8 * r >= sq.nq) continue;
+            LT_UNROLL for (int h2 = 0; h2 < 2; ++h2) {
+              const int64_t col = 8 * r * p.s.dq_row_stride + db2 * 16 + h2 * 8 + 2 * c4;
+              simt::atomic_add(drow + col, acc[h2][2 * r]);
+              simt::atomic_add(drow + (col + 1), acc[h2][2 * r + 1]);
+            }
           }
         }
       }
@@ -548,26 +595,25 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   simt::cp_async_wait<0>();  // (no tile at all: the K/V copies are still pending)
   LT_UNROLL for (int r = 0; r < 2; ++r) {
     if (kj[r] >= sq.nk) continue;
-    const int64_t row = (b * p.s.gk_sb + (sq.k0 + kj[r]) * p.s.gk_st + h * p.s.gk_sh);
-    LT_UNROLL for (int db = 0; db < DB; ++db) {
+    const int64_t row = (b * p.s.dk_batch_stride + (sq.k0 + kj[r]) * p.s.dk_row_stride + h * p.s.dk_head_stride);
+    LT_UNROLL for (int db = 0; db < DBW; ++db) {
       const T kp[2] = {simt::from_float<T>(dk[db][2 * r] * p.s.scale), simt::from_float<T>(dk[db][2 * r + 1] * p.s.scale)};
       const T vp[2] = {simt::from_float<T>(dv[db][2 * r]), simt::from_float<T>(dv[db][2 * r + 1])};
-      simt::st_vec<2>(p.dk, row + db * 8 + 2 * c4, kp);
-      simt::st_vec<2>(p.dv, row + db * 8 + 2 * c4, vp);
+      simt::st_vec<2>(p.dk, row + (wc * DBW + db) * 8 + 2 * c4, kp);
+      simt::st_vec<2>(p.dv, row + (wc * DBW + db) * 8 + 2 * c4, vp);
     }
   }
 }
 
-// Calls f.template operator()<T, D>() for the params' dtype and head dim (checked on the host).
+// Calls f.template operator()<T, D>() for the params' dtype and head dim; a head dim outside
+// LT_ATTN_HEAD_DIMS (refused by the host checks before) throws std::invalid_argument naming it.
 template <class F>
-void attn_dispatch(const AttnParams& s, F&& f) {
+void attn_dispatch(const AttnFwdParams& s, F&& f) {
   auto by_d = [&]<class T>() {
-    switch (s.d) {
-      case 64: f.template operator()<T, 64>(); break;
-      case 80: f.template operator()<T, 80>(); break;
-      case 96: f.template operator()<T, 96>(); break;
-      default: f.template operator()<T, 128>(); break;
-    }
+    const bool ok = attn_head_dim_switch(s.d, [&]<int D>() { f.template operator()<T, D>(); });
+    if (!ok)
+      throw std::invalid_argument("unsupported head_dim " + std::to_string(s.d) + " (supported: " +
+                                  attn_head_dims_str() + ")");
   };
   if (s.dtype == DType::BF16) by_d.template operator()<simt::bf16>();
   else by_d.template operator()<simt::f16>();

@@ -341,6 +341,76 @@ def test_chunked_lm_head_module():
         longtune.nn.ChunkedLMHead(torch.nn.Embedding(3, 4))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_lm_head_class_weight_and_extras(smoothing, reduction):
+    # class weights and the logged extras reach the fused loss through the module: the loss and
+    # its gradients equal F.cross_entropy(weight=...) on the shifted logits (float64), and
+    # z-loss / accuracy / predictions equal what the materialised logits give
+    torch.manual_seed(1)
+    V, zc = 37, 1e-3
+    lin = torch.nn.Linear(16, V, dtype=torch.float64)
+    cw = torch.rand(V, dtype=torch.float64) + 0.25
+    head = longtune.nn.ChunkedLMHead(lin, label_smoothing=smoothing, z_loss=zc, class_weight=cw)
+    assert torch.equal(head.class_weight, cw) and "class_weight" in head.state_dict()
+    h = torch.randn(2, 11, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (2, 11))
+    labels[0, 4:7] = -100
+    out = head(
+        h,
+        labels,
+        reduction=reduction,
+        return_z_loss=True,
+        return_accuracy=True,
+        return_predictions=True,
+    )
+    assert isinstance(out, longtune.LinearCrossEntropyOutput)
+    logits = lin(h)[:, :-1]
+    tgt = labels[:, 1:]
+    ce = F.cross_entropy(
+        logits.reshape(-1, V),
+        tgt.reshape(-1),
+        weight=cw,
+        label_smoothing=smoothing,
+        reduction="none",
+    )
+    keep = tgt.reshape(-1) != -100
+    lse = torch.logsumexp(logits.reshape(-1, V), -1)
+    z = zc * lse.square() * keep
+    if reduction == "mean":
+        want = ce.sum() / cw[tgt.reshape(-1)[keep]].sum() + z.sum() / keep.sum()
+        want_z = z.sum() / keep.sum()
+    elif reduction == "sum":
+        want, want_z = ce.sum() + z.sum(), z.sum()
+    else:
+        want, want_z = (ce + z).reshape(tgt.shape), z.reshape(tgt.shape)
+    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.z_loss, want_z, rtol=1e-10, atol=1e-14)
+    pred = logits.argmax(-1)
+    assert torch.equal(out.predictions, pred)
+    acc = (pred == tgt)[tgt != -100].double().mean()
+    torch.testing.assert_close(out.accuracy.double(), acc)
+    seed = torch.randn_like(want)
+    g1 = torch.autograd.grad(out.loss, (h, lin.weight, lin.bias), seed)
+    g2 = torch.autograd.grad(want, (h, lin.weight, lin.bias), seed)
+    for a, e in zip(g1, g2):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+    # the buffer follows the module and its state_dict
+    h2 = longtune.nn.ChunkedLMHead(torch.nn.Linear(16, V, dtype=torch.float64), class_weight=cw * 0)
+    h2.load_state_dict(head.state_dict())
+    assert torch.equal(h2.class_weight, cw)
+
+
+def test_chunked_lm_head_refuses_a_bad_class_weight():
+    lin = torch.nn.Linear(8, 10)
+    with pytest.raises(ValueError, match=r"class_weight must be a tensor of shape \(10,\)"):
+        longtune.nn.ChunkedLMHead(lin, class_weight=torch.ones(9))
+    with pytest.raises(ValueError, match=r"class_weight must be a tensor of shape"):
+        longtune.nn.ChunkedLMHead(lin, class_weight=[1.0] * 10)
+    with pytest.raises(ValueError, match="class_weight must be floating point"):
+        longtune.nn.ChunkedLMHead(lin, class_weight=torch.ones(10, dtype=torch.long))
+
+
 @pytest.mark.parametrize("gval", [0.37, 1024.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])

@@ -262,6 +262,30 @@ def test_s2ft_linear_state_dict_saves_through_safetensors_with_its_adapter(tmp_p
             assert torch.equal(assign(x), m(x))
 
 
+def test_chunked_lm_head_class_weight_saved_and_loaded_in_a_fresh_process(tmp_path):
+    # the per-class loss weights are state: saved with the head, loaded in a new process, the
+    # same loss bit for bit
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(16, 40, dtype=torch.float64)
+    head = longtune.nn.ChunkedLMHead(lin, class_weight=torch.rand(40, dtype=torch.float64))
+    h = torch.randn(2, 9, 16, dtype=torch.float64)
+    labels = torch.randint(0, 40, (2, 9))
+    torch.save({"state": head.state_dict(), "h": h, "labels": labels}, tmp_path / "head.pt")
+    out = run_fresh(
+        tmp_path,
+        """
+        blob = torch.load("head.pt", weights_only=True)
+        lin = torch.nn.Linear(16, 40, dtype=torch.float64)
+        head = longtune.nn.ChunkedLMHead(lin, class_weight=torch.ones(40, dtype=torch.float64))
+        head.load_state_dict(blob["state"])
+        OUT["loss"] = head(blob["h"], blob["labels"]).item().hex()
+        OUT["weight"] = head.class_weight.tolist()
+        """,
+    )
+    assert float.fromhex(out["loss"]) == head(h, labels).item()
+    assert out["weight"] == head.class_weight.tolist()
+
+
 def test_rotated_quant_linear_state_dict_carries_its_quantizer():
     torch.manual_seed(0)
     m = RotatedQuantLinear(

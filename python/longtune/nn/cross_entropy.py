@@ -24,12 +24,19 @@ def causal_lm_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    return_z_loss: bool = False,
+    return_accuracy: bool = False,
+    return_predictions: bool = False,
 ):
     """The causal-LM loss through :func:`longtune.linear_cross_entropy` (logits never materialised),
     shared by :class:`ChunkedLMHead` and ``longtune.patch(model, lm_head="fused_ce")``: with
     ``shift`` position t of ``hidden`` (.., N, d) predicts ``labels[..., t + 1]`` (the last position
     has no target, ``rows`` is shifted with the labels); without, ``labels`` are already aligned
-    with the positions (transformers' ``shift_labels``)."""
+    with the positions (transformers' ``shift_labels``). ``class_weight`` and the ``return_*``
+    extras as in :func:`longtune.linear_cross_entropy` (with them the result is a
+    :class:`~longtune.LinearCrossEntropyOutput`; with ``shift`` the predictions cover positions
+    0 .. N-2, the ones that have a target)."""
     if shift:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
         if rows is not None:
@@ -45,6 +52,10 @@ def causal_lm_loss(
         z_loss=z_loss,
         softcap=softcap,
         rows=rows,
+        class_weight=class_weight,
+        return_z_loss=return_z_loss,
+        return_accuracy=return_accuracy,
+        return_predictions=return_predictions,
     )
 
 
@@ -54,7 +65,13 @@ class ChunkedLMHead(nn.Module):
     ``forward(hidden)`` returns the logits like the linear layer; ``forward(hidden, labels)``
     returns the causal-LM loss (labels shifted by one inside, ``ignore_index`` skipped) without
     materialising the logits. Options as in :func:`longtune.linear_cross_entropy`; ``rows`` selects
-    positions (e.g. answer tokens only)."""
+    positions (e.g. answer tokens only).
+
+    ``class_weight`` (V,): per-vocabulary-entry loss weights (``F.cross_entropy``'s ``weight``),
+    kept as a buffer so that it moves with the module and is saved in its ``state_dict``.
+    ``forward(hidden, labels, return_z_loss=True / return_accuracy=True / return_predictions=True)``
+    returns a :class:`~longtune.LinearCrossEntropyOutput` with those extras (detached, from the same
+    pass) next to the loss."""
 
     def __init__(
         self,
@@ -65,10 +82,30 @@ class ChunkedLMHead(nn.Module):
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
         shift: bool = True,
+        class_weight: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         if not isinstance(lm_head, nn.Linear):
             raise TypeError(f"ChunkedLMHead wraps an nn.Linear, got {type(lm_head).__name__}")
+        if class_weight is not None:
+            if not isinstance(class_weight, torch.Tensor) or class_weight.shape != (
+                lm_head.out_features,
+            ):
+                got = (
+                    tuple(class_weight.shape)
+                    if isinstance(class_weight, torch.Tensor)
+                    else type(class_weight).__name__
+                )
+                raise ValueError(
+                    f"ChunkedLMHead: class_weight must be a tensor of shape "
+                    f"({lm_head.out_features},) (one weight per vocabulary entry), got {got}"
+                )
+            if not class_weight.is_floating_point():
+                raise ValueError(
+                    f"ChunkedLMHead: class_weight must be floating point, got {class_weight.dtype}"
+                )
+            class_weight = class_weight.detach().clone()
+        self.register_buffer("class_weight", class_weight)
         self.head = lm_head
         self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = (
             ignore_index,
@@ -89,6 +126,9 @@ class ChunkedLMHead(nn.Module):
         *,
         reduction: str = "mean",
         rows: Optional[torch.Tensor] = None,
+        return_z_loss: bool = False,
+        return_accuracy: bool = False,
+        return_predictions: bool = False,
     ):
         if labels is None:
             logits = self.head(hidden)
@@ -105,4 +145,8 @@ class ChunkedLMHead(nn.Module):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            class_weight=self.class_weight,
+            return_z_loss=return_z_loss,
+            return_accuracy=return_accuracy,
+            return_predictions=return_predictions,
         )

@@ -2,6 +2,7 @@
 (tests/cuda/test_attention_cuda.py) tests of the sparse-attention CUDA kernels: forward (out, lse)
 and backward (dq, dk, dv) against the float64 reference, with the error rule of every kernel test
 (at most 2x the error of the PyTorch reference run in the same dtype)."""
+
 from __future__ import annotations
 
 import math
@@ -33,13 +34,13 @@ class Case:
     n_global: int = 0
     q_offset: int = -1
     kv_offset: int = 0
-    head_offset: int = 0           # the local heads are [head_offset, head_offset + H) of total_heads
+    head_offset: int = 0  # the local heads are [head_offset, head_offset + H) of total_heads
     total_heads: int = 0
-    pad: list | None = None        # batched: per sequence (left, right) padded keys
-    cu_q: list | None = None       # packed: offsets
+    pad: list | None = None  # batched: per sequence (left, right) padded keys
+    cu_q: list | None = None  # packed: offsets
     cu_k: list | None = None
     scale: float | None = None
-    softcap: float = 0.0           # logit softcapping (0: off)
+    softcap: float = 0.0  # logit softcapping (0: off)
     extra: dict = field(default_factory=dict)
 
     def __str__(self):
@@ -65,7 +66,7 @@ def _tensors(c: Case, dtype, device, scale_qk=1.0):
         for b, (left, right) in enumerate(c.pad):
             kpm[b, :left] = False
             if right:
-                kpm[b, nk - right:] = False
+                kpm[b, nk - right :] = False
         kpm = kpm.to(device)
     return q, k, v, go, kpm
 
@@ -83,17 +84,34 @@ def _op_args(c: Case, kpm, device):
 
 
 def case_mask(c: Case) -> AttentionMask:
-    return AttentionMask(causal=c.causal, s2_group_size=c.group, s2_mode=c.mode, window_left=c.wl,
-                         window_right=c.wr, n_global=c.n_global, q_offset=c.q_offset, kv_offset=c.kv_offset,
-                         head_offset=c.head_offset, total_heads=c.total_heads)
+    return AttentionMask(
+        causal=c.causal,
+        s2_group_size=c.group,
+        s2_mode=c.mode,
+        window_left=c.wl,
+        window_right=c.wr,
+        n_global=c.n_global,
+        q_offset=c.q_offset,
+        kv_offset=c.kv_offset,
+        head_offset=c.head_offset,
+        total_heads=c.total_heads,
+    )
 
 
 def _reference(c: Case, q, k, v, kpm, dtype):
     qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     out, lse = sparse_attention(
-        qq, kk, vv, softmax_scale=c.scale if c.scale is not None else 1.0 / math.sqrt(c.d), key_padding_mask=kpm,
-        cu_seqlens=c.cu_q, cu_seqlens_k=c.cu_k, softcap=c.softcap or None, return_lse=True,
-        **case_mask(c).to_keywords())
+        qq,
+        kk,
+        vv,
+        softmax_scale=c.scale if c.scale is not None else 1.0 / math.sqrt(c.d),
+        key_padding_mask=kpm,
+        cu_seqlens=c.cu_q,
+        cu_seqlens_k=c.cu_k,
+        softcap=c.softcap or None,
+        return_lse=True,
+        **case_mask(c).to_keywords(),
+    )
     return out, lse, (qq, kk, vv)
 
 
@@ -120,15 +138,23 @@ def check_case(fwd, bwd, device, c: Case, dtype, backward=True):
     o64.backward(go.double())
     olo.backward(go)
     for name, got, ref, same in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves64, leaves_lo):
-        assert got.shape == ref.shape and got.dtype == dtype, f"{c.name} {name}: {got.shape} {got.dtype}"
+        assert got.shape == ref.shape and got.dtype == dtype, (
+            f"{c.name} {name}: {got.shape} {got.dtype}"
+        )
         assert_within_2x(got.cpu(), ref.grad.cpu(), same.grad.cpu(), f"{c.name} {name}")
 
 
 def _head_dims():
     """The head dims the CUDA kernels are compiled for, read from their single definition
     (LT_ATTN_HEAD_DIMS in csrc/cuda/attention/attn_head_dims.h, as CMakeLists.txt reads it)."""
-    header = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "attention" / "attn_head_dims.h"
-    line = next(ln for ln in header.read_text().splitlines() if ln.startswith("#define LT_ATTN_HEAD_DIMS(X)"))
+    header = (
+        Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "attention" / "attn_head_dims.h"
+    )
+    line = next(
+        ln
+        for ln in header.read_text().splitlines()
+        if ln.startswith("#define LT_ATTN_HEAD_DIMS(X)")
+    )
     return tuple(int(x) for x in re.findall(r"X\((\d+)\)", line))
 
 
@@ -174,19 +200,65 @@ CASES = [
     Case("softcap_causal_gqa", nq=70, hq=4, hkv=2, softcap=2.0),
     Case("softcap_s2_leakfree", nq=100, hq=2, hkv=2, group=16, mode="leakfree", softcap=3.0),
     Case("softcap_s2_roll", nq=72, hq=2, hkv=2, group=16, mode="longlora_roll", softcap=2.0),
-    Case("softcap_lambda_offsets", nq=40, nk=100, q_offset=30, kv_offset=5, wl=24, n_global=2, softcap=2.5),
+    Case(
+        "softcap_lambda_offsets",
+        nq=40,
+        nk=100,
+        q_offset=30,
+        kv_offset=5,
+        wl=24,
+        n_global=2,
+        softcap=2.5,
+    ),
     Case("softcap_key_padding", nq=70, batch=2, causal=False, pad=[(0, 13), (20, 3)], softcap=2.0),
-    Case("softcap_varlen", cu_q=[0, 30, 50, 120], cu_k=[0, 40, 40, 130], nq=0, hq=2, hkv=1, softcap=2.0),
+    Case(
+        "softcap_varlen",
+        cu_q=[0, 30, 50, 120],
+        cu_k=[0, 40, 40, 130],
+        nq=0,
+        hq=2,
+        hkv=1,
+        softcap=2.0,
+    ),
     # sequence-parallel shards: heads [2, 4) of 4 (both shifted), [1, 3) of 4 (one of each), and a
     # query shard whose keys start before it (a halo: negative kv_offset, global tokens at [0, n_global))
-    Case("head_offset_shifted", nq=70, hq=2, hkv=2, group=16, mode="leakfree", head_offset=2, total_heads=4),
-    Case("head_offset_gqa_roll", nq=72, hq=2, hkv=1, group=16, mode="longlora_roll", head_offset=1, total_heads=4),
-    Case("halo_negative_kv_offset", nq=40, nk=70, hq=2, hkv=2, group=16, mode="leakfree", kv_offset=-30),
+    Case(
+        "head_offset_shifted",
+        nq=70,
+        hq=2,
+        hkv=2,
+        group=16,
+        mode="leakfree",
+        head_offset=2,
+        total_heads=4,
+    ),
+    Case(
+        "head_offset_gqa_roll",
+        nq=72,
+        hq=2,
+        hkv=1,
+        group=16,
+        mode="longlora_roll",
+        head_offset=1,
+        total_heads=4,
+    ),
+    Case(
+        "halo_negative_kv_offset",
+        nq=40,
+        nk=70,
+        hq=2,
+        hkv=2,
+        group=16,
+        mode="leakfree",
+        kv_offset=-30,
+    ),
     Case("halo_window_global", nq=40, nk=100, kv_offset=-20, q_offset=60, wl=24, n_global=3),
 ]
 # head dims with their own tile shapes: every mask family, and softcapping at 256 (Gemma)
 CASES += [c for d in NEW_SHAPE_HEAD_DIMS for c in _head_dim_cases(d)]
-CASES += [Case("hd256_softcap_s2_gqa", nq=72, hq=4, hkv=2, group=16, mode="leakfree", softcap=2.0, d=256)]
+CASES += [
+    Case("hd256_softcap_s2_gqa", nq=72, hq=4, hkv=2, group=16, mode="leakfree", softcap=2.0, d=256)
+]
 
 # Larger cases for a real GPU (several tiles per sequence, both tile-range pieces, many blocks).
 GPU_CASES = [
@@ -197,19 +269,67 @@ GPU_CASES = [
     Case("lambda_mask", nq=1500, hq=2, hkv=1, wl=300, n_global=70, d=96),
     Case("window_two_sided", nq=900, causal=False, wl=150, wr=90, hq=2, hkv=2, d=80),
     Case("rsqa", nq=600, hq=2, hkv=4),
-    Case("key_padding", nq=500, batch=3, hq=2, hkv=2, causal=False, pad=[(0, 100), (130, 7), (0, 0)]),
-    Case("varlen", cu_q=[0, 300, 301, 1000, 1000, 1500], cu_k=[0, 400, 500, 1200, 1300, 1800], nq=0, hq=4, hkv=1),
-    Case("chunk_offsets", nq=256, nk=3000, q_offset=1900, kv_offset=100, wl=1024, n_global=4, hq=2, hkv=2),
+    Case(
+        "key_padding", nq=500, batch=3, hq=2, hkv=2, causal=False, pad=[(0, 100), (130, 7), (0, 0)]
+    ),
+    Case(
+        "varlen",
+        cu_q=[0, 300, 301, 1000, 1000, 1500],
+        cu_k=[0, 400, 500, 1200, 1300, 1800],
+        nq=0,
+        hq=4,
+        hkv=1,
+    ),
+    Case(
+        "chunk_offsets",
+        nq=256,
+        nk=3000,
+        q_offset=1900,
+        kv_offset=100,
+        wl=1024,
+        n_global=4,
+        hq=2,
+        hkv=2,
+    ),
     Case("softcap_gqa_hd128", nq=1000, hq=4, hkv=2, d=128, batch=2, softcap=2.0),
-    Case("softcap_s2_varlen", cu_q=[0, 300, 301, 1000], cu_k=[0, 400, 500, 1200], nq=0, hq=4, hkv=2, group=64,
-         mode="leakfree", softcap=3.0),
-    Case("head_offset_s2_long", nq=1000, hq=4, hkv=2, group=128, mode="leakfree", head_offset=6, total_heads=16),
+    Case(
+        "softcap_s2_varlen",
+        cu_q=[0, 300, 301, 1000],
+        cu_k=[0, 400, 500, 1200],
+        nq=0,
+        hq=4,
+        hkv=2,
+        group=64,
+        mode="leakfree",
+        softcap=3.0,
+    ),
+    Case(
+        "head_offset_s2_long",
+        nq=1000,
+        hq=4,
+        hkv=2,
+        group=128,
+        mode="leakfree",
+        head_offset=6,
+        total_heads=16,
+    ),
     Case("halo_s2_long", nq=1024, nk=1536, hq=4, hkv=4, group=256, mode="leakfree", kv_offset=-512),
     Case("causal_gqa_hd256", nq=1000, hq=4, hkv=2, d=256, batch=2),
     Case("softcap_window_hd256", nq=1500, hq=4, hkv=2, d=256, wl=400, softcap=2.0),
     Case("s2_roll_hd192", nq=1500, hq=4, hkv=2, group=200, mode="longlora_roll", d=192),
-    Case("varlen_hd160", cu_q=[0, 300, 301, 1000], cu_k=[0, 400, 500, 1200], nq=0, hq=4, hkv=2, d=160),
-    Case("key_padding_hd32", nq=500, batch=3, hq=2, hkv=2, causal=False, pad=[(0, 100), (130, 7), (0, 0)], d=32),
+    Case(
+        "varlen_hd160", cu_q=[0, 300, 301, 1000], cu_k=[0, 400, 500, 1200], nq=0, hq=4, hkv=2, d=160
+    ),
+    Case(
+        "key_padding_hd32",
+        nq=500,
+        batch=3,
+        hq=2,
+        hkv=2,
+        causal=False,
+        pad=[(0, 100), (130, 7), (0, 0)],
+        d=32,
+    ),
     Case("s2_leakfree_hd32", nq=2000, hq=4, hkv=4, group=256, mode="leakfree", d=32),
 ]
 

@@ -1,5 +1,6 @@
 """The sparse-attention CUDA kernels' device code (forward and backward), run on the CPU emulator,
 against the float64 reference (error <= 2x the PyTorch reference's in the same dtype)."""
+
 import math
 import re
 
@@ -58,12 +59,19 @@ def test_shared_checks_name_the_argument():
 
 
 def test_empty_inputs():
-    for shape_q, shape_k in [((0, 8, 1, 64), (0, 8, 1, 64)), ((2, 0, 1, 64), (2, 5, 1, 64)),
-                             ((2, 5, 1, 64), (2, 0, 1, 64))]:
+    for shape_q, shape_k in [
+        ((0, 8, 1, 64), (0, 8, 1, 64)),
+        ((2, 0, 1, 64), (2, 5, 1, 64)),
+        ((2, 5, 1, 64), (2, 0, 1, 64)),
+    ]:
         q = torch.randn(shape_q, dtype=torch.bfloat16)
         k = torch.randn(shape_k, dtype=torch.bfloat16)
         out, lse = FWD(q, k, k, *_args())
-        assert out.shape == (shape_q[0], shape_q[1], 1, 64) and lse.shape == (shape_q[0], 1, shape_q[1])
+        assert out.shape == (shape_q[0], shape_q[1], 1, 64) and lse.shape == (
+            shape_q[0],
+            1,
+            shape_q[1],
+        )
         assert (out == 0).all() and (lse == -math.inf).all()
         dq, dk, dv = BWD(out, q, k, k, out, lse, *_args())
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape

@@ -48,7 +48,8 @@ inline MaskSpec parse_mask(const char* op, at::IntArrayRef enc) {
     LT_CHECK(op, group >= 2 && group % 2 == 0,
              "mask: s2_group_size must be an even number >= 2 (the shift is half a group), got ", group);
   } else {
-    LT_CHECK(op, group == 0, "mask: s2_group_size=", group, " needs s2_mode 'leakfree' or 'longlora_roll' (got 'none')");
+    LT_CHECK(op, group == 0, "mask: s2_group_size=", group,
+             " needs s2_mode 'leakfree' or 'longlora_roll' (got 'none')");
   }
   m.group = group;
   const int64_t wl = enc[kWindowLeft], wr = enc[kWindowRight];
@@ -77,15 +78,15 @@ inline MaskSpec parse_mask(const char* op, at::IntArrayRef enc) {
 inline std::vector<int64_t> check_cu(const char* op, const char* name, const at::Tensor& cu, int64_t total,
                                      const at::Tensor& q) {
   check_same_device(op, name, cu, "q", q);
-  LT_CHECK(op, cu.dim() == 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
-           name, " must be a 1-D int32 or int64 tensor, got ", cu.scalar_type(), " with shape ", cu.sizes());
+  LT_CHECK(op, cu.dim() == 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong), name,
+           " must be a 1-D int32 or int64 tensor, got ", cu.scalar_type(), " with shape ", cu.sizes());
   LT_CHECK(op, cu.numel() >= 2, name, " must hold at least 2 offsets (batch + 1), got ", cu.numel());
   const at::Tensor h = cu.to(at::kCPU, at::kLong).contiguous();  // one device sync on CUDA
   std::vector<int64_t> v(h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
   LT_CHECK(op, v.front() == 0, name, "[0] must be 0, got ", v.front());
   for (size_t i = 1; i < v.size(); ++i)
-    LT_CHECK(op, v[i] >= v[i - 1], name, " must be non-decreasing, got ", name, "[", i - 1, "]=", v[i - 1], " > ",
-             name, "[", i, "]=", v[i]);
+    LT_CHECK(op, v[i] >= v[i - 1], name, " must be non-decreasing, got ", name, "[", i - 1, "]=", v[i - 1], " > ", name,
+             "[", i, "]=", v[i]);
   LT_CHECK(op, v.back() == total, name, "[-1] must equal the number of packed rows (", total, "), got ", v.back());
   return v;
 }
@@ -109,8 +110,7 @@ inline AttnArgs check_attn_args(const char* op, const at::Tensor& q, const at::T
   LT_CHECK(op, q.dim() == dims, "q must be ", layout, ", got shape ", q.sizes());
   LT_CHECK(op, k.dim() == dims, "k must be ", layout, ", got shape ", k.sizes());
   LT_CHECK(op, k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  LT_CHECK(op, q.size(-1) == k.size(-1), "q and k must have the same head_dim, got ", q.size(-1), " and ",
-           k.size(-1));
+  LT_CHECK(op, q.size(-1) == k.size(-1), "q and k must have the same head_dim, got ", q.size(-1), " and ", k.size(-1));
   LT_CHECK(op, q.size(-1) >= 1, "head_dim must be >= 1, got ", q.size(-1));
   LT_CHECK(op, q.size(-2) >= 1 && k.size(-2) >= 1, "q and k need at least one head, got ", q.size(-2), " and ",
            k.size(-2));
@@ -122,7 +122,8 @@ inline AttnArgs check_attn_args(const char* op, const at::Tensor& q, const at::T
   a.heads = std::max(a.hq, a.hkv);
   a.d = static_cast<int32_t>(q.size(-1));
   if (a.varlen) {
-    LT_CHECK(op, !kpm.has_value(), "key_padding_mask cannot be combined with cu_seqlens (packed sequences have no padding)");
+    LT_CHECK(op, !kpm.has_value(),
+             "key_padding_mask cannot be combined with cu_seqlens (packed sequences have no padding)");
     a.total_q = q.size(0);
     a.total_k = k.size(0);
     a.cu_q = check_cu(op, "cu_seqlens_q", *cu_q, a.total_q, q);
@@ -134,8 +135,10 @@ inline AttnArgs check_attn_args(const char* op, const at::Tensor& q, const at::T
       a.nq = std::max(a.nq, a.q_len(b));
       a.nk = std::max(a.nk, a.k_len(b));
     }
-    LT_CHECK(op, max_q <= 0 || max_q >= a.nq, "max_seqlen_q=", max_q, " is shorter than the longest sequence (", a.nq, ")");
-    LT_CHECK(op, max_k <= 0 || max_k >= a.nk, "max_seqlen_k=", max_k, " is shorter than the longest sequence (", a.nk, ")");
+    LT_CHECK(op, max_q <= 0 || max_q >= a.nq, "max_seqlen_q=", max_q, " is shorter than the longest sequence (", a.nq,
+             ")");
+    LT_CHECK(op, max_k <= 0 || max_k >= a.nk, "max_seqlen_k=", max_k, " is shorter than the longest sequence (", a.nk,
+             ")");
     a.cu_q_dev = cu_q->to(at::kLong).contiguous();
     a.cu_k_dev = cu_k->to(at::kLong).contiguous();
   } else {
@@ -189,8 +192,8 @@ inline at::Tensor empty_lse(const AttnArgs& a, const at::Tensor& q) {
 // grad_out like out; out and lse as returned by the forward.
 inline void check_bwd_tensors(const char* op, const AttnArgs& a, const at::Tensor& q, const at::Tensor& grad_out,
                               const at::Tensor& out, const at::Tensor& lse) {
-  const std::vector<int64_t> oshape = a.varlen ? std::vector<int64_t>{a.total_q, a.heads, a.d}
-                                               : std::vector<int64_t>{a.batch, a.nq, a.heads, a.d};
+  const std::vector<int64_t> oshape =
+      a.varlen ? std::vector<int64_t>{a.total_q, a.heads, a.d} : std::vector<int64_t>{a.batch, a.nq, a.heads, a.d};
   LT_CHECK(op, out.sizes() == at::IntArrayRef(oshape), "out must have shape ", at::IntArrayRef(oshape), ", got ",
            out.sizes());
   LT_CHECK(op, grad_out.sizes() == out.sizes(), "grad_out must have out's shape ", out.sizes(), ", got ",
@@ -199,10 +202,10 @@ inline void check_bwd_tensors(const char* op, const AttnArgs& a, const at::Tenso
            "grad_out and out must have q's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(), " and ",
            out.scalar_type());
   const auto ldt = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const std::vector<int64_t> lshape = a.varlen ? std::vector<int64_t>{a.heads, a.total_q}
-                                               : std::vector<int64_t>{a.batch, a.heads, a.nq};
-  LT_CHECK(op, lse.sizes() == at::IntArrayRef(lshape) && lse.scalar_type() == ldt, "lse must be ", ldt,
-           " with shape ", at::IntArrayRef(lshape), ", got ", lse.scalar_type(), " ", lse.sizes());
+  const std::vector<int64_t> lshape =
+      a.varlen ? std::vector<int64_t>{a.heads, a.total_q} : std::vector<int64_t>{a.batch, a.heads, a.nq};
+  LT_CHECK(op, lse.sizes() == at::IntArrayRef(lshape) && lse.scalar_type() == ldt, "lse must be ", ldt, " with shape ",
+           at::IntArrayRef(lshape), ", got ", lse.scalar_type(), " ", lse.sizes());
   check_same_device(op, "grad_out", grad_out, "q", q);
   check_same_device(op, "out", out, "q", q);
   check_same_device(op, "lse", lse, "q", q);

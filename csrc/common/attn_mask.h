@@ -37,8 +37,18 @@ struct MaskSpec {
 // The `int[] mask` encoding: kMaskLen integers, element kVersion = kMaskVersion, then one integer
 // per field in this order (causal 0/1, s2_mode as S2Mode, the rest as in MaskSpec).
 enum MaskSlot : int32_t {
-  kVersion = 0, kCausal, kGroup, kMode, kWindowLeft, kWindowRight, kNGlobal, kQOffset, kKvOffset, kHeadOffset,
-  kTotalHeads, kMaskLen
+  kVersion = 0,
+  kCausal,
+  kGroup,
+  kMode,
+  kWindowLeft,
+  kWindowRight,
+  kNGlobal,
+  kQOffset,
+  kKvOffset,
+  kHeadOffset,
+  kTotalHeads,
+  kMaskLen
 };
 constexpr int64_t kMaskVersion = 1;
 
@@ -84,10 +94,13 @@ LT_HD void add_range(Ranges& r, int64_t lo, int64_t hi, int64_t n) {
     return;
   }
   if (r.n == 1 && lo < r.lo[0]) {
-    r.lo[1] = r.lo[0]; r.hi[1] = r.hi[0];
-    r.lo[0] = lo; r.hi[0] = hi;
+    r.lo[1] = r.lo[0];
+    r.hi[1] = r.hi[0];
+    r.lo[0] = lo;
+    r.hi[0] = hi;
   } else {
-    r.lo[r.n] = lo; r.hi[r.n] = hi;
+    r.lo[r.n] = lo;
+    r.hi[r.n] = hi;
   }
   r.n += 1;
 }

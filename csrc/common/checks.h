@@ -11,8 +11,7 @@ namespace lt {
 
 inline void check_floating(const char* op, const char* arg, const at::Tensor& t, bool allow_f64) {
   const auto dt = t.scalar_type();
-  const bool ok = dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
-                  (allow_f64 && dt == at::kDouble);
+  const bool ok = dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || (allow_f64 && dt == at::kDouble);
   LT_CHECK(op, ok, arg, " must be ",
            allow_f64 ? "float32, float16, bfloat16 or float64" : "float32, float16 or bfloat16",
            (allow_f64 ? "" : " on this device (float64 is CPU-only)"), ", got ", dt);
@@ -20,8 +19,8 @@ inline void check_floating(const char* op, const char* arg, const at::Tensor& t,
 
 inline void check_same_device(const char* op, const char* a, const at::Tensor& ta, const char* b,
                               const at::Tensor& tb) {
-  LT_CHECK(op, ta.device() == tb.device(), a, " and ", b,
-           " must be on the same device, got ", ta.device(), " and ", tb.device());
+  LT_CHECK(op, ta.device() == tb.device(), a, " and ", b, " must be on the same device, got ", ta.device(), " and ",
+           tb.device());
 }
 
 }  // namespace lt

@@ -19,9 +19,9 @@ struct CrossEntropyArgs {
 
 // x (T, d), weight (V, d), bias (V,) or None, target (T,) int64 with values in [0, V) or ==
 // ignore_index (checked with one device sync on CUDA, instead of a device-side assert).
-inline CrossEntropyArgs check_args(const char* op, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                          const at::Tensor& target, int64_t ignore_index, double eps, double z_loss, double softcap,
-                          bool allow_f64) {
+inline CrossEntropyArgs check_args(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                   const std::optional<at::Tensor>& b, const at::Tensor& target, int64_t ignore_index,
+                                   double eps, double z_loss, double softcap, bool allow_f64) {
   check_floating(op, "x", x, allow_f64);
   LT_CHECK(op, w.scalar_type() == x.scalar_type(), "weight must have x's dtype ", x.scalar_type(), ", got ",
            w.scalar_type());
@@ -57,8 +57,8 @@ inline CrossEntropyArgs check_args(const char* op, const at::Tensor& x, const at
     const at::Tensor bad = (target != ignore_index) & ((target < 0) | (target >= a.V));
     if (bad.any().item<bool>()) {
       const int64_t i = bad.nonzero()[0][0].item<int64_t>();
-      LT_CHECK(op, false, "target[", i, "] = ", target[i].item<int64_t>(), " is out of range for a vocabulary of ",
-               a.V, " (and is not ignore_index = ", ignore_index, ")");
+      LT_CHECK(op, false, "target[", i, "] = ", target[i].item<int64_t>(), " is out of range for a vocabulary of ", a.V,
+               " (and is not ignore_index = ", ignore_index, ")");
     }
   }
   return a;
@@ -78,9 +78,8 @@ inline void check_bwd(const char* op, const CrossEntropyArgs& a, const at::Tenso
 
 inline void check_fwd_bwd(const char* op, const CrossEntropyArgs& a, const at::Tensor& x, const at::Tensor& grad_rows) {
   const auto ldt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  LT_CHECK(op, grad_rows.dim() == 1 && grad_rows.size(0) == a.T && grad_rows.scalar_type() == ldt,
-           "grad_rows must be ", ldt, " of shape (", a.T, ",), got ", grad_rows.scalar_type(), " ",
-           grad_rows.sizes());
+  LT_CHECK(op, grad_rows.dim() == 1 && grad_rows.size(0) == a.T && grad_rows.scalar_type() == ldt, "grad_rows must be ",
+           ldt, " of shape (", a.T, ",), got ", grad_rows.scalar_type(), " ", grad_rows.sizes());
   check_same_device(op, "x", x, "grad_rows", grad_rows);
 }
 

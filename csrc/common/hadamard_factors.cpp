@@ -18,7 +18,10 @@ struct GF {
 
   std::vector<int64_t> digits(int64_t a) const {
     std::vector<int64_t> d(k);
-    for (int64_t i = 0; i < k; ++i) { d[i] = a % p; a /= p; }
+    for (int64_t i = 0; i < k; ++i) {
+      d[i] = a % p;
+      a /= p;
+    }
     return d;
   }
   int64_t number(const std::vector<int64_t>& d) const {
@@ -41,8 +44,7 @@ struct GF {
       const int64_t c = prod[t];
       if (!c) continue;
       prod[t] = 0;
-      for (int64_t i = 0; i < k; ++i)
-        prod[t - k + i] = ((prod[t - k + i] - c * mod[i]) % p + p) % p;
+      for (int64_t i = 0; i < k; ++i) prod[t - k + i] = ((prod[t - k + i] - c * mod[i]) % p + p) % p;
     }
     prod.resize(k);
     return number(prod);
@@ -53,10 +55,16 @@ bool prime_power(int64_t q, int64_t* p_out, int64_t* k_out) {
   if (q < 2) return false;
   int64_t p = 0;
   for (int64_t d = 2; d * d <= q; ++d)
-    if (q % d == 0) { p = d; break; }
+    if (q % d == 0) {
+      p = d;
+      break;
+    }
   if (!p) p = q;
   int64_t k = 0, r = q;
-  while (r % p == 0) { r /= p; ++k; }
+  while (r % p == 0) {
+    r /= p;
+    ++k;
+  }
   if (r != 1) return false;
   *p_out = p;
   *k_out = k;
@@ -65,15 +73,23 @@ bool prime_power(int64_t q, int64_t* p_out, int64_t* k_out) {
 
 GF make_field(int64_t p, int64_t k) {
   GF f;
-  f.p = p; f.k = k; f.q = 1;
+  f.p = p;
+  f.k = k;
+  f.q = 1;
   for (int64_t i = 0; i < k; ++i) f.q *= p;
-  if (k == 1) { f.mod = {0}; return f; }  // x^1 + 0: arithmetic mod p
+  if (k == 1) {
+    f.mod = {0};
+    return f;
+  }  // x^1 + 0: arithmetic mod p
   for (int64_t code = 0; code < f.q; ++code) {
     f.mod = f.digits(code);
     bool zero_divisor = false;
     for (int64_t a = 1; a < f.q && !zero_divisor; ++a)
       for (int64_t b = a; b < f.q; ++b)
-        if (f.mul(a, b) == 0) { zero_divisor = true; break; }
+        if (f.mul(a, b) == 0) {
+          zero_divisor = true;
+          break;
+        }
     if (!zero_divisor) return f;
   }
   throw std::logic_error("longtune: no irreducible polynomial found");
@@ -131,19 +147,19 @@ std::vector<int8_t> paley2(int64_t q) {  // order 2(q + 1), q = 1 mod 4
 // Baumert-Hall / Djokovic as collected by Londono (2013)). Order 4t, checked below.
 const std::map<int64_t, std::vector<const char*>>& williamson_rows() {
   static const std::map<int64_t, std::vector<const char*>> rows = {
-      {39, {"+++--+-+-----+--++----++--+-----+-+--++", "+++--++-+---+-+--+----+--+-+---+-++--++",
-            "++++---+--++----+-+--+-+----++--+---+++", "+---++-+-+-----+++-++-+++-----+-+-++---"}},
-      {43, {"++---++++-+--+--++--------++--+--+-++++---+", "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
-            "++-++++++----+-+--++-++-++--+-+----++++++-+", "+---++--++++-+-+++-++--++-+++-+-++++--++---"}},
+      {39,
+       {"+++--+-+-----+--++----++--+-----+-+--++", "+++--++-+---+-+--+----+--+-+---+-++--++",
+        "++++---+--++----+-+--+-+----++--+---+++", "+---++-+-+-----+++-++-+++-----+-+-++---"}},
+      {43,
+       {"++---++++-+--+--++--------++--+--+-++++---+", "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
+        "++-++++++----+-+--++-++-++--+-+----++++++-+", "+---++--++++-+-+++-++--++-+++-+-++++--++---"}},
   };
   return rows;
 }
 
 std::vector<int8_t> williamson(int64_t t) {
   const auto& r = williamson_rows().at(t);
-  auto circ = [&](int which, int64_t i, int64_t j) -> int {
-    return r[which][((j - i) % t + t) % t] == '+' ? 1 : -1;
-  };
+  auto circ = [&](int which, int64_t i, int64_t j) -> int { return r[which][((j - i) % t + t) % t] == '+' ? 1 : -1; };
   // [[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]
   static const int blk_id[4][4] = {{0, 1, 2, 3}, {1, 0, 3, 2}, {2, 3, 0, 1}, {3, 2, 1, 0}};
   static const int blk_sg[4][4] = {{1, 1, 1, 1}, {-1, 1, -1, 1}, {-1, 1, 1, -1}, {-1, -1, 1, 1}};
@@ -153,8 +169,7 @@ std::vector<int8_t> williamson(int64_t t) {
     for (int64_t bj = 0; bj < 4; ++bj)
       for (int64_t i = 0; i < t; ++i)
         for (int64_t j = 0; j < t; ++j)
-          H[(bi * t + i) * m + bj * t + j] =
-              static_cast<int8_t>(blk_sg[bi][bj] * circ(blk_id[bi][bj], i, j));
+          H[(bi * t + i) * m + bj * t + j] = static_cast<int8_t>(blk_sg[bi][bj] * circ(blk_id[bi][bj], i, j));
   return H;
 }
 
@@ -164,9 +179,18 @@ Kind kind_of(int64_t m, int64_t* q) {
   int64_t p, k;
   if (m == 1) return Kind::Sylvester;
   if (m % 4) return Kind::None;
-  if (prime_power(m - 1, &p, &k) && (m - 1) % 4 == 3) { *q = m - 1; return Kind::Paley1; }
-  if (prime_power(m / 2 - 1, &p, &k) && (m / 2 - 1) % 4 == 1) { *q = m / 2 - 1; return Kind::Paley2; }
-  if (williamson_rows().count(m / 4)) { *q = m / 4; return Kind::Williamson; }
+  if (prime_power(m - 1, &p, &k) && (m - 1) % 4 == 3) {
+    *q = m - 1;
+    return Kind::Paley1;
+  }
+  if (prime_power(m / 2 - 1, &p, &k) && (m / 2 - 1) % 4 == 1) {
+    *q = m / 2 - 1;
+    return Kind::Paley2;
+  }
+  if (williamson_rows().count(m / 4)) {
+    *q = m / 4;
+    return Kind::Williamson;
+  }
   return Kind::None;
 }
 
@@ -176,8 +200,7 @@ void verify(const std::vector<int8_t>& H, int64_t m) {
       int64_t s = 0;
       for (int64_t t = 0; t < m; ++t) s += H[i * m + t] * H[j * m + t];
       if (s != (i == j ? m : 0))
-        throw std::logic_error("longtune: Hadamard factor of order " + std::to_string(m) +
-                               " failed H H^T = m I");
+        throw std::logic_error("longtune: Hadamard factor of order " + std::to_string(m) + " failed H H^T = m I");
     }
 }
 
@@ -187,7 +210,10 @@ std::optional<Plan> plan_for(int64_t n) {
   if (n < 1 || n > kHadamardMaxN) return std::nullopt;
   int log2p_total = 0;
   int64_t odd = n;
-  while (odd % 2 == 0) { odd /= 2; ++log2p_total; }
+  while (odd % 2 == 0) {
+    odd /= 2;
+    ++log2p_total;
+  }
   if (odd == 1) return Plan{n, 1, log2p_total};
   for (int j = 2; j <= log2p_total; ++j) {
     int64_t q;

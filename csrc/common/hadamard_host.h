@@ -19,7 +19,8 @@ struct Call {
 };
 
 inline Call prepare(const char* op, const at::Tensor& x, double scale, bool allow_f64) {
-  LT_CHECK(op, x.dim() >= 1, "x must have at least 1 dimension (the transform runs over the "
+  LT_CHECK(op, x.dim() >= 1,
+           "x must have at least 1 dimension (the transform runs over the "
            "last one), got a 0-dim tensor");
   check_floating(op, "x", x, allow_f64);
   LT_CHECK(op, std::isfinite(scale), "scale must be a finite number, got ", scale);

@@ -9,15 +9,21 @@
 namespace lt {
 
 template <class T>
-LT_HD bool is_nan(T x) { return x != x; }
+LT_HD bool is_nan(T x) {
+  return x != x;
+}
 
 // max(a, b), NaN if either is NaN.
 template <class T>
-LT_HD T nan_max(T a, T b) { return (a > b || a != a) ? a : b; }
+LT_HD T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
 
 // min(a, b), NaN if either is NaN.
 template <class T>
-LT_HD T nan_min(T a, T b) { return (a < b || a != a) ? a : b; }
+LT_HD T nan_min(T a, T b) {
+  return (a < b || a != a) ? a : b;
+}
 
 // Whether candidate (v, i) replaces the running argmax (cur, ci) in torch.argmax's order: a NaN is
 // larger than everything, and equal values go to the lowest index (so a merge of partial argmaxes in

@@ -30,8 +30,8 @@ inline Args check_args(const char* op, const at::Tensor& x, int64_t bits, const 
   LT_CHECK(op, x.dim() >= 1, "x must have at least 1 dimension, got a 0-dim tensor");
   check_floating(op, "x", x, allow_f64);
   LT_CHECK(op, bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
-  LT_CHECK(op, std::isfinite(clip_ratio) && clip_ratio > 0 && clip_ratio <= 1,
-           "clip_ratio must be in (0, 1], got ", clip_ratio);
+  LT_CHECK(op, std::isfinite(clip_ratio) && clip_ratio > 0 && clip_ratio <= 1, "clip_ratio must be in (0, 1], got ",
+           clip_ratio);
   LT_CHECK(op, ste_mode == "identity" || ste_mode == "clip", "ste must be 'identity' or 'clip', got '", ste_mode, "'");
   Args a;
   a.cfg = {static_cast<int32_t>(bits), symmetric, static_cast<float>(clip_ratio)};
@@ -40,8 +40,10 @@ inline Args check_args(const char* op, const at::Tensor& x, int64_t bits, const 
   if (granularity == "per_token") {
     a.group = a.n;
   } else if (granularity == "per_group") {
-    LT_CHECK(op, group_size >= 1 && a.n % group_size == 0, "group_size must be a positive divisor of the last "
-             "dimension (", a.n, ") for granularity='per_group', got ", group_size);
+    LT_CHECK(op, group_size >= 1 && a.n % group_size == 0,
+             "group_size must be a positive divisor of the last "
+             "dimension (",
+             a.n, ") for granularity='per_group', got ", group_size);
     a.group = group_size;
   } else {
     LT_CHECK(op, false, "granularity must be 'per_token' or 'per_group', got '", granularity, "'");

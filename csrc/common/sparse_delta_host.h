@@ -13,8 +13,8 @@ struct GradArgs {
 
 // Validates and lays out the operands: grad_out [..., out], x [..., in] with the same leading
 // shape and dtype; indices strictly increasing in [0, out * in) (one device sync to check).
-inline GradArgs prepare_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
-                             const at::Tensor& indices, int64_t in_features, bool allow_f64) {
+inline GradArgs prepare_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices,
+                             int64_t in_features, bool allow_f64) {
   check_floating(op, "grad_out", grad_out, allow_f64);
   LT_CHECK(op, x.scalar_type() == grad_out.scalar_type(), "x must have grad_out's dtype ", grad_out.scalar_type(),
            ", got ", x.scalar_type());

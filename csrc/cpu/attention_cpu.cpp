@@ -23,7 +23,6 @@
 #include "cpu/cpu_kernels.h"
 #include "cpu/multiversion.h"
 
-
 namespace lt::attn {
 namespace {
 
@@ -74,7 +73,6 @@ void make_chunks(const Ranges& tr, int64_t nk, std::vector<std::pair<int64_t, in
       out.emplace_back(t * BT, std::min(std::min(tr.hi[u], t + step) * BT, nk));
 }
 
-
 // p[c] = p[c] * (dp[c] - D) * scale (dS, in place over P)
 template <class T>
 LT_ALWAYS_INLINE void ds_row(T* __restrict p, const T* __restrict dp, int64_t n, T D, T scale) {
@@ -121,11 +119,11 @@ struct View {
 // lse / Dsum index of (b, e, sequence-local row i).
 struct RowIndex {
   int64_t sb, sh;
-  int64_t operator()(const AttnArgs& a, int64_t b, int64_t e, int64_t i) const { return b * sb + e * sh + a.q_start(b) + i; }
+  int64_t operator()(const AttnArgs& a, int64_t b, int64_t e, int64_t i) const {
+    return b * sb + e * sh + a.q_start(b) + i;
+  }
 };
-RowIndex row_index(const AttnArgs& a) {
-  return a.varlen ? RowIndex{0, a.total_q} : RowIndex{a.heads * a.nq, a.nq};
-}
+RowIndex row_index(const AttnArgs& a) { return a.varlen ? RowIndex{0, a.total_q} : RowIndex{a.heads * a.nq, a.nq}; }
 
 // Masks S (rows x cols at key j0, ld KC) with -inf where the element is not visible.
 template <class T>
@@ -272,9 +270,9 @@ void fwd_impl(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const
         }
         const T* vp = V.at(b, a.k_start(b) + j0, kh);
         if (chunk_partial(rr.data(), rows, j0, j1, kp))
-          acc_visible<T>(true, rows, cols, d, S.data(), vp, V.sn, acc.data(), d, tmp.data(), Visible{rr.data(), kp, j0});
-        else
-          mm<T>(false, false, rows, d, cols, T(1), S.data(), KC, vp, V.sn, T(1), acc.data(), d);
+          acc_visible<T>(true, rows, cols, d, S.data(), vp, V.sn, acc.data(), d, tmp.data(),
+                         Visible{rr.data(), kp, j0});
+        else mm<T>(false, false, rows, d, cols, T(1), S.data(), KC, vp, V.sn, T(1), acc.data(), d);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* o = O.at(b, a.q_start(b) + i0 + r, e);
@@ -336,7 +334,10 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
       make_chunks(tile_ranges<true>(mk, i0, i0 + rows, BT), nk, chunks);
       if (chunks.empty()) continue;
       const size_t need = chunks.size() * BQ * KC;
-      if (P.size() < need) { P.resize(need); dP.resize(need); }
+      if (P.size() < need) {
+        P.resize(need);
+        dP.resize(need);
+      }
       if (cap > T(0) && Th.size() < need) Th.resize(need);
       const T* qp = Q.at(b, a.q_start(b) + i0, qh);
       const T* gp = dO.at(b, a.q_start(b) + i0, e);
@@ -414,8 +415,13 @@ void bwd_impl(const AttnArgs& a, const at::Tensor& go, const at::Tensor& q, cons
   bool first = true;
   for (int t = 0; t < nthreads; ++t) {
     if (!dk_parts[t].defined()) continue;
-    if (first) { dk.copy_(dk_parts[t]); dv.copy_(dv_parts[t]); }
-    else { dk.add_(dk_parts[t]); dv.add_(dv_parts[t]); }
+    if (first) {
+      dk.copy_(dk_parts[t]);
+      dv.copy_(dv_parts[t]);
+    } else {
+      dk.add_(dk_parts[t]);
+      dv.add_(dv_parts[t]);
+    }
     first = false;
   }
 }
@@ -439,19 +445,19 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k
   return {out.to(q_.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
-    const at::Tensor& go_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
-    const at::Tensor& lse_, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
-    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, at::IntArrayRef mask,
-    double softcap) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& go_, const at::Tensor& q_, const at::Tensor& k_,
+                                                   const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_,
+                                                   const std::optional<at::Tensor>& kpm,
+                                                   const std::optional<at::Tensor>& cu_q,
+                                                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                                                   double scale, at::IntArrayRef mask, double softcap) {
   const char* op = "sparse_attention_bwd";
   const AttnArgs a = check_attn_args(op, q_, k_, v_, kpm, cu_q, cu_k, max_q, max_k, scale, parse_mask(op, mask),
                                      /*allow_f64=*/true, softcap);
   check_bwd_tensors(op, a, q_, go_, out_, lse_);
   const auto ct = compute_type(q_);
   const at::Tensor q = last_dim_contiguous(q_.to(ct)), k = last_dim_contiguous(k_.to(ct)),
-                   v = last_dim_contiguous(v_.to(ct)), go = last_dim_contiguous(go_.to(ct)),
-                   lse = lse_.contiguous();
+                   v = last_dim_contiguous(v_.to(ct)), go = last_dim_contiguous(go_.to(ct)), lse = lse_.contiguous();
   at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
              dv = at::zeros(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {
@@ -474,16 +480,16 @@ TORCH_LIBRARY_IMPL(longtune, CPU, m) {
 namespace lt::attn {
 namespace {
 
-at::Tensor mask_ranges(int64_t nq, int64_t nk, int64_t head, int64_t heads, at::IntArrayRef mask, bool cols,
-                       int64_t i0, int64_t i1, int64_t tile) {
+at::Tensor mask_ranges(int64_t nq, int64_t nk, int64_t head, int64_t heads, at::IntArrayRef mask, bool cols, int64_t i0,
+                       int64_t i1, int64_t tile) {
   const char* op = "attention_mask_ranges";
   LT_CHECK(op, nq >= 0 && nk >= 0 && heads >= 1 && head >= 0 && head < heads, "bad sizes nq=", nq, " nk=", nk,
            " head=", head, " heads=", heads);
   // Reuse the op's checks on a tiny meta problem so the mask is exactly the kernels'.
   const auto opts = at::TensorOptions().device(at::kMeta).dtype(at::kFloat);
   const at::Tensor q = at::empty({1, nq, heads, 1}, opts), k = at::empty({1, nk, heads, 1}, opts);
-  AttnArgs a = check_attn_args(op, q, k, k, std::nullopt, std::nullopt, std::nullopt, 0, 0, 1.0, parse_mask(op, mask),
-                               false);
+  AttnArgs a =
+      check_attn_args(op, q, k, k, std::nullopt, std::nullopt, std::nullopt, 0, 0, 1.0, parse_mask(op, mask), false);
   const SeqMask mk = bind(a.mask, nq, nk, int32_t(head));
   auto fill = [](int64_t* o, const Ranges& r) {
     for (int t = 0; t < 2; ++t) {
@@ -506,6 +512,4 @@ at::Tensor mask_ranges(int64_t nq, int64_t nk, int64_t head, int64_t heads, at::
 }  // namespace
 }  // namespace lt::attn
 
-TORCH_LIBRARY_IMPL(longtune, CompositeExplicitAutograd, m) {
-  m.impl("attention_mask_ranges", &lt::attn::mask_ranges);
-}
+TORCH_LIBRARY_IMPL(longtune, CompositeExplicitAutograd, m) { m.impl("attention_mask_ranges", &lt::attn::mask_ranges); }

@@ -29,20 +29,27 @@ namespace {
 
 // Row-major C (M x N, ldc) = alpha * op(A) * op(B) + beta * C, op(X) = X or X^T (X row-major, ld).
 template <class T>
-void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
-        int64_t ldb, T beta, T* C, int64_t ldc) {
+void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb,
+        T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
   const char fa = tb ? 'T' : 'N', fb = ta ? 'T' : 'N';
   if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_) { sgemm_(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc); return; }
+    if (sgemm_) {
+      sgemm_(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+      return;
+    }
   } else {
-    if (dgemm_) { dgemm_(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc); return; }
+    if (dgemm_) {
+      dgemm_(&fa, &fb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+      return;
+    }
   }
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
       T s = 0;
-      for (int64_t p = 0; p < K; ++p) s += (ta ? A[p * lda + i] : A[i * lda + p]) * (tb ? B[j * ldb + p] : B[p * ldb + j]);
+      for (int64_t p = 0; p < K; ++p)
+        s += (ta ? A[p * lda + i] : A[i * lda + p]) * (tb ? B[j * ldb + p] : B[p * ldb + j]);
       C[i * ldc + j] = alpha * s + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
     }
 }

@@ -94,8 +94,8 @@ int64_t first_argmax(const T* l, int64_t cols, T mx) {
 
 // logits tile (rows x cols at vocab v0, ld BV): x_blk W_tile^T + b, soft-capped.
 template <class T>
-void logits_tile(const T* x, int64_t rows, int64_t d, const T* w, const T* b, int64_t v0, int64_t cols, const Opts<T>& o,
-                 T* L) {
+void logits_tile(const T* x, int64_t rows, int64_t d, const T* w, const T* b, int64_t v0, int64_t cols,
+                 const Opts<T>& o, T* L) {
   mm<T>(false, true, rows, cols, d, T(1), x, d, w + v0 * d, d, T(0), L, BV);
   for (int64_t r = 0; r < rows; ++r) {
     T* l = L + r * BV;
@@ -112,8 +112,8 @@ void logits_tile(const T* x, int64_t rows, int64_t d, const T* w, const T* b, in
 // minus (1 - eps) w_t at the target column t (-1: not in this tile), times the softcap derivative,
 // times the row's loss gradient gr. cwt: the tile's class weights w_c (nullptr: all 1).
 template <class T>
-void dlogits_row(T* __restrict l, int64_t cols, T pf, int64_t t, const T* capd, T gr, const Opts<T>& o,
-                 const T* cwt, T w_t) {
+void dlogits_row(T* __restrict l, int64_t cols, T pf, int64_t t, const T* capd, T gr, const Opts<T>& o, const T* cwt,
+                 T w_t) {
   const T base = o.eps / T(o.V);
   if (cwt)
     for (int64_t c = 0; c < cols; ++c) l[c] = l[c] * pf - base * cwt[c];
@@ -225,8 +225,8 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, con
 
 template <class T>
 void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-              const at::Tensor& target, const at::Tensor& lse, const at::Tensor& cw, const CrossEntropyArgs& a, at::Tensor& dx,
-              at::Tensor& dw, at::Tensor& db) {
+              const at::Tensor& target, const at::Tensor& lse, const at::Tensor& cw, const CrossEntropyArgs& a,
+              at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
   const Opts<T> o = make_opts<T>(a, cw);
   const T* X = x.data_ptr<T>();
   const T* W = w.data_ptr<T>();
@@ -284,7 +284,8 @@ void bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, con
   bool first = true;
   for (auto& p : dx_parts) {
     if (!p.defined()) continue;
-    if (first) dx.copy_(p); else dx.add_(p);
+    if (first) dx.copy_(p);
+    else dx.add_(p);
     first = false;
   }
   if (first) dx.zero_();
@@ -451,8 +452,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (ct == at::kDouble) fwd_bwd_impl<double>(x, w, b, t, g, cw, a, weight_grad, loss, lse, dx, dw, db, amax);
     else fwd_bwd_impl<float>(x, w, b, t, g, cw, a, weight_grad, loss, lse, dx, dw, db, amax);
   }
-  return {loss, lse, dx.to(x_.scalar_type()), weight_grad ? dw.to(w_.scalar_type()) : dw,
-          a.has_bias && weight_grad ? db.to(b_->scalar_type()) : db, amax};
+  return {loss,
+          lse,
+          dx.to(x_.scalar_type()),
+          weight_grad ? dw.to(w_.scalar_type()) : dw,
+          a.has_bias && weight_grad ? db.to(b_->scalar_type()) : db,
+          amax};
 }
 
 }  // namespace

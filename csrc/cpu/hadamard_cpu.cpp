@@ -22,8 +22,8 @@ using cpu::fwht_segments;
 // transform on each of its m segments in place (the buffer stays in L1/L2), and either write the
 // scaled result (m == 1) or park it in Z for stage 2.
 // Stage 2 (m > 1): Y_r = (scale * H_m^T) Z_r for every row r (Z_r is the m x 2^k matrix of the
-// row's segments), done for all rows at once as one [m, m] x [m, rows * 2^k] GEMM through ATen's BLAS - the dense m x m part, m <= 172, is what
-// BLAS does best. It runs in float64 so that the m-term sums (up to 172 terms) add no rounding
+// row's segments), done for all rows at once as one [m, m] x [m, rows * 2^k] GEMM through ATen's BLAS - the dense m x m
+// part, m <= 172, is what BLAS does best. It runs in float64 so that the m-term sums (up to 172 terms) add no rounding
 // error of their own: the result is rounded once, whatever summation order the BLAS picks.
 template <typename scalar_t, typename acc_t>
 void run_rows(const Call& c, double scale, bool transpose) {

@@ -91,8 +91,7 @@ void run_rows(const Args& a, const at::Tensor& rows, const at::Tensor& pre_rotat
           case Mode::Mask: {
             scalar_t* y = o.y.data_ptr<scalar_t>() + base;
             const scalar_t* gr = g + r * gs + grp * a.group;
-            for (int64_t i = 0; i < a.group; ++i)
-              y[i] = in_range(a.cfg, gp, v[i]) ? gr[i] : static_cast<scalar_t>(0.f);
+            for (int64_t i = 0; i < a.group; ++i) y[i] = in_range(a.cfg, gp, v[i]) ? gr[i] : static_cast<scalar_t>(0.f);
             break;
           }
           case Mode::Codes: {
@@ -143,8 +142,8 @@ void dispatch(const Args& a, const at::Tensor& x, const at::Tensor& grad, Mode m
 
 at::Tensor fake_quant_cpu(const at::Tensor& x, int64_t bits, c10::string_view granularity, int64_t group_size,
                           bool symmetric, double clip, bool rotate, int64_t hsize, c10::string_view ste) {
-  const Args a = check_args("rotate_fake_quant", x, bits, std::string(granularity), group_size, symmetric, clip,
-                            rotate, hsize, std::string(ste), false);
+  const Args a = check_args("rotate_fake_quant", x, bits, std::string(granularity), group_size, symmetric, clip, rotate,
+                            hsize, std::string(ste), false);
   Outputs o;
   o.y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel()) dispatch(a, x, at::Tensor(), Mode::Fake, o);

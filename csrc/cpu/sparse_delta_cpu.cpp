@@ -17,7 +17,6 @@
 namespace lt::sparse_delta {
 namespace {
 
-
 // Token blocks of kTB tokens: the block's x rows (all input features) and the grad_out columns of
 // the thread's own output rows are transposed into feature-major tiles ([in][kTB], [rows][kTB]; at
 // kTB = 32 and in = 4096 that is 512 KiB, L2-resident), then every index reads two contiguous
@@ -88,8 +87,8 @@ inline void dots(const float* gt, const float* xt, const int32_t* rows, const in
 #endif
   dots_block(gt, xt, rows, cols, acc, k0, k1);
 }
-inline void dots(const double* gt, const double* xt, const int32_t* rows, const int32_t* cols, double* acc,
-                 int64_t k0, int64_t k1) {
+inline void dots(const double* gt, const double* xt, const int32_t* rows, const int32_t* cols, double* acc, int64_t k0,
+                 int64_t k1) {
   dots_block(gt, xt, rows, cols, acc, k0, k1);
 }
 
@@ -203,17 +202,17 @@ at::Tensor sparse_delta_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x
                                  int64_t in_features) {
   const GradArgs a = prepare_grad("sparse_delta_grad", grad_out, x, indices, in_features, /*allow_f64=*/true);
   const at::Tensor out = grad_out.scalar_type() == at::kDouble ? run<double>(grad_out, x, a, at::kDouble)
-                                                                : run<float>(grad_out, x, a, at::kFloat);
+                                                               : run<float>(grad_out, x, a, at::kFloat);
   return out.to(grad_out.scalar_type());
 }
 
 // A run of deltas with the same age: branch-free, so the compiler vectorises it (per ISA clone).
 template <typename scalar_t>
-inline void adamw_run(scalar_t* __restrict val, const scalar_t* __restrict g, float* __restrict m,
-                      float* __restrict v, int64_t n, float bc1, float bc2, const AdamWCfg& c) {
+inline void adamw_run(scalar_t* __restrict val, const scalar_t* __restrict g, float* __restrict m, float* __restrict v,
+                      int64_t n, float bc1, float bc2, const AdamWCfg& c) {
   for (int64_t i = 0; i < n; ++i)
-    val[i] = static_cast<scalar_t>(adamw_update(static_cast<float>(val[i]), static_cast<float>(g[i]), m[i], v[i],
-                                                bc1, bc2, c));
+    val[i] = static_cast<scalar_t>(
+        adamw_update(static_cast<float>(val[i]), static_cast<float>(g[i]), m[i], v[i], bc1, bc2, c));
 }
 LT_MULTIVERSION void adamw_run_f32(float* val, const float* g, float* m, float* v, int64_t n, float bc1, float bc2,
                                    const AdamWCfg& c) {
@@ -252,9 +251,18 @@ void sparse_adamw_cpu(const at::Tensor& values, const at::Tensor& grad, const at
   const at::Tensor g = grad.contiguous();
   const int64_t n = values.numel();
   switch (values.scalar_type()) {
-    case at::kFloat: adamw_rows(values.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), age.data_ptr<int32_t>(), n, c); break;
-    case at::kHalf: adamw_rows(values.data_ptr<at::Half>(), g.data_ptr<at::Half>(), m.data_ptr<float>(), v.data_ptr<float>(), age.data_ptr<int32_t>(), n, c); break;
-    case at::kBFloat16: adamw_rows(values.data_ptr<at::BFloat16>(), g.data_ptr<at::BFloat16>(), m.data_ptr<float>(), v.data_ptr<float>(), age.data_ptr<int32_t>(), n, c); break;
+    case at::kFloat:
+      adamw_rows(values.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                 age.data_ptr<int32_t>(), n, c);
+      break;
+    case at::kHalf:
+      adamw_rows(values.data_ptr<at::Half>(), g.data_ptr<at::Half>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                 age.data_ptr<int32_t>(), n, c);
+      break;
+    case at::kBFloat16:
+      adamw_rows(values.data_ptr<at::BFloat16>(), g.data_ptr<at::BFloat16>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                 age.data_ptr<int32_t>(), n, c);
+      break;
     default: TORCH_INTERNAL_ASSERT(false);
   }
 }

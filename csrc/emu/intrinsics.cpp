@@ -124,8 +124,14 @@ void mma_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t lanes, int K, bool
 }
 }  // namespace
 
-void mma16816_f16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t, uint32_t lanes) { mma_fn(in, out, lanes, 16, false); }
-void mma16816_bf16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t, uint32_t lanes) { mma_fn(in, out, lanes, 16, true); }
-void mma1688_f16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t, uint32_t lanes) { mma_fn(in, out, lanes, 8, false); }
+void mma16816_f16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t, uint32_t lanes) {
+  mma_fn(in, out, lanes, 16, false);
+}
+void mma16816_bf16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t, uint32_t lanes) {
+  mma_fn(in, out, lanes, 16, true);
+}
+void mma1688_f16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t, uint32_t lanes) {
+  mma_fn(in, out, lanes, 8, false);
+}
 
 }  // namespace lt::simt::detail

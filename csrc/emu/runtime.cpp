@@ -80,8 +80,8 @@ std::string fmt_dim(Dim3 d) {
 }
 
 std::string where(const Block& b, const Ctx& c) {
-  return std::string("kernel ") + b.kernel + ", block " + fmt_dim(b.bid) + ", thread " + fmt_dim(c.tid) +
-         " (warp " + std::to_string(c.linear / 32) + ", lane " + std::to_string(c.linear % 32) + ")";
+  return std::string("kernel ") + b.kernel + ", block " + fmt_dim(b.bid) + ", thread " + fmt_dim(c.tid) + " (warp " +
+         std::to_string(c.linear / 32) + ", lane " + std::to_string(c.linear % 32) + ")";
 }
 
 void notify_all_locked(Block& b) {
@@ -113,8 +113,7 @@ std::string list_threads(const Block& b, St s, int limit = 12) {
 // Nobody can make progress any more: describe who waits where.
 void deadlock_locked(Block& b) {
   std::ostringstream o;
-  o << "kernel " << b.kernel << ", block " << fmt_dim(b.bid)
-    << ": deadlock - no thread can make progress.";
+  o << "kernel " << b.kernel << ", block " << fmt_dim(b.bid) << ": deadlock - no thread can make progress.";
   if (b.bar_arrived > 0)
     o << " sync_block() was reached by " << b.bar_arrived << " of " << b.nthreads
       << " threads (waiting: " << list_threads(b, St::Barrier) << ").";
@@ -123,9 +122,8 @@ void deadlock_locked(Block& b) {
     const WarpState& W = b.warps[w];
     if (!W.active) continue;
     char buf[256];
-    std::snprintf(buf, sizeof buf,
-                  " Warp %d: %s with mask 0x%08x was reached only by lanes 0x%08x (missing 0x%08x).", w,
-                  W.op, W.mask, W.arrived, W.mask & ~W.arrived);
+    std::snprintf(buf, sizeof buf, " Warp %d: %s with mask 0x%08x was reached only by lanes 0x%08x (missing 0x%08x).",
+                  w, W.op, W.mask, W.arrived, W.mask & ~W.arrived);
     o << buf;
   }
   o << " Threads that exited: " << list_threads(b, St::Exited) << ".";
@@ -333,11 +331,13 @@ void warp_collective(const char* op, uint64_t key, uint32_t mask, const LaneIO& 
   const uint32_t lanes = std::min<uint32_t>(32u, static_cast<uint32_t>(b.nthreads) - w * 32u);
   char buf[320];
   if (!((mask >> lane) & 1u)) {
-    std::snprintf(buf, sizeof buf, "%s called with mask 0x%08x that does not include the calling lane %u", op, mask, lane);
+    std::snprintf(buf, sizeof buf, "%s called with mask 0x%08x that does not include the calling lane %u", op, mask,
+                  lane);
     fail_in_collective(buf);
   }
   if (lanes < 32 && (mask >> lanes) != 0) {
-    std::snprintf(buf, sizeof buf, "%s mask 0x%08x names lanes that do not exist (warp %u has %u lanes)", op, mask, w, lanes);
+    std::snprintf(buf, sizeof buf, "%s mask 0x%08x names lanes that do not exist (warp %u has %u lanes)", op, mask, w,
+                  lanes);
     fail_in_collective(buf);
   }
   WarpState& W = b.warps[w];
@@ -384,8 +384,8 @@ void check_smem(const void* p, size_t bytes, bool write) {
   const uint8_t* lo = b.smem.data();
   if (q < lo || q + bytes > lo + b.smem.size()) {
     std::ostringstream o;
-    o << "shared memory " << (write ? "write" : "read") << " of " << bytes << " bytes at byte offset "
-      << (q - lo) << " is outside the " << b.smem.size() << " bytes of dynamic shared memory requested";
+    o << "shared memory " << (write ? "write" : "read") << " of " << bytes << " bytes at byte offset " << (q - lo)
+      << " is outside the " << b.smem.size() << " bytes of dynamic shared memory requested";
     fail(o.str());
   }
   const size_t off = q - lo;
@@ -424,8 +424,15 @@ void check_smem(const void* p, size_t bytes, bool write) {
         << " in the same barrier interval: a sync_block() (or sync_warp()) is missing between the two accesses";
       fail(o.str());
     }
-    if (write) { sh.writer = me; sh.w_epoch = epoch; sh.w_wsync = wsync; }
-    else { sh.reader = me; sh.r_epoch = epoch; sh.r_wsync = wsync; }
+    if (write) {
+      sh.writer = me;
+      sh.w_epoch = epoch;
+      sh.w_wsync = wsync;
+    } else {
+      sh.reader = me;
+      sh.r_epoch = epoch;
+      sh.r_wsync = wsync;
+    }
   }
 }
 
@@ -435,8 +442,8 @@ void check_global(const void* p, size_t bytes, const void* lo, const void* hi, c
   const uint8_t* h = static_cast<const uint8_t*>(hi);
   if (q < l || q + bytes > h) {
     std::ostringstream o;
-    o << "global memory access of " << bytes << " bytes at byte offset " << (q - l) << " is outside tensor '"
-      << name << "' (" << (h - l) << " bytes)";
+    o << "global memory access of " << bytes << " bytes at byte offset " << (q - l) << " is outside tensor '" << name
+      << "' (" << (h - l) << " bytes)";
     fail(o.str());
   }
 }

@@ -29,26 +29,53 @@ struct gptr {
     return p[i];
   }
   T& operator*() const { return (*this)[0]; }
-  gptr operator+(int64_t i) const { gptr r = *this; r.p += i; return r; }
-  gptr& operator+=(int64_t i) { p += i; return *this; }
+  gptr operator+(int64_t i) const {
+    gptr r = *this;
+    r.p += i;
+    return r;
+  }
+  gptr& operator+=(int64_t i) {
+    p += i;
+    return *this;
+  }
   explicit operator bool() const { return p != nullptr; }
 };
-template <class T> gptr<T> make_gptr(T* p, int64_t count, const char* name) {
+template <class T>
+gptr<T> make_gptr(T* p, int64_t count, const char* name) {
   return gptr<T>(p, p, p + (count > 0 ? count : 0), name);
 }
-template <class T> T* raw(const gptr<T>& g) { return g.p; }
+template <class T>
+T* raw(const gptr<T>& g) {
+  return g.p;
+}
 
 // ------------------------------------------------------------------ checked shared pointer
 template <class T>
 struct sref {  // proxy so that reads and writes are checked separately (cp.async tracking)
   T* p;
-  operator T() const { emu::check_smem(p, sizeof(T), false); return *p; }
+  operator T() const {
+    emu::check_smem(p, sizeof(T), false);
+    return *p;
+  }
   template <class U = T, class = std::enable_if_t<!std::is_const_v<U>>>
-  const sref& operator=(const T& v) const { emu::check_smem(p, sizeof(T), true); *p = v; return *this; }
+  const sref& operator=(const T& v) const {
+    emu::check_smem(p, sizeof(T), true);
+    *p = v;
+    return *this;
+  }
   const sref& operator=(const sref& o) const { return *this = static_cast<T>(o); }
-  template <class V> const sref& operator+=(const V& v) const { return *this = static_cast<T>(T(*this) + v); }
-  template <class V> const sref& operator-=(const V& v) const { return *this = static_cast<T>(T(*this) - v); }
-  template <class V> const sref& operator*=(const V& v) const { return *this = static_cast<T>(T(*this) * v); }
+  template <class V>
+  const sref& operator+=(const V& v) const {
+    return *this = static_cast<T>(T(*this) + v);
+  }
+  template <class V>
+  const sref& operator-=(const V& v) const {
+    return *this = static_cast<T>(T(*this) - v);
+  }
+  template <class V>
+  const sref& operator*=(const V& v) const {
+    return *this = static_cast<T>(T(*this) * v);
+  }
 };
 template <class T>
 struct sptr {
@@ -60,11 +87,20 @@ struct sptr {
   sref<T> operator[](int64_t i) const { return sref<T>{p + i}; }
   sref<T> operator*() const { return sref<T>{p}; }
   sptr operator+(int64_t i) const { return sptr(p + i); }
-  sptr& operator+=(int64_t i) { p += i; return *this; }
+  sptr& operator+=(int64_t i) {
+    p += i;
+    return *this;
+  }
 };
-template <class T> T* raw(const sptr<T>& s) { return s.p; }
+template <class T>
+T* raw(const sptr<T>& s) {
+  return s.p;
+}
 
-template <class T> sptr<T> dynamic_smem() { return sptr<T>(reinterpret_cast<T*>(emu::smem_base())); }
+template <class T>
+sptr<T> dynamic_smem() {
+  return sptr<T>(reinterpret_cast<T*>(emu::smem_base()));
+}
 
 // ------------------------------------------------------------------ indices and barriers
 inline Dim3 thread_idx() { return emu::thread_idx(); }
@@ -75,9 +111,20 @@ inline uint32_t thread_linear() { return emu::thread_linear(); }
 inline void sync_block() { emu::sync_block(); }
 
 namespace detail {
-enum : uint64_t { kSyncWarp = 1, kShfl = 2, kShflXor = 3, kShflUp = 4, kShflDown = 5, kVote = 6,
-                  kLdm1 = 7, kLdm2 = 8, kLdm4 = 9, kMma16816F16 = 10, kMma16816BF16 = 11,
-                  kMma1688F16 = 12 };
+enum : uint64_t {
+  kSyncWarp = 1,
+  kShfl = 2,
+  kShflXor = 3,
+  kShflUp = 4,
+  kShflDown = 5,
+  kVote = 6,
+  kLdm1 = 7,
+  kLdm2 = 8,
+  kLdm4 = 9,
+  kMma16816F16 = 10,
+  kMma16816BF16 = 11,
+  kMma1688F16 = 12
+};
 void shfl_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t mask, uint32_t lanes);
 void vote_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t mask, uint32_t lanes);
 void nop_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t mask, uint32_t lanes);
@@ -86,7 +133,8 @@ void mma16816_f16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t mask, uin
 void mma16816_bf16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t mask, uint32_t lanes);
 void mma1688_f16_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t mask, uint32_t lanes);
 
-template <class T> T shfl_any(uint64_t kind, const char* op, uint32_t mask, T v, int64_t arg, int width) {
+template <class T>
+T shfl_any(uint64_t kind, const char* op, uint32_t mask, T v, int64_t arg, int width) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a type wider than 64 bits");
   emu::LaneIO in, out;
   std::memcpy(&in.w[0], &v, sizeof(T));
@@ -104,10 +152,22 @@ inline void sync_warp(uint32_t mask) {
   emu::LaneIO in, out;
   emu::warp_collective("sync_warp", detail::kSyncWarp, mask, in, out, &detail::nop_fn);
 }
-template <class T> T shfl(uint32_t mask, T v, int src, int width = 32) { return detail::shfl_any(detail::kShfl, "shfl", mask, v, src, width); }
-template <class T> T shfl_xor(uint32_t mask, T v, int lane_mask, int width = 32) { return detail::shfl_any(detail::kShflXor, "shfl_xor", mask, v, lane_mask, width); }
-template <class T> T shfl_up(uint32_t mask, T v, unsigned delta, int width = 32) { return detail::shfl_any(detail::kShflUp, "shfl_up", mask, v, delta, width); }
-template <class T> T shfl_down(uint32_t mask, T v, unsigned delta, int width = 32) { return detail::shfl_any(detail::kShflDown, "shfl_down", mask, v, delta, width); }
+template <class T>
+T shfl(uint32_t mask, T v, int src, int width = 32) {
+  return detail::shfl_any(detail::kShfl, "shfl", mask, v, src, width);
+}
+template <class T>
+T shfl_xor(uint32_t mask, T v, int lane_mask, int width = 32) {
+  return detail::shfl_any(detail::kShflXor, "shfl_xor", mask, v, lane_mask, width);
+}
+template <class T>
+T shfl_up(uint32_t mask, T v, unsigned delta, int width = 32) {
+  return detail::shfl_any(detail::kShflUp, "shfl_up", mask, v, delta, width);
+}
+template <class T>
+T shfl_down(uint32_t mask, T v, unsigned delta, int width = 32) {
+  return detail::shfl_any(detail::kShflDown, "shfl_down", mask, v, delta, width);
+}
 inline uint32_t ballot(uint32_t mask, bool pred) {
   emu::LaneIO in, out;
   in.w[0] = pred ? 1 : 0;
@@ -118,36 +178,44 @@ inline bool any(uint32_t mask, bool pred) { return ballot(mask, pred) != 0; }
 inline bool all(uint32_t mask, bool pred) { return ballot(mask, pred) == mask; }
 
 // ------------------------------------------------------------------ atomics
-template <class P, class T> T atomic_add(P p, T v) {
+template <class P, class T>
+T atomic_add(P p, T v) {
   T& ref = p[0];  // bounds-checked
   return std::atomic_ref<T>(ref).fetch_add(v);
 }
-template <class P, class T> T atomic_max(P p, T v) {
+template <class P, class T>
+T atomic_max(P p, T v) {
   T& ref = p[0];
   std::atomic_ref<T> a(ref);
   T cur = a.load();
   while (cur < v && !a.compare_exchange_weak(cur, v)) {}
   return cur;
 }
-template <class P, class T> T atomic_cas(P p, T cmp, T v) {
+template <class P, class T>
+T atomic_cas(P p, T cmp, T v) {
   T& ref = p[0];
   std::atomic_ref<T>(ref).compare_exchange_strong(cmp, v);
   return cmp;
 }
 
 // ------------------------------------------------------------------ cp.async
-template <class T> void cp_async_16(sptr<T> dst, gptr<const T> src) {
+template <class T>
+void cp_async_16(sptr<T> dst, gptr<const T> src) {
   emu::check_align(dst.p, 16, "cp.async shared destination");
   emu::check_align(src.p, 16, "cp.async global source");
   emu::check_global(src.p, 16, src.lo, src.hi, src.name);
   emu::cp_async(dst.p, src.p, 16);
 }
 inline void cp_async_commit() { emu::cp_async_commit(); }
-template <int N> void cp_async_wait() { emu::cp_async_wait(N); }
+template <int N>
+void cp_async_wait() {
+  emu::cp_async_wait(N);
+}
 
 // ------------------------------------------------------------------ ldmatrix
 namespace detail {
-template <int NMAT, bool Trans, class T> void ldmatrix(uint32_t* r, sptr<T> row) {
+template <int NMAT, bool Trans, class T>
+void ldmatrix(uint32_t* r, sptr<T> row) {
   const uint32_t lane = thread_linear() & 31u;
   emu::LaneIO in, out;
   if (lane < 8u * NMAT) {  // only these lanes' addresses are used (PTX ISA, ldmatrix)
@@ -162,9 +230,18 @@ template <int NMAT, bool Trans, class T> void ldmatrix(uint32_t* r, sptr<T> row)
   for (int i = 0; i < NMAT; ++i) r[i] = static_cast<uint32_t>(out.w[i]);
 }
 }  // namespace detail
-template <bool Trans = false, class T> void ldmatrix_x1(uint32_t (&r)[1], sptr<T> row) { detail::ldmatrix<1, Trans>(r, row); }
-template <bool Trans = false, class T> void ldmatrix_x2(uint32_t (&r)[2], sptr<T> row) { detail::ldmatrix<2, Trans>(r, row); }
-template <bool Trans = false, class T> void ldmatrix_x4(uint32_t (&r)[4], sptr<T> row) { detail::ldmatrix<4, Trans>(r, row); }
+template <bool Trans = false, class T>
+void ldmatrix_x1(uint32_t (&r)[1], sptr<T> row) {
+  detail::ldmatrix<1, Trans>(r, row);
+}
+template <bool Trans = false, class T>
+void ldmatrix_x2(uint32_t (&r)[2], sptr<T> row) {
+  detail::ldmatrix<2, Trans>(r, row);
+}
+template <bool Trans = false, class T>
+void ldmatrix_x4(uint32_t (&r)[4], sptr<T> row) {
+  detail::ldmatrix<4, Trans>(r, row);
+}
 
 // ------------------------------------------------------------------ mma.sync
 namespace detail {
@@ -190,26 +267,33 @@ inline void mma_m16n8k8_f16(float (&d)[4], const uint32_t (&a)[2], const uint32_
 }
 
 // ------------------------------------------------------------------ vector loads / stores
-template <int E, class T> void ld_vec(gptr<const T> p, int64_t i, T (&out)[E]) {
+template <int E, class T>
+void ld_vec(gptr<const T> p, int64_t i, T (&out)[E]) {
   constexpr size_t B = E * sizeof(T);
   emu::check_align(p.p + i, B >= 16 ? 16 : B, "vector load from global memory");
   emu::check_global(p.p + i, B, p.lo, p.hi, p.name);
   std::memcpy(out, p.p + i, B);
 }
-template <int E, class T> void ld_vec(gptr<T> p, int64_t i, T (&out)[E]) { ld_vec<E>(gptr<const T>(p), i, out); }
-template <int E, class T> void st_vec(gptr<T> p, int64_t i, const T (&v)[E]) {
+template <int E, class T>
+void ld_vec(gptr<T> p, int64_t i, T (&out)[E]) {
+  ld_vec<E>(gptr<const T>(p), i, out);
+}
+template <int E, class T>
+void st_vec(gptr<T> p, int64_t i, const T (&v)[E]) {
   constexpr size_t B = E * sizeof(T);
   emu::check_align(p.p + i, B >= 16 ? 16 : B, "vector store to global memory");
   emu::check_global(p.p + i, B, p.lo, p.hi, p.name);
   std::memcpy(p.p + i, v, B);
 }
-template <int E, class T> void ld_vec(sptr<T> p, int64_t i, std::remove_const_t<T> (&out)[E]) {
+template <int E, class T>
+void ld_vec(sptr<T> p, int64_t i, std::remove_const_t<T> (&out)[E]) {
   constexpr size_t B = E * sizeof(T);
   emu::check_align(p.p + i, B >= 16 ? 16 : B, "vector load from shared memory");
   emu::check_smem(p.p + i, B, false);
   std::memcpy(out, p.p + i, B);
 }
-template <int E, class T> void st_vec(sptr<T> p, int64_t i, const T (&v)[E]) {
+template <int E, class T>
+void st_vec(sptr<T> p, int64_t i, const T (&v)[E]) {
   constexpr size_t B = E * sizeof(T);
   emu::check_align(p.p + i, B >= 16 ? 16 : B, "vector store to shared memory");
   emu::check_smem(p.p + i, B, true);

@@ -18,21 +18,29 @@ struct Dim3 {
   uint32_t x = 1, y = 1, z = 1;
 };
 
-struct alignas(2) f16 { uint16_t bits; };
-struct alignas(2) bf16 { uint16_t bits; };
+struct alignas(2) f16 {
+  uint16_t bits;
+};
+struct alignas(2) bf16 {
+  uint16_t bits;
+};
 
 LT_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
-  uint32_t u; std::memcpy(&u, &f, 4); return u;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
 #endif
 }
 LT_HD float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  float f; std::memcpy(&f, &u, 4); return f;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 #endif
 }
 
@@ -90,10 +98,20 @@ LT_HD float bf16_bits_to_f32(uint16_t h) { return bits_float(uint32_t(h) << 16);
 LT_HD float to_float(float v) { return v; }
 LT_HD float to_float(f16 v) { return f16_bits_to_f32(v.bits); }
 LT_HD float to_float(bf16 v) { return bf16_bits_to_f32(v.bits); }
-template <typename T> LT_HD T from_float(float v);
-template <> LT_HD float from_float<float>(float v) { return v; }
-template <> LT_HD f16 from_float<f16>(float v) { return f16{f32_to_f16_bits(v)}; }
-template <> LT_HD bf16 from_float<bf16>(float v) { return bf16{f32_to_bf16_bits(v)}; }
+template <typename T>
+LT_HD T from_float(float v);
+template <>
+LT_HD float from_float<float>(float v) {
+  return v;
+}
+template <>
+LT_HD f16 from_float<f16>(float v) {
+  return f16{f32_to_f16_bits(v)};
+}
+template <>
+LT_HD bf16 from_float<bf16>(float v) {
+  return bf16{f32_to_bf16_bits(v)};
+}
 
 // Two 16-bit values packed into the 32-bit register layout mma/ldmatrix use (lo = first).
 LT_HD uint32_t pack2(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }

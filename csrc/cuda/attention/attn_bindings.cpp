@@ -26,11 +26,12 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                          softcap, cuda_launch(q, "sparse_attention_fwd", &launch_attn_fwd_cuda));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
-    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, at::IntArrayRef mask,
-    double softcap) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                                   const std::optional<at::Tensor>& kpm,
+                                                   const std::optional<at::Tensor>& cu_q,
+                                                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                                                   double scale, at::IntArrayRef mask, double softcap) {
   const c10::cuda::CUDAGuard guard(q.device());
   return attn_bwd_device(grad_out, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k, scale,
                          parse_mask("sparse_attention_bwd", mask), softcap,

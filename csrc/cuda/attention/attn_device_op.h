@@ -50,9 +50,13 @@ inline int64_t span_of(const at::Tensor& t) {
 // (batch, token, head) strides of a batched (B, N, H, D) or packed (T, H, D) tensor.
 inline void bth_strides(const AttnArgs& a, const at::Tensor& t, int64_t& sb, int64_t& st, int64_t& sh) {
   if (a.varlen) {
-    sb = 0; st = t.stride(0); sh = t.stride(1);
+    sb = 0;
+    st = t.stride(0);
+    sh = t.stride(1);
   } else {
-    sb = t.stride(0); st = t.stride(1); sh = t.stride(2);
+    sb = t.stride(0);
+    st = t.stride(1);
+    sh = t.stride(2);
   }
 }
 
@@ -100,14 +104,14 @@ template <class Launch>
 std::tuple<at::Tensor, at::Tensor> attn_fwd_device(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                    const std::optional<at::Tensor>& kpm,
                                                    const std::optional<at::Tensor>& cu_q,
-                                                   const std::optional<at::Tensor>& cu_k, int64_t max_q,
-                                                   int64_t max_k, double scale, const MaskSpec& mask, double softcap,
+                                                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                                                   double scale, const MaskSpec& mask, double softcap,
                                                    Launch&& launch) {
   const char* op = "sparse_attention_fwd";
   check_device_dtype(op, q_);
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
-  const AttnArgs a = check_attn_args(op, q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, /*allow_f64=*/false,
-                                     softcap);
+  const AttnArgs a =
+      check_attn_args(op, q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, /*allow_f64=*/false, softcap);
   check_device_args(op, a);
   at::Tensor out = empty_out(a, q), lse = empty_lse(a, q);
   if (out.numel() == 0) return {out, lse};
@@ -129,15 +133,15 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_device(const at::Tensor& q_, const a
 
 template <class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_device(
-    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kpm,
-    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
-    double scale, const MaskSpec& mask, double softcap, Launch&& launch) {
+    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& cu_q,
+    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, const MaskSpec& mask,
+    double softcap, Launch&& launch) {
   const char* op = "sparse_attention_bwd";
   check_device_dtype(op, q_);
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
-  const AttnArgs a = check_attn_args(op, q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, /*allow_f64=*/false,
-                                     softcap);
+  const AttnArgs a =
+      check_attn_args(op, q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, mask, /*allow_f64=*/false, softcap);
   check_device_args(op, a);
   check_bwd_tensors(op, a, q, grad_out, out, lse);
   const auto cf = at::MemoryFormat::Contiguous;

@@ -121,7 +121,7 @@ LT_DEV void load_rows(simt::sptr<T> dst, simt::gptr<const T> src, int64_t stride
       simt::cp_async_16(dst + (r * R + c), src + (int64_t(r) * stride + c));
     } else {
       T z[8];
-      LT_UNROLL for (int t = 0; t < 8; ++t) z[t] = T{0};
+  LT_UNROLL for (int t = 0; t < 8; ++t) z[t] = T{0};
       simt::st_vec<8>(dst + (r * R + c), 0, z);
     }
   }

@@ -19,7 +19,9 @@ __global__ void __launch_bounds__(AttnShape<D>::kFwdThreads, 1) attn_fwd_kernel_
   attn_fwd_body<T, D, Cap>(p);
 }
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) attn_dsum_kernel(AKParams<T> p) { attn_dsum_body<T, D>(p); }
+__global__ void __launch_bounds__(kThreads) attn_dsum_kernel(AKParams<T> p) {
+  attn_dsum_body<T, D>(p);
+}
 template <class T, int D, bool Cap>
 __global__ void __launch_bounds__(AttnShape<D>::kBwdThreads) attn_bwd_kernel(AKParams<T> p) {
   attn_bwd_body<T, D, Cap>(p);
@@ -29,7 +31,9 @@ __global__ void __launch_bounds__(AttnShape<D>::kBwdThreads, 1) attn_bwd_kernel_
   attn_bwd_body<T, D, Cap>(p);
 }
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) attn_dq_convert_kernel(AKParams<T> p) { attn_dq_convert_body<T, D>(p); }
+__global__ void __launch_bounds__(kThreads) attn_dq_convert_kernel(AKParams<T> p) {
+  attn_dq_convert_body<T, D>(p);
+}
 
 inline dim3 attn_grid(int64_t tiles_len, const AttnFwdParams& s, int32_t heads, int64_t tile) {
   return dim3(static_cast<unsigned>((tiles_len + tile - 1) / tile), static_cast<unsigned>(heads),
@@ -50,13 +54,11 @@ const char* launch_attn_fwd_d(const AttnFwdParams& s, void* stream) {
     void (*kernel)(AKParams<T>);
     if constexpr (AttnShape<D>::kFwdOneBlockPerSm)
       kernel = s.softcap > 0.f ? &attn_fwd_kernel_1<T, D, true> : &attn_fwd_kernel_1<T, D, false>;
-    else
-      kernel = s.softcap > 0.f ? &attn_fwd_kernel<T, D, true> : &attn_fwd_kernel<T, D, false>;
+    else kernel = s.softcap > 0.f ? &attn_fwd_kernel<T, D, true> : &attn_fwd_kernel<T, D, false>;
     const size_t smem = AttnShape<D>::kFwdSmem;
     if ((err = set_smem(kernel, smem)) != cudaSuccess) return;
     kernel<<<attn_grid(s.nq, s, s.hm.heads, AttnShape<D>::kFwdBQ), AttnShape<D>::kFwdThreads, smem,
-             static_cast<cudaStream_t>(stream)>>>(
-        make_akparams<T>(s));
+             static_cast<cudaStream_t>(stream)>>>(make_akparams<T>(s));
     err = cudaGetLastError();
   };
   if (s.dtype == DType::BF16) run.template operator()<simt::bf16>();
@@ -75,8 +77,7 @@ const char* launch_attn_bwd_d(const AttnBwdParams& s, void* stream) {
     void (*kernel)(AKParams<T>);
     if constexpr (AttnShape<D>::kBwdOneBlockPerSm)
       kernel = s.softcap > 0.f ? &attn_bwd_kernel_1<T, D, true> : &attn_bwd_kernel_1<T, D, false>;
-    else
-      kernel = s.softcap > 0.f ? &attn_bwd_kernel<T, D, true> : &attn_bwd_kernel<T, D, false>;
+    else kernel = s.softcap > 0.f ? &attn_bwd_kernel<T, D, true> : &attn_bwd_kernel<T, D, false>;
     const size_t smem = AttnShape<D>::kBwdSmem;
     if ((err = set_smem(kernel, smem)) != cudaSuccess) return;
     kernel<<<attn_grid(s.nk, s, s.hm.hkv, AttnShape<D>::kBwdBK), AttnShape<D>::kBwdThreads, smem, st>>>(p);
@@ -89,7 +90,7 @@ const char* launch_attn_bwd_d(const AttnBwdParams& s, void* stream) {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-#define LT_ATTN_EXTERN(D)                                                  \
+#define LT_ATTN_EXTERN(D)                                                        \
   extern template const char* launch_attn_fwd_d<D>(const AttnFwdParams&, void*); \
   extern template const char* launch_attn_bwd_d<D>(const AttnBwdParams&, void*);
 LT_ATTN_HEAD_DIMS(LT_ATTN_EXTERN)

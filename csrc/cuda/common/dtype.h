@@ -15,11 +15,17 @@ enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
 template <DType D>
 struct DTypeStorage;
 template <>
-struct DTypeStorage<DType::F32> { using type = float; };
+struct DTypeStorage<DType::F32> {
+  using type = float;
+};
 template <>
-struct DTypeStorage<DType::F16> { using type = simt::f16; };
+struct DTypeStorage<DType::F16> {
+  using type = simt::f16;
+};
 template <>
-struct DTypeStorage<DType::BF16> { using type = simt::bf16; };
+struct DTypeStorage<DType::BF16> {
+  using type = simt::bf16;
+};
 template <DType D>
 using storage_t = typename DTypeStorage<D>::type;
 
@@ -60,9 +66,7 @@ void dispatch_chunk_width(int32_t width, F&& f) {
 // Both switches: f.template operator()<T, E>() for the storage type of dt and the chunk width.
 template <class F>
 void dispatch_dtype_chunk(DType dt, int32_t width, F&& f) {
-  dispatch_dtype(dt, [&]<class T>() {
-    dispatch_chunk_width(width, [&]<int E>() { f.template operator()<T, E>(); });
-  });
+  dispatch_dtype(dt, [&]<class T>() { dispatch_chunk_width(width, [&]<int E>() { f.template operator()<T, E>(); }); });
 }
 
 }  // namespace lt

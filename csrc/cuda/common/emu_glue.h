@@ -23,9 +23,7 @@ void emu_launch(const char* op, const char* kernel, simt::Dim3 grid, simt::Dim3 
                 const char* ns = "longtune_emu") {
   try {
     emu::launch(kernel, grid, block, smem, body);
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, ns, ".", op, ": ", e.what());
-  }
+  } catch (const std::exception& e) { TORCH_CHECK(false, ns, ".", op, ": ", e.what()); }
 }
 template <class Body>
 void emu_launch(const char* op, const char* kernel, const LaunchCfg& cfg, const Body& body,

@@ -13,7 +13,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& cw) {
   const c10::cuda::CUDAGuard guard(x.device());
   return cross_entropy_fwd_device(x, w, b, target, ignore_index, eps, z_loss, softcap, cw,
-                        cuda_launcher("linear_cross_entropy_fwd", launch_cross_entropy_fwd_cuda));
+                                  cuda_launcher("linear_cross_entropy_fwd", launch_cross_entropy_fwd_cuda));
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                    const std::optional<at::Tensor>& b, const at::Tensor& target,
@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
                                                    const std::optional<at::Tensor>& cw) {
   const c10::cuda::CUDAGuard guard(x.device());
   return cross_entropy_bwd_device(g, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, filter, cw,
-                        cuda_launcher("linear_cross_entropy_bwd", launch_cross_entropy_bwd_cuda));
+                                  cuda_launcher("linear_cross_entropy_bwd", launch_cross_entropy_bwd_cuda));
 }
 }  // namespace
 }  // namespace lt::cross_entropy
@@ -30,5 +30,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
 TORCH_LIBRARY_IMPL(longtune, CUDA, m) {
   m.impl("linear_cross_entropy_fwd", &lt::cross_entropy::fwd);
   m.impl("linear_cross_entropy_bwd", &lt::cross_entropy::bwd);
-  m.impl("linear_cross_entropy_fwd_bwd", (&lt::cross_entropy::cross_entropy_fwd_bwd_composed<&lt::cross_entropy::fwd, &lt::cross_entropy::bwd>));
+  m.impl("linear_cross_entropy_fwd_bwd",
+         (&lt::cross_entropy::cross_entropy_fwd_bwd_composed<&lt::cross_entropy::fwd, &lt::cross_entropy::bwd>));
 }

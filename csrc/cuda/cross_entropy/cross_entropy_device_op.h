@@ -24,11 +24,11 @@ inline std::pair<at::Tensor, at::Tensor> class_weight_f32(const char* op, CrossE
 
 template <class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_device(const at::Tensor& x, const at::Tensor& w,
-                                                              const std::optional<at::Tensor>& b,
-                                                              const at::Tensor& target, int64_t ignore_index,
-                                                              double eps, double z_loss, double softcap,
-                                                              const std::optional<at::Tensor>& class_weight,
-                                                              Launch&& launch) {
+                                                                        const std::optional<at::Tensor>& b,
+                                                                        const at::Tensor& target, int64_t ignore_index,
+                                                                        double eps, double z_loss, double softcap,
+                                                                        const std::optional<at::Tensor>& class_weight,
+                                                                        Launch&& launch) {
   const char* op = "linear_cross_entropy_fwd";
   CrossEntropyArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
   const auto [cw, wsum] = class_weight_f32(op, a, x, class_weight);
@@ -48,9 +48,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_device(const at
   fp.argmax = amax.data_ptr<int64_t>();
   fp.cw = a.has_cw ? cw.data_ptr<float>() : nullptr;
   fp.wsum = a.has_cw ? wsum.data_ptr<float>() : nullptr;
-  fp.T = a.T; fp.d = a.d; fp.V = a.V; fp.ignore_index = a.ignore_index;
-  fp.x_row_stride = a.d; fp.w_row_stride = a.d;  // xc, wc are contiguous
-  fp.eps = static_cast<float>(a.eps); fp.z_loss = static_cast<float>(a.z_loss);
+  fp.T = a.T;
+  fp.d = a.d;
+  fp.V = a.V;
+  fp.ignore_index = a.ignore_index;
+  fp.x_row_stride = a.d;
+  fp.w_row_stride = a.d;  // xc, wc are contiguous
+  fp.eps = static_cast<float>(a.eps);
+  fp.z_loss = static_cast<float>(a.z_loss);
   fp.softcap = static_cast<float>(a.softcap);
   fp.dtype = to_dtype(x);
   plan_fwd(fp);
@@ -79,7 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_bwd_device(
   at::Tensor db = a.has_bias ? (f32 ? at::zeros({a.V}, b->options()) : at::empty({a.V}, b->options()))
                              : at::empty({0}, x.options());
   if (a.T == 0) {
-    dx.zero_(); dw.zero_(); db.zero_();
+    dx.zero_();
+    dw.zero_();
+    db.zero_();
     return {dx, dw, db};
   }
   const at::Tensor dx32 = f32 ? dx : at::zeros({a.T, a.d}, fopt);
@@ -103,11 +110,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_bwd_device(
   bp.dx = dx.data_ptr();
   bp.dw = dw.data_ptr();
   bp.db = a.has_bias ? db.data_ptr() : nullptr;
-  bp.T = a.T; bp.d = a.d; bp.V = a.V; bp.ignore_index = a.ignore_index;
-  bp.x_row_stride = a.d; bp.w_row_stride = a.d;  // xc, wc, dx32, dw32 are contiguous
-  bp.dx_row_stride = a.d; bp.dw_row_stride = a.d;
-  bp.eps = static_cast<float>(a.eps); bp.z_loss = static_cast<float>(a.z_loss);
-  bp.softcap = static_cast<float>(a.softcap); bp.filter = static_cast<float>(filter);
+  bp.T = a.T;
+  bp.d = a.d;
+  bp.V = a.V;
+  bp.ignore_index = a.ignore_index;
+  bp.x_row_stride = a.d;
+  bp.w_row_stride = a.d;  // xc, wc, dx32, dw32 are contiguous
+  bp.dx_row_stride = a.d;
+  bp.dw_row_stride = a.d;
+  bp.eps = static_cast<float>(a.eps);
+  bp.z_loss = static_cast<float>(a.z_loss);
+  bp.softcap = static_cast<float>(a.softcap);
+  bp.filter = static_cast<float>(filter);
   bp.dtype = to_dtype(x);
   launch(bp);
   return {dx, dw, db};
@@ -118,9 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_bwd_device(
 // fwd / bwd: the registered linear_cross_entropy_{fwd,bwd} kernels of the same backend.
 template <auto fwd, auto bwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_bwd_composed(
-    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-    const at::Tensor& target, const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss,
-    double softcap, bool weight_grad, const std::optional<at::Tensor>& class_weight) {
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, const at::Tensor& target,
+    const at::Tensor& grad_rows, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad,
+    const std::optional<at::Tensor>& class_weight) {
   const char* op = "linear_cross_entropy_fwd_bwd";
   const CrossEntropyArgs a = check_args(op, x, w, b, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/false);
   check_fwd_bwd(op, a, x, grad_rows);

@@ -40,17 +40,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
                                                    double z_loss, double softcap, double filter,
                                                    const std::optional<at::Tensor>& cw) {
   check_emu_input(kBwdOp, x);
-  return cross_entropy_bwd_device(g, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, filter, cw, [](const BwdParams& bp) {
-    dispatch_dtype(bp.dtype, [&]<class T>() {
-      const BwdK<T> k = make_bwd<T>(bp);
-      emu_launch(kBwdOp, "cross_entropy_bwd_kernel", bwd_config(bp), [&k] { bwd_body<T>(k); });
-      if constexpr (!std::is_same_v<T, float>) {
-        convert<T>(bp.dx32, bp.dx, bp.T * bp.d, "dx");
-        convert<T>(bp.dw32, bp.dw, bp.V * bp.d, "dweight");
-        if (bp.db32 != nullptr) convert<T>(bp.db32, bp.db, bp.V, "dbias");
-      }
-    });
-  });
+  return cross_entropy_bwd_device(
+      g, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, filter, cw, [](const BwdParams& bp) {
+        dispatch_dtype(bp.dtype, [&]<class T>() {
+          const BwdK<T> k = make_bwd<T>(bp);
+          emu_launch(kBwdOp, "cross_entropy_bwd_kernel", bwd_config(bp), [&k] { bwd_body<T>(k); });
+          if constexpr (!std::is_same_v<T, float>) {
+            convert<T>(bp.dx32, bp.dx, bp.T * bp.d, "dx");
+            convert<T>(bp.dw32, bp.dw, bp.V * bp.d, "dweight");
+            if (bp.db32 != nullptr) convert<T>(bp.db32, bp.db, bp.V, "dbias");
+          }
+        });
+      });
 }
 }  // namespace
 }  // namespace lt::cross_entropy
@@ -58,5 +59,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
 TORCH_LIBRARY_IMPL(longtune_emu, CPU, m) {
   m.impl("linear_cross_entropy_fwd", &lt::cross_entropy::fwd);
   m.impl("linear_cross_entropy_bwd", &lt::cross_entropy::bwd);
-  m.impl("linear_cross_entropy_fwd_bwd", (&lt::cross_entropy::cross_entropy_fwd_bwd_composed<&lt::cross_entropy::fwd, &lt::cross_entropy::bwd>));
+  m.impl("linear_cross_entropy_fwd_bwd",
+         (&lt::cross_entropy::cross_entropy_fwd_bwd_composed<&lt::cross_entropy::fwd, &lt::cross_entropy::bwd>));
 }

@@ -7,13 +7,21 @@
 namespace lt::cross_entropy {
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(FwdK<T> p) { fwd_body<T>(p); }
+__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(FwdK<T> p) {
+  fwd_body<T>(p);
+}
 template <class T>
-__global__ void __launch_bounds__(kMergeThreads) cross_entropy_merge_kernel(FwdK<T> p) { merge_body<T>(p); }
+__global__ void __launch_bounds__(kMergeThreads) cross_entropy_merge_kernel(FwdK<T> p) {
+  merge_body<T>(p);
+}
 template <class T>
-__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(BwdK<T> p) { bwd_body<T>(p); }
+__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(BwdK<T> p) {
+  bwd_body<T>(p);
+}
 template <class T>
-__global__ void __launch_bounds__(kConvThreads) cross_entropy_conv_kernel(ConvK<T> p) { conv_body<T>(p); }
+__global__ void __launch_bounds__(kConvThreads) cross_entropy_conv_kernel(ConvK<T> p) {
+  conv_body<T>(p);
+}
 
 namespace {
 template <class T>
@@ -36,7 +44,8 @@ const char* launch_cross_entropy_fwd_cuda(const FwdParams& fp, void* stream) {
 const char* launch_cross_entropy_bwd_cuda(const BwdParams& bp, void* stream) {
   cudaError_t err = cudaSuccess;
   dispatch_dtype(bp.dtype, [&]<class T>() {
-    if ((err = launch_kernel(&cross_entropy_bwd_kernel<T>, bwd_config(bp), stream, make_bwd<T>(bp))) != cudaSuccess) return;
+    if ((err = launch_kernel(&cross_entropy_bwd_kernel<T>, bwd_config(bp), stream, make_bwd<T>(bp))) != cudaSuccess)
+      return;
     if constexpr (!std::is_same_v<T, float>) {
       if ((err = convert<T>(bp.dx32, bp.dx, bp.T * bp.d, stream)) != cudaSuccess) return;
       if ((err = convert<T>(bp.dw32, bp.dw, bp.V * bp.d, stream)) != cudaSuccess) return;

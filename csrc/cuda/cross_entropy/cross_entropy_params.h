@@ -1,5 +1,6 @@
 // Launch parameters of the fused linear + cross-entropy kernels (plain data; no torch, no CUDA types),
-// shared by the nvcc launcher (cross_entropy_launch.cu), the emulator launcher (cross_entropy_emu.cpp) and the host glue.
+// shared by the nvcc launcher (cross_entropy_launch.cu), the emulator launcher (cross_entropy_emu.cpp) and the host
+// glue.
 #pragma once
 #include <algorithm>
 #include <cstdint>

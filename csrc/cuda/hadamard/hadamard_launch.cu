@@ -13,9 +13,8 @@ __global__ void __launch_bounds__(kBlockThreads) hadamard_kernel(KParams<T> p) {
 const char* launch_hadamard_cuda(const HadamardParams& hp, void* stream) {
   const LaunchCfg cfg = launch_config(hp, kMaxGridX);
   cudaError_t err = cudaSuccess;
-  dispatch(hp, [&]<class T, int E>() {
-    err = launch_kernel(&hadamard_kernel<T, E>, cfg, stream, make_kparams<T>(hp));
-  });
+  dispatch(hp,
+           [&]<class T, int E>() { err = launch_kernel(&hadamard_kernel<T, E>, cfg, stream, make_kparams<T>(hp)); });
   return launch_error(err);
 }
 

@@ -8,8 +8,8 @@
 namespace lt::quant {
 namespace {
 
-at::Tensor fwd(const at::Tensor& x, int64_t bits, c10::string_view gran, int64_t gs, bool sym, double clip,
-               bool rot, int64_t hs, c10::string_view ste) {
+at::Tensor fwd(const at::Tensor& x, int64_t bits, c10::string_view gran, int64_t gs, bool sym, double clip, bool rot,
+               int64_t hs, c10::string_view ste) {
   const c10::cuda::CUDAGuard guard(x.device());
   return fake_quant_device(x, bits, std::string(gran), gs, sym, clip, rot, hs, std::string(ste),
                            cuda_launcher("rotate_fake_quant", launch_quant_cuda));

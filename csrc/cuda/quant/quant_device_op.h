@@ -16,7 +16,8 @@ namespace lt::quant {
 
 inline int32_t chunk_for(const Args& a) {
   if (a.rotate) return a.hplan.log2p >= 3 ? 8 : (1 << a.hplan.log2p);
-  for (int32_t e : {8, 4, 2}) if (a.n % e == 0) return e;
+  for (int32_t e : {8, 4, 2})
+    if (a.n % e == 0) return e;
   return 1;
 }
 
@@ -32,7 +33,10 @@ void run_quant_device(const char* op, const Args& a, const at::Tensor& x, const 
   const size_t smem = static_cast<size_t>(a.n + 2 * a.ngroups) * sizeof(float);
   LT_CHECK(op, smem <= 227 * 1024, "the GPU kernel keeps a row and its group scales in shared memory: n=", a.n,
            " with ", a.ngroups, " groups needs ", smem, " bytes (> 227 KiB); use a larger group_size");
-  const at::Tensor rows = [&] { at::Tensor r = x.reshape({-1, a.n}); return r.stride(1) == 1 ? r : r.contiguous(); }();
+  const at::Tensor rows = [&] {
+    at::Tensor r = x.reshape({-1, a.n});
+    return r.stride(1) == 1 ? r : r.contiguous();
+  }();
   QuantParams qp;
   qp.x = rows.data_ptr();
   qp.rows = rows.size(0);

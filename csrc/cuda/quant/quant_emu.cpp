@@ -22,8 +22,8 @@ auto emu_launcher(const char* op) {
   };
 }
 
-at::Tensor fwd(const at::Tensor& x, int64_t bits, c10::string_view gran, int64_t gs, bool sym, double clip,
-               bool rot, int64_t hs, c10::string_view ste) {
+at::Tensor fwd(const at::Tensor& x, int64_t bits, c10::string_view gran, int64_t gs, bool sym, double clip, bool rot,
+               int64_t hs, c10::string_view ste) {
   check_emu_input("rotate_fake_quant", x);
   return fake_quant_device(x, bits, std::string(gran), gs, sym, clip, rot, hs, std::string(ste),
                            emu_launcher("rotate_fake_quant"));

@@ -56,7 +56,8 @@ LT_DEV void quant_body(const QKParams<T>& p) {
       const bool valid = j < chunks;
       float v[E];
       if (valid) hadamard::load_elems<E>(p.x, row * p.x_row_stride + j * E, p.vec_ok, v);
-      else { LT_UNROLL for (int i = 0; i < E; ++i) v[i] = 0.f; }
+      else {
+  LT_UNROLL for (int i = 0; i < E; ++i) v[i] = 0.f; }
       if (p.rotate) {
         hadamard::butterflies_in_registers<E>(v);
         hadamard::butterflies_across_lanes<E>(v, lane, P / E);

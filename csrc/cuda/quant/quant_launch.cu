@@ -14,9 +14,8 @@ template <class Params>
 const char* launch(const Params& qp, void* stream) {
   const LaunchCfg cfg = quant_launch_config(qp, kMaxGridX);
   cudaError_t err = cudaSuccess;
-  quant_dispatch(qp, [&]<class T, int E>() {
-    err = launch_kernel(&quant_kernel<T, E>, cfg, stream, make_qkparams<T>(qp));
-  });
+  quant_dispatch(
+      qp, [&]<class T, int E>() { err = launch_kernel(&quant_kernel<T, E>, cfg, stream, make_qkparams<T>(qp)); });
   return launch_error(err);
 }
 }  // namespace

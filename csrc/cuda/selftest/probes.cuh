@@ -53,14 +53,18 @@ LT_DEV void ldmatrix_probe(const LdmatrixProbe& p) {
   uint32_t v[4] = {0, 0, 0, 0};
   if (p.nmat == 1) {
     uint32_t t[1];
-    if (p.trans) simt::ldmatrix_x1<true>(t, r); else simt::ldmatrix_x1<false>(t, r);
+    if (p.trans) simt::ldmatrix_x1<true>(t, r);
+    else simt::ldmatrix_x1<false>(t, r);
     v[0] = t[0];
   } else if (p.nmat == 2) {
     uint32_t t[2];
-    if (p.trans) simt::ldmatrix_x2<true>(t, r); else simt::ldmatrix_x2<false>(t, r);
-    v[0] = t[0]; v[1] = t[1];
+    if (p.trans) simt::ldmatrix_x2<true>(t, r);
+    else simt::ldmatrix_x2<false>(t, r);
+    v[0] = t[0];
+    v[1] = t[1];
   } else {
-    if (p.trans) simt::ldmatrix_x4<true>(v, r); else simt::ldmatrix_x4<false>(v, r);
+    if (p.trans) simt::ldmatrix_x4<true>(v, r);
+    else simt::ldmatrix_x4<false>(v, r);
   }
   for (int i = 0; i < 4; ++i) p.out[lane * 4 + i] = v[i];
 }
@@ -135,9 +139,7 @@ LT_DEV void faulty_body(const FaultyParams& p) {
       p.y[t] = v;
       break;
     }
-    case Faulty::GlobalOutOfBounds:
-      p.y[t] = p.x[t + 1];
-      break;
+    case Faulty::GlobalOutOfBounds: p.y[t] = p.x[t + 1]; break;
     case Faulty::CpAsyncEarlyRead: {
       float early = 0.f;
       if (t < nt / 4) {

@@ -21,15 +21,20 @@ void probe_emu(Probe which, const ProbeArgs& a) {
     case Probe::Ldmatrix: {
       const LdmatrixProbe p{simt::make_gptr(static_cast<const uint16_t*>(a.in), a.elems, "tile"),
                             simt::make_gptr(static_cast<const int32_t*>(a.arg), 32, "rows"),
-                            simt::make_gptr(static_cast<uint32_t*>(a.out), 128, "out"), a.elems, a.nmat, a.trans};
-      emu_launch("ldmatrix_probe", "ldmatrix_probe", {1, 1, 1}, {32, 1, 1}, size_t(a.elems) * 2,
-                 [&p] { ldmatrix_probe(p); }, kNs);
+                            simt::make_gptr(static_cast<uint32_t*>(a.out), 128, "out"),
+                            a.elems,
+                            a.nmat,
+                            a.trans};
+      emu_launch(
+          "ldmatrix_probe", "ldmatrix_probe", {1, 1, 1}, {32, 1, 1}, size_t(a.elems) * 2, [&p] { ldmatrix_probe(p); },
+          kNs);
       break;
     }
     case Probe::Shfl: {
       const ShflProbe p{simt::make_gptr(static_cast<const int32_t*>(a.in), 32, "values"),
                         simt::make_gptr(static_cast<const int32_t*>(a.arg), 32, "arg"),
-                        simt::make_gptr(static_cast<int32_t*>(a.out), 32, "out"), static_cast<ShflKind>(a.kind), a.width};
+                        simt::make_gptr(static_cast<int32_t*>(a.out), 32, "out"), static_cast<ShflKind>(a.kind),
+                        a.width};
       emu_launch("shfl_probe", "shfl_probe", {1, 1, 1}, {32, 1, 1}, 0, [&p] { shfl_probe(p); }, kNs);
       break;
     }

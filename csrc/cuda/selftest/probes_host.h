@@ -11,8 +11,8 @@ namespace lt::selftest {
 inline void check_probe_tensor(const char* op, const char* name, const at::Tensor& t, at::ScalarType dt,
                                int64_t numel) {
   LT_CHECK(op, t.scalar_type() == dt, name, " must be ", dt, ", got ", t.scalar_type());
-  LT_CHECK(op, t.is_contiguous() && t.numel() == numel, name, " must be contiguous with ", numel,
-           " elements, got ", t.sizes());
+  LT_CHECK(op, t.is_contiguous() && t.numel() == numel, name, " must be contiguous with ", numel, " elements, got ",
+           t.sizes());
 }
 
 // mma_probe(in int32 [32,10], kind) -> float [32,4]

@@ -12,8 +12,8 @@ at::Tensor grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& idx,
   return sparse_delta_grad_device(g, x, idx, in_features,
                                   cuda_launcher("sparse_delta_grad", launch_sparse_delta_grad_cuda));
 }
-void adamw(const at::Tensor& values, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, const at::Tensor& age,
-           double lr, double b1, double b2, double eps, double wd) {
+void adamw(const at::Tensor& values, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
+           const at::Tensor& age, double lr, double b1, double b2, double eps, double wd) {
   const c10::cuda::CUDAGuard guard(values.device());
   sparse_adamw_device(values, g, m, v, age, lr, b1, b2, eps, wd,
                       cuda_launcher("sparse_adamw_", launch_sparse_adamw_cuda));

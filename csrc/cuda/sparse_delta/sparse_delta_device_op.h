@@ -49,7 +49,11 @@ void sparse_adamw_device(const at::Tensor& values, const at::Tensor& grad, const
   ap.v = v.data_ptr<float>();
   ap.age = age.data_ptr<int32_t>();
   ap.n = values.numel();
-  ap.lr = c.lr; ap.beta1 = c.beta1; ap.beta2 = c.beta2; ap.eps = c.eps; ap.weight_decay = c.weight_decay;
+  ap.lr = c.lr;
+  ap.beta1 = c.beta1;
+  ap.beta2 = c.beta2;
+  ap.eps = c.eps;
+  ap.weight_decay = c.weight_decay;
   ap.dtype = to_dtype(values);
   launch(ap);
 }

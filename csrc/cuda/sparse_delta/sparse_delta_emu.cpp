@@ -20,8 +20,8 @@ at::Tensor grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& idx,
     });
   });
 }
-void adamw(const at::Tensor& values, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, const at::Tensor& age,
-           double lr, double b1, double b2, double eps, double wd) {
+void adamw(const at::Tensor& values, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
+           const at::Tensor& age, double lr, double b1, double b2, double eps, double wd) {
   check_emu_input(kAdamWOp, values);
   sparse_adamw_device(values, g, m, v, age, lr, b1, b2, eps, wd, [](const AdamWParams& ap) {
     const LaunchCfg cfg = adamw_launch_config(ap.n, kMaxGridX);

@@ -80,8 +80,8 @@ inline LaunchCfg grad_launch_config(const GradParams& gp, int64_t max_grid) {
 template <class T>
 GradKParams<T> make_grad_kparams(const GradParams& gp) {
   GradKParams<T> k;
-  k.grad_out_t = simt::make_gptr(static_cast<const T*>(gp.grad_out_t), gp.out_features * gp.grad_out_t_row_stride,
-                                 "grad_out");
+  k.grad_out_t =
+      simt::make_gptr(static_cast<const T*>(gp.grad_out_t), gp.out_features * gp.grad_out_t_row_stride, "grad_out");
   k.x_t = simt::make_gptr(static_cast<const T*>(gp.x_t), gp.in_features * gp.x_t_row_stride, "x");
   k.idx = simt::make_gptr(gp.idx, gp.K, "indices");
   k.out = simt::make_gptr(gp.out, gp.K, "out");

@@ -12,9 +12,8 @@ __global__ void __launch_bounds__(kGradThreads) grad_kernel(GradKParams<T> p) {
 const char* launch_sparse_delta_grad_cuda(const GradParams& gp, void* stream) {
   const LaunchCfg cfg = grad_launch_config(gp, kMaxGridX);
   cudaError_t err = cudaSuccess;
-  dispatch_dtype(gp.dtype, [&]<class T>() {
-    err = launch_kernel(&grad_kernel<T>, cfg, stream, make_grad_kparams<T>(gp));
-  });
+  dispatch_dtype(gp.dtype,
+                 [&]<class T>() { err = launch_kernel(&grad_kernel<T>, cfg, stream, make_grad_kparams<T>(gp)); });
   return launch_error(err);
 }
 
@@ -26,9 +25,8 @@ __global__ void __launch_bounds__(kGradThreads) adamw_kernel(AdamWKParams<T> p) 
 const char* launch_sparse_adamw_cuda(const AdamWParams& ap, void* stream) {
   const LaunchCfg cfg = adamw_launch_config(ap.n, kMaxGridX);
   cudaError_t err = cudaSuccess;
-  dispatch_dtype(ap.dtype, [&]<class T>() {
-    err = launch_kernel(&adamw_kernel<T>, cfg, stream, make_adamw_kparams<T>(ap));
-  });
+  dispatch_dtype(ap.dtype,
+                 [&]<class T>() { err = launch_kernel(&adamw_kernel<T>, cfg, stream, make_adamw_kparams<T>(ap)); });
   return launch_error(err);
 }
 

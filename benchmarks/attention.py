@@ -171,7 +171,8 @@ def s2_cases(report, device, n, h, d, dtype, n_rounds, peers_bool, targets=True)
             impls.append((FLEX, lambda: flex(qt, kt, vt, block_mask=bm), (qt, kt, vt), got, pairs))
         except Exception as e:  # noqa: BLE001
             print(
-                f"[attention] FlexAttention unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                f"[attention] FlexAttention unavailable: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}",
                 file=sys.stderr,
             )
         impls.append(

@@ -247,8 +247,8 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             if last or (mem and mem["full"]["first_s"] <= CPU_MAX_FULL_STEP_S):
                 break
             print(
-                f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on this machine, "
-                f"trying a shorter sequence",
+                f"[chunkwise] N={n}: one full-backprop step takes > {CPU_MAX_FULL_STEP_S:.0f} s on "
+                "this machine, trying a shorter sequence",
                 file=sys.stderr,
                 flush=True,
             )
@@ -275,7 +275,9 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         attention="longtune causal",
         seco_lm_head="fused_ce",
         spaco_full_loss=False,
-        timing=f"{rounds} rounds, the four steps round-robin in one process, order rotated per round",
+        timing=(
+            f"{rounds} rounds, the four steps round-robin in one process, order rotated per round"
+        ),
         spaco_samples_timed=got["spaco_samples"],
     )
     if not quick and not cuda and n != CPU_SIZES[0]:

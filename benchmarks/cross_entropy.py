@@ -126,7 +126,8 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             mem[r.impl] = H.peak_memory(step, device)
         except Exception as e:  # noqa: BLE001 -- e.g. a peer that runs out of memory
             print(
-                f"\n[cross_entropy] {case} / {r.impl}: memory skipped ({type(e).__name__}: {str(e)[:200]})",
+                f"\n[cross_entropy] {case} / {r.impl}: memory skipped ({type(e).__name__}: "
+                f"{str(e)[:200]})",
                 file=sys.stderr,
             )
             continue
@@ -140,7 +141,8 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             peak_memory_method=mem[r.impl]["method"],
         )
         print(
-            f"[cross_entropy] {case} / {r.impl}: peak memory of the step {mem[r.impl]['bytes'] / 2**20:.1f} MiB",
+            f"[cross_entropy] {case} / {r.impl}: peak memory of the step "
+            f"{mem[r.impl]['bytes'] / 2**20:.1f} MiB",
             file=sys.stderr,
         )
     tg = not quick  # the targets are for the full shapes; --quick reports its ratios without them

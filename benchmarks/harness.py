@@ -129,7 +129,10 @@ def machine(device: str) -> str:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         mem = float("nan")
-    s = f"{_cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.machine()}"
+    s = (
+        f"{_cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB, "
+        f"{platform.system()} {platform.machine()}"
+    )
     if device == "cuda":
         s += f"; {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return s
@@ -188,7 +191,8 @@ def timed_rounds(
             once = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # noqa: BLE001
             print(
-                f"\n[{family}] {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                f"\n[{family}] {name}: skipped ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''})",
                 file=sys.stderr,
             )
             continue
@@ -563,7 +567,8 @@ def print_table(report: Report):
     )
     wi = max([4] + [len(r.impl) for r in report.results]) + 2
     print(
-        f"{'case':<{wc}}{'impl':<{wi}}{'median ms':>11}{'p20':>10}{'p80':>10}{'GB/s':>9}{'TFLOP/s':>9}"
+        f"{'case':<{wc}}{'impl':<{wi}}{'median ms':>11}{'p20':>10}{'p80':>10}"
+        f"{'GB/s':>9}{'TFLOP/s':>9}"
     )
     for r in report.results:
         print(
@@ -582,7 +587,8 @@ def summary(reports, total_s: float) -> str:
     """The end-of-run summary: every ratio with a target, its interval and verdict; the total
     time."""
     lines = [
-        f"{'family':<14}{'case':<36}{'metric':<48}{'median [95% interval]':>24}  {'target':>8}  verdict"
+        f"{'family':<14}{'case':<36}{'metric':<48}{'median [95% interval]':>24}  {'target':>8}  "
+        "verdict"
     ]
     counts = {}
     for rep in reports:
@@ -719,8 +725,8 @@ def compare(
 
 def gate_table(rows: list) -> str:
     lines = [
-        f"{'status':<15}{'family':<14}{'case':<36}{'metric':<48}{'baseline [95% interval]':>24}  {'this run [95% interval]':>24}"
-        f"{'change':>8}"
+        f"{'status':<15}{'family':<14}{'case':<36}{'metric':<48}{'baseline [95% interval]':>24}  "
+        f"{'this run [95% interval]':>24}{'change':>8}"
     ]
     order = {
         "REGRESSION": 0,
@@ -748,13 +754,14 @@ def gate_table(rows: list) -> str:
             "" if r["base"] is None or r["value"] is None else f"{r['value'] / r['base'] - 1:+.0%}"
         )
         lines.append(
-            f"{r['status']:<15}{r['family']:<14}{r['case'][:35]:<36}{r['metric'][:47]:<48}{base:>24}  "
-            f"{cur:>24}{chg:>8}"
+            f"{r['status']:<15}{r['family']:<14}{r['case'][:35]:<36}{r['metric'][:47]:<48}"
+            f"{base:>24}  {cur:>24}{chg:>8}"
         )
     n_reg = sum(r["status"] == "REGRESSION" for r in rows)
     n_cmp = sum(r["status"] in ("ok", "improved", "REGRESSION") for r in rows)
     lines.append(
-        f"gate: {n_reg} regression(s) among {n_cmp} compared ratios -> {'FAIL' if n_reg else 'pass'}"
+        f"gate: {n_reg} regression(s) among {n_cmp} compared ratios -> "
+        f"{'FAIL' if n_reg else 'pass'}"
     )
     return "\n".join(lines)
 

@@ -46,8 +46,8 @@ def ratios_table(docs: dict, with_untargeted: bool = False) -> str:
                 continue
             tgt = "" if q.get("target") is None else f"≥ {q['target']:g}"
             lines.append(
-                f"| {fam} | {q['case']} | {q['metric']} | {q['value']:.2f} | {_interval(q)} | {tgt} | "
-                f"{_verdict(q)} |"
+                f"| {fam} | {q['case']} | {q['metric']} | {q['value']:.2f} | {_interval(q)} | "
+                f"{tgt} | {_verdict(q)} |"
             )
     return "\n".join(lines)
 

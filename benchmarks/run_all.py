@@ -61,8 +61,9 @@ def gate(
     run = {k: v for k, v in H.load_docs(run_dir, device).items() if k in families}
     if not base:
         print(
-            f"\ngate: no baselines for {device} ({'quick' if quick else 'full'}) in {base_dir}; record them with "
-            f"`python -m longtune.bench{' --quick' if quick else ''} --update-baseline`"
+            f"\ngate: no baselines for {device} ({'quick' if quick else 'full'}) in {base_dir}; "
+            f"record them with `python -m longtune.bench{' --quick' if quick else ''} "
+            "--update-baseline`"
         )
         return 2
     rows = H.compare(run, base, tol_time, tol_memory)
@@ -71,13 +72,14 @@ def gate(
         cores = run[fam].get("cpu_count") or 1
         if device == "cpu" and lr is not None and (lr > cores or (lb or 0) > cores):
             print(
-                f"gate: note: {fam} ran at load average {lr} (baseline {lb}) on {cores} cores - other processes "
-                f"competed for the CPU, and ratios shift with the load; rerun on an idle machine before trusting a "
-                f"regression"
+                f"gate: note: {fam} ran at load average {lr} (baseline {lb}) on {cores} cores - "
+                "other processes competed for the CPU, and ratios shift with the load; rerun on an "
+                "idle machine before trusting a regression"
             )
     table = H.gate_table(rows)
     print(
-        f"\n== regression gate: {run_dir} vs {base_dir} (tolerance: time {tol_time:.0%}, memory {tol_memory:.0%}) =="
+        f"\n== regression gate: {run_dir} vs {base_dir} (tolerance: time {tol_time:.0%}, memory "
+        f"{tol_memory:.0%}) =="
     )
     print(table)
     Path(run_dir, "gate.txt").write_text(table + "\n")
@@ -161,7 +163,8 @@ def main(argv=None) -> int:
 
     out = a.out or H.default_out_dir()
     print(
-        f"longtune benchmarks ({'quick' if a.quick else 'full'}) on {H.device_name(a.device)} -> {out}"
+        f"longtune benchmarks ({'quick' if a.quick else 'full'}) on {H.device_name(a.device)} -> "
+        f"{out}"
     )
     t0 = time.perf_counter()
     reports, failed = [], []
@@ -205,7 +208,8 @@ def main(argv=None) -> int:
     if a.update_baseline:
         dst = H.update_baseline(out, a.device, a.quick, [r.benchmark for r in reports])
         print(
-            f"baselines updated: {dst}/ ({', '.join(r.benchmark for r in reports)}); review and commit them"
+            f"baselines updated: {dst}/ ({', '.join(r.benchmark for r in reports)}); review and "
+            "commit them"
         )
     if a.check:
         rc = max(

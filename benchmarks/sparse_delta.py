@@ -130,7 +130,9 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
             (layer(xm) * gy).sum().backward()
             opt.step()
 
-        step()  # lazily built state (the optimizer's moments, folded deltas) exists before the measured step
+        # lazily built state (the optimizer's moments, folded deltas) exists before the
+        # measured step
+        step()
         m = H.peak_memory(step, device)
         return dict(m, bytes=m["bytes"] + H.optimizer_state_bytes(opt) + persistent_extra)
 

@@ -20,7 +20,7 @@ finetune_long_context_<tag>.json (accuracies, timing, the recipe's summary and `
     python examples/finetune_long_context.py --seco --spaco 2  # SpaCO: backward through 2 of 4 chunks
     python examples/finetune_long_context.py --device cuda
     python examples/finetune_long_context.py --out examples/results   # refresh the committed results
-"""
+"""  # noqa: E501 -- the usage block is the --help text
 
 from __future__ import annotations
 
@@ -219,8 +219,8 @@ def main():
     acc_short = accuracy(model, a.context, a.eval_samples, dev)
     acc_long_before = accuracy(model, long_ctx, a.eval_samples, dev)
     print(
-        f"pre-trained: passkey accuracy {acc_short:.0%} at {a.context} tokens, {acc_long_before:.0%} at "
-        f"{long_ctx} tokens (chance 10%)"
+        f"pre-trained: passkey accuracy {acc_short:.0%} at {a.context} tokens, "
+        f"{acc_long_before:.0%} at {long_ctx} tokens (chance 10%)"
     )
 
     model, summary = longtune.recipes.longlora(
@@ -231,8 +231,8 @@ def main():
         patch_attention=(a.attention == "s2"),
     )
     print(
-        f"LongLoRA recipe: rope factor {summary['rope_factor']:.0f}, trainable {summary['trainable']:,} of "
-        f"{summary['total']:,} parameters {summary['by_kind']}"
+        f"LongLoRA recipe: rope factor {summary['rope_factor']:.0f}, trainable "
+        f"{summary['trainable']:,} of {summary['total']:,} parameters {summary['by_kind']}"
     )
     acc_interp = accuracy(model, long_ctx, a.eval_samples, dev)
     # S^2-Attn trains on groups of N/4 tokens (the query sees its own group), so the fine-tuning
@@ -263,9 +263,10 @@ def main():
     acc_after = accuracy(model, long_ctx, a.eval_samples, dev)
     elapsed = time.time() - t0
     print(
-        f"passkey accuracy at {long_ctx} tokens: {acc_untrained:.0%} untrained, {acc_long_before:.0%} after "
-        f"pre-training at {a.context}, {acc_interp:.0%} after position interpolation, {acc_after:.0%} after LongLoRA "
-        f"fine-tuning ({a.attention}); chance 10%; {elapsed:.0f} s total"
+        f"passkey accuracy at {long_ctx} tokens: {acc_untrained:.0%} untrained, "
+        f"{acc_long_before:.0%} after pre-training at {a.context}, {acc_interp:.0%} after position "
+        f"interpolation, {acc_after:.0%} after LongLoRA fine-tuning ({a.attention}); chance 10%; "
+        f"{elapsed:.0f} s total"
     )
 
     out = Path(a.out)
@@ -300,7 +301,8 @@ def main():
         ax.set_xlabel("step")
         ax.set_ylabel("passkey loss")
         ax.set_title(
-            f"tiny Llama, passkey at {long_ctx} tokens: {acc_untrained:.0%} untrained -> {acc_after:.0%}"
+            f"tiny Llama, passkey at {long_ctx} tokens: {acc_untrained:.0%} untrained -> "
+            f"{acc_after:.0%}"
         )
         fig.tight_layout()
         fig.savefig(out / f"finetune_long_context_{tag}.png", dpi=120)

@@ -28,8 +28,9 @@ def _load_benchmarks():
     init = pkg / "__init__.py"
     if not init.is_file():
         raise SystemExit(
-            "longtune.bench: the benchmark suite (the `benchmarks` package of a longtune source checkout) "
-            "was not found; run from the repository root, or use an in-tree / editable install"
+            "longtune.bench: the benchmark suite (the `benchmarks` package of a longtune source "
+            "checkout) was not found; run from the repository root, or use an in-tree / editable "
+            "install"
         )
     spec = importlib.util.spec_from_file_location(
         "benchmarks", init, submodule_search_locations=[str(pkg)]

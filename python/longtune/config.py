@@ -49,7 +49,8 @@ __all__ = [
     "RECORD_KEY",
 ]
 
-RECORD_KEY = "longtune_apply"  # model.config attribute holding the applied configs (a JSON-serialisable list)
+# model.config attribute holding the applied configs (a JSON-serialisable list)
+RECORD_KEY = "longtune_apply"
 
 
 def _check(cond: bool, cls: str, msg: str) -> None:
@@ -166,7 +167,8 @@ class LongLoRAConfig:
         _check(
             _is_int(self.target_context) and self.target_context >= 1,
             n,
-            f"target_context must be an int >= 1 (the context length to train for), got {self.target_context!r}",
+            "target_context must be an int >= 1 (the context length to train for), got "
+            f"{self.target_context!r}",
         )
         _check(
             _is_int(self.lora_r) and self.lora_r >= 1,
@@ -263,7 +265,8 @@ class S2FTConfig:
         _check(
             0 < self.head_ratio <= 1 and 0 < self.channel_ratio <= 1,
             "S2FTConfig",
-            f"head_ratio and channel_ratio must be in (0, 1], got {self.head_ratio!r} and {self.channel_ratio!r}",
+            f"head_ratio and channel_ratio must be in (0, 1], got {self.head_ratio!r} and "
+            f"{self.channel_ratio!r}",
         )
 
 
@@ -339,7 +342,7 @@ class ChunkwiseConfig:
             _check(
                 _is_int(self.budget) and self.budget >= 1,
                 n,
-                f"method='spaco' needs budget (the number of chunks backpropagated) as an int >= 1, "
+                "method='spaco' needs budget (the number of chunks backpropagated) as an int >= 1, "
                 f"got {self.budget!r}",
             )
         else:

@@ -74,15 +74,16 @@ def longlora(
     base = hf_model(model, "longtune.recipes.longlora")
     if not list(attention_modules(base)):
         raise ValueError(
-            "longlora: the model has no attention modules with q_proj / o_proj (Llama, Qwen2, Mistral)"
+            "longlora: the model has no attention modules with q_proj / o_proj (Llama, Qwen2, "
+            "Mistral)"
         )
     target_modules = list(target_modules)
     present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
     missing = [t for t in target_modules if t not in present]
     if missing:
         raise ValueError(
-            f"longlora: target_modules {missing} match no module of {type(base).__name__} (e.g. Phi-3 "
-            "fuses q/k/v into qkv_proj: pass target_modules=('qkv_proj', 'o_proj'))"
+            f"longlora: target_modules {missing} match no module of {type(base).__name__} (e.g. "
+            "Phi-3 fuses q/k/v into qkv_proj: pass target_modules=('qkv_proj', 'o_proj'))"
         )
     factor = _rope_interpolate(base, target_context, rope_type)
     trainable = tuple(trainable)

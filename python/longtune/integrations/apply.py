@@ -59,15 +59,15 @@ def _validate(model, base, configs: dict) -> None:
         training = [c.__name__ for c in (ChunkwiseConfig, *_TRAINABLE) if c in configs]
         if training:
             raise ValueError(
-                f"longtune.apply: AttentionConfig(kind='lambda') is for inference only (LM-Infinite "
-                f"generation beyond the trained length) and cannot be combined with "
+                "longtune.apply: AttentionConfig(kind='lambda') is for inference only (LM-Infinite "
+                "generation beyond the trained length) and cannot be combined with "
                 f"{', '.join(training)}; train with kind='s2' or 'causal'"
             )
     if chunk is not None and kind == "s2" and mode == "longlora_roll":
         raise ValueError(
-            "longtune.apply: ChunkwiseConfig with AttentionConfig(s2_mode='longlora_roll') is refused: "
-            "its last shifted group wraps around to the end of the sequence, which a chunk has not "
-            "seen yet; use s2_mode='leakfree' or train without ChunkwiseConfig"
+            "longtune.apply: ChunkwiseConfig with AttentionConfig(s2_mode='longlora_roll') is "
+            "refused: its last shifted group wraps around to the end of the sequence, which a "
+            "chunk has not seen yet; use s2_mode='leakfree' or train without ChunkwiseConfig"
         )
     if (
         att is not None
@@ -75,9 +75,9 @@ def _validate(model, base, configs: dict) -> None:
         and getattr(base.config, "model_type", None) not in hf.SUPPORTED_MODEL_TYPES
     ):
         raise ValueError(
-            f"longtune.apply: AttentionConfig: model_type {getattr(base.config, 'model_type', None)!r} "
-            f"is not one of the tested families {hf.SUPPORTED_MODEL_TYPES}; pass "
-            "AttentionConfig(strict=False) to try anyway"
+            "longtune.apply: AttentionConfig: model_type "
+            f"{getattr(base.config, 'model_type', None)!r} is not one of the tested families "
+            f"{hf.SUPPORTED_MODEL_TYPES}; pass AttentionConfig(strict=False) to try anyway"
         )
     if att is not None and not list(hf._attention_modules(base)):
         raise ValueError(
@@ -87,7 +87,8 @@ def _validate(model, base, configs: dict) -> None:
     if FusedCrossEntropyConfig in configs:
         if not hasattr(base, "lm_head") or not hasattr(base, "model"):
             raise ValueError(
-                "longtune.apply: FusedCrossEntropyConfig needs a *ForCausalLM with lm_head and model"
+                "longtune.apply: FusedCrossEntropyConfig needs a *ForCausalLM with lm_head and "
+                "model"
             )
         lora = configs.get(LongLoRAConfig)
         if (
@@ -97,9 +98,10 @@ def _validate(model, base, configs: dict) -> None:
         ):
             what = "LoRA dropout" if lora.lora_dropout > 0 else "DoRA"
             raise ValueError(
-                f"longtune.apply: FusedCrossEntropyConfig with LongLoRAConfig targeting lm_head with "
-                f"{what} is refused: the fused loss needs the head to be a weight-space update "
-                "(set lora_dropout=0 / use_dora=False, or leave lm_head out of target_modules)"
+                "longtune.apply: FusedCrossEntropyConfig with LongLoRAConfig targeting lm_head "
+                f"with {what} is refused: the fused loss needs the head to be a weight-space "
+                "update (set lora_dropout=0 / use_dora=False, or leave lm_head out of "
+                "target_modules)"
             )
         import torch
 
@@ -117,7 +119,7 @@ def _validate(model, base, configs: dict) -> None:
             raise ValueError(f"longtune.apply: RoSTEConfig: {e}") from None
 
 
-# ------------------------------------------------------------------ presence of the weight transforms
+# ---------------------------------------------------------------- presence of the weight transforms
 def _present(model, base, cls) -> bool:
     """Whether the weight transform of ``cls`` is already in the model."""
     if cls is RoSTEConfig:
@@ -154,7 +156,7 @@ def apply(model, *configs):
       weights (a base checkpoint set up for training); checkpoints of transformed weights load
       through the family's own path (peft adapters, ``load_sparse_adapter``,
       ``longtune.quant.load_exported``) or a Trainer checkpoint.
-    - Idempotent: applying the same configs twice changes nothing."""
+    - Idempotent: applying the same configs twice changes nothing."""  # noqa: E501
     from .hf import hf_model, patch
 
     base = hf_model(model, "longtune.apply")
@@ -173,8 +175,8 @@ def apply(model, *configs):
     if not configs and not recorded:
         raise ValueError(
             "longtune.apply: pass one or more configs (AttentionConfig, FusedCrossEntropyConfig, "
-            "LongLoRAConfig, SparseDeltaConfig, S2FTConfig, RoSTEConfig, ChunkwiseConfig); the model "
-            f"carries no recorded configs (model.config.{RECORD_KEY}) to re-apply"
+            "LongLoRAConfig, SparseDeltaConfig, S2FTConfig, RoSTEConfig, ChunkwiseConfig); the "
+            f"model carries no recorded configs (model.config.{RECORD_KEY}) to re-apply"
         )
     for cls in (RoSTEConfig, S2FTConfig, SparseDeltaConfig, LongLoRAConfig):
         if (
@@ -264,8 +266,8 @@ def chunkwise_backward(
     cfg = config if config is not None else get_config(model, ChunkwiseConfig)
     if cfg is None:
         raise ValueError(
-            "longtune.integrations.apply.chunkwise_backward: the model has no ChunkwiseConfig applied; "
-            "longtune.apply(model, ChunkwiseConfig(...)) or pass config="
+            "longtune.integrations.apply.chunkwise_backward: the model has no ChunkwiseConfig "
+            "applied; longtune.apply(model, ChunkwiseConfig(...)) or pass config="
         )
     if cfg.method == "spaco" and generator is None:
         import torch

@@ -160,9 +160,9 @@ def _s2_mask(module, o, nq, nk, kwargs) -> AttentionMask:
                     n = (cu_q[1:] - cu_q[:-1]).max()
                 if torch.is_tensor(n) and torch.compiler.is_compiling():
                     raise ValueError(
-                        "longtune S^2-Attn on packed sequences under torch.compile needs the longest "
-                        "sequence's length as a Python int (max_length_q) or a fixed group_size: a "
-                        "group size cannot come from tensor data inside a graph"
+                        "longtune S^2-Attn on packed sequences under torch.compile needs the "
+                        "longest sequence's length as a Python int (max_length_q) or a fixed "
+                        "group_size: a group size cannot come from tensor data inside a graph"
                     )
                 return int(n)
 
@@ -173,19 +173,20 @@ def _s2_mask(module, o, nq, nk, kwargs) -> AttentionMask:
             # the full sequence's S^2-Attn
             return rule("leakfree", nq)
         raise ValueError(
-            f"longtune S^2-Attn in training: {nq} queries attend to {nk} keys (a KV cache), and the group size of "
-            "the whole sequence is unknown here. Patch with a fixed group size (longtune.patch(model, "
-            "attention='s2', group_size=G), mode='leakfree'), train chunk-wise through longtune.train.seco_backward "
-            "(which passes the sequence length), or run the model in eval() for generation"
+            f"longtune S^2-Attn in training: {nq} queries attend to {nk} keys (a KV cache), and "
+            "the group size of the whole sequence is unknown here. Patch with a fixed group size "
+            "(longtune.patch(model, attention='s2', group_size=G), mode='leakfree'), train "
+            "chunk-wise through longtune.train.seco_backward (which passes the sequence length), "
+            "or run the model in eval() for generation"
         )
     # one chunk of a sequence of `total` tokens (chunk-wise training)
     if nq == nk == total:
         return rule(o["mode"], total)
     if o["mode"] != "leakfree":
         raise ValueError(
-            "longtune S^2-Attn: mode='longlora_roll' cannot be trained chunk-wise (its last shifted group "
-            "wraps around to the end of the sequence, which a chunk has not seen yet); use "
-            "mode='leakfree' or full backprop"
+            "longtune S^2-Attn: mode='longlora_roll' cannot be trained chunk-wise (its last "
+            "shifted group wraps around to the end of the sequence, which a chunk has not seen "
+            "yet); use mode='leakfree' or full backprop"
         )
     if nk > total:
         raise ValueError(
@@ -294,9 +295,9 @@ def _head_params(head):
         if hasattr(head, "base_layer") and hasattr(head, "lora_A"):
             return _lora_head_params(head)
         raise ValueError(
-            f"longtune.patch(lm_head='fused_ce'): the vocabulary head is a {type(head).__name__}, whose "
-            "output is not x @ weight.T + bias; the fused loss supports nn.Linear, SparseDeltaLinear, "
-            "S2FTLinear and peft LoRA heads (without dropout or DoRA)"
+            f"longtune.patch(lm_head='fused_ce'): the vocabulary head is a {type(head).__name__}, "
+            "whose output is not x @ weight.T + bias; the fused loss supports nn.Linear, "
+            "SparseDeltaLinear, S2FTLinear and peft LoRA heads (without dropout or DoRA)"
         )
     return head.weight, head.bias
 
@@ -441,8 +442,8 @@ def patch(
     if attention is None:
         if not stored:
             raise ValueError(
-                "longtune.patch: pass attention='s2' | 'causal' | 'lambda' (the model carries no stored "
-                "longtune patch to re-apply)"
+                "longtune.patch: pass attention='s2' | 'causal' | 'lambda' (the model carries no "
+                "stored longtune patch to re-apply)"
             )
         attention = stored["attention"]
         options = {
@@ -461,8 +462,8 @@ def patch(
         )
     if strict and getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"longtune.patch: model_type {getattr(cfg, 'model_type', None)!r} is not one of the tested "
-            f"families {SUPPORTED_MODEL_TYPES}; pass strict=False to try anyway"
+            f"longtune.patch: model_type {getattr(cfg, 'model_type', None)!r} is not one of the "
+            f"tested families {SUPPORTED_MODEL_TYPES}; pass strict=False to try anyway"
         )
     opts = dict(_DEFAULTS[attention], **options)
     if attention == "s2":
@@ -481,8 +482,8 @@ def patch(
     mods = list(_attention_modules(base))
     if not mods:
         raise ValueError(
-            "longtune.patch: found no attention modules (with q_proj or qkv_proj, o_proj and layer_idx) "
-            "in the model"
+            "longtune.patch: found no attention modules (with q_proj or qkv_proj, o_proj and "
+            "layer_idx) in the model"
         )
     _set_implementation(base, IMPLEMENTATIONS[attention])
     for m in mods:

@@ -71,7 +71,8 @@ def lambda_attention_forward(
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         raise RuntimeError(
             "longtune_lambda attention is for inference (generation beyond the trained length); "
-            "run it under torch.no_grad() / inference_mode, or train with attention='s2' or 'causal'"
+            "run it under torch.no_grad() / inference_mode, or train with attention='s2' or "
+            "'causal'"
         )
     o = patch_options(module, "lambda")
     window, n_g, cap = int(o["window"]), int(o["n_global"]), bool(o["cap_distance"])
@@ -188,7 +189,8 @@ def lambda_cache(model, window=None, n_global=None):
     stored = getattr(cfg, "longtune_patch", None) or {}
     if stored.get("attention") != "lambda":
         raise ValueError(
-            "lambda_cache: patch the model first with longtune.patch(model, attention='lambda', ...)"
+            "lambda_cache: patch the model first with longtune.patch(model, attention='lambda', "
+            "...)"
         )
     window = int(window or stored["window"])
     n_global = int(n_global if n_global is not None else stored["n_global"])

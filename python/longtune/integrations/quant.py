@@ -45,8 +45,8 @@ def decoder(model):
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         raise TypeError(
-            "longtune.quant.prepare_roste: expected a Hugging Face *ForCausalLM with .model.layers and "
-            f".lm_head (Llama / Qwen2 family), got {type(model).__name__}"
+            "longtune.quant.prepare_roste: expected a Hugging Face *ForCausalLM with .model.layers "
+            f"and .lm_head (Llama / Qwen2 family), got {type(model).__name__}"
         )
     for i, layer in enumerate(inner.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -526,8 +526,8 @@ def load_exported(model, path: str):
     expected_missing = {f"{n}.weight" for n in layout} | {f"{n}._extra_state" for n in qlin}
     if set(missing) - expected_missing or unexpected:
         raise ValueError(
-            f"longtune.quant.load_exported: state mismatch (missing {sorted(set(missing) - expected_missing)},"
-            f" unexpected {sorted(unexpected)})"
+            "longtune.quant.load_exported: state mismatch (missing "
+            f"{sorted(set(missing) - expected_missing)}, unexpected {sorted(unexpected)})"
         )
     for name, info in layout.items():
         mod = qlin[name]

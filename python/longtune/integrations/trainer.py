@@ -96,9 +96,9 @@ class SpIELCallback(TrainerCallback):
             self.scheduler.optimizer = opt
         elif opt is not None and self.scheduler.optimizer is not opt:
             raise ValueError(
-                "SpIELCallback: the SpIELScheduler was built over another optimizer than the Trainer's; "
-                "pass the same optimizer to the Trainer (optimizers=(opt, None)) or build the "
-                "scheduler without one"
+                "SpIELCallback: the SpIELScheduler was built over another optimizer than the "
+                "Trainer's; pass the same optimizer to the Trainer (optimizers=(opt, None)) or "
+                "build the scheduler without one"
             )
         if state.global_step > 0:  # resumed from a checkpoint
             folder = self.resume_from or os.path.join(
@@ -134,22 +134,23 @@ def _chunkwise_inputs(inputs: dict):
     ids, labels = inputs.get("input_ids"), inputs.get("labels")
     if ids is None or labels is None:
         raise ValueError(
-            "LongtuneTrainer: chunk-wise training (ChunkwiseConfig) needs batches with input_ids and "
-            f"labels; got keys {sorted(inputs)}"
+            "LongtuneTrainer: chunk-wise training (ChunkwiseConfig) needs batches with input_ids "
+            f"and labels; got keys {sorted(inputs)}"
         )
     extra = sorted(set(inputs) - _CHUNKWISE_KEYS - _IGNORED_KEYS)
     if extra:
         raise ValueError(
-            f"LongtuneTrainer: chunk-wise training takes input_ids, labels and attention_mask; the batch "
-            f"also has {extra}, which it cannot pass to the chunks"
+            "LongtuneTrainer: chunk-wise training takes input_ids, labels and attention_mask; the "
+            f"batch also has {extra}, which it cannot pass to the chunks"
         )
     pos = inputs.get("position_ids")
     if pos is not None:
         want = torch.arange(ids.shape[-1], device=pos.device)
         if not bool((pos == want).all()):
             raise ValueError(
-                "LongtuneTrainer: chunk-wise training needs position_ids 0..N-1 in every row (packed "
-                "sequences, e.g. padding-free collators, are not supported); got other position_ids"
+                "LongtuneTrainer: chunk-wise training needs position_ids 0..N-1 in every row "
+                "(packed sequences, e.g. padding-free collators, are not supported); got other "
+                "position_ids"
             )
     return ids, labels, inputs.get("attention_mask")
 
@@ -193,13 +194,13 @@ class LongtuneTrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError(
-                "LongtuneTrainer: chunk-wise training does not support torch.nn.DataParallel (n_gpu > 1); "
-                "launch one process per device (torchrun / accelerate launch)"
+                "LongtuneTrainer: chunk-wise training does not support torch.nn.DataParallel "
+                "(n_gpu > 1); launch one process per device (torchrun / accelerate launch)"
             )
         if getattr(self.accelerator, "scaler", None) is not None:
             raise ValueError(
-                "LongtuneTrainer: chunk-wise training does not support fp16 loss scaling; use bf16=True "
-                "or full precision"
+                "LongtuneTrainer: chunk-wise training does not support fp16 loss scaling; use "
+                "bf16=True or full precision"
             )
         base = hf_model(self.model, "LongtuneTrainer")
         if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):

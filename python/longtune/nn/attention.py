@@ -197,8 +197,8 @@ class SparseQueryAttention(nn.Module):
         if head_dim is None:
             if num_heads < 1 or d_model % num_heads:
                 raise ValueError(
-                    f"SparseQueryAttention: d_model={d_model} is not divisible by num_heads={num_heads} "
-                    "(or pass head_dim)"
+                    f"SparseQueryAttention: d_model={d_model} is not divisible by "
+                    f"num_heads={num_heads} (or pass head_dim)"
                 )
             head_dim = d_model // num_heads
         if head_dim < 1:
@@ -303,8 +303,9 @@ class SparseQueryAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"d_model={self.d_model}, num_heads={self.num_heads}, num_query_heads={self.num_query_heads}, "
-            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, rotary={self.rotary}"
+            f"d_model={self.d_model}, num_heads={self.num_heads}, "
+            f"num_query_heads={self.num_query_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, rotary={self.rotary}"
         )
 
     def forward(
@@ -315,7 +316,8 @@ class SparseQueryAttention(nn.Module):
     ) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
-                f"SparseQueryAttention: x must be (batch, seqlen, {self.d_model}), got {tuple(x.shape)}"
+                f"SparseQueryAttention: x must be (batch, seqlen, {self.d_model}), got "
+                f"{tuple(x.shape)}"
             )
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_query_heads, self.head_dim)

@@ -188,7 +188,7 @@ class RotatedQuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"W{self.weight_bits}A{self.act_bits}, rotate={self.rotate}, prerotated_weight={self.prerotated_weight}, "
-            f"ste={self.ste!r}"
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, W{self.weight_bits}A{self.act_bits}, "
+            f"rotate={self.rotate}, prerotated_weight={self.prerotated_weight}, ste={self.ste!r}"
         )

@@ -93,7 +93,8 @@ class S2FTLinear(nn.Module):
         """Apply an adapter (from ``unfuse`` / ``adapter``) to the block, in place."""
         if delta.shape != self.part.shape:
             raise ValueError(
-                f"S2FTLinear.fuse: adapter shape {tuple(delta.shape)} != block {tuple(self.part.shape)}"
+                f"S2FTLinear.fuse: adapter shape {tuple(delta.shape)} != block "
+                f"{tuple(self.part.shape)}"
             )
         self.part.copy_(self.original_part + delta.to(self.part))
 
@@ -103,7 +104,10 @@ class S2FTLinear(nn.Module):
         )
 
     def extra_repr(self):
-        return f"{self.base.in_features} -> {self.base.out_features}, trainable {self.dim} [{self.lo}, {self.hi})"
+        return (
+            f"{self.base.in_features} -> {self.base.out_features}, trainable {self.dim} "
+            f"[{self.lo}, {self.hi})"
+        )
 
 
 def _s2ft_state_dict_hook(module: S2FTLinear, state: dict, prefix: str, local_metadata) -> None:
@@ -193,7 +197,8 @@ class S2FTMLP(nn.Module):
             and isinstance(gate, nn.Linear)
         ):
             raise TypeError(
-                "S2FTMLP: expected an MLP with gate_proj (nn.Linear) and up_proj / down_proj (S2FTLinear)"
+                "S2FTMLP: expected an MLP with gate_proj (nn.Linear) and up_proj / down_proj "
+                "(S2FTLinear)"
             )
         if not (
             up.dim == "out"
@@ -203,8 +208,9 @@ class S2FTMLP(nn.Module):
             and up.hi == down.hi
         ):
             raise ValueError(
-                "S2FTMLP: up_proj must train rows [0, n) and down_proj columns [0, n) with the same n, got "
-                f"up {up.dim} [{up.lo}, {up.hi}), down {down.dim} [{down.lo}, {down.hi})"
+                "S2FTMLP: up_proj must train rows [0, n) and down_proj columns [0, n) with the "
+                f"same n, got up {up.dim} [{up.lo}, {up.hi}), down {down.dim} [{down.lo}, "
+                f"{down.hi})"
             )
         if (
             gate.weight.requires_grad

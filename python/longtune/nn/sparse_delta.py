@@ -203,7 +203,10 @@ class SparseDeltaLinear(nn.Module):
             return
         err = self._check_deltas(idx, val)
         if err is None and folded is not None and folded.shape != val.shape:
-            err = f"folded has shape {tuple(folded.shape)}, expected {tuple(val.shape)} (one per index)"
+            err = (
+                f"folded has shape {tuple(folded.shape)}, expected {tuple(val.shape)} "
+                "(one per index)"
+            )
         if err is not None:
             error_msgs.append(f"While loading {prefix or 'SparseDeltaLinear'}: {err}")
             return
@@ -308,20 +311,23 @@ class SparseDeltaLinear(nn.Module):
             raise ValueError(f"SparseDeltaLinear.load_delta_state_dict: {err}")
         if val.dtype != self.base.weight.dtype:
             raise TypeError(
-                f"SparseDeltaLinear.load_delta_state_dict: values are {val.dtype} but the base weight is "
-                f"{self.base.weight.dtype}; convert one of them explicitly"
+                f"SparseDeltaLinear.load_delta_state_dict: values are {val.dtype} but the base "
+                f"weight is {self.base.weight.dtype}; convert one of them explicitly"
             )
         if self._folded is not None:
             raise RuntimeError(
-                "SparseDeltaLinear.load_delta_state_dict: the deltas are merged into the base weight; "
-                "call unmerge() first"
+                "SparseDeltaLinear.load_delta_state_dict: the deltas are merged into the base "
+                "weight; call unmerge() first"
             )
         self._restore_base()
         self.indices = idx.long()
         self.values = nn.Parameter(val.to(self.base.weight.device).clone())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.values.numel()}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"deltas={self.values.numel()}"
+        )
 
 
 @torch.no_grad()

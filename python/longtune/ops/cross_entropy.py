@@ -251,8 +251,8 @@ def linear_cross_entropy(
         )
     if x.shape[:-1] != target.shape:
         raise ValueError(
-            f"linear_cross_entropy: target shape {tuple(target.shape)} must equal x's leading shape "
-            f"{tuple(x.shape[:-1])}"
+            f"linear_cross_entropy: target shape {tuple(target.shape)} must equal x's leading "
+            f"shape {tuple(x.shape[:-1])}"
         )
     x2 = x.reshape(-1, x.shape[-1])
     t2 = target.reshape(-1)
@@ -261,7 +261,8 @@ def linear_cross_entropy(
         if rows.dtype == torch.bool:
             if rows.numel() != t2.numel():
                 raise ValueError(
-                    f"linear_cross_entropy: a bool rows mask needs {t2.numel()} entries, got {rows.numel()}"
+                    f"linear_cross_entropy: a bool rows mask needs {t2.numel()} entries, got "
+                    f"{rows.numel()}"
                 )
             rows = rows.nonzero().squeeze(1)
         x2, t2 = x2.index_select(0, rows), t2.index_select(0, rows)

@@ -82,8 +82,8 @@ class AttentionMask:
             )
         if g != 0 and (g < 2 or g % 2):
             raise ValueError(
-                f"longtune.AttentionMask: s2_group_size must be an even number >= 2 (the shift is half "
-                f"a group) or 0 (no S^2), got {self.s2_group_size}"
+                "longtune.AttentionMask: s2_group_size must be an even number >= 2 (the shift is "
+                f"half a group) or 0 (no S^2), got {self.s2_group_size}"
             )
         if g == 0:
             mode = "none"
@@ -113,7 +113,8 @@ class AttentionMask:
         ho, th = _int("head_offset", self.head_offset), _int("total_heads", self.total_heads)
         if ho < 0 or th < 0:
             raise ValueError(
-                f"longtune.AttentionMask: head_offset and total_heads must be >= 0, got {ho} and {th}"
+                f"longtune.AttentionMask: head_offset and total_heads must be >= 0, got {ho} and "
+                f"{th}"
             )
         if ho > 0 and th == 0:
             raise ValueError(
@@ -205,8 +206,8 @@ class AttentionMask:
         enc = [int(x) for x in enc]
         if len(enc) != MASK_LEN or enc[0] != MASK_VERSION:
             raise ValueError(
-                f"longtune.AttentionMask: an encoded mask has {MASK_LEN} integers and starts with the "
-                f"version {MASK_VERSION}, got {enc}"
+                f"longtune.AttentionMask: an encoded mask has {MASK_LEN} integers and starts with "
+                f"the version {MASK_VERSION}, got {enc}"
             )
         modes = {c: m for m, c in _MODE_CODE.items()}
         if enc[1] not in (0, 1) or enc[3] not in modes:

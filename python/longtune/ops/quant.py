@@ -34,7 +34,8 @@ def _normalize(x, bits, granularity, group_size, clip_ratio, rotate, hadamard_si
         )
     if granularity not in _GRANULARITIES:
         raise ValueError(
-            f"longtune.rotate_fake_quant: granularity must be one of {_GRANULARITIES}, got {granularity!r}"
+            f"longtune.rotate_fake_quant: granularity must be one of {_GRANULARITIES}, got "
+            f"{granularity!r}"
         )
     if granularity == "per_group" and group_size is None:
         raise ValueError("longtune.rotate_fake_quant: granularity='per_group' needs group_size")

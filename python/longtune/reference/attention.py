@@ -182,8 +182,8 @@ def sparse_attention(
     total = h if total_heads is None else total_heads
     if not 0 <= head_offset <= total - h:
         raise ValueError(
-            f"heads [head_offset, head_offset + H) = [{head_offset}, {head_offset + h}) must lie within "
-            f"total_heads={total}"
+            f"heads [head_offset, head_offset + H) = [{head_offset}, {head_offset + h}) must lie "
+            f"within total_heads={total}"
         )
     qi = torch.tensor(qh, device=q.device)
     ki = torch.tensor(kh, device=q.device)

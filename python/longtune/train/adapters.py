@@ -120,8 +120,8 @@ def _read_adapter(load_directory) -> tuple[dict, dict]:
         )
     if int(cfg.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
         raise ValueError(
-            f"longtune.train.load_sparse_adapter: adapter format version {cfg['format_version']} is "
-            f"newer than this longtune reads ({ADAPTER_FORMAT_VERSION}); upgrade longtune"
+            f"longtune.train.load_sparse_adapter: adapter format version {cfg['format_version']} "
+            f"is newer than this longtune reads ({ADAPTER_FORMAT_VERSION}); upgrade longtune"
         )
     return cfg, load_file(w_path)
 
@@ -143,19 +143,19 @@ def load_sparse_adapter(
             mod = model.get_submodule(name)
         except AttributeError:
             raise ValueError(
-                f"longtune.train.load_sparse_adapter: the adapter has deltas for module {name!r}, which "
-                f"the model ({type(model).__name__}) does not have"
+                f"longtune.train.load_sparse_adapter: the adapter has deltas for module {name!r}, "
+                f"which the model ({type(model).__name__}) does not have"
             ) from None
         if type(mod) is not nn.Linear and not isinstance(mod, SparseDeltaLinear):
             raise ValueError(
-                f"longtune.train.load_sparse_adapter: module {name!r} is a {type(mod).__name__}; the "
-                "adapter's deltas go onto an nn.Linear (or SparseDeltaLinear)"
+                f"longtune.train.load_sparse_adapter: module {name!r} is a {type(mod).__name__}; "
+                "the adapter's deltas go onto an nn.Linear (or SparseDeltaLinear)"
             )
         shape = [mod.out_features, mod.in_features]
         if shape != list(info["shape"]):
             raise ValueError(
-                f"longtune.train.load_sparse_adapter: module {name!r} has a weight of shape {shape}, the "
-                f"adapter was trained on {list(info['shape'])}"
+                f"longtune.train.load_sparse_adapter: module {name!r} has a weight of shape "
+                f"{shape}, the adapter was trained on {list(info['shape'])}"
             )
         if isinstance(mod, SparseDeltaLinear) and mod._folded is not None:
             raise ValueError(
@@ -165,8 +165,8 @@ def load_sparse_adapter(
         idx, val = tensors.get(f"{name}.indices"), tensors.get(f"{name}.values")
         if idx is None or val is None:
             raise ValueError(
-                f"longtune.train.load_sparse_adapter: {ADAPTER_WEIGHTS_NAME} lacks the indices or values "
-                f"of module {name!r}"
+                f"longtune.train.load_sparse_adapter: {ADAPTER_WEIGHTS_NAME} lacks the indices or "
+                f"values of module {name!r}"
             )
         probe = mod if isinstance(mod, SparseDeltaLinear) else None
         numel = shape[0] * shape[1]
@@ -207,8 +207,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     quant = [n for n, m in model.named_modules() if isinstance(m, RotatedQuantLinear)]
     if quant:
         raise ValueError(
-            f"longtune.train.merge_and_unload: {quant[0]!r} is a RotatedQuantLinear (RoSTE), which has "
-            "no plain equivalent; export a quantized model with longtune.quant.export instead"
+            f"longtune.train.merge_and_unload: {quant[0]!r} is a RotatedQuantLinear (RoSTE), which "
+            "has no plain equivalent; export a quantized model with longtune.quant.export instead"
         )
     if isinstance(model, (SparseDeltaLinear, S2FTLinear, S2FTMLP)):
         raise ValueError(

@@ -311,14 +311,15 @@ def _check_attention(model, n_chunks: int) -> None:
     )
     if n_chunks > 1 and stored.get("attention") == "s2" and stored.get("mode") == "longlora_roll":
         raise ValueError(
-            "seco_backward: the model is patched with S^2-Attn mode='longlora_roll', whose last shifted "
-            "group wraps around to the end of the sequence; it cannot be trained chunk-wise. Use "
-            "mode='leakfree' (longtune.patch(model, attention='s2', mode='leakfree')) or full backprop"
+            "seco_backward: the model is patched with S^2-Attn mode='longlora_roll', whose last "
+            "shifted group wraps around to the end of the sequence; it cannot be trained "
+            "chunk-wise. Use mode='leakfree' (longtune.patch(model, attention='s2', "
+            "mode='leakfree')) or full backprop"
         )
     if stored.get("attention") == "lambda":
         raise ValueError(
-            "seco_backward: the model is patched with the Lambda-mask (attention='lambda'), which is "
-            "for inference only; train with attention='s2' or 'causal'"
+            "seco_backward: the model is patched with the Lambda-mask (attention='lambda'), which "
+            "is for inference only; train with attention='s2' or 'causal'"
         )
     if any(
         getattr(m, "gradient_checkpointing", False) is True for m in _unwrap_ddp(model)[1].modules()

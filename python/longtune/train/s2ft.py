@@ -48,8 +48,8 @@ def select_and_permute(
         )
     if not (0 < head_ratio <= 1) or not (0 < channel_ratio <= 1):
         raise ValueError(
-            f"select_and_permute: head_ratio and channel_ratio must be in (0, 1], got {head_ratio} and "
-            f"{channel_ratio}"
+            f"select_and_permute: head_ratio and channel_ratio must be in (0, 1], got {head_ratio} "
+            f"and {channel_ratio}"
         )
     c = model.config
     hq, hkv = (

@@ -247,7 +247,8 @@ class SpIELScheduler:
             )
         if growth not in ("ag", "ma"):
             raise ValueError(
-                f"SpIELScheduler: growth must be 'ag' (accumulated gradients) or 'ma' (SM3), got {growth!r}"
+                "SpIELScheduler: growth must be 'ag' (accumulated gradients) or 'ma' (SM3), got "
+                f"{growth!r}"
             )
         self.growth = growth
         self._sm3 = {id(l): _SM3Stats(l, tile_rows) for l in self.layers} if growth == "ma" else {}
@@ -359,8 +360,8 @@ class SpIELScheduler:
         n = state.pop("num_layers", None)
         if n is not None and n != len(self.layers):
             raise ValueError(
-                f"SpIELScheduler.load_state_dict: the state is for {n} SparseDeltaLinear layers, this "
-                f"scheduler has {len(self.layers)}"
+                f"SpIELScheduler.load_state_dict: the state is for {n} SparseDeltaLinear layers, "
+                f"this scheduler has {len(self.layers)}"
             )
         for k, v in state.items():
             setattr(self, k, v)

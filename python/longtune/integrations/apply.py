@@ -139,8 +139,9 @@ def _present(model, base, cls) -> bool:
 
 # ------------------------------------------------------------------ apply
 def apply(model, *configs):
-    """Sets ``model`` (a Hugging Face causal LM, optionally peft-wrapped) up with ``configs``; returns
-    the model (the new peft model when a :class:`LongLoRAConfig` is applied: use the return value).
+    """Sets ``model`` (a Hugging Face causal LM, optionally peft-wrapped) up with ``configs``;
+    returns the model (the new peft model when a :class:`LongLoRAConfig` is applied: use the
+    return value).
 
     - The configs already applied (recorded in ``model.config.longtune_apply``) are kept; a new
       config of the same type replaces a runtime one (attention, fused loss, chunk-wise) and must
@@ -156,7 +157,7 @@ def apply(model, *configs):
       weights (a base checkpoint set up for training); checkpoints of transformed weights load
       through the family's own path (peft adapters, ``load_sparse_adapter``,
       ``longtune.quant.load_exported``) or a Trainer checkpoint.
-    - Idempotent: applying the same configs twice changes nothing."""  # noqa: E501
+    - Idempotent: applying the same configs twice changes nothing."""
     from .hf import hf_model, patch
 
     base = hf_model(model, "longtune.apply")

@@ -223,10 +223,13 @@ class LongtuneTrainerMixin:
         inputs = self._prepare_inputs(inputs)
         ids, labels, mask = _chunkwise_inputs(inputs)
         denom = num_items_in_batch
-        if (
-            denom is None
-        ):  # each micro-batch's mean loss, divided by the accumulation steps (as Trainer does)
+        if denom is None:
+            # each micro-batch's mean loss, divided by the accumulation steps (as Trainer does)
             denom = int((labels[..., 1:] != -100).sum()) * self.current_gradient_accumulation_steps
+        elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # Trainer counts the target tokens over all processes and scales each process's loss
+            # by their number, because data parallelism averages the gradients
+            denom = denom / self.accelerator.num_processes
         generator = self._spaco_generator(cfg)
         with self.compute_loss_context_manager():
             loss = chunkwise_backward(

@@ -58,7 +58,7 @@ def _rel(a, b):
     return float((a - b).abs().max() / scale)
 
 
-def _check_case(rank, world, case):
+def _check_case(rank, world, case, group=None):
     b, n, h_q, h_kv, d, g, s2_mode, mode, expect = case
     assert sp.sp_mode(n, world, max(h_q, h_kv), g, s2_mode, mode) == expect, case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))  # same on every rank
@@ -71,7 +71,9 @@ def _check_case(rank, world, case):
     n_loc = n // world
     rows = slice(rank * n_loc, (rank + 1) * n_loc)
     ql, kl, vl = (t.detach()[:, rows].clone().requires_grad_() for t in (q, k, v))
-    out = sp.s2_attention_sp(ql, kl, vl, s2_group_size=g, s2_mode=s2_mode, mode=mode, timeout=60)
+    out = sp.s2_attention_sp(
+        ql, kl, vl, s2_group_size=g, s2_mode=s2_mode, mode=mode, timeout=60, group=group
+    )
     out.backward(go[:, rows])
     for name, got, want in (
         ("out", out.detach(), ref.detach()[:, rows]),
@@ -203,6 +205,20 @@ def _worker(rank, world, init_file, cases, timeout_check):
         _check_sharding(rank, world)
         if world == 4:
             _check_bytes(rank, world)
+            # two sequence-parallel groups of two ranks: peers are named by their global ranks
+            pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+            for case in (CASES_2[1], CASES_2[2], CASES_2[9]):
+                _check_case(rank % 2, 2, case, group=pairs[rank // 2])
+        else:
+            # a 1-D DeviceMesh as the group
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("sp",))
+            for case in (CASES_2[1], CASES_2[9]):
+                _check_case(rank, world, case, group=mesh)
+            ids = torch.arange(4 * world).view(2, -1)
+            assert torch.equal(sp.shard_sequence(ids, 1, mesh), sp.shard_sequence(ids, 1))
+            _expect_error(lambda: sp.shard_sequence(ids, 1, group=3), TypeError, "group")
         dist.barrier()
         if timeout_check:
             _check_timeout(rank, world)

@@ -348,11 +348,12 @@ def s2_attention_sp(
     """Sequence-parallel causal S^2-Attn (autograd-aware).
 
     q: (B, L, H_q, D), k / v: (B, L, H_kv, D): this rank's shard, tokens [r * L, (r + 1) * L) of
-    a sequence of N = W * L tokens split over the W ranks of ``group`` (None: the default group;
-    every rank passes the same shapes). Returns (B, L, H, D), H = max(H_q, H_kv): exactly this
-    rank's rows of ``longtune.sparse_attention(q_full, k_full, v_full, s2_group_size=G,
-    s2_mode=s2_mode, softmax_scale=softmax_scale)``; the backward returns this rank's rows of the
-    q / k / v gradients (the gradients of rows another rank read are sent back and summed here).
+    a sequence of N = W * L tokens split over the W ranks of ``group`` (None: the default group; a
+    ProcessGroup or a 1-D DeviceMesh; every rank passes the same shapes). Returns (B, L, H, D),
+    H = max(H_q, H_kv): exactly this rank's rows of ``longtune.sparse_attention(q_full, k_full,
+    v_full, s2_group_size=G, s2_mode=s2_mode, softmax_scale=softmax_scale)``; the backward
+    returns this rank's rows of the q / k / v gradients (the gradients of rows another rank read
+    are sent back and summed here).
 
     - ``s2_group_size`` G (even), ``s2_mode``: ``"leakfree"`` or ``"longlora_roll"``, as in
       ``sparse_attention``.
@@ -362,7 +363,7 @@ def s2_attention_sp(
     - ``timeout``: seconds (or a timedelta) each communication may take (default 300); past it a
       :class:`~longtune.distributed.CommTimeoutError` names the rank and the operation.
     """
-    rank, world = group_rank_size(group, "s2_attention_sp")
+    group, rank, world = group_rank_size(group, "s2_attention_sp")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(

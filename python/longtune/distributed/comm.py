@@ -28,10 +28,30 @@ def check_initialized(where: str):
         )
 
 
+def resolve_group(group, where: str):
+    """The process group of ``group``: None (the default group), a ProcessGroup, or a 1-D
+    ``DeviceMesh`` (for a dimension of a larger mesh pass ``mesh["sp"]`` or
+    ``mesh.get_group("sp")``)."""
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return group
+    if hasattr(group, "get_group") and hasattr(group, "ndim"):
+        if group.ndim != 1:
+            raise ValueError(
+                f"longtune.distributed.{where}: group is a {group.ndim}-D DeviceMesh; pass the "
+                f"sequence-parallel dimension, e.g. mesh['sp'] or mesh.get_group('sp')"
+            )
+        return group.get_group()
+    raise TypeError(
+        f"longtune.distributed.{where}: group must be None, a ProcessGroup or a 1-D DeviceMesh, "
+        f"got {type(group).__name__}"
+    )
+
+
 def group_rank_size(group, where: str):
-    """(rank in ``group``, size of ``group``); ``group=None`` is the default group."""
+    """(process group, rank in it, its size); ``group`` as :func:`resolve_group` takes it."""
     check_initialized(where)
-    return dist.get_rank(group), dist.get_world_size(group)
+    group = resolve_group(group, where)
+    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def global_rank(group, rank: int) -> int:

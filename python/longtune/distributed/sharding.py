@@ -26,7 +26,7 @@ def _shard_len(n: int, world: int, what: str) -> int:
 def shard_sequence(tensor: torch.Tensor, dim: int = 1, group=None) -> torch.Tensor:
     """This rank's contiguous shard of ``tensor`` along ``dim`` (a view): rank r of W gets
     [r * L, (r + 1) * L) with L = size / W. A size that is not a multiple of W is refused."""
-    rank, world = group_rank_size(group, "shard_sequence")
+    _, rank, world = group_rank_size(group, "shard_sequence")
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(
             f"longtune.distributed.shard_sequence: tensor must be a torch.Tensor, got "
@@ -74,7 +74,7 @@ def shard_batch(
     again (``longtune.nn.cross_entropy.causal_lm_loss(..., shift=False)``, transformers'
     ``shift_labels``). ``position_ids`` (default ``arange(N)``) are global positions. N must be a
     multiple of W."""
-    rank, world = group_rank_size(group, "shard_batch")
+    _, rank, world = group_rank_size(group, "shard_batch")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(
             f"longtune.distributed.shard_batch: input_ids must be a (batch, seq_len) tensor, got "
@@ -107,7 +107,7 @@ def global_token_count(labels: torch.Tensor, group=None, ignore_index: int = IGN
     """The number of targets (labels != ``ignore_index``) summed over the ranks of ``group``: the
     denominator that makes the per-rank sums of the token losses add up to the mean over the whole
     sequence (an all-reduce; every rank must call it)."""
-    group_rank_size(group, "global_token_count")
+    group, _, _ = group_rank_size(group, "global_token_count")
     n = (labels != ignore_index).sum().to(torch.int64).reshape(1)
     dist.all_reduce(n, group=group)
     return int(n.item())

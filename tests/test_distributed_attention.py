@@ -1,7 +1,8 @@
 """Sequence-parallel S^2-Attn (longtune.distributed) on CPU processes (gloo): every rank's output
 and q / k / v gradients equal its rows of the single-process ``longtune.sparse_attention`` in
 float64 (halo mode in both S^2 modes, Ulysses mode, GQA / MQA, batch 2, lengths that are not a
-multiple of W * G); the sharding helpers; the bytes halo mode sends; bad input.
+multiple of W * G; full causal attention in ring and Ulysses mode); the sharding helpers; the bytes
+halo mode sends; bad input.
 
 Each world size is one spawn that runs all its cases in one process group; a failing check raises
 in the worker and fails the spawn with its message."""
@@ -39,6 +40,10 @@ CASES_2 = [
     (1, 32, 4, 2, 8, 64, "leakfree", "auto", "ulysses"),  # G > L
     (1, 32, 2, 1, 8, 64, "longlora_roll", "auto", "ulysses"),
     (1, 32, 2, 4, 8, 16, "leakfree", "auto", "halo"),  # H_kv > H_q (rSQA)
+    # full causal attention (no S^2)
+    (2, 32, 4, 2, 8, None, "leakfree", "ring", "ring"),
+    (1, 32, 3, 1, 8, None, "leakfree", "auto", "ring"),  # H = 3: no head split
+    (1, 32, 4, 4, 8, None, "leakfree", "auto", "ulysses"),
 ]
 # world 4
 CASES_4 = [
@@ -50,6 +55,9 @@ CASES_4 = [
     (1, 64, 8, 2, 8, 16, "longlora_roll", "ulysses", "ulysses"),  # GQA, H_kv < W: kv repeated
     (1, 32, 4, 1, 8, 32, "leakfree", "auto", "ulysses"),  # G > L, MQA
     (1, 32, 4, 2, 8, 32, "longlora_roll", "auto", "ulysses"),
+    (2, 64, 4, 2, 8, None, "leakfree", "ring", "ring"),
+    (1, 32, 2, 2, 8, None, "leakfree", "auto", "ring"),  # H < W
+    (1, 32, 8, 2, 8, None, "leakfree", "ulysses", "ulysses"),
 ]
 
 
@@ -104,7 +112,9 @@ def _check_bad_input(rank, world):
 
     _expect_error(lambda: call(s2_group_size=5), ValueError, "s2_group_size", "even")
     _expect_error(lambda: call(s2_mode="roll"), ValueError, "s2_mode", "longlora_roll")
-    _expect_error(lambda: call(mode="ring"), ValueError, "mode", "ulysses")
+    _expect_error(lambda: call(mode="zigzag"), ValueError, "mode", "ulysses", "ring")
+    _expect_error(lambda: call(mode="ring"), ValueError, "ring", "s2_group_size=None")
+    _expect_error(lambda: call(s2_group_size=None, mode="halo"), ValueError, "halo", "S^2")
     _expect_error(lambda: call(q=x[0]), ValueError, "q", "4-D")
     _expect_error(lambda: call(v=x[:, :4]), ValueError, "k and v", "same shape")
     _expect_error(lambda: call(k=x[:, :4], v=x[:, :4]), ValueError, "local length")

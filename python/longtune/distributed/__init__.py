@@ -2,7 +2,8 @@
 sequence.
 
 - :func:`s2_attention_sp`: causal S^2-Attn over the sharded sequence (halo or Ulysses exchange),
-  exactly the rows of the single-process ``longtune.sparse_attention``.
+  or full causal attention (ring or Ulysses), exactly the rows of the single-process
+  ``longtune.sparse_attention``.
 - :func:`shard_batch`, :func:`shard_sequence`, :func:`global_token_count`: splitting a batch
   (labels shifted before the split) and normalising the loss by the global number of targets.
 - :func:`count_comm`: bytes sent by these functions.

@@ -1,6 +1,7 @@
-"""Sequence-parallel S^2-Attn: every rank holds a contiguous shard of the sequence (rank r: tokens
-[r * L, (r + 1) * L) of N = W * L) and computes exactly its rows of the single-process
-``longtune.sparse_attention(q, k, v, s2_group_size=G, s2_mode=...)``, with gradients.
+"""Sequence-parallel S^2-Attn (and full causal attention): every rank holds a contiguous shard
+of the sequence (rank r: tokens [r * L, (r + 1) * L) of N = W * L) and computes exactly its rows
+of the single-process ``longtune.sparse_attention(q, k, v, s2_group_size=G, s2_mode=...)``, with
+gradients.
 
 Two strategies (:func:`s2_attention_sp`, ``mode``):
 
@@ -18,6 +19,8 @@ Two strategies (:func:`s2_attention_sp`, ``mode``):
 - ``"ulysses"``: all-to-all from sequence shards to head shards (each rank gets all N tokens of
   H / W output heads), the unchanged kernel with ``head_offset`` / ``total_heads`` (which global
   heads are shifted), all-to-all back. Needs H % W == 0 (H = max(H_q, H_kv)); any G and N.
+- ``"ring"`` (full causal attention, ``s2_group_size=None``): the K / V blocks travel around the
+  ring, partial results merged by their log-sum-exp (:class:`_RingAttention`).
 
 The head map of GQA / MQA / SQA is kept: each call gets the q and kv heads its output heads read,
 compactly when they form a head map of their own (e.g. whole GQA groups, or one shared kv head) and
@@ -43,7 +46,7 @@ from .comm import (
     group_rank_size,
 )
 
-SP_MODES = ("auto", "halo", "ulysses")
+SP_MODES = ("auto", "halo", "ulysses", "ring")
 
 
 # ------------------------------------------------------------------ planning
@@ -91,21 +94,38 @@ def sp_mode(
     seq_len: int,
     world_size: int,
     heads: int,
-    s2_group_size: int,
+    s2_group_size: Optional[int],
     s2_mode: str = "leakfree",
     mode: str = "auto",
 ) -> str:
     """The strategy :func:`s2_attention_sp` uses for a global sequence of ``seq_len`` tokens on
-    ``world_size`` ranks with ``heads`` output heads: ``"halo"`` or ``"ulysses"`` (``"auto"``
-    prefers halo mode). Raises ValueError when the asked mode cannot run."""
+    ``world_size`` ranks with ``heads`` output heads: ``"halo"``, ``"ulysses"`` or ``"ring"``.
+    ``"auto"``: with S^2 halo mode, else Ulysses; without S^2 (``s2_group_size=None``, full causal
+    attention) Ulysses, else ring. Raises ValueError when the asked mode cannot run."""
     _check_config(s2_group_size, s2_mode, mode)
     if seq_len % world_size:
         raise ValueError(
             f"longtune.distributed: the sequence length {seq_len} must be a multiple of the world "
             f"size {world_size}"
         )
-    halo = _halo_problem(seq_len, world_size, s2_group_size, s2_mode)
     uly = _ulysses_problem(heads, world_size)
+    if s2_group_size is None:
+        if mode == "halo":
+            raise ValueError(
+                "longtune.distributed.s2_attention_sp: mode='halo' needs S^2 groups "
+                "(s2_group_size); full causal attention runs in 'ring' or 'ulysses' mode"
+            )
+        if mode == "ulysses" and uly:
+            raise ValueError(f"longtune.distributed.s2_attention_sp: {uly}")
+        if mode == "auto":
+            return "ring" if uly else "ulysses"
+        return mode
+    if mode == "ring":
+        raise ValueError(
+            "longtune.distributed.s2_attention_sp: mode='ring' is full causal attention "
+            "(s2_group_size=None); S^2 attention runs in 'halo' or 'ulysses' mode"
+        )
+    halo = _halo_problem(seq_len, world_size, s2_group_size, s2_mode)
     if mode == "halo" and halo:
         raise ValueError(f"longtune.distributed.s2_attention_sp: mode='halo': {halo}")
     if mode == "ulysses" and uly:
@@ -120,10 +140,10 @@ def sp_mode(
 
 
 def _check_config(g, s2_mode, mode):
-    if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
+    if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2):
         raise ValueError(
-            f"longtune.distributed.s2_attention_sp: s2_group_size must be an even int >= 2, "
-            f"got {g!r}"
+            f"longtune.distributed.s2_attention_sp: s2_group_size must be an even int >= 2 (or "
+            f"None: full causal attention), got {g!r}"
         )
     if s2_mode not in S2_MODES:
         raise ValueError(
@@ -323,13 +343,104 @@ def _ulysses(q, k, v, g, s2_mode, scale, group, rank, world, timeout):
     vh_ = SeqToHeads.apply(v.index_select(2, ki), *comm)
     mask = AttentionMask(
         causal=True,
-        s2_group_size=g,
-        s2_mode=s2_mode,
+        s2_group_size=g or 0,
+        s2_mode=s2_mode if g else None,
         head_offset=rank * hw,
         total_heads=heads,
     )
     out = sparse_attention(qh_, kh_, vh_, softmax_scale=scale, mask=mask)
     return HeadsToSeq.apply(out, *comm)
+
+
+# ------------------------------------------------------------------ ring mode
+_CAUSAL = AttentionMask(causal=True).to_list()
+_FULL = AttentionMask(causal=False).to_list()
+
+
+def _merge(out, lse, out_j, lse_j):
+    """Softmax-merges two partial attentions over disjoint key sets: out (B, L, H, D) with lse
+    (B, H, L)."""
+    new = torch.logaddexp(lse, lse_j)
+    a = torch.exp(lse - new).transpose(1, 2).unsqueeze(-1)
+    b = torch.exp(lse_j - new).transpose(1, 2).unsqueeze(-1)
+    return out * a.to(out.dtype) + out_j * b.to(out.dtype), new
+
+
+class _RingAttention(torch.autograd.Function):
+    """Full causal attention on sequence shards: the K / V blocks travel around the ring (rank r
+    reads the blocks of ranks 0..r: its own with the causal mask, the earlier ones whole), the
+    partial results are merged by their log-sum-exp. The backward runs each block's kernel
+    backward with the merged output and lse (so every block sees the global softmax) and sends
+    the K / V gradient accumulators around the ring with the blocks, back to their owners."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, rank, world, scale, timeout):
+        comm = dict(group=group, rank=rank, world=world, timeout=timeout)
+        kc, vc = k.contiguous(), v.contiguous()
+        out = lse = None
+        for step in range(world):
+            j = (rank - step) % world  # the block held now came from rank j
+            ex = None
+            if step < world - 1:
+                ex = RingExchange([kc, vc], [kc.shape, vc.shape], op="ring", tag=0, **comm)
+            if j <= rank:
+                enc = _CAUSAL if j == rank else _FULL
+                out_j, lse_j = _fwd(q, kc, vc, scale, enc)
+                if out is None:
+                    out, lse = out_j.to(lse_j.dtype), lse_j
+                else:
+                    out, lse = _merge(out, lse, out_j.to(lse_j.dtype), lse_j)
+            if ex is not None:
+                kc, vc = ex.wait()
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, rank, world, scale, timeout)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        # Each block's kernel backward runs on its own softmax (recomputed out_j, lse_j) with
+        # grad w_j * dO, w_j = exp(lse_j - lse); the merge's dependence on lse_j adds
+        # dS = g * P_j with g = w_j * rowsum(dO * (out_j - out)): dq += scale * g * (P_j K_j)
+        # (a forward with the keys as values) and dk += scale * P_j^T (g * q) (the dv of a
+        # backward). Every call is self-consistent, whatever form of the softmax backward the
+        # kernel uses.
+        q, k, v, out, lse = ctx.saved_tensors
+        group, rank, world, scale, timeout = ctx.args
+        comm = dict(group=group, rank=rank, world=world, timeout=timeout)
+        ct = lse.dtype
+        go = grad_out.contiguous().to(ct)
+        out_c = out.to(ct)
+        kc, vc = k.contiguous(), v.contiguous()
+        dq = torch.zeros(q.shape, dtype=ct, device=q.device)
+        dk = torch.zeros(k.shape, dtype=ct, device=k.device)  # the held block's accumulators
+        dv = torch.zeros(v.shape, dtype=ct, device=v.device)
+        for step in range(world):
+            j = (rank - step) % world
+            ex = None
+            if step < world - 1:
+                ex = RingExchange([kc, vc], [kc.shape, vc.shape], op="ring", tag=0, **comm)
+            if j <= rank:
+                enc = _CAUSAL if j == rank else _FULL
+                out_j, lse_j = _fwd(q, kc, vc, scale, enc)
+                w = torch.exp(lse_j - lse).transpose(1, 2).unsqueeze(-1)  # (B, L, H, 1)
+                g = w * (go * (out_j.to(ct) - out_c)).sum(-1, keepdim=True)
+                dq_j, dk_j, dv_j = _bwd((w * go).to(q.dtype), q, kc, vc, out_j, lse_j, scale, enc)
+                pk, _ = _fwd(q, kc, kc, scale, enc)  # P_j K_j / rowsum(P_j)
+                _, _, dk_g = _bwd((g * q.to(ct)).to(q.dtype), q, kc, vc, out_j, lse_j, scale, enc)
+                dq += dq_j.to(ct) + scale * g * pk.to(ct)
+                dk += dk_j.to(ct) + scale * dk_g.to(ct)
+                dv += dv_j.to(ct)
+            acc = RingExchange([dk, dv], [dk.shape, dv.shape], op="ring_grad", tag=1, **comm)
+            if ex is not None:
+                kc, vc = ex.wait()
+            dk, dv = acc.wait()  # after the last step: this rank's own block, all contributions
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def _ring(q, k, v, g, s2_mode, scale, group, rank, world, timeout):
+    return _RingAttention.apply(q, k, v, group, rank, world, scale, timeout)
 
 
 # ------------------------------------------------------------------ public entry
@@ -338,7 +449,7 @@ def s2_attention_sp(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    s2_group_size: int,
+    s2_group_size: Optional[int],
     s2_mode: str = "leakfree",
     mode: str = "auto",
     softmax_scale: Optional[float] = None,
@@ -356,10 +467,12 @@ def s2_attention_sp(
     are sent back and summed here).
 
     - ``s2_group_size`` G (even), ``s2_mode``: ``"leakfree"`` or ``"longlora_roll"``, as in
-      ``sparse_attention``.
-    - ``mode``: ``"halo"`` (neighbour exchange of the rows the shifted groups need), ``"ulysses"``
-      (all-to-all to head shards and back) or ``"auto"`` (halo when its conditions hold, else
-      ulysses); :func:`sp_mode` tells which, and why a mode cannot run.
+      ``sparse_attention``; ``s2_group_size=None``: full causal attention (no S^2).
+    - ``mode``: ``"halo"`` (S^2: neighbour exchange of the rows the groups need), ``"ulysses"``
+      (all-to-all to head shards and back), ``"ring"`` (full causal: K / V blocks around the
+      ring, partial results merged by log-sum-exp) or ``"auto"`` (S^2: halo when its conditions
+      hold, else ulysses; full causal: ulysses when H % W == 0, else ring); :func:`sp_mode` tells
+      which, and why a mode cannot run.
     - ``timeout``: seconds (or a timedelta) each communication may take (default 300); past it a
       :class:`~longtune.distributed.CommTimeoutError` names the rank and the operation.
     """
@@ -393,9 +506,16 @@ def s2_attention_sp(
     timeout = as_timedelta(timeout)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if world == 1:
+        if s2_group_size is None:
+            return sparse_attention(q, k, v, softmax_scale=scale)
         return sparse_attention(
             q, k, v, s2_group_size=s2_group_size, s2_mode=s2_mode, softmax_scale=scale
         )
     chosen = sp_mode(q.shape[1] * world, world, heads, s2_group_size, s2_mode, mode)
-    run = _halo if chosen == "halo" else _ulysses
+    if chosen == "ring" and q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"longtune.distributed.s2_attention_sp: ring mode needs H_q to be a multiple of H_kv "
+            f"(MHA / GQA / MQA), got H_q={q.shape[2]} and H_kv={k.shape[2]}"
+        )
+    run = {"halo": _halo, "ulysses": _ulysses, "ring": _ring}[chosen]
     return run(q, k, v, s2_group_size, s2_mode, scale, group, rank, world, timeout)

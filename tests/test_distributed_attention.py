@@ -226,6 +226,10 @@ def _worker(rank, world, init_file, cases, timeout_check):
             mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("sp",))
             for case in (CASES_2[1], CASES_2[9]):
                 _check_case(rank, world, case, group=mesh)
+            # a group of one rank: the single-process op itself
+            singles = [dist.new_group([r]) for r in range(world)]
+            for case in (CASES_2[1], CASES_2[13]):
+                _check_case(0, 1, case, group=singles[rank])
             ids = torch.arange(4 * world).view(2, -1)
             assert torch.equal(sp.shard_sequence(ids, 1, mesh), sp.shard_sequence(ids, 1))
             _expect_error(lambda: sp.shard_sequence(ids, 1, group=3), TypeError, "group")

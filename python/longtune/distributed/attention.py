@@ -3,7 +3,7 @@ of the sequence (rank r: tokens [r * L, (r + 1) * L) of N = W * L) and computes 
 of the single-process ``longtune.sparse_attention(q, k, v, s2_group_size=G, s2_mode=...)``, with
 gradients.
 
-Two strategies (:func:`s2_attention_sp`, ``mode``):
+Three strategies (:func:`s2_attention_sp`, ``mode``):
 
 - ``"halo"``: S^2 attention only looks back to the start of a token's group, so a shard needs at
   most the last rows of its predecessor. Rank r needs ``(r * L) % G`` rows before its first token

@@ -260,7 +260,6 @@ class _HaloS2Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         cfg, saved = ctx.cfg, ctx.saved
-        ctx.saved = None
         r, w = cfg.rank, cfg.world
         qshape, kshape, vshape = ctx.shapes
         n_loc = qshape[1]
@@ -369,9 +368,9 @@ def _merge(out, lse, out_j, lse_j):
 class _RingAttention(torch.autograd.Function):
     """Full causal attention on sequence shards: the K / V blocks travel around the ring (rank r
     reads the blocks of ranks 0..r: its own with the causal mask, the earlier ones whole), the
-    partial results are merged by their log-sum-exp. The backward runs each block's kernel
-    backward with the merged output and lse (so every block sees the global softmax) and sends
-    the K / V gradient accumulators around the ring with the blocks, back to their owners."""
+    partial results are merged by their log-sum-exp. The backward passes the blocks around again,
+    recomputes each block's partial softmax and differentiates the merge (see ``backward``); the
+    K / V gradient accumulators travel with the blocks and reach their owners after W steps."""
 
     @staticmethod
     def forward(ctx, q, k, v, group, rank, world, scale, timeout):

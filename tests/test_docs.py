@@ -79,6 +79,7 @@ def test_docs_exist_and_are_linked_from_the_index():
         "sparse_delta.md",
         "quant.md",
         "huggingface.md",
+        "distributed.md",
         "benchmarks.md",
         "design.md",
         "emulator.md",

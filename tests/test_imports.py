@@ -38,6 +38,7 @@ LIGHT_MODULES = [
     "longtune.integrations.apply",
     "longtune.integrations.quant",
     "longtune.integrations.roste",
+    "longtune.distributed",
 ]
 
 

@@ -22,7 +22,10 @@ TORCH_SPEC ?= torch==2.14.1
 # the formatters' versions are pinned: another version formats differently and `make lint` would fail
 LINT_SPEC ?= ruff==0.17.6 clang-format==23.1.5
 
-LINT ?= 1
+# make has a built-in LINT variable (the `lint` program): replace that default, keep a user's LINT=0
+ifeq ($(origin LINT),default)
+LINT := 1
+endif
 export LONGTUNE_CUDA LONGTUNE_CUDA_ARCHS
 
 .PHONY: all setup build test lint format bench bench-check wheel-check gpu-check clean

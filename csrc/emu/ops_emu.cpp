@@ -15,7 +15,8 @@ namespace {
 // environment variable LONGTUNE_EMU_GRID_CAP decides); returns the previous setting.
 std::optional<int64_t> set_grid_cap(std::optional<int64_t> max_blocks) {
   TORCH_CHECK(!max_blocks || *max_blocks >= 0,
-              "longtune_emu.set_grid_cap: max_blocks must be a block count >= 0 (0: no cap) or None, got ", *max_blocks);
+              "longtune_emu.set_grid_cap: max_blocks must be a block count >= 0 (0: no cap) or None, got ",
+              *max_blocks);
   const int64_t prev = lt::emu::set_grid_cap(max_blocks ? *max_blocks : -1);
   return prev < 0 ? std::nullopt : std::optional<int64_t>(prev);
 }

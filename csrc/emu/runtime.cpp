@@ -238,8 +238,8 @@ int64_t grid_cap() {
   char* end = nullptr;
   const long long v = std::strtoll(env, &end, 10);
   if (*end != '\0' || v < 0)
-    throw std::invalid_argument(std::string("longtune emulator: LONGTUNE_EMU_GRID_CAP must be a block count >= 0, got '") +
-                                env + "'");
+    throw std::runtime_error(std::string("longtune emulator: LONGTUNE_EMU_GRID_CAP must be a block count >= 0, got '") +
+                             env + "'");
   return v;
 }
 

@@ -81,11 +81,11 @@ def _run(x, w, b, target, grad, filter_eps, cap=0):
     return loss, lse, amax, dx, dw, db
 
 
-@pytest.mark.parametrize("d", [0, 40])
+@pytest.mark.parametrize("d", [0, 8])
 def test_filter_skips_tiles_inside_a_block(d):
     # 4 vocabulary tiles; tiles 1 and 3 have logits 40 below the others and hold no target, so
-    # every d logit there is below filter_eps: with a grid cap a block keeps tile 0, skips 1,
-    # keeps 2, skips 3, then goes on with the next row block
+    # every d logit there is below filter_eps: with a grid cap of 1 the block keeps tile 0, skips
+    # 1, keeps 2, skips 3, then goes on with the next row block
     g = torch.Generator().manual_seed(3)
     T, V = 70, 256
     x = torch.randn(T, d, generator=g)
@@ -100,31 +100,27 @@ def test_filter_skips_tiles_inside_a_block(d):
     grad = torch.rand(T, generator=g) + 0.5
     exact = _run(x, w, b, target, grad, 0.0)
     assert torch.all(exact[5][cold] != 0)  # without the filter the cold tiles contribute
-    uncapped = _run(x, w, b, target, grad, 1e-6)
-    for cap in [1, 2]:
-        capped = _run(x, w, b, target, grad, 1e-6, cap)
-        for name, e, u, c in zip(["dx", "dweight", "dbias"], exact[3:], uncapped[3:], capped[3:]):
-            torch.testing.assert_close(c, u, rtol=1e-6, atol=1e-7, msg=f"{name} cap={cap}")
-            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=f"{name} cap={cap}")
-        dw, db = capped[4], capped[5]
-        assert torch.all(dw[cold] == 0) and torch.all(db[cold] == 0)  # skipped
-        assert torch.all(db[~cold] != 0)  # kept
-        for o, u in zip(capped[:3], uncapped[:3]):
-            assert torch.equal(o, u)
+    capped = _run(x, w, b, target, grad, 1e-6, cap=1)
+    for name, e, c in zip(["dx", "dweight", "dbias"], exact[3:], capped[3:]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=name)
+    dw, db = capped[4], capped[5]
+    assert torch.all(dw[cold] == 0) and torch.all(db[cold] == 0)  # skipped
+    assert torch.all(db[~cold] != 0)  # kept
+    for o, e in zip(capped[:3], exact[:3]):
+        assert torch.equal(o, e)
 
 
 @pytest.mark.parametrize("d", [0, 5])
 def test_dead_row_blocks_inside_a_block(d):
     # row block 1 has only ignored rows and row block 2 a zero loss gradient: no work, and with a
-    # grid cap the block that skips them goes on with the next row block
+    # grid cap of 1 the block that skips them goes on with the next row block
     c = C.Case(230, 70, d, bias=True)
     x, w, b, target, grad = C.make_inputs(c, torch.float32, "cpu")
     target[64:128] = c.ignore_index
     grad[128:192] = 0.0
     ref = C.run_op(FWD, BWD, c, x, w, b, target, grad)
-    for cap in [1, 2]:
-        with emulator_grid_cap(cap):
-            out = C.run_op(FWD, BWD, c, x, w, b, target, grad)
-        for r, o in zip(ref, out):
-            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    with emulator_grid_cap(1):
+        out = C.run_op(FWD, BWD, c, x, w, b, target, grad)
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
     assert torch.all(ref[2][64:192] == 0)

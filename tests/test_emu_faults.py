@@ -24,6 +24,9 @@ FAULTS = {
     ),
     6: r"cp.async issued by thread \d+ that has not been waited for",
     7: r"vector load from global memory .* not aligned to 16 bytes",
+    # caught whichever order the threads run in: after the writer's own read (write-after-read
+    # against the neighbour, an earlier reader) or before the neighbour's read (read-after-write)
+    8: r"shared memory race \((write-after-read|read-after-write)\)",
 }
 
 
@@ -54,3 +57,34 @@ def test_emulator_is_reusable_after_a_fault():
 def test_block_sizes(threads):
     x = torch.randn(threads)
     torch.testing.assert_close(torch.ops.longtune_emu.faulty_kernel(x, 1), torch.roll(x, -1))
+
+
+def test_grid_cap_setting(monkeypatch):
+    from longtune.testing import emulator_grid_cap
+
+    set_cap = torch.ops.longtune_emu.set_grid_cap
+    monkeypatch.delenv("LONGTUNE_EMU_GRID_CAP", raising=False)
+    x = torch.randn(40, 96)
+    free = torch.ops.longtune_emu.hadamard_transform(x, 0.5)
+    assert set_cap(None) is None  # unset: the environment decides
+    with emulator_grid_cap(1):
+        assert set_cap(2) == 1
+        with emulator_grid_cap(0):
+            assert set_cap(0) == 0
+        assert set_cap(None) == 2
+        set_cap(2)
+        assert torch.equal(torch.ops.longtune_emu.hadamard_transform(x, 0.5), free)
+    assert set_cap(None) is None  # restored
+    with pytest.raises(ValueError, match="max_blocks must be an int >= 0"):
+        with emulator_grid_cap(-1):
+            pass
+    with pytest.raises(RuntimeError, match="set_grid_cap: max_blocks must be a block count >= 0"):
+        set_cap(-3)
+    # the environment variable, read at every launch while no cap is set
+    monkeypatch.setenv("LONGTUNE_EMU_GRID_CAP", "1")
+    assert torch.equal(torch.ops.longtune_emu.hadamard_transform(x, 0.5), free)
+    monkeypatch.setenv("LONGTUNE_EMU_GRID_CAP", "one")
+    with pytest.raises(RuntimeError, match="LONGTUNE_EMU_GRID_CAP must be a block count >= 0"):
+        torch.ops.longtune_emu.hadamard_transform(x, 0.5)
+    with emulator_grid_cap(0):  # a set cap wins over the environment
+        assert torch.equal(torch.ops.longtune_emu.hadamard_transform(x, 0.5), free)

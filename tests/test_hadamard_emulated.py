@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longtune.reference import hadamard as R
-from longtune.testing import assert_within_2x, emulated
+from longtune.testing import assert_within_2x, emulated, emulator_grid_cap
 
 from .conftest import DTYPES, FACTORS
 
@@ -67,3 +67,23 @@ def test_empty_and_errors():
         EMU(torch.randn(2, 16, dtype=torch.float64), 1.0)
     with pytest.raises(RuntimeError, match="n=92 is not a supported Hadamard size"):
         EMU(torch.randn(2, 92), 1.0)
+
+
+# Grid cap: at most `cap` blocks, so every block (block mode) transforms several rows through the
+# same shared memory and every warp (warp mode) several row groups; bit-identical to the uncapped
+# launch. Sizes: warp mode (16, 256), block mode with m = 1 (512, 2048), with a factor m > 1
+# mixing across threads (96 = 12 * 8, 1280 = 20 * 64, 6144 = 12 * 512 with shared-memory passes).
+@pytest.mark.parametrize("cap", [1, 2])
+@pytest.mark.parametrize(
+    "n,rows", [(16, 150), (256, 20), (512, 5), (2048, 2), (96, 5), (1280, 3), (6144, 2)]
+)
+def test_grid_cap(n, rows, cap):
+    x = torch.randn(rows, n, dtype=DTYPES[(n + cap) % 3])
+    scale = 1 / math.sqrt(n)
+    for op in (EMU, EMU_BWD):
+        free = op(x, scale)
+        with emulator_grid_cap(cap):
+            capped = op(x, scale)
+        assert torch.equal(capped, free), f"n={n} rows={rows} cap={cap}"
+    with emulator_grid_cap(cap):
+        _check(x, scale)

@@ -5,6 +5,8 @@ scales, zeros; STE gradients; the plain quantizer; agreement with the CPU kernel
 import pytest
 import torch
 
+from longtune.testing import emulator_grid_cap
+
 from . import quant_cases as C
 
 EMU = torch.ops.longtune_emu
@@ -62,3 +64,30 @@ def test_errors():
         EMU.rotate_fake_quant(
             torch.randn(1, 32768), 4, "per_group", 1, True, 1.0, False, 0, "identity"
         )
+
+
+# Grid cap: one or two blocks for every row, so each block quantizes several rows through the same
+# shared memory (rotated values, group scales); the results are those of the uncapped launch, bit
+# for bit, which equal the rotation followed by the reference quantizer.
+@pytest.mark.parametrize("cap", [1, 2])
+@pytest.mark.parametrize(
+    "case",
+    [(2048, 128, "per_group", 64), (12 * 8, 0, "per_group", 8), (20 * 64, 0, "per_token", 0)],
+)
+def test_grid_cap(case, cap):
+    n, hs, gran, gsz = case
+    with emulator_grid_cap(cap):
+        C.check_fused_equals_rotation_then_reference(
+            EMU,
+            EMU.hadamard_transform,
+            "cpu",
+            n,
+            hs,
+            gran,
+            gsz,
+            cap == 1,
+            4,
+            torch.bfloat16,
+            rows=3,
+        )
+        C.check_ste(EMU, EMU.hadamard_transform_backward, "cpu", n, hs, gran, gsz, True, "clip")

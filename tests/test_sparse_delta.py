@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import longtune
 from longtune.reference import sparse_delta as R
-from longtune.testing import assert_within_2x
+from longtune.testing import assert_within_2x, emulator_grid_cap
 
 OPS = [
     pytest.param(torch.ops.longtune.sparse_delta_grad, id="cpu"),
@@ -268,6 +268,25 @@ def test_sparse_adamw_matches_reference(op):
     torch.testing.assert_close(m.double(), ref[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(v.double(), ref[2], rtol=1e-5, atol=1e-9)
     assert torch.equal(age.double(), ref[3])
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_emulated_grid_cap(cap):
+    # at most `cap` blocks: every warp of the gradient kernel sums several indices, every thread
+    # of the AdamW kernel updates several deltas; the results are those of the uncapped launch
+    gy, x, idx = _case(37, 24, 40, 50, torch.bfloat16)
+    free = torch.ops.longtune_emu.sparse_delta_grad(gy, x, idx, 40)
+    n = 1100
+    state = [torch.randn(n), torch.randn(n), torch.randn(n) * 0.1, torch.rand(n) * 0.01]
+    state.append(torch.randint(0, 5, (n,), dtype=torch.int32))
+    a = [t.clone() for t in state[:1] + state[2:]]
+    b = [t.clone() for t in a]
+    torch.ops.longtune_emu.sparse_adamw_(a[0], state[1], *a[1:], 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    with emulator_grid_cap(cap):
+        assert torch.equal(torch.ops.longtune_emu.sparse_delta_grad(gy, x, idx, 40), free)
+        torch.ops.longtune_emu.sparse_adamw_(b[0], state[1], *b[1:], 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    for u, c in zip(a, b):
+        assert torch.equal(c, u)
 
 
 def test_sparse_adamw_matches_torch_adamw_and_bad_input():

@@ -1,8 +1,10 @@
 // CPU emulator runtime: thread pool, block state, barriers, warp rendezvous, memory checks.
 #include "emu/runtime.h"
 
+#include <atomic>
 #include <bit>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstdio>
 #include <deque>
 #include <memory>
@@ -50,11 +52,12 @@ struct Block {
   std::string error;
   std::vector<uint8_t> smem;
   std::vector<int32_t> pending;  // per shared byte: thread whose cp.async has not been waited, or -1
-  // Race shadow per shared byte: last writer / last reader, the barrier epoch (completed
-  // sync_block count) and that thread's warp sync_warp epoch at the time of the access.
+  // Race shadow per shared byte: last writer, last reader and the latest reader other than that
+  // one (so a write-after-read is caught whichever of several readers read last), each with the
+  // barrier epoch (completed sync_block count) and its warp's sync_warp epoch at the access.
   struct Shadow {
-    int32_t writer = -1, reader = -1;
-    uint64_t w_epoch = 0, r_epoch = 0, w_wsync = 0, r_wsync = 0;
+    int32_t writer = -1, reader = -1, reader2 = -1;
+    uint64_t w_epoch = 0, r_epoch = 0, r2_epoch = 0, w_wsync = 0, r_wsync = 0, r2_wsync = 0;
   };
   std::vector<Shadow> shadow;
 };
@@ -198,6 +201,7 @@ Pool& pool() {
   return p;
 }
 std::mutex g_launch_mu;
+std::atomic<int64_t> g_grid_cap{-1};  // -1: unset (LONGTUNE_EMU_GRID_CAP decides)
 
 void complete_copies(Ctx& c, std::vector<Copy>& group) {
   Block& b = *c.b;
@@ -224,6 +228,27 @@ void thread_exit(Block& b, Ctx& c) {
 }
 
 }  // namespace
+
+// ------------------------------------------------------------------ launch options
+int64_t grid_cap() {
+  const int64_t set = g_grid_cap.load();
+  if (set >= 0) return set;
+  const char* env = std::getenv("LONGTUNE_EMU_GRID_CAP");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  if (*end != '\0' || v < 0)
+    throw std::runtime_error(std::string("longtune emulator: LONGTUNE_EMU_GRID_CAP must be a block count >= 0, got '") +
+                             env + "'");
+  return v;
+}
+
+int64_t set_grid_cap(int64_t max_blocks) { return g_grid_cap.exchange(max_blocks < 0 ? -1 : max_blocks); }
+
+int64_t capped_grid(int64_t limit) {
+  const int64_t cap = grid_cap();
+  return cap > 0 && cap < limit ? cap : limit;
+}
 
 // ------------------------------------------------------------------ launch
 void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const Body& body) {
@@ -417,6 +442,9 @@ void check_smem(const void* p, size_t bytes, bool write) {
     } else if (write && !ordered(sh.reader, sh.r_epoch, sh.r_wsync)) {
       hazard = "write-after-read";
       other = sh.reader;
+    } else if (write && !ordered(sh.reader2, sh.r2_epoch, sh.r2_wsync)) {
+      hazard = "write-after-read";
+      other = sh.reader2;
     }
     if (hazard) {
       std::ostringstream o;
@@ -429,6 +457,11 @@ void check_smem(const void* p, size_t bytes, bool write) {
       sh.w_epoch = epoch;
       sh.w_wsync = wsync;
     } else {
+      if (sh.reader != me) {
+        sh.reader2 = sh.reader;
+        sh.r2_epoch = sh.r_epoch;
+        sh.r2_wsync = sh.r_wsync;
+      }
       sh.reader = me;
       sh.r_epoch = epoch;
       sh.r_wsync = wsync;

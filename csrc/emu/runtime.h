@@ -24,6 +24,19 @@ struct LaneIO {
 // `lanes` is the number of lanes the warp has (a block's last warp may be partial).
 using WarpFn = void (*)(const LaneIO* in, LaneIO* out, uint32_t mask, uint32_t lanes);
 
+// ---- launch options
+// Grid cap: the most blocks an emulated launcher gives a grid-stride kernel along each capped grid
+// dimension, so that every block loops over several rows / tiles / elements (0: no cap, the
+// launch geometry a GPU gets). Set by set_grid_cap() (torch.ops.longtune_emu.set_grid_cap);
+// until then the environment variable LONGTUNE_EMU_GRID_CAP (read at every launch) gives it.
+int64_t grid_cap();
+// Sets the grid cap (>= 0; 0 removes it) and returns the previous setting (-1: unset, the
+// environment decides). A negative value returns to the environment's setting.
+int64_t set_grid_cap(int64_t max_blocks);
+// `limit` lowered to the grid cap when one is set: the max_grid the emulated launchers pass to
+// the launch-planning functions the CUDA launchers also use.
+int64_t capped_grid(int64_t limit);
+
 // ---- launch
 using Body = std::function<void()>;
 // Runs `body` for every thread of every block. Throws std::runtime_error with the first report.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -14,6 +17,23 @@ def emulated(op: str):
             f"longtune was built without the emulator (LONGTUNE_EMU=OFF): no emulated {op}"
         )
     return getattr(ns, op)
+
+
+@contextlib.contextmanager
+def emulator_grid_cap(max_blocks: int) -> Iterator[None]:
+    """Within the block, the emulated launchers give every grid-stride kernel at most
+    ``max_blocks`` blocks per grid-stride dimension (0: no cap), so that each block loops over
+    several rows, tiles or elements: the launch geometry of a large input on a GPU, on a small
+    input. The previous setting (or the environment variable ``LONGTUNE_EMU_GRID_CAP``) is
+    restored on exit. Raises if this build has no emulator."""
+    if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 0:
+        raise ValueError(f"max_blocks must be an int >= 0 (0: no cap), got {max_blocks!r}")
+    set_cap = emulated("set_grid_cap")
+    previous = set_cap(max_blocks)
+    try:
+        yield
+    finally:
+        set_cap(previous)
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:

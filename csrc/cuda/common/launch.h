@@ -18,6 +18,11 @@ struct LaunchCfg {
 // Grid-stride kernels cap their grid's x extent here (every element is still visited).
 constexpr int64_t kMaxGridX = int64_t(1) << 20;
 
+// A launch-planning function's `grid_cap` when nothing lowers its own limits (the CUDA launchers);
+// the emulated launchers pass the emulator's grid cap (emu::capped_grid) so that every block of a
+// grid-stride kernel loops more than once.
+constexpr int64_t kNoGridCap = INT64_MAX;
+
 // Blocks needed for `work` items at `per_block` items a block, clamped to [1, max_blocks].
 inline uint32_t grid_blocks(int64_t work, int64_t per_block, int64_t max_blocks) {
   return static_cast<uint32_t>(std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, max_blocks)));

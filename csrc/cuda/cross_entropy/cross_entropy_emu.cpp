@@ -17,7 +17,8 @@ template <class T>
 void convert(const float* in, void* out, int64_t n, const char* name) {
   if (n <= 0) return;
   const ConvK<T> k = make_conv<T>(in, out, n, name);
-  emu_launch(kBwdOp, "cross_entropy_conv_kernel", conv_config(n), [&k] { conv_body<T>(k); });
+  emu_launch(kBwdOp, "cross_entropy_conv_kernel", conv_config(n, emu::capped_grid(kNoGridCap)),
+             [&k] { conv_body<T>(k); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& w,
@@ -28,8 +29,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at
   return cross_entropy_fwd_device(x, w, b, target, ignore_index, eps, z_loss, softcap, cw, [](const FwdParams& fp) {
     dispatch_dtype(fp.dtype, [&]<class T>() {
       const FwdK<T> k = make_fwd<T>(fp);
-      emu_launch(kFwdOp, "cross_entropy_fwd_kernel", fwd_config(fp), [&k] { fwd_body<T>(k); });
-      emu_launch(kFwdOp, "cross_entropy_merge_kernel", merge_config(fp.T), [&k] { merge_body<T>(k); });
+      emu_launch(kFwdOp, "cross_entropy_fwd_kernel", fwd_config(fp, emu::capped_grid(kNoGridCap)),
+                 [&k] { fwd_body<T>(k); });
+      emu_launch(kFwdOp, "cross_entropy_merge_kernel", merge_config(fp.T, emu::capped_grid(kNoGridCap)),
+                 [&k] { merge_body<T>(k); });
     });
   });
 }
@@ -44,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g, const at
       g, x, w, b, target, lse, ignore_index, eps, z_loss, softcap, filter, cw, [](const BwdParams& bp) {
         dispatch_dtype(bp.dtype, [&]<class T>() {
           const BwdK<T> k = make_bwd<T>(bp);
-          emu_launch(kBwdOp, "cross_entropy_bwd_kernel", bwd_config(bp), [&k] { bwd_body<T>(k); });
+          emu_launch(kBwdOp, "cross_entropy_bwd_kernel", bwd_config(bp, emu::capped_grid(kNoGridCap)),
+                     [&k] { bwd_body<T>(k); });
           if constexpr (!std::is_same_v<T, float>) {
             convert<T>(bp.dx32, bp.dx, bp.T * bp.d, "dx");
             convert<T>(bp.dw32, bp.dw, bp.V * bp.d, "dweight");

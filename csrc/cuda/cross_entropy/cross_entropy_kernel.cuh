@@ -380,24 +380,30 @@ LT_DEV void conv_body(const ConvK<T>& p) {
 
 // ---------------------------------------------------------------- host-side helpers (both launchers)
 
-inline LaunchCfg fwd_config(const FwdParams& fp) {
+// Grid limits of the launches. Every dimension below is walked grid-stride except the forward's
+// split dimension (one block row per vocabulary split); `grid_cap` lowers the limits further
+// (kNoGridCap on a GPU, the emulator's grid cap in the emulated launchers).
+constexpr int64_t kRowBlockGridMax = int64_t(1) << 30, kTileGridMax = 65535, kMergeGridMax = 65535,
+                  kConvGridMax = 8192;
+
+inline LaunchCfg fwd_config(const FwdParams& fp, int64_t grid_cap) {
   const int64_t nrb = (fp.T + kBM - 1) / kBM;
-  return {{static_cast<uint32_t>(std::min<int64_t>(nrb, int64_t(1) << 30)), static_cast<uint32_t>(fp.nsplit), 1},
+  return {{static_cast<uint32_t>(std::min({nrb, kRowBlockGridMax, grid_cap})), static_cast<uint32_t>(fp.nsplit), 1},
           {kThreads, 1, 1},
           kSmemBytes};
 }
-inline LaunchCfg merge_config(int64_t T) {
-  return {{grid_blocks(T, kMergeThreads, 65535), 1, 1}, {kMergeThreads, 1, 1}};
+inline LaunchCfg merge_config(int64_t T, int64_t grid_cap) {
+  return {{grid_blocks(T, kMergeThreads, std::min(kMergeGridMax, grid_cap)), 1, 1}, {kMergeThreads, 1, 1}};
 }
-inline LaunchCfg bwd_config(const BwdParams& bp) {
+inline LaunchCfg bwd_config(const BwdParams& bp, int64_t grid_cap) {
   const int64_t nrb = (bp.T + kBM - 1) / kBM, nvt = (bp.V + kBN - 1) / kBN;
-  return {{static_cast<uint32_t>(std::min<int64_t>(nrb, int64_t(1) << 30)),
-           static_cast<uint32_t>(std::min<int64_t>(nvt, 65535)), 1},
+  return {{static_cast<uint32_t>(std::min({nrb, kRowBlockGridMax, grid_cap})),
+           static_cast<uint32_t>(std::min({nvt, kTileGridMax, grid_cap})), 1},
           {kThreads, 1, 1},
           kSmemBytes};
 }
-inline LaunchCfg conv_config(int64_t n) {
-  return {{grid_blocks(n, kConvThreads, 8192), 1, 1}, {kConvThreads, 1, 1}};
+inline LaunchCfg conv_config(int64_t n, int64_t grid_cap) {
+  return {{grid_blocks(n, kConvThreads, std::min(kConvGridMax, grid_cap)), 1, 1}, {kConvThreads, 1, 1}};
 }
 
 template <class T>

@@ -27,7 +27,8 @@ namespace {
 template <class T>
 cudaError_t convert(const float* in, void* out, int64_t n, void* stream) {
   if (n <= 0) return cudaSuccess;
-  return launch_kernel(&cross_entropy_conv_kernel<T>, conv_config(n), stream, make_conv<T>(in, out, n, "output"));
+  return launch_kernel(&cross_entropy_conv_kernel<T>, conv_config(n, kNoGridCap), stream,
+                       make_conv<T>(in, out, n, "output"));
 }
 }  // namespace
 
@@ -35,8 +36,9 @@ const char* launch_cross_entropy_fwd_cuda(const FwdParams& fp, void* stream) {
   cudaError_t err = cudaSuccess;
   dispatch_dtype(fp.dtype, [&]<class T>() {
     const FwdK<T> k = make_fwd<T>(fp);
-    if ((err = launch_kernel(&cross_entropy_fwd_kernel<T>, fwd_config(fp), stream, k)) != cudaSuccess) return;
-    err = launch_kernel(&cross_entropy_merge_kernel<T>, merge_config(fp.T), stream, k);
+    if ((err = launch_kernel(&cross_entropy_fwd_kernel<T>, fwd_config(fp, kNoGridCap), stream, k)) != cudaSuccess)
+      return;
+    err = launch_kernel(&cross_entropy_merge_kernel<T>, merge_config(fp.T, kNoGridCap), stream, k);
   });
   return launch_error(err);
 }
@@ -44,7 +46,8 @@ const char* launch_cross_entropy_fwd_cuda(const FwdParams& fp, void* stream) {
 const char* launch_cross_entropy_bwd_cuda(const BwdParams& bp, void* stream) {
   cudaError_t err = cudaSuccess;
   dispatch_dtype(bp.dtype, [&]<class T>() {
-    if ((err = launch_kernel(&cross_entropy_bwd_kernel<T>, bwd_config(bp), stream, make_bwd<T>(bp))) != cudaSuccess)
+    if ((err = launch_kernel(&cross_entropy_bwd_kernel<T>, bwd_config(bp, kNoGridCap), stream, make_bwd<T>(bp))) !=
+        cudaSuccess)
       return;
     if constexpr (!std::is_same_v<T, float>) {
       if ((err = convert<T>(bp.dx32, bp.dx, bp.T * bp.d, stream)) != cudaSuccess) return;

@@ -13,7 +13,7 @@ namespace lt::hadamard {
 namespace {
 
 void launch_emu(const char* op, const HadamardParams& hp) {
-  const LaunchCfg cfg = launch_config(hp, kMaxGridX);
+  const LaunchCfg cfg = launch_config(hp, emu::capped_grid(kMaxGridX));
   dispatch(hp, [&]<class T, int E>() {
     const KParams<T> k = make_kparams<T>(hp);
     const std::string name = std::string("hadamard_kernel<") + dtype_name(hp.dtype) + ", E=" + std::to_string(E) +

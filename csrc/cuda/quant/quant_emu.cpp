@@ -13,7 +13,7 @@ namespace {
 // The `launch` callable of the device-op templates, running the kernel on the emulator.
 auto emu_launcher(const char* op) {
   return [op](const auto& qp) {  // QuantParams or QuantBwdParams
-    const LaunchCfg cfg = quant_launch_config(qp, kMaxGridX);
+    const LaunchCfg cfg = quant_launch_config(qp, emu::capped_grid(kMaxGridX));
     quant_dispatch(qp, [&]<class T, int E>() {
       const QKParams<T> k = make_qkparams<T>(qp);
       const std::string name = "quant_kernel<E=" + std::to_string(E) + ", mode=" + std::to_string(int(qp.mode)) + ">";

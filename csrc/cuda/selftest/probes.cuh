@@ -104,11 +104,14 @@ enum class Faulty : int32_t {
   GlobalOutOfBounds = 5,  // reads one element past the end of a tensor
   CpAsyncEarlyRead = 6,   // reads cp.async data before cp_async_wait
   MisalignedVector = 7,   // 128-bit load from an address that is not 16-byte aligned
+  OverwriteAfterReads = 8,  // after a barrier each thread reads its neighbour's slot and its own,
+                            // then overwrites its own with no sync_block: the writer is the last
+                            // reader of its slot, the neighbour read it before
 };
 
 struct FaultyParams {
   simt::gptr<const float> x;  // block_dim.x floats
-  simt::gptr<float> y;        // block_dim.x floats
+  simt::gptr<float> y;  // block_dim.x floats
   Faulty which;
 };
 
@@ -156,6 +159,14 @@ LT_DEV void faulty_body(const FaultyParams& p) {
       float v[4];
       if (t == 0) simt::ld_vec<4>(p.x, 1, v);
       p.y[t] = p.x[t];
+      break;
+    }
+    case Faulty::OverwriteAfterReads: {
+      s[t] = p.x[t];
+      simt::sync_block();
+      const float a = s[(t + 1) % nt], b = s[t];
+      s[t] = a + b;
+      p.y[t] = a;
       break;
     }
   }

@@ -55,7 +55,7 @@ at::Tensor faulty(const at::Tensor& x, int64_t which) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1 && x.is_contiguous() && x.numel() >= 32 &&
                   x.numel() <= 1024 && x.numel() % 4 == 0,
               "faulty_kernel: x must be a contiguous float32 vector of 32..1024 elements (multiple of 4)");
-  TORCH_CHECK(which >= 0 && which <= 7, "faulty_kernel: which must be in [0, 7]");
+  TORCH_CHECK(which >= 0 && which <= 8, "faulty_kernel: which must be in [0, 8]");
   at::Tensor y = at::zeros_like(x);
   const int64_t nt = x.numel();
   const FaultyParams p{simt::make_gptr(x.data_ptr<float>(), nt, "x"), simt::make_gptr(y.data_ptr<float>(), nt, "y"),

@@ -10,9 +10,10 @@ N / W tokens:
    all-gather is a formula, 4 (W - 1) L H D bytes-per-element. Target: ring / halo >= 10 at W = 4.
 2. saved-activation bytes per rank of a tiny patched Llama (2 layers, hidden 64, 4 heads, vocab
    128, N = 1024 tokens, S^2, fused cross-entropy head), the sum over the tensors autograd saves in
-   the forward (``torch.autograd.graph.saved_tensors_hooks``; parameters and repeated views of one
-   storage counted once, parameters not at all): the memory the backward keeps alive. Target: per
-   rank <= 1.1 / W of one process on the whole sequence.
+   the forward (``torch.autograd.graph.saved_tensors_hooks``, plus the tensors custom Functions
+   keep as context attributes, found by walking the graph; each storage once, parameters not at
+   all): the memory the backward keeps alive. Target: per rank <= 1.1 / W of one process on the
+   whole sequence.
 3. wall time of a training step of that model (forward, backward, gradient sum) at W = 1, 2, 4,
    the median over steps of the slowest rank's time (one thread per process; on a machine with
    fewer cores than W the ranks share cores, so this is not a scaling measurement there).
@@ -105,20 +106,48 @@ def _tiny_llama(n):
     return m
 
 
-def _saved_bytes(fn, params) -> int:
-    """Bytes of the tensors autograd saves while ``fn`` runs (each storage once, parameters not
-    counted)."""
+def _ctx_tensors(obj, out):
+    """The tensors inside ``obj`` (a custom Function's context attributes: tensors, or tuples,
+    lists and dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            _ctx_tensors(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _ctx_tensors(x, out)
+    return out
+
+
+def _saved_bytes(fn, params):
+    """(bytes, fn's result): the bytes of the tensors the backward keeps alive after ``fn`` - those
+    autograd saves (``saved_tensors_hooks``) and those custom Functions keep as context
+    attributes (found by walking the graph; halo mode keeps its tensors so) - each storage once,
+    parameters not counted."""
     skip = {p.untyped_storage().data_ptr() for p in params}
     seen = {}
 
-    def pack(t):
+    def add(t):
         s = t.untyped_storage()
         if s.data_ptr() not in skip:
             seen[s.data_ptr()] = s.nbytes()
+
+    def pack(t):
+        add(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    stack, visited = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        for t in _ctx_tensors(list(getattr(node, "__dict__", {}).values()), []):
+            add(t)
+        stack.extend(f for f, _ in node.next_functions)
     return sum(seen.values()), out
 
 
@@ -237,7 +266,8 @@ def run(device: str = "cpu", out_dir: str | None = None, quick: bool = False) ->
             "(1.1 / W) / (saved bytes per rank / saved bytes of one process)",
             (1.1 / w) / (per_rank / full),
             target=1.0,
-            method="saved_tensors_hooks: storages saved for backward, parameters excluded",
+            method="saved_tensors_hooks + custom Functions' context tensors, each storage once, "
+            "parameters excluded",
             saved_bytes_per_rank=per_rank,
             saved_bytes_one_process=full,
         )

@@ -2,7 +2,8 @@
 two CPU processes (gloo): a patched tiny Llama trained one step on sequence shards gives the
 parameter gradients of one process on the full batch (float64, 1e-10 relative), with the fused
 cross-entropy head, with a loss computed from the logits, with transformers' own loss (float32
-inside), with padding at the end; padding elsewhere and padding with longlora_roll are refused.
+inside), with padding at the end; in eval() and with attention="causal" each rank's logits are
+its rows of one process's; padding elsewhere and padding with longlora_roll are refused.
 
 One spawn runs every case; a failing check raises in the worker and fails the spawn."""
 
@@ -182,6 +183,18 @@ def _check_all(rank):
     want_loss, want = _reference(True, "model", mode="longlora_roll")
     got_loss, got = _sharded(True, "model", mode="longlora_roll")
     _compare(got, want, "longlora_roll")
+    # eval(): full causal attention over the sharded sequence (Ulysses mode at H = 4, W = 2), and
+    # attention="causal" in training: each rank's logits are its rows of one process's
+    for attention, train in (("s2", False), ("causal", True)):
+        m = tiny_llama().train(train)
+        longtune.patch(m, attention=attention)
+        ids, _, _ = _batch()
+        with torch.no_grad():
+            want = m(input_ids=ids).logits
+            sp.patch_sequence_parallel(m)
+            got = m(input_ids=sp.shard_sequence(ids, 1)).logits
+        err = _rel(got, sp.shard_sequence(want, 1))
+        assert err <= TOL, f"{attention}, train={train}: logits differ by {err:.3g}"
     # plain labels (shifted inside the shard) are refused; longtune.patch(sequence_parallel=...)
     _expect_error(lambda: m(input_ids=batch.input_ids, labels=batch.labels), ValueError,
                   "shift_labels")  # fmt: skip

@@ -108,6 +108,12 @@ def longtune_attention_forward(
 ):
     """``attn_implementation="longtune"``: causal flash attention."""
     _check_dropout(module, dropout)
+    if getattr(module, "_longtune_sp", None) is not None:  # longtune.distributed sequence shards
+        from ..distributed.hf import attention
+
+        chunked = _SEQUENCE_LENGTH.get() is not None
+        out = attention(module, query, key, value, scaling, kwargs, s2=False, chunked=chunked)
+        return out, None
     return _run(module, query, key, value, attention_mask, scaling, kwargs), None
 
 
@@ -207,6 +213,12 @@ def longtune_s2_attention_forward(
 ):
     """``attn_implementation="longtune_s2"``: S^2-Attn in training, causal in eval (LongLoRA)."""
     _check_dropout(module, dropout)
+    if getattr(module, "_longtune_sp", None) is not None:  # longtune.distributed sequence shards
+        from ..distributed.hf import attention
+
+        chunked = _SEQUENCE_LENGTH.get() is not None
+        out = attention(module, query, key, value, scaling, kwargs, s2=True, chunked=chunked)
+        return out, None
     mask = _s2_mask(module, _options(module, "s2"), query.shape[2], key.shape[2], kwargs)
     return _run(module, query, key, value, attention_mask, scaling, kwargs, mask=mask), None
 
@@ -408,6 +420,7 @@ def patch(
     attention: Optional[str] = None,
     strict: bool = True,
     lm_head: Optional[str] = None,
+    sequence_parallel=None,
     **options,
 ):
     """Routes a transformers causal LM's attention through longtune (in place; returns the model).
@@ -423,7 +436,17 @@ def patch(
     ``from_pretrained``). Supported: Llama, Qwen2, Mistral, Qwen3, Phi-3, Mixtral, Qwen3-MoE,
     OLMo-2, Gemma-2 (attention logit softcapping in the kernels) and Gemma-3 (``strict=False`` tries
     any model whose attention uses transformers' attention-function registry). Works on peft-wrapped
-    models."""
+    models.
+    ``sequence_parallel``: a process group (a ``ProcessGroup``, a 1-D ``DeviceMesh``, or ``True``
+    for the default group) over which every sequence is sharded (``attention="s2"`` or
+    ``"causal"``): :func:`longtune.distributed.patch_sequence_parallel`; not stored with the
+    model."""
+    if sequence_parallel is not None and sequence_parallel is not False:
+        from ..distributed.hf import patch_sequence_parallel
+
+        patch(model, attention=attention, strict=strict, lm_head=lm_head, **options)
+        group = None if sequence_parallel is True else sequence_parallel
+        return patch_sequence_parallel(model, group)
     base = hf_model(model, "longtune.patch")
     register()
     cfg = base.config
@@ -503,6 +526,10 @@ def unpatch(model):
     stored = getattr(base.config, "longtune_patch", None)
     if not stored:
         return model
+    if getattr(base, "_longtune_sp", None) is not None:
+        from ..distributed.hf import unpatch_sequence_parallel
+
+        unpatch_sequence_parallel(base)
     _unpatch_lm_head(base)
     if "attention" in stored:
         _set_implementation(base, stored.get("previous") or "sdpa")

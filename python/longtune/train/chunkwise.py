@@ -66,6 +66,18 @@ with ``loss.backward()`` on the whole sequence. Phase 1 runs without grad, so DD
 backward for it. As with any DDP gradient accumulation, the last chunk's backward must reach every
 parameter that DDP tracks (it does for a causal LM: chunk 0 uses all of them); models with unused
 parameters need ``find_unused_parameters=True`` as usual.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``): pass the sharded model itself (typically every
+decoder layer and the root ``fully_shard``-ed). Every chunk's backward in phase 2 except the last
+one runs with ``set_requires_gradient_sync(False)`` on every FSDP2 module (FSDP2's counterpart of
+``no_sync()``: the unsharded gradients accumulate locally), and the last one reduce-scatters the
+sum: one reduce-scatter per parameter group and step, as with ``loss.backward()``. The parameter
+groups' sync flags are restored afterwards, so a caller that turned the sync off for its own
+accumulation keeps it off (nothing is reduced then). Phase-1 forwards run to the end under FSDP2
+(its forward hooks reshard the parameters and reset their state only when a module's forward
+returns), with the vocabulary head for one position only (``logits_to_keep=1``) where the model
+accepts it. The KV cache holds activations, not parameters, so resharding after forward does not
+touch it.
 """
 
 from __future__ import annotations
@@ -221,6 +233,47 @@ def _unwrap_ddp(model):
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model, model.module
     return None, model
+
+
+def _fsdp_modules(model) -> list:
+    """The FSDP2 modules (``torch.distributed.fsdp.fully_shard``) in ``model``, outermost first;
+    empty when there are none (or torch has no FSDP2)."""
+    if not torch.distributed.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(modules: list):
+    """FSDP2's counterpart of DDP's ``no_sync()``: the backwards inside accumulate the unsharded
+    gradients without reduce-scatter (``set_requires_gradient_sync(False)`` on every FSDP2
+    module); on exit each parameter group's reduce flags are restored as they were, so a caller
+    that disabled the sync itself (gradient accumulation over several batches) keeps it disabled."""
+    saved = []
+    for m in modules:
+        get = getattr(m, "_get_fsdp_state", None)
+        groups = getattr(get(), "_fsdp_param_groups", None) if callable(get) else None
+        flags = None  # the flags cannot be read: sync is turned back on
+        if groups is not None and all(
+            hasattr(g, "reduce_grads") and hasattr(g, "all_reduce_grads") for g in groups
+        ):
+            flags = [(g, g.reduce_grads, g.all_reduce_grads) for g in groups]
+        saved.append((m, flags))
+    for m in modules:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m, flags in saved:
+            if flags is None:
+                m.set_requires_gradient_sync(True, recurse=False)
+            else:
+                for g, reduce_grads, all_reduce_grads in flags:
+                    g.reduce_grads, g.all_reduce_grads = reduce_grads, all_reduce_grads
 
 
 def _forward_params(model) -> set:
@@ -433,6 +486,7 @@ def _chunkwise_backward(
     )  # the k/v of chunks from this one on are never attended to in phase 2
 
     ddp, inner = _unwrap_ddp(model)
+    fsdp = _fsdp_modules(inner)
     n_layers = _num_layers(inner)
     params = _forward_params(inner)
     cache_kw = "cache" if "cache" in params or not params else "past_key_values"
@@ -445,11 +499,14 @@ def _chunkwise_backward(
     def run(i, with_loss, grad=False):
         """(the chunk's loss (summed over its targets / denom) or None, its cache layers)."""
         s, e = bounds[i]
-        # a phase-1 forward that only wants the k/v stops at the last layer's cache write
+        # a phase-1 forward that only wants the k/v stops at the last layer's cache write; not
+        # under FSDP2, whose forward hooks (reshard after forward, the per-forward state) must see
+        # each module's forward complete
         kv_only = not with_loss and not grad
+        stop = kv_only and not fsdp
         written = [0]
         layers = [
-            chunk_layer(stores[layer], s, grad, written, n_layers if kv_only else 0)
+            chunk_layer(stores[layer], s, grad, written, n_layers if stop else 0)
             for layer in range(n_layers)
         ]
         cache = Cache(layers=layers)
@@ -461,13 +518,16 @@ def _chunkwise_backward(
             kw["attention_mask"] = attention_mask[:, :e]
         if with_loss and fused_head:
             loss = model(**kw, shift_labels=shift[:, s:e], num_items_in_batch=denom).loss
-        elif kv_only:
+        elif stop:
             # DDP's wrapper is bypassed here: its post-forward step would be skipped by the early
             # exit; without grad it has nothing to do for phase 1 (buffers sync in phase 2)
             try:
                 inner(**kw)
             except _KVDone:
                 pass
+            loss = None
+        elif kv_only:  # FSDP2: the whole forward runs, the head for one position only
+            model(**kw, **({"logits_to_keep": 1} if "logits_to_keep" in params else {}))
             loss = None
         else:  # with_loss: phase 2, or a loss-only chunk of phase 1
             loss = chunk_loss(i, model(**kw).logits)
@@ -528,8 +588,16 @@ def _chunkwise_backward(
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, dev)
-        # DDP: accumulate locally, all-reduce once, in the backward of the last chunk processed
-        sync = contextlib.nullcontext() if ddp is None or i == sampled[0] else ddp.no_sync()
+        # DDP / FSDP2: accumulate locally, all-reduce (reduce-scatter) once, in the backward of
+        # the last chunk processed
+        if i == sampled[0]:
+            sync = contextlib.nullcontext()
+        elif ddp is not None:
+            sync = ddp.no_sync()
+        elif fsdp:
+            sync = _fsdp_no_sync(fsdp)
+        else:
+            sync = contextlib.nullcontext()
         with sync:
             with torch.enable_grad():
                 local, layers = run(i, True, grad=True)

@@ -1,9 +1,10 @@
 """Sequence parallelism for Hugging Face models (longtune.distributed.patch_sequence_parallel) on
-two CPU processes (gloo): a patched tiny Llama trained one step on sequence shards gives the
-parameter gradients of one process on the full batch (float64, 1e-10 relative), with the fused
-cross-entropy head, with a loss computed from the logits, with transformers' own loss (float32
-inside), with padding at the end; in eval() and with attention="causal" each rank's logits are
-its rows of one process's; padding elsewhere and padding with longlora_roll are refused.
+two CPU processes (gloo): a patched tiny Llama (and Qwen2, Mistral) trained one step on sequence
+shards gives the parameter gradients of one process on the full batch (float64, 1e-10 relative),
+with the fused cross-entropy head, with a loss computed from the logits, with transformers' own
+loss (float32 inside), with padding at the end; in eval() and with attention="causal" each rank's
+logits are its rows of one process's; padding elsewhere and padding with longlora_roll are
+refused.
 
 One spawn runs every case; a failing check raises in the worker and fails the spawn."""
 
@@ -29,11 +30,17 @@ TOL = 1e-10
 N, B, VOCAB = 64, 2, 128
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = {  # model_type -> (config class, model class) in transformers
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
 
+
+def tiny_llama(family="llama"):
+    config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    cfg = config_cls(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -43,7 +50,7 @@ def tiny_llama():
         max_position_embeddings=128,
         attention_dropout=0.0,
     )
-    return LlamaForCausalLM(cfg).to(torch.float64).train()
+    return model_cls(cfg).to(torch.float64).train()
 
 
 def _batch(pad_from=None):
@@ -72,15 +79,15 @@ def _compare(got, want, what, tol=TOL):
         assert err <= tol, f"{what}: gradient of {name} differs by {err:.3g} (relative)"
 
 
-def _patched(fused, mode="leakfree"):
-    m = tiny_llama()
+def _patched(fused, mode="leakfree", family="llama"):
+    m = tiny_llama(family)
     longtune.patch(m, attention="s2", mode=mode, lm_head="fused_ce" if fused else None)
     return m
 
 
-def _reference(fused, loss_kind, mask=None, pad_from=None, mode="leakfree"):
+def _reference(fused, loss_kind, mask=None, pad_from=None, mode="leakfree", family="llama"):
     """One process, full batch: the mean of the token losses over all targets."""
-    m = _patched(fused, mode)
+    m = _patched(fused, mode, family)
     ids, labels, am = _batch(pad_from)
     am = am if mask else None
     if loss_kind == "logits":
@@ -93,8 +100,10 @@ def _reference(fused, loss_kind, mask=None, pad_from=None, mode="leakfree"):
     return float(loss.detach()), _grads(m)
 
 
-def _sharded(fused, loss_kind, mask=None, pad_from=None, mode="leakfree", positions=True):
-    m = _patched(fused, mode)
+def _sharded(
+    fused, loss_kind, mask=None, pad_from=None, mode="leakfree", positions=True, family="llama"
+):
+    m = _patched(fused, mode, family)
     sp.patch_sequence_parallel(m)
     ids, labels, am = _batch(pad_from)
     batch = sp.shard_batch(ids, labels, attention_mask=am if mask else None)
@@ -139,6 +148,12 @@ def _check_all(rank):
         what = f"fused={fused}, loss={kind}"
         assert abs(got_loss - want_loss) <= TOL * abs(want_loss), (what, got_loss, want_loss)
         _compare(got, want, what)
+    # the other supported families (Qwen2: q/k/v biases; Mistral), fused head, right padding
+    for family in ("qwen2", "mistral"):
+        want_loss, want = _reference(True, "model", mask=True, pad_from=20, family=family)
+        got_loss, got = _sharded(True, "model", mask=True, pad_from=20, family=family)
+        assert abs(got_loss - want_loss) <= TOL * abs(want_loss), (family, got_loss, want_loss)
+        _compare(got, want, family)
     # transformers' own loss (it upcasts the logits to float32 only)
     want_loss, want = _reference(False, "model")
     got_loss, got = _sharded(False, "model")

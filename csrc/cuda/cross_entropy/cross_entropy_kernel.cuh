@@ -1,9 +1,19 @@
 // Device code of the fused linear + cross-entropy (intrinsics layer: GPU and CPU emulator).
 //
-// Logits are never materialised: a block takes kBM rows of x and kBN-column vocabulary tiles of W,
-// staging kBK-wide chunks of both in shared memory (fp32, transposed, padded so that the reads
-// of the inner products are conflict-free) and accumulating the kBM x kBN tile in registers with
-// fp32 FMAs (a thread owns kTM rows x kTN columns). The tile then goes through shared memory:
+// Logits are never materialised: a block takes kBM rows of x and kBN-column vocabulary tiles of W
+// and accumulates the kBM x kBN logits tile in fp32 registers, kBK hidden columns at a time. Warp w
+// owns rows 16 (w % 4) .. + 16 and columns kWN (w / 4) .. + kWN of the tile, in the C fragment
+// layout of mma.m16n8k16 (g = lane / 4, c = lane % 4: rows g and g + 8, columns 2c and 2c + 1 of
+// each 8-column block):
+//  - fp16 / bf16: tensor cores. The x and W chunks are staged in shared memory as they are stored
+//    (16-bit, rows padded to kLD elements so that ldmatrix is conflict-free), double-buffered with
+//    cp.async (16-byte copies when the rows are 16-byte aligned; element loads at a ragged end of
+//    the hidden dimension, for unaligned rows and for zero fill), read with ldmatrix and multiplied
+//    with mma.m16n8k16 (fp32 accumulate).
+//  - fp32: scalar FMAs (the tensor cores take no fp32 operands without rounding them): the chunks
+//    are staged in fp32, transposed, single-buffered, and each thread accumulates its fragment
+//    elements with fmaf.
+// The tile then goes through shared memory:
 //  - forward: warp w owns rows kRW w .. kRW w + kRW - 1 and keeps their online state (max, its first
 //    column, sum exp(z - max), z[target], sum (w_c) z) in registers over the tiles of its vocabulary
 //    split; the states are written per (split, row) to an fp32 scratch (the argmax to an int64 one)
@@ -11,17 +21,22 @@
 //  - class weights w (optional): loss_t = (1 - eps) w_t (lse - z_t) + eps / V sum_c w_c (lse - z_c)
 //    + z_loss lse^2, d loss / dz_c = p_c ((1 - eps) w_t + eps sum(w) / V + 2 z_loss lse)
 //    - eps w_c / V - (1 - eps) w_t [c == t]; without them every w is 1 (the same arithmetic).
-//  - backward: one block per (row block, vocabulary tile) recomputes the tile, forms d logits
+//  - backward: one block per (row block, vocabulary tile) recomputes the tile, forms d logits G
 //    (skipping the tile when every |d logit| is 0 or below filter_eps), and accumulates
 //    dx += G W_tile and dW_tile += G^T x chunk by chunk of the hidden dimension with fp32 atomics
 //    (dx and dW both: no block owns a whole row of either without holding d floats per row), and
-//    dbias with one atomic per column; atomics adding an exact 0 are skipped. fp16/bf16 results go
-//    through fp32 accumulators and a convert kernel.
+//    dbias with one atomic per column; atomics adding an exact 0 are skipped. In fp16 / bf16 both
+//    products run on mma.m16n8k16 too: G is rounded to the input dtype (as the d logits of
+//    F.cross_entropy in that dtype are), in fp16 after scaling the tile by a power of two that puts
+//    its largest finite |d logit| in [2^14, 2^15) (exact, undone on the fp32 results, so that small
+//    d logits do not underflow); x and W chunks are double-buffered with cp.async. In fp32 both are
+//    scalar FMAs. fp16/bf16 results go through fp32 accumulators and a convert kernel.
 // All index math is 64-bit; rows / columns / hidden indices past the ends load as 0 and are masked.
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/nonfinite.h"
 #include "common/simt/simt.h"
@@ -30,17 +45,30 @@
 
 namespace lt::cross_entropy {
 
-constexpr int kXS = kBM + 1;  // shared x chunk: [kBK][kXS] (x transposed)
-constexpr int kWS = kBN + 1;  // shared W chunk: [kBK][kWS] (W transposed)
-constexpr int kSS = kBN + 1;  // shared logits / d logits tile: [kBM][kSS]
-constexpr int kTM = kBM / 16, kTN = kBN / 16;  // a thread's micro-tile: rows ty + .., columns tx + 16 j
 constexpr int kWarps = kThreads / 32;
 constexpr int kRW = kBM / kWarps;  // rows per warp in the forward's softmax pass
 constexpr int kCL = kBN / 32;      // columns per lane in the forward's softmax pass
-static_assert(kThreads == 256 && kBM % 16 == 0 && kBN % 32 == 0 && kRW <= 32, "tile shape");
+// fragment layout of the logits tile: kWR x kWC warps of 16 rows x kWN columns
+constexpr int kWR = kBM / 16, kWC = kWarps / kWR, kWN = kBN / kWC, kNB = kWN / 8;
+constexpr int kDK = kBK / kWC;  // hidden columns per warp in the backward's dx / dW products
+static_assert(kThreads == 256 && kBM == 64 && kBN == 64 && kBK == 32 && kRW <= 32, "tile shape");
+static_assert(kWR * kWC == kWarps && kNB % 2 == 0 && kDK == 16, "warp layout");
+// fp32 staging: x and W chunks transposed, [kBK][kXS] and [kBK][kWS]
+constexpr int kXS = kBM + 1, kWS = kBN + 1;
 static_assert((kBM * kBK) % kThreads == 0 && (kBN * kBK) % kThreads == 0, "chunk loads");
-constexpr int kSmemFloats = kBK * kXS + kBK * kWS + kBM * kSS + kWarps;
-constexpr size_t kSmemBytes = sizeof(float) * kSmemFloats;
+// 16-bit staging: a stage holds x rows [kBM][kLD] then W rows [kBN][kLD]; two stages
+constexpr int kLD = kBK + 8;
+constexpr int kStage = (kBM + kBN) * kLD;
+static_assert((kBM * kBK / 8) % kThreads == 0 && kBM == kBN, "16-byte chunk loads");
+constexpr int kGL = kBN + 8;  // 16-bit d logits tile: [kBM][kGL]
+constexpr int kSS = kBN + 1;  // fp32 logits / d logits tile: [kBM][kSS]
+// shared memory: staging | fp32 tile | 16-bit d logits | per-warp flags (2 per warp)
+constexpr size_t kStageBytes = std::max(sizeof(float) * kBK * (kXS + kWS), size_t(2) * 2 * kStage);
+constexpr size_t kTileOff = kStageBytes;
+constexpr size_t kGhOff = kTileOff + sizeof(float) * kBM * kSS;
+constexpr size_t kFlagOff = kGhOff + size_t(2) * kBM * kGL;
+constexpr size_t kSmemBytes = kFlagOff + sizeof(float) * 2 * kWarps;
+static_assert(kStageBytes % 16 == 0 && kGhOff % 16 == 0 && kSmemBytes <= 48 * 1024, "shared memory layout");
 constexpr int kMergeThreads = 256;
 constexpr int kConvThreads = 256;
 
@@ -54,7 +82,7 @@ struct FwdK {
   int64_t tokens, d, V, ignore_index, nsplit, tiles_per_split;
   int64_t x_row_stride, w_row_stride;
   float eps, z_loss, softcap;
-  bool has_bias, has_cw;
+  bool has_bias, has_cw, vec;  // vec: x and W rows 16-byte aligned (cp.async of 8 16-bit elements)
 };
 
 template <class T>
@@ -67,8 +95,20 @@ struct BwdK {
   int64_t tokens, d, V, ignore_index;
   int64_t x_row_stride, w_row_stride, dx_row_stride, dw_row_stride;
   float eps, z_loss, softcap, filter;
-  bool has_bias, has_cw;
+  bool has_bias, has_cw, vec;
 };
+
+// The operands of a logits tile.
+template <class T>
+struct Src {
+  simt::gptr<const T> x, w;
+  int64_t tokens, V, d, x_row_stride, w_row_stride;
+  bool vec;
+};
+template <class T, class K>
+LT_DEV Src<T> make_src(const K& p) {
+  return Src<T>{p.x, p.w, p.tokens, p.V, p.d, p.x_row_stride, p.w_row_stride, p.vec};
+}
 
 // Rows whose target is ignore_index, for the backward: they read nothing, so their x rows are staged
 // as zeros (a NaN there must not reach dW through their zero d logits).
@@ -78,43 +118,125 @@ struct Skip {
   bool on;
 };
 
-// Stages x[row0 : row0+kBM, k0 : k0+kBK] and W[col0 : col0+kBN, k0 : k0+kBK] (fp32, transposed).
+template <class U>
+LT_DEV simt::sptr<U> smem_at(size_t byte_offset) {
+  return simt::sptr<U>(reinterpret_cast<U*>(simt::raw(simt::dynamic_smem<unsigned char>()) + byte_offset));
+}
+
+// The fragment element t of 8-column block nb: row and column in the tile.
+LT_DEV int frag_row(int t) {
+  return 16 * (static_cast<int>(simt::warp_id()) % kWR) + static_cast<int>(simt::lane_id()) / 4 + 8 * (t >> 1);
+}
+LT_DEV int frag_col(int nb, int t) {
+  return kWN * (static_cast<int>(simt::warp_id()) / kWR) + 8 * nb + 2 * (static_cast<int>(simt::lane_id()) % 4) +
+         (t & 1);
+}
+
 template <class T>
-LT_DEV void load_chunks(simt::gptr<const T> x, simt::gptr<const T> w, int64_t tokens, int64_t V, int64_t d,
-                        int64_t x_row_stride, int64_t w_row_stride, int64_t row0, int64_t col0, int64_t k0,
-                        simt::sptr<float> xs, simt::sptr<float> ws, const Skip& skip) {
+LT_DEV void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  if constexpr (std::is_same_v<T, simt::bf16>) simt::mma_m16n8k16_bf16(d, a, b, d);
+  else simt::mma_m16n8k16_f16(d, a, b, d);
+}
+
+// fp32: stages x[row0 : row0+kBM, k0 : k0+kBK] and W[col0 : col0+kBN, k0 : k0+kBK] (transposed).
+LT_DEV void load_chunks(const Src<float>& s, int64_t row0, int64_t col0, int64_t k0, simt::sptr<float> xs,
+                        simt::sptr<float> ws, const Skip& skip) {
   const int tid = static_cast<int>(simt::thread_linear());
   LT_UNROLL for (int q = 0; q < kBM * kBK / kThreads; ++q) {
     const int e = tid + q * kThreads, r = e / kBK, k = e % kBK;
     const int64_t gr = row0 + r, gk = k0 + k;
-    const bool read = gr < tokens && gk < d && !(skip.on && skip.target[gr] == skip.ignore_index);
-    xs[k * kXS + r] = read ? simt::to_float(x[gr * x_row_stride + gk]) : 0.f;
+    const bool read = gr < s.tokens && gk < s.d && !(skip.on && skip.target[gr] == skip.ignore_index);
+    xs[k * kXS + r] = read ? s.x[gr * s.x_row_stride + gk] : 0.f;
   }
   LT_UNROLL for (int q = 0; q < kBN * kBK / kThreads; ++q) {
     const int e = tid + q * kThreads, n = e / kBK, k = e % kBK;
     const int64_t gn = col0 + n, gk = k0 + k;
-    ws[k * kWS + n] = (gn < V && gk < d) ? simt::to_float(w[gn * w_row_stride + gk]) : 0.f;
+    ws[k * kWS + n] = (gn < s.V && gk < s.d) ? s.w[gn * s.w_row_stride + gk] : 0.f;
   }
 }
 
-// acc[i][j] = sum_k x[row0 + kTM ty + i, k] W[col0 + tx + 16 j, k] (ty = tid / 16, tx = tid % 16).
+// 16-bit: stages rows r0 .. r0 + kBM of src, hidden columns k0 .. k0 + kBK, into dst ([kBM][kLD]);
+// rows past nrows, skipped rows and columns past d are zeros.
 template <class T>
-LT_DEV void logits_tile(simt::gptr<const T> x, simt::gptr<const T> w, int64_t tokens, int64_t V, int64_t d,
-                        int64_t x_row_stride, int64_t w_row_stride, int64_t row0, int64_t col0, simt::sptr<float> xs,
-                        simt::sptr<float> ws, float (&acc)[kTM][kTN], const Skip& skip) {
-  const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
-  LT_UNROLL for (int i = 0; i < kTM; ++i) LT_UNROLL for (int j = 0; j < kTN; ++j) acc[i][j] = 0.f;
-  for (int64_t k0 = 0; k0 < d; k0 += kBK) {
-    load_chunks<T>(x, w, tokens, V, d, x_row_stride, w_row_stride, row0, col0, k0, xs, ws, skip);
-    simt::sync_block();
-    const int kn = d - k0 < kBK ? static_cast<int>(d - k0) : kBK;
-    for (int k = 0; k < kn; ++k) {
-      float a[kTM], bv[kTN];
-      LT_UNROLL for (int i = 0; i < kTM; ++i) a[i] = xs[k * kXS + kTM * ty + i];
-      LT_UNROLL for (int j = 0; j < kTN; ++j) bv[j] = ws[k * kWS + tx + 16 * j];
-      LT_UNROLL for (int i = 0; i < kTM; ++i) LT_UNROLL for (int j = 0; j < kTN; ++j) acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
+LT_DEV void stage_rows(simt::sptr<T> dst, simt::gptr<const T> src, int64_t stride, int64_t r0, int64_t nrows,
+                       int64_t d, int64_t k0, bool vec, const Skip& skip) {
+  constexpr int C = kBK / 8;  // 8-element chunks per row
+  const int tid = static_cast<int>(simt::thread_linear());
+  LT_UNROLL for (int q = 0; q < kBM * C / kThreads; ++q) {
+    const int e = tid + q * kThreads, r = e / C, c = (e % C) * 8;
+    const int64_t gr = r0 + r, gk = k0 + c;
+    const bool row = gr < nrows && !(skip.on && skip.target[gr] == skip.ignore_index);
+    const simt::sptr<T> to = dst + (r * kLD + c);
+    if (row && vec && gk + 8 <= d) {
+      simt::cp_async_16(to, src + (gr * stride + gk));
+    } else {
+      T v[8];
+      LT_UNROLL for (int t = 0; t < 8; ++t) v[t] = row && gk + t < d ? static_cast<T>(src[gr * stride + gk + t]) : T{0};
+      simt::st_vec<8>(to, 0, v);
     }
-    simt::sync_block();
+  }
+}
+// One pipeline stage: the x chunk, then the W chunk.
+template <class T>
+LT_DEV void stage_chunk(const Src<T>& s, int64_t row0, int64_t col0, int64_t k0, simt::sptr<T> stage,
+                        const Skip& skip) {
+  stage_rows<T>(stage, s.x, s.x_row_stride, row0, s.tokens, s.d, k0, s.vec, skip);
+  stage_rows<T>(stage + kBM * kLD, s.w, s.w_row_stride, col0, s.V, s.d, k0, s.vec, Skip{skip.target, 0, false});
+}
+
+// acc[nb][t] = sum_k x[row0 + frag_row(t), k] W[col0 + frag_col(nb, t), k].
+template <class T>
+LT_DEV void logits_tile(const Src<T>& s, int64_t row0, int64_t col0, float (&acc)[kNB][4], const Skip& skip) {
+  LT_UNROLL for (int nb = 0; nb < kNB; ++nb) LT_UNROLL for (int t = 0; t < 4; ++t) acc[nb][t] = 0.f;
+  if constexpr (std::is_same_v<T, float>) {
+    const simt::sptr<float> xs = smem_at<float>(0);
+    const simt::sptr<float> ws = xs + kBK * kXS;
+    const int r0 = frag_row(0), c0 = frag_col(0, 0);
+    for (int64_t k0 = 0; k0 < s.d; k0 += kBK) {
+      load_chunks(s, row0, col0, k0, xs, ws, skip);
+      simt::sync_block();
+      const int kn = s.d - k0 < kBK ? static_cast<int>(s.d - k0) : kBK;
+      for (int k = 0; k < kn; ++k) {
+        float a[2], bv[kNB][2];
+        LT_UNROLL for (int h = 0; h < 2; ++h) a[h] = xs[k * kXS + r0 + 8 * h];
+        LT_UNROLL for (int nb = 0; nb < kNB; ++nb) LT_UNROLL for (int cc = 0; cc < 2; ++cc) bv[nb][cc] = ws[k * kWS + c0 + 8 * nb + cc];
+        LT_UNROLL for (int nb = 0; nb < kNB; ++nb) LT_UNROLL for (int t = 0; t < 4; ++t) acc[nb][t] = fmaf(a[t >> 1], bv[nb][t & 1], acc[nb][t]);
+      }
+      simt::sync_block();
+    }
+  } else {
+    const int lane = static_cast<int>(simt::lane_id()), warp = static_cast<int>(simt::warp_id());
+    const int wr = warp % kWR, wc = warp / kWR;
+    const simt::sptr<T> st = smem_at<T>(0);
+    const int64_t nk = (s.d + kBK - 1) / kBK;
+    if (nk > 0) {
+      stage_chunk<T>(s, row0, col0, 0, st, skip);
+      simt::cp_async_commit();
+    }
+    for (int64_t kc = 0; kc < nk; ++kc) {
+      if (kc + 1 < nk) {
+        stage_chunk<T>(s, row0, col0, (kc + 1) * kBK, st + ((kc + 1) & 1) * kStage, skip);
+        simt::cp_async_commit();
+        simt::cp_async_wait<1>();
+      } else {
+        simt::cp_async_wait<0>();
+      }
+      simt::sync_block();
+      const simt::sptr<T> xb = st + (kc & 1) * kStage, wb = xb + kBM * kLD;
+      LT_UNROLL for (int ks = 0; ks < kBK / 16; ++ks) {
+        uint32_t a[4];
+        simt::ldmatrix_x4(a, xb + ((16 * wr + lane % 16) * kLD + 16 * ks + (lane / 16) * 8));
+        LT_UNROLL for (int nb2 = 0; nb2 < kNB / 2; ++nb2) {
+          uint32_t bb[4];
+          simt::ldmatrix_x4(bb, wb + ((kWN * wc + 16 * nb2 + (lane / 16) * 8 + lane % 8) * kLD + 16 * ks +
+                                      ((lane / 8) % 2) * 8));
+          mma<T>(acc[2 * nb2], a, bb[0], bb[1]);
+          mma<T>(acc[2 * nb2 + 1], a, bb[2], bb[3]);
+        }
+      }
+      simt::sync_block();  // the next chunk's copies overwrite the other stage, the next tile's this one
+    }
   }
 }
 
@@ -123,14 +245,12 @@ LT_DEV float cap_logit(float l, float softcap) { return softcap > 0.f ? softcap 
 
 template <class T>
 LT_DEV void fwd_body(const FwdK<T>& p) {
-  const simt::sptr<float> xs = simt::dynamic_smem<float>();
-  const simt::sptr<float> ws = xs + kBK * kXS;
-  const simt::sptr<float> ss = ws + kBK * kWS;
-  const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
+  const simt::sptr<float> ss = smem_at<float>(kTileOff);
   const int warp = static_cast<int>(simt::warp_id()), lane = static_cast<int>(simt::lane_id());
   const int64_t nrb = (p.tokens + kBM - 1) / kBM, nvt = (p.V + kBN - 1) / kBN;
   const int64_t split = simt::block_idx().y;
   const int64_t vt0 = split * p.tiles_per_split, vt1 = vt0 + p.tiles_per_split < nvt ? vt0 + p.tiles_per_split : nvt;
+  const Src<T> src = make_src<T>(p);
   for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
     const int64_t row0 = rb * kBM;
     float m[kRW], s[kRW], zt[kRW], sz[kRW];
@@ -144,14 +264,16 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
     }
     for (int64_t vt = vt0; vt < vt1; ++vt) {
       const int64_t col0 = vt * kBN;
-      float acc[kTM][kTN];
-      logits_tile<T>(p.x, p.w, p.tokens, p.V, p.d, p.x_row_stride, p.w_row_stride, row0, col0, xs, ws, acc,
-                     Skip{p.target, p.ignore_index, false});
-      LT_UNROLL for (int j = 0; j < kTN; ++j) {
-        const int64_t gc = col0 + tx + 16 * j;
-        const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
-        LT_UNROLL for (int i = 0; i < kTM; ++i)
-          ss[(kTM * ty + i) * kSS + tx + 16 * j] = cap_logit(acc[i][j] + bias, p.softcap);
+      float acc[kNB][4];
+      logits_tile<T>(src, row0, col0, acc, Skip{p.target, p.ignore_index, false});
+      LT_UNROLL for (int nb = 0; nb < kNB; ++nb) {
+        LT_UNROLL for (int cc = 0; cc < 2; ++cc) {
+          const int c = frag_col(nb, cc);
+          const int64_t gc = col0 + c;
+          const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
+          LT_UNROLL for (int h = 0; h < 2; ++h)
+            ss[frag_row(2 * h) * kSS + c] = cap_logit(acc[nb][2 * h + cc] + bias, p.softcap);
+        }
       }
       simt::sync_block();
       float cwv[kCL];  // this lane's columns' class weights (1 without)
@@ -258,32 +380,72 @@ LT_DEV void merge_body(const FwdK<T>& p) {
   }
 }
 
+// 16-bit backward products of one hidden chunk (x and W chunks staged in `stage`, G in gh scaled by
+// 1 / inv): dx[row0 + r, k0 + ..] += G W_chunk and dW[col0 + n, k0 + ..] += G^T x_chunk, warp
+// (wr, wc) owning rows (or vocabulary columns) 16 wr .. + 16 and hidden columns kDK wc .. + kDK.
+template <class T>
+LT_DEV void dxdw_chunk(const BwdK<T>& p, int64_t row0, int64_t col0, int64_t k0, simt::sptr<T> stage,
+                       simt::sptr<T> gh, float inv, const bool (&row_live)[2]) {
+  const int lane = static_cast<int>(simt::lane_id()), warp = static_cast<int>(simt::warp_id());
+  const int wr = warp % kWR, wc = warp / kWR, g = lane / 4, c4 = lane % 4;
+  const simt::sptr<T> xb = stage, wb = stage + kBM * kLD;
+  float ax[2][4], aw[2][4];
+  LT_UNROLL for (int nb = 0; nb < 2; ++nb) LT_UNROLL for (int t = 0; t < 4; ++t) ax[nb][t] = aw[nb][t] = 0.f;
+  LT_UNROLL for (int ks = 0; ks < kBM / 16; ++ks) {
+    // dx: A = G (rows r, k = n), B = W chunk stored [n][k] (transposed load)
+    uint32_t a[4], bb[4];
+    simt::ldmatrix_x4(a, gh + ((16 * wr + lane % 16) * kGL + 16 * ks + (lane / 16) * 8));
+    simt::ldmatrix_x4<true>(bb, wb + ((16 * ks + ((lane / 8) % 2) * 8 + lane % 8) * kLD + kDK * wc + (lane / 16) * 8));
+    mma<T>(ax[0], a, bb[0], bb[1]);
+    mma<T>(ax[1], a, bb[2], bb[3]);
+    // dW: A = G^T (rows n, k = r) from G stored [r][n] (transposed load), B = x chunk stored [r][k]
+    simt::ldmatrix_x4<true>(a, gh + ((16 * ks + (lane / 16) * 8 + lane % 8) * kGL + 16 * wr + ((lane / 8) % 2) * 8));
+    simt::ldmatrix_x4<true>(bb, xb + ((16 * ks + ((lane / 8) % 2) * 8 + lane % 8) * kLD + kDK * wc + (lane / 16) * 8));
+    mma<T>(aw[0], a, bb[0], bb[1]);
+    mma<T>(aw[1], a, bb[2], bb[3]);
+  }
+  LT_UNROLL for (int nb = 0; nb < 2; ++nb) {
+    LT_UNROLL for (int t = 0; t < 4; ++t) {
+      const int r = 16 * wr + g + 8 * (t >> 1);
+      const int64_t gk = k0 + kDK * wc + 8 * nb + 2 * c4 + (t & 1);
+      if (gk >= p.d) continue;
+      const float vx = ax[nb][t] * inv, vw = aw[nb][t] * inv;
+      // an ignored row's dx stays 0, whatever W holds
+      if (row_live[t >> 1] && vx != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.dx_row_stride + gk), vx);
+      if (col0 + r < p.V && vw != 0.f) simt::atomic_add(p.dw + ((col0 + r) * p.dw_row_stride + gk), vw);
+    }
+  }
+}
+
 template <class T>
 LT_DEV void bwd_body(const BwdK<T>& p) {
-  const simt::sptr<float> xs = simt::dynamic_smem<float>();
-  const simt::sptr<float> ws = xs + kBK * kXS;
-  const simt::sptr<float> gs = ws + kBK * kWS;
-  const simt::sptr<float> flags = gs + kBM * kSS;
-  const int tid = static_cast<int>(simt::thread_linear()), ty = tid / 16, tx = tid % 16;
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  const simt::sptr<float> gs = smem_at<float>(kTileOff);
+  const simt::sptr<T> gh = smem_at<T>(kGhOff);
+  const simt::sptr<float> flags = smem_at<float>(kFlagOff);  // [kWarps] keep / live, [kWarps] max |G|
+  const int tid = static_cast<int>(simt::thread_linear());
   const int warp = static_cast<int>(simt::warp_id()), lane = static_cast<int>(simt::lane_id());
   const int64_t nrb = (p.tokens + kBM - 1) / kBM, nvt = (p.V + kBN - 1) / kBN;
   const float inv_v = 1.f / static_cast<float>(p.V);
+  const Src<T> src = make_src<T>(p);
   for (int64_t rb = simt::block_idx().x; rb < nrb; rb += simt::grid_dim().x) {
     const int64_t row0 = rb * kBM;
-    // this thread's two rows of the tile
-    int64_t tg[kTM];
-    float g[kTM], lse[kTM], wt[kTM], pa[kTM];  // pa: the factor of p without z-loss (1 without class weights)
+    // this thread's two rows of the tile (fragment rows)
+    int64_t tg[2];
+    float g[2], lse[2], wt[2], pa[2];  // pa: the factor of p without z-loss (1 without class weights)
+    bool row_live[2];                  // a non-ignored row (its dx is written)
     const float wsum = p.has_cw ? static_cast<float>(p.wsum[0]) : 0.f;
     bool live = false;
-    LT_UNROLL for (int i = 0; i < kTM; ++i) {
-      const int64_t gr = row0 + kTM * ty + i;
+    LT_UNROLL for (int h = 0; h < 2; ++h) {
+      const int64_t gr = row0 + frag_row(2 * h);
       const int64_t t = gr < p.tokens ? p.target[gr] : p.ignore_index;
-      tg[i] = t == p.ignore_index ? -1 : t;
-      g[i] = tg[i] >= 0 ? p.grad[gr] : 0.f;
-      lse[i] = tg[i] >= 0 ? p.lse[gr] : 0.f;
-      wt[i] = p.has_cw && tg[i] >= 0 ? static_cast<float>(p.cw[tg[i]]) : 1.f;
-      pa[i] = p.has_cw ? (1.f - p.eps) * wt[i] + p.eps * wsum * inv_v : 1.f;
-      live = live || (tg[i] >= 0 && g[i] != 0.f);
+      tg[h] = t == p.ignore_index ? -1 : t;
+      row_live[h] = tg[h] >= 0;
+      g[h] = tg[h] >= 0 ? p.grad[gr] : 0.f;
+      lse[h] = tg[h] >= 0 ? p.lse[gr] : 0.f;
+      wt[h] = p.has_cw && tg[h] >= 0 ? static_cast<float>(p.cw[tg[h]]) : 1.f;
+      pa[h] = p.has_cw ? (1.f - p.eps) * wt[h] + p.eps * wsum * inv_v : 1.f;
+      live = live || (tg[h] >= 0 && g[h] != 0.f);
     }
     // a row block without a live row contributes exactly nothing
     const bool wlive = simt::any(simt::kFullMask, live);
@@ -295,36 +457,49 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
     if (!block_live) continue;
     for (int64_t vt = simt::block_idx().y; vt < nvt; vt += simt::grid_dim().y) {
       const int64_t col0 = vt * kBN;
-      float acc[kTM][kTN];
+      float acc[kNB][4];
       const Skip skip{p.target, p.ignore_index, true};
-      logits_tile<T>(p.x, p.w, p.tokens, p.V, p.d, p.x_row_stride, p.w_row_stride, row0, col0, xs, ws, acc, skip);
+      logits_tile<T>(src, row0, col0, acc, skip);
       bool keep = false;
-      LT_UNROLL for (int j = 0; j < kTN; ++j) {
-        const int64_t gc = col0 + tx + 16 * j;
-        const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
-        const float wc = (p.has_cw && gc < p.V) ? static_cast<float>(p.cw[gc]) : 1.f;
-        LT_UNROLL for (int i = 0; i < kTM; ++i) {
-          float dl = 0.f;
-          if (tg[i] >= 0 && gc < p.V) {
-            const float z = cap_logit(acc[i][j] + bias, p.softcap);
-            const float pr = expf(z - lse[i]);
-            float dz = pr * (pa[i] + 2.f * p.z_loss * lse[i]) - p.eps * inv_v * wc;
-            if (gc == tg[i]) dz -= (1.f - p.eps) * wt[i];
-            dl = g[i] * dz;
-            if (p.softcap > 0.f) {
-              const float u = z / p.softcap;
-              dl *= 1.f - u * u;
+      float gmax = 0.f;  // largest finite |d logit| of this thread
+      LT_UNROLL for (int nb = 0; nb < kNB; ++nb) {
+        LT_UNROLL for (int cc = 0; cc < 2; ++cc) {
+          const int c = frag_col(nb, cc);
+          const int64_t gc = col0 + c;
+          const float bias = (p.has_bias && gc < p.V) ? simt::to_float(p.b[gc]) : 0.f;
+          const float wc = (p.has_cw && gc < p.V) ? static_cast<float>(p.cw[gc]) : 1.f;
+          LT_UNROLL for (int h = 0; h < 2; ++h) {
+            float dl = 0.f;
+            if (tg[h] >= 0 && gc < p.V) {
+              const float z = cap_logit(acc[nb][2 * h + cc] + bias, p.softcap);
+              const float pr = expf(z - lse[h]);
+              float dz = pr * (pa[h] + 2.f * p.z_loss * lse[h]) - p.eps * inv_v * wc;
+              if (gc == tg[h]) dz -= (1.f - p.eps) * wt[h];
+              dl = g[h] * dz;
+              if (p.softcap > 0.f) {
+                const float u = z / p.softcap;
+                dl *= 1.f - u * u;
+              }
             }
+            gs[frag_row(2 * h) * kSS + c] = dl;
+            keep = keep || (dl != 0.f && !(fabsf(dl) < p.filter));  // a NaN d logit is kept
+            if (fabsf(dl) < INFINITY) gmax = fmaxf(gmax, fabsf(dl));
           }
-          gs[(kTM * ty + i) * kSS + tx + 16 * j] = dl;
-          keep = keep || (dl != 0.f && !(fabsf(dl) < p.filter));  // a NaN d logit is kept
         }
       }
       const bool wkeep = simt::any(simt::kFullMask, keep);
-      if (lane == 0) flags[warp] = wkeep ? 1.f : 0.f;
+      for (int off = 16; off >= 1; off /= 2) gmax = fmaxf(gmax, simt::shfl_xor(simt::kFullMask, gmax, off));
+      if (lane == 0) {
+        flags[warp] = wkeep ? 1.f : 0.f;
+        flags[kWarps + warp] = gmax;
+      }
       simt::sync_block();
       bool tile_keep = false;
-      for (int wi = 0; wi < kWarps; ++wi) tile_keep = tile_keep || static_cast<float>(flags[wi]) != 0.f;
+      float tmax = 0.f;
+      for (int wi = 0; wi < kWarps; ++wi) {
+        tile_keep = tile_keep || static_cast<float>(flags[wi]) != 0.f;
+        tmax = fmaxf(tmax, static_cast<float>(flags[kWarps + wi]));
+      }
       if (!tile_keep) {
         simt::sync_block();  // flags are rewritten by the next tile
         continue;
@@ -334,30 +509,67 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
         for (int r = 0; r < kBM; ++r) sb += gs[r * kSS + tid];
         if (sb != 0.f) simt::atomic_add(p.db + (col0 + tid), sb);
       }
-      for (int64_t k0 = 0; k0 < p.d; k0 += kBK) {
-        load_chunks<T>(p.x, p.w, p.tokens, p.V, p.d, p.x_row_stride, p.w_row_stride, row0, col0, k0, xs, ws, skip);
-        simt::sync_block();
-        const int64_t gk = k0 + lane;
-        if (gk < p.d) {
-          // dx[row0 + warp + kWarps i, gk] += sum_n G[r, n] W[col0 + n, gk]
-          LT_UNROLL for (int i = 0; i < kBM / kWarps; ++i) {
-            const int r = warp + kWarps * i;
-            if (row0 + r >= p.tokens) break;
-            if (p.target[row0 + r] == p.ignore_index) continue;  // an ignored row's dx stays 0, whatever W holds
-            float a = 0.f;
-            for (int n = 0; n < kBN; ++n) a = fmaf(gs[r * kSS + n], ws[lane * kWS + n], a);
-            if (a != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.dx_row_stride + gk), a);
+      if constexpr (kF32) {
+        const simt::sptr<float> xs = smem_at<float>(0);
+        const simt::sptr<float> ws = xs + kBK * kXS;
+        for (int64_t k0 = 0; k0 < p.d; k0 += kBK) {
+          load_chunks(src, row0, col0, k0, xs, ws, skip);
+          simt::sync_block();
+          const int64_t gk = k0 + lane;
+          if (gk < p.d) {
+            // dx[row0 + warp + kWarps i, gk] += sum_n G[r, n] W[col0 + n, gk]
+            LT_UNROLL for (int i = 0; i < kBM / kWarps; ++i) {
+              const int r = warp + kWarps * i;
+              if (row0 + r >= p.tokens) break;
+              if (p.target[row0 + r] == p.ignore_index) continue;  // an ignored row's dx stays 0, whatever W holds
+              float a = 0.f;
+              for (int n = 0; n < kBN; ++n) a = fmaf(gs[r * kSS + n], ws[lane * kWS + n], a);
+              if (a != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.dx_row_stride + gk), a);
+            }
+            // dW[col0 + warp + kWarps i, gk] += sum_r G[r, n] x[row0 + r, gk]
+            LT_UNROLL for (int i = 0; i < kBN / kWarps; ++i) {
+              const int n = warp + kWarps * i;
+              if (col0 + n >= p.V) break;
+              float a = 0.f;
+              for (int r = 0; r < kBM; ++r) a = fmaf(gs[r * kSS + n], xs[lane * kXS + r], a);
+              if (a != 0.f) simt::atomic_add(p.dw + ((col0 + n) * p.dw_row_stride + gk), a);
+            }
           }
-          // dW[col0 + warp + kWarps i, gk] += sum_r G[r, n] x[row0 + r, gk]
-          LT_UNROLL for (int i = 0; i < kBN / kWarps; ++i) {
-            const int n = warp + kWarps * i;
-            if (col0 + n >= p.V) break;
-            float a = 0.f;
-            for (int r = 0; r < kBM; ++r) a = fmaf(gs[r * kSS + n], xs[lane * kXS + r], a);
-            if (a != 0.f) simt::atomic_add(p.dw + ((col0 + n) * p.dw_row_stride + gk), a);
-          }
+          simt::sync_block();
         }
-        simt::sync_block();
+      } else {
+        // G as T (fp16: scaled by a power of two, its largest finite |d logit| into [2^14, 2^15))
+        float scale = 1.f, inv = 1.f;
+        if (std::is_same_v<T, simt::f16> && tmax > 0.f) {
+          const int e = static_cast<int>((simt::float_bits(tmax) >> 23) & 0xffu);  // biased exponent
+          int se = 141 - e;                                                          // 14 - unbiased exponent
+          se = se < -126 ? -126 : (se > 126 ? 126 : se);
+          scale = simt::bits_float(static_cast<uint32_t>(127 + se) << 23);
+          inv = simt::bits_float(static_cast<uint32_t>(127 - se) << 23);
+        }
+        for (int e = tid; e < kBM * kBN; e += kThreads) {
+          const int r = e / kBN, n = e % kBN;
+          gh[r * kGL + n] = simt::from_float<T>(static_cast<float>(gs[r * kSS + n]) * scale);
+        }
+        // (the first chunk's barrier below orders these stores before the ldmatrix reads)
+        simt::sptr<T> st = smem_at<T>(0);
+        const int64_t nk = (p.d + kBK - 1) / kBK;
+        if (nk > 0) {
+          stage_chunk<T>(src, row0, col0, 0, st, skip);
+          simt::cp_async_commit();
+        }
+        for (int64_t kc = 0; kc < nk; ++kc) {
+          if (kc + 1 < nk) {
+            stage_chunk<T>(src, row0, col0, (kc + 1) * kBK, st + ((kc + 1) & 1) * kStage, skip);
+            simt::cp_async_commit();
+            simt::cp_async_wait<1>();
+          } else {
+            simt::cp_async_wait<0>();
+          }
+          simt::sync_block();
+          dxdw_chunk<T>(p, row0, col0, kc * kBK, st + (kc & 1) * kStage, gh, inv, row_live);
+          simt::sync_block();  // the next chunk's copies overwrite the other stage
+        }
       }
       simt::sync_block();  // d logits (and flags) are rewritten by the next tile even when d == 0
     }
@@ -406,6 +618,11 @@ inline LaunchCfg conv_config(int64_t n, int64_t grid_cap) {
   return {{grid_blocks(n, kConvThreads, std::min(kConvGridMax, grid_cap)), 1, 1}, {kConvThreads, 1, 1}};
 }
 
+// Rows of 16-bit elements that start on 16-byte boundaries (cp.async of 8-element chunks).
+inline bool rows_aligned16(const void* base, int64_t row_stride, size_t elem) {
+  return elem == 2 && reinterpret_cast<uintptr_t>(base) % 16 == 0 && (row_stride * int64_t(elem)) % 16 == 0;
+}
+
 template <class T>
 FwdK<T> make_fwd(const FwdParams& fp) {
   FwdK<T> k;
@@ -426,6 +643,7 @@ FwdK<T> make_fwd(const FwdParams& fp) {
   k.x_row_stride = fp.x_row_stride; k.w_row_stride = fp.w_row_stride;
   k.eps = fp.eps; k.z_loss = fp.z_loss; k.softcap = fp.softcap;
   k.has_bias = fp.b != nullptr;
+  k.vec = rows_aligned16(fp.x, fp.x_row_stride, sizeof(T)) && rows_aligned16(fp.w, fp.w_row_stride, sizeof(T));
   return k;
 }
 
@@ -449,6 +667,7 @@ BwdK<T> make_bwd(const BwdParams& bp) {
   k.dx_row_stride = bp.dx_row_stride; k.dw_row_stride = bp.dw_row_stride;
   k.eps = bp.eps; k.z_loss = bp.z_loss; k.softcap = bp.softcap; k.filter = bp.filter;
   k.has_bias = bp.b != nullptr;
+  k.vec = rows_aligned16(bp.x, bp.x_row_stride, sizeof(T)) && rows_aligned16(bp.w, bp.w_row_stride, sizeof(T));
   return k;
 }
 

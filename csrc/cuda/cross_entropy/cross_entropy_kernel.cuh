@@ -24,13 +24,15 @@
 //  - backward: one block per (row block, vocabulary tile) recomputes the tile, forms d logits G
 //    (skipping the tile when every |d logit| is 0 or below filter_eps), and accumulates
 //    dx += G W_tile and dW_tile += G^T x chunk by chunk of the hidden dimension with fp32 atomics
-//    (dx and dW both: no block owns a whole row of either without holding d floats per row), and
-//    dbias with one atomic per column; atomics adding an exact 0 are skipped. In fp16 / bf16 both
-//    products run on mma.m16n8k16 too: G is rounded to the input dtype (as the d logits of
-//    F.cross_entropy in that dtype are), in fp16 after scaling the tile by a power of two that puts
-//    its largest finite |d logit| in [2^14, 2^15) (exact, undone on the fp32 results, so that small
-//    d logits do not underflow); x and W chunks are double-buffered with cp.async. In fp32 both are
-//    scalar FMAs. fp16/bf16 results go through fp32 accumulators and a convert kernel.
+//    (dx and dW both: no block owns a whole row of either without holding d floats per row, or
+//    recomputing the logits once per hidden chunk), and dbias with one atomic per column; atomics
+//    adding an exact 0 are skipped. Where the grid makes a block the only one adding to a dx row
+//    (one block column) or a dW row (one block row), plain adds replace the atomics. In fp16 /
+//    bf16 both products run on mma.m16n8k16 too: G is rounded to the input dtype (as the d logits
+//    of F.cross_entropy in that dtype are), in fp16 after scaling the tile by a power of two that
+//    puts its largest finite |d logit| in [2^14, 2^15) (exact, undone on the fp32 results, so that
+//    small d logits do not underflow); x and W chunks are double-buffered with cp.async. In fp32
+//    both are scalar FMAs. fp16/bf16 results go through fp32 accumulators and a convert kernel.
 // All index math is 64-bit; rows / columns / hidden indices past the ends load as 0 and are masked.
 #pragma once
 #include <algorithm>
@@ -200,8 +202,12 @@ LT_DEV void logits_tile(const Src<T>& s, int64_t row0, int64_t col0, float (&acc
       for (int k = 0; k < kn; ++k) {
         float a[2], bv[kNB][2];
         LT_UNROLL for (int h = 0; h < 2; ++h) a[h] = xs[k * kXS + r0 + 8 * h];
-        LT_UNROLL for (int nb = 0; nb < kNB; ++nb) LT_UNROLL for (int cc = 0; cc < 2; ++cc) bv[nb][cc] = ws[k * kWS + c0 + 8 * nb + cc];
-        LT_UNROLL for (int nb = 0; nb < kNB; ++nb) LT_UNROLL for (int t = 0; t < 4; ++t) acc[nb][t] = fmaf(a[t >> 1], bv[nb][t & 1], acc[nb][t]);
+        LT_UNROLL for (int nb = 0; nb < kNB; ++nb) {
+          LT_UNROLL for (int cc = 0; cc < 2; ++cc) bv[nb][cc] = ws[k * kWS + c0 + 8 * nb + cc];
+        }
+        LT_UNROLL for (int nb = 0; nb < kNB; ++nb) {
+          LT_UNROLL for (int t = 0; t < 4; ++t) acc[nb][t] = fmaf(a[t >> 1], bv[nb][t & 1], acc[nb][t]);
+        }
       }
       simt::sync_block();
     }
@@ -380,6 +386,18 @@ LT_DEV void merge_body(const FwdK<T>& p) {
   }
 }
 
+// Owners of the backward's accumulators: with one block column (grid y == 1) a block walks every
+// vocabulary tile of its row blocks, so it alone adds to their dx rows; with one block row (grid x
+// == 1) it walks every row block of its vocabulary tiles and alone adds to their dW rows and dbias
+// columns. Each element is then always added to by the same thread (the layouts below are fixed),
+// so a plain read-modify-write replaces the atomic.
+LT_DEV bool dx_owned() { return simt::grid_dim().y == 1; }
+LT_DEV bool dw_owned() { return simt::grid_dim().x == 1; }
+LT_DEV void accumulate(simt::gptr<float> q, float v, bool owned) {
+  if (owned) q[0] = q[0] + v;
+  else simt::atomic_add(q, v);
+}
+
 // 16-bit backward products of one hidden chunk (x and W chunks staged in `stage`, G in gh scaled by
 // 1 / inv): dx[row0 + r, k0 + ..] += G W_chunk and dW[col0 + n, k0 + ..] += G^T x_chunk, warp
 // (wr, wc) owning rows (or vocabulary columns) 16 wr .. + 16 and hidden columns kDK wc .. + kDK.
@@ -411,8 +429,8 @@ LT_DEV void dxdw_chunk(const BwdK<T>& p, int64_t row0, int64_t col0, int64_t k0,
       if (gk >= p.d) continue;
       const float vx = ax[nb][t] * inv, vw = aw[nb][t] * inv;
       // an ignored row's dx stays 0, whatever W holds
-      if (row_live[t >> 1] && vx != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.dx_row_stride + gk), vx);
-      if (col0 + r < p.V && vw != 0.f) simt::atomic_add(p.dw + ((col0 + r) * p.dw_row_stride + gk), vw);
+      if (row_live[t >> 1] && vx != 0.f) accumulate(p.dx + ((row0 + r) * p.dx_row_stride + gk), vx, dx_owned());
+      if (col0 + r < p.V && vw != 0.f) accumulate(p.dw + ((col0 + r) * p.dw_row_stride + gk), vw, dw_owned());
     }
   }
 }
@@ -507,7 +525,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
       if (p.has_bias && tid < kBN && col0 + tid < p.V) {
         float sb = 0.f;
         for (int r = 0; r < kBM; ++r) sb += gs[r * kSS + tid];
-        if (sb != 0.f) simt::atomic_add(p.db + (col0 + tid), sb);
+        if (sb != 0.f) accumulate(p.db + (col0 + tid), sb, dw_owned());
       }
       if constexpr (kF32) {
         const simt::sptr<float> xs = smem_at<float>(0);
@@ -524,7 +542,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
               if (p.target[row0 + r] == p.ignore_index) continue;  // an ignored row's dx stays 0, whatever W holds
               float a = 0.f;
               for (int n = 0; n < kBN; ++n) a = fmaf(gs[r * kSS + n], ws[lane * kWS + n], a);
-              if (a != 0.f) simt::atomic_add(p.dx + ((row0 + r) * p.dx_row_stride + gk), a);
+              if (a != 0.f) accumulate(p.dx + ((row0 + r) * p.dx_row_stride + gk), a, dx_owned());
             }
             // dW[col0 + warp + kWarps i, gk] += sum_r G[r, n] x[row0 + r, gk]
             LT_UNROLL for (int i = 0; i < kBN / kWarps; ++i) {
@@ -532,7 +550,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
               if (col0 + n >= p.V) break;
               float a = 0.f;
               for (int r = 0; r < kBM; ++r) a = fmaf(gs[r * kSS + n], xs[lane * kXS + r], a);
-              if (a != 0.f) simt::atomic_add(p.dw + ((col0 + n) * p.dw_row_stride + gk), a);
+              if (a != 0.f) accumulate(p.dw + ((col0 + n) * p.dw_row_stride + gk), a, dw_owned());
             }
           }
           simt::sync_block();

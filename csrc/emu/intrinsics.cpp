@@ -65,6 +65,7 @@ void ldmatrix_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t, uint32_t lan
   if (lanes != 32) emu::fail_in_collective("ldmatrix needs a full warp of 32 lanes");
   const int nmat = static_cast<int>(in[0].w[1]);
   const bool trans = in[0].w[2] != 0;
+  if (emu::counting()) emu::count_ldmatrix(size_t(nmat) * 128);
   for (int t = 0; t < 32; ++t) {
     for (int i = 0; i < nmat; ++i) {
       uint16_t e[2];
@@ -86,6 +87,7 @@ inline float hi_f(uint32_t r, bool bf) { return bf ? bf16_bits_to_f32(r >> 16) :
 // D(16x8) = A(16xK) * B(Kx8) + C, K = 16 or 8, from per-lane fragments.
 void mma_fn(const emu::LaneIO* in, emu::LaneIO* out, uint32_t lanes, int K, bool bf) {
   if (lanes != 32) emu::fail_in_collective("mma.sync needs a full warp of 32 lanes");
+  if (emu::counting()) emu::count_mma(16, 8, K);
   float A[16][16], B[16][8], C[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const auto* w = reinterpret_cast<const uint32_t*>(in[lane].w);

@@ -1,11 +1,13 @@
 // CPU emulator runtime: thread pool, block state, barriers, warp rendezvous, memory checks.
 #include "emu/runtime.h"
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <condition_variable>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -60,10 +62,23 @@ struct Block {
     uint64_t w_epoch = 0, r_epoch = 0, r2_epoch = 0, w_wsync = 0, r_wsync = 0, r2_wsync = 0;
   };
   std::vector<Shadow> shadow;
+  LaunchCounters* rec = nullptr;  // the launch's record while counting, else null
+};
+
+// One thread's counts in one block (merged into the launch's record when the thread exits).
+struct Tally {
+  uint64_t barriers = 0, mma16816 = 0, mma1688 = 0, mma_flops = 0, ldmatrix = 0, ldmatrix_bytes = 0, cp_async = 0,
+           cp_async_bytes = 0, shared_read = 0, shared_write = 0;
+  struct Tensor {
+    const char* name;
+    uint64_t read, written;
+  };
+  std::vector<Tensor> tensors;  // few per kernel: a linear search by name pointer
 };
 
 struct Ctx {
   Block* b = nullptr;
+  Tally tally;
   uint32_t linear = 0;
   Dim3 tid;
   std::vector<Copy> open_group;
@@ -202,6 +217,29 @@ Pool& pool() {
 }
 std::mutex g_launch_mu;
 std::atomic<int64_t> g_grid_cap{-1};  // -1: unset (LONGTUNE_EMU_GRID_CAP decides)
+std::vector<LaunchCounters> g_records;  // guarded by g_launch_mu
+
+void merge_tally_locked(LaunchCounters& r, const Tally& t) {
+  r.barriers += t.barriers;
+  r.mma_m16n8k16 += t.mma16816;
+  r.mma_m16n8k8 += t.mma1688;
+  r.mma_flops += t.mma_flops;
+  r.ldmatrix += t.ldmatrix;
+  r.ldmatrix_bytes += t.ldmatrix_bytes;
+  r.cp_async += t.cp_async;
+  r.cp_async_bytes += t.cp_async_bytes;
+  r.shared_read_bytes += t.shared_read;
+  r.shared_write_bytes += t.shared_write;
+  for (const Tally::Tensor& x : t.tensors) {
+    r.global_read_bytes += x.read;
+    r.global_write_bytes += x.written;
+    auto it = std::find_if(r.global_by_tensor.begin(), r.global_by_tensor.end(),
+                           [&](const TensorBytes& tb) { return tb.name == x.name; });
+    if (it == r.global_by_tensor.end()) it = r.global_by_tensor.insert(it, TensorBytes{x.name, 0, 0});
+    it->read += x.read;
+    it->written += x.written;
+  }
+}
 
 void complete_copies(Ctx& c, std::vector<Copy>& group) {
   Block& b = *c.b;
@@ -219,6 +257,7 @@ void thread_exit(Block& b, Ctx& c) {
   c.groups.push_back(std::move(c.open_group));
   for (auto& g : c.groups) complete_copies(c, g);
   c.groups.clear();
+  if (b.rec != nullptr) merge_tally_locked(*b.rec, c.tally);
   b.st[c.linear] = St::Exited;
   if (--b.running == 0 && !b.failed) {
     bool waiting = false;
@@ -250,6 +289,43 @@ int64_t capped_grid(int64_t limit) {
   return cap > 0 && cap < limit ? cap : limit;
 }
 
+// ------------------------------------------------------------------ counters
+std::atomic<bool> g_counting{false};
+
+bool set_counters(bool on) {
+  std::lock_guard<std::mutex> g(g_launch_mu);  // never in the middle of a launch
+  return g_counting.exchange(on);
+}
+
+std::vector<LaunchCounters> counters() {
+  std::lock_guard<std::mutex> g(g_launch_mu);
+  return g_records;
+}
+
+void reset_counters() {
+  std::lock_guard<std::mutex> g(g_launch_mu);
+  g_records.clear();
+}
+
+void count_global(const char* tensor, size_t bytes, bool write) {
+  Tally& t = ctx().tally;
+  auto it = std::find_if(t.tensors.begin(), t.tensors.end(), [&](const Tally::Tensor& x) { return x.name == tensor; });
+  if (it == t.tensors.end()) it = t.tensors.insert(it, Tally::Tensor{tensor, 0, 0});
+  (write ? it->written : it->read) += bytes;
+}
+
+void count_mma(int m, int n, int k) {
+  Tally& t = ctx().tally;
+  ++(k == 16 ? t.mma16816 : t.mma1688);
+  t.mma_flops += 2ull * uint64_t(m) * uint64_t(n) * uint64_t(k);
+}
+
+void count_ldmatrix(size_t bytes) {
+  Tally& t = ctx().tally;
+  ++t.ldmatrix;
+  t.ldmatrix_bytes += bytes;
+}
+
 // ------------------------------------------------------------------ launch
 void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const Body& body) {
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
@@ -274,6 +350,14 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const 
   b.smem.resize(smem_bytes);
   b.pending.resize(smem_bytes);
   b.shadow.resize(smem_bytes);
+  LaunchCounters rec;
+  if (counting()) {
+    rec.kernel = kernel;
+    rec.grid = grid;
+    rec.block = block;
+    rec.smem_bytes = smem_bytes;
+    b.rec = &rec;
+  }
 
   const std::function<void(int)> job = [&](int t) {
     Ctx c;
@@ -305,7 +389,12 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const 
         std::fill(b.shadow.begin(), b.shadow.end(), Block::Shadow{});
         pool().run(b.nthreads, job);
         if (b.failed) throw std::runtime_error("longtune emulator: " + b.error);
+        if (b.rec != nullptr) {
+          ++rec.blocks;
+          rec.threads += nthreads;
+        }
       }
+  if (b.rec != nullptr) g_records.push_back(std::move(rec));
 }
 
 // ------------------------------------------------------------------ in-kernel queries
@@ -339,6 +428,7 @@ void sync_block() {
   if (++b.bar_arrived == b.nthreads) {
     b.bar_arrived = 0;
     ++b.bar_gen;
+    if (b.rec != nullptr) ++c.tally.barriers;
     b.running += b.nthreads - 1;
     b.cv_bar.notify_all();
     return;
@@ -424,6 +514,7 @@ void check_smem(const void* p, size_t bytes, bool write) {
       fail(o.str());
     }
   }
+  if (b.rec != nullptr) (write ? c.tally.shared_write : c.tally.shared_read) += bytes;
   // Hazard between two threads inside one barrier epoch = a missing sync_block (or sync_warp for
   // two lanes of one warp). Timing-independent: epochs are defined by the barriers themselves.
   const int32_t me = static_cast<int32_t>(c.linear);
@@ -497,6 +588,10 @@ void cp_async(void* smem_dst, const void* gsrc, size_t bytes) {
   std::lock_guard<std::mutex> g(b.mu);
   const size_t off = static_cast<uint8_t*>(smem_dst) - b.smem.data();
   for (size_t i = 0; i < bytes; ++i) b.pending[off + i] = static_cast<int32_t>(c.linear);
+  if (b.rec != nullptr) {
+    ++c.tally.cp_async;
+    c.tally.cp_async_bytes += bytes;
+  }
   c.open_group.push_back({static_cast<uint8_t*>(smem_dst), static_cast<const uint8_t*>(gsrc), bytes});
 }
 

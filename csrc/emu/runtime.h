@@ -5,10 +5,12 @@
 // warp collective some threads never reach, a shuffle mask naming absent lanes, data read before
 // its cp.async wait) is reported as an error naming the kernel, block and thread.
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "common/simt/types.h"
 
@@ -36,6 +38,42 @@ int64_t set_grid_cap(int64_t max_blocks);
 // `limit` lowered to the grid cap when one is set: the max_grid the emulated launchers pass to
 // the launch-planning functions the CUDA launchers also use.
 int64_t capped_grid(int64_t limit);
+
+// ---- counters
+// Per-launch counts of what a kernel issues (off by default; counting does not change results).
+// Byte counts are what the kernel's code asks for: shared-memory reads include ldmatrix, shared
+// writes include cp.async destinations, global reads include cp.async sources; an atomic
+// read-modify-write counts as one read and one write of its element.
+struct TensorBytes {
+  std::string name;  // the gptr's name (make_gptr)
+  uint64_t read = 0, written = 0;
+};
+struct LaunchCounters {
+  std::string kernel;
+  Dim3 grid, block;
+  uint64_t smem_bytes = 0;  // dynamic shared memory per block
+  uint64_t blocks = 0, threads = 0;
+  uint64_t barriers = 0;  // completed sync_block()s, summed over blocks
+  uint64_t mma_m16n8k16 = 0, mma_m16n8k8 = 0;  // warp-level mma.sync instructions by shape
+  uint64_t mma_flops = 0;                      // 2 m n k per mma
+  uint64_t ldmatrix = 0, ldmatrix_bytes = 0;   // warp-level instructions, bytes (128 per 8x8 matrix)
+  uint64_t cp_async = 0, cp_async_bytes = 0;   // per-thread 16-byte copies, bytes
+  uint64_t global_read_bytes = 0, global_write_bytes = 0;
+  uint64_t shared_read_bytes = 0, shared_write_bytes = 0;
+  std::vector<TensorBytes> global_by_tensor;  // in order of first access
+};
+extern std::atomic<bool> g_counting;
+inline bool counting() { return g_counting.load(std::memory_order_relaxed); }
+// Turns counting on or off (between launches) and returns the previous setting.
+bool set_counters(bool on);
+// The records of the launches completed while counting was on, oldest first (reset_counters()
+// clears them). A launch that raises a report leaves no record.
+std::vector<LaunchCounters> counters();
+void reset_counters();
+// Called from the intrinsics layer while counting is on.
+void count_global(const char* tensor, size_t bytes, bool write);
+void count_mma(int m, int n, int k);
+void count_ldmatrix(size_t bytes);
 
 // ---- launch
 using Body = std::function<void()>;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import torch
@@ -34,6 +35,69 @@ def emulator_grid_cap(max_blocks: int) -> Iterator[None]:
         yield
     finally:
         set_cap(previous)
+
+
+class EmulatorCounters:
+    """The launches recorded by :func:`emulator_counters`: ``launches`` is a list of dicts, one per
+    emulated kernel launch in launch order (filled when the ``with`` block exits), with the keys
+
+    - ``kernel`` (name), ``grid`` and ``block`` (``[x, y, z]``), ``smem_bytes`` (dynamic shared
+      memory per block), ``blocks``, ``threads`` (summed over blocks);
+    - ``barriers``: completed ``sync_block()`` barriers, summed over blocks;
+    - ``mma_m16n8k16``, ``mma_m16n8k8`` (warp-level ``mma.sync`` instructions by shape) and
+      ``mma_flops`` (2 m n k per instruction);
+    - ``ldmatrix`` (warp-level instructions) and ``ldmatrix_bytes`` (128 per 8x8 matrix);
+    - ``cp_async`` (16-byte copies) and ``cp_async_bytes``;
+    - ``global_read_bytes``, ``global_write_bytes``, ``shared_read_bytes``,
+      ``shared_write_bytes``: the bytes the kernel's code accesses (shared reads include
+      ``ldmatrix``, shared writes ``cp.async`` destinations, global reads ``cp.async`` sources; an
+      atomic read-modify-write is one read and one write of its element);
+    - ``global_by_tensor``: ``{name: {"read": bytes, "written": bytes}}`` per global tensor, by the
+      name the kernel gives it (``make_gptr``; e.g. ``"q"``, ``"k"``, ``"v"`` in attention)."""
+
+    def __init__(self) -> None:
+        self.launches: list[dict] = []
+
+    def kernels(self, prefix: str = "") -> list[dict]:
+        """The launches whose kernel name starts with ``prefix``."""
+        return [r for r in self.launches if r["kernel"].startswith(prefix)]
+
+    def total(self, key: str, prefix: str = "") -> int:
+        """``key`` summed over the launches whose kernel name starts with ``prefix``."""
+        return sum(r[key] for r in self.kernels(prefix))
+
+    def tensor_bytes(self, name: str, prefix: str = "") -> tuple[int, int]:
+        """(bytes read, bytes written) of global tensor ``name``, summed over the launches whose
+        kernel name starts with ``prefix``."""
+        read = written = 0
+        for r in self.kernels(prefix):
+            t = r["global_by_tensor"].get(name)
+            if t is not None:
+                read += t["read"]
+                written += t["written"]
+        return read, written
+
+
+@contextlib.contextmanager
+def emulator_counters() -> Iterator[EmulatorCounters]:
+    """Counts what every emulated kernel launched inside the block issues (mma FLOPs, ldmatrix /
+    cp.async / global / shared bytes, barriers, blocks, threads); the records are in the yielded
+    object's ``launches`` once the block exits (see :class:`EmulatorCounters`). Counting does not
+    change any result; it is off outside such a block. Raises if this build has no emulator."""
+    set_counters = emulated("set_counters")
+    read = emulated("counters")
+    reset = emulated("reset_counters")
+    previous = set_counters(True)
+    start = len(read())
+    c = EmulatorCounters()
+    try:
+        yield c
+    finally:
+        records = read()[start:]
+        set_counters(previous)
+        if not previous:
+            reset()
+        c.launches = [json.loads(r) for r in records]
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:

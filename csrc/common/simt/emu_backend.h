@@ -12,23 +12,59 @@
 namespace lt::simt {
 
 // ------------------------------------------------------------------ checked global pointer
+// Element access through a gptr to writable memory returns this proxy, so that reads and writes
+// can be counted apart (emulator counters); through a gptr to const, a plain reference (a read).
+template <class T>
+struct gref {
+  T* p;
+  const char* name;
+  operator T() const {
+    if (emu::counting()) emu::count_global(name, sizeof(T), false);
+    return *p;
+  }
+  const gref& operator=(const T& v) const {
+    if (emu::counting()) emu::count_global(name, sizeof(T), true);
+    *p = v;
+    return *this;
+  }
+  const gref& operator=(const gref& o) const { return *this = static_cast<T>(o); }
+  template <class V>
+  const gref& operator+=(const V& v) const {
+    return *this = static_cast<T>(T(*this) + v);
+  }
+  template <class V>
+  const gref& operator-=(const V& v) const {
+    return *this = static_cast<T>(T(*this) - v);
+  }
+  template <class V>
+  const gref& operator*=(const V& v) const {
+    return *this = static_cast<T>(T(*this) * v);
+  }
+};
+
 template <class T>
 struct gptr {
   T* p = nullptr;
   const void* lo = nullptr;
   const void* hi = nullptr;
   const char* name = "?";
+  using ref = std::conditional_t<std::is_const_v<T>, T&, gref<T>>;
 
   gptr() = default;
   gptr(T* p_, const void* lo_, const void* hi_, const char* n) : p(p_), lo(lo_), hi(hi_), name(n) {}
   template <class U, class = std::enable_if_t<std::is_convertible_v<U*, T*>>>
   gptr(const gptr<U>& o) : p(o.p), lo(o.lo), hi(o.hi), name(o.name) {}
 
-  T& operator[](int64_t i) const {
+  ref operator[](int64_t i) const {
     emu::check_global(p + i, sizeof(T), lo, hi, name);
-    return p[i];
+    if constexpr (std::is_const_v<T>) {
+      if (emu::counting()) emu::count_global(name, sizeof(T), false);
+      return p[i];
+    } else {
+      return gref<T>{p + i, name};
+    }
   }
-  T& operator*() const { return (*this)[0]; }
+  ref operator*() const { return (*this)[0]; }
   gptr operator+(int64_t i) const {
     gptr r = *this;
     r.p += i;
@@ -178,23 +214,32 @@ inline bool any(uint32_t mask, bool pred) { return ballot(mask, pred) != 0; }
 inline bool all(uint32_t mask, bool pred) { return ballot(mask, pred) == mask; }
 
 // ------------------------------------------------------------------ atomics
-template <class P, class T>
-T atomic_add(P p, T v) {
-  T& ref = p[0];  // bounds-checked
-  return std::atomic_ref<T>(ref).fetch_add(v);
+namespace detail {
+// The bounds-checked element of an atomic read-modify-write (counted as one read and one write).
+template <class T>
+T& atomic_target(const gptr<T>& p) {
+  emu::check_global(p.p, sizeof(T), p.lo, p.hi, p.name);
+  if (emu::counting()) {
+    emu::count_global(p.name, sizeof(T), false);
+    emu::count_global(p.name, sizeof(T), true);
+  }
+  return *p.p;
 }
-template <class P, class T>
-T atomic_max(P p, T v) {
-  T& ref = p[0];
-  std::atomic_ref<T> a(ref);
+}  // namespace detail
+template <class T>
+T atomic_add(const gptr<T>& p, T v) {
+  return std::atomic_ref<T>(detail::atomic_target(p)).fetch_add(v);
+}
+template <class T>
+T atomic_max(const gptr<T>& p, T v) {
+  std::atomic_ref<T> a(detail::atomic_target(p));
   T cur = a.load();
   while (cur < v && !a.compare_exchange_weak(cur, v)) {}
   return cur;
 }
-template <class P, class T>
-T atomic_cas(P p, T cmp, T v) {
-  T& ref = p[0];
-  std::atomic_ref<T>(ref).compare_exchange_strong(cmp, v);
+template <class T>
+T atomic_cas(const gptr<T>& p, T cmp, T v) {
+  std::atomic_ref<T>(detail::atomic_target(p)).compare_exchange_strong(cmp, v);
   return cmp;
 }
 
@@ -204,6 +249,7 @@ void cp_async_16(sptr<T> dst, gptr<const T> src) {
   emu::check_align(dst.p, 16, "cp.async shared destination");
   emu::check_align(src.p, 16, "cp.async global source");
   emu::check_global(src.p, 16, src.lo, src.hi, src.name);
+  if (emu::counting()) emu::count_global(src.name, 16, false);
   emu::cp_async(dst.p, src.p, 16);
 }
 inline void cp_async_commit() { emu::cp_async_commit(); }
@@ -272,6 +318,7 @@ void ld_vec(gptr<const T> p, int64_t i, T (&out)[E]) {
   constexpr size_t B = E * sizeof(T);
   emu::check_align(p.p + i, B >= 16 ? 16 : B, "vector load from global memory");
   emu::check_global(p.p + i, B, p.lo, p.hi, p.name);
+  if (emu::counting()) emu::count_global(p.name, B, false);
   std::memcpy(out, p.p + i, B);
 }
 template <int E, class T>
@@ -283,6 +330,7 @@ void st_vec(gptr<T> p, int64_t i, const T (&v)[E]) {
   constexpr size_t B = E * sizeof(T);
   emu::check_align(p.p + i, B >= 16 ? 16 : B, "vector store to global memory");
   emu::check_global(p.p + i, B, p.lo, p.hi, p.name);
+  if (emu::counting()) emu::count_global(p.name, B, true);
   std::memcpy(p.p + i, v, B);
 }
 template <int E, class T>

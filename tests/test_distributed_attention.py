@@ -7,7 +7,6 @@ halo mode sends; bad input.
 Each world size is one spawn that runs all its cases in one process group; a failing check raises
 in the worker and fails the spawn with its message."""
 
-import datetime
 import traceback
 import zlib
 
@@ -22,6 +21,8 @@ pytestmark = pytest.mark.skipif(
 
 import longtune  # noqa: E402
 from longtune import distributed as sp  # noqa: E402
+
+from ._gloo import init_gloo  # noqa: E402
 
 TOL = 1e-12
 
@@ -201,13 +202,7 @@ def _check_timeout(rank, world):
 
 def _worker(rank, world, init_file, cases, timeout_check):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    init_gloo(rank, world, init_file)
     try:
         for case in cases:
             _check_case(rank, world, case)

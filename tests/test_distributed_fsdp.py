@@ -7,7 +7,6 @@ FSDP2 averages the gradients over the mesh it shards on (dp * cp ranks) while th
 gradient is their sum (the loss is normalised by the global number of targets), so the loss is
 multiplied by dp * cp."""
 
-import datetime
 import traceback
 
 import pytest
@@ -25,6 +24,7 @@ pytest.importorskip("peft")
 import longtune  # noqa: E402
 from longtune import distributed as sp  # noqa: E402
 
+from ._gloo import init_gloo  # noqa: E402
 from .test_distributed_hf import VOCAB, N, _rel, tiny_llama  # noqa: E402
 
 TOL = 1e-10
@@ -86,13 +86,7 @@ def _fsdp_step(rank):
 
 def _worker(rank, world, init_file):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    init_gloo(rank, world, init_file)
     try:
         got = _fsdp_step(rank)
         want = _reference()

@@ -8,7 +8,6 @@ refused.
 
 One spawn runs every case; a failing check raises in the worker and fails the spawn."""
 
-import datetime
 import traceback
 
 import pytest
@@ -25,6 +24,8 @@ transformers = pytest.importorskip("transformers")
 
 import longtune  # noqa: E402
 from longtune import distributed as sp  # noqa: E402
+
+from ._gloo import init_gloo  # noqa: E402
 
 TOL = 1e-10
 N, B, VOCAB = 64, 2, 128
@@ -226,13 +227,7 @@ def _check_all(rank):
 
 def _worker(rank, world, init_file):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    init_gloo(rank, world, init_file)
     try:
         _check_all(rank)
         dist.barrier()

@@ -70,22 +70,28 @@ LT_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 LT_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Adds [lo, hi) clipped to [0, n) to r, merging with an overlapping or adjacent range; keeps r sorted.
-// (At most two ranges ever arise from one row or column.)
+// (At most two ranges ever arise from one row or column.) Every index into lo / hi is a constant
+// (no loop over r.n), so on a GPU a Ranges lives in registers, not in a local-memory stack frame.
 LT_HD void add_range(Ranges& r, int64_t lo, int64_t hi, int64_t n) {
   lo = imax(lo, 0);
   hi = imin(hi, n);
   if (lo >= hi) return;
-  for (int32_t t = 0; t < r.n; ++t) {
-    if (lo <= r.hi[t] && r.lo[t] <= hi) {  // overlap or touch: merge
-      r.lo[t] = imin(r.lo[t], lo);
-      r.hi[t] = imax(r.hi[t], hi);
-      if (r.n == 2 && r.hi[0] >= r.lo[1]) {  // the merged range may now touch the other one
-        r.hi[0] = imax(r.hi[0], r.hi[1]);
-        r.lo[0] = imin(r.lo[0], r.lo[1]);
-        r.n = 1;
-      }
-      return;
+  const bool touch0 = r.n >= 1 && lo <= r.hi[0] && r.lo[0] <= hi;
+  const bool touch1 = !touch0 && r.n == 2 && lo <= r.hi[1] && r.lo[1] <= hi;
+  if (touch0 || touch1) {  // overlap or touch: merge
+    if (touch0) {
+      r.lo[0] = imin(r.lo[0], lo);
+      r.hi[0] = imax(r.hi[0], hi);
+    } else {
+      r.lo[1] = imin(r.lo[1], lo);
+      r.hi[1] = imax(r.hi[1], hi);
     }
+    if (r.n == 2 && r.hi[0] >= r.lo[1]) {  // the merged range may now touch the other one
+      r.hi[0] = imax(r.hi[0], r.hi[1]);
+      r.lo[0] = imin(r.lo[0], r.lo[1]);
+      r.n = 1;
+    }
+    return;
   }
   if (r.n == 2) {  // never for one row; for tile unions: collapse to the (conservative) hull
     r.lo[0] = imin(r.lo[0], lo);
@@ -98,9 +104,12 @@ LT_HD void add_range(Ranges& r, int64_t lo, int64_t hi, int64_t n) {
     r.hi[1] = r.hi[0];
     r.lo[0] = lo;
     r.hi[0] = hi;
+  } else if (r.n == 1) {
+    r.lo[1] = lo;
+    r.hi[1] = hi;
   } else {
-    r.lo[r.n] = lo;
-    r.hi[r.n] = hi;
+    r.lo[0] = lo;
+    r.hi[0] = hi;
   }
   r.n += 1;
 }
@@ -221,7 +230,8 @@ LT_HD Ranges tile_ranges(const SeqMask& m, int64_t i0, int64_t i1, int64_t tile)
   const int64_t ntiles = (n_other + tile - 1) / tile;
   for (int64_t i = i0; i < i1; ++i) {
     const Ranges r = Rows ? m.row_ranges(i) : m.col_ranges(i);
-    for (int32_t t = 0; t < r.n; ++t) add_range(u, r.lo[t] / tile, (r.hi[t] + tile - 1) / tile, ntiles);
+    if (r.n >= 1) add_range(u, r.lo[0] / tile, (r.hi[0] + tile - 1) / tile, ntiles);
+    if (r.n >= 2) add_range(u, r.lo[1] / tile, (r.hi[1] + tile - 1) / tile, ntiles);
   }
   return u;
 }
@@ -229,14 +239,10 @@ LT_HD Ranges tile_ranges(const SeqMask& m, int64_t i0, int64_t i1, int64_t tile)
 // True when every row in [i0, i1) sees every key in [j0, j1) (no element needs testing). Rows past
 // nq count as full (they are never stored).
 LT_HD bool row_covers(const Ranges& r, int64_t j0, int64_t j1) {
-  for (int32_t t = 0; t < r.n; ++t)
-    if (r.lo[t] <= j0 && j1 <= r.hi[t]) return true;
-  return false;
+  return (r.n >= 1 && r.lo[0] <= j0 && j1 <= r.hi[0]) || (r.n >= 2 && r.lo[1] <= j0 && j1 <= r.hi[1]);
 }
 LT_HD bool in_ranges(const Ranges& r, int64_t j) {
-  for (int32_t t = 0; t < r.n; ++t)
-    if (r.lo[t] <= j && j < r.hi[t]) return true;
-  return false;
+  return (r.n >= 1 && r.lo[0] <= j && j < r.hi[0]) || (r.n >= 2 && r.lo[1] <= j && j < r.hi[1]);
 }
 
 // Output head e -> query head and kv head (see reference.attention.head_map).

@@ -83,9 +83,7 @@ LT_DEV SeqInfo seq_info(const AKParams<T>& p, int64_t b) {
 
 // The i-th tile of <= 2 tile ranges.
 LT_HD int64_t tile_count(const Ranges& r) {
-  int64_t n = 0;
-  for (int32_t t = 0; t < r.n; ++t) n += r.hi[t] - r.lo[t];
-  return n;
+  return (r.n >= 1 ? r.hi[0] - r.lo[0] : 0) + (r.n >= 2 ? r.hi[1] - r.lo[1] : 0);
 }
 LT_HD int64_t tile_at(const Ranges& r, int64_t i) {
   const int64_t n0 = r.n > 0 ? r.hi[0] - r.lo[0] : 0;

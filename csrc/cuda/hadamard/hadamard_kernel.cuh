@@ -134,21 +134,40 @@ LT_DEV void smem_pass(simt::sptr<float> z, int64_t n, int64_t P, int64_t h) {
   }
 }
 
-// One output of the m x m factor mix: y[c, d] = sum_a +-z[base + a P + d], as 4 interleaved
-// partial sums combined pairwise (a sequential m-term fp32 sum loses about 4x more accuracy than
-// PyTorch's matmul at m = 148..172). m is a multiple of 4.
-LT_DEV float mix_one(simt::sptr<float> z, simt::gptr<const uint32_t> hbits, int32_t m, int32_t hwords, int64_t P,
-                     int64_t base, int64_t c, int64_t d) {
-  float part[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int32_t a0 = 0; a0 < m; a0 += 4) {
-    LT_UNROLL for (int k = 0; k < 4; ++k) {
-      const int32_t a = a0 + k;
-      const bool neg = (hbits[c * hwords + a / 32] >> (a % 32)) & 1u;
-      const float zv = z[base + a * P + d];
-      part[k] += neg ? -zv : zv;
+// The m x m factor mix for E consecutive outputs of one factor row c:
+// y[c, d0 + i] = sum_a +-z[base + a P + d0 + i], each as 4 interleaved partial sums combined pairwise
+// (a sequential m-term fp32 sum loses about 4x more accuracy than PyTorch's matmul at m = 148..172).
+// Each 32-bit sign word is read from global memory once per 32 terms for all E outputs (not once
+// per term and output). m is a multiple of 4.
+template <int E>
+LT_DEV void mix_chunk(simt::sptr<float> z, simt::gptr<const uint32_t> hbits, int32_t m, int32_t hwords, int64_t P,
+                      int64_t base, int64_t c, int64_t d0, float (&acc)[E]) {
+  float part[4][E];
+  LT_UNROLL for (int k = 0; k < 4; ++k)
+    LT_UNROLL for (int i = 0; i < E; ++i) part[k][i] = 0.f;
+  for (int32_t wd = 0; wd < hwords; ++wd) {
+    const uint32_t bits = hbits[c * hwords + wd];
+    const int32_t a_end = m < (wd + 1) * 32 ? m : (wd + 1) * 32;
+    for (int32_t a0 = wd * 32; a0 < a_end; a0 += 4) {
+      LT_UNROLL for (int k = 0; k < 4; ++k) {
+        const int32_t a = a0 + k;
+        const bool neg = (bits >> (a % 32)) & 1u;
+        LT_UNROLL for (int i = 0; i < E; ++i) {
+          const float zv = z[base + a * P + d0 + i];
+          part[k][i] += neg ? -zv : zv;
+        }
+      }
     }
   }
-  return (part[0] + part[1]) + (part[2] + part[3]);
+  LT_UNROLL for (int i = 0; i < E; ++i) acc[i] = (part[0][i] + part[1][i]) + (part[2][i] + part[3][i]);
+}
+
+// One output of the factor mix (mix_chunk for E = 1).
+LT_DEV float mix_one(simt::sptr<float> z, simt::gptr<const uint32_t> hbits, int32_t m, int32_t hwords, int64_t P,
+                     int64_t base, int64_t c, int64_t d) {
+  float acc[1];
+  mix_chunk<1>(z, hbits, m, hwords, P, base, c, d, acc);
+  return acc[0];
 }
 
 template <class T, int E>
@@ -190,7 +209,7 @@ LT_DEV void block_mode(const KParams<T>& p) {
         LT_UNROLL for (int i = 0; i < E; ++i) acc[i] = z[j * E + i];
       } else {
         const int64_t c = (j * E) / P, d0 = (j * E) % P;
-        LT_UNROLL for (int i = 0; i < E; ++i) acc[i] = mix_one(z, p.hbits, p.m, p.hwords, P, 0, c, d0 + i);
+        mix_chunk<E>(z, p.hbits, p.m, p.hwords, P, 0, c, d0, acc);
       }
       store_chunk<T, E>(p, row * n + j * E, acc);
     }

@@ -8,12 +8,15 @@ the median of the per-round ratios with its 95% interval (``harness.add_speed_ra
 Peak memory: ``harness.peak_memory`` over one training step, after the timed (warm) calls: the peak
 of bytes allocated above the level at the step's start (CPU: the allocator's events through the
 profiler; GPU: ``torch.cuda.max_memory_allocated``), exact and the same on every call.
-GPU peers: the naive path and Liger's ``LigerFusedLinearCrossEntropyLoss`` (skipped with a message
-when ``liger_kernel`` is not importable).
+GPU peers: the naive path, the naive path through ``torch.compile`` (Inductor fuses the loss's
+elementwise work but keeps the (T, V) logits), Liger's ``LigerFusedLinearCrossEntropyLoss`` and
+Apple's Cut-Cross-Entropy ``cut_cross_entropy.linear_cross_entropy`` (each skipped with a message
+when it cannot be imported or compiled).
 
 Targets. CPU (fp32, T=4096, d=1024, V=32000): naive peak / fused peak >= 8, fused time <= 1.2x
 naive (reported as naive time / fused time >= 1/1.2). GPU (bf16, T=8192, d=4096, V=128000): peak
-<= 1/8 of naive (naive peak / fused peak >= 8), time <= 1.0x Liger (Liger time / fused time >= 1).
+<= 1/8 of naive (naive peak / fused peak >= 8), time <= 1.0x Liger (Liger time / fused time >= 1),
+peak <= Cut-Cross-Entropy's (CCE peak / fused peak >= 1).
 
 Run: ``python -m benchmarks.cross_entropy [--device cpu|cuda] [--out DIR] [--quick]``.
 """
@@ -33,6 +36,8 @@ from benchmarks import harness as H  # noqa: E402
 FUSED = "longtune fused linear CE"
 NAIVE = "naive F.cross_entropy(x @ W.T)"
 LIGER = "Liger FusedLinearCrossEntropy"
+COMPILED = "torch.compile(naive)"
+CCE = "Cut-Cross-Entropy"
 
 
 def plot(report, path, device_name):
@@ -77,6 +82,26 @@ def _liger_loss():
     return LigerFusedLinearCrossEntropyLoss()
 
 
+def _cce_loss():
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError as e:
+        print(
+            f"\n[cross_entropy] {CCE}: skipped (cut_cross_entropy not importable: {e})",
+            file=sys.stderr,
+        )
+        return None
+    return cce
+
+
+def _compiled_naive():
+    try:
+        return torch.compile(lambda x, w, tgt: F.cross_entropy(x @ w.T, tgt))
+    except Exception as e:  # noqa: BLE001 -- no compiler backend on this machine
+        print(f"\n[cross_entropy] {COMPILED}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
 def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     report = H.Report("cross_entropy", quick=quick)
     cuda = device == "cuda"
@@ -102,11 +127,18 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
         NAIVE: lambda: F.cross_entropy(x @ w.T, tgt),
     }
     if cuda:
+        compiled = _compiled_naive()
+        if compiled is not None:
+            impls[COMPILED] = lambda: compiled(x, w, tgt)
         liger = _liger_loss()
         if liger is not None:
             impls[LIGER] = lambda: liger(
                 w, x, tgt
             )  # Liger's signature: (lin_weight, _input, target)
+        cce = _cce_loss()
+        if cce is not None:
+            # CCE's signature: (embeddings, classifier, targets)
+            impls[CCE] = lambda: cce(x, w, tgt)
 
     case = f"T={t} d={d} V={v} {str(dtype).removeprefix('torch.')}"
     params = {"T": t, "d": d, "V": v, "dtype": str(dtype)}
@@ -169,6 +201,12 @@ def run(device: str, out_dir: str, quick: bool = False) -> H.Report:
     )
     if FUSED in mem and LIGER in mem:
         H.add_memory_ratio(report, case, "Liger peak memory / fused peak", mem[LIGER], mem[FUSED])
+    H.add_speed_ratio(report, case, "compiled naive time / fused time", times, COMPILED, FUSED)
+    H.add_speed_ratio(report, case, "CCE time / fused time", times, CCE, FUSED)
+    if FUSED in mem and CCE in mem:
+        H.add_memory_ratio(
+            report, case, "CCE peak memory / fused peak", mem[CCE], mem[FUSED], 1.0 if tg else None
+        )
     H.write(report, out_dir, device, plot)
     return report
 

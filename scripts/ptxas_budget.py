@@ -509,7 +509,11 @@ def build_kernels(
         if k.hot and (k.stack_frame or k.cumulative_stack):
             k.violations.append(
                 f"stack: hot kernel {tag} has a {k.stack_frame} B stack frame"
-                + (f" ({k.cumulative_stack} B cumulative)" if k.cumulative_stack else "")
+                + (
+                    f" ({k.cumulative_stack} B cumulative)"
+                    if k.cumulative_stack != k.stack_frame
+                    else ""
+                )
             )
         if k.registers > MAX_REGS:
             k.violations.append(f"regs: {tag} uses {k.registers} registers (> {MAX_REGS})")
@@ -535,8 +539,13 @@ def build_kernels(
                             f"{k.threads} threads, {smem} B shared memory; {k.arch} allows "
                             f"{REGS_PER_SM} registers and {limits.smem_block} B per block)"
                         )
-    order = sorted(kernels.values(), key=lambda k: (k.family, k.name, k.arch))
-    return order, sorted(devfuncs.values(), key=lambda d: (d["name"], d["arch"]))
+    order = sorted(kernels.values(), key=lambda k: (k.family, _natural(k.name), k.arch))
+    return order, sorted(devfuncs.values(), key=lambda d: (_natural(d["name"]), d["arch"]))
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders head dims numerically (..., 32, 64, 128, ...)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 # ---------------------------------------------------------------- allow-list
@@ -635,7 +644,9 @@ def render_md(
         "|---|---|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for k in kernels:
-        stack = f"{k.stack_frame}" + (f" ({k.cumulative_stack} cum.)" if k.cumulative_stack else "")
+        stack = f"{k.stack_frame}" + (
+            f" ({k.cumulative_stack} cum.)" if k.cumulative_stack != k.stack_frame else ""
+        )
         if k.smem_dynamic_runtime:
             dyn = "runtime"
         elif k.smem_dynamic is None:
@@ -668,6 +679,18 @@ def render_md(
     return "\n".join(out) + "\n"
 
 
+def _dump_json(doc: dict) -> str:
+    """JSON with one list element (a kernel's row) per line: diffs show which kernels changed."""
+    parts = []
+    for key, val in doc.items():
+        if isinstance(val, list) and val:
+            body = ",\n".join("  " + json.dumps(v) for v in val)
+            parts.append(f" {json.dumps(key)}: [\n{body}\n ]")
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(val)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def write_outputs(
     out_dir: Path,
     kernels: list[Kernel],
@@ -692,7 +715,7 @@ def write_outputs(
         "kernels": rows,
         "device_functions": dev,
     }
-    (out_dir / "ptxas.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out_dir / "ptxas.json").write_text(_dump_json(doc))
     (out_dir / "ptxas.md").write_text(render_md(kernels, devfuncs, info, violations))
 
 

@@ -34,7 +34,7 @@ ptxas_log = _load("ptxas_log")
 ATTN = "_ZN2lt4attn15attn_fwd_kernelINS_4simt4bf16ELi128ELb0EEEvNS0_8AKParamsIT_EE"
 CE = "_ZN2lt13cross_entropy24cross_entropy_fwd_kernelIfEEvNS0_4FwdKIT_EE"
 PROBE = "_ZN2lt8selftest16mma_probe_kernelENS0_8MmaProbeE"
-DEVFN = "_ZN2lt4attn6helperEv"
+DEVFN = "_ZN2lt4attn9load_tileEv"
 SHAPES = (
     "lt::attn::attn_fwd_kernel<*, 128, *>\t128\t87040\n"
     "lt::cross_entropy::cross_entropy_fwd_kernel<*>\t256\t46400\n"

@@ -1,5 +1,9 @@
 # longtune: the README's commands.
-#   make test       bootstrap .venv, lint, build (CPU + CUDA when nvcc is found + emulator), run all tests
+#   make test       bootstrap .venv, lint, build (CPU + CUDA when nvcc is found + emulator), check the CUDA
+#                   kernels' ptxas budget (no spill, no stack in hot kernels, <= 255 registers, >= 1 block
+#                   per SM; skipped without CUDA; table in $(BUILD_DIR)/ptxas/ptxas.md), run all tests
+#   make ptxas-report  CUDA build + the same check, writing the committed table
+#                   benchmarks/results/ptxas.{md,json} (regenerate it with this one command)
 #   make lint       ruff check + ruff format --check (Python), clang-format --dry-run -Werror (csrc/)
 #   make format     apply the formatters (scripts/format.sh)
 #   make bench      bootstrap, build, run the benchmarks -> bench-results/<stamp>/*.json|csv|png + a summary
@@ -8,9 +12,12 @@
 #                   (seeing .venv's torch) and import it + run one op from outside the tree
 #   make gpu-check  on a GPU machine: build against its torch, CUDA tests, compute-sanitizer,
 #                   benchmarks vs GPU peers -> gpu-results/<stamp>/
+#   make gpu-check DRY_RUN=1  the same script without a GPU (CI): runs every step that needs none
+#                   (test collection, the sanitizer subset's ids, the benchmark families) and prints
+#                   the GPU steps' commands
 # Knobs: BENCH_ARGS (e.g. --quick, --only attention, --update-baseline), BENCH_CHECK_ARGS,
 #        LONGTUNE_CUDA=AUTO|ON|OFF, LONGTUNE_CUDA_ARCHS="80;90", PYTHON=python3.11, VENV=.venv,
-#        LINT=0 (make test without the lint step)
+#        LINT=0 (make test without the lint step), DRY_RUN=1 (gpu-check), BUILD_DIR=build/dev
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,7 +35,7 @@ LINT := 1
 endif
 export LONGTUNE_CUDA LONGTUNE_CUDA_ARCHS
 
-.PHONY: all setup build test lint format bench bench-check wheel-check gpu-check clean
+.PHONY: all setup build test lint format bench bench-check wheel-check gpu-check ptxas-report clean
 
 all: test
 
@@ -70,9 +77,20 @@ format: setup
 	VENV=$(VENV) bash scripts/format.sh
 
 # ---------------------------------------------------------------- the two commands
+# The ptxas budget (scripts/ptxas_budget.py) runs right after the build; the tests run either way
+# and the target fails if either does. LONGTUNE_CUDA=ON makes a build without CUDA kernels a failure.
+PTXAS_CHECK = $(PY) scripts/ptxas_budget.py $(BUILD_DIR) $(if $(filter ON,$(LONGTUNE_CUDA)),--require-cuda)
 test: $(if $(filter 1,$(LINT)),lint) build
-	@set -o pipefail; $(PY) -m pytest tests -q -p no:cacheprovider; rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
+	@$(PTXAS_CHECK) --out-dir $(BUILD_DIR)/ptxas; prc=$$?; \
+	  set -o pipefail; $(PY) -m pytest tests -q -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=1; fi; \
+	  if [ $$prc -ne 0 ]; then echo "make test: the ptxas budget check failed (see above)"; [ $$rc -ne 0 ] || rc=$$prc; fi; \
+	  exit $$rc
+
+# the committed table: a CUDA build for LONGTUNE_CUDA_ARCHS, then benchmarks/results/ptxas.{md,json}
+ptxas-report: LONGTUNE_CUDA = ON
+ptxas-report: build
+	$(PTXAS_CHECK)
 
 BENCH_ARGS ?=
 BENCH_CHECK_ARGS ?= --quick
@@ -85,8 +103,11 @@ bench-check: build
 wheel-check: setup
 	bash .ci/wheel_check.sh $(abspath $(PY)) build/wheel-check
 
+# DRY_RUN=1 (or GPU_CHECK_DRY_RUN=1): no GPU needed; it then uses .venv's python unless PYTHON is set
+DRY_RUN ?= $(GPU_CHECK_DRY_RUN)
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	$(if $(filter 1,$(DRY_RUN)),GPU_CHECK_DRY_RUN=1 $(if $(and $(filter file,$(origin PYTHON)),$(wildcard $(PY))),PYTHON=$(abspath $(PY)))) \
+	  bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build python/longtune/_C*.so

@@ -160,7 +160,7 @@ def _head_dims():
 
 HEAD_DIMS = _head_dims()
 # the tile shapes differ from d = 64's at these (attn_head_dims.h: AttnTraits)
-NEW_SHAPE_HEAD_DIMS = (32, 160, 192, 256)
+NEW_SHAPE_HEAD_DIMS = (32, 80, 96, 128, 160, 192, 256)
 
 
 def _head_dim_cases(d):

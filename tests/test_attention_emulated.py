@@ -103,7 +103,7 @@ def test_query_chunk_equals_tail_rows():
 @pytest.mark.parametrize("d", C.NEW_SHAPE_HEAD_DIMS)
 def test_nonfinite_value_in_partial_tile(d):
     # a NaN in one value element inside a causally partial key tile: the forward's per-row slow
-    # path (at d = 256 P goes through its own shared tile, Q staying in shared memory) keeps it to
+    # path (where Q stays in shared memory, d >= 160, P goes through its own shared tile) keeps it to
     # the rows that see that key, in that column
     g = torch.Generator().manual_seed(d)
     q, k, v = (torch.randn(1, 80, 1, d, generator=g).to(torch.bfloat16) for _ in range(3))

@@ -1,8 +1,8 @@
 """The emulator's per-launch counters (longtune.testing.emulator_counters): what the CUDA kernels
 issue, counted on the CPU emulator. Each element is read and written once by the Hadamard and
 quantization kernels; the attention forward loads and multiplies only the key / value tiles its
-mask leaves non-empty, each once per query tile; the fused cross-entropy's share of tensor-core
-FLOPs in its logits GEMM."""
+mask leaves non-empty, each once per query tile; the attention backward issues each MMA once;
+the fused cross-entropy's share of tensor-core FLOPs in its logits GEMM."""
 
 import math
 
@@ -248,6 +248,29 @@ def test_attention_forward_loads_only_needed_tiles(d, n, heads, mask):
     # two barriers per key tile; the fragments come from shared memory through ldmatrix
     assert r["barriers"] == 2 * n_tiles
     assert 0 < r["ldmatrix_bytes"] <= r["shared_read_bytes"]
+
+
+# backward (key tile rows, query tile rows) per head dim (AttnTraits)
+BWD_TILES = {64: (64, 64), 80: (64, 64), 128: (64, 64), 256: (64, 32)}
+
+
+@pytest.mark.parametrize("d", sorted(BWD_TILES))
+def test_attention_backward_issues_each_mma_once(d):
+    # dense attention over whole tiles: S^T, dP^T, dV, dK and dQ, 2 * n * n * d FLOPs each per head,
+    # also where the warps of a row group split the work (d >= 80: P^T / dS^T through shared
+    # memory, no S^T / dP^T computed twice); three barriers per (key tile, query tile) pair
+    torch.manual_seed(0)
+    n, heads = 128, 2
+    q, k, v, go = (torch.randn(1, n, heads, d, dtype=torch.float16) for _ in range(4))
+    args = (None, None, None, 0, 0, 1.0 / math.sqrt(d), AttentionMask(causal=False).to_list(), 0.0)
+    out, lse = EMU.sparse_attention_fwd(q, k, v, *args)
+    with emulator_counters() as c:
+        EMU.sparse_attention_bwd(go, q, k, v, out, lse, *args)
+    (r,) = _launches_of(c, "attn_bwd<")
+    assert r["mma_flops"] == 5 * 2 * n * n * d * heads
+    assert r["mma_m16n8k16"] * 2 * 16 * 8 * 16 == r["mma_flops"]
+    bk, bq = BWD_TILES[d]
+    assert r["barriers"] == 3 * heads * (n // bk) * (n // bq)
 
 
 # ------------------------------------------------------------------------------ cross-entropy

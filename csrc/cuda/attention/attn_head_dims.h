@@ -47,9 +47,16 @@ bool attn_head_dim_switch(int64_t d, F&& f) {
 //            re-read from shared memory per key tile, which frees D / 4 registers);
 //            kFwdOneBlockPerSm: the kernel declares 1 block per SM as its minimum (ptxas may then
 //            use all 255 registers per thread instead of aiming at fewer and spilling).
-//  backward: kBwdRowWarps warps of 16 key rows (kBwdBK rows per block), each row group's dK / dV
-//            columns split across kBwdColSplit warps; query tiles of kBwdBQ rows;
+//  backward: kBwdRowWarps row groups of 16 key rows (kBwdBK rows per block) of kBwdColSplit warps
+//            each; query tiles of kBwdBQ rows. The warps of a row group split the tile's query
+//            columns for S^T / dP^T (kBwdBQ / kBwdColSplit each) and the dK / dV columns
+//            (D / kBwdColSplit each); with kBwdColSplit > 1 they exchange P^T and dS^T through
+//            shared memory, so every MMA of the tile is issued once per block. Per thread: D /
+//            kBwdColSplit floats of dK and dV accumulators, kBwdBQ / kBwdColSplit of S^T and dP^T.
 //            kBwdOneBlockPerSm: as kFwdOneBlockPerSm, for the backward kernel.
+// Budget: at every head dim, both dtypes and with / without softcapping, ptxas (sm_80, sm_90)
+// reports 0 spill and 0 stack-frame bytes for both kernels, <= 255 registers per thread, and the
+// dynamic shared memory fits one block per SM on sm_80 (163 KB; static_assert below).
 template <int D>
 struct AttnTraits {
   static constexpr int kFwdWarps = 4, kFwdBK = 64;
@@ -65,24 +72,45 @@ struct AttnTraits<32> {
   static constexpr bool kBwdOneBlockPerSm = true;
 };
 template <>
-struct AttnTraits<160> {
+struct AttnTraits<80> {
   static constexpr int kFwdWarps = 4, kFwdBK = 64;
   static constexpr bool kFwdQInRegs = true, kFwdOneBlockPerSm = false;
-  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 32;
+  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 64;
+  static constexpr bool kBwdOneBlockPerSm = true;
+};
+template <>
+struct AttnTraits<96> {
+  static constexpr int kFwdWarps = 4, kFwdBK = 64;
+  static constexpr bool kFwdQInRegs = true, kFwdOneBlockPerSm = false;
+  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 64;
+  static constexpr bool kBwdOneBlockPerSm = true;
+};
+template <>
+struct AttnTraits<128> {
+  static constexpr int kFwdWarps = 4, kFwdBK = 64;
+  static constexpr bool kFwdQInRegs = true, kFwdOneBlockPerSm = false;
+  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 64;
+  static constexpr bool kBwdOneBlockPerSm = true;
+};
+template <>
+struct AttnTraits<160> {
+  static constexpr int kFwdWarps = 4, kFwdBK = 64;
+  static constexpr bool kFwdQInRegs = false, kFwdOneBlockPerSm = false;
+  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 64;
   static constexpr bool kBwdOneBlockPerSm = true;
 };
 template <>
 struct AttnTraits<192> {
   static constexpr int kFwdWarps = 4, kFwdBK = 64;
   static constexpr bool kFwdQInRegs = false, kFwdOneBlockPerSm = false;
-  static constexpr int kBwdRowWarps = 2, kBwdColSplit = 2, kBwdBQ = 64;
-  static constexpr bool kBwdOneBlockPerSm = false;
+  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 32;
+  static constexpr bool kBwdOneBlockPerSm = true;
 };
 template <>
 struct AttnTraits<256> {
   static constexpr int kFwdWarps = 4, kFwdBK = 32;
   static constexpr bool kFwdQInRegs = false, kFwdOneBlockPerSm = false;
-  static constexpr int kBwdRowWarps = 2, kBwdColSplit = 4, kBwdBQ = 32;
+  static constexpr int kBwdRowWarps = 4, kBwdColSplit = 2, kBwdBQ = 32;
   static constexpr bool kBwdOneBlockPerSm = true;
 };
 
@@ -93,21 +121,28 @@ struct AttnShape : AttnTraits<D> {
   using Tr = AttnTraits<D>;
   static constexpr int kFwdBQ = 16 * Tr::kFwdWarps, kFwdThreads = 32 * Tr::kFwdWarps;
   static constexpr int kBwdBK = 16 * Tr::kBwdRowWarps, kBwdThreads = 32 * Tr::kBwdRowWarps * Tr::kBwdColSplit;
+  // backward with the dK / dV columns split: the warps of a row group split the query columns of
+  // S^T / dP^T and exchange P^T and dS^T through shared memory
+  static constexpr bool kBwdPInSmem = Tr::kBwdColSplit > 1;
   static constexpr int kRow = D + 8;
   // the forward's slow path stages P (kFwdBQ x kFwdBK) in the Q rows when Q is in registers and
   // a Q row holds a P row, else in a tile of its own
   static constexpr bool kFwdPInQ = Tr::kFwdQInRegs && kRow >= Tr::kFwdBK;
+  // the forward recomputes its rows' mask ranges per key tile instead of holding them (18
+  // registers) across the key loop where the O accumulators (D / 2 registers) leave no room
+  static constexpr bool kFwdRangesPerTile = D >= 256;
   // forward: Q tile + double-buffered K and V tiles (+ the P tile)
   static constexpr size_t kFwdSmem =
       (static_cast<size_t>(kFwdBQ + 4 * Tr::kFwdBK) * kRow + (kFwdPInQ ? 0 : kFwdBQ * (Tr::kFwdBK + 8))) * 2;
-  // backward: K, V tiles, double-buffered Q, dO tiles, dS^T (kBwdBK x (kBwdBQ + 8)), double-buffered
-  // lse and Dsum of the query tile
+  // backward: K, V tiles, double-buffered Q, dO tiles, dS^T (kBwdBK x (kBwdBQ + 8); and P^T with
+  // kBwdPInSmem), double-buffered lse and Dsum of the query tile
   static constexpr size_t kBwdSmem = static_cast<size_t>(2 * kBwdBK + 4 * Tr::kBwdBQ) * kRow * 2 +
-                                     static_cast<size_t>(kBwdBK) * (Tr::kBwdBQ + 8) * 2 +
+                                     static_cast<size_t>(kBwdPInSmem ? 2 : 1) * kBwdBK * (Tr::kBwdBQ + 8) * 2 +
                                      4 * Tr::kBwdBQ * sizeof(float);
   static_assert(D % 16 == 0, "head_dim: a multiple of 16");
   static_assert(Tr::kFwdBK % 32 == 0 && Tr::kBwdBQ % 16 == 0, "tile rows");
-  static_assert((D / 8 / Tr::kBwdColSplit) % 2 == 0, "dK / dV column split: pairs of 8-column blocks per warp");
+  static_assert((D / 8) % Tr::kBwdColSplit == 0, "dK / dV column split: whole 8-column blocks per warp");
+  static_assert((Tr::kBwdBQ / Tr::kBwdColSplit) % 16 == 0, "S^T / dP^T query split: 16-column blocks per warp");
   static_assert(kFwdSmem <= 163 * 1024 && kBwdSmem <= 163 * 1024, "shared memory per block (sm_80 opt-in: 163 KB)");
 };
 

@@ -5,8 +5,9 @@
 //           cp.async; S = Q K^T and O += P V on mma.m16n8k16 (fp32 accumulate), online softmax in
 //           fp32 (exp2 of scale*log2e-scaled scores); elements tested against the mask only in tiles a
 //           row does not cover completely (and under key padding / past the sequence end).
-//  backward dsum_body: Dsum = rowsum(dO * O); bwd_body: one block (4 warps x 16 key rows) per (key
-//           tile, kv head, sequence) loops over the output heads reading that kv head and over the
+//  backward dsum_body: Dsum = rowsum(dO * O); bwd_body: one block (row groups of 16 key rows, of
+//           kBwdColSplit warps each: AttnTraits) per (key tile, kv head, sequence) loops over the
+//           output heads reading that kv head and over the
 //           query tiles the mask touches (tile_ranges<false>): recompute P^T = exp(S^T*scale - lse),
 //           dV += P^T dO, dP^T = V dO^T, dS^T = P^T o (dP^T - Dsum), dK += dS^T Q (scaled at the end),
 //           dQ += dS K via dS^T in shared memory and fp32 atomics into dq_acc; dk / dv written once.
@@ -175,7 +176,7 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
   Ranges rr[2];
   LT_UNROLL for (int r = 0; r < 2; ++r) {
     qi[r] = i0 + w * 16 + g + 8 * r;
-    rr[r] = m.row_ranges(qi[r]);  // empty past nq
+    if constexpr (!Sh::kFwdRangesPerTile) rr[r] = m.row_ranges(qi[r]);  // empty past nq
   }
   float o[DB][4];
   LT_UNROLL for (int db = 0; db < DB; ++db)
@@ -233,6 +234,9 @@ LT_DEV void attn_fwd_body(const AKParams<T>& p) {
       const bool keep = (ja >= sq.nk || p.kpm[b * p.s.nk + ja] != 0) &&
                         (kBK < 64 || jb >= sq.nk || p.kpm[b * p.s.nk + jb] != 0);
       kpm_tile = simt::all(simt::kFullMask, keep);
+    }
+    if constexpr (Sh::kFwdRangesPerTile) {
+      LT_UNROLL for (int r = 0; r < 2; ++r) rr[r] = m.row_ranges(qi[r]);
     }
     LT_UNROLL for (int r = 0; r < 2; ++r) {
       const bool covers = row_covers(rr[r], j0, j0 + kBK);
@@ -381,10 +385,14 @@ template <class T, int D, bool Cap = false>
 LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   using Sh = AttnShape<D>;
   constexpr int kBQ = Sh::kBwdBQ, kBK = Sh::kBwdBK, NT = Sh::kBwdThreads;
-  constexpr int R = D + 8, RS = kBQ + 8, NB = kBQ / 8, DB = D / 8, KS = D / 16;
-  // warp w: key rows wr*16 .. wr*16+15 of the tile (S^T, dP^T), dK / dV columns of part wc
-  // (DBW blocks of 8)
+  constexpr int R = D + 8, RS = kBQ + 8, DB = D / 8, KS = D / 16;
+  // warp w = (row group wr, part wc): S^T and dP^T of key rows wr*16 .. wr*16+15 and query columns
+  // wc*QS .. wc*QS+QS-1 of the tile (NBW blocks of 8), dK / dV of the same key rows and columns of
+  // part wc (DBW blocks of 8). With CS > 1 the row group's warps exchange P^T and dS^T through
+  // shared memory (kBwdPInSmem), so no S^T / dP^T element is computed twice.
   constexpr int RW = Sh::kBwdRowWarps, CS = Sh::kBwdColSplit, NW = NT / 32, DBW = DB / CS;
+  constexpr int QS = kBQ / CS, NBW = QS / 8;
+  constexpr bool p_smem = Sh::kBwdPInSmem;
   const uint32_t lane = simt::lane_id(), w = simt::warp_id(), g = lane / 4, c4 = lane % 4;
   const uint32_t wr = CS == 1 ? w : w % RW, wc = CS == 1 ? 0 : w / RW;
   const uint32_t tid = simt::thread_linear();
@@ -410,7 +418,9 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
   simt::sptr<T> sQb = sV + kBK * R;       // 2 buffers of kBQ * R
   simt::sptr<T> sOb = sQb + 2 * kBQ * R;  // dO tiles, 2 buffers
   simt::sptr<T> sS = sOb + 2 * kBQ * R;   // dS^T: kBK x RS
-  simt::sptr<float> sLb = simt::sptr<float>(reinterpret_cast<float*>(simt::raw(sS + kBK * RS)));  // 2 x kBQ
+  simt::sptr<T> sP = sS + kBK * RS;       // P^T: kBK x RS (only with p_smem)
+  simt::sptr<float> sLb =
+      simt::sptr<float>(reinterpret_cast<float*>(simt::raw(sP + (p_smem ? kBK * RS : 0))));  // 2 x kBQ
   simt::sptr<float> sDb = sLb + 2 * kBQ;                                                          // 2 x kBQ
 
   load_rows<T, D, R, NT>(sK, p.k + (b * p.s.k_batch_stride + (sq.k0 + j0) * p.s.k_row_stride + h * p.s.k_head_stride),
@@ -486,16 +496,16 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
     const simt::sptr<T> sQ = sQb + buf * kBQ * R, sO = sOb + buf * kBQ * R;
     const simt::sptr<float> sL = sLb + buf * kBQ, sD = sDb + buf * kBQ;
     {
-      // S^T = K Q^T and dP^T = V dO^T (16 keys x kBQ queries per warp)
-      float st[NB][4], dp[NB][4];
-      LT_UNROLL for (int nb = 0; nb < NB; ++nb)
+      // S^T = K Q^T and dP^T = V dO^T (16 keys x QS queries per warp)
+      float st[NBW][4], dp[NBW][4];
+      LT_UNROLL for (int nb = 0; nb < NBW; ++nb)
         LT_UNROLL for (int t = 0; t < 4; ++t) st[nb][t] = dp[nb][t] = 0.f;
       LT_UNROLL for (int ks = 0; ks < KS; ++ks) {
         uint32_t ka[4], va[4];
         simt::ldmatrix_x4(ka, sK + ((wr * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
         simt::ldmatrix_x4(va, sV + ((wr * 16 + lane % 16) * R + ks * 16 + (lane / 16) * 8));
-        LT_UNROLL for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
-          const int off = (nb2 * 16 + (lane / 16) * 8 + lane % 8) * R + ks * 16 + ((lane / 8) % 2) * 8;
+        LT_UNROLL for (int nb2 = 0; nb2 < NBW / 2; ++nb2) {
+          const int off = (wc * QS + nb2 * 16 + (lane / 16) * 8 + lane % 8) * R + ks * 16 + ((lane / 8) % 2) * 8;
           uint32_t bb[4];
           simt::ldmatrix_x4(bb, sQ + off);
           mma<T>(st[2 * nb2], ka, bb[0], bb[1]);
@@ -505,12 +515,13 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
           mma<T>(dp[2 * nb2 + 1], va, bb[2], bb[3]);
         }
       }
-      // P^T (masked) and dS^T = P^T o (dP^T - Dsum); dS^T also to shared memory for dQ
+      // P^T (masked) and dS^T = P^T o (dP^T - Dsum); dS^T also to shared memory for dQ (and P^T
+      // with p_smem, for the dV / dK products of the row group's warps)
       LT_UNROLL for (int r = 0; r < 2; ++r) {
         const bool full = row_covers(cr[r], i0, i0 + kBQ);
-        LT_UNROLL for (int nb = 0; nb < NB; ++nb) {
+        LT_UNROLL for (int nb = 0; nb < NBW; ++nb) {
           LT_UNROLL for (int cc = 0; cc < 2; ++cc) {
-            const int ql = nb * 8 + 2 * c4 + cc;
+            const int ql = static_cast<int>(wc) * QS + nb * 8 + 2 * c4 + cc;
             const float L = sL[ql];
             const bool vis = kvalid[r] && (full || in_ranges(cr[r], i0 + ql)) && L != -INFINITY;
             float x = st[nb][2 * r + cc], f = 1.f;
@@ -523,22 +534,36 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
             st[nb][2 * r + cc] = pv;
             dp[nb][2 * r + cc] = vis ? pv * (dp[nb][2 * r + cc] - sD[ql]) * f : 0.f;  // masked: 0 even if Dsum is NaN
           }
-          if (CS == 1 || wc == 0) {  // (the warps of one row group hold the same dS^T)
-            const T pair[2] = {simt::from_float<T>(dp[nb][2 * r]), simt::from_float<T>(dp[nb][2 * r + 1])};
-            simt::st_vec<2>(sS, (wr * 16 + g + 8 * r) * RS + nb * 8 + 2 * c4, pair);
+          const int at = (wr * 16 + g + 8 * r) * RS + static_cast<int>(wc) * QS + nb * 8 + 2 * c4;
+          const T pair[2] = {simt::from_float<T>(dp[nb][2 * r]), simt::from_float<T>(dp[nb][2 * r + 1])};
+          simt::st_vec<2>(sS, at, pair);
+          if constexpr (p_smem) {
+            const T pp[2] = {simt::from_float<T>(st[nb][2 * r]), simt::from_float<T>(st[nb][2 * r + 1])};
+            simt::st_vec<2>(sP, at, pp);
           }
         }
       }
-      // dV += P^T dO, dK += dS^T Q (this warp's columns)
+      if constexpr (p_smem) simt::sync_block();  // P^T, dS^T of all query columns
+      // dV += P^T dO, dK += dS^T Q (this warp's columns; with p_smem the A fragments of all kBQ
+      // query columns come from shared memory, else from this warp's registers)
       LT_UNROLL for (int ks = 0; ks < kBQ / 16; ++ks) {
-        const uint32_t pa[4] = {pack_f2<T>(st[2 * ks][0], st[2 * ks][1]), pack_f2<T>(st[2 * ks][2], st[2 * ks][3]),
-                                pack_f2<T>(st[2 * ks + 1][0], st[2 * ks + 1][1]),
-                                pack_f2<T>(st[2 * ks + 1][2], st[2 * ks + 1][3])};
-        const uint32_t da[4] = {pack_f2<T>(dp[2 * ks][0], dp[2 * ks][1]), pack_f2<T>(dp[2 * ks][2], dp[2 * ks][3]),
-                                pack_f2<T>(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
-                                pack_f2<T>(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
+        uint32_t pa[4], da[4];
+        if constexpr (p_smem) {
+          const int at = (wr * 16 + lane % 16) * RS + ks * 16 + (lane / 16) * 8;
+          simt::ldmatrix_x4(pa, sP + at);
+          simt::ldmatrix_x4(da, sS + at);
+        } else {
+          pa[0] = pack_f2<T>(st[2 * ks][0], st[2 * ks][1]);
+          pa[1] = pack_f2<T>(st[2 * ks][2], st[2 * ks][3]);
+          pa[2] = pack_f2<T>(st[2 * ks + 1][0], st[2 * ks + 1][1]);
+          pa[3] = pack_f2<T>(st[2 * ks + 1][2], st[2 * ks + 1][3]);
+          da[0] = pack_f2<T>(dp[2 * ks][0], dp[2 * ks][1]);
+          da[1] = pack_f2<T>(dp[2 * ks][2], dp[2 * ks][3]);
+          da[2] = pack_f2<T>(dp[2 * ks + 1][0], dp[2 * ks + 1][1]);
+          da[3] = pack_f2<T>(dp[2 * ks + 1][2], dp[2 * ks + 1][3]);
+        }
         LT_UNROLL for (int db2 = 0; db2 < DBW / 2; ++db2) {
-          const int off = (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + (wc * DBW / 2 + db2) * 16 + (lane / 16) * 8;
+          const int off = (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + (wc * DBW + 2 * db2) * 8 + (lane / 16) * 8;
           uint32_t bb[4];
           simt::ldmatrix_x4<true>(bb, sO + off);
           mma<T>(dv[2 * db2], pa, bb[0], bb[1]);
@@ -547,8 +572,16 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
           mma<T>(dk[2 * db2], da, bb[0], bb[1]);
           mma<T>(dk[2 * db2 + 1], da, bb[2], bb[3]);
         }
+        if constexpr (DBW % 2 == 1) {  // the last 8 columns of an odd count
+          const int off = (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * R + (wc * DBW + DBW - 1) * 8;
+          uint32_t bb[2];
+          simt::ldmatrix_x2<true>(bb, sO + off);
+          mma<T>(dv[DBW - 1], pa, bb[0], bb[1]);
+          simt::ldmatrix_x2<true>(bb, sQ + off);
+          mma<T>(dk[DBW - 1], da, bb[0], bb[1]);
+        }
       }
-      simt::sync_block();  // dS^T complete
+      if constexpr (!p_smem) simt::sync_block();  // dS^T complete
       // dQ (query rows qg*16 .. qg*16+15 of the tile) = dS K, 16 columns at a time (the dS
       // fragments stay in registers; each chunk goes straight to dq_acc). QG row groups over NW
       // warps: with NW >= QG each row group's columns are split across NW / QG warps.

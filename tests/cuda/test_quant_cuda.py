@@ -46,3 +46,15 @@ def test_many_rows():
         y[-8:],
         OPS.rotate_fake_quant(tail.contiguous(), 4, "per_token", 0, True, 1.0, True, 0, "identity"),
     )
+
+
+def test_shared_memory_limit_is_this_gpus():
+    """A row (+ its group scales) that does not fit this GPU's per-block shared memory (sm_80:
+    163 KiB, sm_90: 227 KiB) is refused with the sizes, naming group_size -- not a launch error."""
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    fits = (limit // 4 - 2) // 8 * 8  # per_token: n + 2 floats
+    args = (4, "per_token", 0, True, 1.0, False, 0, "identity")
+    x = torch.randn(1, fits, device="cuda")
+    torch.ops.longtune.rotate_fake_quant(x, *args)
+    with pytest.raises(RuntimeError, match=f"> {limit} bytes per block .* group_size"):
+        torch.ops.longtune.rotate_fake_quant(torch.randn(1, fits + 8, device="cuda"), *args)

@@ -3,6 +3,9 @@
 // the launcher and the Hadamard op used to rotate gradients back differ.
 #pragma once
 #include <ATen/ATen.h>
+#ifdef LONGTUNE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 #include <string>
 #include <tuple>
@@ -21,6 +24,15 @@ inline int32_t chunk_for(const Args& a) {
   return 1;
 }
 
+// Dynamic shared memory one block may use on x's device: the GPU's opt-in maximum (sm_80: 163 KiB,
+// sm_90: 227 KiB); on the emulator (CPU tensors) the largest of the built architectures', 227 KiB.
+inline size_t smem_limit(const at::Tensor& x) {
+#ifdef LONGTUNE_WITH_CUDA
+  if (x.is_cuda()) return at::cuda::getDeviceProperties(x.get_device())->sharedMemPerBlockOptin;
+#endif
+  return 227 * 1024;
+}
+
 struct DeviceOut {
   at::Tensor y, codes, scales, zeros;
 };
@@ -31,8 +43,10 @@ template <bool kBackward, class Launch>
 void run_quant_device(const char* op, const Args& a, const at::Tensor& x, const at::Tensor& grad, KMode mode,
                       DeviceOut& o, Launch&& launch) {
   const size_t smem = static_cast<size_t>(a.n + 2 * a.ngroups) * sizeof(float);
-  LT_CHECK(op, smem <= 227 * 1024, "the GPU kernel keeps a row and its group scales in shared memory: n=", a.n,
-           " with ", a.ngroups, " groups needs ", smem, " bytes (> 227 KiB); use a larger group_size");
+  const size_t limit = smem_limit(x);
+  LT_CHECK(op, smem <= limit, "the GPU kernel keeps a row and its group scales in shared memory: n=", a.n, " with ",
+           a.ngroups, " groups needs ", smem, " bytes (> ", limit, " bytes per block on this device); use a larger ",
+           "group_size");
   const at::Tensor rows = [&] {
     at::Tensor r = x.reshape({-1, a.n});
     return r.stride(1) == 1 ? r : r.contiguous();

@@ -477,6 +477,11 @@ def patch(
         raise ValueError(
             f"longtune.patch: attention must be one of {sorted(IMPLEMENTATIONS)}, got {attention!r}"
         )
+    if attention == "lambda" and getattr(base, "_longtune_sp", None) is not None:
+        raise ValueError(
+            "longtune.patch: attention='lambda' on a sequence-parallel model is refused (the "
+            "Lambda-mask has no sequence-parallel form); unpatch_sequence_parallel(model) first"
+        )
     unknown = set(options) - set(_DEFAULTS[attention])
     if unknown:
         raise ValueError(

@@ -34,8 +34,13 @@ not run and no parameter has a gradient), in this order:
 - padding before real tokens (``left_pad``), and any padding with ``longlora_roll`` (its last
   shifted group wraps around to the padding): the model's forward, before the embedding.
 
-Every cell is covered (no reduction of the cross product). One spawn of 2 processes runs them all;
-the failures of all cells are collected and reported together.
+Every cell is covered (no reduction of the cross product). Around the matrix, in the same run: a
+sequence-parallel model refuses ``longtune.patch(attention="lambda")`` and
+``longtune.apply(ChunkwiseConfig)``, an S^2 model in halo mode refuses ``eval()`` (full causal
+attention) before any compute and runs it in mode 'auto'; SpIEL's prune / regrow
+(``SpIELScheduler``, growth 'ag' and 'ma') grows the entries one process grows on the full batch.
+
+One spawn of 2 processes runs everything; the failures are collected and reported together.
 """
 
 from __future__ import annotations
@@ -244,6 +249,45 @@ def _focused_checks():
     return [f"{what}: {why}" for what, why in out if why]
 
 
+def _spiel_indices(sharded, growth):
+    """The sparse-delta indices after two SpIEL steps (one window: the first backward picks the
+    candidates, the second adds to their scores; then the update), trained on the full batch or
+    sequence-parallel (the scheduler sums its statistics over the group)."""
+    model = M._test_model("s2", "fused", "sparse")
+    if sharded:
+        sp.patch_sequence_parallel(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = longtune.train.SpIELScheduler(
+        model, opt, update_every=2, window=2, drop_fraction=0.5, growth=growth
+    )
+    ids, labels, _, _ = M._batch("b2")
+    for _ in range(2):
+        opt.zero_grad()
+        if sharded:
+            batch = sp.shard_batch(ids, labels)
+            model(input_ids=batch.input_ids, shift_labels=batch.labels).loss.backward()
+            sp.sum_gradients(model.parameters())
+        else:
+            model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        sched.step()
+    return {n: b.clone() for n, b in model.named_buffers() if n.endswith("indices")}
+
+
+def _spiel_checks():
+    """SpIEL's prune / regrow under sequence parallelism grows the entries one process grows on
+    the full batch (SpIEL-AG and SpIEL-MA)."""
+    out = []
+    for growth in ("ag", "ma"):
+        want, got = _spiel_indices(False, growth), _spiel_indices(True, growth)
+        assert want.keys() == got.keys() and want
+        bad = [n for n in want if not torch.equal(torch.sort(want[n])[0], torch.sort(got[n])[0])]
+        if bad:
+            out.append(f"SpIELScheduler(growth={growth!r}): other entries grown in {bad}")
+    return out
+
+
 def _worker(rank, world, init_file, out_file):
     torch.set_num_threads(1)
     init_gloo(rank, world, init_file, timeout_s=60)
@@ -265,7 +309,7 @@ def _worker(rank, world, init_file, out_file):
                                     why = "crashed:\n" + traceback.format_exc()
                                 if why is not None:
                                     failures.append(f"{'-'.join(cell)}: {why}")
-        failures += _focused_checks()
+        failures += _focused_checks() + _spiel_checks()
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -156,13 +156,26 @@ class _GrowthStats:
         out, inp = self.layer.out_features, self.layer.in_features
         g = gy.reshape(-1, out).float()
         xx = x.reshape(-1, inp).float()
+        self._observe(lambda r0, r1: g[:, r0:r1].T @ xx, lambda c: sparse_delta_grad(g, xx, c, inp))
+
+    @torch.no_grad()
+    def dense(self, dw):
+        """The same statistics from the dense weight gradient (out, in), for a layer whose
+        gradient is computed whole (the vocabulary head under the fused loss)."""
+        dw = dw.detach().float()
+        self._observe(lambda r0, r1: dw[r0:r1].clone(), lambda c: dw.reshape(-1)[c])
+
+    def _observe(self, rows, at):
+        """``rows(r0, r1)``: rows [r0, r1) of dW; ``at(cand)``: dW at the flat indices ``cand``."""
+        out, inp = self.layer.out_features, self.layer.in_features
         if self.cand is None:
-            best_v = torch.empty(0, device=g.device)
-            best_i = torch.empty(0, dtype=torch.long, device=g.device)
+            dev = self.layer.values.device
+            best_v = torch.empty(0, device=dev)
+            best_i = torch.empty(0, dtype=torch.long, device=dev)
             active = self.layer.indices
             for r0 in range(0, out, self.tile_rows):
                 r1 = min(out, r0 + self.tile_rows)
-                blk = _summed(g[:, r0:r1].T @ xx, self.group).abs().reshape(-1)
+                blk = _summed(rows(r0, r1), self.group).abs().reshape(-1)
                 lo, hi = r0 * inp, r1 * inp
                 act = active[(active >= lo) & (active < hi)] - lo
                 blk[act] = -1.0  # never grow an active entry
@@ -175,8 +188,7 @@ class _GrowthStats:
             self.cand, order = torch.sort(best_i[ok])
             self.score = best_v[ok][order].double()
         elif self.cand.numel():
-            grad = _summed(sparse_delta_grad(g, xx, self.cand, inp), self.group)
-            self.score += grad.abs().double()
+            self.score += _summed(at(self.cand), self.group).abs().double()
 
 
 class _SM3Stats:
@@ -196,13 +208,23 @@ class _SM3Stats:
         out, inp = self.layer.out_features, self.layer.in_features
         g = gy.reshape(-1, out).float()
         xx = x.reshape(-1, inp).float()
+        self._observe(lambda r0, r1: g[:, r0:r1].T @ xx)
+
+    @torch.no_grad()
+    def dense(self, dw):
+        """The same update from the dense weight gradient (out, in) (see ``_GrowthStats``)."""
+        dw = dw.detach().float()
+        self._observe(lambda r0, r1: dw[r0:r1].clone())
+
+    def _observe(self, rows):
+        out = self.layer.out_features
         new_row = torch.empty_like(self.row)
         new_col = torch.zeros_like(self.col)
         for r0 in range(0, out, self.tile_rows):
             r1 = min(out, r0 + self.tile_rows)
             v = (
                 torch.minimum(self.row[r0:r1, None], self.col[None, :])
-                + _summed(g[:, r0:r1].T @ xx, self.group).square()
+                + _summed(rows(r0, r1), self.group).square()
             )
             new_row[r0:r1] = v.amax(1)
             new_col = torch.maximum(new_col, v.amax(0))

@@ -8,7 +8,7 @@ clear error before any compute.
 Axes (those of the single-process matrix, plus):
 - sp_mode: ``halo``, ``ulysses``, ``ring`` (the exchange ``s2_attention_sp`` runs). S^2-Attn
   trains in halo or Ulysses mode, full causal attention (``attention="causal"``) in Ulysses or
-  ring mode.
+  ring mode (``mode="auto"``, the default, picks one of these: not an axis of its own).
 
 A rank runs the model on ``shard_batch``'s shards (global positions, labels shifted over the whole
 sequence): the fused head with ``shift_labels=`` (the patch counts the targets over the group, or
@@ -35,10 +35,11 @@ not run and no parameter has a gradient), in this order:
   shifted group wraps around to the padding): the model's forward, before the embedding.
 
 Every cell is covered (no reduction of the cross product). Around the matrix, in the same run: a
-sequence-parallel model refuses ``longtune.patch(attention="lambda")`` and
-``longtune.apply(ChunkwiseConfig)``, an S^2 model in halo mode refuses ``eval()`` (full causal
-attention) before any compute and runs it in mode 'auto'; SpIEL's prune / regrow
-(``SpIELScheduler``, growth 'ag' and 'ma') grows the entries one process grows on the full batch.
+sequence-parallel model refuses ``longtune.patch(attention="lambda")``,
+``longtune.apply(AttentionConfig(kind="lambda"))`` and ``longtune.apply(ChunkwiseConfig)``; an
+S^2 model in halo mode refuses ``eval()`` (full causal attention) before any compute and runs it in
+mode 'auto'; SpIEL's prune / regrow (``SpIELScheduler``, growth 'ag' and 'ma', the sparse head
+under the fused loss included) grows the entries one process grows on the full batch.
 
 One spawn of 2 processes runs everything; the failures are collected and reported together.
 """
@@ -238,6 +239,12 @@ def _focused_checks():
         "sequence",
     )
     out.append(("apply(ChunkwiseConfig) on a sequence-parallel model", why))
+    why = _expect_refusal(
+        lambda: longtune.apply(model, longtune.config.AttentionConfig(kind="lambda")),
+        "lambda",
+        "unpatch_sequence_parallel",
+    )
+    out.append(("apply(AttentionConfig(kind='lambda')) on a sequence-parallel model", why))
     calls = _embedding_calls(model)
     ids = sp.shard_sequence(M._batch("b2")[0], 1)
     model.eval()

@@ -479,6 +479,44 @@ def test_spiel_on_a_tiny_llama_lowers_the_loss():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("growth", ["ag", "ma"])
+def test_spiel_grows_the_fused_head_like_the_plain_head(growth):
+    """The fused loss (lm_head="fused_ce") computes the sparse head's gradient whole: SpIEL's
+    growth statistics come from it, and the head regrows the entries the plain head does."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    heads = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).double()
+        longtune.sparsify(model, density=0.1, target_modules=["lm_head"], seed=0)
+        if fused:
+            longtune.patch(model, lm_head="fused_ce")
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        sched = longtune.train.SpIELScheduler(
+            model, opt, update_every=2, window=2, drop_fraction=0.5, growth=growth, tile_rows=16
+        )
+        before = model.lm_head.indices.clone()
+        for _ in range(2):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            sched.step()
+        heads.append(model.lm_head.indices.clone())
+    assert not torch.equal(heads[0], before)
+    assert torch.equal(heads[1], heads[0])
+
+
 def test_lora_equivalent_budget_and_composition():
     m = longtune.nn.SparseDeltaLinear(torch.nn.Linear(40, 30), lora_rank=2, seed=0)
     assert m.values.numel() == 2 * (40 + 30)

@@ -118,24 +118,39 @@ def _trainable_base(trainable):
     return m
 
 
-def _pair(attention, loss, trainable):
-    """(model under test, reference model): the same weights; the test model patched."""
-    base = _trainable_base(trainable)
-    test, ref = copy.deepcopy(base), copy.deepcopy(base)
-    kind, opts = {
-        "causal": ("causal", {}),
-        "s2": ("s2", {"group_size_ratio": RATIO}),
-        "s2_roll": ("s2", {"group_size_ratio": RATIO, "mode": "longlora_roll"}),
-        "lambda": ("lambda", {"window": 32, "n_global": 4}),
-    }[attention]
+PATCH = {  # attention axis -> longtune.patch(attention=kind, **options)
+    "causal": ("causal", {}),
+    "s2": ("s2", {"group_size_ratio": RATIO}),
+    "s2_roll": ("s2", {"group_size_ratio": RATIO, "mode": "longlora_roll"}),
+    "lambda": ("lambda", {"window": 32, "n_global": 4}),
+}
+
+
+def _test_model(attention, loss, trainable):
+    """The model under test: a copy of the trainable model, patched."""
+    test = copy.deepcopy(_trainable_base(trainable))
+    kind, opts = PATCH[attention]
     longtune.patch(test, attention=kind, **opts)
     if loss == "fused":
         longtune.patch(test, lm_head="fused_ce")
+    return test
+
+
+def _reference_model(attention, trainable):
+    """The reference: a copy of the same trainable model, its attention computed by the spec
+    (the loss of the reference is always computed from its logits)."""
+    ref = copy.deepcopy(_trainable_base(trainable))
+    kind, opts = PATCH[attention]
     ref_base = hf.hf_model(ref, "reference")
     hf._set_implementation(ref_base, REF_IMPL)
     for m in hf._attention_modules(ref_base):
         m._matrix_reference = (kind, opts.get("mode", "leakfree"))
-    return test, ref
+    return ref
+
+
+def _pair(attention, loss, trainable):
+    """(model under test, reference model): the same weights; the test model patched."""
+    return _test_model(attention, loss, trainable), _reference_model(attention, trainable)
 
 
 # ---------------------------------------------------------------- data

@@ -18,7 +18,10 @@ sequence_parallel=group)``) makes the patched model, on each rank of ``group``:
   own loss;
 - accept a padding mask whose padding is at the end of the whole sequence (exact: no real token
   attends to a later one); any other padding, and padding with ``mode="longlora_roll"`` (whose last
-  shifted group wraps around to the start), is refused.
+  shifted group wraps around to the start), is refused;
+- refuse, before any compute, a forward whose attention the exchange ``mode`` cannot run (S^2-Attn
+  runs in halo or Ulysses mode, full causal attention in Ulysses or ring mode), and chunk-wise
+  training (``seco_backward``).
 
 The full-sequence gradient of a parameter is the SUM of the ranks' gradients
 (:func:`sum_gradients`; DDP / FSDP average, so scale the loss by the number of ranks they average
@@ -76,6 +79,12 @@ def patch_sequence_parallel(model, group=None, *, mode: str = "auto", timeout=No
     if mode not in SP_MODES:
         raise ValueError(
             f"{_where('patch_sequence_parallel')}: mode must be one of {SP_MODES}, got {mode!r}"
+        )
+    if stored.get("attention") == "causal" and mode == "halo":
+        raise ValueError(
+            f"{_where('patch_sequence_parallel')}: mode='halo' exchanges the rows of S^2 groups; "
+            "a model patched with attention='causal' runs full causal attention, in mode "
+            "'ulysses', 'ring' or 'auto'"
         )
     group_rank_size(group, "patch_sequence_parallel")  # initialised, a valid group
     as_timedelta(timeout)
@@ -161,10 +170,74 @@ def _decoder_hook(state, base):
             kwargs["position_ids"] = (
                 torch.arange(n_loc, device=x.device).add_(rank * n_loc).unsqueeze(0)
             )
+        _check_exchange(base, state, n_loc, world)
         _check_padding(kwargs.get("attention_mask"), x.shape[0], n_loc, state, base, world)
         return args, kwargs
 
     return hook
+
+
+def _s2_plan(module, n: int):
+    """(s2_group_size or None, s2_mode) of an S^2-patched attention module's call on a global
+    sequence of ``n`` tokens: S^2 groups in training (or with ``s2_in_eval``), full causal
+    attention otherwise."""
+    from ..integrations._common import patch_options
+    from ..nn.attention import s2_mask
+
+    o = patch_options(module, "s2")
+    mask = s2_mask(
+        training=module.training,
+        s2_in_eval=o["s2_in_eval"],
+        mode=o["mode"],
+        group_size=o["group_size"],
+        group_size_ratio=o["group_size_ratio"],
+        seqlen=n,
+    )
+    if mask.s2_group_size:
+        return mask.s2_group_size, mask.s2_mode
+    return None, "leakfree"
+
+
+def _check_exchange(base, state, n_loc: int, world: int):
+    """Refuses, before any compute, a forward whose attention the chosen ``mode`` cannot run (e.g.
+    ``mode="ring"`` with S^2-Attn in training, ``mode="halo"`` with full causal attention in
+    eval, halo mode with groups longer than a shard)."""
+    from ..integrations._common import attention_modules
+    from .attention import sp_mode
+
+    if world == 1:  # s2_attention_sp runs the kernel on the whole sequence
+        return
+    cfg = base.config
+    s2 = (getattr(cfg, "longtune_patch", None) or {}).get("attention") == "s2"
+    h_q = getattr(cfg, "sqa_query_heads", None) or getattr(cfg, "num_attention_heads", None)
+    h_kv = getattr(cfg, "num_key_value_heads", None) or h_q
+    heads = max(h_q, h_kv) if h_q else world  # unknown: the attention call checks the heads
+    seen = set()
+    for m in attention_modules(base):
+        plan = _s2_plan(m, n_loc * world) if s2 else (None, "leakfree")
+        if plan in seen:
+            continue
+        seen.add(plan)
+        g, s2_mode = plan
+        what = (
+            "full causal attention"
+            if g is None
+            else f"S^2-Attn (group size {g}, s2_mode={s2_mode!r})"
+        )
+        try:
+            chosen = sp_mode(n_loc * world, world, heads, g, s2_mode, state.mode)
+        except ValueError as e:
+            phase = "training" if m.training else "eval"
+            raise ValueError(
+                f"longtune sequence parallelism: this forward ({phase}, {n_loc * world} tokens "
+                f"over {world} ranks) runs {what}, which patch_sequence_parallel(mode="
+                f"{state.mode!r}) cannot run: {e}"
+            ) from None
+        if chosen == "ring" and h_q and h_q % h_kv:
+            raise ValueError(
+                f"longtune sequence parallelism: ring mode needs the number of query heads "
+                f"({h_q}) to be a multiple of the key/value heads ({h_kv}); use mode='ulysses'"
+            )
 
 
 def _check_padding(mask, batch: int, n_loc: int, state, base, world: int):
@@ -220,8 +293,6 @@ def attention(module, query, key, value, scaling, kwargs, *, s2: bool, chunked: 
     """The attention call of a sequence-parallel model (from the patched attention function):
     query / key / value (B, H, L, D) of this rank's tokens; returns (B, L, H, D). ``chunked``: the
     call is inside chunk-wise training (refused)."""
-    from ..integrations._common import patch_options
-    from ..nn.attention import s2_mask
     from .attention import s2_attention_sp
 
     state = module._longtune_sp
@@ -253,19 +324,7 @@ def attention(module, query, key, value, scaling, kwargs, *, s2: bool, chunked: 
             "longtune sequence parallelism cannot be combined with chunk-wise training "
             "(longtune.integrations.hf.sequence_length)"
         )
-    group_size, s2_mode = None, "leakfree"
-    if s2:
-        o = patch_options(module, "s2")
-        mask = s2_mask(
-            training=module.training,
-            s2_in_eval=o["s2_in_eval"],
-            mode=o["mode"],
-            group_size=o["group_size"],
-            group_size_ratio=o["group_size_ratio"],
-            seqlen=n,
-        )
-        if mask.s2_group_size:
-            group_size, s2_mode = mask.s2_group_size, mask.s2_mode
+    group_size, s2_mode = _s2_plan(module, n) if s2 else (None, "leakfree")
     return s2_attention_sp(
         query.transpose(1, 2),
         key.transpose(1, 2),

@@ -69,6 +69,19 @@ def _validate(model, base, configs: dict) -> None:
             "refused: its last shifted group wraps around to the end of the sequence, which a "
             "chunk has not seen yet; use s2_mode='leakfree' or train without ChunkwiseConfig"
         )
+    if getattr(base, "_longtune_sp", None) is not None:
+        if chunk is not None:
+            raise ValueError(
+                "longtune.apply: ChunkwiseConfig on a sequence-parallel model "
+                "(longtune.distributed.patch_sequence_parallel) is refused: chunk-wise training "
+                "cannot be combined with sequence parallelism; train the shards with full backprop"
+            )
+        if kind == "lambda":
+            raise ValueError(
+                "longtune.apply: AttentionConfig(kind='lambda') on a sequence-parallel model is "
+                "refused (the Lambda-mask has no sequence-parallel form); "
+                "unpatch_sequence_parallel(model) first"
+            )
     if (
         att is not None
         and att.strict

@@ -297,8 +297,14 @@ def _head_params(head):
 
     if isinstance(head, SparseDeltaLinear):
         idx = head.indices
-        w = head.merged_weight()
-        return _GradAt.apply(head.values, w, lambda g: g.reshape(-1)[idx]), head.base.bias
+
+        def extract(g):
+            collect = getattr(head, "_collect", None)
+            if collect is not None:  # SpIEL growth statistics from the whole dW
+                collect.dense(g)
+            return g.reshape(-1)[idx]
+
+        return _GradAt.apply(head.values, head.merged_weight(), extract), head.base.bias
     if isinstance(head, S2FTLinear):
         lo, hi, dim = head.lo, head.hi, head.dim
         cut = (lambda g: g[lo:hi]) if dim == "out" else (lambda g: g[:, lo:hi])
@@ -476,6 +482,11 @@ def patch(
     if attention not in IMPLEMENTATIONS:
         raise ValueError(
             f"longtune.patch: attention must be one of {sorted(IMPLEMENTATIONS)}, got {attention!r}"
+        )
+    if attention == "lambda" and getattr(base, "_longtune_sp", None) is not None:
+        raise ValueError(
+            "longtune.patch: attention='lambda' on a sequence-parallel model is refused (the "
+            "Lambda-mask has no sequence-parallel form); unpatch_sequence_parallel(model) first"
         )
     unknown = set(options) - set(_DEFAULTS[attention])
     if unknown:

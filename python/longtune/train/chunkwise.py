@@ -358,10 +358,15 @@ def _check(input_ids, labels, chunk_size, budget, cap, attention_mask):
 
 def _check_attention(model, n_chunks: int) -> None:
     """Refuses, before any compute, models and attention patches that cannot be chunked."""
-    stored = (
-        getattr(hf_model(_unwrap_ddp(model)[1], "seco_backward").config, "longtune_patch", None)
-        or {}
-    )
+    base = hf_model(_unwrap_ddp(model)[1], "seco_backward")
+    if getattr(base, "_longtune_sp", None) is not None:
+        raise ValueError(
+            "seco_backward: the model runs sequence-parallel (longtune.distributed."
+            "patch_sequence_parallel); chunk-wise training cannot be combined with sequence "
+            "parallelism (a chunk would need the earlier chunks of every rank's shard). Train the "
+            "shards with full backprop, or unpatch_sequence_parallel(model) for chunk-wise training"
+        )
+    stored = getattr(base.config, "longtune_patch", None) or {}
     if n_chunks > 1 and stored.get("attention") == "s2" and stored.get("mode") == "longlora_roll":
         raise ValueError(
             "seco_backward: the model is patched with S^2-Attn mode='longlora_roll', whose last "

@@ -112,14 +112,42 @@ def _sparse_adamw_state_dtypes(optimizer: SparseAdamW) -> None:
                 st[key] = st[key].to(dt)
 
 
+def _summed(t: torch.Tensor, group) -> torch.Tensor:
+    """``t`` summed over the ranks of ``group`` (None: one process, ``t`` itself)."""
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _growth_group(model_or_layers, group):
+    """The process group SpIELScheduler sums its gradient statistics over: ``group`` (a
+    ProcessGroup or a 1-D DeviceMesh), else the sequence-parallel group of a model patched with
+    ``longtune.distributed.patch_sequence_parallel``, else None (one process)."""
+    if group is None and isinstance(model_or_layers, nn.Module):
+        for m in model_or_layers.modules():
+            state = getattr(m, "_longtune_sp", None)
+            if state is not None:
+                import torch.distributed as dist
+
+                return state.group if state.group is not None else dist.group.WORLD
+        return None
+    if group is None:
+        return None
+    from ..distributed.comm import resolve_group
+
+    return resolve_group(group, "SpIELScheduler")
+
+
 class _GrowthStats:
     """Growth scores of one layer over a window: at the first collected step the top ``n_cand``
     inactive entries by |dW| are found tile by tile (``tile_rows`` rows of dW at a time, running
     top-k: the dense dW is never held whole); later steps add |dW| at those candidates with the
     gather-only kernel."""
 
-    def __init__(self, layer: SparseDeltaLinear, n_cand: int, tile_rows: int):
-        self.layer, self.n_cand, self.tile_rows = layer, n_cand, tile_rows
+    def __init__(self, layer: SparseDeltaLinear, n_cand: int, tile_rows: int, group=None):
+        self.layer, self.n_cand, self.tile_rows, self.group = layer, n_cand, tile_rows, group
         self.cand = None
         self.score = None
 
@@ -128,13 +156,26 @@ class _GrowthStats:
         out, inp = self.layer.out_features, self.layer.in_features
         g = gy.reshape(-1, out).float()
         xx = x.reshape(-1, inp).float()
+        self._observe(lambda r0, r1: g[:, r0:r1].T @ xx, lambda c: sparse_delta_grad(g, xx, c, inp))
+
+    @torch.no_grad()
+    def dense(self, dw):
+        """The same statistics from the dense weight gradient (out, in), for a layer whose
+        gradient is computed whole (the vocabulary head under the fused loss)."""
+        dw = dw.detach().float()
+        self._observe(lambda r0, r1: dw[r0:r1].clone(), lambda c: dw.reshape(-1)[c])
+
+    def _observe(self, rows, at):
+        """``rows(r0, r1)``: rows [r0, r1) of dW; ``at(cand)``: dW at the flat indices ``cand``."""
+        out, inp = self.layer.out_features, self.layer.in_features
         if self.cand is None:
-            best_v = torch.empty(0, device=g.device)
-            best_i = torch.empty(0, dtype=torch.long, device=g.device)
+            dev = self.layer.values.device
+            best_v = torch.empty(0, device=dev)
+            best_i = torch.empty(0, dtype=torch.long, device=dev)
             active = self.layer.indices
             for r0 in range(0, out, self.tile_rows):
                 r1 = min(out, r0 + self.tile_rows)
-                blk = (g[:, r0:r1].T @ xx).abs().reshape(-1)
+                blk = _summed(rows(r0, r1), self.group).abs().reshape(-1)
                 lo, hi = r0 * inp, r1 * inp
                 act = active[(active >= lo) & (active < hi)] - lo
                 blk[act] = -1.0  # never grow an active entry
@@ -147,7 +188,7 @@ class _GrowthStats:
             self.cand, order = torch.sort(best_i[ok])
             self.score = best_v[ok][order].double()
         elif self.cand.numel():
-            self.score += sparse_delta_grad(g, xx, self.cand, inp).abs().double()
+            self.score += _summed(at(self.cand), self.group).abs().double()
 
 
 class _SM3Stats:
@@ -156,8 +197,8 @@ class _SM3Stats:
     the growth score of an inactive entry is min(row[r], col[c]). O(out + in) memory, dense dW never
     held."""
 
-    def __init__(self, layer: SparseDeltaLinear, tile_rows: int):
-        self.layer, self.tile_rows = layer, tile_rows
+    def __init__(self, layer: SparseDeltaLinear, tile_rows: int, group=None):
+        self.layer, self.tile_rows, self.group = layer, tile_rows, group
         dev = layer.values.device
         self.row = torch.zeros(layer.out_features, device=dev)
         self.col = torch.zeros(layer.in_features, device=dev)
@@ -167,13 +208,23 @@ class _SM3Stats:
         out, inp = self.layer.out_features, self.layer.in_features
         g = gy.reshape(-1, out).float()
         xx = x.reshape(-1, inp).float()
+        self._observe(lambda r0, r1: g[:, r0:r1].T @ xx)
+
+    @torch.no_grad()
+    def dense(self, dw):
+        """The same update from the dense weight gradient (out, in) (see ``_GrowthStats``)."""
+        dw = dw.detach().float()
+        self._observe(lambda r0, r1: dw[r0:r1].clone())
+
+    def _observe(self, rows):
+        out = self.layer.out_features
         new_row = torch.empty_like(self.row)
         new_col = torch.zeros_like(self.col)
         for r0 in range(0, out, self.tile_rows):
             r1 = min(out, r0 + self.tile_rows)
             v = (
                 torch.minimum(self.row[r0:r1, None], self.col[None, :])
-                + (g[:, r0:r1].T @ xx).square()
+                + _summed(rows(r0, r1), self.group).square()
             )
             new_row[r0:r1] = v.amax(1)
             new_col = torch.maximum(new_col, v.amax(0))
@@ -211,6 +262,14 @@ class SpIELScheduler:
     every step instead. ``state_dict()`` / ``load_state_dict()`` also carry the growth statistics of
     an open window and the SM3 accumulators: a run resumed from the model's, the optimizer's and
     this state continues exactly like an uninterrupted one.
+
+    ``group``: the process group (a ProcessGroup or a 1-D DeviceMesh) over which the ranks'
+    gradient statistics are summed, so that every rank scores the gradient of the whole batch and
+    grows the same entries (each backward then all-reduces the candidates' gradients; the first
+    backward of a window, and every backward with ``growth="ma"``, the dense weight gradient tile by
+    tile). Default: the sequence-parallel group of a model patched with
+    ``longtune.distributed.patch_sequence_parallel`` (build the scheduler after that patch), else
+    none (one process). Data parallelism: pass its group (e.g. ``torch.distributed.group.WORLD``).
     """
 
     def __init__(
@@ -226,7 +285,9 @@ class SpIELScheduler:
         candidates_factor: float = 2.0,
         tile_rows: int = 256,
         growth: str = "ag",
+        group=None,
     ):
+        self.group = _growth_group(model_or_layers, group)
         if isinstance(model_or_layers, nn.Module):
             self.layers = [m for m in model_or_layers.modules() if isinstance(m, SparseDeltaLinear)]
         else:
@@ -251,7 +312,11 @@ class SpIELScheduler:
                 f"{growth!r}"
             )
         self.growth = growth
-        self._sm3 = {id(l): _SM3Stats(l, tile_rows) for l in self.layers} if growth == "ma" else {}
+        self._sm3 = (
+            {id(l): _SM3Stats(l, tile_rows, self.group) for l in self.layers}
+            if growth == "ma"
+            else {}
+        )
         self.optimizer = optimizer
         self.update_every, self.window, self.drop_fraction = update_every, window, drop_fraction
         self.decay, self.total_steps = decay, total_steps
@@ -279,7 +344,7 @@ class SpIELScheduler:
             if in_window and layer._collect is None:
                 n_drop = round(self.current_drop_fraction() * layer.values.numel())
                 layer._collect = _GrowthStats(
-                    layer, max(1, int(self.candidates_factor * n_drop)), self.tile_rows
+                    layer, max(1, int(self.candidates_factor * n_drop)), self.tile_rows, self.group
                 )
             elif not in_window:
                 layer._collect = None
@@ -366,7 +431,7 @@ class SpIELScheduler:
         for k, v in state.items():
             setattr(self, k, v)
         if self.growth == "ma":
-            self._sm3 = {id(l): _SM3Stats(l, self.tile_rows) for l in self.layers}
+            self._sm3 = {id(l): _SM3Stats(l, self.tile_rows, self.group) for l in self.layers}
             for l, (row, col) in zip(self.layers, sm3 or []):
                 dev = l.values.device
                 self._sm3[id(l)].row, self._sm3[id(l)].col = (
@@ -381,7 +446,7 @@ class SpIELScheduler:
             for layer, w in zip(self.layers, windows):
                 if w is None:
                     continue
-                stats = _GrowthStats(layer, w["n_cand"], self.tile_rows)
+                stats = _GrowthStats(layer, w["n_cand"], self.tile_rows, self.group)
                 dev = layer.values.device
                 stats.cand = None if w["cand"] is None else w["cand"].to(dev).clone()
                 stats.score = None if w["score"] is None else w["score"].to(dev).clone()

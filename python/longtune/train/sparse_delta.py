@@ -123,17 +123,17 @@ def _summed(t: torch.Tensor, group) -> torch.Tensor:
 
 def _growth_group(model_or_layers, group):
     """The process group SpIELScheduler sums its gradient statistics over: ``group`` (a
-    ProcessGroup or a 1-D DeviceMesh), else the sequence-parallel group of a model patched with
-    ``longtune.distributed.patch_sequence_parallel``, else None (one process)."""
-    if group is None and isinstance(model_or_layers, nn.Module):
-        for m in model_or_layers.modules():
-            state = getattr(m, "_longtune_sp", None)
-            if state is not None:
-                import torch.distributed as dist
-
-                return state.group if state.group is not None else dist.group.WORLD
+    ProcessGroup or a 1-D DeviceMesh); ``False``: none (per-rank statistics); default: every
+    process (``torch.distributed.group.WORLD``) when torch.distributed is initialised with more
+    than one process -- data-parallel, sequence-parallel and dp x cp ranks then all score the
+    gradient of the whole global batch -- else none (one process)."""
+    if group is False:
         return None
     if group is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
         return None
     from ..distributed.comm import resolve_group
 
@@ -267,9 +267,11 @@ class SpIELScheduler:
     gradient statistics are summed, so that every rank scores the gradient of the whole batch and
     grows the same entries (each backward then all-reduces the candidates' gradients; the first
     backward of a window, and every backward with ``growth="ma"``, the dense weight gradient tile by
-    tile). Default: the sequence-parallel group of a model patched with
-    ``longtune.distributed.patch_sequence_parallel`` (build the scheduler after that patch), else
-    none (one process). Data parallelism: pass its group (e.g. ``torch.distributed.group.WORLD``).
+    tile). Default: every process (``torch.distributed.group.WORLD``) when torch.distributed is
+    initialised with more than one process -- so data-parallel (DDP, FSDP), sequence-parallel and
+    dp x cp ranks grow the entries one process would grow on the whole global batch, and the ranks'
+    deltas stay identical -- else none. ``group=False`` keeps per-rank statistics (ranks that train
+    independent models).
     """
 
     def __init__(

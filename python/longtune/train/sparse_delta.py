@@ -121,7 +121,7 @@ def _summed(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def _growth_group(model_or_layers, group):
+def _growth_group(group):
     """The process group SpIELScheduler sums its gradient statistics over: ``group`` (a
     ProcessGroup or a 1-D DeviceMesh); ``False``: none (per-rank statistics); default: every
     process (``torch.distributed.group.WORLD``) when torch.distributed is initialised with more
@@ -289,7 +289,7 @@ class SpIELScheduler:
         growth: str = "ag",
         group=None,
     ):
-        self.group = _growth_group(model_or_layers, group)
+        self.group = _growth_group(group)
         if isinstance(model_or_layers, nn.Module):
             self.layers = [m for m in model_or_layers.modules() if isinstance(m, SparseDeltaLinear)]
         else:

@@ -24,6 +24,14 @@ std::optional<int64_t> set_grid_cap(std::optional<int64_t> max_blocks) {
   return prev < 0 ? std::nullopt : std::optional<int64_t>(prev);
 }
 
+// The global-memory race check (see emu::global_race_check): True / False, or None (the
+// environment variable LONGTUNE_EMU_GLOBAL_RACES decides, on unless it is 0); returns the
+// previous setting.
+std::optional<bool> set_global_race_check(std::optional<bool> on) {
+  const int prev = lt::emu::set_global_race_check(on ? int(*on) : -1);
+  return prev < 0 ? std::nullopt : std::optional<bool>(prev == 1);
+}
+
 bool set_counters(bool on) { return lt::emu::set_counters(on); }
 void reset_counters() { lt::emu::reset_counters(); }
 
@@ -85,6 +93,7 @@ TORCH_LIBRARY(longtune_emu, m) {
   m.def("faulty_kernel(Tensor x, int which) -> Tensor");
   // Launch option of the emulated launchers (no tensors: one kernel for every backend).
   m.def("set_grid_cap(int? max_blocks) -> int?", &set_grid_cap);
+  m.def("set_global_race_check(bool? on) -> bool?", &set_global_race_check);
   // Per-launch counters (emu::LaunchCounters): switch (returns the previous setting), the records
   // of the launches since the last reset (one JSON object each), reset.
   m.def("set_counters(bool on) -> bool", &set_counters);

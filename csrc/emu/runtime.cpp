@@ -14,6 +14,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 namespace lt::emu {
@@ -45,6 +46,7 @@ struct Block {
   std::condition_variable cv_bar;
   const char* kernel = "";
   Dim3 bid, bdim, gdim;
+  int32_t blin = 0;  // linear block index (the global race check's block id)
   int nthreads = 0, running = 0, bar_arrived = 0;
   uint64_t bar_gen = 0;
   std::unique_ptr<WarpState[]> warps;
@@ -219,6 +221,57 @@ std::mutex g_launch_mu;
 std::atomic<int64_t> g_grid_cap{-1};  // -1: unset (LONGTUNE_EMU_GRID_CAP decides)
 std::vector<LaunchCounters> g_records;  // guarded by g_launch_mu
 
+// ---- global race check state (one launch at a time: g_launch_mu)
+std::atomic<int> g_race_setting{-1};  // -1: unset (LONGTUNE_EMU_GLOBAL_RACES decides)
+// Per global byte: the block that wrote it, read it and updated it atomically (-1: none; -2:
+// several blocks). Blocks run one after another here, the threads of a block concurrently, so the
+// entries are updated with relaxed atomics (threads of one block store the same block id).
+struct GlobalShadow {
+  int32_t writer = -1, reader = -1, atomic = -1;
+};
+constexpr uintptr_t kPageBits = 12, kPageBytes = uintptr_t(1) << kPageBits;
+std::mutex g_pages_mu;
+std::unordered_map<uintptr_t, std::unique_ptr<GlobalShadow[]>> g_pages;  // by page number
+std::atomic<uint64_t> g_launch_gen{0};
+struct PageCache {  // per thread: a few recently used pages of this launch
+  uint64_t gen = ~uint64_t(0);
+  uintptr_t page[8];
+  GlobalShadow* sh[8];
+};
+thread_local PageCache t_pages;
+
+GlobalShadow* shadow_page(uintptr_t page) {
+  PageCache& c = t_pages;
+  const uint64_t gen = g_launch_gen.load(std::memory_order_relaxed);
+  if (c.gen != gen) {
+    c.gen = gen;
+    for (auto& q : c.page) q = ~uintptr_t(0);
+  }
+  const size_t slot = page & 7u;
+  if (c.page[slot] == page) return c.sh[slot];
+  std::lock_guard<std::mutex> g(g_pages_mu);
+  auto& sh = g_pages[page];
+  if (!sh) sh.reset(new GlobalShadow[kPageBytes]);
+  c.page[slot] = page;
+  c.sh[slot] = sh.get();
+  return sh.get();
+}
+
+bool race_check_from_env() {
+  const char* env = std::getenv("LONGTUNE_EMU_GLOBAL_RACES");
+  if (env == nullptr || *env == '\0') return true;
+  const std::string v(env);
+  if (v == "1") return true;
+  if (v == "0") return false;
+  throw std::runtime_error("longtune emulator: LONGTUNE_EMU_GLOBAL_RACES must be 0 or 1, got '" + v + "'");
+}
+
+std::string block_name(int32_t blin, Dim3 g) {
+  if (blin == -2) return "several other blocks";
+  const uint32_t u = static_cast<uint32_t>(blin);
+  return "block " + fmt_dim({u % g.x, (u / g.x) % g.y, u / (g.x * g.y)});
+}
+
 void merge_tally_locked(LaunchCounters& r, const Tally& t) {
   r.barriers += t.barriers;
   r.mma_m16n8k16 += t.mma16816;
@@ -289,6 +342,69 @@ int64_t capped_grid(int64_t limit) {
   return cap > 0 && cap < limit ? cap : limit;
 }
 
+// ------------------------------------------------------------------ global race check
+std::atomic<bool> g_tracking{false};
+
+bool global_race_check() {
+  const int set = g_race_setting.load();
+  return set >= 0 ? set == 1 : race_check_from_env();
+}
+
+int set_global_race_check(int on) { return g_race_setting.exchange(on < 0 ? -1 : (on ? 1 : 0)); }
+
+void track_global(const void* p, size_t bytes, Access kind, const void* lo, const char* name) {
+  Ctx& c = ctx();
+  Block& b = *c.b;
+  const int32_t me = b.blin;
+  const uintptr_t a0 = reinterpret_cast<uintptr_t>(p);
+  for (size_t i = 0; i < bytes; ++i) {
+    const uintptr_t a = a0 + i;
+    GlobalShadow& sh = shadow_page(a >> kPageBits)[a & (kPageBytes - 1)];
+    std::atomic_ref<int32_t> w(sh.writer), r(sh.reader), at(sh.atomic);
+    const int32_t wv = w.load(std::memory_order_relaxed), rv = r.load(std::memory_order_relaxed),
+                  av = at.load(std::memory_order_relaxed);
+    auto other = [&](int32_t v) { return v != -1 && v != me; };
+    const char* hazard = nullptr;
+    int32_t them = -1;
+    const char* what = "";
+    if (other(wv)) {
+      hazard = kind == Access::Read ? "read-after-write" : "write-after-write";
+      them = wv;
+      what = "wrote";
+    } else if (kind != Access::Read && other(rv)) {
+      hazard = "write-after-read";
+      them = rv;
+      what = "read";
+    } else if (kind != Access::Atomic && other(av)) {
+      hazard = kind == Access::Read ? "read of an atomic accumulation" : "write over an atomic accumulation";
+      them = av;
+      what = "updated atomically";
+    }
+    if (hazard != nullptr) {
+      std::ostringstream o;
+      o << "global memory race (" << hazard << ") on tensor '" << name << "' at byte offset "
+        << (a - reinterpret_cast<uintptr_t>(lo)) << ": this block "
+        << (kind == Access::Read    ? "reads"
+            : kind == Access::Write ? "writes"
+                                    : "atomically updates")
+        << " a byte that " << block_name(them, b.gdim) << " " << what
+        << " in the same launch; blocks run in no fixed order (use atomics, one owning block, or separate launches)";
+      fail(o.str());
+    }
+    switch (kind) {
+      case Access::Read:
+        if (rv != me && rv != -2) r.store(rv == -1 ? me : -2, std::memory_order_relaxed);
+        break;
+      case Access::Write:
+        if (wv != me) w.store(me, std::memory_order_relaxed);
+        break;
+      case Access::Atomic:
+        if (av != me && av != -2) at.store(av == -1 ? me : -2, std::memory_order_relaxed);
+        break;
+    }
+  }
+}
+
 // ------------------------------------------------------------------ counters
 std::atomic<bool> g_counting{false};
 
@@ -339,6 +455,17 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const 
   if (smem_bytes > 227 * 1024) bad("dynamic shared memory of " + std::to_string(smem_bytes) + " bytes exceeds 227 KiB");
 
   std::lock_guard<std::mutex> launch_guard(g_launch_mu);
+  // global race check: fresh shadows for this launch, dropped when it ends (or fails)
+  const bool track = global_race_check() && uint64_t(grid.x) * grid.y * grid.z <= 0x7fffffffu;
+  g_launch_gen.fetch_add(1);
+  struct TrackScope {
+    explicit TrackScope(bool on) { g_tracking.store(on); }
+    ~TrackScope() {
+      g_tracking.store(false);
+      std::lock_guard<std::mutex> g(g_pages_mu);
+      g_pages.clear();
+    }
+  } track_scope(track);
   Block b;
   b.kernel = kernel;
   b.bdim = block;
@@ -379,6 +506,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const 
     for (uint32_t y = 0; y < grid.y; ++y)
       for (uint32_t x = 0; x < grid.x; ++x) {
         b.bid = {x, y, z};
+        b.blin = static_cast<int32_t>(x + uint64_t(grid.x) * (y + uint64_t(grid.y) * z));
         b.running = b.nthreads;
         b.bar_arrived = 0;
         for (auto& s : b.st) s = St::Running;

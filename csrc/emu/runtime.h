@@ -39,6 +39,25 @@ int64_t set_grid_cap(int64_t max_blocks);
 // the launch-planning functions the CUDA launchers also use.
 int64_t capped_grid(int64_t limit);
 
+// ---- global-memory race check
+// Blocks of one launch run in no fixed order on a GPU (and concurrently), so a plain (non-atomic)
+// access to a global byte that another block of the same launch writes is a race: two blocks
+// writing one address, or one block reading what another writes (either order), or a plain access
+// to a byte other blocks update atomically. While the check is on, every launch records, per global
+// byte, which block wrote, read and atomically updated it, and the first such access raises a report
+// naming the tensor, the byte offset and both blocks. Atomics between blocks are not races.
+// On by default; set_global_race_check() or, until it is called, LONGTUNE_EMU_GLOBAL_RACES=0|1
+// (read at every launch) decides.
+bool global_race_check();
+// Sets the check (1 on, 0 off, -1 back to the environment's setting); returns the previous
+// setting (-1: unset).
+int set_global_race_check(int on);
+enum class Access : uint8_t { Read, Write, Atomic };
+extern std::atomic<bool> g_tracking;  // the check is on for the launch in progress
+inline bool tracking() { return g_tracking.load(std::memory_order_relaxed); }
+// Called from the intrinsics layer while tracking() for every global access (lo: the tensor's base).
+void track_global(const void* p, size_t bytes, Access kind, const void* lo, const char* name);
+
 // ---- counters
 // Per-launch counts of what a kernel issues (off by default; counting does not change results).
 // Byte counts are what the kernel's code asks for: shared-memory reads include ldmatrix, shared

@@ -37,6 +37,25 @@ def emulator_grid_cap(max_blocks: int) -> Iterator[None]:
         set_cap(previous)
 
 
+@contextlib.contextmanager
+def emulator_race_check(enabled: bool) -> Iterator[None]:
+    """Within the block, the emulator's global-memory race check is on (``True``) or off
+    (``False``). While it is on (the default, unless the environment variable
+    ``LONGTUNE_EMU_GLOBAL_RACES`` is ``0``), every emulated launch records which block wrote,
+    read and atomically updated each global byte, and a plain access to a byte that another block
+    of the same launch writes (or updates atomically) raises a report naming the kernel, the
+    tensor, the byte offset and both blocks: on a GPU the blocks of one launch run in no fixed
+    order. The previous setting is restored on exit. Raises if this build has no emulator."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be a bool, got {enabled!r}")
+    set_check = emulated("set_global_race_check")
+    previous = set_check(enabled)
+    try:
+        yield
+    finally:
+        set_check(previous)
+
+
 class EmulatorCounters:
     """The launches recorded by :func:`emulator_counters`: ``launches`` is a list of dicts, one per
     emulated kernel launch in launch order (filled when the ``with`` block exits), with the keys

@@ -18,12 +18,15 @@ template <class T>
 struct gref {
   T* p;
   const char* name;
+  const void* lo;  // the tensor's base (race reports give byte offsets from it)
   operator T() const {
     if (emu::counting()) emu::count_global(name, sizeof(T), false);
+    if (emu::tracking()) emu::track_global(p, sizeof(T), emu::Access::Read, lo, name);
     return *p;
   }
   const gref& operator=(const T& v) const {
     if (emu::counting()) emu::count_global(name, sizeof(T), true);
+    if (emu::tracking()) emu::track_global(p, sizeof(T), emu::Access::Write, lo, name);
     *p = v;
     return *this;
   }
@@ -59,9 +62,10 @@ struct gptr {
     emu::check_global(p + i, sizeof(T), lo, hi, name);
     if constexpr (std::is_const_v<T>) {
       if (emu::counting()) emu::count_global(name, sizeof(T), false);
+      if (emu::tracking()) emu::track_global(p + i, sizeof(T), emu::Access::Read, lo, name);
       return p[i];
     } else {
-      return gref<T>{p + i, name};
+      return gref<T>{p + i, name, lo};
     }
   }
   ref operator*() const { return (*this)[0]; }
@@ -223,6 +227,7 @@ T& atomic_target(const gptr<T>& p) {
     emu::count_global(p.name, sizeof(T), false);
     emu::count_global(p.name, sizeof(T), true);
   }
+  if (emu::tracking()) emu::track_global(p.p, sizeof(T), emu::Access::Atomic, p.lo, p.name);
   return *p.p;
 }
 }  // namespace detail
@@ -250,6 +255,7 @@ void cp_async_16(sptr<T> dst, gptr<const T> src) {
   emu::check_align(src.p, 16, "cp.async global source");
   emu::check_global(src.p, 16, src.lo, src.hi, src.name);
   if (emu::counting()) emu::count_global(src.name, 16, false);
+  if (emu::tracking()) emu::track_global(src.p, 16, emu::Access::Read, src.lo, src.name);
   emu::cp_async(dst.p, src.p, 16);
 }
 inline void cp_async_commit() { emu::cp_async_commit(); }
@@ -319,6 +325,7 @@ void ld_vec(gptr<const T> p, int64_t i, T (&out)[E]) {
   emu::check_align(p.p + i, B >= 16 ? 16 : B, "vector load from global memory");
   emu::check_global(p.p + i, B, p.lo, p.hi, p.name);
   if (emu::counting()) emu::count_global(p.name, B, false);
+  if (emu::tracking()) emu::track_global(p.p + i, B, emu::Access::Read, p.lo, p.name);
   std::memcpy(out, p.p + i, B);
 }
 template <int E, class T>
@@ -331,6 +338,7 @@ void st_vec(gptr<T> p, int64_t i, const T (&v)[E]) {
   emu::check_align(p.p + i, B >= 16 ? 16 : B, "vector store to global memory");
   emu::check_global(p.p + i, B, p.lo, p.hi, p.name);
   if (emu::counting()) emu::count_global(p.name, B, true);
+  if (emu::tracking()) emu::track_global(p.p + i, B, emu::Access::Write, p.lo, p.name);
   std::memcpy(p.p + i, v, B);
 }
 template <int E, class T>

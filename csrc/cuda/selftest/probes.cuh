@@ -107,7 +107,14 @@ enum class Faulty : int32_t {
   OverwriteAfterReads = 8,  // after a barrier each thread reads its neighbour's slot and its own,
                             // then overwrites its own with no sync_block: the writer is the last
                             // reader of its slot, the neighbour read it before
+  // two-block launches (each block has half of x's threads; g = global thread index):
+  GlobalWriteWrite = 9,  // both blocks store y[t] with plain stores
+  GlobalReadOther = 10,  // each block stores y[g], then reads the other block's y slot
+  GlobalAtomicAdd = 11,  // both blocks atomic_add into y[t]: must pass
+  GlobalDisjoint = 12,  // each block stores only its own y[g]: must pass
+  GlobalAtomicThenRead = 13,  // atomic_add into y[t], then a plain read of y[t]
 };
+constexpr int32_t kFaultyTwoBlocks = 9;  // Faulty values from here on launch two blocks
 
 struct FaultyParams {
   simt::gptr<const float> x;  // block_dim.x floats
@@ -159,6 +166,23 @@ LT_DEV void faulty_body(const FaultyParams& p) {
       float v[4];
       if (t == 0) simt::ld_vec<4>(p.x, 1, v);
       p.y[t] = p.x[t];
+      break;
+    }
+    case Faulty::GlobalWriteWrite: p.y[t] = p.x[simt::block_idx().x * nt + t]; break;
+    case Faulty::GlobalReadOther: {
+      const uint32_t g = simt::block_idx().x * nt + t;
+      p.y[g] = p.x[g];
+      simt::sync_block();
+      const float o = p.y[(g + nt) % (2 * nt)];
+      p.y[g] = p.y[g] + 0.f * o;
+      break;
+    }
+    case Faulty::GlobalAtomicAdd: simt::atomic_add(p.y + t, float(p.x[simt::block_idx().x * nt + t])); break;
+    case Faulty::GlobalDisjoint: p.y[simt::block_idx().x * nt + t] = p.x[simt::block_idx().x * nt + t]; break;
+    case Faulty::GlobalAtomicThenRead: {
+      simt::atomic_add(p.y + t, float(p.x[simt::block_idx().x * nt + t]));
+      const float v = p.y[t];
+      if (v != v) p.y[nt + t] = v;
       break;
     }
     case Faulty::OverwriteAfterReads: {

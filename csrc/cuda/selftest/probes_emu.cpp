@@ -55,12 +55,14 @@ at::Tensor faulty(const at::Tensor& x, int64_t which) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1 && x.is_contiguous() && x.numel() >= 32 &&
                   x.numel() <= 1024 && x.numel() % 4 == 0,
               "faulty_kernel: x must be a contiguous float32 vector of 32..1024 elements (multiple of 4)");
-  TORCH_CHECK(which >= 0 && which <= 8, "faulty_kernel: which must be in [0, 8]");
+  TORCH_CHECK(which >= 0 && which <= 13, "faulty_kernel: which must be in [0, 13]");
   at::Tensor y = at::zeros_like(x);
-  const int64_t nt = x.numel();
-  const FaultyParams p{simt::make_gptr(x.data_ptr<float>(), nt, "x"), simt::make_gptr(y.data_ptr<float>(), nt, "y"),
+  const int64_t n = x.numel();
+  const bool two = which >= kFaultyTwoBlocks;  // two blocks of n / 2 threads
+  const uint32_t nt = static_cast<uint32_t>(two ? n / 2 : n);
+  const FaultyParams p{simt::make_gptr(x.data_ptr<float>(), n, "x"), simt::make_gptr(y.data_ptr<float>(), n, "y"),
                        static_cast<Faulty>(which)};
-  emu_launch("faulty_kernel", "faulty_kernel", {1, 1, 1}, {static_cast<uint32_t>(nt), 1, 1}, size_t(nt) * sizeof(float),
+  emu_launch("faulty_kernel", "faulty_kernel", {two ? 2u : 1u, 1, 1}, {nt, 1, 1}, size_t(nt) * sizeof(float),
              [&p] { faulty_body(p); });
   return y;
 }

@@ -53,7 +53,8 @@ def test_one_pass_vs_composed_on_device(case, dtype, rows, monkeypatch):
         assert (a - r).abs().max().item() <= tol * scale, f"{case} {dtype} {name}"
     frozen = _fused(case, x, w, b, target, grad, weight_grad=False)
     assert frozen[3].numel() == 0 and frozen[4].numel() == 0
-    assert torch.equal(frozen[2], one[2])
+    # dx up to the order of its fp32 atomics (several vocabulary tiles add to each row)
+    torch.testing.assert_close(frozen[2].float(), one[2].float(), rtol=1e-2, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])

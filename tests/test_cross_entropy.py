@@ -200,6 +200,19 @@ def test_fwd_bwd_without_weight_grad(op):
         torch.library.opcheck(op, (x, w, b, t, g.float(), *opts, False))
 
 
+def test_fwd_bwd_fp32_grads():
+    # fp32_grads: the gradients in the compute dtype, not rounded to the inputs' (bfloat16) dtype
+    c = C.Case(9, 70, 16, bias=True, ignore="some", eps=0.1)
+    x, w, b, t, g = C.make_inputs(c, torch.bfloat16, "cpu")
+    opts = (c.ignore_index, c.eps, c.z_loss, c.softcap)
+    rounded = FWD_BWD(x, w, b, t, g.float(), *opts)
+    full = FWD_BWD(x, w, b, t, g.float(), *opts, True, None, True)
+    for r, f in zip(rounded[2:5], full[2:5]):
+        assert r.dtype == torch.bfloat16 and f.dtype == torch.float32
+        assert torch.equal(f.to(torch.bfloat16), r)
+    torch.library.opcheck(FWD_BWD, (x, w, b, t, g.float(), *opts, True, None, True))
+
+
 def test_frozen_head_gets_no_weight_gradient():
     x, w, b, t = _data(30, 16, 200)
     w.requires_grad_(False)

@@ -300,3 +300,40 @@ def test_cross_entropy_mma_share_is_measured():
 def test_cross_entropy_logits_on_tensor_cores():
     # bf16: the logits GEMM is issued as mma.m16n8k16 (a padded edge tile may add a little more)
     assert _cross_entropy_mma_share() >= 0.95
+
+
+def _mma_flops(c, prefix):
+    return sum(r["mma_flops"] for r in c.launches if r["kernel"].startswith(prefix))
+
+
+@pytest.mark.parametrize("rows", [0, 64], ids=["one-chunk", "rows64"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_cross_entropy_one_pass_issues_three_quarters_of_the_mma(dtype, rows, monkeypatch):
+    # the one-pass linear_cross_entropy_fwd_bwd forms the logits once (3 GEMMs: logits, dx, dW),
+    # forward + backward twice (4: the backward recomputes them); whole tiles, every row live
+    if rows:
+        monkeypatch.setenv("LT_LCE_DEVICE_ROWS", str(rows))
+    torch.manual_seed(0)
+    T, V, d = 128, 256, 64
+    x = torch.randn(T, d, dtype=dtype)
+    w = (torch.randn(V, d) / 8).to(dtype)
+    b = torch.randn(V, dtype=dtype)
+    target = torch.randint(0, V, (T,))
+    grad = torch.full((T,), 1.0 / T)
+    opts = (-100, 0.1, 1e-3, 0.0)
+    with emulator_counters() as one:
+        emulated("linear_cross_entropy_fwd_bwd")(x, w, b, target, grad, *opts)
+    with emulator_counters() as two:
+        loss, lse, amax = emulated("linear_cross_entropy_fwd")(x, w, b, target, *opts)
+        emulated("linear_cross_entropy_bwd")(grad, x, w, b, target, lse, *opts, 0.0)
+    kernels = {r["kernel"] for r in one.launches}
+    assert "cross_entropy_onepass_fwd_kernel" in kernels
+    assert "cross_entropy_onepass_bwd_kernel" in kernels
+    assert "cross_entropy_bwd_kernel" not in kernels and "cross_entropy_fwd_kernel" not in kernels
+    f1 = _mma_flops(one, "cross_entropy")
+    f2 = _mma_flops(two, "cross_entropy")
+    gemm = 3 * 2 * T * V * d  # logits, dx, dW
+    print(f"cross-entropy one pass / forward + backward mma FLOPs = {f1 / f2:.4f}")
+    print(f"cross-entropy one pass: mma share of its GEMMs = {f1 / gemm:.3f}")
+    assert f2 > 0 and 4 * f1 == 3 * f2
+    assert f1 >= 0.95 * gemm

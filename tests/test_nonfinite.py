@@ -245,6 +245,24 @@ def test_linear_cross_entropy_pattern(backend, poison):
     assert loss[6] == 0 and (dx[6] == 0).all(), "an ignored row stays 0"
 
 
+@pytest.mark.parametrize("rows", [0, 4], ids=["one-chunk", "rows4"])
+@pytest.mark.parametrize("poison", ["x_nan", "x_inf", "x_ignored_nan", "w_nan", "b_inf"])
+def test_linear_cross_entropy_one_pass_pattern(poison, rows, monkeypatch):
+    # the emulated one-pass op (logits stored per chunk of rows, not recomputed): the same pattern
+    if rows:
+        monkeypatch.setenv("LT_LCE_DEVICE_ROWS", str(rows))
+    x, w, b, t = _lce_inputs(poison)
+    g = torch.rand(x.shape[0]) + 0.5
+    fwd_bwd = emulated("linear_cross_entropy_fwd_bwd")
+    loss, _, dx, dw, db, _ = fwd_bwd(x, w, b, t, g, -100, 0.0, 0.0, 0.0)
+    rl, rdx, rdw, rdb = _lce_reference(x, w, b, t, g)
+    same_pattern(loss, rl, f"one pass {poison}: loss")
+    same_pattern(dx, rdx, f"one pass {poison}: dx")
+    same_pattern(dw, rdw, f"one pass {poison}: dW")
+    same_pattern(db, rdb, f"one pass {poison}: dbias")
+    assert loss[6] == 0 and (dx[6] == 0).all(), "an ignored row stays 0"
+
+
 @pytest.mark.parametrize("backend", ["cpu", "emu"])
 def test_linear_cross_entropy_filter_keeps_nan(backend):
     x, w, b, t = _lce_inputs("x_nan")

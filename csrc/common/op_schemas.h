@@ -91,13 +91,16 @@
 
 // Loss, lse and the gradients of sum_t grad_rows[t] * loss_t in one call: (loss, lse, dx, dweight,
 // dbias, argmax), for reductions whose per-row loss weights are known before the backward (mean: 1/n, sum:
-// 1). CPU: one pass, each row block's logits (rows x V) are formed once and turned into d logits in
-// place (no recompute); CUDA: the forward and backward kernels above, one after the other.
+// 1). One pass on every backend: each block of rows' logits is formed once, kept (CPU: in the compute
+// dtype; CUDA: as fp32 in a [rows, V] scratch, LT_LCE_DEVICE_ROWS rows at a time) and turned into d
+// logits in place (no recompute: 3 GEMMs instead of the forward + backward's 4).
 // weight_grad=False (a frozen head, e.g. under LoRA): no dweight / dbias GEMM, both come back empty.
+// fp32_grads=True: dx / dweight / dbias come back in the compute dtype (float32; float64 for float64
+// input), not rounded to the inputs' dtypes (for a caller that scales them before rounding once).
 #define LT_SCHEMA_CROSS_ENTROPY_FWD_BWD                                                                   \
   "linear_cross_entropy_fwd_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor grad_rows, " \
   "int ignore_index, float label_smoothing, float z_loss, float softcap, bool weight_grad=True, "         \
-  "Tensor? class_weight=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+  "Tensor? class_weight=None, bool fp32_grads=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 // Applies F to every op schema above (used by both libraries).
 #define LT_FOR_EACH_SCHEMA(F)     \

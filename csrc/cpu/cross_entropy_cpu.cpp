@@ -434,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& g_, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
     const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_, const at::Tensor& target,
     const at::Tensor& g_, int64_t ignore_index, double eps, double z_loss, double softcap, bool weight_grad,
-    const std::optional<at::Tensor>& cw_) {
+    const std::optional<at::Tensor>& cw_, bool fp32_grads) {
   const char* op = "linear_cross_entropy_fwd_bwd";
   CrossEntropyArgs a = check_args(op, x_, w_, b_, target, ignore_index, eps, z_loss, softcap, /*allow_f64=*/true);
   check_fwd_bwd(op, a, x_, g_);
@@ -452,6 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (ct == at::kDouble) fwd_bwd_impl<double>(x, w, b, t, g, cw, a, weight_grad, loss, lse, dx, dw, db, amax);
     else fwd_bwd_impl<float>(x, w, b, t, g, cw, a, weight_grad, loss, lse, dx, dw, db, amax);
   }
+  if (fp32_grads) return {loss, lse, dx, dw, db, amax};  // the compute dtype, not rounded
   return {loss,
           lse,
           dx.to(x_.scalar_type()),

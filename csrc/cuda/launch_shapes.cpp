@@ -53,6 +53,10 @@ int main(int argc, char** argv) {
   namespace ce = lt::cross_entropy;
   line(f, "lt::cross_entropy::cross_entropy_fwd_kernel<*>", ce::kThreads, static_cast<long long>(ce::kSmemBytes));
   line(f, "lt::cross_entropy::cross_entropy_bwd_kernel<*>", ce::kThreads, static_cast<long long>(ce::kSmemBytes));
+  line(f, "lt::cross_entropy::cross_entropy_onepass_fwd_kernel<*>", ce::kThreads,
+       static_cast<long long>(ce::kSmemBytes));
+  line(f, "lt::cross_entropy::cross_entropy_onepass_bwd_kernel<*>", ce::kThreads,
+       static_cast<long long>(ce::kSmemBytes));
   line(f, "lt::cross_entropy::cross_entropy_merge_kernel<*>", ce::kMergeThreads, 0);
   line(f, "lt::cross_entropy::cross_entropy_conv_kernel<*>", ce::kConvThreads, 0);
   // block mode: up to kBlockThreads threads and one fp32 row of n <= kHadamardMaxN in shared memory

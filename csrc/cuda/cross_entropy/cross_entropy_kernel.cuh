@@ -33,6 +33,12 @@
 //    puts its largest finite |d logit| in [2^14, 2^15) (exact, undone on the fp32 results, so that
 //    small d logits do not underflow); x and W chunks are double-buffered with cp.async. In fp32
 //    both are scalar FMAs. fp16/bf16 results go through fp32 accumulators and a convert kernel.
+//  - one pass (linear_cross_entropy_fwd_bwd, per-row loss weights known up front): per chunk of
+//    rows, the forward kernel (kStore) also writes each row's capped logits to an fp32 scratch
+//    [rows, V], the merge kernel forms lse / loss / argmax, and the backward kernel (kStored) reads
+//    the logits tile from the scratch instead of recomputing it, then proceeds as above (d logits,
+//    skipping, rounding, dx / dW products): 3 GEMMs instead of 4. Without weight_grad the dW
+//    product and dbias are skipped.
 // All index math is 64-bit; rows / columns / hidden indices past the ends load as 0 and are masked.
 #pragma once
 #include <algorithm>
@@ -81,6 +87,7 @@ struct FwdK {
   simt::gptr<float> part, loss, lse;
   simt::gptr<int64_t> part_idx, argmax;
   simt::gptr<const float> cw, wsum;
+  simt::gptr<float> zs;  // one-pass: the capped logits [tokens][V] (fp32 scratch), written tile by tile
   int64_t tokens, d, V, ignore_index, nsplit, tiles_per_split;
   int64_t x_row_stride, w_row_stride;
   float eps, z_loss, softcap;
@@ -94,10 +101,12 @@ struct BwdK {
   simt::gptr<const int64_t> target;
   simt::gptr<float> dx, dw, db;
   simt::gptr<const float> cw, wsum;
+  simt::gptr<const float> zs;  // one-pass: the capped logits [tokens][V] the forward stored
   int64_t tokens, d, V, ignore_index;
   int64_t x_row_stride, w_row_stride, dx_row_stride, dw_row_stride;
   float eps, z_loss, softcap, filter;
   bool has_bias, has_cw, vec;
+  bool wgrad;  // dW and dbias wanted (weight_grad=False: dx only)
 };
 
 // The operands of a logits tile.
@@ -249,7 +258,8 @@ LT_DEV void logits_tile(const Src<T>& s, int64_t row0, int64_t col0, float (&acc
 // The capped logit z from the raw product (bias added in fp32).
 LT_DEV float cap_logit(float l, float softcap) { return softcap > 0.f ? softcap * tanhf(l / softcap) : l; }
 
-template <class T>
+// kStore (the one-pass forward): also writes each row's capped logits z to p.zs.
+template <class T, bool kStore = false>
 LT_DEV void fwd_body(const FwdK<T>& p) {
   const simt::sptr<float> ss = smem_at<float>(kTileOff);
   const int warp = static_cast<int>(simt::warp_id()), lane = static_cast<int>(simt::lane_id());
@@ -282,6 +292,12 @@ LT_DEV void fwd_body(const FwdK<T>& p) {
         }
       }
       simt::sync_block();
+      if constexpr (kStore) {  // the tile to the logits scratch, row by row (consecutive threads: columns)
+        for (int e = static_cast<int>(simt::thread_linear()); e < kBM * kBN; e += kThreads) {
+          const int64_t gr = row0 + e / kBN, gc = col0 + e % kBN;
+          if (gr < p.tokens && gc < p.V) p.zs[gr * p.V + gc] = static_cast<float>(ss[(e / kBN) * kSS + e % kBN]);
+        }
+      }
       float cwv[kCL];  // this lane's columns' class weights (1 without)
       LT_UNROLL for (int c = 0; c < kCL; ++c) {
         const int64_t gc = col0 + lane + 32 * c;
@@ -416,6 +432,7 @@ LT_DEV void dxdw_chunk(const BwdK<T>& p, int64_t row0, int64_t col0, int64_t k0,
     simt::ldmatrix_x4<true>(bb, wb + ((16 * ks + ((lane / 8) % 2) * 8 + lane % 8) * kLD + kDK * wc + (lane / 16) * 8));
     mma<T>(ax[0], a, bb[0], bb[1]);
     mma<T>(ax[1], a, bb[2], bb[3]);
+    if (!p.wgrad) continue;  // uniform over the block
     // dW: A = G^T (rows n, k = r) from G stored [r][n] (transposed load), B = x chunk stored [r][k]
     simt::ldmatrix_x4<true>(a, gh + ((16 * ks + (lane / 16) * 8 + lane % 8) * kGL + 16 * wr + ((lane / 8) % 2) * 8));
     simt::ldmatrix_x4<true>(bb, xb + ((16 * ks + ((lane / 8) % 2) * 8 + lane % 8) * kLD + kDK * wc + (lane / 16) * 8));
@@ -430,12 +447,26 @@ LT_DEV void dxdw_chunk(const BwdK<T>& p, int64_t row0, int64_t col0, int64_t k0,
       const float vx = ax[nb][t] * inv, vw = aw[nb][t] * inv;
       // an ignored row's dx stays 0, whatever W holds
       if (row_live[t >> 1] && vx != 0.f) accumulate(p.dx + ((row0 + r) * p.dx_row_stride + gk), vx, dx_owned());
-      if (col0 + r < p.V && vw != 0.f) accumulate(p.dw + ((col0 + r) * p.dw_row_stride + gk), vw, dw_owned());
+      if (p.wgrad && col0 + r < p.V && vw != 0.f) accumulate(p.dw + ((col0 + r) * p.dw_row_stride + gk), vw, dw_owned());
     }
   }
 }
 
+// The logits tile at (row0, col0) that the one-pass forward stored (p.zs), in the fragment layout of
+// logits_tile; rows / columns past the ends read as 0 (their d logits are 0 anyway).
 template <class T>
+LT_DEV void stored_tile(const BwdK<T>& p, int64_t row0, int64_t col0, float (&acc)[kNB][4]) {
+  LT_UNROLL for (int nb = 0; nb < kNB; ++nb) {
+    LT_UNROLL for (int t = 0; t < 4; ++t) {
+      const int64_t gr = row0 + frag_row(t), gc = col0 + frag_col(nb, t);
+      acc[nb][t] = gr < p.tokens && gc < p.V ? static_cast<float>(p.zs[gr * p.V + gc]) : 0.f;
+    }
+  }
+}
+
+// kStored (the one-pass backward): the logits come from p.zs (capped, bias added) instead of being
+// recomputed: two GEMMs per tile (dx, dW) instead of three.
+template <class T, bool kStored = false>
 LT_DEV void bwd_body(const BwdK<T>& p) {
   constexpr bool kF32 = std::is_same_v<T, float>;
   const simt::sptr<float> gs = smem_at<float>(kTileOff);
@@ -477,7 +508,8 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
       const int64_t col0 = vt * kBN;
       float acc[kNB][4];
       const Skip skip{p.target, p.ignore_index, true};
-      logits_tile<T>(src, row0, col0, acc, skip);
+      if constexpr (kStored) stored_tile<T>(p, row0, col0, acc);
+      else logits_tile<T>(src, row0, col0, acc, skip);
       bool keep = false;
       float gmax = 0.f;  // largest finite |d logit| of this thread
       LT_UNROLL for (int nb = 0; nb < kNB; ++nb) {
@@ -489,7 +521,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
           LT_UNROLL for (int h = 0; h < 2; ++h) {
             float dl = 0.f;
             if (tg[h] >= 0 && gc < p.V) {
-              const float z = cap_logit(acc[nb][2 * h + cc] + bias, p.softcap);
+              const float z = kStored ? acc[nb][2 * h + cc] : cap_logit(acc[nb][2 * h + cc] + bias, p.softcap);
               const float pr = expf(z - lse[h]);
               float dz = pr * (pa[h] + 2.f * p.z_loss * lse[h]) - p.eps * inv_v * wc;
               if (gc == tg[h]) dz -= (1.f - p.eps) * wt[h];
@@ -522,7 +554,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
         simt::sync_block();  // flags are rewritten by the next tile
         continue;
       }
-      if (p.has_bias && tid < kBN && col0 + tid < p.V) {
+      if (p.has_bias && p.wgrad && tid < kBN && col0 + tid < p.V) {
         float sb = 0.f;
         for (int r = 0; r < kBM; ++r) sb += gs[r * kSS + tid];
         if (sb != 0.f) accumulate(p.db + (col0 + tid), sb, dw_owned());
@@ -547,7 +579,7 @@ LT_DEV void bwd_body(const BwdK<T>& p) {
             // dW[col0 + warp + kWarps i, gk] += sum_r G[r, n] x[row0 + r, gk]
             LT_UNROLL for (int i = 0; i < kBN / kWarps; ++i) {
               const int n = warp + kWarps * i;
-              if (col0 + n >= p.V) break;
+              if (!p.wgrad || col0 + n >= p.V) break;
               float a = 0.f;
               for (int r = 0; r < kBM; ++r) a = fmaf(gs[r * kSS + n], xs[lane * kXS + r], a);
               if (a != 0.f) accumulate(p.dw + ((col0 + n) * p.dw_row_stride + gk), a, dw_owned());
@@ -655,6 +687,7 @@ FwdK<T> make_fwd(const FwdParams& fp) {
   k.argmax = simt::make_gptr(fp.argmax, fp.T, "argmax");
   k.cw = simt::make_gptr(fp.cw, fp.cw ? fp.V : 0, "class_weight (fp32)");
   k.wsum = simt::make_gptr(fp.wsum, fp.wsum ? 1 : 0, "class_weight sum");
+  k.zs = simt::make_gptr(fp.logits, fp.logits ? fp.T * fp.V : 0, "logits (fp32 scratch)");
   k.has_cw = fp.cw != nullptr;
   k.tokens = fp.T; k.d = fp.d; k.V = fp.V; k.ignore_index = fp.ignore_index;
   k.nsplit = fp.nsplit; k.tiles_per_split = fp.tiles_per_split;
@@ -675,10 +708,12 @@ BwdK<T> make_bwd(const BwdParams& bp) {
   k.b = simt::make_gptr(static_cast<const T*>(bp.b), bp.b ? bp.V : 0, "bias");
   k.target = simt::make_gptr(bp.target, bp.T, "target");
   k.dx = simt::make_gptr(bp.dx32, bp.T * bp.dx_row_stride, "dx (fp32)");
-  k.dw = simt::make_gptr(bp.dw32, bp.V * bp.dw_row_stride, "dweight (fp32)");
+  k.dw = simt::make_gptr(bp.dw32, bp.wgrad ? bp.V * bp.dw_row_stride : 0, "dweight (fp32)");
   k.db = simt::make_gptr(bp.db32, bp.db32 ? bp.V : 0, "dbias (fp32)");
   k.cw = simt::make_gptr(bp.cw, bp.cw ? bp.V : 0, "class_weight (fp32)");
   k.wsum = simt::make_gptr(bp.wsum, bp.wsum ? 1 : 0, "class_weight sum");
+  k.zs = simt::make_gptr(bp.logits, bp.logits ? bp.T * bp.V : 0, "logits (fp32 scratch)");
+  k.wgrad = bp.wgrad;
   k.has_cw = bp.cw != nullptr;
   k.tokens = bp.T; k.d = bp.d; k.V = bp.V; k.ignore_index = bp.ignore_index;
   k.x_row_stride = bp.x_row_stride; k.w_row_stride = bp.w_row_stride;

@@ -19,6 +19,14 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(BwdK<T> p) 
   bwd_body<T>(p);
 }
 template <class T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_onepass_fwd_kernel(FwdK<T> p) {
+  fwd_body<T, true>(p);
+}
+template <class T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_onepass_bwd_kernel(BwdK<T> p) {
+  bwd_body<T, true>(p);
+}
+template <class T>
 __global__ void __launch_bounds__(kConvThreads) cross_entropy_conv_kernel(ConvK<T> p) {
   conv_body<T>(p);
 }
@@ -26,7 +34,7 @@ __global__ void __launch_bounds__(kConvThreads) cross_entropy_conv_kernel(ConvK<
 namespace {
 template <class T>
 cudaError_t convert(const float* in, void* out, int64_t n, void* stream) {
-  if (n <= 0) return cudaSuccess;
+  if (n <= 0 || out == nullptr) return cudaSuccess;
   return launch_kernel(&cross_entropy_conv_kernel<T>, conv_config(n, kNoGridCap), stream,
                        make_conv<T>(in, out, n, "output"));
 }
@@ -53,6 +61,32 @@ const char* launch_cross_entropy_bwd_cuda(const BwdParams& bp, void* stream) {
       if ((err = convert<T>(bp.dx32, bp.dx, bp.T * bp.d, stream)) != cudaSuccess) return;
       if ((err = convert<T>(bp.dw32, bp.dw, bp.V * bp.d, stream)) != cudaSuccess) return;
       if (bp.db32 != nullptr) err = convert<T>(bp.db32, bp.db, bp.V, stream);
+    }
+  });
+  return launch_error(err);
+}
+
+const char* launch_cross_entropy_fwd_bwd_cuda(const OnePassParams& p, void* stream) {
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(p.fwd.dtype, [&]<class T>() {
+    for (int64_t r0 = 0; r0 < p.fwd.T; r0 += p.rows) {
+      const auto [fp, bp] = onepass_chunk(p, r0, std::min(p.rows, p.fwd.T - r0));
+      const FwdK<T> fk = make_fwd<T>(fp);
+      if ((err = launch_kernel(&cross_entropy_onepass_fwd_kernel<T>, fwd_config(fp, kNoGridCap), stream, fk)) !=
+          cudaSuccess)
+        return;
+      if ((err = launch_kernel(&cross_entropy_merge_kernel<T>, merge_config(fp.T, kNoGridCap), stream, fk)) !=
+          cudaSuccess)
+        return;
+      if ((err = launch_kernel(&cross_entropy_onepass_bwd_kernel<T>, bwd_config(bp, kNoGridCap), stream,
+                               make_bwd<T>(bp))) != cudaSuccess)
+        return;
+    }
+    if constexpr (!std::is_same_v<T, float>) {
+      const BwdParams& bp = p.bwd;
+      if ((err = convert<T>(bp.dx32, bp.dx, bp.T * bp.d, stream)) != cudaSuccess) return;
+      if ((err = convert<T>(bp.dw32, bp.dw, bp.V * bp.d, stream)) != cudaSuccess) return;
+      err = convert<T>(bp.db32, bp.db, bp.V, stream);
     }
   });
   return launch_error(err);

@@ -67,6 +67,7 @@ def _fake_fwd_bwd(
     softcap,
     weight_grad=True,
     class_weight=None,
+    fp32_grads=False,
 ):
     loss, lse, amax = _fake_fwd(
         x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap
@@ -74,6 +75,8 @@ def _fake_fwd_bwd(
     dx, dw, db = _fake_bwd(
         grad_rows, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap, 0.0
     )
+    if fp32_grads:  # the compute dtype
+        dx, dw, db = (t.to(_ldt(x)) for t in (dx, dw, db))
     if not weight_grad:
         dw, db = x.new_empty((0,)), x.new_empty((0,))
     return loss, lse, dx, dw, db, amax
@@ -118,18 +121,17 @@ def _flops_bwd(grad, x, weight, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.longtune.linear_cross_entropy_fwd_bwd)
 def _flops_fwd_bwd(x, weight, *args, out_shape=None, **kwargs) -> int:
     weight_grad = kwargs.get("weight_grad", args[7] if len(args) > 7 else True)
-    return (
-        (6 if weight_grad else 4) * x[0] * x[1] * weight[0]
-    )  # logits, dx[, dW] (CPU: no recompute)
+    return (6 if weight_grad else 4) * x[0] * x[1] * weight[0]  # logits, dx[, dW]: no recompute
 
 
 class _GradInForward(torch.autograd.Function):
-    """reduction "mean" / "sum" on CPU: the per-row loss weights (1/n or 1) are known before the
-    backward, so one pass of ``linear_cross_entropy_fwd_bwd`` returns the loss and the gradients
-    (three GEMMs instead of forward + recomputing backward's four); backward scales them by the
-    incoming scalar gradient. dx and dW are kept in float32 (float64 for float64 inputs) from
-    forward to backward and rounded to the inputs' dtypes once, after the scaling (rounding before
-    it would round float16 / bfloat16 gradients twice under loss scaling or ``loss * k``)."""
+    """reduction "mean" / "sum" (CPU and CUDA): the per-row loss weights (1/n or 1) are known
+    before the backward, so one pass of ``linear_cross_entropy_fwd_bwd`` returns the loss and the
+    gradients (three GEMMs instead of forward + recomputing backward's four); backward scales them
+    by the incoming scalar gradient. dx and dW are kept in float32 (float64 for float64 inputs:
+    the op's accumulators, ``fp32_grads=True``) from forward to backward and rounded to the inputs'
+    dtypes once, after the scaling (rounding before it would round float16 / bfloat16 gradients
+    twice under loss scaling or ``loss * k``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, opts, n, class_weight):
@@ -139,12 +141,10 @@ class _GradInForward(torch.autograd.Function):
         weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with torch.no_grad():
-            # the CPU kernel computes float16 / bfloat16 in float32 (it converts its inputs): given
-            # float32 inputs it returns float32 gradients (a tensor of another dtype than x's is
-            # passed as it is, for the op's dtype check)
-            up = lambda t: t.to(ct) if t is not None and t.dtype == x.dtype else t  # noqa: E731
+            # the inputs in their own dtype (CUDA: float16 / bfloat16 GEMMs on the tensor cores),
+            # the gradients in the compute dtype (fp32_grads)
             loss, lse, dx, dw, db, amax = _FWD_BWD(
-                up(x), up(weight), up(bias), target, grad_rows, *opts, weight_grad, class_weight
+                x, weight, bias, target, grad_rows, *opts, weight_grad, class_weight, True
             )
         ctx.save_for_backward(
             dx, dw if weight_grad else None, db if bias is not None and weight_grad else None
@@ -301,7 +301,7 @@ def linear_cross_entropy(
         reduction != "none"
         and filter_eps == 0
         and needs_grad
-        and x2.device.type == "cpu"
+        and x2.device.type in ("cpu", "cuda")
         and not torch.compiler.is_compiling()
     ):
         n = (int(valid.sum()) if cw is None else float(wden)) if reduction == "mean" else 1

@@ -619,7 +619,11 @@ LT_DEV void attn_bwd_body(const AKParams<T>& p) {
           }
         }
       }
-      simt::sync_block();  // the next iteration's prefetch overwrites this buffer, and sS
+      // The next iteration's prefetch overwrites this buffer, which dV / dK above read from shared
+      // memory after the P^T / dS^T exchange. Without the exchange (!p_smem) the "dS^T complete"
+      // barrier already follows the last read of the buffer, and sS is next written after the next
+      // iteration's first barrier: no barrier is needed here.
+      if constexpr (p_smem) simt::sync_block();
     }
     cur = nxt;
   }
